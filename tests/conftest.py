@@ -1,0 +1,143 @@
+"""Shared fixtures: one torpor home per test session, the guest kernel, a real image.
+
+Real parts only: VMs are real QEMU processes (TCG here), the image is built from
+the host's busybox-static and imported through the real import path.  Every VM a
+test creates is tracked and force-removed at teardown; when a test fails, the tail
+of its VMs' console and shim logs is attached to the report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from torpor.paths import Paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _default_kernels() -> Path | None:
+    for home in (os.environ.get("TORPOR_HOME"), "/var/lib/torpor",
+                 str(Path.home() / ".local/share/torpor")):
+        if home and (Path(home) / "guest" / "kernels").is_dir():
+            return Path(home) / "guest" / "kernels"
+    return None
+
+
+@pytest.fixture(scope="session")
+def torpor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh TORPOR_HOME for the session, sharing the installed guest kernel."""
+    home = tmp_path_factory.mktemp("home")
+    paths = Paths(home).ensure()
+    src = _default_kernels()
+    if src is not None:
+        shutil.copytree(src, paths.guest / "kernels", symlinks=True)
+    else:
+        from torpor.guest.kernel import fetch_kernel
+
+        fetch_kernel(paths)
+    os.environ["TORPOR_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def paths(torpor_home: Path) -> Paths:
+    return Paths(torpor_home)
+
+
+@pytest.fixture(scope="session")
+def tools_image(paths: Paths, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``tools:latest``: busybox imported as a rootfs tarball, like `docker import`."""
+    from torpor.demo.image import write_busybox_rootfs
+    from torpor.image.store import ImageStore
+
+    tar = write_busybox_rootfs(tmp_path_factory.mktemp("img") / "tools.tar")
+    ImageStore(paths).import_archive(tar, "tools:latest")
+    return "tools:latest"
+
+
+class VMs:
+    """Factory for VMs that are always cleaned up."""
+
+    def __init__(self, paths: Paths):
+        from torpor.vmm.manager import VMManager
+
+        self.mgr = VMManager(paths)
+        self.ids: list[str] = []
+
+    def run(self, image: str, *command: str, **kw: object):  # noqa: ANN201
+        from torpor.vmm.manager import RunRequest
+
+        kw.setdefault("memory_mib", 256)
+        kw.setdefault("network", False)
+        vm = self.mgr.create(RunRequest(image=image, command=command, **kw))  # type: ignore[arg-type]
+        self.ids.append(vm.id)
+        return self.mgr.start(vm.id)
+
+    def logs_tail(self) -> str:
+        out = []
+        for vm_id in self.ids:
+            d = self.mgr.paths.vm(vm_id)
+            for name in ("console.log", "shim.log", "qemu.log"):
+                p = d / name
+                if p.exists():
+                    tail = p.read_text(errors="replace").splitlines()[-15:]
+                    out.append(f"--- {vm_id[:12]}/{name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def cleanup(self) -> None:
+        from torpor.errors import TorporError
+
+        for vm_id in self.ids:
+            try:
+                self.mgr.remove(vm_id, force=True)
+            except TorporError:
+                pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for name in ("vms", "shared_vms"):
+            factory = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if isinstance(factory, VMs):
+                rep.sections.append(("VM logs", factory.logs_tail()))
+
+
+@pytest.fixture
+def vms(paths: Paths) -> Iterator[VMs]:
+    f = VMs(paths)
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture(scope="session")
+def shared_vms(paths: Paths) -> Iterator[VMs]:
+    f = VMs(paths)
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture(scope="session")
+def box(shared_vms: VMs, tools_image: str):  # noqa: ANN201
+    """One long-running VM shared by the tests that only exec in it."""
+    return shared_vms.run(tools_image, "sleep", "infinity", name="shared-box")
+
+
+def torpor_cli(*args: str, input: bytes | None = None, timeout: float = 180,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``torpor`` CLI in a subprocess."""
+    e = dict(os.environ)
+    e.update(env or {})
+    e.pop("TORPOR_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], input=input,
+                          capture_output=True, timeout=timeout, env=e,
+                          stdin=None if input is not None else subprocess.DEVNULL)

@@ -1,0 +1,1 @@
+"""``torpor bench …``: measurements that print a table and write JSON (never tests)."""

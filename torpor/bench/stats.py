@@ -1,0 +1,42 @@
+"""Small statistics helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95),
+            "min": min(values) if values else float("nan"),
+            "mean": statistics.fmean(values) if values else float("nan")}
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                              text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        qemu = "?"
+    return {"host": platform.node(), "kernel": platform.release(), "cpu": cpu,
+            "cores": str(os.cpu_count()), "python": platform.python_version(), "qemu": qemu}

@@ -1,0 +1,1 @@
+"""Thin Docker-like CLI over the library."""

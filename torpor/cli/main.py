@@ -1,0 +1,693 @@
+"""The ``torpor`` command: a thin Docker-like CLI over the library.
+
+Each command parses its arguments, builds a typed request, calls the library and
+prints.  Errors are :class:`torpor.errors.TorporError` subclasses; :func:`main`
+prints them as ``torpor: <step>: <message>`` and exits with the class's code.
+``run`` and ``exec`` follow Docker instead: the command's own exit code, or 125
+when torpor itself failed, 126/127 when the command could not be run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from torpor import __version__
+from torpor.errors import TorporError, UsageError
+from torpor.paths import Paths
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+PASSTHROUGH = {**CONTEXT, "allow_interspersed_args": False}
+
+
+class Exit125(click.ClickException):
+    """A torpor failure inside ``run`` / ``exec``: exit 125 like Docker."""
+
+    exit_code = 125
+
+
+def _paths() -> Paths:
+    return Paths.default()
+
+
+def _manager():  # imported lazily: `torpor --help` must not need QEMU or the image store
+    from torpor.vmm.manager import VMManager
+
+    return VMManager(_paths())
+
+
+def _fail(e: TorporError, code: int | None = None) -> NoReturn:
+    err_console.print(f"[red]torpor:[/red] {e}", markup=True, highlight=False)
+    sys.exit(code if code is not None else e.exit_code)
+
+
+def ago(t: float) -> str:
+    d = max(0.0, time.time() - t)
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if d >= n:
+            k = int(d // n)
+            return f"{k} {unit}{'s' if k != 1 else ''}"
+    return f"{int(d)} seconds" if d >= 2 else "Less than a second"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}"
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", "-v")
+@click.option("--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames "
+              "and show tracebacks.")
+def cli(debug: bool) -> None:
+    """torpor runs OCI images in QEMU microVMs, Docker-style.
+
+    \b
+    Get an image, run it, work in it:
+      torpor import ./image.tar            # docker save / OCI layout / rootfs tarball
+      torpor pull localhost:5000/tools     # or from an OCI registry
+      torpor run --rm tools uname -a
+      torpor run -d --name box tools sleep infinity
+      torpor exec box sh -c 'echo hi'
+      torpor ps ; torpor logs box ; torpor stop box ; torpor rm box
+
+    State lives in $TORPOR_HOME (default /var/lib/torpor as root,
+    ~/.local/share/torpor otherwise).
+    """
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
+# -- setup ---------------------------------------------------------------------------
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--kernel-deb", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Unpack this linux-image .deb instead of fetching one with apt-get.")
+def setup(kernel_deb: Path | None) -> None:
+    """Fetch the guest kernel, build the guest agent and detect the accelerator.
+
+    Idempotent; scripts/setup runs it after installing the host packages.
+    """
+    from torpor.guest.kernel import ensure_kernel, unpack_kernel_deb
+    from torpor.vmm import boot
+
+    paths = _paths().ensure()
+    kernel = unpack_kernel_deb(kernel_deb, paths) if kernel_deb else ensure_kernel(paths)
+    err_console.print(f"guest kernel   {kernel.version}  ({kernel.root})")
+    k, initrd = boot.guest_boot_files(paths)
+    err_console.print(f"initramfs      {initrd} ({human_size(initrd.stat().st_size)})")
+    d = boot.detect_accel(paths, refresh=True)
+    err_console.print(f"accelerator    {d['accel']}  ({d['reason']})")
+
+
+@cli.command(context_settings=CONTEXT)
+def info() -> None:
+    """Show where state lives, the guest kernel and the accelerator."""
+    from torpor.guest.kernel import installed_kernel
+    from torpor.vmm import boot, qemu
+
+    paths = _paths()
+    rows: list[tuple[str, str]] = [("version", __version__), ("home", str(paths.root))]
+    try:
+        rows.append(("guest kernel", installed_kernel(paths).version))
+    except TorporError as e:
+        rows.append(("guest kernel", f"missing: {e}"))
+    try:
+        rows.append(("qemu", qemu.qemu_version()))
+        d = boot.detect_accel(paths)
+        rows.append(("accelerator", f"{d['accel']} ({d['reason']})"))
+        rows.append(("isolation", qemu.ISOLATION[d["accel"]]))
+    except TorporError as e:
+        rows.append(("qemu", f"unusable: {e}"))
+    for k, v in rows:
+        out_console.print(f"[bold]{k:14}[/bold] {v}")
+
+
+# -- images --------------------------------------------------------------------------
+
+def _progress_printer() -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        console=err_console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def cb(event: str, done: int, total: int) -> None:
+        if event not in tasks:
+            tasks[event] = progress.add_task(event[:60], total=total or None)
+        progress.update(tasks[event], completed=done, total=total or None)
+
+    return progress, cb
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("reference")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP / unverified TLS.")
+def pull(reference: str, insecure: bool) -> None:
+    """Pull an image from an OCI / Docker v2 registry.
+
+    \b
+    torpor pull localhost:5000/tools:latest
+    torpor pull registry.example.com/team/app@sha256:…
+    Credentials: TORPOR_REGISTRY_USER / TORPOR_REGISTRY_PASSWORD.
+    """
+    from torpor.image.store import ImageStore
+
+    store = ImageStore(_paths().ensure())
+    progress, cb = _progress_printer()
+    with progress:
+        kwargs: dict[str, Any] = {"progress": cb}
+        if insecure:
+            kwargs["insecure"] = True
+        image = store.pull(reference, **kwargs)
+    out_console.print(f"{reference}: {image.id[:12]} ({human_size(image.size)})")
+
+
+@cli.command(name="import", context_settings=CONTEXT)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("tag", required=False)
+def import_(archive: Path, tag: str | None) -> None:
+    """Import a `docker save` tarball, an OCI layout (tarball or folder) or a rootfs tarball.
+
+    TAG names the image (repo[:tag]); archives that carry their own names keep them.
+    """
+    from torpor.errors import NotFoundError
+    from torpor.image.store import ImageStore
+
+    if not archive.exists():
+        raise NotFoundError(f"no such file: {archive}")
+    store = ImageStore(_paths().ensure())
+    progress, cb = _progress_printer()
+    with progress:
+        image = store.import_archive(archive, tag, progress=cb)
+    names = ", ".join(image.repo_tags) or "<untagged>"
+    out_console.print(f"{names}: {image.id[:12]} ({human_size(image.size)})")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+def images(quiet: bool) -> None:
+    """List images."""
+    from torpor.image.store import ImageStore
+
+    imgs = ImageStore(_paths().ensure()).list()
+    if quiet:
+        for im in imgs:
+            click.echo(im.id[:12])
+        return
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"):
+        t.add_column(col)
+    for im in imgs:
+        for rt in im.repo_tags or ["<none>:<none>"]:
+            repo, _, tag = rt.rpartition(":")
+            t.add_row(repo, tag, im.id[:12], ago(im.created) + " ago" if im.created else "",
+                      human_size(im.size))
+    out_console.print(t)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if a VM uses it.")
+def rmi(images: tuple[str, ...], force: bool) -> None:
+    """Remove images (a tag; the image goes with its last tag)."""
+    from torpor.image.store import ImageStore
+
+    mgr = _manager()
+    store = ImageStore(_paths())
+    for ref in images:
+        store.remove(ref, force=force, in_use=mgr.in_use)
+        click.echo(f"Untagged: {ref}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.argument("target")
+def tag(source: str, target: str) -> None:
+    """Give image SOURCE the additional name TARGET."""
+    from torpor.image.store import ImageStore
+
+    store = ImageStore(_paths())
+    store.tag(store.get(source), target)
+
+
+# -- VMs -----------------------------------------------------------------------------
+
+def _run_options(f: Any) -> Any:
+    opts = [
+        click.option("--name", help="Name of the VM (default: a random one)."),
+        click.option("-e", "--env", "env", multiple=True, metavar="K=V",
+                     help="Set an environment variable (K alone copies it from here)."),
+        click.option("-m", "--memory", default="512M", show_default=True,
+                     help="Guest RAM (e.g. 256M, 2G)."),
+        click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs."),
+        click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:GUEST[/PROTO]",
+                     help="Forward a host port to the guest (default IP 127.0.0.1)."),
+        click.option("-w", "--workdir", help="Working directory of the command."),
+        click.option("-u", "--user", help="User (name|uid[:group|gid]) of the command."),
+        click.option("--entrypoint", help="Override the image's ENTRYPOINT."),
+        click.option("--network", type=click.Choice(["user", "none"]), default="user",
+                     show_default=True, help="user: NAT with port forwards; none: no NIC."),
+        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+                     show_default=True, help="Accelerator (auto probes KVM once)."),
+        click.option("-i", "--interactive", is_flag=True, help="Keep stdin open."),
+        click.option("-t", "--tty", is_flag=True, help="Accepted for Docker muscle memory; "
+                     "no TTY is allocated yet (a warning says so)."),
+        click.option("-l", "--label", multiple=True, metavar="K=V", help="Set a label."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _build_request(image: str, command: tuple[str, ...], *, name: str | None,
+                   env: tuple[str, ...], memory: str, cpus: int, publish: tuple[str, ...],
+                   workdir: str | None, user: str | None, entrypoint: str | None,
+                   network: str, accel: str, interactive: bool, label: tuple[str, ...],
+                   rm: bool) -> Any:
+    import shlex
+
+    from torpor.vmm.manager import RunRequest, parse_memory, parse_port
+
+    labels = {}
+    for kv in label:
+        k, sep, v = kv.partition("=")
+        if not k:
+            raise UsageError(f"invalid label {kv!r} (expected K=V)")
+        labels[k] = v
+    for e in env:
+        if not e or e.startswith("="):
+            raise UsageError(f"invalid environment variable {e!r} (expected K=V)")
+    return RunRequest(
+        image=image, command=command,
+        entrypoint=tuple(shlex.split(entrypoint)) if entrypoint is not None else None,
+        name=name, env=env, workdir=workdir, user=user, memory_mib=parse_memory(memory),
+        cpus=cpus, accel=accel, ports=tuple(parse_port(p) for p in publish),
+        network=network != "none", stdin_open=interactive, auto_remove=rm, labels=labels,
+    )
+
+
+def _announce_accel(vm: Any) -> None:
+    from torpor.vmm.qemu import ISOLATION
+
+    if sys.stderr.isatty():
+        err_console.print(f"[dim]torpor: {vm.name} runs under {vm.state.accel}; isolation: "
+                          f"{ISOLATION.get(vm.state.accel, '?')}[/dim]")
+
+
+@cli.command(context_settings=PASSTHROUGH)
+@_run_options
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; print the VM id.")
+@click.option("--rm", is_flag=True, help="Remove the VM when its command exits.")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
+        **kw: Any) -> None:
+    """Create a VM from IMAGE, boot it and run COMMAND (default: the image's) in it.
+
+    \b
+    torpor run --rm tools:latest uname -a          # exits with the command's code
+    torpor run -d --name box -m 1G --cpus 2 -p 8080:80 tools sleep infinity
+    echo hi | torpor run -i --rm tools cat
+
+    The VM lives as long as its command; `torpor exec` runs more commands in it.
+    """
+    try:
+        req = _build_request(image, command, rm=rm, **kw)
+        if tty:
+            err_console.print("[yellow]torpor: -t: no TTY is allocated yet; running with "
+                              "pipes[/yellow]")
+        mgr = _manager()
+        with err_console.status(f"starting {image}…", spinner="dots") if sys.stderr.isatty() \
+                else contextlib.nullcontext():
+            vm = mgr.run(req)
+        _announce_accel(vm)
+    except TorporError as e:
+        _fail(e, 125)
+    if detach:
+        click.echo(vm.id)
+        return
+    code = _attach(mgr, vm, req.stdin_open)
+    if rm:
+        with contextlib.suppress(TorporError):
+            vm2 = mgr.get(vm.id)
+            if vm2.state.status.active:
+                mgr.stop(vm.id, timeout=10)
+            mgr.remove(vm.id, force=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _forward_signals(handle: Any) -> Iterator[None]:
+    """Ctrl-C and SIGTERM go to the process in the VM, like `docker run`'s sig-proxy."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    old = {}
+    count = {"n": 0}
+
+    def handler(signo: int, frame: Any) -> None:
+        count["n"] += 1
+        if count["n"] >= 3:  # third Ctrl-C: give up waiting
+            os._exit(130)
+        with contextlib.suppress(TorporError, OSError):
+            handle.signal(signo)
+
+    for s in sigs:
+        old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _pump_stdin(handle: Any) -> None:
+    def pump() -> None:
+        try:
+            fd = sys.stdin.fileno()
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                handle.write_stdin(data)
+        except (OSError, ValueError, TorporError):
+            pass
+        with contextlib.suppress(TorporError, OSError):
+            handle.close_stdin()
+
+    threading.Thread(target=pump, daemon=True, name="stdin").start()
+
+
+def _stream(handle: Any, stdin: bool) -> int:
+    from torpor.agent.protocol import T
+
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+    if stdin:
+        _pump_stdin(handle)
+    with _forward_signals(handle):
+        for kind, data in handle.events():
+            stream = out if kind == T.STDOUT else err
+            stream.write(data)
+            stream.flush()
+        status = handle.wait()
+    return status.code
+
+
+def _attach(mgr: Any, vm: Any, stdin: bool) -> int:
+    try:
+        client = mgr.client(vm)
+    except TorporError:
+        # the command may have finished before we could attach: report from the record
+        vm = mgr.get(vm.id)
+        for _, stream, data in mgr.logs(vm.id):
+            (sys.stdout if stream == "stdout" else sys.stderr).buffer.write(data)
+        sys.stdout.flush()
+        return vm.state.exit_code if vm.state.exit_code is not None else 125
+    with client:
+        try:
+            return _stream(client.attach(), stdin)
+        except TorporError as e:
+            _fail(e, 125)
+
+
+@cli.command(context_settings=PASSTHROUGH)
+@_run_options
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def create(image: str, command: tuple[str, ...], tty: bool, **kw: Any) -> None:
+    """Create a VM without starting it (see `torpor start`)."""
+    try:
+        vm = _manager().create(_build_request(image, command, rm=False, **kw))
+    except TorporError as e:
+        _fail(e, 125)
+    click.echo(vm.id)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+@click.option("-a", "--attach", is_flag=True, help="Attach to the command's output.")
+def start(vms: tuple[str, ...], attach: bool) -> None:
+    """Start stopped VMs (their disk is kept; memory starts afresh)."""
+    mgr = _manager()
+    for ref in vms:
+        vm = mgr.start(ref)
+        _announce_accel(vm)
+        if attach:
+            sys.exit(_attach(mgr, vm, False))
+        click.echo(ref)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", default=10, show_default=True,
+              help="Seconds to wait for the command to exit after SIGTERM before SIGKILL.")
+def stop(vms: tuple[str, ...], timeout: int) -> None:
+    """Stop running VMs: SIGTERM the command, then power the guest off."""
+    mgr = _manager()
+    for ref in vms:
+        mgr.stop(ref, timeout=timeout)
+        click.echo(ref)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+def kill(vms: tuple[str, ...]) -> None:
+    """Kill running VMs at once (no clean shutdown)."""
+    mgr = _manager()
+    for ref in vms:
+        mgr.kill(ref)
+        click.echo(ref)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill running VMs first.")
+def rm(vms: tuple[str, ...], force: bool) -> None:
+    """Remove VMs and every file they own."""
+    mgr = _manager()
+    failed: TorporError | None = None
+    for ref in vms:
+        try:
+            mgr.remove(ref, force=force)
+            click.echo(ref)
+        except TorporError as e:
+            err_console.print(f"[red]torpor:[/red] {e}")
+            failed = e
+    if failed:
+        sys.exit(failed.exit_code)
+
+
+def _status_text(vm: Any) -> str:
+    st = vm.state
+    s = st.status.value
+    if s == "running":
+        return f"Up {ago(st.started_at)}"
+    if s in ("exited", "dead"):
+        when = f" {ago(st.finished_at)} ago" if st.finished_at else ""
+        return f"{s.capitalize()} ({st.exit_code}){when}"
+    return s.capitalize()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-a", "--all", "all_", is_flag=True, help="Show all VMs (default: running).")
+@click.option("-q", "--quiet", is_flag=True, help="Only VM ids.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def ps(all_: bool, quiet: bool, fmt: str) -> None:
+    """List VMs."""
+    vms = _manager().list(all=all_)
+    if quiet:
+        for vm in vms:
+            click.echo(vm.id[:12])
+        return
+    if fmt == "json":
+        click.echo(json.dumps([_inspect_dict(vm) for vm in vms], indent=2))
+        return
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "ACCEL", "PORTS", "NAMES"):
+        t.add_column(col, no_wrap=col != "COMMAND", overflow="ellipsis")
+    for vm in vms:
+        cmd = " ".join(vm.config.command)
+        t.add_row(vm.id[:12], vm.config.image_ref, f'"{cmd[:30]}"',
+                  ago(vm.config.created) + " ago", _status_text(vm), vm.state.accel or "-",
+                  ", ".join(str(p) for p in vm.config.ports), vm.name)
+    Console(highlight=False, width=max(out_console.width, 160)).print(t)
+
+
+def _inspect_dict(vm: Any) -> dict[str, Any]:
+    from torpor.vmm.qemu import ISOLATION
+
+    return {
+        "Id": vm.id, "Name": vm.name, "Config": vm.config.to_json(),
+        "State": vm.state.to_json(),
+        "Accelerator": vm.state.accel or None,
+        "Isolation": ISOLATION.get(vm.state.accel) if vm.state.accel else None,
+        "Path": str(vm.dir),
+    }
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+def inspect(vms: tuple[str, ...]) -> None:
+    """Show a VM's configuration and state as JSON."""
+    mgr = _manager()
+    click.echo(json.dumps([_inspect_dict(mgr.get(r)) for r in vms], indent=2))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vm")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("-t", "--timestamps", is_flag=True, help="Prefix each chunk with its time.")
+@click.option("--console", "console_", is_flag=True, help="Show the guest kernel console.")
+def logs(vm: str, follow: bool, timestamps: bool, console_: bool) -> None:
+    """Print the output of a VM's main command (stdout and stderr kept apart)."""
+    from datetime import UTC, datetime
+
+    mgr = _manager()
+    if console_:
+        sys.stdout.write(mgr.get(vm).files.console_log.read_text(errors="replace"))
+        return
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        for t, stream, data in mgr.logs(vm, follow=follow):
+            f = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+            if timestamps:
+                f.write(datetime.fromtimestamp(t, UTC).isoformat().encode() + b" ")
+            f.write(data)
+            f.flush()
+
+
+@cli.command(name="exec", context_settings=PASSTHROUGH)
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin.")
+@click.option("-t", "--tty", is_flag=True, help="Accepted; no TTY is allocated yet.")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Add an environment variable.")
+@click.option("-w", "--workdir", help="Working directory (default: the VM's).")
+@click.option("-u", "--user", help="User (default: the VM's).")
+@click.option("-d", "--detach", is_flag=True, help="Start the command and return at once.")
+@click.argument("vm")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(vm: str, command: tuple[str, ...], interactive: bool, tty: bool,
+          env: tuple[str, ...], workdir: str | None, user: str | None, detach: bool) -> None:
+    """Run COMMAND in a running VM; exits with its exit code.
+
+    \b
+    torpor exec box sh -c 'echo hi > /root/f; cat /root/f'
+    echo data | torpor exec -i box sh -c 'cat > /tmp/in'
+    """
+    from torpor.image.config import merge_env
+
+    try:
+        mgr = _manager()
+        v = mgr.get(vm)
+        client = mgr.client(v)
+        full_env = merge_env(list(v.config.env), list(env))
+        if tty:
+            err_console.print("[yellow]torpor: -t: no TTY is allocated yet[/yellow]")
+        with client:
+            handle = client.start_exec(list(command), env=full_env,
+                                       cwd=workdir if workdir is not None else v.config.workdir,
+                                       user=user if user is not None else v.config.user,
+                                       stdin=interactive)
+            if detach:
+                return
+            code = _stream(handle, interactive)
+    except TorporError as e:
+        _fail(e, 125)
+    sys.exit(code)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("dest")
+@click.option("-a", "--archive", is_flag=True, help="Keep uid/gid of copied files.")
+def cp(src: str, dest: str, archive: bool) -> None:
+    """Copy files or folders between the host and a VM (VM:PATH on one side).
+
+    \b
+    torpor cp ./local.txt box:/root/
+    torpor cp box:/root/f ./f
+    torpor cp ./dir box:/srv/dir
+    """
+    from torpor.agent.files import copy_from_vm, copy_to_vm, split_vm_path
+
+    mgr = _manager()
+    s_vm, s_path = split_vm_path(src)
+    d_vm, d_path = split_vm_path(dest)
+    if (s_vm is None) == (d_vm is None):
+        raise UsageError("exactly one of SRC and DEST must be VM:PATH")
+    if s_vm is not None:
+        with mgr.client(s_vm) as c:
+            copy_from_vm(c, s_path, Path(d_path))
+    else:
+        assert d_vm is not None
+        with mgr.client(d_vm) as c:
+            copy_to_vm(c, Path(s_path), d_path, keep_owner=archive)
+
+
+# -- bench ----------------------------------------------------------------------------
+
+@cli.group(context_settings=CONTEXT)
+def bench() -> None:
+    """Measure torpor (prints a table, writes JSON)."""
+
+
+@bench.command(name="boot", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option("--runs", default=10, show_default=True, help="Cold boots to time.")
+@click.option("--execs", default=200, show_default=True, help="`exec true` round trips.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              default=Path("bench-results/boot.json"), show_default=True)
+def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) -> None:
+    """Cold boot to agent-ready, `exec true` round trip, 1 MiB stdout throughput."""
+    from torpor.bench.boot import print_table, run_boot_bench
+
+    result = run_boot_bench(_paths(), image=image, runs=runs, execs=execs, accel=accel,
+                            progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, out_console)
+    err_console.print(f"wrote {json_out}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="torpor")
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code if e.exit_code != 1 else 2)
+    except TorporError as e:
+        if os.environ.get("TORPOR_DEBUG"):
+            raise
+        _fail(e)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The demo: what `scripts/demo` and `torpor demo` run."""

@@ -1,0 +1,103 @@
+"""One error hierarchy for all of torpor.
+
+Every failure a user can see is one of these classes; lower-layer exceptions
+(OSError, httpx errors, QMP errors, subprocess failures) are chained with
+``raise ... from`` so the cause stays visible under ``--debug``.
+
+::
+
+    TorporError                     exit 1 unless a subclass says otherwise
+     ├── UsageError                 bad arguments / malformed input           (2)
+     ├── NotFoundError              no such image / VM / file                  (3)
+     ├── ConflictError              name taken, VM in the wrong state          (4)
+     ├── ImageError                 pulling, importing or unpacking an image   (5)
+     │    ├── RegistryError         the registry refused or failed
+     │    ├── DigestMismatchError   content does not hash to its digest
+     │    └── LayerError            a layer is corrupt or unsafe (path escape)
+     ├── GuestError                 guest kernel / agent missing or broken     (6)
+     ├── AgentError                 the guest agent protocol failed            (7)
+     │    └── ProtocolError         malformed frame on the wire
+     ├── VMError                    QEMU failed to start, crashed, timed out   (8)
+     │    └── AcceleratorError      requested accelerator is unusable
+     └── SetupError                 host is missing a required tool            (9)
+
+The CLI maps each class to the stable exit code shown; exec'd commands use
+their own exit codes (0-255) only for ``run`` / ``exec`` when torpor itself
+did not fail, following Docker (125 torpor failed, 126 not executable,
+127 not found).
+"""
+
+from __future__ import annotations
+
+
+class TorporError(Exception):
+    """Base class. ``step`` names what torpor was doing; ``path`` what it touched."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, step: str | None = None, path: object = None):
+        super().__init__(message)
+        self.message = message
+        self.step = step
+        self.path = path
+
+    def __str__(self) -> str:
+        parts = []
+        if self.step:
+            parts.append(f"{self.step}: ")
+        parts.append(self.message)
+        if self.path is not None and str(self.path) not in self.message:
+            parts.append(f" ({self.path})")
+        return "".join(parts)
+
+
+class UsageError(TorporError):
+    exit_code = 2
+
+
+class NotFoundError(TorporError):
+    exit_code = 3
+
+
+class ConflictError(TorporError):
+    exit_code = 4
+
+
+class ImageError(TorporError):
+    exit_code = 5
+
+
+class RegistryError(ImageError):
+    pass
+
+
+class DigestMismatchError(ImageError):
+    pass
+
+
+class LayerError(ImageError):
+    pass
+
+
+class GuestError(TorporError):
+    exit_code = 6
+
+
+class AgentError(TorporError):
+    exit_code = 7
+
+
+class ProtocolError(AgentError):
+    pass
+
+
+class VMError(TorporError):
+    exit_code = 8
+
+
+class AcceleratorError(VMError):
+    pass
+
+
+class SetupError(TorporError):
+    exit_code = 9

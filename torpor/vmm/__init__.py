@@ -1,0 +1,1 @@
+"""QEMU microVMs: argv, accelerator, the per-VM shim, the VM manager."""

@@ -1,0 +1,414 @@
+"""The VM library API: create, start, stop, remove, list, connect.
+
+The CLI (and later the HTTP server) builds a :class:`RunRequest` and calls
+:class:`VMManager`; nothing here prints.  A VM is a folder ``Paths.vm(id)``
+plus a name link ``Paths.names/<name>``; the link is created with ``symlink``,
+which fails if the name exists, so two concurrent ``run --name x`` cannot both
+win.  A VM folder without ``vm.json`` is an interrupted create and is removed on
+sight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torpor.agent.client import AgentClient
+from torpor.errors import (
+    ConflictError,
+    NotFoundError,
+    TorporError,
+    UsageError,
+    VMError,
+)
+from torpor.fsutil import locked
+from torpor.image.config import merge_env, resolve_command
+from torpor.image.store import ImageStore
+from torpor.paths import Paths
+from torpor.vmm import boot, qemu
+from torpor.vmm.layout import VMFiles
+from torpor.vmm.state import (
+    PortMap,
+    Status,
+    VMConfig,
+    VMState,
+    alive,
+    load_config,
+    load_state,
+    save_config,
+    save_state,
+)
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_ADJ = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid",
+        "merry", "nifty", "proud", "quiet", "sleepy", "swift", "tender", "vivid", "witty")
+_NOUN = ("badger", "bear", "dormouse", "hedgehog", "lemur", "marmot", "otter", "panda",
+         "possum", "sloth", "squirrel", "tortoise", "walrus", "wombat")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything ``torpor run`` / ``create`` can say; the CLI and HTTP API build this."""
+
+    image: str
+    command: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] | None = None
+    name: str | None = None
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    memory_mib: int = 512
+    cpus: int = 1
+    accel: str = "auto"
+    ports: tuple[PortMap, ...] = ()
+    network: bool = True
+    stdin_open: bool = False
+    auto_remove: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VM:
+    config: VMConfig
+    state: VMState
+    dir: Path
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def files(self) -> VMFiles:
+        return VMFiles(self.dir)
+
+    @property
+    def running(self) -> bool:
+        return self.state.status in (Status.RUNNING, Status.STARTING)
+
+
+def parse_memory(text: str) -> int:
+    """Docker-style memory size (``512m``, ``2G``, ``1048576`` bytes) to MiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise UsageError(f"invalid memory size {text!r} (examples: 512M, 2G)")
+    n = float(m.group(1))
+    unit = m.group(2) or "b"
+    mib = n * {"b": 1 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
+    if mib < 64:
+        raise UsageError(f"memory {text!r} is too small: a VM needs at least 64M")
+    if mib > 1024 * 1024:
+        raise UsageError(f"memory {text!r} is too large")
+    return int(mib)
+
+
+def parse_port(text: str) -> PortMap:
+    """``[ip:]host_port:guest_port[/tcp|udp]`` (Docker's -p syntax)."""
+    proto = "tcp"
+    spec = text
+    if "/" in spec:
+        spec, proto = spec.rsplit("/", 1)
+        if proto not in ("tcp", "udp"):
+            raise UsageError(f"invalid port mapping {text!r}: protocol must be tcp or udp")
+    parts = spec.rsplit(":", 2)
+    try:
+        if len(parts) == 3:
+            ip, hp, gp = parts[0] or "127.0.0.1", int(parts[1]), int(parts[2])
+        elif len(parts) == 2:
+            ip, hp, gp = "127.0.0.1", int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"invalid port mapping {text!r} (expected [ip:]hostPort:guestPort)") \
+            from None
+    for p in (hp, gp):
+        if not 1 <= p <= 65535:
+            raise UsageError(f"invalid port mapping {text!r}: port {p} out of range")
+    return PortMap(host_port=hp, guest_port=gp, host_ip=ip, proto=proto)
+
+
+def connect_unix(path: Path, timeout: float = 10.0) -> socket.socket:
+    """Connect to a unix socket whose path may exceed the 107-byte sun_path limit."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    target = str(path)
+    dirfd = None
+    if len(target.encode()) > 100:
+        dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+        target = f"/proc/self/fd/{dirfd}/{path.name}"
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
+    sock.settimeout(None)
+    return sock
+
+
+class VMManager:
+    def __init__(self, paths: Paths):
+        self.paths = paths.ensure()
+        self.images = ImageStore(paths)
+
+    # -- lookup ----------------------------------------------------------------------
+    def _load(self, vm_dir: Path) -> VM:
+        cfg = load_config(vm_dir)
+        st = load_state(vm_dir)
+        if st.status.active and not alive(st.shim_pid, st.shim_start):
+            # the shim died without recording an exit: kill -9, OOM, host reboot
+            if st.qemu_pid and alive(st.qemu_pid, st.qemu_start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(st.qemu_pid, signal.SIGKILL)
+            st = st.replace(status=Status.DEAD, exit_code=st.exit_code if st.exit_code
+                            is not None else 137, error=st.error or "VM supervisor died",
+                            finished_at=st.finished_at or time.time())
+            with contextlib.suppress(OSError):
+                save_state(vm_dir, st)
+        return VM(cfg, st, vm_dir)
+
+    def list(self, all: bool = True) -> list[VM]:
+        out = []
+        for d in sorted(self.paths.vms.iterdir()) if self.paths.vms.exists() else []:
+            if d.name == "names" or not d.is_dir():
+                continue
+            if not (d / "vm.json").exists():
+                self._reap_partial(d)
+                continue
+            with contextlib.suppress(TorporError, OSError, ValueError):
+                vm = self._load(d)
+                if all or vm.running:
+                    out.append(vm)
+        out.sort(key=lambda v: v.config.created, reverse=True)
+        return out
+
+    def _reap_partial(self, d: Path) -> None:
+        """Remove a VM folder left by an interrupted create (no vm.json) if old enough."""
+        with contextlib.suppress(OSError):
+            if time.time() - d.stat().st_mtime > 60:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def get(self, ref: str) -> VM:
+        if not ref:
+            raise UsageError("empty VM name")
+        link = self.paths.names / ref
+        if NAME_RE.match(ref) and link.is_symlink():
+            d = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
+            if (d / "vm.json").exists():
+                return self._load(d)
+        if re.fullmatch(r"[0-9a-f]{1,64}", ref):
+            matches = [d for d in self.paths.vms.iterdir()
+                       if d.name.startswith(ref) and (d / "vm.json").exists()]
+            if len(matches) == 1:
+                return self._load(matches[0])
+            if len(matches) > 1:
+                raise ConflictError(f"VM id prefix {ref!r} is ambiguous ({len(matches)} VMs)")
+        raise NotFoundError(f"no such VM: {ref}")
+
+    def in_use(self, image_id: str) -> bool:
+        return any(vm.config.image_id == image_id for vm in self.list())
+
+    # -- create / start ------------------------------------------------------------------
+    def _new_name(self) -> str:
+        for _ in range(100):
+            name = f"{random.choice(_ADJ)}_{random.choice(_NOUN)}"
+            if not (self.paths.names / name).is_symlink():
+                return name
+        return f"vm_{secrets.token_hex(4)}"
+
+    def create(self, req: RunRequest) -> VM:
+        qemu.validate_accel(req.accel)
+        if req.name is not None and not NAME_RE.match(req.name):
+            raise UsageError(f"invalid VM name {req.name!r}: use letters, digits, _ . - "
+                             "(at most 63, starting with a letter or digit)")
+        if req.cpus < 1 or req.cpus > (os.cpu_count() or 1) * 4:
+            raise UsageError(f"--cpus {req.cpus} is out of range")
+        image = self.images.get(req.image)
+        command = resolve_command(image.config,
+                                  list(req.entrypoint) if req.entrypoint is not None else None,
+                                  list(req.command) if req.command else None)
+        env = merge_env(list(image.config.env), list(req.env))
+        vm_id = secrets.token_hex(32)
+        name = req.name or self._new_name()
+        vm_dir = self.paths.vm(vm_id)
+        vm_dir.mkdir(mode=0o700)
+        try:
+            link = self.paths.names / name
+            try:
+                os.symlink(f"../{vm_id}", link)
+            except FileExistsError:
+                other = self.get(name)
+                raise ConflictError(f"the name {name!r} is already in use by VM "
+                                    f"{other.id[:12]}; remove it or pick another name") from None
+            cfg = VMConfig(
+                id=vm_id, name=name, image_id=image.id,
+                image_ref=req.image, command=tuple(command), env=tuple(env),
+                workdir=req.workdir if req.workdir is not None else image.config.working_dir,
+                user=req.user if req.user is not None else image.config.user,
+                memory_mib=req.memory_mib, cpus=req.cpus, accel=req.accel, ports=req.ports,
+                network=req.network, stdin_open=req.stdin_open, auto_remove=req.auto_remove,
+                labels=dict(req.labels),
+            )
+            files = VMFiles(vm_dir)
+            boot.ensure_qcow2_overlay(image.disk_path, files.disk)
+            save_state(vm_dir, VMState())
+            save_config(vm_dir, cfg)  # last: its presence marks the VM as complete
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if os.readlink(self.paths.names / name) == f"../{vm_id}":
+                    os.unlink(self.paths.names / name)
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+        return VM(cfg, VMState(), vm_dir)
+
+    def start(self, ref: str, on_progress: Callable[[str], None] | None = None) -> VM:
+        """Boot the VM and start its main command; returns once the agent answered.
+
+        Raises ConflictError if it is running, VMError (with the console tail) if
+        QEMU or the guest failed to come up.
+        """
+        vm = self.get(ref)
+        with locked(self.paths.locks / f"vm-{vm.id}.lock"):
+            vm = self.get(vm.id)
+            if vm.state.status.active:
+                raise ConflictError(f"VM {vm.name} is already {vm.state.status}")
+            rfd, wfd = os.pipe()
+            env = dict(os.environ)
+            with open(vm.files.shim_log, "ab") as slog:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "torpor.vmm.shim", "--root", str(self.paths.root),
+                     "--vm", vm.id, "--ready-fd", str(wfd)],
+                    stdin=subprocess.DEVNULL, stdout=slog, stderr=slog, pass_fds=(wfd,),
+                    start_new_session=True, env=env, cwd="/")
+            os.close(wfd)
+            if on_progress:
+                on_progress("booting")
+            with os.fdopen(rfd, "rb") as r:
+                line = r.readline()
+            try:
+                info = json.loads(line) if line else {}
+            except ValueError:
+                info = {}
+            if not info.get("ok"):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                err = info.get("error") or f"VM supervisor exited with {proc.poll()}; see " \
+                    f"{vm.files.shim_log}"
+                console = info.get("console", "")
+                raise VMError(err + (f"\n{console}" if console else ""), step="start VM")
+            # reap the shim in the background of this process only if we exit first:
+            # it runs in its own session and is re-parented to init
+            return self.get(vm.id)
+
+    def run(self, req: RunRequest, on_progress: Callable[[str], None] | None = None) -> VM:
+        vm = self.create(req)
+        try:
+            return self.start(vm.id, on_progress)
+        except BaseException:
+            if req.auto_remove:
+                with contextlib.suppress(TorporError):
+                    self.remove(vm.id, force=True)
+            raise
+
+    # -- control ------------------------------------------------------------------------
+    def client(self, ref: str | VM, timeout: float = 10.0) -> AgentClient:
+        vm = ref if isinstance(ref, VM) else self.get(ref)
+        if vm.state.status != Status.RUNNING:
+            raise ConflictError(f"VM {vm.name} is not running ({vm.state.status})")
+        try:
+            sock = connect_unix(vm.files.agent_sock, timeout)
+        except OSError as e:
+            raise VMError(f"cannot reach VM {vm.name}: {e}", step="connect",
+                          path=vm.files.agent_sock) from e
+        return AgentClient(sock)
+
+    def stop(self, ref: str, timeout: float = 10.0) -> VM:
+        vm = self.get(ref)
+        if not vm.state.status.active:
+            return vm
+        try:
+            with self.client(vm) as c:
+                c.stop(int(timeout), timeout=timeout + 30)
+        except TorporError:
+            pass
+        deadline = time.monotonic() + timeout + 30
+        while time.monotonic() < deadline:
+            vm = self.get(vm.id)
+            if not vm.state.status.active:
+                break
+            time.sleep(0.05)
+        else:
+            self.kill(vm.id)
+        return self.get(vm.id)
+
+    def kill(self, ref: str, sig: int = signal.SIGKILL) -> VM:
+        vm = self.get(ref)
+        st = vm.state
+        for pid, start in ((st.qemu_pid, st.qemu_start), (st.shim_pid, st.shim_start)):
+            if alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
+            time.sleep(0.02)
+        return self.get(vm.id)
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        vm = self.get(ref)
+        if vm.state.status.active:
+            if not force:
+                raise ConflictError(f"VM {vm.name} is {vm.state.status}; stop it first or "
+                                    "use --force")
+            self.kill(vm.id)
+        with locked(self.paths.locks / f"vm-{vm.id}.lock"):
+            link = self.paths.names / vm.name
+            with contextlib.suppress(OSError):
+                if os.readlink(link) == f"../{vm.id}":
+                    os.unlink(link)
+            # vm.json goes first: a half-removed folder is then an interrupted create
+            with contextlib.suppress(FileNotFoundError):
+                vm.files.config.unlink()
+            shutil.rmtree(vm.dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.paths.locks / f"vm-{vm.id}.lock").unlink()
+
+    def logs(self, ref: str, follow: bool = False,
+             poll: float = 0.1) -> Iterator[tuple[float, str, bytes]]:
+        """(time, "stdout"|"stderr", bytes) records of the main command's output."""
+        vm = self.get(ref)
+        path = vm.files.main_log
+        pos = 0
+        while True:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                f.seek(pos)
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break
+                    pos += len(line)
+                    with contextlib.suppress(ValueError, KeyError):
+                        rec = json.loads(line)
+                        yield rec["t"], rec["s"], rec["d"].encode("utf-8", "surrogateescape")
+            if not follow:
+                return
+            if not self.get(vm.id).state.status.active:
+                follow = False  # one more pass to drain what was written before exit
+                continue
+            time.sleep(poll)

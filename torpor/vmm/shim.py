@@ -1,0 +1,506 @@
+"""The per-VM supervisor: one process per running VM, like containerd's shim.
+
+Why it exists: QEMU's control-port socket accepts a single connection, VMs must
+outlive the CLI that started them, and somebody must be QEMU's parent to learn
+how it ended.  The shim
+
+1. boots QEMU (as its child, killed with it via PR_SET_PDEATHSIG), connects the
+   guest agent's control port, says HELLO, sets the guest clock and seeds its RNG;
+2. starts the VM's main command and appends its output to ``main.log``;
+3. serves any number of clients on ``agent.sock`` (0600) with the same frames as
+   the guest, remapping request ids so clients never collide;
+4. records every transition in ``state.json``; when the main command exits, or on
+   STOP / SIGTERM, powers the guest off (SHUTDOWN, then SIGTERM, then SIGKILL) and
+   records the exit code.
+
+Phases: launch -> connect -> hello -> serve -> shutdown -> reap; cleanup (sockets,
+RAM file) always runs.  Startup success or failure is reported once, as a JSON
+line, on the pipe given with ``--ready-fd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torpor.agent.protocol import (
+    MAX_PAYLOAD,
+    ErrorReply,
+    ExecRequest,
+    ExitStatus,
+    Frame,
+    FrameDecoder,
+    T,
+)
+from torpor.errors import TorporError, VMError
+from torpor.paths import Paths
+from torpor.vmm import layout
+from torpor.vmm.state import Status, VMConfig, alive, load_config, load_state, proc_start_time, save_state
+
+log = logging.getLogger("torpor.shim")
+
+TERMINAL = {
+    T.HELLO: {T.HELLO_OK},
+    T.EXEC: {T.EXIT},
+    T.STAT: {T.FILEINFO},
+}
+PR_SET_PDEATHSIG = 1
+
+
+def _terminal(req_type: int, reply_type: int) -> bool:
+    if reply_type == T.ERROR:
+        return True
+    return reply_type in TERMINAL.get(req_type, {T.OK})
+
+
+def _pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.umask(0o077)
+
+
+@dataclass
+class Route:
+    client: Client | None
+    client_id: int
+    req_type: int
+
+
+@dataclass(eq=False)
+class Client:
+    writer: asyncio.StreamWriter
+    ids: dict[int, int] = field(default_factory=dict)  # client id -> guest id
+    attached: set[int] = field(default_factory=set)  # client ids attached to main
+
+    def send(self, frame: Frame) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frame.encode())
+
+
+class Shim:
+    def __init__(self, paths: Paths, vm_id: str, ready_fd: int | None):
+        self.paths = paths
+        self.vm_dir = paths.vm(vm_id)
+        self.cfg: VMConfig = load_config(self.vm_dir)
+        self.files = layout.VMFiles(self.vm_dir)
+        self.ready_fd = ready_fd
+        self.state = load_state(self.vm_dir)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.guest_w: asyncio.StreamWriter | None = None
+        self.routes: dict[int, Route] = {}
+        self.next_gid = 1
+        self.main_gid = 0
+        self.main_exit: ExitStatus | None = None
+        self.main_log: Any = None
+        self.waiters: dict[int, asyncio.Future[Frame]] = {}
+        self.stopping = False
+        self.stop_waiters: list[tuple[Client, int]] = []
+        self.qemu_exited = asyncio.Event()
+        self.clients: set[Client] = set()
+
+    # -- state -----------------------------------------------------------------------
+    def set_state(self, **kw: Any) -> None:
+        self.state = self.state.replace(**kw)
+        save_state(self.vm_dir, self.state)
+
+    def report_ready(self, ok: bool, **info: Any) -> None:
+        if self.ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, (json.dumps({"ok": ok, **info}) + "\n").encode())
+            os.close(self.ready_fd)
+        self.ready_fd = None
+
+    # -- guest link --------------------------------------------------------------------
+    def alloc_gid(self) -> int:
+        while True:
+            gid = self.next_gid
+            self.next_gid = self.next_gid % 0xFFFFFFF0 + 1
+            if gid not in self.routes and gid not in self.waiters and gid != self.main_gid:
+                return gid
+
+    def to_guest(self, frame: Frame) -> None:
+        if self.guest_w is None or self.guest_w.is_closing():
+            raise VMError("guest control channel is closed")
+        log.debug("-> guest %s", frame)
+        self.guest_w.write(frame.encode())
+
+    async def request(self, type_: int, payload: bytes = b"", timeout: float = 10.0) -> Frame:
+        gid = self.alloc_gid()
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.waiters[gid] = fut
+        try:
+            self.to_guest(Frame(type_, gid, payload))
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.waiters.pop(gid, None)
+        if reply.type == T.ERROR:
+            err = ErrorReply.decode(reply.payload)
+            raise VMError(f"guest agent: {T(type_).name} failed: {err.message} "
+                          f"({errno.errorcode.get(err.errno, err.errno)})")
+        return reply
+
+    async def guest_reader(self, reader: asyncio.StreamReader) -> None:
+        dec = FrameDecoder()
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            for frame in dec.feed(data):
+                self.from_guest(frame)
+        log.info("guest control channel closed")
+
+    def from_guest(self, frame: Frame) -> None:
+        log.debug("<- guest %s", frame)
+        if frame.id in self.waiters:
+            fut = self.waiters[frame.id]
+            if not fut.done() and frame.type not in (T.STARTED,):
+                fut.set_result(frame)
+            return
+        if frame.id == self.main_gid and self.main_gid:
+            self.main_frame(frame)
+            return
+        route = self.routes.get(frame.id)
+        if route is None:
+            return
+        if route.client is not None:
+            route.client.send(Frame(frame.type, route.client_id, frame.payload))
+        if _terminal(route.req_type, frame.type):
+            del self.routes[frame.id]
+            if route.client is not None:
+                route.client.ids.pop(route.client_id, None)
+
+    # -- main process ---------------------------------------------------------------------
+    def main_frame(self, frame: Frame) -> None:
+        if frame.type in (T.STDOUT, T.STDERR):
+            stream = "stdout" if frame.type == T.STDOUT else "stderr"
+            rec = {"t": time.time(), "s": stream,
+                   "d": frame.payload.decode("utf-8", "surrogateescape")}
+            self.main_log.write(json.dumps(rec) + "\n")
+            self.main_log.flush()
+        elif frame.type in (T.EXIT, T.ERROR):
+            if frame.type == T.EXIT:
+                self.main_exit = ExitStatus.decode(frame.payload)
+            else:
+                err = ErrorReply.decode(frame.payload)
+                msg = f"torpor: cannot start main command: {err.message}\n"
+                self.main_log.write(json.dumps({"t": time.time(), "s": "stderr", "d": msg}) + "\n")
+                self.main_log.flush()
+                self.main_exit = ExitStatus(125, 0)
+            asyncio.get_running_loop().create_task(self.shutdown("main process exited"))
+        elif frame.type == T.STARTED:
+            return
+        for client in list(self.clients):
+            for cid in list(client.attached):
+                if frame.type in (T.STDOUT, T.STDERR):
+                    client.send(Frame(frame.type, cid, frame.payload))
+        if self.main_exit is not None:
+            self.notify_main_exit()
+
+    def notify_main_exit(self) -> None:
+        assert self.main_exit is not None
+        for client in list(self.clients):
+            for cid in list(client.attached):
+                client.send(Frame(T.EXIT, cid, self.main_exit.encode()))
+            client.attached.clear()
+
+    def replay_main(self, client: Client, cid: int) -> None:
+        self.main_log.flush()
+        with open(self.files.main_log, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError):
+                    rec = json.loads(line)
+                    t = T.STDOUT if rec["s"] == "stdout" else T.STDERR
+                    data = rec["d"].encode("utf-8", "surrogateescape")
+                    for i in range(0, len(data), 1 << 16):
+                        client.send(Frame(t, cid, data[i:i + (1 << 16)]))
+
+    # -- clients ----------------------------------------------------------------------------
+    async def serve_client(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        client = Client(writer)
+        self.clients.add(client)
+        dec = FrameDecoder()
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                try:
+                    frames = dec.feed(data)
+                except TorporError as e:
+                    client.send(Frame(T.ERROR, 0, ErrorReply(errno.EPROTO, str(e)).encode()))
+                    break
+                for frame in frames:
+                    self.from_client(client, frame)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.clients.discard(client)
+            for gid in client.ids.values():
+                if gid in self.routes:
+                    self.routes[gid].client = None
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def from_client(self, client: Client, frame: Frame) -> None:
+        cid = frame.id
+
+        def error(code: int, msg: str) -> None:
+            client.send(Frame(T.ERROR, cid, ErrorReply(code, msg).encode()))
+
+        if frame.type == T.ATTACH:
+            client.attached.add(cid)
+            self.replay_main(client, cid)
+            if self.main_exit is not None or not self.main_gid:
+                client.attached.discard(cid)
+                status = self.main_exit or ExitStatus(0, 0)
+                client.send(Frame(T.EXIT, cid, status.encode()))
+            return
+        if frame.type == T.STOP:
+            (timeout,) = struct.unpack("<I", frame.payload[:4] or b"\x0a\x00\x00\x00")
+            self.stop_waiters.append((client, cid))
+            asyncio.get_running_loop().create_task(self.stop(timeout))
+            return
+        if frame.type in (T.STDIN, T.SIGNAL):
+            if cid in client.attached:
+                gid = self.main_gid
+            else:
+                gid = client.ids.get(cid, 0)
+            if not gid:
+                error(errno.ESRCH, f"no request {cid}")
+                return
+            self.safe_to_guest(Frame(frame.type, gid, frame.payload), client, cid)
+            return
+        if cid in client.ids:
+            error(errno.EBUSY, f"request id {cid} is in use")
+            return
+        if self.stopping:
+            error(errno.ESHUTDOWN, "VM is stopping")
+            return
+        gid = self.alloc_gid()
+        client.ids[cid] = gid
+        self.routes[gid] = Route(client, cid, frame.type)
+        self.safe_to_guest(Frame(frame.type, gid, frame.payload), client, cid)
+
+    def safe_to_guest(self, frame: Frame, client: Client, cid: int) -> None:
+        try:
+            self.to_guest(frame)
+        except VMError as e:
+            client.send(Frame(T.ERROR, cid, ErrorReply(errno.EPIPE, str(e)).encode()))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def launch(self) -> None:
+        from torpor.vmm.boot import machine_spec_for
+        from torpor.vmm.qemu import build_argv
+
+        spec, accel = machine_spec_for(self.paths, self.cfg, self.files)
+        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.ram):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        argv = build_argv(spec)
+        (self.vm_dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
+        qlog = open(self.files.qemu_log, "ab")  # noqa: SIM115 - handed to the child
+        t0 = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+            preexec_fn=_pdeathsig)
+        qlog.close()
+        self.set_state(status=Status.STARTING, qemu_pid=self.proc.pid,
+                       qemu_start=proc_start_time(self.proc.pid), accel=accel,
+                       started_at=time.time(), exit_code=None, error="", finished_at=0.0)
+        asyncio.get_running_loop().create_task(self.watch_qemu())
+        deadline = t0 + boot_timeout(accel)
+        while not self.files.ctl_sock.exists():
+            if self.qemu_exited.is_set():
+                raise VMError(f"QEMU exited during start-up with code {self.proc.returncode}",
+                              step="start QEMU")
+            if time.monotonic() > deadline:
+                raise VMError("QEMU did not create its control socket", step="start QEMU")
+            await asyncio.sleep(0.005)
+        reader, self.guest_w = await asyncio.open_unix_connection(self.files.ctl_sock.name)
+        asyncio.get_running_loop().create_task(self.guest_reader(reader))
+        hello = asyncio.get_running_loop().create_task(
+            self.request(T.HELLO, timeout=max(1.0, deadline - time.monotonic())))
+        exited = asyncio.get_running_loop().create_task(self.qemu_exited.wait())
+        done, _ = await asyncio.wait({hello, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if hello not in done:
+            hello.cancel()
+            raise VMError(f"QEMU exited during boot with code {self.proc.returncode}",
+                          step="boot guest")
+        exited.cancel()
+        try:
+            hello.result()
+        except TimeoutError as e:
+            raise VMError(f"guest agent did not answer within {boot_timeout(accel):.0f} s "
+                          f"(accelerator {accel})", step="boot guest") from e
+        boot_ms = (time.monotonic() - t0) * 1000
+        now = time.time_ns()
+        await self.request(T.SET_TIME, struct.pack("<qI", now // 10**9, now % 10**9))
+        with contextlib.suppress(VMError):  # host-mode agents without CAP_SYS_ADMIN
+            await self.request(T.ADD_ENTROPY, os.urandom(64))
+        self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
+        self.start_main()
+        self.report_ready(True, accel=accel, boot_ms=round(boot_ms, 1))
+
+    def start_main(self) -> None:
+        self.main_log = open(self.files.main_log, "a", encoding="utf-8")  # noqa: SIM115
+        if not self.cfg.command:
+            return
+        self.main_gid = self.alloc_gid()
+        req = ExecRequest(argv=tuple(self.cfg.command), env=tuple(self.cfg.env),
+                          cwd=self.cfg.workdir, user=self.cfg.user, stdin=self.cfg.stdin_open)
+        self.to_guest(Frame(T.EXEC, self.main_gid, req.encode()))
+
+    async def watch_qemu(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        log.info("QEMU exited with %s", code)
+        self.qemu_exited.set()
+
+    async def stop(self, timeout: float) -> None:
+        if self.main_gid and self.main_exit is None and not self.stopping:
+            with contextlib.suppress(VMError):
+                self.to_guest(Frame(T.SIGNAL, self.main_gid, struct.pack("<I", signal.SIGTERM)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._main_done(), timeout)
+            if self.main_exit is None:
+                with contextlib.suppress(VMError):
+                    self.to_guest(Frame(T.SIGNAL, self.main_gid,
+                                        struct.pack("<I", signal.SIGKILL)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._main_done(), 2)
+        await self.shutdown("stop requested")
+
+    async def _main_done(self) -> None:
+        while self.main_exit is None and not self.qemu_exited.is_set():
+            await asyncio.sleep(0.02)
+
+    async def shutdown(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down: %s", why)
+        if not self.qemu_exited.is_set():
+            self.set_state(status=Status.STOPPING)
+            with contextlib.suppress(VMError, TimeoutError):
+                await self.request(T.SYNC, timeout=10)
+            with contextlib.suppress(VMError, TimeoutError):
+                await self.request(T.SHUTDOWN, struct.pack("<I", 0), timeout=2)
+            for sig, wait in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+                if sig is not None and self.proc is not None and self.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.send_signal(sig)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.qemu_exited.wait(), wait)
+                if self.qemu_exited.is_set():
+                    break
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.stop(10)))
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        try:
+            await self.launch()
+        except (TorporError, OSError) as e:
+            tail = console_tail(self.files)
+            self.report_ready(False, error=str(e), console=tail)
+            if self.proc is not None and self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+            self.set_state(status=Status.EXITED, exit_code=125, error=str(e),
+                           finished_at=time.time())
+            self.cleanup()
+            return 1
+        with contextlib.suppress(FileNotFoundError):
+            self.files.agent_sock.unlink()
+        server = await asyncio.start_unix_server(self.serve_client, self.files.agent_sock.name)
+        os.chmod(self.files.agent_sock, 0o600)
+        await self.qemu_exited.wait()
+        server.close()
+        assert self.proc is not None
+        if self.main_exit is not None:
+            code, err = self.main_exit.code, ""
+        elif self.stopping:
+            code, err = 137, ""
+        else:
+            code = 128 + 9 if self.proc.returncode and self.proc.returncode < 0 else 255
+            err = f"QEMU exited unexpectedly (status {self.proc.returncode})"
+        if self.main_exit is None and self.main_gid:
+            self.main_exit = ExitStatus(code, 0)
+            self.notify_main_exit()
+        self.set_state(status=Status.EXITED, exit_code=code, error=err, finished_at=time.time(),
+                       qemu_pid=0, qemu_start=0)
+        for client, cid in self.stop_waiters:
+            client.send(Frame(T.OK, cid))
+        for client in list(self.clients):
+            with contextlib.suppress(Exception):
+                await client.writer.drain()
+                client.writer.close()
+        self.cleanup()
+        return 0
+
+    def cleanup(self) -> None:
+        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.agent_sock,
+                  self.files.ram):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if self.main_log is not None:
+            self.main_log.close()
+
+
+def boot_timeout(accel: str) -> float:
+    env = os.environ.get("TORPOR_BOOT_TIMEOUT")
+    if env:
+        return float(env)
+    return 20.0 if accel == "kvm" else 90.0
+
+
+def console_tail(files: layout.VMFiles, lines: int = 20) -> str:
+    out = []
+    for p in (files.console_log, files.qemu_log):
+        with contextlib.suppress(OSError):
+            text = p.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                out.append(f"--- {p.name} ---\n" + "\n".join(text))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="torpor-shim")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--vm", required=True)
+    ap.add_argument("--ready-fd", type=int)
+    args = ap.parse_args(argv)
+    paths = Paths(Path(args.root))
+    os.chdir(paths.vm(args.vm))  # sockets are bound by relative name: see boot.py
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("TORPOR_DEBUG") else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    shim = Shim(paths, args.vm, args.ready_fd)
+    st = shim.state
+    if st.status.active and alive(st.shim_pid, st.shim_start) and st.shim_pid != os.getpid():
+        shim.report_ready(False, error="VM is already running")
+        return 1
+    shim.set_state(status=Status.STARTING, shim_pid=os.getpid(),
+                   shim_start=proc_start_time(os.getpid()))
+    return asyncio.run(shim.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""On-disk state of one VM: ``vm.json`` (what was asked) and ``state.json`` (what is).
+
+``vm.json`` is written once by ``create`` and never changes afterwards except
+through :func:`save_config` (rename).  ``state.json`` is written only by the
+VM's shim while it lives, and by the manager when it finds the shim dead.
+Both carry ``schema_version``; a file with an unknown major version is refused
+rather than guessed at.  Writes are atomic (temp, fsync, rename).
+
+Liveness is never taken from ``state.json`` alone: a recorded pid is alive only
+if ``/proc/<pid>/stat`` shows the same start time, so a reboot or pid reuse
+cannot make a dead VM look running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torpor.errors import VMError
+from torpor.fsutil import atomic_write_json, read_json
+
+SCHEMA_VERSION = 1
+
+
+class Status(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+    DEAD = "dead"  # the shim vanished without recording an exit (kill -9, host reboot)
+
+    @property
+    def active(self) -> bool:
+        return self in (Status.STARTING, Status.RUNNING, Status.STOPPING)
+
+
+@dataclass(frozen=True)
+class PortMap:
+    host_port: int
+    guest_port: int
+    host_ip: str = "127.0.0.1"
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    id: str
+    name: str
+    image_id: str
+    image_ref: str
+    command: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    workdir: str = ""
+    user: str = ""
+    memory_mib: int = 512
+    cpus: int = 1
+    accel: str = "auto"  # requested: auto | kvm | tcg
+    ports: tuple[PortMap, ...] = ()
+    network: bool = True
+    stdin_open: bool = False
+    auto_remove: bool = False
+    created: float = field(default_factory=time.time)
+    labels: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VMConfig:
+        _check_version(d, "vm.json")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["command"] = tuple(d.get("command", ()))
+        d["env"] = tuple(d.get("env", ()))
+        d["ports"] = tuple(PortMap(**p) for p in d.get("ports", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class VMState:
+    status: Status = Status.CREATED
+    shim_pid: int = 0
+    shim_start: int = 0
+    qemu_pid: int = 0
+    qemu_start: int = 0
+    accel: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    exit_code: int | None = None
+    error: str = ""
+    boot_ms: float = 0.0
+    restarts: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VMState:
+        _check_version(d, "state.json")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["status"] = Status(d.get("status", "created"))
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> VMState:
+        return dataclasses.replace(self, **kw)
+
+
+def _check_version(d: dict[str, Any], what: str) -> None:
+    v = d.get("schema_version", 1)
+    if not isinstance(v, int) or v < 1 or v > SCHEMA_VERSION:
+        raise VMError(f"{what} has schema_version {v!r}; this torpor reads up to "
+                      f"{SCHEMA_VERSION}", step="read VM state")
+
+
+def load_config(vm_dir: Path) -> VMConfig:
+    return VMConfig.from_json(read_json(vm_dir / "vm.json"))
+
+
+def save_config(vm_dir: Path, cfg: VMConfig) -> None:
+    atomic_write_json(vm_dir / "vm.json", cfg.to_json(), mode=0o600)
+
+
+def load_state(vm_dir: Path) -> VMState:
+    try:
+        return VMState.from_json(read_json(vm_dir / "state.json"))
+    except FileNotFoundError:
+        return VMState()
+
+
+def save_state(vm_dir: Path, st: VMState) -> None:
+    atomic_write_json(vm_dir / "state.json", st.to_json(), mode=0o600)
+
+
+def proc_start_time(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot, or 0 if it is not running."""
+    if pid <= 0:
+        return 0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    # comm may contain spaces and parens: fields resume after the last ')'
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return 0
+    return int(fields[19])
+
+
+def alive(pid: int, start: int) -> bool:
+    return pid > 0 and start > 0 and proc_start_time(pid) == start
