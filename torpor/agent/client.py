@@ -10,7 +10,8 @@ Design and invariants:
   to that request's queue; frames for ids nobody waits for (a request that has
   finished or timed out) are logged and dropped.
 - Sends are serialised by a lock, so any number of threads may issue requests
-  and feed stdin at once; each request gets a fresh id, never 0, never one in use.
+  and feed stdin at once; each request gets a fresh id, never 0, never one in use
+  (ids start at a random value, see ``__init__``).
 - Every failure is an :class:`~torpor.errors.AgentError`: an ERROR reply raises
   :class:`AgentRequestError` (with ``errno``), a timeout names the request type,
   and losing the connection fails every waiting request.
@@ -23,6 +24,7 @@ import errno as _errno
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -202,7 +204,9 @@ class AgentClient:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards everything below
         self._calls: dict[int, _Call] = {}
-        self._next_id = 1
+        # EXECs started over an earlier connection may still run in the guest
+        # (their ids are busy there): a random start makes a clash unlikely.
+        self._next_id = random.randrange(1, 1 << 31)
         self._error: AgentError | None = None
         self._closing = False
         self._reader = threading.Thread(target=self._read_loop, name="torpor-agent", daemon=True)

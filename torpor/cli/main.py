@@ -56,7 +56,9 @@ def _fail(e: TorporError, code: int | None = None) -> NoReturn:
     sys.exit(code if code is not None else e.exit_code)
 
 
-def ago(t: float) -> str:
+def ago(t: Any) -> str:
+    if hasattr(t, "timestamp"):
+        t = t.timestamp()
     d = max(0.0, time.time() - t)
     for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if d >= n:
@@ -416,9 +418,11 @@ def _stream(handle: Any, stdin: bool) -> int:
 def _attach(mgr: Any, vm: Any, stdin: bool) -> int:
     try:
         client = mgr.client(vm)
-    except TorporError:
+    except TorporError as e:
         # the command may have finished before we could attach: report from the record
         vm = mgr.get(vm.id)
+        if vm.state.status.active or vm.state.exit_code is None:
+            _fail(e, 125)
         for _, stream, data in mgr.logs(vm.id):
             (sys.stdout if stream == "stdout" else sys.stderr).buffer.write(data)
         sys.stdout.flush()

@@ -130,6 +130,7 @@ static struct {
 	int init_mode;
 	int ctl;
 	int connected;
+	int seen_host; /* a host has sent us something since boot */
 	int64_t down_since_ms, retry_at_ms;
 	int sigfd;
 	unsigned char *in; /* control input: in[in_off .. in_off+in_len) */
@@ -372,10 +373,11 @@ static void host_gone(const char *why)
 		abort_uploads();
 		exit(0);
 	}
-	if (g.connected) {
+	if (g.connected && g.seen_host) {
 		logmsg("host disconnected (%s); processes keep running", why);
-		g.down_since_ms = now_ms();
 	}
+	if (g.connected)
+		g.down_since_ms = now_ms();
 	g.connected = 0;
 	g.retry_at_ms = now_ms();
 }
@@ -776,8 +778,6 @@ static void handle_exec(uint32_t id, struct rd *r)
 	char **envp = rd_strlist(r);
 	if (!rd_done(r) || !argv || !envp || !argv[0] || (flags & ~EXEC_FLAG_STDIN))
 		send_malformed(id, "EXEC", r);
-	else if (find_exec(id) || find_upload(id))
-		send_error(id, EBUSY, "request id %u is still in use", id);
 	else if (g.nexecs == MAX_EXECS)
 		send_error(id, EAGAIN, "too many running processes (%d)", MAX_EXECS);
 	else
@@ -1020,8 +1020,6 @@ static void handle_write_file(uint32_t id, struct rd *r)
 	struct upload *u = NULL;
 	if (!rd_done(r) || !path) {
 		send_malformed(id, "WRITE_FILE", r);
-	} else if (find_exec(id) || find_upload(id)) {
-		send_error(id, EBUSY, "request id %u is still in use", id);
 	} else if (g.nuploads == MAX_UPLOADS) {
 		send_error(id, EAGAIN, "too many files being written (%d)", MAX_UPLOADS);
 	} else if (!(tmp = sibling_tmp(path)) || !(u = malloc(sizeof *u))) {
@@ -1394,6 +1392,12 @@ static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, uint
 		send_error(0, EINVAL, "request id 0 is reserved");
 		return;
 	}
+	/* Replies to a new request must not mix with those of a running one,
+	 * e.g. an EXEC started by an earlier host connection. */
+	if (type != T_STDIN && type != T_SIGNAL && (find_exec(id) || find_upload(id))) {
+		send_error(id, EBUSY, "request id %u is still in use", id);
+		return;
+	}
 	switch (type) {
 	case T_HELLO: handle_hello(id, &r); break;
 	case T_EXEC: handle_exec(id, &r); break;
@@ -1436,12 +1440,14 @@ static void reset_input(void)
 	abort_uploads(); /* nobody will send their final STDIN */
 }
 
-/* A header is bad if its magic or its reserved flags byte is wrong. Checking
- * the flags too makes random bytes far less likely to pass for a header whose
- * huge length would then swallow the stream. */
+/* A header is bad if its magic or its reserved flags byte is wrong, or if it
+ * claims an oversized payload while we are resynchronising: random bytes that
+ * happen to contain the magic must not make us skip up to 4 GiB of the stream.
+ * Only a header that follows a good frame earns the EMSGSIZE discard. */
 static int header_bad(const unsigned char *p, size_t avail)
 {
-	return p[0] != MAGIC_LO || (avail > 1 && p[1] != MAGIC_HI) || (avail > 3 && p[3] != 0);
+	return p[0] != MAGIC_LO || (avail > 1 && p[1] != MAGIC_HI) || (avail > 3 && p[3] != 0) ||
+	       (g.resyncing && avail >= HDR_LEN && get_u32(p + 8) > MAX_PAYLOAD);
 }
 
 static void process_input(void)
@@ -1498,7 +1504,7 @@ static void read_ctl(void)
 	if (n > 0) {
 		if (!g.connected)
 			logmsg("host connected");
-		g.connected = 1;
+		g.connected = g.seen_host = 1;
 		g.in_len += (size_t)n;
 		process_input();
 		return;
@@ -1601,6 +1607,42 @@ static int mount_fs(const char *src, const char *target, const char *type, unsig
 	return 0;
 }
 
+static char cmdline[4096]; /* /proc/cmdline, read once at boot */
+
+static void read_cmdline(void)
+{
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
+	if (n < 0)
+		logmsg("read /proc/cmdline: %s", strerror(errno));
+	cmdline[n > 0 ? n : 0] = '\0';
+	if (fd >= 0)
+		close(fd);
+}
+
+/* Like modprobe, turn "virtio_mmio.device=X" on the kernel command line into
+ * the parameter "device=X" of virtio_mmio.ko: the kernel only applies such
+ * parameters itself to built-in code. */
+static void module_params(const char *file, char *out, size_t size)
+{
+	char mod[128];
+	const char *base = strrchr(file, '/');
+	snprintf(mod, sizeof mod, "%s", base ? base + 1 : file);
+	mod[strcspn(mod, ".")] = '\0';
+	for (char *c = mod; *c; c++)
+		if (*c == '-')
+			*c = '_';
+	size_t mlen = strlen(mod), n = 0;
+	out[0] = '\0';
+	for (const char *t = cmdline; *(t += strspn(t, " \t\n"));) {
+		size_t len = strcspn(t, " \t\n");
+		if (len > mlen + 1 && !strncmp(t, mod, mlen) && t[mlen] == '.' && n + len < size)
+			n += (size_t)snprintf(out + n, size - n, "%s%.*s", n ? " " : "",
+					      (int)(len - mlen - 1), t + mlen + 1);
+		t += len;
+	}
+}
+
 static void load_modules(void)
 {
 	FILE *f = fopen("/torpor/modules", "re");
@@ -1609,19 +1651,20 @@ static void load_modules(void)
 			logmsg("open /torpor/modules: %s", strerror(errno));
 		return;
 	}
-	char line[512], path[600];
+	char line[256], path[300], params[1024];
 	while (fgets(line, sizeof line, f)) {
 		char *name = line + strspn(line, " \t");
 		name[strcspn(name, " \t\r\n")] = '\0';
 		if (!*name || *name == '#')
 			continue;
 		snprintf(path, sizeof path, "/torpor/modules.d/%s", name);
+		module_params(name, params, sizeof params);
 		int fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (fd < 0) {
 			logmsg("module %s: %s", path, strerror(errno));
 			continue;
 		}
-		if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+		if (syscall(SYS_finit_module, fd, params, 0) < 0 && errno != EEXIST)
 			logmsg("finit_module %s: %s", path, strerror(errno));
 		close(fd);
 	}
@@ -1639,16 +1682,8 @@ static void parse_cmdline(struct boot_config *c)
 {
 	*c = (struct boot_config){ .root = "/dev/vda", .fstype = "ext4", .ip = "10.0.2.15/24",
 				   .gw = "10.0.2.2", .dns = "10.0.2.3" };
-	char buf[4096];
-	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-	ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
-	if (fd >= 0)
-		close(fd);
-	if (n < 0) {
-		logmsg("read /proc/cmdline: %s", strerror(errno));
-		return;
-	}
-	buf[n] = '\0';
+	char buf[sizeof cmdline];
+	memcpy(buf, cmdline, sizeof buf);
 	static const struct { const char *key; size_t off, size; } opts[] = {
 		{ "torpor.root=", offsetof(struct boot_config, root), sizeof c->root },
 		{ "torpor.rootfstype=", offsetof(struct boot_config, fstype), sizeof c->fstype },
@@ -1829,6 +1864,7 @@ static void init_system(void)
 		log_fd = con;
 	mount_fs("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	mount_fs("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	read_cmdline();
 	load_modules();
 	struct boot_config c;
 	parse_cmdline(&c);

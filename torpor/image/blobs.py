@@ -11,7 +11,7 @@ Invariants:
   temp file in the same directory while being hashed, verified (digest and,
   when known, size), fsynced and only then renamed into place.  A present
   blob is never rewritten.
-* Temp files are named ``.partial-<hex>-<random>`` and are ``flock``-ed by
+* Temp files are named ``.partial-<pid>-<random>`` and are ``flock``-ed by
   their writer; :meth:`BlobStore.clean_stale` removes those whose writer died.
 * Digests are validated (``sha256:`` + 64 lower-case hex) before they are
   turned into paths, so no digest can name a file outside the store.
@@ -31,6 +31,7 @@ import lzma
 import os
 import re
 import secrets
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,42 +66,6 @@ def sha256_digest(data: bytes) -> str:
 
 class Reader(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
-
-
-class HashingReader(io.RawIOBase):
-    """Wraps a reader; hashes and counts every byte that passes through."""
-
-    def __init__(self, raw: Reader, on_read: Callable[[int], None] | None = None):
-        super().__init__()
-        self._raw = raw
-        self._hash = hashlib.sha256()
-        self.count = 0
-        self._on_read = on_read
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._raw.read(n)
-        if data:
-            self._hash.update(data)
-            self.count += len(data)
-            if self._on_read:
-                self._on_read(self.count)
-        return data
-
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +237,24 @@ def open_decompressed(raw: Reader, *, what: str) -> tuple[BinaryIO, str | None]:
 # ---------------------------------------------------------------------------
 # the store
 
+STALE_AFTER = 60.0
+
+
+def owner_alive(pid_and_rest: str, mtime: float) -> bool:
+    """For a temp name ``<pid>-<random>`` whose flock is free: might its owner still be
+    about to take the lock?  Only if that pid lives and the entry is under a minute old
+    (an old entry with a live pid is a recycled pid)."""
+    pid_text = pid_and_rest.split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return time.time() - mtime < STALE_AFTER
+
 
 class BlobStore:
     """Content-addressed files under one directory (``Paths.blobs`` or a staging dir)."""
@@ -364,11 +347,12 @@ class BlobStore:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
-            else:
+                if owner_alive(name[len(PARTIAL_PREFIX) :], os.fstat(fd).st_mtime):
+                    continue  # created an instant ago, its flock not taken yet
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+            except BlockingIOError:
+                continue  # a live writer holds it
             finally:
                 os.close(fd)
 
@@ -381,7 +365,7 @@ class BlobWriter:
         self._what = what
         self._hash = hashlib.sha256()
         self.count = 0
-        self._tmp = store.root / f"{PARTIAL_PREFIX}{secrets.token_hex(8)}"
+        self._tmp = store.root / f"{PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self._fd: int | None = os.open(
             self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
         )

@@ -7,7 +7,7 @@ it with ``e2fsck -fn`` and make the file read-only.
 Invariants and decisions:
 
 * The file is sparse: its *virtual* size (default 8 GiB, configurable, grown
-  automatically when the content needs more) is what the guest sees; only
+  in 256 MiB steps when the content needs more) is what the guest sees; only
   the blocks mkfs writes take host space.  VMs never write this file: each VM
   gets a copy-on-write overlay (qcow2 with this file as backing), and the
   guest's free space in this filesystem is where its writes go.
@@ -105,13 +105,16 @@ def scan_tree(root: Path) -> TreeStats:
 
 
 def plan_size(stats: TreeStats, requested: int) -> int:
-    """Virtual size: ``requested`` unless the content needs more (then rounded up to 1 GiB)."""
-    # Data, one block of slack per entry (small files, directories), inode
-    # tables, journal and group metadata, and a margin the guest can write into.
-    needed = int(stats.allocated_bytes * 1.1) + stats.entries * BLOCK_SIZE + 512 * MiB
+    """Virtual size: ``requested``, or more (in 256 MiB steps) if the content needs it."""
+    # Data plus 15%, a block per entry (small files, directories), inode tables
+    # and a floor for the journal and group metadata, so that mkfs succeeds and
+    # the guest is left some room to write.
+    needed = int(stats.allocated_bytes * 1.15) + stats.entries * BLOCK_SIZE + 128 * MiB
     needed += (needed // INODE_RATIO) * 256
-    size = max(requested, needed)
-    return -(-size // GiB) * GiB if size > requested else size
+    if needed <= requested:
+        return requested
+    step = 256 * MiB
+    return -(-needed // step) * step
 
 
 def build_ext4(

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -65,7 +65,6 @@ MAX_SYMLINK_HOPS = 40
 NAME_MAX = 255
 _COPY_CHUNK = 128 << 10
 _WINDOW = 64 << 10
-_IGNORED_XATTR_ERRNOS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
 
 Parts = tuple[str, ...]
 
@@ -79,7 +78,7 @@ class LayerResult:
     compression: str | None
 
 
-class _TarInput:
+class TarInput:
     """The uncompressed stream as tarfile reads it: hashed, counted, last 64 KiB kept.
 
     The kept window lets us check what tarfile stopped on: Python's tarfile ends
@@ -87,8 +86,6 @@ class _TarInput:
     """
 
     def __init__(self, raw: Reader):
-        import hashlib
-
         self._raw = raw
         self._hash = hashlib.sha256()
         self.count = 0
@@ -135,6 +132,46 @@ def _clean(name: str) -> Parts | None:
     return tuple(out)
 
 
+def iter_tar(
+    src: TarInput, *, what: str, error: type[ImageError], require_end_marker: bool
+) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Stream the members of a tar; after the last, check the archive really ended.
+
+    An empty stream has no members.  A corrupt header, a truncated header or
+    data, or (if ``require_end_marker``) a missing end-of-archive block raises
+    ``error`` naming ``what``.  Member data must be read before the next member.
+    """
+    try:
+        tf = tarfile.open(  # noqa: SIM115 - closed by the with block below
+            fileobj=src,  # type: ignore[arg-type]
+            mode="r|",
+            errors="surrogateescape",
+        )
+    except tarfile.TarError as e:
+        if src.count == 0:
+            return
+        raise error(f"{what}: not a tar archive ({e})") from e
+    with tf:
+        while True:
+            try:
+                member = tf.next()
+            except tarfile.TarError as e:
+                raise error(f"{what}: corrupt or truncated tar ({e})") from e
+            if member is None:
+                break
+            yield tf, member
+            tf.members.clear()  # stream mode would otherwise keep every header in memory
+        end = tf.offset
+    block = src.block_at(end)
+    if block is None:
+        if src.count > end or require_end_marker:
+            raise error(
+                f"{what}: tar archive is truncated (no end-of-archive marker at byte {end})"
+            )
+    elif block.count(0) != tarfile.BLOCKSIZE:
+        raise error(f"{what}: corrupt tar header at byte {end}")
+
+
 def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key, value in member.pax_headers.items():
@@ -163,8 +200,17 @@ class RootfsBuilder:
         self.privileged = os.geteuid() == 0
         self._warn_fn = warn or log.warning
         self._warned: set[str] = set()
+        # The last resolved parent directory: consecutive entries usually share it.
+        self._cached: tuple[Parts, int, Parts] | None = None
+
+    def invalidate(self) -> None:
+        """Forget resolved directories; called before anything is removed or replaced."""
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
 
     def close(self) -> None:
+        self.invalidate()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -199,7 +245,7 @@ class RootfsBuilder:
             require_end_marker = expected_diff_id is None
         try:
             plain, compression = open_decompressed(stream, what=f"layer {name}")
-            src = _TarInput(plain)
+            src = TarInput(plain)
             applier = _LayerApplier(self, name)
             entries = applier.run(src, require_end_marker=require_end_marker)
             src.drain()
@@ -210,15 +256,15 @@ class RootfsBuilder:
         if expected_diff_id is not None and src.digest != expected_diff_id:
             raise DigestMismatchError(
                 f"layer {name}: uncompressed content hashes to {src.digest}, "
-                f"the image config says {expected_diff_id}"
+                f"the image config says its diff_id is {expected_diff_id}"
             )
         return LayerResult(diff_id=src.digest, entries=entries, compression=compression)
 
     # -- path resolution ---------------------------------------------------
 
-    def open_dir(self, parts: Parts, *, create: bool, fail: Callable[[str], LayerError]) -> tuple[
-        int, Parts
-    ]:
+    def open_dir(
+        self, parts: Parts, *, create: bool, fail: Callable[[str], LayerError]
+    ) -> tuple[int, Parts]:
         """Open the directory ``parts`` below the root; return (fd, real parts).
 
         Symlinks on the way are resolved lexically inside the root (relative
@@ -275,12 +321,21 @@ class RootfsBuilder:
             raise
 
     @contextlib.contextmanager
-    def dir_fd(self, parts: Parts, *, create: bool, fail: Callable[[str], LayerError]) -> Iterator[
-        tuple[int, Parts]
-    ]:
-        fd, real = self.open_dir(parts, create=create, fail=fail)
+    def dir_fd(
+        self, parts: Parts, *, create: bool, fail: Callable[[str], LayerError]
+    ) -> Iterator[tuple[int, Parts]]:
+        """:meth:`open_dir` as a context manager, remembering the last directory.
+
+        A cached fd stays valid while nothing is removed (see :meth:`invalidate`):
+        the path can then only resolve to the same directory.
+        """
+        if self._cached is None or self._cached[0] != parts:
+            fd, real = self.open_dir(parts, create=create, fail=fail)
+            self.invalidate()
+            self._cached = (parts, fd, real)
+        fd = os.dup(self._cached[1])
         try:
-            yield fd, real
+            yield fd, self._cached[2]
         finally:
             os.close(fd)
 
@@ -298,44 +353,20 @@ class _LayerApplier:
     def fail(self, why: str) -> LayerError:
         return LayerError(f"layer {self.name}: entry {self.entry!r}: {why}")
 
-    def run(self, src: _TarInput, *, require_end_marker: bool) -> int:
+    def run(self, src: TarInput, *, require_end_marker: bool) -> int:
         count = 0
-        first = src.read(tarfile.BLOCKSIZE)
-        if not first:
-            return 0  # an empty stream is an empty layer
-        src_with_first = _Prepend(first, src)
-        try:
-            tf = tarfile.open(fileobj=src_with_first, mode="r|", errors="surrogateescape")  # type: ignore[call-overload]
-        except tarfile.TarError as e:
-            raise LayerError(f"layer {self.name}: not a tar archive: {e}") from e
-        with tf:
-            while True:
-                try:
-                    member = tf.next()
-                except tarfile.TarError as e:
-                    raise LayerError(f"layer {self.name}: corrupt tar: {e}") from e
-                if member is None:
-                    break
-                self.entry = member.name
-                try:
-                    self.apply_member(tf, member)
-                except tarfile.TarError as e:
-                    raise self.fail(f"corrupt tar data: {e}") from e
-                except OSError as e:
-                    raise self.fail(f"{e.strerror or e}") from e
-                tf.members.clear()  # stream mode would otherwise keep every header in memory
-                count += 1
-            end = tf.offset
+        for tf, member in iter_tar(
+            src, what=f"layer {self.name}", error=LayerError, require_end_marker=require_end_marker
+        ):
+            self.entry = member.name
+            try:
+                self.apply_member(tf, member)
+            except tarfile.TarError as e:
+                raise self.fail(f"corrupt tar data: {e}") from e
+            except OSError as e:
+                raise self.fail(f"{e.strerror or e}") from e
+            count += 1
         self.entry = ""
-        block = src.block_at(end)
-        if block is None:
-            if src.count > end or require_end_marker:
-                raise LayerError(
-                    f"layer {self.name}: tar archive is truncated "
-                    f"(no end-of-archive marker at byte {end})"
-                )
-        elif block.count(0) != tarfile.BLOCKSIZE:
-            raise LayerError(f"layer {self.name}: corrupt tar header at byte {end}")
         self.finish_dirs()
         return count
 
@@ -369,7 +400,7 @@ class _LayerApplier:
             self.dir_times.pop(path, None)
             existing = _lstat(base, pfd)
             if existing is not None and not (m.isdir() and stat.S_ISDIR(existing.st_mode)):
-                _remove(base, pfd, existing)
+                self.remove(base, pfd, existing)
             if m.isreg():
                 self.regular(tf, m, pfd, base)
             elif m.isdir():
@@ -446,7 +477,7 @@ class _LayerApplier:
                 if existing is not None:
                     if (existing.st_dev, existing.st_ino) == (tst.st_dev, tst.st_ino):
                         return
-                    _remove(base, pfd, existing)
+                    self.remove(base, pfd, existing)
                 self.dir_times.pop(path, None)
                 # linkat() without AT_SYMLINK_FOLLOW: a symlink target is linked, not followed.
                 os.link(target[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -469,7 +500,7 @@ class _LayerApplier:
                     return  # whiteouts hide lower layers only
                 st = _lstat(victim, pfd)
                 if st is not None:
-                    _remove(victim, pfd, st)
+                    self.remove(victim, pfd, st)
                     self.forget_below((*preal, victim))
         except FileNotFoundError:
             return  # nothing below to hide
@@ -482,7 +513,7 @@ class _LayerApplier:
             if st is None:
                 continue
             if cpath not in self.written:
-                _remove(child, dfd, st)
+                self.remove(child, dfd, st)
                 self.forget_below(cpath)
             elif stat.S_ISDIR(st.st_mode):
                 fd = os.open(
@@ -492,6 +523,10 @@ class _LayerApplier:
                     self.clear_lower(fd, cpath)
                 finally:
                     os.close(fd)
+
+    def remove(self, name: str, dir_fd: int, st: os.stat_result) -> None:
+        self.b.invalidate()
+        _remove(name, dir_fd, st)
 
     def forget_below(self, path: Parts) -> None:
         n = len(path)
@@ -520,16 +555,17 @@ class _LayerApplier:
                 else:
                     # No dir_fd for *xattr: go through /proc/self/fd of the parent, never
                     # following the final component.
-                    os.setxattr(f"/proc/self/fd/{dir_fd}/{target}", key, value,
-                                follow_symlinks=False)
-            except OSError as e:
-                if e.errno in _IGNORED_XATTR_ERRNOS:
-                    self.b.warn_once(
-                        f"xattr:{key}",
-                        f"layer {self.name}: cannot set xattr {key} ({e.strerror}); skipped",
+                    os.setxattr(
+                        f"/proc/self/fd/{dir_fd}/{target}", key, value, follow_symlinks=False
                     )
-                    continue
-                raise
+            except OSError as e:
+                # As Docker does: an xattr the host filesystem or our privileges refuse
+                # (EPERM, ENOTSUP, EINVAL for a foreign ACL, ENOSPC...) is a warning.
+                self.b.warn_once(
+                    f"xattr:{key}:{e.errno}",
+                    f"layer {self.name}: cannot set xattr {key} on {self.entry!r} "
+                    f"({e.strerror}); skipped",
+                )
 
     def set_dir_meta(self, fd: int, m: tarfile.TarInfo, path: Parts) -> None:
         self.chown(fd, m)
@@ -562,25 +598,8 @@ class _LayerApplier:
         self.dir_times.clear()
 
 
-class _Prepend:
-    def __init__(self, head: bytes, rest: _TarInput):
-        self._head = head
-        self._rest = rest
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n is None or n < 0:
-                data, self._head = self._head + self._rest.read(), b""
-                return data
-            data, self._head = self._head[:n], self._head[n:]
-            if len(data) < n:
-                data += self._rest.read(n - len(data))
-            return data
-        return self._rest.read(n)
-
-
 def _ns(mtime: float) -> int:
-    return int(round(float(mtime) * 1_000_000_000))
+    return round(float(mtime) * 1_000_000_000)
 
 
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:

@@ -215,6 +215,48 @@ def diff_ids(config: Mapping[str, Any], *, what: str) -> tuple[str, ...]:
     return tuple(ids)
 
 
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image whose config and layer blobs are all in a blob store, digests verified.
+
+    ``diff_ids`` come from the config and are checked again while unpacking.
+    ``manifest_digest`` is what the source named (an index's digest if the
+    reference pointed at one); ``None`` for sources without a manifest.
+    """
+
+    config_digest: str
+    config: Mapping[str, Any] = field(hash=False)
+    layer_digests: tuple[str, ...]
+    diff_ids: tuple[str, ...]
+    manifest_digest: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        config_digest: str,
+        config: Mapping[str, Any],
+        layer_digests: tuple[str, ...],
+        manifest_digest: str | None,
+        what: str,
+    ) -> ResolvedImage:
+        """Check the config against the layers and the platform torpor runs."""
+        check_config_platform(config, what=what)
+        ids = diff_ids(config, what=what)
+        if len(ids) != len(layer_digests):
+            raise ImageError(
+                f"{what}: the manifest lists {len(layer_digests)} layers "
+                f"but the image config has {len(ids)} diff_ids"
+            )
+        return cls(
+            config_digest=config_digest,
+            config=config,
+            layer_digests=layer_digests,
+            diff_ids=ids,
+            manifest_digest=manifest_digest,
+        )
+
+
 def parse_config_blob(data: bytes, *, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)

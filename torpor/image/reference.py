@@ -34,9 +34,7 @@ OFFICIAL_PREFIX = "library/"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _COMPONENT_RE = re.compile(_COMPONENT)
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN_RE = re.compile(
-    rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
-)
+_DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?")
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _ANY_DIGEST_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
@@ -132,9 +130,7 @@ def parse_reference(text: str) -> Reference:
         raise bad(f"repository name longer than {NAME_TOTAL_MAX} characters")
 
     first, sep, rest = remainder.partition("/")
-    if sep and (
-        any(c in first for c in ".:") or first == "localhost" or first.lower() != first
-    ):
+    if sep and (any(c in first for c in ".:") or first == "localhost" or first.lower() != first):
         registry, path = first, rest
         if not _DOMAIN_RE.fullmatch(registry):
             raise bad(f"malformed registry {registry!r}")

@@ -72,7 +72,7 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
     append += spec.extra_append
     argv = [
         qemu or qemu_binary(),
-        "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,memory-backend=mem",
+        "-M", "microvm,acpi=on,rtc=on,memory-backend=mem",
         "-accel", "kvm" if spec.accel == "kvm" else "tcg",
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-m", mem, "-smp", str(spec.cpus),

@@ -331,7 +331,15 @@ class Shim:
             if time.monotonic() > deadline:
                 raise VMError("QEMU did not create its control socket", step="start QEMU")
             await asyncio.sleep(0.005)
-        reader, self.guest_w = await asyncio.open_unix_connection(self.files.ctl_sock.name)
+        while True:  # the socket file appears between QEMU's bind() and listen()
+            try:
+                reader, self.guest_w = await asyncio.open_unix_connection(
+                    self.files.ctl_sock.name)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or self.qemu_exited.is_set():
+                    raise
+                await asyncio.sleep(0.005)
         asyncio.get_running_loop().create_task(self.guest_reader(reader))
         hello = asyncio.get_running_loop().create_task(
             self.request(T.HELLO, timeout=max(1.0, deadline - time.monotonic())))
@@ -354,7 +362,6 @@ class Shim:
             await self.request(T.ADD_ENTROPY, os.urandom(64))
         self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
         self.start_main()
-        self.report_ready(True, accel=accel, boot_ms=round(boot_ms, 1))
 
     def start_main(self) -> None:
         self.main_log = open(self.files.main_log, "a", encoding="utf-8")  # noqa: SIM115
@@ -429,6 +436,7 @@ class Shim:
             self.files.agent_sock.unlink()
         server = await asyncio.start_unix_server(self.serve_client, self.files.agent_sock.name)
         os.chmod(self.files.agent_sock, 0o600)
+        self.report_ready(True, accel=self.state.accel, boot_ms=self.state.boot_ms)
         await self.qemu_exited.wait()
         server.close()
         assert self.proc is not None
