@@ -162,7 +162,9 @@ def test_path_lookup_uses_request_env(agent, tmp_path):
 
 
 def test_cwd_and_env_are_honoured(agent, tmp_path):
-    r = agent.client.exec(["sh", "-c", "pwd; echo $FOO"], env=[PATH_ENV, "FOO=bar"], cwd=str(tmp_path))
+    r = agent.client.exec(
+        ["sh", "-c", "pwd; echo $FOO"], env=[PATH_ENV, "FOO=bar"], cwd=str(tmp_path)
+    )
     assert r.stdout == f"{tmp_path}\nbar\n".encode()
 
 
@@ -518,6 +520,14 @@ def test_nonzero_flags_count_as_a_bad_header(raw_agent):
     assert errors(assert_alive(raw_agent)) == [(0, errno.EPROTO)]
 
 
+def test_oversized_length_while_resyncing_is_garbage(raw_agent):
+    huge = HEADER.pack(0x7054, T.HELLO, 0, 5, 0xFFFFFF00)  # found right after garbage
+    raw_agent.send(b"junk" + huge + fixture("hello_id1.bin"))
+    got = raw_agent.read_until(is_hello_ok)
+    assert errors(got) == [(0, errno.EPROTO)]
+    assert got[-1].id == 1
+
+
 def test_random_garbage(raw_agent):
     garbage = random.Random(1234).randbytes(64 * 1024)
     raw_agent.send(garbage)
@@ -544,8 +554,10 @@ def test_oversized_frame_is_discarded(raw_agent):
         (frame(T.ATTACH, 13), (13, errno.ENOSYS)),  # shim-only
         (frame(T.EXEC, 14, ExecRequest(("true",)).encode()[:-3]), (14, errno.EINVAL)),
         (frame(T.EXEC, 15, ExecRequest(("true",)).encode() + b"\0"), (15, errno.EINVAL)),
-        (frame(T.EXEC, 16, bytes(12) + struct.pack("<II", 1, 3) + b"a\0b" + bytes(4)),
-         (16, errno.EINVAL)),
+        (
+            frame(T.EXEC, 16, bytes(12) + struct.pack("<II", 1, 3) + b"a\0b" + bytes(4)),
+            (16, errno.EINVAL),
+        ),
         (frame(T.EXEC, 17, bytes(12) + struct.pack("<II", 0, 0)), (17, errno.EINVAL)),
         (frame(T.HELLO, 18, b"x"), (18, errno.EINVAL)),
         (frame(T.STAT, 19, struct.pack("<I", 100) + b"/etc"), (19, errno.EINVAL)),
@@ -579,6 +591,8 @@ def test_busy_id_is_refused(raw_agent):
     raw_agent.send(frame(T.EXEC, 40, ExecRequest(("sleep", "100")).encode()))
     raw_agent.read_until(lambda f: f.type == T.STARTED)
     raw_agent.send(frame(T.EXEC, 40, ExecRequest(("true",)).encode()))
+    assert errors(raw_agent.read_until(lambda f: f.type == T.ERROR)) == [(40, errno.EBUSY)]
+    raw_agent.send(frame(T.HELLO, 40))  # any new request, not just EXEC
     assert errors(raw_agent.read_until(lambda f: f.type == T.ERROR)) == [(40, errno.EBUSY)]
     raw_agent.send(frame(T.SIGNAL, 40, struct.pack("<I", 9)))
     raw_agent.read_until(lambda f: f.type == T.EXIT)

@@ -159,7 +159,9 @@ class ExecHandle:
         """Send bytes to the process's stdin (EXEC with ``stdin=True``, or ATTACH)."""
         view = memoryview(data)
         for start in range(0, len(view), STDIN_CHUNK):
-            self._call.client._send(Frame(T.STDIN, self.id, bytes(view[start : start + STDIN_CHUNK])))
+            self._call.client._send(
+                Frame(T.STDIN, self.id, bytes(view[start : start + STDIN_CHUNK]))
+            )
 
     def close_stdin(self) -> None:
         if not self._stdin_closed:
@@ -198,6 +200,14 @@ class ExecHandle:
 
 
 class AgentClient:
+    """A connection to the guest agent (or to a shim speaking for it).
+
+    Every method raises :class:`AgentRequestError` when the agent answers ERROR
+    (``.errno`` says why; callers map ENOENT to NotFoundError), and
+    :class:`~torpor.errors.AgentError` on a timeout, a lost connection or a
+    reply that breaks the protocol.
+    """
+
     def __init__(self, sock: socket.socket):
         sock.settimeout(None)
         self._sock = sock

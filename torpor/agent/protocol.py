@@ -30,7 +30,6 @@ MAGIC = 0x7054
 HEADER = struct.Struct("<HBBII")
 MAX_PAYLOAD = 1 << 20
 PROTOCOL_VERSION = 1
-MAX_ID = 0xFFFFFFFF
 #: WRITE_FILE uid/gid value meaning "the agent's own".
 UNCHANGED = 0xFFFFFFFF
 #: EXEC flag bit 0: stdin is piped (otherwise the process gets /dev/null).
@@ -85,8 +84,7 @@ class Frame:
     def encode(self) -> bytes:
         if len(self.payload) > MAX_PAYLOAD:
             raise ProtocolError(
-                f"{type_name(self.type)} payload of {len(self.payload)} bytes exceeds "
-                f"{MAX_PAYLOAD}"
+                f"{type_name(self.type)} payload of {len(self.payload)} bytes exceeds {MAX_PAYLOAD}"
             )
         try:
             return HEADER.pack(MAGIC, self.type, 0, self.id, len(self.payload)) + self.payload

@@ -7,7 +7,8 @@
  *   disk and switches into it, configures the network, and then serves the host
  *   on the virtio-serial port named "torpor.ctl". Started as any other PID
  *   (`torpor-agent --fd N`) it skips all of that and serves an inherited
- *   descriptor as the current user; that is how the test-suite drives it.
+ *   descriptor as the current user (as a child subreaper, so orphans come to
+ *   it as they would to PID 1); that is how the test-suite drives it.
  *   docs/protocol.md defines the wire format; this file implements it.
  *
  * Design
@@ -27,6 +28,8 @@
  *   - No frame is dropped while the host is connected. While it is not, output
  *     is discarded and children keep running (init mode only; in host mode the
  *     agent exits on EOF, leaving its children alone).
+ *   - A reply never shares an id with another live request: a new request
+ *     whose id belongs to a running EXEC or WRITE_FILE is refused (EBUSY).
  *   - A child's stdin is never written blocking: bytes the pipe cannot take are
  *     buffered. Beyond STDIN_HIGH_WATER buffered bytes in total the agent stops
  *     reading the control port until children catch up, so memory stays bounded.
@@ -373,11 +376,11 @@ static void host_gone(const char *why)
 		abort_uploads();
 		exit(0);
 	}
-	if (g.connected && g.seen_host) {
-		logmsg("host disconnected (%s); processes keep running", why);
-	}
-	if (g.connected)
+	if (g.connected) {
+		if (g.seen_host)
+			logmsg("host disconnected (%s); processes keep running", why);
 		g.down_since_ms = now_ms();
+	}
 	g.connected = 0;
 	g.retry_at_ms = now_ms();
 }
@@ -398,23 +401,20 @@ static int wait_ctl_writable(void)
 	}
 }
 
-static void send_frame(uint8_t type, uint32_t id, const void *a, size_t alen, const void *b,
-		       size_t blen)
+/* Writes one whole frame, waiting while the port is full; drops it if no host. */
+static void send_frame(uint8_t type, uint32_t id, const void *payload, size_t len)
 {
 	if (!g.connected)
 		return;
-	uint32_t len = (uint32_t)(alen + blen);
 	unsigned char hdr[HDR_LEN] = { MAGIC_LO, MAGIC_HI, type, 0 };
 	for (int i = 0; i < 4; i++) {
 		hdr[4 + i] = (unsigned char)(id >> (8 * i));
 		hdr[8 + i] = (unsigned char)(len >> (8 * i));
 	}
-	struct iovec iov[3] = {
-		{ hdr, HDR_LEN }, { (void *)a, alen }, { (void *)b, blen },
-	};
+	struct iovec iov[2] = { { hdr, HDR_LEN }, { (void *)payload, len } };
 	struct iovec *v = iov;
-	int cnt = 3;
-	size_t left = HDR_LEN + alen + blen;
+	int cnt = 2;
+	size_t left = HDR_LEN + len;
 	while (left > 0) {
 		ssize_t n = writev(g.ctl, v, cnt);
 		if (n < 0) {
@@ -440,12 +440,12 @@ static void send_frame(uint8_t type, uint32_t id, const void *a, size_t alen, co
 
 static void send_wbuf(uint8_t type, uint32_t id, const struct wbuf *w)
 {
-	send_frame(type, id, w->d, w->len, NULL, 0);
+	send_frame(type, id, w->d, w->len);
 }
 
 static void send_ok(uint32_t id)
 {
-	send_frame(T_OK, id, NULL, 0, NULL, 0);
+	send_frame(T_OK, id, NULL, 0);
 }
 
 static void send_error(uint32_t id, int err, const char *fmt, ...)
@@ -802,7 +802,7 @@ static void forward_pipe(struct exec_proc *e, int *fd, uint8_t type, size_t limi
 			close_fd(fd);
 			return;
 		}
-		send_frame(type, e->id, chunk, (size_t)n, NULL, 0);
+		send_frame(type, e->id, chunk, (size_t)n);
 		want -= (size_t)n;
 		if (!limit)
 			return; /* one chunk per wake-up keeps the loop fair */
@@ -905,7 +905,7 @@ static void finish_exec(struct exec_proc *e, int status)
 	char rec[STATUS_MAX];
 	ssize_t n = read(e->status_fd, rec, sizeof rec);
 	if (n > 1)
-		send_frame(T_STDERR, e->id, rec + 1, (size_t)n - 1, NULL, 0);
+		send_frame(T_STDERR, e->id, rec + 1, (size_t)n - 1);
 	close_fd(&e->out_fd);
 	close_fd(&e->err_fd);
 	close_fd(&e->status_fd);
@@ -1139,7 +1139,7 @@ static void handle_read_file(uint32_t id, struct rd *r)
 				send_ok(id);
 				break;
 			}
-			send_frame(T_DATA, id, chunk, (size_t)n, NULL, 0);
+			send_frame(T_DATA, id, chunk, (size_t)n);
 			if (!g.connected)
 				break;
 		}
@@ -1510,6 +1510,8 @@ static void read_ctl(void)
 		return;
 	}
 	if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+		if (!g.connected && g.seen_host)
+			logmsg("host connected");
 		g.connected = 1; /* a port with no host reads as EOF, not EAGAIN */
 		return;
 	}

@@ -48,6 +48,7 @@ from torpor.vmm.state import (
     alive,
     load_config,
     load_state,
+    proc_start_time,
     save_config,
     save_state,
 )
@@ -200,11 +201,25 @@ class VMManager:
         out.sort(key=lambda v: v.config.created, reverse=True)
         return out
 
-    def _reap_partial(self, d: Path) -> None:
-        """Remove a VM folder left by an interrupted create (no vm.json) if old enough."""
-        with contextlib.suppress(OSError):
-            if time.time() - d.stat().st_mtime > 60:
-                shutil.rmtree(d, ignore_errors=True)
+    def _reap_partial(self, d: Path) -> bool:
+        """Remove a VM folder left by an interrupted create (no vm.json, creator dead).
+
+        Returns True if it was removed (or already gone).
+        """
+        if (d / "vm.json").exists():
+            return False
+        try:
+            pid, start = (int(x) for x in (d / ".creating").read_text().split())
+        except (OSError, ValueError):
+            pid = start = 0
+        if alive(pid, start):
+            return False
+        for link in self.paths.names.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(link) == f"../{d.name}":
+                    link.unlink()
+        shutil.rmtree(d, ignore_errors=True)
+        return True
 
     def get(self, ref: str) -> VM:
         if not ref:
@@ -250,14 +265,19 @@ class VMManager:
         name = req.name or self._new_name()
         vm_dir = self.paths.vm(vm_id)
         vm_dir.mkdir(mode=0o700)
+        me = os.getpid()
+        (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
         try:
             link = self.paths.names / name
             try:
                 os.symlink(f"../{vm_id}", link)
             except FileExistsError:
-                other = self.get(name)
-                raise ConflictError(f"the name {name!r} is already in use by VM "
-                                    f"{other.id[:12]}; remove it or pick another name") from None
+                target = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
+                if not self._reap_partial(target):
+                    raise ConflictError(f"the name {name!r} is already in use by VM "
+                                        f"{target.name[:12]}; remove it or pick another name"
+                                        ) from None
+                os.symlink(f"../{vm_id}", link)
             cfg = VMConfig(
                 id=vm_id, name=name, image_id=image.id,
                 image_ref=req.image, command=tuple(command), env=tuple(env),
@@ -271,6 +291,7 @@ class VMManager:
             boot.ensure_qcow2_overlay(image.disk_path, files.disk)
             save_state(vm_dir, VMState())
             save_config(vm_dir, cfg)  # last: its presence marks the VM as complete
+            (vm_dir / ".creating").unlink()
         except BaseException:
             with contextlib.suppress(OSError):
                 if os.readlink(self.paths.names / name) == f"../{vm_id}":
