@@ -8,6 +8,7 @@ of its VMs' console and shim logs is attached to the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,8 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _default_kernels() -> Path | None:
-    for home in (os.environ.get("TORPOR_HOME"), "/var/lib/torpor",
-                 str(Path.home() / ".local/share/torpor")):
+    for home in (
+        os.environ.get("TORPOR_HOME"),
+        "/var/lib/torpor",
+        str(Path.home() / ".local/share/torpor"),
+    ):
         if home and (Path(home) / "guest" / "kernels").is_dir():
             return Path(home) / "guest" / "kernels"
     return None
@@ -71,7 +75,7 @@ class VMs:
         self.mgr = VMManager(paths)
         self.ids: list[str] = []
 
-    def run(self, image: str, *command: str, **kw: object):  # noqa: ANN201
+    def run(self, image: str, *command: str, **kw: object):
         from torpor.vmm.manager import RunRequest
 
         kw.setdefault("memory_mib", 256)
@@ -95,10 +99,8 @@ class VMs:
         from torpor.errors import TorporError
 
         for vm_id in self.ids:
-            try:
+            with contextlib.suppress(TorporError):
                 self.mgr.remove(vm_id, force=True)
-            except TorporError:
-                pass
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -127,17 +129,23 @@ def shared_vms(paths: Paths) -> Iterator[VMs]:
 
 
 @pytest.fixture(scope="session")
-def box(shared_vms: VMs, tools_image: str):  # noqa: ANN201
+def box(shared_vms: VMs, tools_image: str):
     """One long-running VM shared by the tests that only exec in it."""
     return shared_vms.run(tools_image, "sleep", "infinity", name="shared-box")
 
 
-def torpor_cli(*args: str, input: bytes | None = None, timeout: float = 180,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def torpor_cli(
+    *args: str, input: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``torpor`` CLI in a subprocess."""
     e = dict(os.environ)
     e.update(env or {})
     e.pop("TORPOR_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], input=input,
-                          capture_output=True, timeout=timeout, env=e,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "torpor.cli.main", *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=e,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )

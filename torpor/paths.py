@@ -79,7 +79,15 @@ class Paths:
         return self.vms / vm_id
 
     def ensure(self) -> Paths:
-        for p in (self.blobs, self.images, self.vms, self.names, self.guest, self.cache,
-                  self.tmp, self.locks):
+        for p in (
+            self.blobs,
+            self.images,
+            self.vms,
+            self.names,
+            self.guest,
+            self.cache,
+            self.tmp,
+            self.locks,
+        ):
             p.mkdir(parents=True, exist_ok=True)
         return self

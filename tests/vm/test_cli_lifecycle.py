@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import torpor_cli
+from torpor.vmm.state import alive
 
 pytestmark = pytest.mark.vm
 
@@ -30,8 +31,16 @@ def _names() -> set[str]:
 
 
 def test_run_rm_streams_and_exits_with_code(tools_image: str) -> None:
-    r = torpor_cli("run", "--rm", "--name", "rm-test", tools_image,
-                   "sh", "-c", "echo out; echo err >&2; uname -s; exit 3")
+    r = torpor_cli(
+        "run",
+        "--rm",
+        "--name",
+        "rm-test",
+        tools_image,
+        "sh",
+        "-c",
+        "echo out; echo err >&2; uname -s; exit 3",
+    )
     assert r.returncode == 3, r.stderr
     assert r.stdout == b"out\nLinux\n"
     assert b"err\n" in r.stderr
@@ -45,15 +54,28 @@ def test_run_missing_command_is_127(tools_image: str) -> None:
 
 
 def test_run_stdin(tools_image: str) -> None:
-    r = torpor_cli("run", "--rm", "-i", tools_image, "sh", "-c", "wc -c; cat >/dev/null",
-                   input=b"x" * 100_000)
+    r = torpor_cli(
+        "run", "--rm", "-i", tools_image, "sh", "-c", "wc -c; cat >/dev/null", input=b"x" * 100_000
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == b"100000"
 
 
 def test_detached_lifecycle(tools_image: str, tmp_path: Path) -> None:
-    r = torpor_cli("run", "-d", "--name", "box", "-m", "256M", "-e", "K=V", tools_image,
-                   "sh", "-c", "echo started; exec sleep 1000")
+    r = torpor_cli(
+        "run",
+        "-d",
+        "--name",
+        "box",
+        "-m",
+        "256M",
+        "-e",
+        "K=V",
+        tools_image,
+        "sh",
+        "-c",
+        "echo started; exec sleep 1000",
+    )
     assert r.returncode == 0, r.stderr
     vm_id = r.stdout.decode().strip()
     assert len(vm_id) == 64
@@ -75,8 +97,9 @@ def test_detached_lifecycle(tools_image: str, tmp_path: Path) -> None:
         local = tmp_path / "local.txt"
         local.write_bytes(b"hello from the host\n")
         assert torpor_cli("cp", str(local), "box:/root/").returncode == 0
-        assert torpor_cli("exec", "box", "cat", "/root/local.txt").stdout == \
-            b"hello from the host\n"
+        assert (
+            torpor_cli("exec", "box", "cat", "/root/local.txt").stdout == b"hello from the host\n"
+        )
         out = tmp_path / "f"
         r = torpor_cli("cp", "box:/root/f", str(out))
         assert r.returncode == 0, r.stderr
@@ -117,23 +140,28 @@ def test_detached_lifecycle(tools_image: str, tmp_path: Path) -> None:
         torpor_cli("rm", "-f", "box")
 
 
-def test_name_conflict(vms, tools_image: str) -> None:  # noqa: ANN001
+def test_name_conflict(vms, tools_image: str) -> None:
     vms.run(tools_image, "sleep", "1000", name="taken")
     r = torpor_cli("run", "-d", "--name", "taken", tools_image, "true")
     assert r.returncode == 125
     assert b"already in use" in r.stderr
 
 
-def test_port_forward(vms, tools_image: str) -> None:  # noqa: ANN001
+def test_port_forward(vms, tools_image: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     from torpor.vmm.manager import parse_port
 
-    vm = vms.run(tools_image, "sh", "-c",
-                 "mkdir -p /srv/www && echo served > /srv/www/index.html && "
-                 "exec httpd -f -p 8080 -h /srv/www",
-                 network=True, ports=(parse_port(f"{port}:8080"),))
+    vm = vms.run(
+        tools_image,
+        "sh",
+        "-c",
+        "mkdir -p /srv/www && echo served > /srv/www/index.html && "
+        "exec httpd -f -p 8080 -h /srv/www",
+        network=True,
+        ports=(parse_port(f"{port}:8080"),),
+    )
     deadline = time.monotonic() + 60
     body = b""
     while time.monotonic() < deadline:
@@ -146,22 +174,22 @@ def test_port_forward(vms, tools_image: str) -> None:  # noqa: ANN001
     assert vm.state.accel
 
 
-def test_ps_tells_truth_after_supervisor_kill9(vms, tools_image: str) -> None:  # noqa: ANN001
+def test_ps_tells_truth_after_supervisor_kill9(vms, tools_image: str) -> None:
     vm = vms.run(tools_image, "sleep", "1000", name="victim")
     os.kill(vm.state.shim_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{vm.state.qemu_pid}"):
+    while time.monotonic() < deadline and alive(vm.state.qemu_pid, vm.state.qemu_start):
         time.sleep(0.05)
     v = next(v for v in _ps() if v["Name"] == "victim")
     assert v["State"]["status"] == "dead"
-    assert not os.path.exists(f"/proc/{vm.state.qemu_pid}/exe") or \
-        open(f"/proc/{vm.state.qemu_pid}/stat").read().split()[2] == "Z"
+    # QEMU dies with its supervisor (PR_SET_PDEATHSIG): no VM runs unmanaged
+    assert not alive(vm.state.qemu_pid, vm.state.qemu_start)
     # and it can be started again
     assert torpor_cli("start", "victim").returncode == 0
     assert torpor_cli("exec", "victim", "true").returncode == 0
 
 
-def test_qemu_killed_is_recorded(vms, tools_image: str) -> None:  # noqa: ANN001
+def test_qemu_killed_is_recorded(vms, tools_image: str) -> None:
     vm = vms.run(tools_image, "sleep", "1000", name="crashy")
     os.kill(vm.state.qemu_pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -174,7 +202,7 @@ def test_qemu_killed_is_recorded(vms, tools_image: str) -> None:  # noqa: ANN001
     assert "QEMU exited unexpectedly" in st["error"]
 
 
-def test_main_exit_stops_vm(vms, tools_image: str) -> None:  # noqa: ANN001
+def test_main_exit_stops_vm(vms, tools_image: str) -> None:
     vm = vms.run(tools_image, "sh", "-c", "echo bye; exit 7", name="short")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -188,11 +216,23 @@ def test_main_exit_stops_vm(vms, tools_image: str) -> None:  # noqa: ANN001
 
 
 def test_ctrl_c_reaches_the_guest_process(tools_image: str) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "run", "--rm", "--name",
-                          "sigint", tools_image, "sh", "-c",
-                          "trap 'echo got-int; exit 130' INT; echo ready; "
-                          "while true; do sleep 0.1; done"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "run",
+            "--rm",
+            "--name",
+            "sigint",
+            tools_image,
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 130' INT; echo ready; while true; do sleep 0.1; done",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == b"ready\n"
@@ -207,9 +247,21 @@ def test_ctrl_c_reaches_the_guest_process(tools_image: str) -> None:
 
 
 def test_kill9_cli_during_boot_leaves_consistent_state(tools_image: str) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "run", "--name", "orphan",
-                          tools_image, "sleep", "1000"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "run",
+            "--name",
+            "orphan",
+            tools_image,
+            "sleep",
+            "1000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     home = Path(os.environ["TORPOR_HOME"])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (home / "vms" / "names" / "orphan").is_symlink():
@@ -221,8 +273,7 @@ def test_kill9_cli_during_boot_leaves_consistent_state(tools_image: str) -> None
         # invisible and cleaned up: never half-listed, and the name is not stuck
         for v in _ps():
             if v["Name"] == "orphan":
-                assert v["State"]["status"] in ("created", "starting", "running", "exited",
-                                                "dead")
+                assert v["State"]["status"] in ("created", "starting", "running", "exited", "dead")
                 assert torpor_cli("rm", "-f", "orphan").returncode == 0
         assert "orphan" not in _names()
         vms_dir = home / "vms"

@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.vm
 
 
-def test_concurrent_execs_through_shim(shared_vms, box) -> None:  # noqa: ANN001
+def test_concurrent_execs_through_shim(shared_vms, box) -> None:
     results: dict[int, bytes] = {}
 
     def one(i: int) -> None:
@@ -26,7 +26,7 @@ def test_concurrent_execs_through_shim(shared_vms, box) -> None:  # noqa: ANN001
     assert results == {i: f"{i}\n".encode() for i in range(12)}
 
 
-def test_large_stdout_and_stdin(shared_vms, box) -> None:  # noqa: ANN001
+def test_large_stdout_and_stdin(shared_vms, box) -> None:
     with shared_vms.mgr.client(box) as c:
         r = c.exec(["head", "-c", str(8 << 20), "/dev/zero"])
         assert len(r.stdout) == 8 << 20
@@ -37,7 +37,7 @@ def test_large_stdout_and_stdin(shared_vms, box) -> None:  # noqa: ANN001
         assert r.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
 
 
-def test_guest_clock_and_identity(shared_vms, box) -> None:  # noqa: ANN001
+def test_guest_clock_and_identity(shared_vms, box) -> None:
     import time
 
     with shared_vms.mgr.client(box) as c:

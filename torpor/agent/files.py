@@ -58,16 +58,20 @@ def copy_to_vm(client: AgentClient, src: Path, dest: str, keep_owner: bool = Fal
     _put(client, src, st, target, keep_owner)
 
 
-def _put(client: AgentClient, src: Path, st: os.stat_result, target: str,
-         keep_owner: bool) -> None:
+def _put(client: AgentClient, src: Path, st: os.stat_result, target: str, keep_owner: bool) -> None:
     owner = {"uid": st.st_uid, "gid": st.st_gid} if keep_owner else {}
     if stat.S_ISLNK(st.st_mode):
         client.symlink(os.readlink(src), target)
     elif stat.S_ISDIR(st.st_mode):
         client.mkdir(target, stat.S_IMODE(st.st_mode))
         for entry in sorted(os.scandir(src), key=lambda e: e.name):
-            _put(client, Path(entry.path), entry.stat(follow_symlinks=False),
-                 posixpath.join(target, entry.name), keep_owner)
+            _put(
+                client,
+                Path(entry.path),
+                entry.stat(follow_symlinks=False),
+                posixpath.join(target, entry.name),
+                keep_owner,
+            )
     elif stat.S_ISREG(st.st_mode):
         with open(src, "rb") as f:
             client.write_file(target, f, mode=stat.S_IMODE(st.st_mode), **owner)
@@ -86,7 +90,7 @@ def copy_from_vm(client: AgentClient, src: str, dest: Path) -> None:
     _get(client, src, info, target)
 
 
-def _get(client: AgentClient, src: str, info, target: Path) -> None:  # noqa: ANN001
+def _get(client: AgentClient, src: str, info, target: Path) -> None:
     mode = info.mode
     if stat.S_ISLNK(mode):
         if target.is_symlink() or target.exists():

@@ -22,8 +22,14 @@ TARGETS = {
 }
 
 
-def run_boot_bench(paths: Paths, image: str, runs: int, execs: int, accel: str = "auto",
-                   progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def run_boot_bench(
+    paths: Paths,
+    image: str,
+    runs: int,
+    execs: int,
+    accel: str = "auto",
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
     mgr = VMManager(paths)
     wall: list[float] = []
     guest: list[float] = []
@@ -32,8 +38,15 @@ def run_boot_bench(paths: Paths, image: str, runs: int, execs: int, accel: str =
     used_accel = ""
     for i in range(runs):
         t0 = time.perf_counter()
-        vm = mgr.run(RunRequest(image=image, command=("sleep", "infinity"), accel=accel,
-                                network=False, memory_mib=256))
+        vm = mgr.run(
+            RunRequest(
+                image=image,
+                command=("sleep", "infinity"),
+                accel=accel,
+                network=False,
+                memory_mib=256,
+            )
+        )
         wall.append((time.perf_counter() - t0) * 1000)
         guest.append(vm.state.boot_ms)
         used_accel = vm.state.accel
@@ -83,10 +96,15 @@ def print_table(r: dict[str, Any], console: Any) -> None:
     def row(name: str, s: dict[str, float], unit: str, target: str = "") -> None:
         t.add_row(name, f"{s['p50']:.1f} {unit}", f"{s['p95']:.1f} {unit}", str(s["n"]), target)
 
-    row("cold boot to agent-ready (wall)", r["ready_wall_ms"], "ms",
-        f"≤ {tgt['ready_ms']} ms" if tgt else "")
+    row(
+        "cold boot to agent-ready (wall)",
+        r["ready_wall_ms"],
+        "ms",
+        f"≤ {tgt['ready_ms']} ms" if tgt else "",
+    )
     row("  of which QEMU spawn -> agent HELLO", r["ready_qemu_to_agent_ms"], "ms")
-    row("exec true round trip", r["exec_true_ms"], "ms",
-        f"≤ {tgt['exec_ms']} ms p50" if tgt else "")
+    row(
+        "exec true round trip", r["exec_true_ms"], "ms", f"≤ {tgt['exec_ms']} ms p50" if tgt else ""
+    )
     row("1 MiB stdout throughput", r["stdout_1mib_mib_per_s"], "MiB/s")
     console.print(t)

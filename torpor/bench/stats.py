@@ -18,9 +18,13 @@ def pct(values: list[float], p: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95),
-            "min": min(values) if values else float("nan"),
-            "mean": statistics.fmean(values) if values else float("nan")}
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p95": pct(values, 95),
+        "min": min(values) if values else float("nan"),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
 
 
 def machine() -> dict[str, str]:
@@ -34,9 +38,16 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     try:
-        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                              text=True).stdout.splitlines()[0]
+        qemu = subprocess.run(
+            ["qemu-system-x86_64", "--version"], capture_output=True, text=True
+        ).stdout.splitlines()[0]
     except (OSError, IndexError):
         qemu = "?"
-    return {"host": platform.node(), "kernel": platform.release(), "cpu": cpu,
-            "cores": str(os.cpu_count()), "python": platform.python_version(), "qemu": qemu}
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "qemu": qemu,
+    }

@@ -77,8 +77,9 @@ def human_size(n: float) -> str:
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "--version", "-v")
-@click.option("--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames "
-              "and show tracebacks.")
+@click.option(
+    "--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames and show tracebacks."
+)
 def cli(debug: bool) -> None:
     """torpor runs OCI images in QEMU microVMs, Docker-style.
 
@@ -102,9 +103,13 @@ def cli(debug: bool) -> None:
 
 # -- setup ---------------------------------------------------------------------------
 
+
 @cli.command(context_settings=CONTEXT)
-@click.option("--kernel-deb", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Unpack this linux-image .deb instead of fetching one with apt-get.")
+@click.option(
+    "--kernel-deb",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Unpack this linux-image .deb instead of fetching one with apt-get.",
+)
 def setup(kernel_deb: Path | None) -> None:
     """Fetch the guest kernel, build the guest agent and detect the accelerator.
 
@@ -116,7 +121,7 @@ def setup(kernel_deb: Path | None) -> None:
     paths = _paths().ensure()
     kernel = unpack_kernel_deb(kernel_deb, paths) if kernel_deb else ensure_kernel(paths)
     err_console.print(f"guest kernel   {kernel.version}  ({kernel.root})")
-    k, initrd = boot.guest_boot_files(paths)
+    _k, initrd = boot.guest_boot_files(paths)
     err_console.print(f"initramfs      {initrd} ({human_size(initrd.stat().st_size)})")
     d = boot.detect_accel(paths, refresh=True)
     err_console.print(f"accelerator    {d['accel']}  ({d['reason']})")
@@ -147,11 +152,17 @@ def info() -> None:
 
 # -- images --------------------------------------------------------------------------
 
+
 def _progress_printer() -> Any:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                        console=err_console, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=err_console,
+        transient=True,
+    )
     tasks: dict[str, Any] = {}
 
     def cb(event: str, done: int, total: int) -> None:
@@ -223,8 +234,13 @@ def images(quiet: bool) -> None:
     for im in imgs:
         for rt in im.repo_tags or ["<none>:<none>"]:
             repo, _, tag = rt.rpartition(":")
-            t.add_row(repo, tag, im.id[:12], ago(im.created) + " ago" if im.created else "",
-                      human_size(im.size))
+            t.add_row(
+                repo,
+                tag,
+                im.id[:12],
+                ago(im.created) + " ago" if im.created else "",
+                human_size(im.size),
+            )
     out_console.print(t)
 
 
@@ -255,26 +271,53 @@ def tag(source: str, target: str) -> None:
 
 # -- VMs -----------------------------------------------------------------------------
 
+
 def _run_options(f: Any) -> Any:
     opts = [
         click.option("--name", help="Name of the VM (default: a random one)."),
-        click.option("-e", "--env", "env", multiple=True, metavar="K=V",
-                     help="Set an environment variable (K alone copies it from here)."),
-        click.option("-m", "--memory", default="512M", show_default=True,
-                     help="Guest RAM (e.g. 256M, 2G)."),
+        click.option(
+            "-e",
+            "--env",
+            "env",
+            multiple=True,
+            metavar="K=V",
+            help="Set an environment variable (K alone copies it from here).",
+        ),
+        click.option(
+            "-m", "--memory", default="512M", show_default=True, help="Guest RAM (e.g. 256M, 2G)."
+        ),
         click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs."),
-        click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:GUEST[/PROTO]",
-                     help="Forward a host port to the guest (default IP 127.0.0.1)."),
+        click.option(
+            "-p",
+            "--publish",
+            multiple=True,
+            metavar="[IP:]HOST:GUEST[/PROTO]",
+            help="Forward a host port to the guest (default IP 127.0.0.1).",
+        ),
         click.option("-w", "--workdir", help="Working directory of the command."),
         click.option("-u", "--user", help="User (name|uid[:group|gid]) of the command."),
         click.option("--entrypoint", help="Override the image's ENTRYPOINT."),
-        click.option("--network", type=click.Choice(["user", "none"]), default="user",
-                     show_default=True, help="user: NAT with port forwards; none: no NIC."),
-        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
-                     show_default=True, help="Accelerator (auto probes KVM once)."),
+        click.option(
+            "--network",
+            type=click.Choice(["user", "none"]),
+            default="user",
+            show_default=True,
+            help="user: NAT with port forwards; none: no NIC.",
+        ),
+        click.option(
+            "--accel",
+            type=click.Choice(["auto", "kvm", "tcg"]),
+            default="auto",
+            show_default=True,
+            help="Accelerator (auto probes KVM once).",
+        ),
         click.option("-i", "--interactive", is_flag=True, help="Keep stdin open."),
-        click.option("-t", "--tty", is_flag=True, help="Accepted for Docker muscle memory; "
-                     "no TTY is allocated yet (a warning says so)."),
+        click.option(
+            "-t",
+            "--tty",
+            is_flag=True,
+            help="Accepted for Docker muscle memory; no TTY is allocated yet (a warning says so).",
+        ),
         click.option("-l", "--label", multiple=True, metavar="K=V", help="Set a label."),
     ]
     for o in reversed(opts):
@@ -282,18 +325,31 @@ def _run_options(f: Any) -> Any:
     return f
 
 
-def _build_request(image: str, command: tuple[str, ...], *, name: str | None,
-                   env: tuple[str, ...], memory: str, cpus: int, publish: tuple[str, ...],
-                   workdir: str | None, user: str | None, entrypoint: str | None,
-                   network: str, accel: str, interactive: bool, label: tuple[str, ...],
-                   rm: bool) -> Any:
+def _build_request(
+    image: str,
+    command: tuple[str, ...],
+    *,
+    name: str | None,
+    env: tuple[str, ...],
+    memory: str,
+    cpus: int,
+    publish: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    entrypoint: str | None,
+    network: str,
+    accel: str,
+    interactive: bool,
+    label: tuple[str, ...],
+    rm: bool,
+) -> Any:
     import shlex
 
     from torpor.vmm.manager import RunRequest, parse_memory, parse_port
 
     labels = {}
     for kv in label:
-        k, sep, v = kv.partition("=")
+        k, _sep, v = kv.partition("=")
         if not k:
             raise UsageError(f"invalid label {kv!r} (expected K=V)")
         labels[k] = v
@@ -301,11 +357,21 @@ def _build_request(image: str, command: tuple[str, ...], *, name: str | None,
         if not e or e.startswith("="):
             raise UsageError(f"invalid environment variable {e!r} (expected K=V)")
     return RunRequest(
-        image=image, command=command,
+        image=image,
+        command=command,
         entrypoint=tuple(shlex.split(entrypoint)) if entrypoint is not None else None,
-        name=name, env=env, workdir=workdir, user=user, memory_mib=parse_memory(memory),
-        cpus=cpus, accel=accel, ports=tuple(parse_port(p) for p in publish),
-        network=network != "none", stdin_open=interactive, auto_remove=rm, labels=labels,
+        name=name,
+        env=env,
+        workdir=workdir,
+        user=user,
+        memory_mib=parse_memory(memory),
+        cpus=cpus,
+        accel=accel,
+        ports=tuple(parse_port(p) for p in publish),
+        network=network != "none",
+        stdin_open=interactive,
+        auto_remove=rm,
+        labels=labels,
     )
 
 
@@ -313,8 +379,10 @@ def _announce_accel(vm: Any) -> None:
     from torpor.vmm.qemu import ISOLATION
 
     if sys.stderr.isatty():
-        err_console.print(f"[dim]torpor: {vm.name} runs under {vm.state.accel}; isolation: "
-                          f"{ISOLATION.get(vm.state.accel, '?')}[/dim]")
+        err_console.print(
+            f"[dim]torpor: {vm.name} runs under {vm.state.accel}; isolation: "
+            f"{ISOLATION.get(vm.state.accel, '?')}[/dim]"
+        )
 
 
 @cli.command(context_settings=PASSTHROUGH)
@@ -323,8 +391,7 @@ def _announce_accel(vm: Any) -> None:
 @click.option("--rm", is_flag=True, help="Remove the VM when its command exits.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
-        **kw: Any) -> None:
+def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool, **kw: Any) -> None:
     """Create a VM from IMAGE, boot it and run COMMAND (default: the image's) in it.
 
     \b
@@ -337,11 +404,15 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
     try:
         req = _build_request(image, command, rm=rm, **kw)
         if tty:
-            err_console.print("[yellow]torpor: -t: no TTY is allocated yet; running with "
-                              "pipes[/yellow]")
+            err_console.print(
+                "[yellow]torpor: -t: no TTY is allocated yet; running with pipes[/yellow]"
+            )
         mgr = _manager()
-        with err_console.status(f"starting {image}…", spinner="dots") if sys.stderr.isatty() \
-                else contextlib.nullcontext():
+        with (
+            err_console.status(f"starting {image}…", spinner="dots")
+            if sys.stderr.isatty()
+            else contextlib.nullcontext()
+        ):
             vm = mgr.run(req)
         _announce_accel(vm)
     except TorporError as e:
@@ -463,8 +534,14 @@ def start(vms: tuple[str, ...], attach: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("vms", nargs=-1, required=True)
-@click.option("-t", "--time", "timeout", default=10, show_default=True,
-              help="Seconds to wait for the command to exit after SIGTERM before SIGKILL.")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    default=10,
+    show_default=True,
+    help="Seconds to wait for the command to exit after SIGTERM before SIGKILL.",
+)
 def stop(vms: tuple[str, ...], timeout: int) -> None:
     """Stop running VMs: SIGTERM the command, then power the guest off."""
     mgr = _manager()
@@ -531,9 +608,16 @@ def ps(all_: bool, quiet: bool, fmt: str) -> None:
         t.add_column(col, no_wrap=col != "COMMAND", overflow="ellipsis")
     for vm in vms:
         cmd = " ".join(vm.config.command)
-        t.add_row(vm.id[:12], vm.config.image_ref, f'"{cmd[:30]}"',
-                  ago(vm.config.created) + " ago", _status_text(vm), vm.state.accel or "-",
-                  ", ".join(str(p) for p in vm.config.ports), vm.name)
+        t.add_row(
+            vm.id[:12],
+            vm.config.image_ref,
+            f'"{cmd[:30]}"',
+            ago(vm.config.created) + " ago",
+            _status_text(vm),
+            vm.state.accel or "-",
+            ", ".join(str(p) for p in vm.config.ports),
+            vm.name,
+        )
     Console(highlight=False, width=max(out_console.width, 160)).print(t)
 
 
@@ -541,7 +625,9 @@ def _inspect_dict(vm: Any) -> dict[str, Any]:
     from torpor.vmm.qemu import ISOLATION
 
     return {
-        "Id": vm.id, "Name": vm.name, "Config": vm.config.to_json(),
+        "Id": vm.id,
+        "Name": vm.name,
+        "Config": vm.config.to_json(),
         "State": vm.state.to_json(),
         "Accelerator": vm.state.accel or None,
         "Isolation": ISOLATION.get(vm.state.accel) if vm.state.accel else None,
@@ -588,8 +674,16 @@ def logs(vm: str, follow: bool, timestamps: bool, console_: bool) -> None:
 @click.option("-d", "--detach", is_flag=True, help="Start the command and return at once.")
 @click.argument("vm")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(vm: str, command: tuple[str, ...], interactive: bool, tty: bool,
-          env: tuple[str, ...], workdir: str | None, user: str | None, detach: bool) -> None:
+def exec_(
+    vm: str,
+    command: tuple[str, ...],
+    interactive: bool,
+    tty: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    detach: bool,
+) -> None:
     """Run COMMAND in a running VM; exits with its exit code.
 
     \b
@@ -606,10 +700,13 @@ def exec_(vm: str, command: tuple[str, ...], interactive: bool, tty: bool,
         if tty:
             err_console.print("[yellow]torpor: -t: no TTY is allocated yet[/yellow]")
         with client:
-            handle = client.start_exec(list(command), env=full_env,
-                                       cwd=workdir if workdir is not None else v.config.workdir,
-                                       user=user if user is not None else v.config.user,
-                                       stdin=interactive)
+            handle = client.start_exec(
+                list(command),
+                env=full_env,
+                cwd=workdir if workdir is not None else v.config.workdir,
+                user=user if user is not None else v.config.user,
+                stdin=interactive,
+            )
             if detach:
                 return
             code = _stream(handle, interactive)
@@ -648,6 +745,7 @@ def cp(src: str, dest: str, archive: bool) -> None:
 
 # -- bench ----------------------------------------------------------------------------
 
+
 @cli.group(context_settings=CONTEXT)
 def bench() -> None:
     """Measure torpor (prints a table, writes JSON)."""
@@ -658,14 +756,25 @@ def bench() -> None:
 @click.option("--runs", default=10, show_default=True, help="Cold boots to time.")
 @click.option("--execs", default=200, show_default=True, help="`exec true` round trips.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
-@click.option("--json", "json_out", type=click.Path(path_type=Path),
-              default=Path("bench-results/boot.json"), show_default=True)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/boot.json"),
+    show_default=True,
+)
 def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) -> None:
     """Cold boot to agent-ready, `exec true` round trip, 1 MiB stdout throughput."""
     from torpor.bench.boot import print_table, run_boot_bench
 
-    result = run_boot_bench(_paths(), image=image, runs=runs, execs=execs, accel=accel,
-                            progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    result = run_boot_bench(
+        _paths(),
+        image=image,
+        runs=runs,
+        execs=execs,
+        accel=accel,
+        progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result, out_console)

@@ -18,18 +18,22 @@ from pathlib import Path
 from torpor.errors import SetupError
 
 BUSYBOX = Path("/bin/busybox")
-PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n" \
-         "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+)
 GROUP = "root:x:0:\napp:x:1000:\nnogroup:x:65534:\n"
 
 
 def busybox_applets(busybox: Path = BUSYBOX) -> list[str]:
     try:
-        out = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise SetupError(f"{busybox} is missing or not busybox (apt: busybox-static)",
-                         step="build demo image") from e
+        raise SetupError(
+            f"{busybox} is missing or not busybox (apt: busybox-static)", step="build demo image"
+        ) from e
     return [a for a in out.split() if a and a != "bin/busybox"]
 
 
@@ -37,8 +41,16 @@ def write_busybox_rootfs(out: Path, busybox: Path = BUSYBOX) -> Path:
     """Write a rootfs tarball (uncompressed) to ``out``; returns ``out``."""
     now = int(time.time())
 
-    def add(tf: tarfile.TarFile, name: str, kind: bytes, mode: int, data: bytes = b"",
-            link: str = "", uid: int = 0, gid: int = 0) -> None:
+    def add(
+        tf: tarfile.TarFile,
+        name: str,
+        kind: bytes,
+        mode: int,
+        data: bytes = b"",
+        link: str = "",
+        uid: int = 0,
+        gid: int = 0,
+    ) -> None:
         ti = tarfile.TarInfo(name)
         ti.type, ti.mode, ti.mtime, ti.uid, ti.gid = kind, mode, now, uid, gid
         ti.linkname = link
@@ -49,10 +61,24 @@ def write_busybox_rootfs(out: Path, busybox: Path = BUSYBOX) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        for d, mode in (("bin", 0o755), ("sbin", 0o755), ("usr", 0o755), ("usr/bin", 0o755),
-                        ("usr/sbin", 0o755), ("etc", 0o755), ("root", 0o700), ("tmp", 0o1777),
-                        ("var", 0o755), ("var/tmp", 0o1777), ("home", 0o755), ("dev", 0o755),
-                        ("proc", 0o755), ("sys", 0o755), ("run", 0o755), ("srv", 0o755)):
+        for d, mode in (
+            ("bin", 0o755),
+            ("sbin", 0o755),
+            ("usr", 0o755),
+            ("usr/bin", 0o755),
+            ("usr/sbin", 0o755),
+            ("etc", 0o755),
+            ("root", 0o700),
+            ("tmp", 0o1777),
+            ("var", 0o755),
+            ("var/tmp", 0o1777),
+            ("home", 0o755),
+            ("dev", 0o755),
+            ("proc", 0o755),
+            ("sys", 0o755),
+            ("run", 0o755),
+            ("srv", 0o755),
+        ):
             add(tf, d, tarfile.DIRTYPE, mode)
         add(tf, "home/app", tarfile.DIRTYPE, 0o755, uid=1000, gid=1000)
         add(tf, "bin/busybox", tarfile.REGTYPE, 0o755, busybox.read_bytes())
@@ -61,7 +87,12 @@ def write_busybox_rootfs(out: Path, busybox: Path = BUSYBOX) -> Path:
         add(tf, "etc/passwd", tarfile.REGTYPE, 0o644, PASSWD.encode())
         add(tf, "etc/group", tarfile.REGTYPE, 0o644, GROUP.encode())
         add(tf, "etc/hostname", tarfile.REGTYPE, 0o644, b"torpor\n")
-        add(tf, "etc/os-release", tarfile.REGTYPE, 0o644,
-            b'NAME="torpor tools (busybox)"\nID=busybox\n')
+        add(
+            tf,
+            "etc/os-release",
+            tarfile.REGTYPE,
+            0o644,
+            b'NAME="torpor tools (busybox)"\nID=busybox\n',
+        )
     tmp.replace(out)
     return out

@@ -33,8 +33,14 @@ from torpor.paths import Paths
 #: Modules a VM needs: block root, the control port, networking, in the order they
 #: can be loaded once their ``depends=`` are satisfied (computed, not trusted).
 WANTED_MODULES = (
-    "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console",
-    "failover", "net_failover", "virtio_net",
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
 )
 META_PACKAGE = "linux-image-cloud-amd64"
 
@@ -65,7 +71,9 @@ def installed_kernel(paths: Paths) -> Kernel:
     if not found:
         raise GuestError(
             "no guest kernel installed; run `torpor setup` (or scripts/setup)",
-            step="find guest kernel", path=kdir)
+            step="find guest kernel",
+            path=kdir,
+        )
     return Kernel(found[-1].name, found[-1])
 
 
@@ -103,11 +111,13 @@ def unpack_kernel_deb(deb: Path, paths: Paths) -> Kernel:
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
         tmpd = Path(tmp)
         try:
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmpd / "x")], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["dpkg-deb", "-x", str(deb), str(tmpd / "x")], check=True, capture_output=True
+            )
         except (OSError, subprocess.CalledProcessError) as e:
-            raise SetupError(f"cannot unpack {deb}: {getattr(e, 'stderr', e)!r}",
-                             step="unpack kernel") from e
+            raise SetupError(
+                f"cannot unpack {deb}: {getattr(e, 'stderr', e)!r}", step="unpack kernel"
+            ) from e
         vmlinuz = sorted((tmpd / "x" / "boot").glob("vmlinuz-*"))
         if not vmlinuz:
             raise SetupError(f"{deb} holds no /boot/vmlinuz-*", step="unpack kernel")
@@ -143,21 +153,25 @@ def fetch_kernel(paths: Paths, package: str | None = None) -> Kernel:
     """
     paths.ensure()
     if package is None:
-        out = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True,
-                             text=True)
+        out = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True)
         m = re.search(r"Depends:\s*(linux-image-\S+)", out.stdout)
         if not m:
-            raise SetupError(f"apt knows no {META_PACKAGE}; run `apt-get update` first",
-                             step="find guest kernel package")
+            raise SetupError(
+                f"apt knows no {META_PACKAGE}; run `apt-get update` first",
+                step="find guest kernel package",
+            )
         package = m.group(1)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kdeb-") as tmp:
         os.chmod(tmp, 0o755)  # apt's sandbox user must be able to write here
-        r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            ["apt-get", "download", package], cwd=tmp, capture_output=True, text=True
+        )
         debs = list(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or not debs:
-            raise SetupError(f"apt-get download {package} failed: {r.stderr.strip()}",
-                             step="download guest kernel")
+            raise SetupError(
+                f"apt-get download {package} failed: {r.stderr.strip()}",
+                step="download guest kernel",
+            )
         return unpack_kernel_deb(debs[0], paths)
 
 
@@ -170,10 +184,12 @@ def ensure_kernel(paths: Paths) -> Kernel:
 
 # -- initramfs ----------------------------------------------------------------------
 
+
 def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0) -> bytes:
     nb = name.encode() + b"\x00"
-    hdr = "070701" + "".join(f"{v:08x}" for v in (
-        ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0))
+    hdr = "070701" + "".join(
+        f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+    )
     out = hdr.encode() + nb
     out += b"\x00" * (-len(out) % 4)
     out += data
@@ -206,13 +222,18 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, agent: Path) -> Path:
     if out.exists():
         return out
     files: list[tuple[str, int, bytes | None]] = [
-        ("dev", 0o755, None), ("proc", 0o755, None), ("sys", 0o755, None),
-        ("newroot", 0o755, None), ("torpor", 0o755, None), ("torpor/modules.d", 0o755, None),
+        ("dev", 0o755, None),
+        ("proc", 0o755, None),
+        ("sys", 0o755, None),
+        ("newroot", 0o755, None),
+        ("torpor", 0o755, None),
+        ("torpor/modules.d", 0o755, None),
         ("init", 0o755, agent_bytes),
         ("torpor/modules", 0o644, "".join(f"{m.name}\n" for m in modules).encode()),
     ]
     files += [(f"torpor/modules.d/{m.name}", 0o644, m.read_bytes()) for m in modules]
     out.parent.mkdir(parents=True, exist_ok=True)
     from torpor.fsutil import atomic_write_bytes
+
     atomic_write_bytes(out, build_cpio(files))
     return out

@@ -43,18 +43,27 @@ def machine_spec_for(paths: Paths, cfg: VMConfig, files: VMFiles) -> tuple[qemu.
     kernel, initrd = guest_boot_files(paths)
     accel = resolve_accel(paths, cfg.accel)
     spec = qemu.MachineSpec(
-        kernel=kernel.vmlinuz, initrd=initrd, ram_file=files.ram, disk=files.disk,
-        disk_format="qcow2", qmp_socket=Path(files.qmp_sock.name),
-        ctl_socket=Path(files.ctl_sock.name), console_log=files.console_log,
-        memory_mib=cfg.memory_mib, cpus=cfg.cpus, accel=accel,
-        hostname=cfg.name[:63], network=cfg.network, mac=mac_for(cfg.id),
-        hostfwd=tuple(f"{p.proto}:{p.host_ip}:{p.host_port}-:{p.guest_port}"
-                      for p in cfg.ports),
+        kernel=kernel.vmlinuz,
+        initrd=initrd,
+        ram_file=files.ram,
+        disk=files.disk,
+        disk_format="qcow2",
+        qmp_socket=Path(files.qmp_sock.name),
+        ctl_socket=Path(files.ctl_sock.name),
+        console_log=files.console_log,
+        memory_mib=cfg.memory_mib,
+        cpus=cfg.cpus,
+        accel=accel,
+        hostname=cfg.name[:63],
+        network=cfg.network,
+        mac=mac_for(cfg.id),
+        hostfwd=tuple(f"{p.proto}:{p.host_ip}:{p.host_port}-:{p.guest_port}" for p in cfg.ports),
     )
     return spec, accel
 
 
 # -- accelerator ----------------------------------------------------------------------
+
 
 def _accel_cache_key() -> str:
     return f"{platform.release()}|{qemu.qemu_version()}"
@@ -91,8 +100,12 @@ def detect_accel(paths: Paths, refresh: bool = False) -> dict[str, str]:
         accel = "kvm" if ok else "tcg"
     else:
         accel = "tcg"
-    d = {"key": key, "accel": accel, "reason": reason or "KVM runs a standard guest",
-         "checked_at": str(time.time())}
+    d = {
+        "key": key,
+        "accel": accel,
+        "reason": reason or "KVM runs a standard guest",
+        "checked_at": str(time.time()),
+    }
     paths.cache.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache, d)
     return d
@@ -107,13 +120,35 @@ def probe_kvm(paths: Paths, deadline: float = 15.0) -> tuple[bool, str]:
     kernel, initrd = guest_boot_files(paths)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kvmprobe-") as tmp:
         console = Path(tmp) / "console.log"
-        argv = [qemu.qemu_binary(), "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host",
-                "-m", "128M", "-nodefaults", "-no-user-config", "-display", "none",
-                "-no-reboot", "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-                "-append", "console=ttyS0 panic=-1 torpor.root=/dev/none",
-                "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con"]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        argv = [
+            qemu.qemu_binary(),
+            "-M",
+            "microvm,acpi=on",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel.vmlinuz),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 panic=-1 torpor.root=/dev/none",
+            "-chardev",
+            f"file,id=con,path={console}",
+            "-serial",
+            "chardev:con",
+        ]
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             t0 = time.monotonic()
             while time.monotonic() - t0 < deadline:
@@ -139,12 +174,17 @@ def describe_accel(paths: Paths) -> str:
 def ensure_qcow2_overlay(base: Path, overlay: Path) -> None:
     """A copy-on-write qcow2 overlay of a raw base image (which stays untouched)."""
     tmp = overlay.with_name(overlay.name + ".tmp")
-    r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(base), str(tmp)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(tmp)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         from torpor.errors import VMError
-        raise VMError(f"qemu-img create failed: {r.stderr.strip()}", step="create disk",
-                      path=overlay)
+
+        raise VMError(
+            f"qemu-img create failed: {r.stderr.strip()}", step="create disk", path=overlay
+        )
     os.replace(tmp, overlay)
 
 

@@ -54,10 +54,42 @@ from torpor.vmm.state import (
 )
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_ADJ = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid",
-        "merry", "nifty", "proud", "quiet", "sleepy", "swift", "tender", "vivid", "witty")
-_NOUN = ("badger", "bear", "dormouse", "hedgehog", "lemur", "marmot", "otter", "panda",
-         "possum", "sloth", "squirrel", "tortoise", "walrus", "wombat")
+_ADJ = (
+    "brave",
+    "calm",
+    "eager",
+    "fond",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lucid",
+    "merry",
+    "nifty",
+    "proud",
+    "quiet",
+    "sleepy",
+    "swift",
+    "tender",
+    "vivid",
+    "witty",
+)
+_NOUN = (
+    "badger",
+    "bear",
+    "dormouse",
+    "hedgehog",
+    "lemur",
+    "marmot",
+    "otter",
+    "panda",
+    "possum",
+    "sloth",
+    "squirrel",
+    "tortoise",
+    "walrus",
+    "wombat",
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +168,9 @@ def parse_port(text: str) -> PortMap:
         else:
             raise ValueError
     except ValueError:
-        raise UsageError(f"invalid port mapping {text!r} (expected [ip:]hostPort:guestPort)") \
-            from None
+        raise UsageError(
+            f"invalid port mapping {text!r} (expected [ip:]hostPort:guestPort)"
+        ) from None
     for p in (hp, gp):
         if not 1 <= p <= 65535:
             raise UsageError(f"invalid port mapping {text!r}: port {p} out of range")
@@ -179,9 +212,12 @@ class VMManager:
             if st.qemu_pid and alive(st.qemu_pid, st.qemu_start):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(st.qemu_pid, signal.SIGKILL)
-            st = st.replace(status=Status.DEAD, exit_code=st.exit_code if st.exit_code
-                            is not None else 137, error=st.error or "VM supervisor died",
-                            finished_at=st.finished_at or time.time())
+            st = st.replace(
+                status=Status.DEAD,
+                exit_code=st.exit_code if st.exit_code is not None else 137,
+                error=st.error or "VM supervisor died",
+                finished_at=st.finished_at or time.time(),
+            )
             with contextlib.suppress(OSError):
                 save_state(vm_dir, st)
         return VM(cfg, st, vm_dir)
@@ -230,8 +266,11 @@ class VMManager:
             if (d / "vm.json").exists():
                 return self._load(d)
         if re.fullmatch(r"[0-9a-f]{1,64}", ref):
-            matches = [d for d in self.paths.vms.iterdir()
-                       if d.name.startswith(ref) and (d / "vm.json").exists()]
+            matches = [
+                d
+                for d in self.paths.vms.iterdir()
+                if d.name.startswith(ref) and (d / "vm.json").exists()
+            ]
             if len(matches) == 1:
                 return self._load(matches[0])
             if len(matches) > 1:
@@ -252,14 +291,18 @@ class VMManager:
     def create(self, req: RunRequest) -> VM:
         qemu.validate_accel(req.accel)
         if req.name is not None and not NAME_RE.match(req.name):
-            raise UsageError(f"invalid VM name {req.name!r}: use letters, digits, _ . - "
-                             "(at most 63, starting with a letter or digit)")
+            raise UsageError(
+                f"invalid VM name {req.name!r}: use letters, digits, _ . - "
+                "(at most 63, starting with a letter or digit)"
+            )
         if req.cpus < 1 or req.cpus > (os.cpu_count() or 1) * 4:
             raise UsageError(f"--cpus {req.cpus} is out of range")
         image = self.images.get(req.image)
-        command = resolve_command(image.config,
-                                  list(req.entrypoint) if req.entrypoint is not None else None,
-                                  list(req.command) if req.command else None)
+        command = resolve_command(
+            image.config,
+            list(req.entrypoint) if req.entrypoint is not None else None,
+            list(req.command) if req.command else None,
+        )
         env = merge_env(list(image.config.env), list(req.env))
         vm_id = secrets.token_hex(32)
         name = req.name or self._new_name()
@@ -274,17 +317,27 @@ class VMManager:
             except FileExistsError:
                 target = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
                 if not self._reap_partial(target):
-                    raise ConflictError(f"the name {name!r} is already in use by VM "
-                                        f"{target.name[:12]}; remove it or pick another name"
-                                        ) from None
+                    raise ConflictError(
+                        f"the name {name!r} is already in use by VM "
+                        f"{target.name[:12]}; remove it or pick another name"
+                    ) from None
                 os.symlink(f"../{vm_id}", link)
             cfg = VMConfig(
-                id=vm_id, name=name, image_id=image.id,
-                image_ref=req.image, command=tuple(command), env=tuple(env),
+                id=vm_id,
+                name=name,
+                image_id=image.id,
+                image_ref=req.image,
+                command=tuple(command),
+                env=tuple(env),
                 workdir=req.workdir if req.workdir is not None else image.config.working_dir,
                 user=req.user if req.user is not None else image.config.user,
-                memory_mib=req.memory_mib, cpus=req.cpus, accel=req.accel, ports=req.ports,
-                network=req.network, stdin_open=req.stdin_open, auto_remove=req.auto_remove,
+                memory_mib=req.memory_mib,
+                cpus=req.cpus,
+                accel=req.accel,
+                ports=req.ports,
+                network=req.network,
+                stdin_open=req.stdin_open,
+                auto_remove=req.auto_remove,
                 labels=dict(req.labels),
             )
             files = VMFiles(vm_dir)
@@ -315,10 +368,25 @@ class VMManager:
             env = dict(os.environ)
             with open(vm.files.shim_log, "ab") as slog:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "torpor.vmm.shim", "--root", str(self.paths.root),
-                     "--vm", vm.id, "--ready-fd", str(wfd)],
-                    stdin=subprocess.DEVNULL, stdout=slog, stderr=slog, pass_fds=(wfd,),
-                    start_new_session=True, env=env, cwd="/")
+                    [
+                        sys.executable,
+                        "-m",
+                        "torpor.vmm.shim",
+                        "--root",
+                        str(self.paths.root),
+                        "--vm",
+                        vm.id,
+                        "--ready-fd",
+                        str(wfd),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=slog,
+                    stderr=slog,
+                    pass_fds=(wfd,),
+                    start_new_session=True,
+                    env=env,
+                    cwd="/",
+                )
             os.close(wfd)
             if on_progress:
                 on_progress("booting")
@@ -331,8 +399,10 @@ class VMManager:
             if not info.get("ok"):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-                err = info.get("error") or f"VM supervisor exited with {proc.poll()}; see " \
-                    f"{vm.files.shim_log}"
+                err = (
+                    info.get("error")
+                    or f"VM supervisor exited with {proc.poll()}; see {vm.files.shim_log}"
+                )
                 console = info.get("console", "")
                 raise VMError(err + (f"\n{console}" if console else ""), step="start VM")
             # reap the shim in the background of this process only if we exit first:
@@ -357,8 +427,9 @@ class VMManager:
         try:
             sock = connect_unix(vm.files.agent_sock, timeout)
         except OSError as e:
-            raise VMError(f"cannot reach VM {vm.name}: {e}", step="connect",
-                          path=vm.files.agent_sock) from e
+            raise VMError(
+                f"cannot reach VM {vm.name}: {e}", step="connect", path=vm.files.agent_sock
+            ) from e
         return AgentClient(sock)
 
     def stop(self, ref: str, timeout: float = 10.0) -> VM:
@@ -396,8 +467,9 @@ class VMManager:
         vm = self.get(ref)
         if vm.state.status.active:
             if not force:
-                raise ConflictError(f"VM {vm.name} is {vm.state.status}; stop it first or "
-                                    "use --force")
+                raise ConflictError(
+                    f"VM {vm.name} is {vm.state.status}; stop it first or use --force"
+                )
             self.kill(vm.id)
         with locked(self.paths.locks / f"vm-{vm.id}.lock"):
             link = self.paths.names / vm.name
@@ -411,8 +483,9 @@ class VMManager:
         with contextlib.suppress(FileNotFoundError):
             (self.paths.locks / f"vm-{vm.id}.lock").unlink()
 
-    def logs(self, ref: str, follow: bool = False,
-             poll: float = 0.1) -> Iterator[tuple[float, str, bytes]]:
+    def logs(
+        self, ref: str, follow: bool = False, poll: float = 0.1
+    ) -> Iterator[tuple[float, str, bytes]]:
         """(time, "stdout"|"stderr", bytes) records of the main command's output."""
         vm = self.get(ref)
         path = vm.files.main_log

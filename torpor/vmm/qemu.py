@@ -34,8 +34,9 @@ ISOLATION = {
 def qemu_binary() -> str:
     path = shutil.which(QEMU_BINARY)
     if not path:
-        raise SetupError(f"{QEMU_BINARY} not found; run scripts/setup (apt: qemu-system-x86)",
-                         step="find QEMU")
+        raise SetupError(
+            f"{QEMU_BINARY} not found; run scripts/setup (apt: qemu-system-x86)", step="find QEMU"
+        )
     return path
 
 
@@ -64,7 +65,11 @@ class MachineSpec:
 def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
     mem = f"{spec.memory_mib}M"
     append = [
-        "console=ttyS0", "quiet", "panic=-1", "reboot=t", "tsc=reliable",
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        "reboot=t",
+        "tsc=reliable",
         f"torpor.hostname={spec.hostname}",
     ]
     if spec.network:
@@ -72,24 +77,47 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
     append += spec.extra_append
     argv = [
         qemu or qemu_binary(),
-        "-M", "microvm,acpi=on,rtc=on,memory-backend=mem",
-        "-accel", "kvm" if spec.accel == "kvm" else "tcg",
-        "-cpu", "host" if spec.accel == "kvm" else "max",
-        "-m", mem, "-smp", str(spec.cpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={spec.ram_file},"
-                   f"share={'on' if spec.ram_shared else 'off'}",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
-        "-append", " ".join(append),
-        "-chardev", f"file,id=con,path={spec.console_log}",
-        "-serial", "chardev:con",
-        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
-        "-drive", f"id=root,file={spec.disk},format={spec.disk_format},if=none,"
-                  "cache=writeback,discard=unmap,aio=threads",
-        "-device", "virtio-blk-device,drive=root",
-        "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=ctl,path={spec.ctl_socket},server=on,wait=off",
-        "-device", "virtserialport,chardev=ctl,name=torpor.ctl",
+        "-M",
+        "microvm,acpi=on,rtc=on,memory-backend=mem",
+        "-accel",
+        "kvm" if spec.accel == "kvm" else "tcg",
+        "-cpu",
+        "host" if spec.accel == "kvm" else "max",
+        "-m",
+        mem,
+        "-smp",
+        str(spec.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-object",
+        f"memory-backend-file,id=mem,size={mem},mem-path={spec.ram_file},"
+        f"share={'on' if spec.ram_shared else 'off'}",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initrd),
+        "-append",
+        " ".join(append),
+        "-chardev",
+        f"file,id=con,path={spec.console_log}",
+        "-serial",
+        "chardev:con",
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-drive",
+        f"id=root,file={spec.disk},format={spec.disk_format},if=none,"
+        "cache=writeback,discard=unmap,aio=threads",
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        f"socket,id=ctl,path={spec.ctl_socket},server=on,wait=off",
+        "-device",
+        "virtserialport,chardev=ctl,name=torpor.ctl",
     ]
     if spec.network:
         netdev = "user,id=net0"
@@ -117,8 +145,9 @@ def kvm_unusable_reason() -> str | None:
 
 def qemu_version() -> str:
     try:
-        out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            [qemu_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SetupError(f"cannot run {QEMU_BINARY} --version: {e}", step="find QEMU") from e
     return out.splitlines()[0] if out else "unknown"

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from torpor.agent.protocol import (
-    MAX_PAYLOAD,
     ErrorReply,
     ExecRequest,
     ExitStatus,
@@ -47,7 +46,15 @@ from torpor.agent.protocol import (
 from torpor.errors import TorporError, VMError
 from torpor.paths import Paths
 from torpor.vmm import layout
-from torpor.vmm.state import Status, VMConfig, alive, load_config, load_state, proc_start_time, save_state
+from torpor.vmm.state import (
+    Status,
+    VMConfig,
+    alive,
+    load_config,
+    load_state,
+    proc_start_time,
+    save_state,
+)
 
 log = logging.getLogger("torpor.shim")
 
@@ -148,8 +155,10 @@ class Shim:
             self.waiters.pop(gid, None)
         if reply.type == T.ERROR:
             err = ErrorReply.decode(reply.payload)
-            raise VMError(f"guest agent: {T(type_).name} failed: {err.message} "
-                          f"({errno.errorcode.get(err.errno, err.errno)})")
+            raise VMError(
+                f"guest agent: {T(type_).name} failed: {err.message} "
+                f"({errno.errorcode.get(err.errno, err.errno)})"
+            )
         return reply
 
     async def guest_reader(self, reader: asyncio.StreamReader) -> None:
@@ -186,8 +195,11 @@ class Shim:
     def main_frame(self, frame: Frame) -> None:
         if frame.type in (T.STDOUT, T.STDERR):
             stream = "stdout" if frame.type == T.STDOUT else "stderr"
-            rec = {"t": time.time(), "s": stream,
-                   "d": frame.payload.decode("utf-8", "surrogateescape")}
+            rec = {
+                "t": time.time(),
+                "s": stream,
+                "d": frame.payload.decode("utf-8", "surrogateescape"),
+            }
             self.main_log.write(json.dumps(rec) + "\n")
             self.main_log.flush()
         elif frame.type in (T.EXIT, T.ERROR):
@@ -225,11 +237,12 @@ class Shim:
                     t = T.STDOUT if rec["s"] == "stdout" else T.STDERR
                     data = rec["d"].encode("utf-8", "surrogateescape")
                     for i in range(0, len(data), 1 << 16):
-                        client.send(Frame(t, cid, data[i:i + (1 << 16)]))
+                        client.send(Frame(t, cid, data[i : i + (1 << 16)]))
 
     # -- clients ----------------------------------------------------------------------------
-    async def serve_client(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         client = Client(writer)
         self.clients.add(client)
         dec = FrameDecoder()
@@ -276,10 +289,7 @@ class Shim:
             asyncio.get_running_loop().create_task(self.stop(timeout))
             return
         if frame.type in (T.STDIN, T.SIGNAL):
-            if cid in client.attached:
-                gid = self.main_gid
-            else:
-                gid = client.ids.get(cid, 0)
+            gid = self.main_gid if cid in client.attached else client.ids.get(cid, 0)
             if not gid:
                 error(errno.ESRCH, f"no request {cid}")
                 return
@@ -316,25 +326,33 @@ class Shim:
         qlog = open(self.files.qemu_log, "ab")  # noqa: SIM115 - handed to the child
         t0 = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
-            preexec_fn=_pdeathsig)
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig
+        )
         qlog.close()
-        self.set_state(status=Status.STARTING, qemu_pid=self.proc.pid,
-                       qemu_start=proc_start_time(self.proc.pid), accel=accel,
-                       started_at=time.time(), exit_code=None, error="", finished_at=0.0)
+        self.set_state(
+            status=Status.STARTING,
+            qemu_pid=self.proc.pid,
+            qemu_start=proc_start_time(self.proc.pid),
+            accel=accel,
+            started_at=time.time(),
+            exit_code=None,
+            error="",
+            finished_at=0.0,
+        )
         asyncio.get_running_loop().create_task(self.watch_qemu())
         deadline = t0 + boot_timeout(accel)
         while not self.files.ctl_sock.exists():
             if self.qemu_exited.is_set():
-                raise VMError(f"QEMU exited during start-up with code {self.proc.returncode}",
-                              step="start QEMU")
+                raise VMError(
+                    f"QEMU exited during start-up with code {self.proc.returncode}",
+                    step="start QEMU",
+                )
             if time.monotonic() > deadline:
                 raise VMError("QEMU did not create its control socket", step="start QEMU")
             await asyncio.sleep(0.005)
         while True:  # the socket file appears between QEMU's bind() and listen()
             try:
-                reader, self.guest_w = await asyncio.open_unix_connection(
-                    self.files.ctl_sock.name)
+                reader, self.guest_w = await asyncio.open_unix_connection(self.files.ctl_sock.name)
                 break
             except ConnectionRefusedError:
                 if time.monotonic() > deadline or self.qemu_exited.is_set():
@@ -342,19 +360,24 @@ class Shim:
                 await asyncio.sleep(0.005)
         asyncio.get_running_loop().create_task(self.guest_reader(reader))
         hello = asyncio.get_running_loop().create_task(
-            self.request(T.HELLO, timeout=max(1.0, deadline - time.monotonic())))
+            self.request(T.HELLO, timeout=max(1.0, deadline - time.monotonic()))
+        )
         exited = asyncio.get_running_loop().create_task(self.qemu_exited.wait())
         done, _ = await asyncio.wait({hello, exited}, return_when=asyncio.FIRST_COMPLETED)
         if hello not in done:
             hello.cancel()
-            raise VMError(f"QEMU exited during boot with code {self.proc.returncode}",
-                          step="boot guest")
+            raise VMError(
+                f"QEMU exited during boot with code {self.proc.returncode}", step="boot guest"
+            )
         exited.cancel()
         try:
             hello.result()
         except TimeoutError as e:
-            raise VMError(f"guest agent did not answer within {boot_timeout(accel):.0f} s "
-                          f"(accelerator {accel})", step="boot guest") from e
+            raise VMError(
+                f"guest agent did not answer within {boot_timeout(accel):.0f} s "
+                f"(accelerator {accel})",
+                step="boot guest",
+            ) from e
         boot_ms = (time.monotonic() - t0) * 1000
         now = time.time_ns()
         await self.request(T.SET_TIME, struct.pack("<qI", now // 10**9, now % 10**9))
@@ -368,8 +391,13 @@ class Shim:
         if not self.cfg.command:
             return
         self.main_gid = self.alloc_gid()
-        req = ExecRequest(argv=tuple(self.cfg.command), env=tuple(self.cfg.env),
-                          cwd=self.cfg.workdir, user=self.cfg.user, stdin=self.cfg.stdin_open)
+        req = ExecRequest(
+            argv=tuple(self.cfg.command),
+            env=tuple(self.cfg.env),
+            cwd=self.cfg.workdir,
+            user=self.cfg.user,
+            stdin=self.cfg.stdin_open,
+        )
         self.to_guest(Frame(T.EXEC, self.main_gid, req.encode()))
 
     async def watch_qemu(self) -> None:
@@ -386,8 +414,7 @@ class Shim:
                 await asyncio.wait_for(self._main_done(), timeout)
             if self.main_exit is None:
                 with contextlib.suppress(VMError):
-                    self.to_guest(Frame(T.SIGNAL, self.main_gid,
-                                        struct.pack("<I", signal.SIGKILL)))
+                    self.to_guest(Frame(T.SIGNAL, self.main_gid, struct.pack("<I", signal.SIGKILL)))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._main_done(), 2)
         await self.shutdown("stop requested")
@@ -428,8 +455,9 @@ class Shim:
             if self.proc is not None and self.proc.returncode is None:
                 self.proc.kill()
                 await self.proc.wait()
-            self.set_state(status=Status.EXITED, exit_code=125, error=str(e),
-                           finished_at=time.time())
+            self.set_state(
+                status=Status.EXITED, exit_code=125, error=str(e), finished_at=time.time()
+            )
             self.cleanup()
             return 1
         with contextlib.suppress(FileNotFoundError):
@@ -450,8 +478,14 @@ class Shim:
         if self.main_exit is None and self.main_gid:
             self.main_exit = ExitStatus(code, 0)
             self.notify_main_exit()
-        self.set_state(status=Status.EXITED, exit_code=code, error=err, finished_at=time.time(),
-                       qemu_pid=0, qemu_start=0)
+        self.set_state(
+            status=Status.EXITED,
+            exit_code=code,
+            error=err,
+            finished_at=time.time(),
+            qemu_pid=0,
+            qemu_start=0,
+        )
         for client, cid in self.stop_waiters:
             client.send(Frame(T.OK, cid))
         for client in list(self.clients):
@@ -462,8 +496,7 @@ class Shim:
         return 0
 
     def cleanup(self) -> None:
-        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.agent_sock,
-                  self.files.ram):
+        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.agent_sock, self.files.ram):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if self.main_log is not None:
@@ -499,14 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(paths.vm(args.vm))  # sockets are bound by relative name: see boot.py
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("TORPOR_DEBUG") else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     shim = Shim(paths, args.vm, args.ready_fd)
     st = shim.state
     if st.status.active and alive(st.shim_pid, st.shim_start) and st.shim_pid != os.getpid():
         shim.report_ready(False, error="VM is already running")
         return 1
-    shim.set_state(status=Status.STARTING, shim_pid=os.getpid(),
-                   shim_start=proc_start_time(os.getpid()))
+    shim.set_state(
+        status=Status.STARTING, shim_pid=os.getpid(), shim_start=proc_start_time(os.getpid())
+    )
     return asyncio.run(shim.run())
 
 

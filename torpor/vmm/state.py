@@ -119,8 +119,10 @@ class VMState:
 def _check_version(d: dict[str, Any], what: str) -> None:
     v = d.get("schema_version", 1)
     if not isinstance(v, int) or v < 1 or v > SCHEMA_VERSION:
-        raise VMError(f"{what} has schema_version {v!r}; this torpor reads up to "
-                      f"{SCHEMA_VERSION}", step="read VM state")
+        raise VMError(
+            f"{what} has schema_version {v!r}; this torpor reads up to {SCHEMA_VERSION}",
+            step="read VM state",
+        )
 
 
 def load_config(vm_dir: Path) -> VMConfig:
@@ -152,7 +154,7 @@ def proc_start_time(pid: int) -> int:
     except OSError:
         return 0
     # comm may contain spaces and parens: fields resume after the last ')'
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     if fields[0] == b"Z":
         return 0
     return int(fields[19])
