@@ -743,6 +743,22 @@ def cp(src: str, dest: str, archive: bool) -> None:
             copy_to_vm(c, Path(s_path), d_path, keep_owner=archive)
 
 
+@cli.command(context_settings=CONTEXT)
+def demo() -> None:
+    """Run the demo: import an image, boot a VM, work in it, stop/start, remove."""
+    from torpor.demo.run import run_demo
+
+    def table(rows: list[tuple[str, str]]) -> None:
+        t = Table(title="measured in this run", header_style="bold")
+        t.add_column("step")
+        t.add_column("time", justify="right")
+        for r in rows:
+            t.add_row(*r)
+        out_console.print(t)
+
+    run_demo(_paths(), lambda m: out_console.print(m), table)
+
+
 # -- bench ----------------------------------------------------------------------------
 
 

@@ -66,12 +66,19 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
     mem = f"{spec.memory_mib}M"
     append = [
         "console=ttyS0",
-        "quiet",
+        os.environ.get("TORPOR_KERNEL_LOGLEVEL", "quiet"),
         "panic=-1",
         "reboot=t",
         "tsc=reliable",
         f"torpor.hostname={spec.hostname}",
     ]
+    if spec.accel != "kvm":
+        khz = host_tsc_khz()
+        if khz:
+            # Under TCG the guest TSC ticks at the host's rate, but calibrating it against
+            # the emulated PIT fails when the host is busy; the kernel then marks the TSC
+            # unstable and, with no HPET or ACPI PM timer on microvm, hangs in early boot.
+            append.append(f"tsc_early_khz={khz}")
     if spec.network:
         append.append("torpor.net=1")
     append += spec.extra_append
@@ -128,6 +135,24 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         argv += ["-incoming", "defer"]
     argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     return argv
+
+
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency in kHz, when the host kernel knows it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    if "constant_tsc" not in text:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            try:
+                return int(float(line.split(":", 1)[1]) * 1000)
+            except ValueError:
+                return None
+    return None
 
 
 def kvm_unusable_reason() -> str | None:

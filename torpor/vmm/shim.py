@@ -116,6 +116,7 @@ class Shim:
         self.stop_waiters: list[tuple[Client, int]] = []
         self.qemu_exited = asyncio.Event()
         self.clients: set[Client] = set()
+        self.ever_attached = False
 
     # -- state -----------------------------------------------------------------------
     def set_state(self, **kw: Any) -> None:
@@ -277,6 +278,7 @@ class Shim:
 
         if frame.type == T.ATTACH:
             client.attached.add(cid)
+            self.ever_attached = True
             self.replay_main(client, cid)
             if self.main_exit is not None or not self.main_gid:
                 client.attached.discard(cid)
@@ -493,6 +495,12 @@ class Shim:
                 await client.writer.drain()
                 client.writer.close()
         self.cleanup()
+        if self.cfg.auto_remove and not self.ever_attached:
+            # `run -d --rm`: nobody is attached to remove it, so the shim does
+            from torpor.vmm.manager import VMManager
+
+            with contextlib.suppress(TorporError, OSError):
+                VMManager(self.paths).remove(self.cfg.id, force=True)
         return 0
 
     def cleanup(self) -> None:
