@@ -20,18 +20,28 @@ from tests.imagetools import (
 pytestmark = pytest.mark.vm
 
 
-def test_pull_then_run_honours_image_config(registry, torpor_home: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pull_then_run_honours_image_config(registry, torpor_home: Path, tmp_path: Path) -> None:
     base = busybox_rootfs_layer()
-    top = make_layer([
-        file_entry("srv/app/hello.sh", b"#!/bin/sh\necho \"hello $WHO from $(pwd) as $(id -u)\"\n",
-                   mode=0o755),
-        file_entry("etc/motd", b"gone\n"),
-    ])
+    top = make_layer(
+        [
+            file_entry(
+                "srv/app/hello.sh",
+                b'#!/bin/sh\necho "hello $WHO from $(pwd) as $(id -u)"\n',
+                mode=0o755,
+            ),
+            file_entry("etc/motd", b"gone\n"),
+        ]
+    )
     wipe = make_layer([whiteout_entry("etc/motd")])
     layers = [base, top, wipe]
-    config = busybox_config(layers, entrypoint=["/srv/app/hello.sh"], cmd=[],
-                            env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "WHO=image"],
-                            working_dir="/srv/app", user="app")
+    config = busybox_config(
+        layers,
+        entrypoint=["/srv/app/hello.sh"],
+        cmd=[],
+        env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "WHO=image"],
+        working_dir="/srv/app",
+        user="app",
+    )
     layout = tmp_path / "layout"
     write_oci_layout(layout, layers, config, "latest")
     ref = registry.ref("e2e/hello:latest")

@@ -37,8 +37,9 @@ def ensure_demo_image(paths: Paths) -> str:
     return DEMO_IMAGE
 
 
-def run_demo(paths: Paths, say: Callable[[str], None], table: Callable[[list[tuple[str, str]]],
-             None]) -> None:
+def run_demo(
+    paths: Paths, say: Callable[[str], None], table: Callable[[list[tuple[str, str]]], None]
+) -> None:
     mgr = VMManager(paths)
     timings: list[tuple[str, str]] = []
 
@@ -52,16 +53,26 @@ def run_demo(paths: Paths, say: Callable[[str], None], table: Callable[[list[tup
     image = timed("import image", lambda: ensure_demo_image(paths))
     name = f"demo-{int(time.time())}"
     say(f"2. boot a microVM `{name}` from {image}")
-    vm = timed("boot to agent-ready", lambda: mgr.run(
-        RunRequest(image=image, command=("sleep", "infinity"), name=name, memory_mib=256)))
+    vm = timed(
+        "boot to agent-ready",
+        lambda: mgr.run(
+            RunRequest(image=image, command=("sleep", "infinity"), name=name, memory_mib=256)
+        ),
+    )
     say(f"   accelerator {vm.state.accel}; isolation: {ISOLATION.get(vm.state.accel, '?')}")
     try:
         with mgr.client(vm) as c:
             r = timed("exec uname -a", lambda: c.exec(["uname", "-a"]))
             say(f"3. exec: {r.stdout.decode().strip()}")
             c.exec(["sh", "-c", "mkdir -p /work && echo 'notes from the agent' > /work/notes"])
-            c.exec(["sh", "-c", "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; "
-                    "sleep 0.2; done) >/dev/null 2>&1 &"])
+            c.exec(
+                [
+                    "sh",
+                    "-c",
+                    "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; "
+                    "sleep 0.2; done) >/dev/null 2>&1 &",
+                ]
+            )
             time.sleep(1.0)
             count = c.exec(["cat", "/tmp/count"]).stdout.decode().strip()
             say(f"4. a background counter runs in the guest: /tmp/count = {count}")
@@ -75,8 +86,10 @@ def run_demo(paths: Paths, say: Callable[[str], None], table: Callable[[list[tup
             kept = c.exec(["cat", "/work/notes", "/work/from-host.txt"]).stdout.decode()
             say("   after restart: " + " | ".join(kept.strip().splitlines()))
             running = c.exec(["sh", "-c", "test -e /tmp/count && echo yes || echo no"])
-            say(f"   background counter survived a plain stop/start: "
-                f"{running.stdout.decode().strip()} (expected no)")
+            say(
+                f"   background counter survived a plain stop/start: "
+                f"{running.stdout.decode().strip()} (expected no)"
+            )
     finally:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
