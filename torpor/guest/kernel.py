@@ -18,10 +18,12 @@ renamed); an initramfs file is named by the hash of its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +57,16 @@ class Kernel:
         return self.root / "vmlinuz"
 
     @property
+    def boot_image(self) -> Path:
+        """The uncompressed PVH ``vmlinux`` when available, else the bzImage.
+
+        QEMU boots an ELF kernel with a PVH entry note directly in 64-bit mode, which
+        skips the real-mode setup and the decompressor (~0.15 s under TCG).
+        """
+        vmlinux = self.root / "vmlinux"
+        return vmlinux if vmlinux.exists() else self.vmlinuz
+
+    @property
     def modules(self) -> list[Path]:
         order = (self.root / "modules.order").read_text().split()
         return [self.root / "modules" / f"{name}.ko" for name in order]
@@ -74,7 +86,63 @@ def installed_kernel(paths: Paths) -> Kernel:
             step="find guest kernel",
             path=kdir,
         )
-    return Kernel(found[-1].name, found[-1])
+    kernel = Kernel(found[-1].name, found[-1])
+    if not (kernel.root / "vmlinux").exists() and not (kernel.root / "vmlinux.none").exists():
+        extract_vmlinux(kernel)
+    return kernel
+
+
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """True if an ELF64 image carries the Xen PHYS32_ENTRY note QEMU needs for PVH."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        return False
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        hdr = phoff + i * phentsize
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, hdr)
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\x00")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def extract_vmlinux(kernel: Kernel) -> Path | None:
+    """Unpack the LZ4-compressed ELF inside Debian's bzImage, if it can boot as PVH.
+
+    Best effort: without the ``lz4`` tool or a PVH note, torpor boots the bzImage and
+    records that in ``vmlinux.none`` so the attempt is not repeated.
+    """
+    data = kernel.vmlinuz.read_bytes()
+    off = data.find(LZ4_LEGACY_MAGIC)
+    reason = ""
+    if off < 0:
+        reason = "bzImage payload is not LZ4 (legacy format)"
+    elif not shutil.which("lz4"):
+        reason = "the lz4 tool is missing (apt: lz4)"
+    else:
+        # lz4 reports trailing data after the stream as an error; the output is complete
+        r = subprocess.run(["lz4", "-dc"], input=data[off:], capture_output=True)
+        if not _has_pvh_note(r.stdout):
+            reason = f"no PVH entry note in the decompressed kernel (lz4 exit {r.returncode})"
+        else:
+            from torpor.fsutil import atomic_write_bytes
+
+            atomic_write_bytes(kernel.root / "vmlinux", r.stdout)
+            return kernel.root / "vmlinux"
+    with contextlib.suppress(OSError):
+        (kernel.root / "vmlinux.none").write_text(reason + "\n")
+    return None
 
 
 def _module_info(ko: Path) -> tuple[str, list[str]]:

@@ -43,7 +43,7 @@ def machine_spec_for(paths: Paths, cfg: VMConfig, files: VMFiles) -> tuple[qemu.
     kernel, initrd = guest_boot_files(paths)
     accel = resolve_accel(paths, cfg.accel)
     spec = qemu.MachineSpec(
-        kernel=kernel.vmlinuz,
+        kernel=kernel.boot_image,
         initrd=initrd,
         ram_file=files.ram,
         disk=files.disk,
@@ -136,7 +136,7 @@ def probe_kvm(paths: Paths, deadline: float = 15.0) -> tuple[bool, str]:
             "none",
             "-no-reboot",
             "-kernel",
-            str(kernel.vmlinuz),
+            str(kernel.boot_image),
             "-initrd",
             str(initrd),
             "-append",

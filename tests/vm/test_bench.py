@@ -1,0 +1,27 @@
+"""`torpor bench boot` runs and writes well-formed JSON (its figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import torpor_cli
+
+pytestmark = pytest.mark.vm
+
+
+def test_bench_boot_writes_json(tools_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "boot.json"
+    r = torpor_cli("bench", "boot", "--image", tools_image, "--runs", "1", "--execs", "3",
+                   "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["accel"] in ("kvm", "tcg")
+    assert data["ready_wall_ms"]["n"] == 1
+    assert data["exec_true_ms"]["n"] == 3
+    assert data["stdout_1mib_mib_per_s"]["n"] == 5
+    assert data["machine"]["qemu"].startswith("QEMU")
+    assert b"cold boot to agent-ready" in r.stdout
+    assert torpor_cli("ps", "-aq").stdout == b""  # the benchmark cleans up its VMs

@@ -1,0 +1,860 @@
+"""The local content-addressed chunk store: put, commit, read back, verify, gc.
+
+Role: :class:`ChunkStore` stores files as deduplicated, individually compressed
+chunks and records snapshots as authenticated manifests naming those chunks.
+
+Invariants:
+
+- A chunk file ``chunks/<aa>/<hash>`` holds one zstd frame whose decompressed bytes
+  hash (BLAKE3) to ``<hash>``.  Every read re-checks that; a chunk that fails is
+  reported as corrupt, never returned.
+- A manifest is listed (``snapshots/<id>.manifest`` exists) only after every chunk
+  it names is durable.  Nothing inside the store is an absolute path, so the folder
+  can be copied anywhere (its ``key`` goes with it).
+
+Crash safety (the ordering)::
+
+    1. lease      leases/<host>.<pid>.<rnd>.lease         (gc protection, see below)
+    2. chunks     tmp/<rnd>.tmp  --rename-->  chunks/<aa>/<hash>     no fsync each
+    3. syncfs     one syncfs(2) of the store's filesystem: every chunk's data and
+                  every directory entry written in 2 is now on disk
+    4. manifest   snapshots/.<id>.manifest.<rnd>.tmp, fsync, rename, fsync dir
+    5. release    unlink the lease
+
+A crash before 4's rename leaves no manifest listed (temp files start with "." and
+are ignored), only orphan chunks and temp files, which ``gc`` removes.  A crash
+after it leaves a complete snapshot whose chunks were made durable in 3.  Chunks of
+earlier snapshots are never rewritten in place, so they stay intact.  One hazard
+remains: a chunk written in 2 whose data never reached the disk may survive a
+power loss as a torn file under its real name; so an existing chunk is trusted
+without reading it only if a committed parent names it (it went through 3) or this
+writer wrote it itself — any other pre-existing chunk is re-hashed before it is
+reused, and rewritten if bad.
+
+Why gc is safe while writers run (local filesystem, one kernel clock):
+
+- gc holds ``gc.lock`` exclusively for its whole run.  Writers take it shared, and
+  only briefly: to create their lease, to *claim* existing chunks (touch the file's
+  mtime, which also proves it still exists), and to check-and-write a manifest.
+- gc keeps every chunk that a manifest names and every chunk whose mtime is not
+  older than ``min(now - grace, oldest live lease's mtime)``.
+- A writer's lease is either created before gc starts (gc sees it) or after gc
+  ends (the writer sees gc's deletions).  In the first case every chunk the writer
+  relies on has an mtime >= its lease: chunks it wrote are newer than the lease, and
+  chunks it claimed were touched under the shared lock, i.e. wholly before gc
+  (so gc sees the new mtime) or wholly after (so the claim sees the deletion and the
+  writer rewrites the chunk, or fails if it has no data for it).
+- Finally ``commit`` checks, under the shared lock, that every chunk exists and
+  writes the manifest before letting go: gc runs wholly before (the check catches
+  any deletion) or wholly after (gc sees the manifest).  So no committed manifest
+  can name a chunk gc deleted.
+
+Clock steps backwards can shrink the lease window; ``grace_seconds`` is the backstop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torpor import fsutil
+from torpor.errors import ConflictError, NotFoundError, UsageError
+from torpor.store import chunks as ck
+from torpor.store.errors import ChunkMissingError, StoreError, chunk_error
+from torpor.store.lease import create_lease, read_leases, release_lease
+from torpor.store.manifest import (
+    KIND_VM_SNAPSHOT,
+    Artifact,
+    Manifest,
+    build_manifest,
+    decode_manifest,
+    encode_manifest,
+)
+
+STORE_FORMAT = b"torpor-store 1\n"
+KEY_BYTES = 32
+DEFAULT_GRACE_SECONDS = 15 * 60.0
+
+_HASH_RE = re.compile(rb"[0-9a-f]{64}")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PutStats:
+    """What one :meth:`ChunkStore.put_file` did. Times are summed over threads."""
+
+    bytes_total: int = 0
+    bytes_read: int = 0
+    chunks_total: int = 0
+    chunks_zero: int = 0
+    chunks_reused: int = 0  # same as the parent's, skipped as clean, or already stored
+    chunks_skipped: int = 0  # of chunks_reused: taken from the parent unread (dirty path)
+    chunks_new: int = 0
+    bytes_stored: int = 0  # compressed bytes written for new chunks
+    seconds_reading: float = 0.0
+    seconds_hashing: float = 0.0
+    seconds_compressing: float = 0.0
+    seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    chunks_checked: int
+    bytes_checked: int
+    manifests_checked: int
+    corrupt: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    stray: tuple[str, ...] = ()  # files under chunks/ that are not named like a chunk
+    bad_manifests: tuple[tuple[str, str], ...] = ()  # (file name, reason)
+    affected: dict[str, tuple[str, ...]] = field(default_factory=dict)  # snap id -> chunks
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupt or self.missing or self.bad_manifests)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    chunks_deleted: int
+    bytes_freed: int
+    chunks_kept: int
+    chunks_kept_young: int  # unreferenced, but protected by a live lease or the grace period
+    temp_files_deleted: int
+    leases_live: int
+    leases_stale_removed: int
+    manifests_unreadable: tuple[str, ...] = ()
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page and directory entry of the filesystem holding ``path``."""
+    if _syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StoreError(f"syncfs failed: {os.strerror(err)}", step="sync", path=path)
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    """A store folder. Pass ``Paths.root / "store"``; created on first use.
+
+    One instance can write one snapshot at a time (a sequence of :meth:`put_file`
+    calls, then :meth:`commit`); readers may share it.  Use it as a context manager
+    or call :meth:`close` to drop an uncommitted writer's lease.
+    """
+
+    def __init__(
+        self, root: Path, *, level: int = ck.DEFAULT_LEVEL, threads: int | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.level = level
+        self.threads = max(1, threads or min(8, os.cpu_count() or 1))
+        self.chunks_dir = self.root / "chunks"
+        self.snapshots_dir = self.root / "snapshots"
+        self.leases_dir = self.root / "leases"
+        self.tmp_dir = self.root / "tmp"
+        self._lock_path = self.root / "gc.lock"
+        self._open()
+        self._key = self._load_key()
+        self._lease: Path | None = None
+        self._lease_finalizer: weakref.finalize | None = None
+        self._mine: set[str] = set()  # chunks written or claimed under the current lease
+        self._mu = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- setup -------------------------------------------------------------
+
+    def _open(self) -> None:
+        for d in (self.root, self.chunks_dir, self.snapshots_dir, self.leases_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        fmt = self.root / "FORMAT"
+        try:
+            got = fmt.read_bytes()
+        except FileNotFoundError:
+            fsutil.atomic_write_bytes(fmt, STORE_FORMAT)
+            return
+        if got != STORE_FORMAT:
+            raise StoreError(
+                f"unsupported store format {got[:40]!r} (this torpor reads "
+                f"{STORE_FORMAT.decode().strip()!r})",
+                step="open store",
+                path=fmt,
+            )
+
+    def _load_key(self) -> bytes:
+        path = self.root / "key"
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            # Create-if-absent atomically: write a temp, then link() it into place;
+            # a concurrent creator's link fails with EEXIST and both read the winner.
+            fd, tmp = tempfile.mkstemp(prefix=".key.", dir=self.root)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, secrets.token_bytes(KEY_BYTES))
+                os.fsync(fd)
+                os.close(fd)
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            fsutil.fsync_dir(self.root)
+            key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise StoreError(f"store key must be {KEY_BYTES} bytes", step="open store", path=path)
+        return key
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="torpor-store")
+        return self._pool
+
+    def close(self) -> None:
+        """Release an uncommitted writer's lease (its chunks become gc-able) and threads."""
+        self._drop_lease()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths and locks -----------------------------------------------------
+
+    def chunk_path(self, h: str) -> Path:
+        return self.chunks_dir / h[:2] / h
+
+    def _manifest_path(self, snap_id: str) -> Path:
+        return self.snapshots_dir / f"{snap_id}.manifest"
+
+    def _gc_lock(self, shared: bool) -> contextlib.AbstractContextManager[None]:
+        return fsutil.locked(self._lock_path, shared=shared)
+
+    def _ensure_lease(self) -> None:
+        if self._lease is not None:
+            return
+        with self._gc_lock(shared=True):
+            self._lease = create_lease(self.leases_dir)
+        self._lease_finalizer = weakref.finalize(self, release_lease, self._lease)
+
+    def _drop_lease(self) -> None:
+        if self._lease_finalizer is not None:
+            self._lease_finalizer()  # unlinks the lease file once
+        self._lease = None
+        self._lease_finalizer = None
+        self._mine = set()
+
+    # -- chunk I/O -----------------------------------------------------------
+
+    def _write_chunk(self, h: str, data: memoryview | bytes) -> tuple[int, float]:
+        """Compress and store chunk ``h``; returns (compressed size, seconds compressing)."""
+        t0 = time.perf_counter()
+        frame = ck.compress_chunk(data, self.level)
+        dt = time.perf_counter() - t0
+        dest = self.chunk_path(h)
+        fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(frame)
+            try:
+                os.replace(tmp, dest)
+            except FileNotFoundError:
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return len(frame), dt
+
+    def _read_chunk(self, h: str, length: int | None) -> bytes | str:
+        """The verified bytes of chunk ``h``, or ``"missing"`` / ``"corrupt"``."""
+        try:
+            with open(self.chunk_path(h), "rb") as f:
+                frame = f.read()
+        except FileNotFoundError:
+            return "missing"
+        try:
+            data = ck.decompress_chunk(frame, length)
+        except StoreError:
+            return "corrupt"
+        if ck.hash_bytes(data) != h:
+            return "corrupt"
+        return data
+
+    def _claim(self, hashes: Iterable[str]) -> set[str]:
+        """Touch existing chunks under the shared gc lock; return the ones that are absent.
+
+        A claimed chunk's mtime is newer than our lease, so gc keeps it (see module doc).
+        """
+        absent: set[str] = set()
+        with self._gc_lock(shared=True):
+            for h in hashes:
+                try:
+                    os.utime(self.chunk_path(h))
+                except FileNotFoundError:
+                    absent.add(h)
+        return absent
+
+    # -- put -----------------------------------------------------------------
+
+    def put_file(
+        self,
+        path: Path,
+        *,
+        chunk_size: int = ck.DEFAULT_CHUNK_SIZE,
+        parent: Artifact | None = None,
+        dirty: Iterable[int] | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Artifact, PutStats]:
+        """Store ``path`` as chunks; return its :class:`Artifact` and what it cost.
+
+        With ``parent`` (the same file's artifact in the parent snapshot), chunks equal
+        to the parent's are not rewritten.  With ``dirty`` (chunk indexes that may have
+        changed since ``parent``; needs ``parent``), other chunks are taken from the
+        parent without reading the file.  Chunks stay unlisted until :meth:`commit`.
+
+        Raises UsageError (bad chunk size, dirty without a compatible parent),
+        NotFoundError (no such file), ChunkMissingError (a parent chunk the dirty path
+        relies on is gone), StoreError (I/O).
+        """
+        t_start = time.perf_counter()
+        ck.validate_chunk_size(chunk_size)
+        path = Path(path)
+        if parent is not None and parent.chunk_size != chunk_size:
+            if dirty is not None:
+                raise UsageError(
+                    f"dirty chunks need a parent with the same chunk size "
+                    f"({parent.chunk_size} != {chunk_size})"
+                )
+            parent = None  # incomparable: chunk indexes mean different ranges
+        if dirty is not None and parent is None:
+            raise UsageError("dirty chunk indexes need a parent artifact")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFoundError(f"no such file: {path}", step="put file", path=path) from e
+        except OSError as e:
+            raise StoreError(f"cannot open: {e}", step="put file", path=path) from e
+        try:
+            self._ensure_lease()
+            return self._put_fd(fd, path, chunk_size, parent, dirty, progress, t_start)
+        except OSError as e:
+            raise StoreError(f"I/O error: {e}", step="put file", path=path) from e
+        finally:
+            os.close(fd)
+
+    def _put_fd(
+        self,
+        fd: int,
+        path: Path,
+        chunk_size: int,
+        parent: Artifact | None,
+        dirty: Iterable[int] | None,
+        progress: Progress | None,
+        t_start: float,
+    ) -> tuple[Artifact, PutStats]:
+        size = os.fstat(fd).st_size
+        n = ck.chunk_count(size, chunk_size)
+        result: list[str | None] = [None] * n
+        parent_set = parent.stored if parent is not None else frozenset()
+
+        # Which chunks come from the parent unread (dirty fast path)?
+        skipped: list[int] = []
+        if dirty is not None and parent is not None:
+            dirty_set = set(dirty)
+            for i in range(min(n, len(parent.chunks))):
+                if i not in dirty_set and parent.span(i) == ck.chunk_span(i, size, chunk_size):
+                    skipped.append(i)
+        skipped_set = set(skipped)
+        with_data = ck.chunks_with_data(ck.data_extents(fd, size), chunk_size)
+        to_read = sorted(i for i in with_data if i < n and i not in skipped_set)
+
+        st = dict.fromkeys(("bytes_read", "zero", "reused", "new", "stored"), 0) | {
+            "t_read": 0.0,
+            "t_hash": 0.0,
+            "t_comp": 0.0,
+        }
+
+        if skipped:
+            need = {parent.chunks[i] for i in skipped} - {None} - self._mine
+            absent = self._claim(sorted(need))
+            if absent:
+                raise ChunkMissingError(
+                    artifact=f"parent of {path}", missing=absent, step="put file (dirty)"
+                )
+            self._mine |= need
+            for i in skipped:
+                result[i] = parent.chunks[i]
+                if result[i] is None:
+                    st["zero"] += 1
+                else:
+                    st["reused"] += 1
+
+        done_bytes = 0
+        batches = ck.read_chunks(fd, size, chunk_size, to_read)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            st["t_read"] += time.perf_counter() - t0
+            if batch is None:
+                break
+            self._put_batch(batch, result, parent, parent_set, st)
+            done_bytes += sum(len(c.data) for c in batch)
+            if progress is not None:
+                progress(done_bytes, size)
+
+        zero_total = n - sum(1 for h in result if h is not None)
+        stats = PutStats(
+            bytes_total=size,
+            bytes_read=st["bytes_read"],
+            chunks_total=n,
+            chunks_zero=zero_total,
+            chunks_reused=st["reused"],
+            chunks_skipped=len(skipped) - sum(1 for i in skipped if result[i] is None),
+            chunks_new=st["new"],
+            bytes_stored=st["stored"],
+            seconds_reading=st["t_read"],
+            seconds_hashing=st["t_hash"],
+            seconds_compressing=st["t_comp"],
+            seconds_total=time.perf_counter() - t_start,
+        )
+        return Artifact(size, chunk_size, tuple(result)), stats
+
+    def _put_batch(
+        self,
+        batch: list[ck.ChunkRead],
+        result: list[str | None],
+        parent: Artifact | None,
+        parent_set: frozenset[str],
+        st: dict,
+    ) -> None:
+        t0 = time.perf_counter()
+        hashed: list[tuple[ck.ChunkRead, str]] = []
+        for c in batch:
+            st["bytes_read"] += len(c.data)
+            h = ck.hash_bytes(c.data)
+            if h == ck.zero_hash(len(c.data)):
+                st["zero"] += 1
+                continue
+            hashed.append((c, h))
+        st["t_hash"] += time.perf_counter() - t0
+
+        # Classify: known-good (ours or the parent's) vs. to be looked at in the store.
+        trusted: set[str] = set()
+        unknown: dict[str, memoryview] = {}
+        for c, h in hashed:
+            result[c.index] = h
+            if h in self._mine:
+                continue
+            same_as_parent = (
+                parent is not None and c.index < len(parent.chunks) and parent.chunks[c.index] == h
+            )
+            if same_as_parent or h in parent_set:
+                trusted.add(h)
+            else:
+                unknown.setdefault(h, c.data)
+        # Claim everything that already exists; what is absent must be written.
+        absent = self._claim(sorted(trusted | unknown.keys()))
+        data_of = {h: c.data for c, h in hashed}
+        to_write = {h: data_of[h] for h in absent}
+        # Pre-existing chunks nobody vouches for may be torn by an old crash: re-hash.
+        suspects = [h for h in unknown if h not in absent]
+        if suspects:
+            pool = self._executor()
+            lens = [len(unknown[h]) for h in suspects]
+            for h, got in zip(suspects, pool.map(self._read_chunk, suspects, lens), strict=True):
+                if not isinstance(got, bytes):
+                    to_write[h] = unknown[h]
+        if to_write:
+            pool = self._executor()
+            hs = list(to_write)
+            for size, dt in pool.map(self._write_chunk, hs, [to_write[h] for h in hs]):
+                st["stored"] += size
+                st["t_comp"] += dt
+        new = set(to_write)
+        with self._mu:
+            self._mine |= {h for _, h in hashed}
+        # Count per chunk: the first occurrence of a written hash is "new", the rest reuse.
+        for _, h in hashed:
+            if h in new:
+                st["new"] += 1
+                new.discard(h)
+            else:
+                st["reused"] += 1
+
+    # -- commit --------------------------------------------------------------
+
+    def commit(
+        self,
+        artifacts: Mapping[str, Artifact],
+        *,
+        parent: str | None = None,
+        kind: str = KIND_VM_SNAPSHOT,
+        meta: Mapping[str, str] | None = None,
+        created: str | None = None,
+    ) -> Manifest:
+        """Make a snapshot of ``artifacts`` durable and listed; return its manifest.
+
+        Raises NotFoundError (parent not in this store), ChunkMissingError (a named
+        chunk is not stored), ManifestError (bad fields), StoreError (I/O).
+        """
+        m, body = build_manifest(
+            parent=parent,
+            kind=kind,
+            meta=dict(meta or {}),
+            artifacts=dict(artifacts),
+            created=created,
+        )
+        if parent is not None and not self._manifest_path(parent).exists():
+            raise NotFoundError(f"parent snapshot {parent} is not in the store", step="commit")
+        self._ensure_lease()  # commits of artifacts not put by us are protected too
+        try:
+            sync_filesystem(self.root)  # step 3: every chunk durable before the manifest
+            with self._gc_lock(shared=True):
+                for name, a in artifacts.items():
+                    missing = [h for h in a.stored if not self.chunk_path(h).exists()]
+                    if missing:
+                        raise ChunkMissingError(
+                            artifact=name, missing=missing, step="commit", path=self.root
+                        )
+                dest = self._manifest_path(m.id)
+                if not dest.exists():
+                    self._write_manifest(dest, encode_manifest(self._key, body))
+        except OSError as e:
+            raise StoreError(f"I/O error: {e}", step="commit", path=self.root) from e
+        self._drop_lease()
+        return m
+
+    def _write_manifest(self, dest: Path, data: bytes) -> None:
+        fsutil.atomic_write_bytes(dest, data, mode=0o644)
+
+    # -- lookup ----------------------------------------------------------------
+
+    def _manifest_ids(self) -> list[str]:
+        out = []
+        for p in self.snapshots_dir.iterdir():
+            name = p.name
+            if name.endswith(".manifest") and not name.startswith("."):
+                out.append(name[: -len(".manifest")])
+        return sorted(out)
+
+    def load(self, path: Path) -> Manifest:
+        """Authenticate and parse one manifest file (ManifestError / ManifestAuthError)."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFoundError(f"no such manifest: {path}", step="load manifest") from e
+        stem = path.name[: -len(".manifest")] if path.name.endswith(".manifest") else None
+        return decode_manifest(self._key, data, source=path, expect_id=stem)
+
+    def get(self, ref: str) -> Manifest:
+        """The snapshot whose id is ``ref`` or starts with it (NotFoundError / ConflictError)."""
+        ref = ref.strip().lower()
+        if not ref or not all(c in "0123456789abcdef" for c in ref):
+            raise UsageError(f"not a snapshot id or id prefix: {ref!r}")
+        hits = [i for i in self._manifest_ids() if i.startswith(ref)]
+        if not hits:
+            raise NotFoundError(f"no snapshot {ref}", step="get snapshot", path=self.root)
+        if len(hits) > 1:
+            shown = ", ".join(h[:12] for h in hits[:5])
+            raise ConflictError(
+                f"snapshot prefix {ref} is ambiguous ({len(hits)} match: {shown})",
+                step="get snapshot",
+            )
+        return self.load(self._manifest_path(hits[0]))
+
+    def list(self) -> list[Manifest]:
+        """Every snapshot, oldest first. Raises on the first manifest that fails to load."""
+        ms = [self.load(self._manifest_path(i)) for i in self._manifest_ids()]
+        return sorted(ms, key=lambda m: (m.created, m.id))
+
+    def remove(self, ref: str, *, force: bool = False) -> Manifest:
+        """Delete a snapshot's manifest (chunks go at the next gc); returns it.
+
+        Raises ConflictError if another snapshot names it as parent, unless ``force``.
+        """
+        m = self.get(ref)
+        if not force:
+            children = []
+            for i in self._manifest_ids():
+                with contextlib.suppress(StoreError):
+                    if self.load(self._manifest_path(i)).parent == m.id:
+                        children.append(i)
+            if children:
+                raise ConflictError(
+                    f"snapshot {m.id[:12]} is the parent of {', '.join(c[:12] for c in children)}"
+                    "; remove those first or use force",
+                    step="remove snapshot",
+                )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._manifest_path(m.id))
+        fsutil.fsync_dir(self.snapshots_dir)
+        return m
+
+    # -- read back -------------------------------------------------------------
+
+    def materialize(
+        self, artifact: Artifact, dest: Path, *, name: str | None = None, durable: bool = True
+    ) -> None:
+        """Write ``artifact`` to ``dest`` as a sparse file, checking every chunk's hash.
+
+        Zero chunks become holes.  On any bad chunk, raises ChunkMissingError or
+        ChunkCorruptError naming every bad chunk, and ``dest`` is left untouched.
+        ``durable`` fsyncs the file before the rename.
+        """
+        dest = Path(dest)
+        label = name or f"<{artifact.size} bytes>"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        positions: dict[str, list[int]] = {}
+        for i, h in enumerate(artifact.chunks):
+            if h is not None:
+                positions.setdefault(h, []).append(i)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            os.ftruncate(fd, artifact.size)
+
+            def one(h: str) -> tuple[str, str | None]:
+                idx = positions[h]
+                got = self._read_chunk(h, artifact.span(idx[0])[1])
+                if not isinstance(got, bytes):
+                    return h, got
+                for i in idx:
+                    off = artifact.span(i)[0]
+                    view = memoryview(got)
+                    while view:
+                        n = os.pwrite(fd, view, off)
+                        view, off = view[n:], off + n
+                return h, None
+
+            bad: dict[str, list[str]] = {"missing": [], "corrupt": []}
+            for h, err in self._executor().map(one, positions):
+                if err is not None:
+                    bad[err].append(h)
+            if bad["missing"] or bad["corrupt"]:
+                raise chunk_error(
+                    artifact=label,
+                    missing=bad["missing"],
+                    corrupt=bad["corrupt"],
+                    step="materialize",
+                    path=dest,
+                )
+            if durable:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, dest)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if durable:
+            fsutil.fsync_dir(dest.parent)
+
+    def read_range(
+        self, artifact: Artifact, offset: int, length: int, *, name: str | None = None
+    ) -> bytes:
+        """Bytes ``[offset, offset+length)`` of ``artifact`` (short at its end), hash-checked.
+
+        Only the chunks covering the range are read.  Raises UsageError for a negative
+        offset/length or an offset past the end, ChunkMissingError / ChunkCorruptError.
+        """
+        if offset < 0 or length < 0 or offset > artifact.size:
+            raise UsageError(
+                f"range {offset}+{length} is outside artifact of {artifact.size} bytes"
+            )
+        end = min(artifact.size, offset + length)
+        if end <= offset:
+            return b""
+        cs = artifact.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        parts: list[bytes] = []
+        missing, corrupt = [], []
+        for i in range(first, last + 1):
+            off, ln = artifact.span(i)
+            h = artifact.chunks[i]
+            data = bytes(ln) if h is None else self._read_chunk(h, ln)
+            if data == "missing":
+                missing.append(h)
+            elif data == "corrupt":
+                corrupt.append(h)
+            else:
+                lo, hi = max(offset, off) - off, min(end, off + ln) - off
+                parts.append(data[lo:hi])
+        if missing or corrupt:
+            raise chunk_error(
+                artifact=name or f"<{artifact.size} bytes>",
+                missing=missing,
+                corrupt=corrupt,
+                step="read range",
+                path=self.root,
+            )
+        return b"".join(parts)
+
+    # -- maintenance -------------------------------------------------------------
+
+    def _stored_chunks(self) -> tuple[list[Path], list[str]]:
+        """(chunk files, stray names) under chunks/."""
+        files, stray = [], []
+        for d in sorted(self.chunks_dir.iterdir()):
+            if not d.is_dir():
+                stray.append(d.name)
+                continue
+            for p in d.iterdir():
+                if ck.is_chunk_hash(p.name) and p.name[:2] == d.name:
+                    files.append(p)
+                else:
+                    stray.append(f"{d.name}/{p.name}")
+        return files, stray
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every stored chunk and authenticate every manifest; report damage."""
+        manifests: list[Manifest] = []
+        bad_manifests: list[tuple[str, str]] = []
+        for i in self._manifest_ids():
+            try:
+                manifests.append(self.load(self._manifest_path(i)))
+            except StoreError as e:
+                bad_manifests.append((f"{i}.manifest", str(e)))
+        files, stray = self._stored_chunks()
+
+        def check(p: Path) -> tuple[str, int, bool]:
+            got = self._read_chunk(p.name, None)
+            return p.name, len(got) if isinstance(got, bytes) else 0, isinstance(got, bytes)
+
+        corrupt: list[str] = []
+        nbytes = 0
+        present: set[str] = set()
+        for h, n, ok in self._executor().map(check, files):
+            present.add(h)
+            nbytes += n
+            if not ok:
+                corrupt.append(h)
+        corrupt_set = set(corrupt)
+        missing: set[str] = set()
+        affected: dict[str, tuple[str, ...]] = {}
+        for m in manifests:
+            need = m.chunks
+            gone = need - present
+            missing |= gone
+            bad = gone | (need & corrupt_set)
+            if bad:
+                affected[m.id] = tuple(sorted(bad))
+        return VerifyReport(
+            chunks_checked=len(files),
+            bytes_checked=nbytes,
+            manifests_checked=len(manifests) + len(bad_manifests),
+            corrupt=tuple(sorted(corrupt)),
+            missing=tuple(sorted(missing)),
+            stray=tuple(stray),
+            bad_manifests=tuple(bad_manifests),
+            affected=affected,
+        )
+
+    def gc(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> GcReport:
+        """Delete chunks no manifest names, except young ones (see module doc).
+
+        A manifest that fails to load cannot be trusted, but its chunks are kept
+        anyway (every 64-hex token in it counts as referenced): gc never turns a
+        damaged manifest into lost data.
+        """
+        if grace_seconds < 0:
+            raise UsageError("grace_seconds must be >= 0")
+        with self._gc_lock(shared=False):
+            now_ns = time.time_ns()
+            live, stale = 0, 0
+            cutoff = now_ns - int(grace_seconds * 1e9)
+            for lease in read_leases(self.leases_dir):
+                if lease.alive():
+                    live += 1
+                    cutoff = min(cutoff, lease.mtime_ns)
+                else:
+                    release_lease(lease.path)
+                    stale += 1
+            referenced: set[str] = set()
+            unreadable: list[str] = []
+            for i in self._manifest_ids():
+                p = self._manifest_path(i)
+                try:
+                    referenced |= self.load(p).chunks
+                except StoreError:
+                    unreadable.append(p.name)
+                    with contextlib.suppress(OSError):
+                        referenced |= {t.decode() for t in _HASH_RE.findall(p.read_bytes())}
+            deleted = freed = kept = young = 0
+            files, _ = self._stored_chunks()
+            for p in files:
+                if p.name in referenced:
+                    kept += 1
+                    continue
+                try:
+                    s = p.stat()
+                except FileNotFoundError:
+                    continue
+                if s.st_mtime_ns >= cutoff:
+                    young += 1
+                    kept += 1
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    deleted += 1
+                    freed += s.st_size
+            temps = 0
+            for d in (self.tmp_dir, self.snapshots_dir, self.root):
+                for p in d.iterdir():
+                    if not (
+                        p.name.endswith(".tmp") or (d == self.root and p.name.startswith(".key."))
+                    ):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if p.stat().st_mtime_ns < cutoff:
+                            p.unlink()
+                            temps += 1
+        return GcReport(
+            chunks_deleted=deleted,
+            bytes_freed=freed,
+            chunks_kept=kept,
+            chunks_kept_young=young,
+            temp_files_deleted=temps,
+            leases_live=live,
+            leases_stale_removed=stale,
+            manifests_unreadable=tuple(unreadable),
+        )
