@@ -19,7 +19,14 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      │    └── ProtocolError         malformed frame on the wire
      ├── VMError                    QEMU failed to start, crashed, timed out   (8)
      │    └── AcceleratorError      requested accelerator is unusable
-     └── SetupError                 host is missing a required tool            (9)
+     ├── SetupError                 host is missing a required tool            (9)
+     └── StoreError                 the snapshot chunk store                   (10)
+          ├── ManifestError         not a manifest, malformed, or inconsistent
+          │    ├── ManifestAuthError      the MAC does not match the store's key
+          │    └── ManifestVersionError   written by a newer (unknown) format major
+          └── ChunkError            chunks an artifact needs are unusable
+               ├── ChunkMissingError      at least one chunk file is absent
+               └── ChunkCorruptError      chunks are present but do not hash right
 
 The CLI maps each class to the stable exit code shown; exec'd commands use
 their own exit codes (0-255) only for ``run`` / ``exec`` when torpor itself
@@ -28,6 +35,8 @@ did not fail, following Docker (125 torpor failed, 126 not executable,
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class TorporError(Exception):
@@ -101,3 +110,50 @@ class AcceleratorError(VMError):
 
 class SetupError(TorporError):
     exit_code = 9
+
+
+class StoreError(TorporError):
+    exit_code = 10
+
+
+class ManifestError(StoreError):
+    pass
+
+
+class ManifestAuthError(ManifestError):
+    pass
+
+
+class ManifestVersionError(ManifestError):
+    pass
+
+
+class ChunkError(StoreError):
+    """Chunks of ``artifact`` are missing and/or corrupt; all are listed."""
+
+    def __init__(
+        self,
+        *,
+        artifact: str,
+        missing: Iterable[str] = (),
+        corrupt: Iterable[str] = (),
+        step: str | None = None,
+        path: object = None,
+    ):
+        self.artifact = artifact
+        self.missing = tuple(sorted(set(missing)))
+        self.corrupt = tuple(sorted(set(corrupt)))
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing chunk(s): {', '.join(self.missing)}")
+        if self.corrupt:
+            parts.append(f"{len(self.corrupt)} corrupt chunk(s): {', '.join(self.corrupt)}")
+        super().__init__(f"artifact {artifact}: " + "; ".join(parts), step=step, path=path)
+
+
+class ChunkMissingError(ChunkError):
+    pass
+
+
+class ChunkCorruptError(ChunkError):
+    pass

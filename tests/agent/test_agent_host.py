@@ -286,6 +286,96 @@ def test_eof_leaves_children_running(agent_binary):
         os.kill(pid, signal.SIGKILL)
 
 
+# ---- output coalescing ------------------------------------------------------------
+# The agent holds output for up to FLUSH_DELAY_MS so that many small writes
+# travel in few frames (docs/protocol.md); none of it may be lost, reordered
+# within its stream, held back behind a pause, or sent after EXIT.
+
+
+def lines(prefix: str, n: int) -> bytes:
+    return b"".join(f"{prefix}{i}\n".encode() for i in range(n))
+
+
+def is_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_small_writes_are_coalesced(agent):
+    n = 2000
+    script = f"i=0; while [ $i -lt {n} ]; do echo line$i; i=$((i+1)); done"
+    handle = agent.client.start_exec(["sh", "-c", script])
+    chunks = [chunk for kind, chunk in handle.events(timeout=60) if kind == T.STDOUT]
+    assert handle.status == ExitStatus(0, 0)
+    assert b"".join(chunks) == lines("line", n)
+    assert len(chunks) < n / 4, f"{n} writes took {len(chunks)} STDOUT frames"
+
+
+def test_frames_stay_within_64_kib(agent):
+    size = 1 << 20
+    handle = agent.client.start_exec(  # 4 KiB writes, like busybox head
+        ["dd", "if=/dev/zero", "bs=4096", f"count={size // 4096}", "status=none"]
+    )
+    chunks = [chunk for kind, chunk in handle.events(timeout=60) if kind == T.STDOUT]
+    assert handle.status == ExitStatus(0, 0)
+    assert sum(map(len, chunks)) == size
+    assert max(map(len, chunks)) <= 64 * 1024
+    assert len(chunks) < size // 4096 / 4
+
+
+def test_interleaved_streams_each_keep_their_order(agent):
+    n = 1000
+    script = f"i=0; while [ $i -lt {n} ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    r = agent.client.exec(["sh", "-c", script], timeout=60)
+    assert r.status == ExitStatus(0, 0)
+    assert r.stdout == lines("out", n)
+    assert r.stderr == lines("err", n)
+
+
+def test_output_before_a_pause_is_not_held_back(agent):
+    handle = agent.client.start_exec(["sh", "-c", "echo first; sleep 2; echo second"])
+    events = handle.events(timeout=60)
+    seen = b""
+    while b"first\n" not in seen:
+        kind, chunk = next(events)
+        assert kind == T.STDOUT
+        seen += chunk
+    # "first" came while the process was still sleeping, not along with "second"
+    assert seen == b"first\n"
+    assert handle.status is None
+    assert is_running(handle.pid)
+    seen += b"".join(chunk for _, chunk in events)
+    assert seen == b"first\nsecond\n"
+    assert handle.status == ExitStatus(0, 0)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "printf x; exit 3",  # one byte, still waiting for its flush deadline
+        "echo out; echo err >&2; printf tail",
+        "head -c 300000 /dev/zero; echo err >&2; exit 3",  # more than a pipe holds
+        "head -c 100000 /dev/zero >&2 & head -c 100000 /dev/zero; wait; exit 3",
+    ],
+)
+def test_all_output_precedes_exit(raw_agent, script):
+    raw_agent.send(frame(T.EXEC, 60, ExecRequest(("sh", "-c", script)).encode()))
+    got = raw_agent.read_until(lambda f: f.type == T.EXIT)
+    assert got[0].type == T.STARTED
+    assert {f.type for f in got[1:-1]} <= {T.STDOUT, T.STDERR}
+    assert all(len(f.payload) <= 64 * 1024 for f in got)
+    out = b"".join(f.payload for f in got if f.type == T.STDOUT)
+    err = b"".join(f.payload for f in got if f.type == T.STDERR)
+    expected = subprocess.run(["sh", "-c", script], capture_output=True)
+    assert (out, err) == (expected.stdout, expected.stderr)
+    assert ExitStatus.decode(got[-1].payload) == ExitStatus(expected.returncode, 0)
+    assert assert_alive(raw_agent) == []  # nothing for id 60 after its EXIT
+
+
 # ---- files ----------------------------------------------------------------------
 
 

@@ -67,3 +67,33 @@ def test_pull_then_run_honours_image_config(registry, torpor_home: Path, tmp_pat
     r = torpor_cli("rmi", ref)
     assert r.returncode == 0, r.stderr
     assert b"e2e/hello" not in torpor_cli("images").stdout
+
+
+def test_pull_killed_midway_then_retried(registry, torpor_home: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layout = tmp_path / "layout"
+    layers = [busybox_rootfs_layer()]
+    write_oci_layout(layout, layers, busybox_config(layers), "latest")
+    ref = registry.ref("e2e/killed:latest")
+    push_to_registry(layout, ref)
+    for delay in (0.05, 0.3, 0.8):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "torpor.cli.main", "pull", ref],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        # whatever the kill interrupted, a retry succeeds and leaves no staging files
+        r = torpor_cli("pull", ref)
+        assert r.returncode == 0, r.stderr
+        assert torpor_cli("run", "--rm", ref, "true").returncode == 0
+        assert torpor_cli("rmi", ref).returncode == 0
+    tmp = torpor_home / "tmp"
+    assert not [n for n in os.listdir(tmp) if not n.startswith(".")], os.listdir(tmp)

@@ -171,8 +171,22 @@ def test_store_folder_is_relocatable(tmp_path: Path):
         s2.materialize(got.artifacts["memory"], out)
         assert same_content(src, out)
         assert s2.verify().ok
-        assert s2.read_range(got.artifacts["memory"], CS - 1, 3) == src.read_bytes()[CS - 1 : CS + 2]
+        assert (
+            s2.read_range(got.artifacts["memory"], CS - 1, 3) == src.read_bytes()[CS - 1 : CS + 2]
+        )
     # Nothing absolute inside the store.
     for p in (tmp_path / "elsewhere" / "store").rglob("*"):
         if p.is_file() and p.name != "key":
             assert str(tmp_path).encode() not in p.read_bytes(), p
+
+
+def test_progress_reaches_the_end_and_missing_file_is_not_found(store, tmp_path):
+    from torpor.errors import NotFoundError
+
+    src = write_sparse(tmp_path / "f", 64 * MiB, [(3 * MiB, b"x" * 100)])
+    seen: list[tuple[int, int]] = []
+    store.put_file(src, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (64 * MiB, 64 * MiB)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(NotFoundError):
+        store.put_file(tmp_path / "nope")

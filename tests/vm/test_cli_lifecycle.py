@@ -282,3 +282,54 @@ def test_kill9_cli_during_boot_leaves_consistent_state(tools_image: str) -> None
         assert r.returncode == 0, r.stderr
     finally:
         torpor_cli("rm", "-f", "orphan")
+
+
+def test_exec_interrupted_and_killed(box) -> None:
+    # Ctrl-C on `torpor exec` reaches the process in the VM
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "exec",
+            "shared-box",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 130' INT; echo ready; while true; do sleep 0.1; done",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert b"got-int" in out and p.returncode == 130
+    # kill -9 of the CLI mid-exec: the VM and its other clients are unaffected
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "exec",
+            "shared-box",
+            "sh",
+            "-c",
+            "echo ready; sleep 1000",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    p.kill()
+    p.wait()
+    r = torpor_cli("exec", "shared-box", "echo", "still-here")
+    assert (r.returncode, r.stdout) == (0, b"still-here\n")
+
+
+def test_vm_files_are_private(box) -> None:
+    import stat
+
+    assert stat.S_IMODE(os.stat(box.dir).st_mode) == 0o700
+    for name in ("agent.sock", "ctl.sock", "qmp.sock"):
+        mode = os.stat(box.dir / name).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) & 0o077 == 0, name

@@ -19,12 +19,24 @@
  *   loop: they touch regular files and directories only, which do not block for
  *   long, and this keeps the loop free of per-transfer state.
  *
+ *   Output is coalesced, Nagle-style: every frame costs the guest a
+ *   virtio-serial kick (a VM exit, slow under emulation), and tools such as
+ *   busybox write 4 KiB at a time. Bytes read from an EXEC's stdout/stderr
+ *   pipe wait in that stream's buffer (at most OUT_CHUNK) and are sent when the
+ *   buffer reaches FLUSH_THRESHOLD, when FLUSH_DELAY_MS have passed since its
+ *   oldest unsent byte arrived (poll()'s timeout is the earliest such deadline),
+ *   when the pipe reaches EOF, when the other stream of the same EXEC produces
+ *   output (so the two keep the order in which the agent read them), and
+ *   before EXIT.
+ *
  * Invariants
  *   - PID 1 never exits: a fatal error powers the VM off.
  *   - Every descriptor the agent opens is close-on-exec and fds 0-2 are always
  *     open, so a child sees exactly its three pipes (or /dev/null).
  *   - EXIT for an EXEC is sent once its main process has been reaped and what
  *     its pipes held at that moment has been forwarded; nothing follows it.
+ *   - Output waits at most FLUSH_DELAY_MS (plus the loop's latency) in the
+ *     agent, and at most OUT_CHUNK bytes per stream: memory stays bounded.
  *   - No frame is dropped while the host is connected. While it is not, output
  *     is discarded and children keep running (init mode only; in host mode the
  *     agent exits on EOF, leaving its children alone).
@@ -106,13 +118,30 @@ enum {
 #define IN_CAP (HDR_LEN + MAX_PAYLOAD) /* one whole frame always fits */
 #define WBUF_CAP (16 * 1024)          /* structured replies; strings are clipped */
 #define STATUS_MAX 600                /* child start-up failure record */
+/* Output coalescing (see Design): a stream's buffered output is sent once it
+ * reaches FLUSH_THRESHOLD bytes or its oldest byte is FLUSH_DELAY_MS old. The
+ * delay is what interactive output may lag by; the threshold stays below
+ * OUT_CHUNK so the read that crosses it still has room for a whole pipe's worth. */
+#define FLUSH_DELAY_MS 2
+#define FLUSH_THRESHOLD (32u * 1024)
 
 /* ---- state ------------------------------------------------------------- */
+
+/* One output pipe of an EXEC and the bytes read from it but not yet sent. */
+struct out_stream {
+	int fd;             /* our read end; -1 once closed */
+	uint8_t type;       /* T_STDOUT or T_STDERR */
+	unsigned char *buf; /* OUT_CHUNK bytes, allocated on first output */
+	size_t len;         /* unsent bytes in buf */
+	int64_t due_ns;     /* CLOCK_MONOTONIC deadline for them; valid while len > 0 */
+};
+
+enum { PIPE_OUT, PIPE_ERR, PIPE_IN }; /* out[] indices, then the stdin pipe */
 
 struct exec_proc {
 	uint32_t id;
 	pid_t pid;
-	int out_fd, err_fd; /* our read ends; -1 once closed */
+	struct out_stream out[2]; /* [PIPE_OUT] stdout, [PIPE_ERR] stderr */
 	int in_fd;          /* our write end; -1 if not piped or closed */
 	int status_fd;      /* CLOEXEC pipe: child start-up failure record */
 	unsigned char *in_buf; /* stdin bytes the pipe has not taken yet */
@@ -149,7 +178,7 @@ static struct {
 	volatile sig_atomic_t alarm_fired;
 } g = { .ctl = -1, .sigfd = -1, .connected = 1 };
 
-static unsigned char chunk[OUT_CHUNK]; /* scratch for pipe and file reads */
+static unsigned char chunk[OUT_CHUNK]; /* scratch for file reads (and unbuffered output) */
 static int log_fd = STDERR_FILENO;
 
 /* ---- small utilities --------------------------------------------------- */
@@ -172,11 +201,16 @@ static void logmsg(const char *fmt, ...)
 	}
 }
 
-static int64_t now_ms(void)
+static int64_t now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t now_ms(void)
+{
+	return now_ns() / 1000000;
 }
 
 static void sleep_ms(long ms)
@@ -755,10 +789,11 @@ static void start_exec(uint32_t id, uint32_t flags, const char *user, const char
 		send_error(id, saved, "exec \"%s\": %s", argv[0], strerror(saved));
 		return;
 	}
-	*e = (struct exec_proc){ .id = id, .pid = pid, .out_fd = out[0], .err_fd = err[0],
-				 .in_fd = in[1], .status_fd = st[0] };
-	set_nonblock(e->out_fd);
-	set_nonblock(e->err_fd);
+	*e = (struct exec_proc){ .id = id, .pid = pid, .in_fd = in[1], .status_fd = st[0],
+				 .out = { { .fd = out[0], .type = T_STDOUT },
+					  { .fd = err[0], .type = T_STDERR } } };
+	set_nonblock(e->out[PIPE_OUT].fd);
+	set_nonblock(e->out[PIPE_ERR].fd);
 	set_nonblock(e->status_fd);
 	if (e->in_fd >= 0)
 		set_nonblock(e->in_fd);
@@ -788,34 +823,81 @@ static void handle_exec(uint32_t id, struct rd *r)
 	free_list(envp);
 }
 
-/* Forwards at most `limit` bytes (or one chunk when limit is 0) from a pipe. */
-static void forward_pipe(struct exec_proc *e, int *fd, uint8_t type, size_t limit)
+static void out_flush(struct exec_proc *e, struct out_stream *s)
 {
-	size_t want = limit ? limit : sizeof chunk;
-	while (*fd >= 0 && want > 0) {
-		ssize_t n = read(*fd, chunk, want < sizeof chunk ? want : sizeof chunk);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && errno == EAGAIN)
-			return;
-		if (n <= 0) { /* the writers closed it (or it broke): nothing more will come */
-			close_fd(fd);
-			return;
-		}
-		send_frame(type, e->id, chunk, (size_t)n);
-		want -= (size_t)n;
-		if (!limit)
-			return; /* one chunk per wake-up keeps the loop fair */
+	if (s->len > 0) {
+		send_frame(s->type, e->id, s->buf, s->len);
+		s->len = 0;
 	}
 }
 
-/* Forwards exactly what the pipe holds now: a background grandchild that keeps
- * writing must not delay EXIT. */
-static void drain_pipe(struct exec_proc *e, int *fd, uint8_t type)
+/* One read of at most `max` bytes from output pipe `which`, coalesced into its
+ * buffer (see Design). Returns the bytes read: 0 if none were ready or the pipe
+ * is closed (then what was buffered has been sent). */
+static size_t out_read(struct exec_proc *e, int which, size_t max)
 {
+	struct out_stream *s = &e->out[which];
+	if (s->fd < 0)
+		return 0;
+	if (!s->buf)
+		s->buf = malloc(OUT_CHUNK); /* if that fails, forward unbuffered via chunk */
+	unsigned char *dst = s->buf ? s->buf + s->len : chunk;
+	size_t room = s->buf ? OUT_CHUNK - s->len : sizeof chunk; /* > 0: len < THRESHOLD */
+	ssize_t n;
+	do
+		n = read(s->fd, dst, max < room ? max : room);
+	while (n < 0 && errno == EINTR);
+	if (n < 0 && errno == EAGAIN)
+		return 0;
+	if (n <= 0) { /* the writers closed it (or it broke): nothing more will come */
+		out_flush(e, s);
+		close_fd(&s->fd);
+		return 0;
+	}
+	out_flush(e, &e->out[!which]); /* the other stream's bytes were read first */
+	if (!s->buf) {
+		send_frame(s->type, e->id, chunk, (size_t)n);
+		return (size_t)n;
+	}
+	if (s->len == 0)
+		s->due_ns = now_ns() + FLUSH_DELAY_MS * 1000000LL;
+	s->len += (size_t)n;
+	if (s->len >= FLUSH_THRESHOLD)
+		out_flush(e, s);
+	return (size_t)n;
+}
+
+/* Sends exactly what the pipe holds now, and what was buffered before it: a
+ * background grandchild that keeps writing must not delay EXIT. */
+static void out_drain(struct exec_proc *e, int which)
+{
+	struct out_stream *s = &e->out[which];
 	int avail = 0;
-	if (*fd >= 0 && ioctl(*fd, FIONREAD, &avail) == 0 && avail > 0)
-		forward_pipe(e, fd, type, (size_t)avail);
+	if (s->fd < 0 || ioctl(s->fd, FIONREAD, &avail) < 0 || avail < 0)
+		avail = 0;
+	size_t left = (size_t)avail, n;
+	while (left > 0 && (n = out_read(e, which, left)) > 0)
+		left -= n;
+	out_flush(e, s);
+}
+
+/* Sends the buffers whose deadline has passed. Returns the poll() timeout, in
+ * ms rounded up, until the earliest remaining deadline; -1 if there is none. */
+static int out_flush_due(void)
+{
+	int64_t now = now_ns(), next = INT64_MAX;
+	for (int i = 0; i < g.nexecs; i++) {
+		for (int k = PIPE_OUT; k <= PIPE_ERR; k++) {
+			struct out_stream *s = &g.execs[i]->out[k];
+			if (s->len == 0)
+				continue;
+			if (s->due_ns <= now)
+				out_flush(g.execs[i], s);
+			else if (s->due_ns < next)
+				next = s->due_ns;
+		}
+	}
+	return next == INT64_MAX ? -1 : (int)((next - now + 999999) / 1000000);
 }
 
 static void stdin_discard(struct exec_proc *e)
@@ -900,14 +982,16 @@ static void stdin_push(struct exec_proc *e, const unsigned char *p, size_t n)
 
 static void finish_exec(struct exec_proc *e, int status)
 {
-	drain_pipe(e, &e->out_fd, T_STDOUT);
-	drain_pipe(e, &e->err_fd, T_STDERR);
+	out_drain(e, PIPE_OUT);
+	out_drain(e, PIPE_ERR);
 	char rec[STATUS_MAX];
 	ssize_t n = read(e->status_fd, rec, sizeof rec);
 	if (n > 1)
 		send_frame(T_STDERR, e->id, rec + 1, (size_t)n - 1);
-	close_fd(&e->out_fd);
-	close_fd(&e->err_fd);
+	for (int k = PIPE_OUT; k <= PIPE_ERR; k++) {
+		close_fd(&e->out[k].fd);
+		free(e->out[k].buf);
+	}
 	close_fd(&e->status_fd);
 	stdin_close(e);
 
@@ -1525,25 +1609,27 @@ static void read_ctl(void)
 
 /* ---- the loop ---------------------------------------------------------- */
 
-enum { PIPE_OUT, PIPE_ERR, PIPE_IN };
-
 static void serve(void)
 {
 	static struct pollfd pfd[2 + 3 * MAX_EXECS];
 	static struct { struct exec_proc *e; int which; } slot[2 + 3 * MAX_EXECS];
 	for (;;) {
-		int n = 0, ctl_idx = -1, timeout = -1;
+		int n = 0, ctl_idx = -1, timeout = out_flush_due();
 		pfd[n++] = (struct pollfd){ .fd = g.sigfd, .events = POLLIN };
 		if (!g.connected) {
 			int64_t wait = g.retry_at_ms - now_ms();
-			timeout = wait < 0 ? 0 : (int)wait;
+			if (wait < 0)
+				wait = 0;
+			if (timeout < 0 || wait < timeout)
+				timeout = (int)wait;
 		} else if (g.stdin_pending < STDIN_HIGH_WATER) {
 			ctl_idx = n;
 			pfd[n++] = (struct pollfd){ .fd = g.ctl, .events = POLLIN };
 		}
 		for (int i = 0; i < g.nexecs; i++) {
 			struct exec_proc *e = g.execs[i];
-			int fds[3] = { e->out_fd, e->err_fd, e->in_off < e->in_len ? e->in_fd : -1 };
+			int fds[3] = { e->out[PIPE_OUT].fd, e->out[PIPE_ERR].fd,
+				       e->in_off < e->in_len ? e->in_fd : -1 };
 			for (int k = 0; k < 3; k++) {
 				if (fds[k] < 0)
 					continue;
@@ -1565,12 +1651,10 @@ static void serve(void)
 			if (!pfd[i].revents || i == 0 || i == ctl_idx)
 				continue;
 			struct exec_proc *e = slot[i].e;
-			if (slot[i].which == PIPE_OUT)
-				forward_pipe(e, &e->out_fd, T_STDOUT, 0);
-			else if (slot[i].which == PIPE_ERR)
-				forward_pipe(e, &e->err_fd, T_STDERR, 0);
-			else
+			if (slot[i].which == PIPE_IN)
 				stdin_flush(e);
+			else /* one read per wake-up keeps the loop fair */
+				out_read(e, slot[i].which, OUT_CHUNK);
 		}
 		if (ctl_idx >= 0 && pfd[ctl_idx].revents)
 			read_ctl();

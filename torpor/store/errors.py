@@ -1,7 +1,6 @@
-"""Errors raised by the snapshot store.
+"""Errors raised by the snapshot store (defined in :mod:`torpor.errors`).
 
-These belong in :mod:`torpor.errors` (one hierarchy for all of torpor); they live
-here until that shared file is edited.  Lookups that fail use the shared
+Lookups that fail use the shared
 :class:`~torpor.errors.NotFoundError` and :class:`~torpor.errors.ConflictError`.
 
 ::
@@ -24,54 +23,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torpor.errors import TorporError
+from torpor.errors import (
+    ChunkCorruptError,
+    ChunkError,
+    ChunkMissingError,
+    ManifestAuthError,
+    ManifestError,
+    ManifestVersionError,
+    StoreError,
+)
 
-
-class StoreError(TorporError):
-    exit_code = 10
-
-
-class ManifestError(StoreError):
-    pass
-
-
-class ManifestAuthError(ManifestError):
-    pass
-
-
-class ManifestVersionError(ManifestError):
-    pass
-
-
-class ChunkError(StoreError):
-    """Chunks of ``artifact`` are missing and/or corrupt; all are listed."""
-
-    def __init__(
-        self,
-        *,
-        artifact: str,
-        missing: Iterable[str] = (),
-        corrupt: Iterable[str] = (),
-        step: str | None = None,
-        path: object = None,
-    ):
-        self.artifact = artifact
-        self.missing = tuple(sorted(set(missing)))
-        self.corrupt = tuple(sorted(set(corrupt)))
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing chunk(s): {', '.join(self.missing)}")
-        if self.corrupt:
-            parts.append(f"{len(self.corrupt)} corrupt chunk(s): {', '.join(self.corrupt)}")
-        super().__init__(f"artifact {artifact}: " + "; ".join(parts), step=step, path=path)
-
-
-class ChunkMissingError(ChunkError):
-    pass
-
-
-class ChunkCorruptError(ChunkError):
-    pass
+__all__ = [
+    "ChunkCorruptError",
+    "ChunkError",
+    "ChunkMissingError",
+    "ManifestAuthError",
+    "ManifestError",
+    "ManifestVersionError",
+    "StoreError",
+    "chunk_error",
+]
 
 
 def chunk_error(

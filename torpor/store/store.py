@@ -61,7 +61,6 @@ import os
 import re
 import secrets
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -191,7 +190,6 @@ class ChunkStore:
         self._lease: Path | None = None
         self._lease_finalizer: weakref.finalize | None = None
         self._mine: set[str] = set()  # chunks written or claimed under the current lease
-        self._mu = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     # -- setup -------------------------------------------------------------
@@ -405,7 +403,7 @@ class ChunkStore:
         with_data = ck.chunks_with_data(ck.data_extents(fd, size), chunk_size)
         to_read = sorted(i for i in with_data if i < n and i not in skipped_set)
 
-        st = dict.fromkeys(("bytes_read", "zero", "reused", "new", "stored"), 0) | {
+        st = dict.fromkeys(("bytes_read", "reused", "new", "stored"), 0) | {
             "t_read": 0.0,
             "t_hash": 0.0,
             "t_comp": 0.0,
@@ -421,12 +419,8 @@ class ChunkStore:
             self._mine |= need
             for i in skipped:
                 result[i] = parent.chunks[i]
-                if result[i] is None:
-                    st["zero"] += 1
-                else:
-                    st["reused"] += 1
+                st["reused"] += result[i] is not None
 
-        done_bytes = 0
         batches = ck.read_chunks(fd, size, chunk_size, to_read)
         while True:
             t0 = time.perf_counter()
@@ -435,9 +429,10 @@ class ChunkStore:
             if batch is None:
                 break
             self._put_batch(batch, result, parent, parent_set, st)
-            done_bytes += sum(len(c.data) for c in batch)
             if progress is not None:
-                progress(done_bytes, size)
+                progress(min(size, (batch[-1].index + 1) * chunk_size), size)
+        if progress is not None:
+            progress(size, size)
 
         zero_total = n - sum(1 for h in result if h is not None)
         stats = PutStats(
@@ -470,7 +465,6 @@ class ChunkStore:
             st["bytes_read"] += len(c.data)
             h = ck.hash_bytes(c.data)
             if h == ck.zero_hash(len(c.data)):
-                st["zero"] += 1
                 continue
             hashed.append((c, h))
         st["t_hash"] += time.perf_counter() - t0
@@ -508,8 +502,7 @@ class ChunkStore:
                 st["stored"] += size
                 st["t_comp"] += dt
         new = set(to_write)
-        with self._mu:
-            self._mine |= {h for _, h in hashed}
+        self._mine |= {h for _, h in hashed}
         # Count per chunk: the first occurrence of a written hash is "new", the rest reuse.
         for _, h in hashed:
             if h in new:
