@@ -68,7 +68,9 @@ def test_detached_lifecycle(tools_image: str, tmp_path: Path) -> None:
         "--name",
         "box",
         "-m",
-        "256M",
+        "384M",
+        "--cpus",
+        "2",
         "-e",
         "K=V",
         tools_image,
@@ -80,6 +82,11 @@ def test_detached_lifecycle(tools_image: str, tmp_path: Path) -> None:
     vm_id = r.stdout.decode().strip()
     assert len(vm_id) == 64
     try:
+        # the resources asked for
+        r = torpor_cli("exec", "box", "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+        nproc, mem = r.stdout.decode().splitlines()
+        assert nproc == "2"
+        assert 300_000 < int(mem.split()[1]) <= 384 * 1024  # kB, minus kernel reservations
         # exec with a shell, env from run -e, and files on disk
         r = torpor_cli("exec", "box", "sh", "-c", "echo hi > /root/f; cat /root/f; echo $K")
         assert (r.returncode, r.stdout) == (0, b"hi\nV\n"), r.stderr

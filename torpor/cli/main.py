@@ -254,8 +254,8 @@ def rmi(images: tuple[str, ...], force: bool) -> None:
     mgr = _manager()
     store = ImageStore(_paths())
     for ref in images:
-        store.remove(ref, force=force, in_use=mgr.in_use)
-        click.echo(f"Untagged: {ref}")
+        for line in store.remove(ref, force=force, in_use=mgr.in_use):
+            click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
