@@ -13,7 +13,9 @@ Layout::
       vms/<id>/                 one VM: vm.json, state.json, disk overlay, RAM file, logs
       vms/names/<name>          symlink -> ../<id>, created atomically: names are unique
       guest/                    guest kernel(s), initramfs and agent builds
-      cache/                    things that can always be rebuilt (accelerator probe)
+      store/                    snapshots: content-addressed chunks + manifests (torpor.store)
+      cache/                    things that can always be rebuilt (accelerator probe,
+                                snapshots/<id>/ uncompressed artifacts for hot restore)
       tmp/                      staging for atomic renames (same filesystem as the rest)
       locks/                    advisory lock files
 """
@@ -62,6 +64,14 @@ class Paths:
     @property
     def guest(self) -> Path:
         return self.root / "guest"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def snapshot_cache(self) -> Path:
+        return self.root / "cache" / "snapshots"
 
     @property
     def cache(self) -> Path:

@@ -23,11 +23,11 @@
  *   virtio-serial kick (a VM exit, slow under emulation), and tools such as
  *   busybox write 4 KiB at a time. Bytes read from an EXEC's stdout/stderr
  *   pipe wait in that stream's buffer (at most OUT_CHUNK) and are sent when the
- *   buffer reaches FLUSH_THRESHOLD, when FLUSH_DELAY_MS have passed since its
- *   oldest unsent byte arrived (poll()'s timeout is the earliest such deadline),
- *   when the pipe reaches EOF, when the other stream of the same EXEC produces
- *   output (so the two keep the order in which the agent read them), and
- *   before EXIT.
+ *   buffer reaches FLUSH_THRESHOLD; when FLUSH_DELAY_MS have passed since its
+ *   oldest unsent byte arrived (the loop's ppoll() timeout is the earliest such
+ *   deadline, on CLOCK_MONOTONIC); when the pipe reaches EOF; when the other
+ *   stream of the same EXEC produces output (so the two keep the order in which
+ *   the agent read them); and before EXIT.
  *
  * Invariants
  *   - PID 1 never exits: a fatal error powers the VM off.
@@ -881,9 +881,9 @@ static void out_drain(struct exec_proc *e, int which)
 	out_flush(e, s);
 }
 
-/* Sends the buffers whose deadline has passed. Returns the poll() timeout, in
- * ms rounded up, until the earliest remaining deadline; -1 if there is none. */
-static int out_flush_due(void)
+/* Sends the buffers whose deadline has passed. Returns the time in ns until
+ * the earliest remaining deadline, or -1 if there is none. */
+static int64_t out_flush_due(void)
 {
 	int64_t now = now_ns(), next = INT64_MAX;
 	for (int i = 0; i < g.nexecs; i++) {
@@ -897,7 +897,7 @@ static int out_flush_due(void)
 				next = s->due_ns;
 		}
 	}
-	return next == INT64_MAX ? -1 : (int)((next - now + 999999) / 1000000);
+	return next == INT64_MAX ? -1 : next - now;
 }
 
 static void stdin_discard(struct exec_proc *e)
@@ -1614,14 +1614,15 @@ static void serve(void)
 	static struct pollfd pfd[2 + 3 * MAX_EXECS];
 	static struct { struct exec_proc *e; int which; } slot[2 + 3 * MAX_EXECS];
 	for (;;) {
-		int n = 0, ctl_idx = -1, timeout = out_flush_due();
+		int n = 0, ctl_idx = -1;
+		int64_t timeout = out_flush_due(); /* ns; -1 for none */
 		pfd[n++] = (struct pollfd){ .fd = g.sigfd, .events = POLLIN };
 		if (!g.connected) {
-			int64_t wait = g.retry_at_ms - now_ms();
+			int64_t wait = (g.retry_at_ms - now_ms()) * 1000000;
 			if (wait < 0)
 				wait = 0;
 			if (timeout < 0 || wait < timeout)
-				timeout = (int)wait;
+				timeout = wait;
 		} else if (g.stdin_pending < STDIN_HIGH_WATER) {
 			ctl_idx = n;
 			pfd[n++] = (struct pollfd){ .fd = g.ctl, .events = POLLIN };
@@ -1639,9 +1640,11 @@ static void serve(void)
 							    .events = k == PIPE_IN ? POLLOUT : POLLIN };
 			}
 		}
-		if (poll(pfd, (nfds_t)n, timeout) < 0) {
+		/* ppoll: poll() with a timeout fine enough for FLUSH_DELAY_MS */
+		struct timespec ts = { (time_t)(timeout / 1000000000), (long)(timeout % 1000000000) };
+		if (ppoll(pfd, (nfds_t)n, timeout < 0 ? NULL : &ts, NULL) < 0) {
 			if (errno != EINTR) {
-				logmsg("poll: %s", strerror(errno));
+				logmsg("ppoll: %s", strerror(errno));
 				sleep_ms(10);
 			}
 			continue;

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -117,6 +118,7 @@ class Shim:
         self.qemu_exited = asyncio.Event()
         self.clients: set[Client] = set()
         self.ever_attached = False
+        self.restored_ms = 0.0
 
     # -- state -----------------------------------------------------------------------
     def set_state(self, **kw: Any) -> None:
@@ -320,9 +322,17 @@ class Shim:
         from torpor.vmm.qemu import build_argv
 
         spec, accel = machine_spec_for(self.paths, self.cfg, self.files)
-        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.ram):
+        for p in (self.files.ctl_sock, self.files.qmp_sock):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        restore = self.files.dir / "restore.json"
+        restoring = restore.exists()
+        if restoring:
+            spec = dataclasses.replace(spec, incoming=True)
+        else:
+            for p in (self.files.ram,):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         argv = build_argv(spec)
         (self.vm_dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
         qlog = open(self.files.qemu_log, "ab")  # noqa: SIM115 - handed to the child
@@ -343,6 +353,8 @@ class Shim:
         )
         asyncio.get_running_loop().create_task(self.watch_qemu())
         deadline = t0 + boot_timeout(accel)
+        if restoring:
+            await self.load_snapshot(restore, deadline)
         while not self.files.ctl_sock.exists():
             if self.qemu_exited.is_set():
                 raise VMError(
@@ -388,11 +400,34 @@ class Shim:
         self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
         self.start_main()
 
+    async def load_snapshot(self, restore: Path, deadline: float) -> None:
+        """Restore mode: load device state over the already-mapped RAM file, resume."""
+        from torpor.vmm import qmp
+
+        info = json.loads(restore.read_text())
+        while not self.files.qmp_sock.exists():
+            if self.qemu_exited.is_set() or time.monotonic() > deadline:
+                raise VMError("QEMU did not create its QMP socket", step="restore")
+            await asyncio.sleep(0.002)
+        t0 = time.monotonic()
+        async with qmp.session(self.files.qmp_sock) as q:
+            await qmp.load_devstate(q, self.files.dir / info["devstate"])
+            await qmp.execute(q, "cont")
+        self.restored_ms = (time.monotonic() - t0) * 1000
+        self.main_gid = int(info.get("main_id", 0))
+        if self.main_gid:
+            self.next_gid = self.main_gid + 1
+        (self.files.dir / info["devstate"]).unlink(missing_ok=True)
+        restore.unlink()
+
     def start_main(self) -> None:
         self.main_log = open(self.files.main_log, "a", encoding="utf-8")  # noqa: SIM115
+        if self.main_gid:  # restored: the main command is still running in the guest
+            return
         if not self.cfg.command:
             return
         self.main_gid = self.alloc_gid()
+        self.set_state(main_id=self.main_gid)
         req = ExecRequest(
             argv=tuple(self.cfg.command),
             env=tuple(self.cfg.env),

@@ -1,0 +1,105 @@
+"""QMP operations torpor needs, on QEMU's official ``qemu.qmp`` library.
+
+Device state is saved and loaded with ``x-ignore-shared``: guest RAM lives in a
+shared ``memory-backend-file`` and is captured as a file, so the migration stream
+holds only device state (tens of KB).  The stream travels over a file descriptor
+handed to QEMU with ``getfd`` (SCM_RIGHTS on the QMP socket): ``exec:`` URIs are
+impossible under ``-sandbox spawn=deny``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from torpor.errors import VMError
+
+
+@contextlib.asynccontextmanager
+async def session(qmp_socket: Path, name: str = "torpor") -> AsyncIterator[QMPClient]:
+    from torpor.vmm.manager import connect_unix
+
+    try:
+        sock = connect_unix(qmp_socket, timeout=5)
+    except OSError as e:
+        raise VMError(f"cannot connect to QMP: {e}", step="QMP", path=qmp_socket) from e
+    sock.setblocking(False)
+    client = QMPClient(name)
+    try:
+        await client.connect(sock)
+    except (QMPError, OSError) as e:
+        sock.close()
+        raise VMError(f"QMP handshake failed: {e}", step="QMP", path=qmp_socket) from e
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+async def execute(q: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    try:
+        return await q.execute(cmd, args)
+    except QMPError as e:
+        raise VMError(f"QMP {cmd} failed: {e}", step=f"QMP {cmd}") from e
+
+
+async def _wait_migration(q: QMPClient, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        st = await execute(q, "query-migrate")
+        status = st.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise VMError(f"{what}: migration {status}: {st.get('error-desc', '')}", step=what)
+        if time.monotonic() > deadline:
+            raise VMError(f"{what}: migration did not complete in {timeout:.0f} s", step=what)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+async def _hand_fd(q: QMPClient, fd: int, fdname: str) -> None:
+    q.send_fd_scm(fd)
+    await execute(q, "getfd", {"fdname": fdname})
+
+
+async def save_devstate(q: QMPClient, dest: Path) -> None:
+    """Write device state (not RAM) of a *paused* VM to ``dest``."""
+    await execute(
+        q,
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        await _hand_fd(q, fd, "torpor-save")
+    finally:
+        os.close(fd)
+    await execute(q, "migrate", {"uri": "fd:torpor-save"})
+    await _wait_migration(q, "save device state")
+
+
+async def load_devstate(q: QMPClient, src: Path) -> None:
+    """Load device state into a QEMU started with ``-incoming defer`` (RAM mapped already)."""
+    await execute(
+        q,
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await _hand_fd(q, fd, "torpor-load")
+    finally:
+        os.close(fd)
+    await execute(q, "migrate-incoming", {"uri": "fd:torpor-load"})
+    await _wait_migration(q, "load device state")
