@@ -364,6 +364,10 @@ class VMManager:
             vm = self.get(vm.id)
             if vm.state.status.active:
                 raise ConflictError(f"VM {vm.name} is already {vm.state.status}")
+            if vm.state.status == Status.HIBERNATED:
+                from torpor.snapshot.core import prepare_resume
+
+                prepare_resume(self, vm)
             rfd, wfd = os.pipe()
             env = dict(os.environ)
             with open(vm.files.shim_log, "ab") as slog:
@@ -449,6 +453,19 @@ class VMManager:
             time.sleep(0.05)
         else:
             self.kill(vm.id)
+        return self.get(vm.id)
+
+    def end_hibernated(self, ref: str) -> VM:
+        """End a VM whose snapshot was just taken: QEMU only, the shim records it."""
+        vm = self.get(ref)
+        (vm.dir / "hibernate").write_text("")
+        st = vm.state
+        if alive(st.qemu_pid, st.qemu_start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st.qemu_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
+            time.sleep(0.01)
         return self.get(vm.id)
 
     def kill(self, ref: str, sig: int = signal.SIGKILL) -> VM:

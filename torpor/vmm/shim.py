@@ -505,6 +505,22 @@ class Shim:
         await self.qemu_exited.wait()
         server.close()
         assert self.proc is not None
+        hibernated = (self.vm_dir / "hibernate").exists()
+        if hibernated:
+            (self.vm_dir / "hibernate").unlink()
+            self.set_state(
+                status=Status.HIBERNATED,
+                exit_code=None,
+                error="",
+                finished_at=time.time(),
+                qemu_pid=0,
+                qemu_start=0,
+            )
+            for client in list(self.clients):
+                with contextlib.suppress(Exception):
+                    client.writer.close()
+            self.cleanup()
+            return 0
         if self.main_exit is not None:
             code, err = self.main_exit.code, ""
         elif self.stopping:

@@ -33,6 +33,7 @@ class Status(enum.StrEnum):
     STOPPING = "stopping"
     EXITED = "exited"
     DEAD = "dead"  # the shim vanished without recording an exit (kill -9, host reboot)
+    HIBERNATED = "hibernated"  # ended right after a snapshot; `start` restores it
 
     @property
     def active(self) -> bool:
