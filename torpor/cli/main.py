@@ -743,6 +743,189 @@ def cp(src: str, dest: str, archive: bool) -> None:
             copy_to_vm(c, Path(s_path), d_path, keep_owner=archive)
 
 
+# -- snapshots -------------------------------------------------------------------------
+
+
+class _DefaultGroup(click.Group):
+    """``torpor snapshot VM`` takes a snapshot; ``torpor snapshot inspect|rm …`` manage."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+def _store() -> Any:
+    from torpor.store import ChunkStore
+
+    paths = _paths().ensure()
+    paths.store.mkdir(parents=True, exist_ok=True)
+    return ChunkStore(paths.store)
+
+
+@cli.group(cls=_DefaultGroup, context_settings=CONTEXT)
+def snapshot() -> None:
+    """Snapshot a running VM (memory, processes, disk) into the store.
+
+    \b
+    torpor snapshot box --tag after-install   # VM keeps running; prints the snapshot id
+    torpor snapshot box --stop                # hibernate: snapshot, then free CPU and RAM
+    torpor snapshot inspect SNAP ; torpor snapshot rm SNAP
+    """
+
+
+@snapshot.command(name="create", context_settings=CONTEXT)
+@click.argument("vm")
+@click.option("--tag", help="A label stored with the snapshot.")
+@click.option(
+    "--stop",
+    is_flag=True,
+    help="End the VM once the snapshot is durable (hibernate); `torpor start VM` restores it.",
+)
+def snapshot_create(vm: str, tag: str | None, stop: bool) -> None:
+    """Snapshot VM; prints the snapshot id."""
+    from torpor.snapshot import snapshot as take
+
+    r = take(_manager(), vm, tag=tag, stop=stop)
+    err_console.print(
+        f"[dim]paused {r.pause_ms:.0f} ms, durable after {r.durable_ms:.0f} ms, "
+        f"stored {human_size(r.stored_bytes)} in {r.new_chunks} new chunks[/dim]"
+    )
+    click.echo(r.manifest.id)
+
+
+def _snap_row(m: Any) -> dict[str, Any]:
+    import json as _json
+
+    cfg = _json.loads(m.meta.get("vm", "{}"))
+    return {
+        "id": m.id,
+        "parent": m.parent,
+        "created": m.created,
+        "tag": m.meta.get("tag", ""),
+        "vm": cfg.get("name", ""),
+        "image": cfg.get("image_ref", ""),
+        "sizes": {k: a.size for k, a in m.artifacts.items()},
+        "chunks": {k: sum(1 for c in a.chunks if c) for k, a in m.artifacts.items()},
+    }
+
+
+@snapshot.command(name="inspect", context_settings=CONTEXT)
+@click.argument("snap")
+def snapshot_inspect(snap: str) -> None:
+    """Show a snapshot's parent, sizes and chunks as JSON."""
+    click.echo(json.dumps(_snap_row(_store().get(snap)), indent=2, default=str))
+
+
+@snapshot.command(name="rm", context_settings=CONTEXT)
+@click.argument("snaps", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if other snapshots build on it.")
+def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
+    """Remove snapshots (their chunks go at the next `torpor gc`)."""
+    store = _store()
+    for s in snaps:
+        store.remove(s, force=force)
+        click.echo(s)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vm", required=False)
+def snapshots(vm: str | None) -> None:
+    """List snapshots (of VM, if given)."""
+    rows = [_snap_row(m) for m in _store().list()]
+    if vm:
+        rows = [r for r in rows if r["vm"] == vm]
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("SNAPSHOT", "PARENT", "VM", "TAG", "CREATED", "MEMORY", "DISK"):
+        t.add_column(col)
+    for r in sorted(rows, key=lambda r: str(r["created"])):
+        t.add_row(
+            r["id"][:12],
+            (r["parent"] or "-")[:12],
+            r["vm"],
+            r["tag"],
+            str(r["created"])[:19],
+            human_size(r["sizes"].get("memory", 0)),
+            human_size(r["sizes"].get("disk", 0)),
+        )
+    out_console.print(t)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("snap")
+@click.option("--name", help="Name of the restored VM (default: a random one).")
+@click.option(
+    "--cold",
+    is_flag=True,
+    help="Restore from compressed chunks only, ignoring the local uncompressed cache.",
+)
+def restore(snap: str, name: str | None, cold: bool) -> None:
+    """Bring a snapshot back as a running VM: same processes, memory and disk."""
+    from torpor.snapshot import restore as do_restore
+
+    t0 = time.perf_counter()
+    vm = do_restore(_manager(), snap, name=name, cold=cold)
+    err_console.print(
+        f"[dim]restored {vm.name} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]"
+    )
+    click.echo(vm.id)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("snap")
+@click.option("-n", "count", default=1, show_default=True, help="How many VMs.")
+@click.option("--name-prefix", default=None, help="Names PREFIX-1 … PREFIX-N.")
+@click.option("--cold", is_flag=True, help="Restore from compressed chunks only.")
+def fork(snap: str, count: int, name_prefix: str | None, cold: bool) -> None:
+    """Start N independent VMs from one snapshot."""
+    from torpor.snapshot import restore as do_restore
+
+    if count < 1:
+        raise UsageError("-n must be at least 1")
+    mgr = _manager()
+    for i in range(1, count + 1):
+        vm = do_restore(mgr, snap, name=f"{name_prefix}-{i}" if name_prefix else None, cold=cold)
+        click.echo(f"{vm.name} {vm.id}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--grace",
+    default=900,
+    show_default=True,
+    help="Keep chunks younger than this (seconds), whatever references them.",
+)
+def gc(grace: int) -> None:
+    """Delete chunks no snapshot references (safe while snapshots are being taken)."""
+    r = _store().gc(grace_seconds=grace)
+    click.echo(
+        f"deleted {r.chunks_deleted} chunks ({human_size(r.bytes_freed)}), kept "
+        f"{r.chunks_kept} (+{r.chunks_kept_young} unreferenced but young or leased), "
+        f"{r.leases_live} writers in flight"
+    )
+
+
+@cli.command(context_settings=CONTEXT)
+def verify() -> None:
+    """Re-hash every chunk and check every manifest; name what is damaged."""
+    r = _store().verify()
+    click.echo(
+        f"checked {r.chunks_checked} chunks ({human_size(r.bytes_checked)}) and "
+        f"{r.manifests_checked} snapshots"
+    )
+    for h in r.corrupt:
+        click.echo(f"corrupt chunk {h}")
+    for h in r.missing:
+        click.echo(f"missing chunk {h}")
+    for name, why in r.bad_manifests:
+        click.echo(f"bad manifest {name}: {why}")
+    for snap, chunks in r.affected.items():
+        click.echo(f"snapshot {snap[:12]} is damaged ({len(chunks)} chunks)")
+    if not r.ok:
+        sys.exit(10)
+    click.echo("ok")
+
+
 @cli.command(context_settings=CONTEXT)
 def demo() -> None:
     """Run the demo: import an image, boot a VM, work in it, stop/start, remove."""

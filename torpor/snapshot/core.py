@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torpor.errors import ConflictError, TorporError, UsageError
+from torpor.fsutil import atomic_write_bytes
 from torpor.store import ChunkStore, Manifest
 from torpor.vmm import qmp
 from torpor.vmm.manager import NAME_RE, VM, VMManager
@@ -103,9 +105,10 @@ def snapshot(
     t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000
     store = _store(mgr)
     parent: Manifest | None = None
-    if vm.state.snapshot:
+    last = last_snapshot(vm)
+    if last:
         with contextlib.suppress(TorporError):
-            parent = store.get(vm.state.snapshot)
+            parent = store.get(last)
     mgr.paths.tmp.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix="snap-", dir=mgr.paths.tmp))
     try:
@@ -136,13 +139,9 @@ def snapshot(
             os.rename(stage, cache)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    set_last_snapshot(vm, manifest.id)
     if stop:
-        mgr.kill(vm.id)
-    else:
-        vm_dir = vm.dir
-        from torpor.vmm.state import load_state
-
-        save_state(vm_dir, load_state(vm_dir).replace(snapshot=manifest.id))
+        mgr.end_hibernated(vm.id)
     return SnapshotResult(manifest, pause_ms, durable_ms, stored, new, t)
 
 
@@ -193,29 +192,58 @@ def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = Fal
     )
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
-        cache = mgr.paths.snapshot_cache / manifest.id
-        for art, dest in (
-            ("memory", vm.files.ram),
-            ("disk", vm.files.disk),
-            ("devstate", vm.dir / "devstate"),
-        ):
-            if not cold and (cache / art).exists():
-                sparse_copy(cache / art, dest)
-            else:
-                store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
+        vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)
         save_config(vm.dir, vm.config)
-        save_state(vm.dir, VMState(snapshot=manifest.id, main_id=int(manifest.meta["main_id"])))
-        (vm.dir / "restore.json").write_text(
-            json.dumps(
-                {
-                    "devstate": "devstate",
-                    "main_id": int(manifest.meta["main_id"]),
-                    "snapshot": manifest.id,
-                }
-            )
-        )
+        place_snapshot(mgr, store, manifest, vm, cold)
         return mgr.start(vm.id)
     except BaseException:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
         raise
+
+
+def last_snapshot(vm: VM) -> str:
+    """The snapshot this VM was last captured into or restored from ("" if none)."""
+    try:
+        return (vm.dir / "snapshot.ref").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def set_last_snapshot(vm: VM, snap_id: str) -> None:
+    atomic_write_bytes(vm.dir / "snapshot.ref", (snap_id + "\n").encode(), mode=0o600)
+
+
+def place_snapshot(
+    mgr: VMManager, store: ChunkStore, manifest: Manifest, vm: VM, cold: bool = False
+) -> None:
+    """Put a snapshot's RAM, disk and device state into ``vm``'s folder for a restore.
+
+    Hot: copied from the uncompressed cache.  Cold (or no cache): materialized from
+    the store, every chunk hash-checked.  The next start of the VM restores it.
+    """
+    cache = mgr.paths.snapshot_cache / manifest.id
+    for art, dest in (
+        ("memory", vm.files.ram),
+        ("disk", vm.files.disk),
+        ("devstate", vm.dir / "devstate"),
+    ):
+        if not cold and (cache / art).exists():
+            tmp = dest.with_name(dest.name + ".restoring")
+            sparse_copy(cache / art, tmp)
+            os.replace(tmp, dest)
+        else:
+            store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
+    main_id = int(manifest.meta.get("main_id", "0"))
+    set_last_snapshot(vm, manifest.id)
+    save_state(vm.dir, VMState(main_id=main_id))
+    atomic_write_bytes(
+        vm.dir / "restore.json",
+        json.dumps({"devstate": "devstate", "main_id": main_id, "snapshot": manifest.id}).encode(),
+    )
+
+
+def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
+    """A hibernated VM starts by restoring its last snapshot in place."""
+    store = _store(mgr)
+    place_snapshot(mgr, store, store.get(last_snapshot(vm)), vm, cold)

@@ -101,7 +101,6 @@ class VMState:
     boot_ms: float = 0.0
     restarts: int = 0
     main_id: int = 0  # the guest agent's request id of the main command (kept over restore)
-    snapshot: str = ""  # the last snapshot taken of, or restored into, this VM (the parent)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
