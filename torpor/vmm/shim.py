@@ -262,8 +262,8 @@ class Shim:
                 for frame in frames:
                     self.from_client(client, frame)
                 await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # the client left, or the shim is shutting down
         finally:
             self.clients.discard(client)
             for gid in client.ids.values():
