@@ -980,6 +980,32 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
     err_console.print(f"wrote {json_out}")
 
 
+@bench.command(name="snapshot", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option("--trials", default=3, show_default=True)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/snapshot.json"),
+    show_default=True,
+)
+def bench_snapshot(image: str, trials: int, json_out: Path) -> None:
+    """Pause window, durability, stored bytes, hot/cold restore, fork 8; with a baseline."""
+    from torpor.bench.snapshot import print_table, run_snapshot_bench
+
+    result = run_snapshot_bench(
+        _paths(),
+        image=image,
+        trials=trials,
+        progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, out_console)
+    err_console.print(f"wrote {json_out}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="torpor")

@@ -1,0 +1,202 @@
+"""``torpor bench snapshot``: pause window, durability, stored size, restore, fork.
+
+Workload (the issue's idle agent): a 512 MiB guest running a shell plus ~50 MiB of
+live data in tmpfs (incompressible, from /dev/urandom).  Baseline in the same run: a
+plain QEMU full-RAM migration of the same VM (paused) to a file, compressed with zstd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from torpor.bench.stats import machine, summary
+from torpor.errors import TorporError
+from torpor.paths import Paths
+from torpor.snapshot import restore, snapshot
+from torpor.vmm import qmp
+from torpor.vmm.manager import RunRequest, VMManager
+
+
+def run_snapshot_bench(
+    paths: Paths,
+    image: str,
+    trials: int = 3,
+    forks: int = 8,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    mgr = VMManager(paths)
+    made: list[str] = []
+    res: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "pause_ms",
+            "durable_ms",
+            "stored_first_bytes",
+            "pause_incr_ms",
+            "durable_incr_ms",
+            "stored_incr_bytes",
+            "restore_hot_ms",
+            "restore_cold_ms",
+            "fork8_ms",
+            "baseline_pause_ms",
+            "baseline_bytes",
+        )
+    }
+    accel = ""
+    try:
+        for trial in range(trials):
+            vm = mgr.run(
+                RunRequest(
+                    image=image,
+                    command=("sleep", "infinity"),
+                    memory_mib=512,
+                    network=False,
+                    name=f"bench-snap-{os.getpid()}-{trial}",
+                )
+            )
+            made.append(vm.id)
+            accel = vm.state.accel
+            with mgr.client(vm) as c:
+                c.exec(
+                    [
+                        "sh",
+                        "-c",
+                        "dd if=/dev/urandom of=/dev/shm/live bs=1M count=50 "
+                        "2>/dev/null; (while true; do sleep 1; done) &",
+                    ]
+                )
+            r = snapshot(mgr, vm.id)
+            res["pause_ms"].append(r.pause_ms)
+            res["durable_ms"].append(r.durable_ms)
+            res["stored_first_bytes"].append(r.stored_bytes)
+            t0 = time.perf_counter()
+            vm2 = restore(mgr, r.manifest.id)
+            res["restore_hot_ms"].append((time.perf_counter() - t0) * 1000)
+            made.append(vm2.id)
+            with mgr.client(vm2) as c:
+                c.exec(["sh", "-c", "echo small change > /root/change"])
+            r2 = snapshot(mgr, vm2.id)
+            res["pause_incr_ms"].append(r2.pause_ms)
+            res["durable_incr_ms"].append(r2.durable_ms)
+            res["stored_incr_bytes"].append(r2.stored_bytes)
+            t0 = time.perf_counter()
+            vm3 = restore(mgr, r2.manifest.id, cold=True)
+            res["restore_cold_ms"].append((time.perf_counter() - t0) * 1000)
+            made.append(vm3.id)
+            for v in (vm2.id, vm3.id):
+                mgr.remove(v, force=True)
+            if trial == 0:
+                t0 = time.perf_counter()
+                for _ in range(forks):
+                    made.append(restore(mgr, r.manifest.id).id)
+                res["fork8_ms"].append((time.perf_counter() - t0) * 1000)
+                for v in made[3:]:
+                    mgr.remove(v, force=True)
+            pause, size = asyncio.run(_baseline(mgr.get(vm.id), paths))
+            res["baseline_pause_ms"].append(pause)
+            res["baseline_bytes"].append(size)
+            mgr.remove(vm.id, force=True)
+            progress(
+                f"trial {trial + 1}/{trials}: pause {r.pause_ms:.0f} ms, durable "
+                f"{r.durable_ms:.0f} ms, incr {r2.stored_bytes / 1e6:.1f} MB; baseline "
+                f"{pause:.0f} ms {size / 1e6:.1f} MB"
+            )
+    finally:
+        for v in made:
+            try:
+                mgr.remove(v, force=True)
+            except Exception:
+                pass
+    out = {k: summary(v) for k, v in res.items() if v}
+    return {
+        "benchmark": "snapshot",
+        "accel": accel,
+        "machine": machine(),
+        "image": image,
+        "guest_mib": 512,
+        "results": out,
+        "targets": {
+            "pause_ms": 50,
+            "durable_ms": 300,
+            "stored_incr_bytes": 5e6,
+            "restore_hot_ms": 50,
+            "restore_cold_ms": 300,
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+async def _baseline(vm: Any, paths: Paths) -> tuple[float, int]:
+    """Full-RAM migration of the paused VM to a file, then zstd: the classic way."""
+    with tempfile.TemporaryDirectory(dir=paths.tmp) as tmp:
+        raw = Path(tmp) / "full.mig"
+        async with qmp.session(vm.files.qmp_sock) as q:
+            await qmp.execute(
+                q,
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
+            )
+            t0 = time.perf_counter()
+            await qmp.execute(q, "stop")
+            fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                q.send_fd_scm(fd)
+                await qmp.execute(q, "getfd", {"fdname": "bench"})
+            finally:
+                os.close(fd)
+            await qmp.execute(q, "migrate", {"uri": "fd:bench"})
+            await qmp._wait_migration(q, "baseline migration", timeout=300)
+            cctx = zstandard.ZstdCompressor(level=3, threads=-1)
+            with open(raw, "rb") as fi, open(raw.with_suffix(".zst"), "wb") as fo:
+                cctx.copy_stream(fi, fo)
+            pause = (time.perf_counter() - t0) * 1000
+            await qmp.execute(q, "cont")
+        return pause, raw.with_suffix(".zst").stat().st_size
+
+
+def print_table(r: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    res, tgt = r["results"], r["targets"]
+    t = Table(
+        title=f"torpor bench snapshot — {r['guest_mib']} MiB guest, accelerator {r['accel']}",
+        header_style="bold",
+    )
+    for col in ("metric", "p50", "p95", "n", "target"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    rows = [
+        ("pause window, first snapshot", "pause_ms", "ms"),
+        ("durable, first snapshot", "durable_ms", "ms"),
+        ("stored, first snapshot", "stored_first_bytes", "MB"),
+        ("pause window, incremental", "pause_incr_ms", "ms"),
+        ("durable, incremental", "durable_incr_ms", "ms"),
+        ("stored, incremental", "stored_incr_bytes", "MB"),
+        ("restore to agent-ready, hot", "restore_hot_ms", "ms"),
+        ("restore to agent-ready, cold", "restore_cold_ms", "ms"),
+        ("fork 8 (sequential)", "fork8_ms", "ms"),
+        ("baseline: full-RAM migration + zstd, paused", "baseline_pause_ms", "ms"),
+        ("baseline: stored", "baseline_bytes", "MB"),
+    ]
+    for label, key, unit in rows:
+        if key not in res:
+            continue
+        s = res[key]
+        scale = 1e6 if unit == "MB" else 1
+        target = tgt.get(key)
+        t.add_row(
+            label,
+            f"{s['p50'] / scale:.1f} {unit}",
+            f"{s['p95'] / scale:.1f} {unit}",
+            str(s["n"]),
+            f"≤ {target / scale:g} {unit}" if target else "",
+        )
+    console.print(t)
