@@ -112,10 +112,8 @@ def run_snapshot_bench(
             )
     finally:
         for v in made:
-            try:
+            with contextlib.suppress(TorporError):
                 mgr.remove(v, force=True)
-            except Exception:
-                pass
     out = {k: summary(v) for k, v in res.items() if v}
     return {
         "benchmark": "snapshot",
