@@ -27,3 +27,37 @@ def test_bench_boot_writes_json(tools_image: str, tmp_path: Path) -> None:
     assert data["machine"]["qemu"].startswith("QEMU")
     assert b"cold boot to agent-ready" in r.stdout
     assert torpor_cli("ps", "-aq").stdout == before  # the benchmark removes its VMs
+
+
+def test_bench_snapshot_writes_json(tools_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "snap.json"
+    before = torpor_cli("ps", "-aq").stdout
+    r = torpor_cli(
+        "bench",
+        "snapshot",
+        "--image",
+        tools_image,
+        "--trials",
+        "1",
+        "--forks",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    res = data["results"]
+    for key in (
+        "pause_ms",
+        "durable_ms",
+        "stored_first_bytes",
+        "stored_incr_bytes",
+        "restore_hot_ms",
+        "restore_cold_ms",
+        "fork_ms",
+        "baseline_bytes",
+    ):
+        assert res[key]["n"] == 1, key
+    assert res["baseline_bytes"]["p50"] > 0 and res["stored_incr_bytes"]["p50"] > 0
+    assert b"pause window" in r.stdout
+    assert torpor_cli("ps", "-aq").stdout == before

@@ -990,7 +990,8 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
     default=Path("bench-results/snapshot.json"),
     show_default=True,
 )
-def bench_snapshot(image: str, trials: int, json_out: Path) -> None:
+@click.option("--forks", default=8, show_default=True, help="VMs to fork from one snapshot.")
+def bench_snapshot(image: str, trials: int, forks: int, json_out: Path) -> None:
     """Pause window, durability, stored bytes, hot/cold restore, fork 8; with a baseline."""
     from torpor.bench.snapshot import print_table, run_snapshot_bench
 
@@ -998,6 +999,7 @@ def bench_snapshot(image: str, trials: int, json_out: Path) -> None:
         _paths(),
         image=image,
         trials=trials,
+        forks=forks,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
     json_out.parent.mkdir(parents=True, exist_ok=True)
