@@ -137,12 +137,22 @@ def snapshot(
         cache.parent.mkdir(parents=True, exist_ok=True)
         if not cache.exists():
             os.rename(stage, cache)
+    except BaseException:
+        if stop:  # the snapshot failed: a hibernating VM must not stay paused forever
+            with contextlib.suppress(TorporError):
+                asyncio.run(_resume(vm))
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     set_last_snapshot(vm, manifest.id)
     if stop:
         mgr.end_hibernated(vm.id)
     return SnapshotResult(manifest, pause_ms, durable_ms, stored, new, t)
+
+
+async def _resume(vm: VM) -> None:
+    async with qmp.session(vm.files.qmp_sock) as q:
+        await qmp.execute(q, "cont")
 
 
 async def _pause_and_copy(vm: VM, stage: Path, stop: bool, t: dict[str, float]) -> float:
