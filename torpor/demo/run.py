@@ -2,7 +2,8 @@
 
 Until durable sessions land, the demo shows the foundation they stand on: an
 image built offline and imported, a VM booted from it, commands and files going
-in and out, a background service, stop / start keeping the disk, clean removal.
+in and out, a background service, hibernation (snapshot, then free the VM) and
+resume with the service still counting, a fork that diverges, clean removal.
 Every figure printed is measured in this run.
 """
 
@@ -60,6 +61,7 @@ def run_demo(
         ),
     )
     say(f"   accelerator {vm.state.accel}; isolation: {ISOLATION.get(vm.state.accel, '?')}")
+    forks: list[str] = []
     try:
         with mgr.client(vm) as c:
             r = timed("exec uname -a", lambda: c.exec(["uname", "-a"]))
@@ -79,19 +81,39 @@ def run_demo(
             c.write_file("/work/from-host.txt", b"copied in by torpor\n")
             got = c.read_file("/work/notes").decode().strip()
             say(f"5. files in and out: /work/notes = {got!r}")
-        timed("stop", lambda: mgr.stop(vm.id, timeout=2))
-        say("6. stopped; starting again: the disk is kept (memory is not — snapshots will)")
-        vm = timed("start again", lambda: mgr.start(vm.id))
+        from torpor.snapshot import restore, snapshot
+
         with mgr.client(vm) as c:
+            before = int(c.exec(["cat", "/tmp/count"]).stdout)
+        snap = timed("hibernate (snapshot --stop)", lambda: snapshot(mgr, vm.id, stop=True))
+        say(
+            f"6. hibernated at count {before}: snapshot {snap.manifest.id[:12]}, VM paused "
+            f"{snap.pause_ms:.0f} ms, durable after {snap.durable_ms:.0f} ms, "
+            f"{snap.stored_bytes / 1e6:.1f} MB stored; CPU and RAM freed"
+        )
+        vm = timed("resume (start)", lambda: mgr.start(vm.id))
+        with mgr.client(vm) as c:
+            after = int(c.exec(["cat", "/tmp/count"]).stdout)
+            time.sleep(1.0)
+            later = int(c.exec(["cat", "/tmp/count"]).stdout)
             kept = c.exec(["cat", "/work/notes", "/work/from-host.txt"]).stdout.decode()
-            say("   after restart: " + " | ".join(kept.strip().splitlines()))
-            running = c.exec(["sh", "-c", "test -e /tmp/count && echo yes || echo no"])
-            say(
-                f"   background counter survived a plain stop/start: "
-                f"{running.stdout.decode().strip()} (expected no)"
-            )
+        say(
+            f"   resumed: the counter went on from {after} to {later} (frozen, not restarted); "
+            f"files: {' | '.join(kept.strip().splitlines())}"
+        )
+        fork = timed("fork (restore)", lambda: restore(mgr, snap.manifest.id))
+        forks.append(fork.id)
+        with mgr.client(fork) as c:
+            c.exec(["sh", "-c", "echo only in the fork > /work/branch"])
+        with mgr.client(vm) as c:
+            seen = c.exec(["sh", "-c", "cat /work/branch 2>/dev/null || echo absent"]).stdout
+        say(
+            f"   forked {fork.name} from the snapshot; a file written there is "
+            f"{seen.decode().strip()} in the original"
+        )
     finally:
-        with contextlib.suppress(TorporError):
-            mgr.remove(vm.id, force=True)
-    say("7. removed the VM and every file it owned")
+        for v in (vm.id, *forks):
+            with contextlib.suppress(TorporError):
+                mgr.remove(v, force=True)
+    say("7. removed the VMs and every file they owned (snapshots stay: `torpor snapshots`)")
     table(timings)
