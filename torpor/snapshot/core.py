@@ -41,7 +41,7 @@ from torpor.errors import ConflictError, TorporError, UsageError
 from torpor.fsutil import atomic_write_bytes
 from torpor.store import ChunkStore, Manifest
 from torpor.vmm import qmp
-from torpor.vmm.manager import NAME_RE, VM, VMManager
+from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
 from torpor.vmm.state import Status, VMConfig, VMState, save_config, save_state
 
 ARTIFACTS = ("memory", "disk", "devstate")
@@ -181,25 +181,8 @@ def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = Fal
     if set(ARTIFACTS) - set(manifest.artifacts):
         raise UsageError(f"snapshot {manifest.id[:12]} is not a VM snapshot")
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
-    from torpor.vmm.manager import RunRequest
-
     # a VM record made through the normal create path (name link, overlay, config)...
-    vm = mgr.create(
-        RunRequest(
-            image=src_cfg.image_id,
-            command=src_cfg.command or ("true",),
-            name=name,
-            env=src_cfg.env,
-            workdir=src_cfg.workdir,
-            user=src_cfg.user,
-            memory_mib=src_cfg.memory_mib,
-            cpus=src_cfg.cpus,
-            accel=src_cfg.accel,
-            ports=src_cfg.ports,
-            network=src_cfg.network,
-            labels=dict(src_cfg.labels),
-        )
-    )
+    vm = mgr.create(RunRequest.from_config(src_cfg, name))
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
         vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -186,7 +185,3 @@ def ensure_qcow2_overlay(base: Path, overlay: Path) -> None:
             f"qemu-img create failed: {r.stderr.strip()}", step="create disk", path=overlay
         )
     os.replace(tmp, overlay)
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2)

@@ -112,6 +112,24 @@ class RunRequest:
     auto_remove: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, cfg: VMConfig, name: str | None = None) -> RunRequest:
+        """The request that recreates ``cfg`` (a restore or fork), under a new name."""
+        return cls(
+            image=cfg.image_id,
+            command=cfg.command or ("true",),
+            name=name,
+            env=cfg.env,
+            workdir=cfg.workdir,
+            user=cfg.user,
+            memory_mib=cfg.memory_mib,
+            cpus=cfg.cpus,
+            accel=cfg.accel,
+            ports=cfg.ports,
+            network=cfg.network,
+            labels=dict(cfg.labels),
+        )
+
 
 @dataclass(frozen=True)
 class VM:

@@ -118,7 +118,6 @@ class Shim:
         self.qemu_exited = asyncio.Event()
         self.clients: set[Client] = set()
         self.ever_attached = False
-        self.restored_ms = 0.0
 
     # -- state -----------------------------------------------------------------------
     def set_state(self, **kw: Any) -> None:
@@ -409,11 +408,9 @@ class Shim:
             if self.qemu_exited.is_set() or time.monotonic() > deadline:
                 raise VMError("QEMU did not create its QMP socket", step="restore")
             await asyncio.sleep(0.002)
-        t0 = time.monotonic()
         async with qmp.session(self.files.qmp_sock) as q:
             await qmp.load_devstate(q, self.files.dir / info["devstate"])
             await qmp.execute(q, "cont")
-        self.restored_ms = (time.monotonic() - t0) * 1000
         self.main_gid = int(info.get("main_id", 0))
         if self.main_gid:
             self.next_gid = self.main_gid + 1

@@ -99,7 +99,6 @@ class VMState:
     exit_code: int | None = None
     error: str = ""
     boot_ms: float = 0.0
-    restarts: int = 0
     main_id: int = 0  # the guest agent's request id of the main command (kept over restore)
     schema_version: int = SCHEMA_VERSION
 
