@@ -1,3 +1,14 @@
 """torpor: durable AI-agent sessions on snapshotted QEMU microVMs."""
 
 __version__ = "0.1.0"
+
+__all__ = ["Session", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # `from torpor import Session` without importing the VM stack for `torpor --help`
+    if name == "Session":
+        from torpor.session import Session
+
+        return Session
+    raise AttributeError(f"module 'torpor' has no attribute {name!r}")

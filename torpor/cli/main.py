@@ -928,18 +928,10 @@ def verify() -> None:
 
 @cli.command(context_settings=CONTEXT)
 def demo() -> None:
-    """Run the demo: import an image, boot a VM, work in it, stop/start, remove."""
+    """Run the demo: a durable agent session — work, hibernate, wake, fork — on real VMs."""
     from torpor.demo.run import run_demo
 
-    def table(rows: list[tuple[str, str]]) -> None:
-        t = Table(title="measured in this run", header_style="bold")
-        t.add_column("step")
-        t.add_column("time", justify="right")
-        for r in rows:
-            t.add_row(*r)
-        out_console.print(t)
-
-    run_demo(_paths(), lambda m: out_console.print(m), table)
+    run_demo(_paths(), out_console)
 
 
 # -- bench ----------------------------------------------------------------------------
@@ -1006,6 +998,43 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path) -> None:
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result, out_console)
     err_console.print(f"wrote {json_out}")
+
+
+@bench.command(name="sessions", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option(
+    "--turns",
+    default="10,100",
+    show_default=True,
+    help="Session lengths to measure, comma-separated (1000 takes ~20 min under TCG).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/sessions.json"),
+    show_default=True,
+)
+def bench_sessions(image: str, turns: str, json_out: Path) -> None:
+    """Per-turn checkpoint cost, stored bytes, resume and crash recovery vs session length."""
+    from torpor.bench.sessions import print_table, run_sessions_bench
+
+    try:
+        lengths = [int(x) for x in turns.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--turns wants numbers like 10,100,1000, not {turns!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise UsageError("--turns wants positive numbers like 10,100,1000")
+    result = run_sessions_bench(_paths(), image, lengths, lambda m: err_console.print(m))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, out_console)
+    err_console.print(f"wrote {json_out}")
+
+
+from torpor.cli.session import session  # noqa: E402  (the group lives in its own module)
+
+cli.add_command(session)
 
 
 def main() -> None:

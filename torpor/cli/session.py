@@ -1,0 +1,357 @@
+"""``torpor session …``: durable agent sessions from the command line.
+
+A thin layer over :class:`torpor.session.Session`; every command opens the
+session from the context log (SQLite in $TORPOR_HOME by default, PostgreSQL with
+``--dsn`` / ``$TORPOR_CONTEXT_DSN``), does one thing and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from torpor.errors import UsageError
+from torpor.paths import Paths
+from torpor.session.text import describe, human_size
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def parse_duration(text: str) -> float:
+    """``60``, ``60s``, ``5m``, ``1h``, ``0`` (never) to seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise UsageError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 0 for never)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def _open(ctx: click.Context, ref: str, **kw: Any) -> Any:
+    from torpor.session import Session
+
+    return Session.open(ref, paths=Paths.default(), dsn=ctx.obj.get("dsn"), **kw)
+
+
+def _entry_json(e: Any) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "turn": e.turn,
+        "kind": e.kind.value,
+        "time": e.created_at,
+        "key": e.key,
+        "payload": e.payload,
+    }
+
+
+def _progress(e: Any) -> None:
+    if e.kind.value in ("tool_call", "tool_result", "checkpoint", "vm", "resume", "supersede"):
+        err_console.print(f"[dim]  {e.seq:>4} {describe(e)}[/dim]", markup=True)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "--dsn",
+    envvar="TORPOR_CONTEXT_DSN",
+    help="Context log database: postgresql://… (default: SQLite in $TORPOR_HOME).",
+)
+@click.pass_context
+def session(ctx: click.Context, dsn: str | None) -> None:
+    """Durable agent sessions: a context log plus a checkpointed microVM.
+
+    \b
+      torpor session create --image tools:latest --model scripted:demo
+      torpor session send S "set up a counter service"
+      torpor session log S --follow
+      torpor session hibernate S        # or automatically: create --idle 60s
+      torpor session send S "is it still running?"   # wakes the VM
+      torpor session fork S --at 7 --name S2
+      torpor session recover S          # after a crash: last checkpoint + replay
+
+    Model specs: scripted:demo (offline), openai:MODEL (OPENAI_BASE_URL for vLLM,
+    Ollama, llama.cpp), anthropic:MODEL.  S is a session name, id or id prefix.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["dsn"] = dsn
+
+
+@session.command(context_settings=CONTEXT)
+@click.option("--image", required=True, help="Image the session's VM boots from.")
+@click.option("--model", default="scripted:demo", show_default=True, help="Model spec.")
+@click.option("--name", help="Session name (default s-<id prefix>).")
+@click.option("-m", "--memory", default="256m", show_default=True, help="VM memory.")
+@click.option(
+    "--idle",
+    default="0",
+    show_default=True,
+    help="Hibernate after this long without activity (30s, 5m; 0 = never).",
+)
+@click.option("--system", help="System prompt (default: a short one about the VM and tools).")
+@click.option("--network/--no-network", default=False, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the session id.")
+@click.pass_context
+def create(
+    ctx: click.Context,
+    image: str,
+    model: str,
+    name: str | None,
+    memory: str,
+    idle: str,
+    system: str | None,
+    network: bool,
+    quiet: bool,
+) -> None:
+    """Create a session: boot its VM and take checkpoint 0; prints the session id."""
+    from torpor.session import Session
+    from torpor.vmm.manager import parse_memory
+
+    if not quiet:
+        err_console.print(f"booting a VM from {image} and taking the first checkpoint…")
+    s = Session.create(
+        image,
+        model,
+        name=name,
+        memory_mib=parse_memory(memory),
+        idle=parse_duration(idle),
+        system=system,
+        network=network,
+        paths=Paths.default(),
+        dsn=ctx.obj.get("dsn"),
+    )
+    if not quiet:
+        ck = s.checkpoints[-1]
+        err_console.print(
+            f"session [bold]{s.name}[/bold] ready; checkpoint 0: {human_size(ck.stored_bytes)} "
+            f"stored in {ck.durable_ms:.0f} ms",
+            markup=True,
+        )
+    click.echo(s.id)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.argument("message")
+@click.option("--key", help="Idempotency key: a retried send with the same key never repeats.")
+@click.option("--json", "as_json", is_flag=True, help="Print the turn's entries as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the answer.")
+@click.pass_context
+def send(ctx: click.Context, ref: str, message: str, key: str | None, as_json: bool, quiet: bool):
+    """Send MESSAGE ("-" reads stdin) and print the model's answer.
+
+    Wakes a hibernated session, recovers an interrupted one, then runs the turn:
+    model steps and tool calls in the VM, then a checkpoint.  Ctrl-C leaves the
+    message acknowledged; the next send or `recover` replays the turn.
+    """
+    if message == "-":
+        message = sys.stdin.read()
+    with _open(ctx, ref, on_event=None if quiet or as_json else _progress) as s:
+        before = s.state().last_seq
+        try:
+            answer = s.send(message, key=key)
+        except KeyboardInterrupt:
+            err_console.print(
+                f"interrupted: the message is in the log; `torpor session recover {s.name}` "
+                "(or the next send) finishes the turn"
+            )
+            raise
+        if as_json:
+            entries = s.log(after=before)
+            click.echo(json.dumps({"answer": answer, "entries": [_entry_json(e) for e in entries]}))
+        else:
+            click.echo(answer)
+
+
+@session.command(name="log", context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new entries (Ctrl-C ends).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--after", default=0, show_default=True, help="Start after this sequence number.")
+@click.pass_context
+def log_(ctx: click.Context, ref: str, follow: bool, as_json: bool, after: int) -> None:
+    """The session's context log, entry by entry (superseded entries marked ~)."""
+    from torpor.context import superseded
+
+    with _open(ctx, ref) as s:
+        entries = s.log(after=after)
+        gone = superseded(s.log())
+
+        def show(e: Any) -> None:
+            if as_json:
+                click.echo(json.dumps(_entry_json(e), ensure_ascii=False))
+                return
+            mark = "~" if e.seq in gone else " "
+            when = time.strftime("%H:%M:%S", time.localtime(e.created_at))
+            out_console.print(
+                f"{e.seq:>5}{mark} {when} t{e.turn:<3} {e.kind.value:<14} {describe(e)}",
+                markup=False,
+            )
+
+        for e in entries:
+            show(e)
+        if follow:
+            last = entries[-1].seq if entries else after
+            try:
+                for e in s.follow(after=last):
+                    show(e)
+            except KeyboardInterrupt:
+                pass
+
+
+def _session_row(s: Any) -> dict[str, Any]:
+    st = s.state()
+    stats = s.stats()
+    vm = s.vm()
+    return {
+        "id": s.id,
+        "name": s.name,
+        "status": s.status(),
+        "model": s.record.meta.get("model"),
+        "image": s.record.meta.get("image"),
+        "turns": st.turns,
+        "entries": st.last_seq,
+        "checkpoints": len(st.checkpoints),
+        "snapshot_bytes": stats["snapshot_bytes"],
+        "log_bytes": stats["log_bytes"],
+        "vm": vm.name if vm else None,
+        "parent": s.record.parent_id,
+        "parent_seq": s.record.parent_seq,
+        "created": s.record.created_at,
+    }
+
+
+@session.command(name="ls", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="Only session ids.")
+@click.pass_context
+def ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
+    """List sessions."""
+    from torpor.session import Session
+
+    sessions = Session.list(paths=Paths.default(), dsn=ctx.obj.get("dsn"))
+    if quiet:
+        for s in sessions:
+            click.echo(s.id)
+        return
+    rows = [_session_row(s) for s in sessions]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(header_style="bold", box=None)
+    for col in ("SESSION", "NAME", "STATUS", "TURNS", "CHECKPOINTS", "STORED", "MODEL", "VM"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["id"][:12],
+            r["name"],
+            r["status"],
+            str(r["turns"]),
+            str(r["checkpoints"]),
+            human_size(r["snapshot_bytes"]),
+            r["model"] or "",
+            r["vm"] or "",
+        )
+    out_console.print(t)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """State, checkpoints (with sizes and times) and storage of one session."""
+    with _open(ctx, ref) as s:
+        row = _session_row(s)
+        cks = s.checkpoints
+        row["checkpoint_list"] = [c.__dict__ for c in cks]
+        if as_json:
+            click.echo(json.dumps(row, indent=2))
+            return
+        for k in ("id", "name", "status", "model", "image", "vm", "turns", "entries"):
+            out_console.print(f"{k:>12}: {row[k]}", markup=False)
+        if row["parent"]:
+            out_console.print(f"{'forked from':>12}: {row['parent']} at {row['parent_seq']}")
+        own = human_size(row["log_bytes"])
+        out_console.print(f"{'log':>12}: {own} in this session's own entries")
+        t = Table(title="checkpoints", header_style="bold")
+        for col in ("SEQ", "TURN", "REASON", "SNAPSHOT", "STORED", "PAUSED", "DURABLE"):
+            t.add_column(col)
+        for c in cks:
+            t.add_row(
+                str(c.seq),
+                str(c.turn),
+                c.reason,
+                c.snapshot[:12],
+                human_size(c.stored_bytes),
+                f"{c.pause_ms:.0f} ms",
+                f"{c.durable_ms:.0f} ms",
+            )
+        out_console.print(t)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.pass_context
+def hibernate(ctx: click.Context, ref: str) -> None:
+    """Checkpoint the session and end its VM (frees CPU and RAM)."""
+    with _open(ctx, ref) as s:
+        ck = s.hibernate()
+        size = human_size(ck.stored_bytes)
+        click.echo(f"hibernated {s.name} at checkpoint {ck.seq} ({size} stored)")
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.pass_context
+def resume(ctx: click.Context, ref: str) -> None:
+    """Wake a hibernated session now (send does this by itself)."""
+    with _open(ctx, ref) as s:
+        t0 = time.perf_counter()
+        vm = s.wake()
+        click.echo(f"{s.name} running in VM {vm.name} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.pass_context
+def recover(ctx: click.Context, ref: str) -> None:
+    """After a crash: restore the last checkpoint and replay an interrupted turn."""
+    with _open(ctx, ref, on_event=_progress) as s:
+        answer = s.recover()
+        if answer is None:
+            click.echo(f"{s.name}: no interrupted turn; the VM is running")
+        else:
+            click.echo(answer)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S")
+@click.option("--at", type=int, help="Checkpoint entry to fork at (default: the last one).")
+@click.option("--name", help="Name of the new session.")
+@click.pass_context
+def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None:
+    """A new session sharing S's log up to a checkpoint, with a VM forked from it."""
+    with _open(ctx, ref) as s:
+        child = s.fork(at=at, name=name)
+        err_console.print(
+            f"forked {s.name} at entry {child.record.parent_seq} into [bold]{child.name}[/bold]",
+            markup=True,
+        )
+        click.echo(child.id)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("refs", metavar="S...", nargs=-1, required=True)
+@click.pass_context
+def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Delete sessions' VMs (their logs and snapshots are kept)."""
+    for ref in refs:
+        with _open(ctx, ref) as s:
+            s.remove()
+            click.echo(s.name)

@@ -1,0 +1,670 @@
+"""Durable agent sessions: a context log paired with VM checkpoints.
+
+A session is a row in the context log (:mod:`torpor.context`) plus a microVM.
+Everything about it is *derived from the log*: which VM it runs in (the last
+``vm`` entry), its checkpoints (``checkpoint`` entries naming snapshots), whether
+it is hibernated (the last of ``hibernate`` / ``resume`` / ``vm``), and whether a
+turn was interrupted (a ``user`` entry after the last checkpoint).  Nothing is
+kept anywhere else, so any host that can read the log and the snapshot store can
+pick a session up.
+
+A turn::
+
+    user (acknowledged: durable before send() does anything else)
+    model_request -> model_response -> tool_call -> tool_result ... (repeat)
+    model_response (no tool calls: the answer)
+    checkpoint  (an incremental snapshot of the VM; log position and snapshot
+                 now describe the same moment)
+
+Recovery after a crash mid-turn: the VM is restored from the last checkpoint
+(the tool calls of the lost turn are gone with it), the turn's partial entries
+are marked superseded by a ``supersede`` entry, and the user's message is
+replayed — so no acknowledged entry is lost and no tool call's effect is applied
+twice to the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torpor.context import ContextLog, Entry, Kind, SessionRecord, effective, open_log
+from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
+from torpor.model import Model, ModelError, open_model
+from torpor.model.tools import TOOLS
+from torpor.paths import Paths
+from torpor.session.tools import run_tool
+from torpor.snapshot.core import restore, snapshot
+from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
+from torpor.vmm.state import Status
+
+DEFAULT_SYSTEM = (
+    "You are an agent working inside your own Linux microVM. Use the tools to run "
+    "shell commands and to read, write and list files; the machine and everything "
+    "you start in it persist between turns. Answer briefly when the task is done."
+)
+#: Model steps in one turn before torpor gives up on the model (a loop guard).
+MAX_STEPS = 64
+#: Entries of a turn's work that a recovery supersedes (events such as ``vm`` stay).
+TURN_WORK = (Kind.MODEL_REQUEST, Kind.MODEL_RESPONSE, Kind.TOOL_CALL, Kind.TOOL_RESULT)
+
+
+class SessionError(TorporError):
+    """A session cannot do what was asked (no VM, no checkpoint to recover from)."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A (log position, snapshot) pair: both describe the same moment."""
+
+    seq: int
+    snapshot: str
+    turn: int
+    reason: str
+    stored_bytes: int
+    pause_ms: float
+    durable_ms: float
+    created_at: float
+
+    @classmethod
+    def from_entry(cls, e: Entry) -> Checkpoint:
+        p = e.payload
+        return cls(
+            e.seq,
+            p["snapshot"],
+            e.turn,
+            p.get("reason", "turn"),
+            int(p.get("stored_bytes", 0)),
+            float(p.get("pause_ms", 0.0)),
+            float(p.get("durable_ms", 0.0)),
+            e.created_at,
+        )
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What the log says about a session right now."""
+
+    vm_id: str | None
+    checkpoints: tuple[Checkpoint, ...]
+    hibernated: bool
+    turns: int
+    pending: Entry | None  # the user entry of an interrupted turn
+    last_seq: int
+
+    @property
+    def last_checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+
+def derive_state(entries: Sequence[Entry]) -> SessionState:
+    eff = effective(entries)
+    vm_id: str | None = None
+    hibernated = False
+    checkpoints: list[Checkpoint] = []
+    last_user: Entry | None = None
+    turns = 0
+    for e in eff:
+        if e.kind == Kind.VM:
+            vm_id = e.payload.get("vm")
+            hibernated = False
+        elif e.kind == Kind.RESUME:
+            hibernated = False
+        elif e.kind == Kind.HIBERNATE:
+            hibernated = True
+        elif e.kind == Kind.CHECKPOINT:
+            checkpoints.append(Checkpoint.from_entry(e))
+        elif e.kind == Kind.USER:
+            last_user = e
+            turns += 1
+    pending = None
+    if last_user is not None and (not checkpoints or checkpoints[-1].seq < last_user.seq):
+        pending = last_user
+    return SessionState(
+        vm_id,
+        tuple(checkpoints),
+        hibernated,
+        turns,
+        pending,
+        entries[-1].seq if entries else 0,
+    )
+
+
+def messages_from(entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
+    """The provider-neutral conversation the log describes (superseded work left out)."""
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    for e in effective(entries):
+        p = e.payload
+        if e.kind == Kind.USER:
+            msgs.append({"role": "user", "content": p["content"]})
+        elif e.kind == Kind.MODEL_RESPONSE:
+            m: dict[str, Any] = {"role": "assistant", "content": p.get("text", "")}
+            if p.get("tool_calls"):
+                m["tool_calls"] = [
+                    {"id": c["id"], "name": c["name"], "arguments": c["arguments"]}
+                    for c in p["tool_calls"]
+                ]
+            msgs.append(m)
+        elif e.kind == Kind.TOOL_RESULT:
+            msgs.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": p["id"],
+                    "name": p["name"],
+                    "content": p["content"],
+                }
+            )
+    return msgs
+
+
+def _answer_of(entries: Sequence[Entry], turn: int) -> str:
+    text = ""
+    for e in effective(entries):
+        if e.turn == turn and e.kind == Kind.MODEL_RESPONSE:
+            text = e.payload.get("text", "")
+    return text
+
+
+def _vm_name(session_name: str) -> str:
+    name = f"ses-{session_name}"[:63]
+    return name if NAME_RE.match(name) else ""
+
+
+EventHook = Callable[[Entry], None]
+
+
+class Session:
+    """One durable agent session. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(
+        self,
+        record: SessionRecord,
+        log: ContextLog,
+        paths: Paths,
+        *,
+        model: Model | None = None,
+        dsn: str | None = None,
+        on_event: EventHook | None = None,
+    ):
+        self.record = record
+        self.paths = paths
+        self._log = log
+        self._dsn = dsn
+        self._model = model
+        self._mgr = VMManager(paths)
+        self.on_event = on_event
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        image: str = "tools:latest",
+        model: str | Model = "scripted:demo",
+        *,
+        name: str | None = None,
+        memory_mib: int = 256,
+        idle: float | None = None,
+        system: str | None = None,
+        network: bool = False,
+        paths: Paths | None = None,
+        dsn: str | None = None,
+        on_event: EventHook | None = None,
+    ) -> Session:
+        """A new session: its log, a VM booted from ``image``, checkpoint 0."""
+        from torpor.image.store import ImageStore
+
+        paths = (paths or Paths.default()).ensure()
+        if idle is not None and idle < 0:
+            raise UsageError("--idle must be >= 0 seconds (0 = never hibernate)")
+        model_obj = open_model(model) if isinstance(model, str) else model
+        image_id = ImageStore(paths).get(image).id  # NotFoundError before anything is made
+        log = open_log(dsn, paths=paths)
+        meta = {
+            "image": image,
+            "image_id": image_id,
+            "model": model_obj.name,
+            "memory_mib": memory_mib,
+            "idle": idle or 0,
+            "system": system or DEFAULT_SYSTEM,
+            "network": network,
+        }
+        record = log.create_session(name, meta)
+        s = cls(record, log, paths, model=model_obj, dsn=dsn, on_event=on_event)
+        with s._locked():
+            try:
+                req = RunRequest(
+                    image=image_id,
+                    command=("sleep", "infinity"),
+                    name=_vm_name(record.name) or None,
+                    memory_mib=memory_mib,
+                    network=network,
+                    labels={"torpor.session": record.id},
+                )
+                vm = s._mgr.run(req)
+            except TorporError as e:
+                s._append(Kind.ERROR, {"stage": "create", "error": str(e)}, turn=0)
+                raise
+            s._append(Kind.VM, {"vm": vm.id, "name": vm.name, "reason": "create"}, turn=0)
+            s._checkpoint(vm.id, turn=0, reason="create")
+        s._arm_idle()
+        return s
+
+    @classmethod
+    def open(
+        cls,
+        ref: str,
+        *,
+        paths: Paths | None = None,
+        dsn: str | None = None,
+        model: Model | None = None,
+        on_event: EventHook | None = None,
+    ) -> Session:
+        paths = (paths or Paths.default()).ensure()
+        log = open_log(dsn, paths=paths)
+        return cls(log.get_session(ref), log, paths, model=model, dsn=dsn, on_event=on_event)
+
+    @classmethod
+    def resume(cls, ref: str, **kw: Any) -> Session:
+        """Open session ``ref`` and make sure its VM runs (waking it if hibernated)."""
+        s = cls.open(ref, **kw)
+        s.wake()
+        return s
+
+    @classmethod
+    def list(cls, *, paths: Paths | None = None, dsn: str | None = None) -> list[Session]:
+        paths = (paths or Paths.default()).ensure()
+        log = open_log(dsn, paths=paths)
+        return [cls(r, log, paths, dsn=dsn) for r in log.list_sessions()]
+
+    def close(self) -> None:
+        self._log.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what the log says -------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            self._model = open_model(self.record.meta["model"])
+        return self._model
+
+    def log(self, after: int = 0) -> list[Entry]:
+        return self._log.entries(self.id, after=after)
+
+    def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Entry]:
+        return self._log.follow(self.id, after=after, stop=stop)
+
+    def state(self) -> SessionState:
+        return derive_state(self.log())
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return list(self.state().checkpoints)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return messages_from(self.log(), self.record.meta.get("system", DEFAULT_SYSTEM))
+
+    def vm(self) -> VM | None:
+        st = self.state()
+        if st.vm_id is None:
+            return None
+        try:
+            return self._mgr.get(st.vm_id)
+        except NotFoundError:
+            return None
+
+    def status(self) -> str:
+        """running / hibernated / interrupted / stopped / failed."""
+        st = self.state()
+        if not st.checkpoints:
+            return "failed"
+        if st.pending is not None:
+            return "interrupted"
+        if st.hibernated:
+            return "hibernated"
+        vm = self.vm()
+        return "running" if vm is not None and vm.state.status == Status.RUNNING else "stopped"
+
+    def stats(self) -> dict[str, Any]:
+        st = self.state()
+        own = [c for c in st.checkpoints if c.seq > (self.record.parent_seq or 0)]
+        log_stats = self._log.stats(self.id)
+        return {
+            "entries": log_stats["entries"],
+            "own_entries": log_stats["own_entries"],
+            "log_bytes": log_stats["bytes"],
+            "checkpoints": len(st.checkpoints),
+            "snapshot_bytes": sum(c.stored_bytes for c in own),
+            "turns": st.turns,
+        }
+
+    # -- doing -------------------------------------------------------------------------
+    def send(self, text: str, *, key: str | None = None) -> str:
+        """One turn: log the message (durably), let the model work in the VM, checkpoint.
+
+        Returns the model's answer. ``key`` makes the call idempotent: sending the
+        same key again returns the answer of the turn it started (finishing that turn
+        first if it was interrupted) instead of starting a new one.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("a message must not be empty")
+        with self._locked():
+            entries = self.log()
+            if key is not None:
+                for e in entries:
+                    if e.kind == Kind.USER and e.key == key:
+                        st = derive_state(entries)
+                        if st.pending is not None and st.pending.seq == e.seq:
+                            return self._recover_locked(st)
+                        return _answer_of(entries, e.turn)
+            st = derive_state(entries)
+            if st.pending is not None:
+                self._recover_locked(st)
+                st = self.state()
+            turn = st.turns + 1  # acknowledged first; a VM that fails to wake leaves it pending
+            self._append(Kind.USER, {"content": text}, turn=turn, key=key)
+            answer = self._run_turn(turn)
+        self._arm_idle()
+        return answer
+
+    def hibernate(self) -> Checkpoint:
+        """Checkpoint and end the VM (frees its CPU and RAM); the next send wakes it."""
+        with self._locked():
+            return self._hibernate_locked()
+
+    def _hibernate_locked(self) -> Checkpoint:
+        st = self.state()
+        if st.pending is not None:
+            raise ConflictError(
+                f"session {self.name} has an interrupted turn {st.pending.turn}; "
+                f"run `torpor session recover {self.name}` first"
+            )
+        if st.hibernated and st.last_checkpoint is not None:
+            return st.last_checkpoint
+        vm = self._live_vm(st)
+        if vm is None:
+            raise SessionError(
+                f"session {self.name} has no running VM to hibernate (status {self.status()})"
+            )
+        ck = self._checkpoint(vm.id, turn=st.turns, reason="hibernate", stop=True)
+        self._append(Kind.HIBERNATE, {"vm": vm.id, "snapshot": ck.snapshot}, turn=st.turns)
+        return ck
+
+    def wake(self) -> VM:
+        """Make sure the VM runs: resume a hibernated one, recover an interrupted turn."""
+        with self._locked():
+            st = self.state()
+            if st.pending is not None:
+                self._recover_locked(st)
+                st = self.state()
+            vm = self._ensure_running(st)
+        self._arm_idle()
+        return vm
+
+    def recover(self) -> str | None:
+        """Bring the session back after a crash; returns the replayed turn's answer.
+
+        With no interrupted turn this only makes sure the VM runs (restoring the
+        last checkpoint if the VM is gone) and returns None.
+        """
+        with self._locked():
+            st = self.state()
+            if st.pending is None:
+                self._ensure_running(st)
+                return None
+            answer = self._recover_locked(st)
+        self._arm_idle()
+        return answer
+
+    def fork(self, at: int | Checkpoint | None = None, name: str | None = None) -> Session:
+        """A new session sharing this log up to checkpoint ``at`` and a VM forked from it."""
+        st = self.state()
+        if not st.checkpoints:
+            raise SessionError(f"session {self.name} has no checkpoint to fork from")
+        if at is None:
+            ck = st.checkpoints[-1]
+        else:
+            seq = at.seq if isinstance(at, Checkpoint) else at
+            found = [c for c in st.checkpoints if c.seq == seq]
+            if not found:
+                have = ", ".join(str(c.seq) for c in st.checkpoints)
+                raise UsageError(
+                    f"entry {seq} of session {self.name} is not a checkpoint "
+                    f"(checkpoints are at: {have})"
+                )
+            ck = found[0]
+        meta = {**self.record.meta, "forked_from": self.id}
+        record = self._log.create_session(name, meta, parent=(self.id, ck.seq))
+        child = Session(
+            record, self._log, self.paths, model=self._model, dsn=self._dsn, on_event=self.on_event
+        )
+        with child._locked():
+            child._append(
+                Kind.FORK, {"parent": self.id, "at": ck.seq, "snapshot": ck.snapshot}, turn=ck.turn
+            )
+            child._restore_vm(ck, reason="fork")
+        child._arm_idle()
+        return child
+
+    def remove(self) -> None:
+        """Delete the session's VM. The log and the snapshots stay (the log is append-only)."""
+        with self._locked():
+            vm = self.vm()
+            if vm is not None:
+                self._mgr.remove(vm.id, force=True)
+
+    # -- internals ---------------------------------------------------------------------
+    def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):
+        entry = self._log.append(self.id, kind, payload, turn=turn, key=key)
+        if self.on_event is not None:
+            self.on_event(entry)
+        return entry
+
+    @contextlib.contextmanager
+    def _locked(self, wait: bool = True) -> Iterator[None]:
+        """One actor per session on this host: turns, hibernation and recovery queue.
+
+        With ``wait=False`` a busy session raises BlockingIOError at once.
+        """
+        path = self.paths.locks / f"session-{self.id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            yield
+        finally:
+            os.close(fd)
+
+    def _live_vm(self, st: SessionState) -> VM | None:
+        if st.vm_id is None:
+            return None
+        try:
+            vm = self._mgr.get(st.vm_id)
+        except NotFoundError:
+            return None
+        return vm if vm.state.status == Status.RUNNING else None
+
+    def _ensure_running(self, st: SessionState) -> VM:
+        """The session's VM, running: as it is, resumed in place, or restored."""
+        if st.vm_id is not None:
+            try:
+                vm = self._mgr.get(st.vm_id)
+            except NotFoundError:
+                vm = None
+            if vm is not None and vm.state.status == Status.RUNNING:
+                return vm
+            if vm is not None and vm.state.status == Status.HIBERNATED:
+                t0 = time.perf_counter()
+                vm = self._mgr.start(vm.id)
+                ms = (time.perf_counter() - t0) * 1000
+                self._append(
+                    Kind.RESUME, {"vm": vm.id, "ms": round(ms, 1), "from": "hibernated"}, st.turns
+                )
+                return vm
+        ck = st.last_checkpoint
+        if ck is None:
+            raise SessionError(f"session {self.name} has no VM and no checkpoint to restore")
+        return self._restore_vm(ck, reason="vm lost")
+
+    def _restore_vm(self, ck: Checkpoint, *, reason: str) -> VM:
+        """A new VM for this session from checkpoint ``ck`` (the old one is removed)."""
+        st = self.state()
+        if st.vm_id is not None:
+            with contextlib.suppress(NotFoundError):
+                self._mgr.remove(st.vm_id, force=True)
+        t0 = time.perf_counter()
+        name = _vm_name(self.name) or None
+        try:
+            vm = restore(self._mgr, ck.snapshot, name=name)
+        except ConflictError:  # the name is taken by someone else's VM
+            vm = restore(self._mgr, ck.snapshot)
+        ms = (time.perf_counter() - t0) * 1000
+        self._append(
+            Kind.VM,
+            {
+                "vm": vm.id,
+                "name": vm.name,
+                "reason": reason,
+                "checkpoint": ck.seq,
+                "snapshot": ck.snapshot,
+                "ms": round(ms, 1),
+            },
+            turn=ck.turn,
+        )
+        return vm
+
+    def _recover_locked(self, st: SessionState) -> str:
+        assert st.pending is not None
+        ck = st.last_checkpoint
+        if ck is None:
+            raise SessionError(f"session {self.name} has no checkpoint to recover from")
+        self._restore_vm(ck, reason="recover")
+        partial = [
+            e.seq for e in effective(self.log(after=ck.seq)) if e.kind in TURN_WORK
+        ]
+        if partial:
+            self._append(
+                Kind.SUPERSEDE,
+                {
+                    "seqs": partial,
+                    "reason": f"turn {st.pending.turn} was interrupted; the VM was restored "
+                    f"to checkpoint {ck.seq} and the turn replayed",
+                },
+                turn=st.pending.turn,
+            )
+        return self._run_turn(st.pending.turn)
+
+    def _run_turn(self, turn: int) -> str:
+        st = self.state()
+        vm = self._ensure_running(st)
+        model = self.model
+        answer = ""
+        with self._mgr.client(vm) as c:
+            for step in range(MAX_STEPS):
+                msgs = self.messages()
+                self._append(
+                    Kind.MODEL_REQUEST,
+                    {"model": model.name, "step": step, "messages": len(msgs)},
+                    turn=turn,
+                )
+                try:
+                    resp = model.complete(msgs, TOOLS)
+                except ModelError as e:
+                    self._append(
+                        Kind.ERROR,
+                        {"stage": "model", "error": str(e), "type": type(e).__name__},
+                        turn=turn,
+                    )
+                    self._checkpoint(vm.id, turn=turn, reason="turn")
+                    raise
+                self._append(Kind.MODEL_RESPONSE, resp.to_json(), turn=turn)
+                answer = resp.text
+                if not resp.tool_calls:
+                    break
+                for call in resp.tool_calls:
+                    self._append(
+                        Kind.TOOL_CALL,
+                        {"id": call.id, "name": call.name, "arguments": call.arguments},
+                        turn=turn,
+                    )
+                    result = run_tool(c, call.id, call.name, call.arguments)
+                    self._append(Kind.TOOL_RESULT, result.to_json(), turn=turn)
+            else:
+                self._append(
+                    Kind.ERROR,
+                    {"stage": "model", "error": f"no answer after {MAX_STEPS} steps"},
+                    turn=turn,
+                )
+        self._checkpoint(vm.id, turn=turn, reason="turn")
+        return answer
+
+    def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
+        upto = self._log.last_seq(self.id)
+        res = snapshot(self._mgr, vm_id, tag=f"session {self.name} turn {turn}", stop=stop)
+        entry = self._append(
+            Kind.CHECKPOINT,
+            {
+                "snapshot": res.manifest.id,
+                "vm": vm_id,
+                "upto": upto,
+                "reason": reason,
+                "stored_bytes": res.stored_bytes,
+                "new_chunks": res.new_chunks,
+                "pause_ms": round(res.pause_ms, 1),
+                "durable_ms": round(res.durable_ms, 1),
+            },
+            turn=turn,
+        )
+        return Checkpoint.from_entry(entry)
+
+    def _arm_idle(self) -> None:
+        """Hibernate after ``idle`` seconds without a new log entry (a detached watcher)."""
+        idle = float(self.record.meta.get("idle") or 0)
+        if idle <= 0:
+            return
+        cmd = [
+            sys.executable,
+            "-m",
+            "torpor.session.idle",
+            "--root",
+            str(self.paths.root),
+            "--session",
+            self.id,
+            "--seq",
+            str(self._log.last_seq(self.id)),
+            "--after",
+            str(idle),
+        ]
+        env = dict(os.environ)
+        if self._dsn:  # in the environment, not argv: a DSN may hold a password
+            env["TORPOR_CONTEXT_DSN"] = self._dsn
+        subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd="/",
+            env=env,
+        )
