@@ -193,20 +193,21 @@ def test_torpor_killed_vm_alive_next_send_recovers(sessions, paths, tmp_path) ->
     proc.wait()
     # the VM still runs, with the effect applied: the next send must not keep it
     assert _guest(s, "cat", "/work/effects") == "effect\n"
-    answer = s.send("next")
-    assert answer == "turn 3: next"
+    answer = s.send("next")  # recovers turn 2 first, then runs turn 3
+    assert answer == "turn 2: next"  # the script's {turn} is its 0-based turn index
     assert _guest(s, "cat", "/work/effects") == "effect\n"
     answers = [
         e.payload["text"]
         for e in s.log()
         if e.kind == Kind.MODEL_RESPONSE and e.seq not in superseded(s.log())
     ]
-    assert answers[-2:] == ["effects: 1", "turn 3: next"]
+    assert answers[-2:] == ["effects: 1", "turn 2: next"]
 
 
 def test_fork_shares_prefix_and_diverges(sessions) -> None:
     s = sessions.create(name="parent")
     s.send("set up a counter service and tell me its port")
+    s.send("is the counter still running?")  # the demo script journals from turn 3 on
     at = s.checkpoints[-1]
     child = sessions.track(s.fork(at=at, name="child"))
     assert child.record.parent_id == s.id and child.record.parent_seq == at.seq

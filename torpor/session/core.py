@@ -155,14 +155,15 @@ def messages_from(entries: Sequence[Entry], system: str) -> list[dict[str, Any]]
                 ]
             msgs.append(m)
         elif e.kind == Kind.TOOL_RESULT:
-            msgs.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": p["id"],
-                    "name": p["name"],
-                    "content": p["content"],
-                }
-            )
+            tool: dict[str, Any] = {
+                "role": "tool",
+                "tool_call_id": p["id"],
+                "name": p["name"],
+                "content": p["content"],
+            }
+            if p.get("is_error"):
+                tool["is_error"] = True
+            msgs.append(tool)
     return msgs
 
 
@@ -519,7 +520,9 @@ class Session:
                 vm = self._mgr.start(vm.id)
                 ms = (time.perf_counter() - t0) * 1000
                 self._append(
-                    Kind.RESUME, {"vm": vm.id, "ms": round(ms, 1), "from": "hibernated"}, st.turns
+                    Kind.RESUME,
+                    {"vm": vm.id, "ms": round(ms, 1), "from": "hibernated"},
+                    turn=st.turns,
                 )
                 return vm
         ck = st.last_checkpoint

@@ -1,0 +1,342 @@
+"""The ``scripted`` provider: an offline, deterministic model for demos, benchmarks and tests.
+
+Invariant: the answer depends only on the messages.  The position in the script is
+derived from them and nothing else, so replaying a context log (after a crash, on
+another host, in a fork) gets the same answers::
+
+    turn = (number of user messages) - 1
+    step = number of assistant messages after the last user message
+
+Script document, format version 1 (a ``.json`` file or a built-in from
+:mod:`torpor.model.scripts`)::
+
+    {"version": 1,
+     "description": "optional",
+     "turns": [ {"description": "optional",
+                 "steps": [ {"text": "optional",
+                             "tool_calls": [{"name": "shell", "arguments": {"cmd": "echo hi"}}]},
+                            {"text": "final answer"} ]} ],
+     "after_end": "repeat-last"}          # or "error"
+
+Past the last turn, ``repeat-last`` reuses the last turn's steps and ``error``
+raises :class:`ModelError`.  Tool names and arguments are checked against
+:data:`torpor.model.tools.TOOLS` when the script is parsed.  Tool-call ids are
+``call_<turn>_<step>_<i>``.
+
+In step text and in string arguments (at any depth) these placeholders are
+replaced, in one pass, so substituted text is never expanded again:
+``{turn}`` the turn index, ``{user}`` the last user message, ``{user_sh}`` the same
+quoted for ``sh``, ``{last_result}`` the content of the last tool message, stripped.
+Usage is ``len(text) // 4`` tokens each way; latency is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torpor.errors import UsageError
+from torpor.model.errors import ModelError, ModelResponseError
+from torpor.model.scripts import BUILTIN_SCRIPTS
+from torpor.model.tools import TOOLS, argument_problems, find_tool
+from torpor.model.types import (
+    STOP_END,
+    STOP_TOOL_CALLS,
+    Message,
+    Model,
+    ModelResponse,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    approx_tokens,
+    check_messages,
+    dumps_arguments,
+)
+
+SCRIPT_VERSION = 1
+AFTER_END = ("repeat-last", "error")
+
+#: A script given as code: ``(turn, step, messages) -> ModelResponse``.
+ScriptFn = Callable[[int, int, list[Message]], ModelResponse]
+
+_PLACEHOLDER = re.compile(r"\{(turn|user|user_sh|last_result)\}")
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    text: str = ""
+    tool_calls: tuple[ScriptCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Turn:
+    steps: tuple[Step, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Script:
+    turns: tuple[Turn, ...]
+    after_end: str = "repeat-last"
+    description: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        def step(s: Step) -> dict[str, Any]:
+            d: dict[str, Any] = {}
+            if s.text:
+                d["text"] = s.text
+            if s.tool_calls:
+                d["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in s.tool_calls]
+            return d
+
+        doc: dict[str, Any] = {"version": SCRIPT_VERSION}
+        if self.description:
+            doc["description"] = self.description
+        doc["turns"] = [
+            {
+                **({"description": t.description} if t.description else {}),
+                "steps": [step(s) for s in t.steps],
+            }
+            for t in self.turns
+        ]
+        doc["after_end"] = self.after_end
+        return doc
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _keys(obj: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where} must be an object, not {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise UsageError(f"{where} has unknown key(s) {', '.join(unknown)}")
+    for key in required:
+        if key not in obj:
+            raise UsageError(f"{where} needs {key!r}")
+
+
+def _str(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: {key!r} must be a string")
+    return value
+
+
+def parse_script(doc: Any, *, source: str = "script", tools: Sequence[ToolSpec] = TOOLS) -> Script:
+    """Validate a script document and build a :class:`Script`.
+
+    Raises :class:`~torpor.errors.UsageError` naming ``source`` and the bad part.
+    """
+    _keys(doc, source, ("version", "description", "turns", "after_end"), ("version", "turns"))
+    if doc["version"] != SCRIPT_VERSION:
+        raise UsageError(
+            f"{source}: unsupported script version {doc['version']!r} "
+            f"(this torpor reads version {SCRIPT_VERSION})"
+        )
+    after_end = doc.get("after_end", "repeat-last")
+    if after_end not in AFTER_END:
+        raise UsageError(
+            f"{source}: after_end is {after_end!r}; expected one of {', '.join(AFTER_END)}"
+        )
+    raw_turns = doc["turns"]
+    if not isinstance(raw_turns, list) or not raw_turns:
+        raise UsageError(f"{source}: turns must be a non-empty list")
+    turns = []
+    for t, raw_turn in enumerate(raw_turns):
+        where = f"{source}: turn {t}"
+        _keys(raw_turn, where, ("description", "steps"), ("steps",))
+        raw_steps = raw_turn["steps"]
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise UsageError(f"{where}: steps must be a non-empty list")
+        steps = []
+        for s, raw_step in enumerate(raw_steps):
+            swhere = f"{where} step {s}"
+            _keys(raw_step, swhere, ("text", "tool_calls"))
+            text = _str(raw_step, "text", swhere)
+            raw_calls = raw_step.get("tool_calls", [])
+            if not isinstance(raw_calls, list):
+                raise UsageError(f"{swhere}: tool_calls must be a list")
+            if not text and not raw_calls:
+                raise UsageError(f"{swhere} has neither text nor tool_calls")
+            calls = []
+            for i, raw_call in enumerate(raw_calls):
+                cwhere = f"{swhere} tool call {i}"
+                _keys(raw_call, cwhere, ("name", "arguments"), ("name",))
+                name = raw_call["name"]
+                spec = find_tool(name, tools) if isinstance(name, str) else None
+                if spec is None:
+                    known = ", ".join(x.name for x in tools)
+                    raise UsageError(f"{cwhere}: unknown tool {name!r} (known tools: {known})")
+                arguments = raw_call.get("arguments", {})
+                problems = argument_problems(spec, arguments)
+                if problems:
+                    raise UsageError(f"{cwhere} ({name}): {'; '.join(problems)}")
+                calls.append(ScriptCall(name, arguments))
+            steps.append(Step(text, tuple(calls)))
+        turns.append(Turn(tuple(steps), _str(raw_turn, "description", where)))
+    return Script(tuple(turns), after_end, _str(doc, "description", source))
+
+
+def load_script(path: str | Path, *, tools: Sequence[ToolSpec] = TOOLS) -> Script:
+    """Read and validate a script file; raises :class:`UsageError` if it is unusable."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise UsageError("script file not found", path=p) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read script file: {e}", path=p) from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"script file is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", path=p
+        ) from e
+    return parse_script(doc, source=f"script {p}", tools=tools)
+
+
+def builtin_script(name: str) -> Script:
+    """One of :data:`~torpor.model.scripts.BUILTIN_SCRIPTS`, parsed."""
+    if name not in BUILTIN_SCRIPTS:
+        raise UsageError(
+            f"no built-in script {name!r} (built-in: {', '.join(sorted(BUILTIN_SCRIPTS))})"
+        )
+    return parse_script(BUILTIN_SCRIPTS[name], source=f"built-in script {name!r}")
+
+
+# ---------------------------------------------------------------- running
+
+
+def script_position(messages: Sequence[Message]) -> tuple[int, int]:
+    """``(turn, step)`` for the next answer, derived only from ``messages``."""
+    last_user = -1
+    users = 0
+    for i, m in enumerate(messages):
+        if m.get("role") == "user":
+            users += 1
+            last_user = i
+    if not users:
+        raise UsageError("a scripted model needs at least one user message")
+    step = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
+    return users - 1, step
+
+
+def _substitute(value: Any, values: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values) for v in value]
+    return value
+
+
+def _placeholders(turn: int, messages: Sequence[Message]) -> dict[str, str]:
+    user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "tool"), "")
+    return {
+        "turn": str(turn),
+        "user": user,
+        "user_sh": shlex.quote(user),
+        "last_result": last.strip(),
+    }
+
+
+class ScriptedModel(Model):
+    """Answers from a :class:`Script` (or a function), deterministically and offline."""
+
+    def __init__(self, script: Script | ScriptFn, name: str = "scripted"):
+        self.script = script
+        self.name = name
+
+    def _step(self, turn: int, step: int) -> Step:
+        assert isinstance(self.script, Script)
+        turns = self.script.turns
+        if turn >= len(turns):
+            if self.script.after_end == "error":
+                raise ModelError(
+                    f"script has no turn {turn} (it has {len(turns)})",
+                    provider="scripted",
+                    step=self.name,
+                )
+            steps = turns[-1].steps
+        else:
+            steps = turns[turn].steps
+        if step >= len(steps):
+            raise ModelError(
+                f"script turn {turn} has {len(steps)} step(s); step {step} was asked for "
+                "(its last step should answer without tool calls)",
+                provider="scripted",
+                step=self.name,
+            )
+        return steps[step]
+
+    def complete(
+        self,
+        messages: list[Message],
+        tools: Sequence[ToolSpec],
+        *,
+        timeout: float | None = None,
+    ) -> ModelResponse:
+        t0 = time.perf_counter()
+        check_messages(messages)
+        turn, step_index = script_position(messages)
+        if not isinstance(self.script, Script):
+            return self.script(turn, step_index, messages)
+        step = self._step(turn, step_index)
+        values = _placeholders(turn, messages)
+        offered = {t.name for t in tools}
+        calls = []
+        for i, c in enumerate(step.tool_calls):
+            if offered and c.name not in offered:
+                raise ModelResponseError(
+                    f"script turn {turn} step {step_index} calls {c.name!r}, which the caller "
+                    f"did not offer (offered: {', '.join(sorted(offered))})",
+                    tool=c.name,
+                    provider="scripted",
+                    step=self.name,
+                )
+            calls.append(
+                ToolCall(f"call_{turn}_{step_index}_{i}", c.name, _substitute(c.arguments, values))
+            )
+        text = _substitute(step.text, values)
+        prompt = "".join(m.get("content") or "" for m in messages)
+        reply = text + "".join(c.name + dumps_arguments(c.arguments) for c in calls)
+        return ModelResponse(
+            text=text,
+            tool_calls=tuple(calls),
+            usage=Usage(approx_tokens(prompt), approx_tokens(reply)),
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            model=self.name,
+            stop_reason=STOP_TOOL_CALLS if calls else STOP_END,
+            response_id=f"scripted-{turn}-{step_index}",
+        )
+
+
+__all__ = [
+    "SCRIPT_VERSION",
+    "Script",
+    "ScriptCall",
+    "ScriptFn",
+    "ScriptedModel",
+    "Step",
+    "Turn",
+    "builtin_script",
+    "load_script",
+    "parse_script",
+    "script_position",
+]
