@@ -209,7 +209,10 @@ def test_fork_shares_prefix_and_diverges(sessions) -> None:
     s.send("set up a counter service and tell me its port")
     s.send("is the counter still running?")  # the demo script journals from turn 3 on
     at = s.checkpoints[-1]
+    parent_vm = s.vm()
     child = sessions.track(s.fork(at=at, name="child"))
+    assert s.vm() == parent_vm and child.vm() is not None  # the parent keeps its VM
+    assert child.vm().id != parent_vm.id
     assert child.record.parent_id == s.id and child.record.parent_seq == at.seq
     assert [e.seq for e in child.log()][: at.seq] == list(range(1, at.seq + 1))
     assert child.log()[at.seq - 1].kind == Kind.CHECKPOINT
@@ -222,6 +225,7 @@ def test_fork_shares_prefix_and_diverges(sessions) -> None:
     assert all(e.session_id == child.id for e in child.log()[at.seq :])
     assert not any(e.payload.get("content") == "parent branch" for e in child.log())
     assert int(_guest(child, "cat", "/work/counter")) > 0
+    assert [e.payload["reason"] for e in s.log() if e.kind == Kind.VM] == ["create"]
     with pytest.raises(UsageError, match="not a checkpoint"):
         s.fork(at=at.seq + 1)
 
@@ -254,9 +258,20 @@ def test_bad_input(sessions, paths, tools_image) -> None:
     r = torpor_cli("session", "create", "--image", tools_image, "--name", "bad name!")
     assert r.returncode == 2
     s = sessions.create()
+    r = s.send("set up a counter service")  # a normal turn first: /work exists
+    with VMManager(paths).client(s.vm()) as c:
+        c.write_file("/work/bin", b"a\x00b\xff")
+    from torpor.session.tools import run_tool
+
+    with VMManager(paths).client(s.vm()) as c:
+        res = run_tool(c, "x", "read_file", {"path": "/work/bin"})
+        assert "\x00" in res.content  # the raw tool result has the NUL...
+    s._append(Kind.TOOL_RESULT, res.to_json(), turn=1)  # ...the log takes it as U+FFFD
+    assert s.log()[-1].payload["content"] == "a\ufffdb\ufffd"
+    n = len(s.log())
     with pytest.raises(UsageError, match="empty"):
         s.send("   ")
-    assert len(s.log()) == 2  # nothing appended by the refused send
+    assert len(s.log()) == n  # nothing appended by the refused send
 
 
 def test_cli_end_to_end(paths, tools_image) -> None:

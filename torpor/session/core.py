@@ -106,7 +106,9 @@ class SessionState:
         return self.checkpoints[-1] if self.checkpoints else None
 
 
-def derive_state(entries: Sequence[Entry]) -> SessionState:
+def derive_state(entries: Sequence[Entry], owner: str | None = None) -> SessionState:
+    """The state ``entries`` describe.  With ``owner``, only that session's own ``vm``
+    entries name its VM: a fork's inherited prefix names its parent's VM."""
     eff = effective(entries)
     vm_id: str | None = None
     hibernated = False
@@ -115,7 +117,8 @@ def derive_state(entries: Sequence[Entry]) -> SessionState:
     turns = 0
     for e in eff:
         if e.kind == Kind.VM:
-            vm_id = e.payload.get("vm")
+            if owner is None or e.session_id == owner:
+                vm_id = e.payload.get("vm")
             hibernated = False
         elif e.kind == Kind.RESUME:
             hibernated = False
@@ -178,6 +181,18 @@ def _answer_of(entries: Sequence[Entry], turn: int) -> str:
 def _vm_name(session_name: str) -> str:
     name = f"ses-{session_name}"[:63]
     return name if NAME_RE.match(name) else ""
+
+
+def _no_nul(value: Any) -> Any:
+    """U+0000 -> U+FFFD in every string: the log (PostgreSQL's jsonb) cannot hold NUL,
+    and a tool's output (a binary file, say) may contain it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 EventHook = Callable[[Entry], None]
@@ -317,7 +332,7 @@ class Session:
         return self._log.follow(self.id, after=after, stop=stop)
 
     def state(self) -> SessionState:
-        return derive_state(self.log())
+        return derive_state(self.log(), owner=self.id)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -375,11 +390,11 @@ class Session:
             if key is not None:
                 for e in entries:
                     if e.kind == Kind.USER and e.key == key:
-                        st = derive_state(entries)
+                        st = derive_state(entries, owner=self.id)
                         if st.pending is not None and st.pending.seq == e.seq:
                             return self._recover_locked(st)
                         return _answer_of(entries, e.turn)
-            st = derive_state(entries)
+            st = derive_state(entries, owner=self.id)
             if st.pending is not None:
                 self._recover_locked(st)
                 st = self.state()
@@ -477,7 +492,7 @@ class Session:
 
     # -- internals ---------------------------------------------------------------------
     def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):
-        entry = self._log.append(self.id, kind, payload, turn=turn, key=key)
+        entry = self._log.append(self.id, kind, _no_nul(payload), turn=turn, key=key)
         if self.on_event is not None:
             self.on_event(entry)
         return entry

@@ -1,0 +1,75 @@
+"""Choosing and opening a context-log backend from a DSN.
+
+::
+
+    None            $TORPOR_CONTEXT_DSN if set, else as ""
+    ""              SQLite at Paths.root / "context.db"
+    /a/path.db      SQLite there (any string without a "scheme://")
+    sqlite:///a.db  SQLite at /a.db (the path after "sqlite://" must be absolute)
+    postgresql://user:pw@host:port/db?options   PostgreSQL (also postgres://)
+
+psycopg is imported only for a PostgreSQL DSN, so the embedded default needs
+nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from torpor.context.log import ContextLog
+from torpor.errors import SetupError, UsageError
+from torpor.paths import Paths
+
+__all__ = ["DB_NAME", "ENV_DSN", "open_log"]
+
+ENV_DSN = "TORPOR_CONTEXT_DSN"
+DB_NAME = "context.db"
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLog:
+    """Open the context log ``dsn`` names (see the module docstring).
+
+    Raises UsageError (unknown scheme, relative sqlite:// path), SetupError
+    (PostgreSQL DSN but psycopg is not installed), ContextError (the database
+    cannot be opened; its message names the file or host and database, never a
+    password), SchemaVersionError (written by a newer torpor).
+    """
+    if dsn is None:
+        dsn = os.environ.get(ENV_DSN, "")
+    if not dsn:
+        return _sqlite((paths or Paths.default()).root / DB_NAME)
+    m = _SCHEME.match(dsn)
+    if m is None:
+        return _sqlite(Path(dsn).expanduser().absolute())
+    scheme = m.group(1).lower()
+    if scheme == "sqlite":
+        rest = dsn[m.end() :]
+        if not rest.startswith("/"):
+            raise UsageError(
+                f"sqlite DSN {dsn!r} needs an absolute path: sqlite:///path/to/context.db"
+            )
+        return _sqlite(Path(rest))
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as e:
+            raise SetupError(
+                "a PostgreSQL context log needs psycopg: pip install 'torpor[postgres]'",
+                step="open context log",
+            ) from e
+        from torpor.context.postgres import PostgresContextLog
+
+        return PostgresContextLog(dsn)
+    raise UsageError(
+        f"unknown context log DSN scheme {scheme + '://'!r}: use a file path, sqlite:///path"
+        " or postgresql://user@host/db"
+    )
+
+
+def _sqlite(path: Path) -> ContextLog:
+    from torpor.context.sqlite import SQLiteContextLog
+
+    return SQLiteContextLog(path)

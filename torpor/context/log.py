@@ -1,0 +1,140 @@
+"""The :class:`ContextLog` interface every backend implements.
+
+Role: the one API the session layer talks to; SQLite and PostgreSQL implement it
+with the same semantics (the shared implementation is :mod:`torpor.context.sql`).
+
+Guarantees (both backends):
+
+- Append-only: entries and sessions are never updated or deleted in place, and
+  the database itself refuses ``UPDATE``/``DELETE`` of them (triggers).
+- Per session, seqs are strictly increasing without gaps: ``seq`` = the last
+  *visible* seq + 1, so a fork's first own entry is ``parent_seq + 1``.
+- ``append`` returns only after the entry is durable (SQLite: WAL with
+  ``synchronous=FULL``; PostgreSQL: a committed transaction with
+  ``synchronous_commit`` at least ``on``).
+- ``append`` with a key already used in that session returns the stored entry,
+  unchanged, and writes nothing; appends are serialized per session, across
+  threads and processes, so this holds under races too.
+- A fork shares its parent's entries up to the fork point by reference: no row
+  is copied; reads walk the ancestry.
+
+A :class:`ContextLog` object may be shared by threads (calls are serialized);
+do not carry one across ``fork()`` — open one per process.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+from torpor.context.model import Entry, Kind, SessionRecord
+
+__all__ = ["FOLLOW_BATCH", "ContextLog"]
+
+FOLLOW_BATCH = 500
+
+
+class ContextLog(ABC):
+    """An append-only log of sessions' entries.  Use as a context manager or ``close()``."""
+
+    @abstractmethod
+    def create_session(
+        self,
+        name: str | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        parent: tuple[str, int] | None = None,
+        session_id: str | None = None,
+    ) -> SessionRecord:
+        """Create a session, or a fork of ``parent = (session_id, seq)``.
+
+        The id is ``uuid4().hex`` unless given; the name defaults to ``"s-" + id[:8]``.
+        Raises UsageError (bad name/id/meta, fork point beyond the parent's log),
+        NotFoundError (no such parent), ConflictError (name or id taken).
+        """
+
+    @abstractmethod
+    def get_session(self, ref: str) -> SessionRecord:
+        """By exact id, exact name, or unique id prefix of at least 4 characters.
+
+        Raises NotFoundError, or UsageError when a prefix is ambiguous.
+        """
+
+    @abstractmethod
+    def list_sessions(self) -> list[SessionRecord]:
+        """Every session, oldest first."""
+
+    @abstractmethod
+    def append(
+        self,
+        session_id: str,
+        kind: Kind,
+        payload: dict[str, Any],
+        *,
+        turn: int,
+        key: str | None = None,
+    ) -> Entry:
+        """Append an entry; returns once it is durable.
+
+        With a ``key`` already used in this session, returns that stored entry
+        unchanged (even if ``kind``/``payload`` differ) and appends nothing.
+        Raises NotFoundError (no such session id), UsageError (bad kind, turn,
+        key or payload), ContextError (the database failed).
+        """
+
+    @abstractmethod
+    def entries(self, session_id: str, *, after: int = 0, limit: int | None = None) -> list[Entry]:
+        """The visible log with ``seq > after`` in seq order: the inherited prefix
+        (through every ancestor, each cut at its fork point) then own entries."""
+
+    @abstractmethod
+    def last_seq(self, session_id: str) -> int:
+        """The last visible seq, 0 for an empty log."""
+
+    @abstractmethod
+    def stats(self, session_id: str) -> dict[str, int]:
+        """``{"entries": visible, "own_entries": stored here, "bytes": own payload bytes}``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection; further calls raise ContextError.  Idempotent."""
+
+    def follow(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        poll: float = 0.2,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Entry]:
+        """Yield entries with ``seq > after`` as they are appended, by any process.
+
+        Polls every ``poll`` seconds while idle.  Ends once ``stop()`` is true, after
+        yielding every entry that was visible when it said so; without ``stop`` it
+        never ends.
+        """
+        while True:
+            stopping = stop is not None and stop()
+            batch = self.entries(session_id, after=after, limit=FOLLOW_BATCH)
+            for e in batch:
+                yield e
+                after = e.seq
+            if len(batch) == FOLLOW_BATCH:
+                continue
+            if stopping:
+                return
+            time.sleep(poll)
+
+    def __enter__(self) -> ContextLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

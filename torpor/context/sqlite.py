@@ -1,0 +1,167 @@
+"""The embedded backend: one SQLite file (default ``ROOT/context.db``).
+
+Durability: the database runs in WAL mode with ``synchronous=FULL``, so every
+commit fsyncs the WAL before ``append`` returns; a crash (or ``kill -9``) of any
+writer loses no acknowledged entry and leaves no partial one.
+
+Concurrency: writers use ``BEGIN IMMEDIATE`` (one writer at a time for the whole
+file, across processes) and wait up to ``busy_timeout`` for their turn; readers
+never block in WAL mode.  Within a process one connection serves all threads,
+behind the log's lock.
+
+The file is created 0600 before SQLite opens it; SQLite gives its ``-wal`` and
+``-shm`` files the database file's mode.  The file lives on a local filesystem
+(WAL needs shared memory; network filesystems are not supported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from torpor.context.errors import ContextError
+from torpor.context.model import SCHEMA_VERSION
+from torpor.context.sql import SQLContextLog
+from torpor.fsutil import fsync_dir
+
+__all__ = ["DDL", "SQLiteContextLog"]
+
+BUSY_TIMEOUT_S = 30.0
+
+
+def _refuse(op: str, table: str) -> str:
+    return (
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table}"
+        f" BEGIN SELECT RAISE(ABORT, 'torpor: {op} on {table} refused:"
+        " the context log is append-only'); END"
+    )
+
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS torpor_meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS torpor_sessions (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        parent_id TEXT REFERENCES torpor_sessions (id),
+        parent_seq INTEGER CHECK (parent_seq >= 0),
+        meta TEXT NOT NULL CHECK (json_valid(meta)),
+        schema_version INTEGER NOT NULL,
+        CHECK ((parent_id IS NULL) = (parent_seq IS NULL))
+    )""",
+    """CREATE TABLE IF NOT EXISTS torpor_entries (
+        session_id TEXT NOT NULL REFERENCES torpor_sessions (id),
+        seq INTEGER NOT NULL CHECK (seq >= 1),
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL CHECK (json_valid(payload)),
+        payload_bytes INTEGER NOT NULL,
+        key TEXT,
+        turn INTEGER NOT NULL CHECK (turn >= 0),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, seq),
+        UNIQUE (session_id, key)
+    )""",
+    _refuse("UPDATE", "torpor_entries"),
+    _refuse("DELETE", "torpor_entries"),
+    _refuse("UPDATE", "torpor_sessions"),
+    _refuse("DELETE", "torpor_sessions"),
+]
+
+
+class SQLiteContextLog(SQLContextLog):
+    backend = "sqlite"
+    db_errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
+        """Open (creating if needed) the log at ``path``.
+
+        Raises ContextError (cannot create, not a database, no WAL support),
+        SchemaVersionError (written by a newer torpor).
+        """
+        self.path = Path(path)
+        super().__init__(str(self.path))
+        self._conn = self._open(busy_timeout)
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        step = "open context log"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                os.close(os.open(self.path, flags, 0o600))
+                fsync_dir(self.path.parent)  # SQLite syncs its -wal's entry, not the db's
+            except FileExistsError:
+                pass
+        except OSError as e:
+            raise ContextError(f"cannot create {self.path}: {e.strerror}", step=step) from e
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise ContextError(f"cannot open {self.path}: {e}", step=step) from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise ContextError(
+                    f"{self.path}: SQLite refused WAL mode (journal_mode={mode}); the context"
+                    " log needs a local filesystem",
+                    step=step,
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._init_schema(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise ContextError(f"sqlite {self.path}: {e}", step=step) from e
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            value = None
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'torpor_meta'"
+            ).fetchone()
+            if has_meta:
+                row = conn.execute(
+                    "SELECT value FROM torpor_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                value = row[0] if row else None
+            if self.check_schema_version(value) is None:
+                for stmt in DDL:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO torpor_meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+            raise
+
+    def _close_connection(self) -> None:
+        self._conn.close()
+
+    def _is_unique_violation(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE constraint" in str(exc)
