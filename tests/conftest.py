@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgserver import pg_admin_dsn, pg_dsn  # noqa: F401  (fixtures for every folder)
 from torpor.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.context.conftest import _with_db
+from tests.pgserver import _with_db
 from torpor.context import ContextError, Kind, open_log
 from torpor.context.sqlite import SQLiteContextLog
 from torpor.errors import SetupError, UsageError

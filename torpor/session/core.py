@@ -210,8 +210,10 @@ class Session:
         model: Model | None = None,
         dsn: str | None = None,
         on_event: EventHook | None = None,
+        owns_log: bool = True,
     ):
         self.record = record
+        self._owns_log = owns_log  # sessions from list() share one connection
         self.paths = paths
         self._log = log
         self._dsn = dsn
@@ -298,11 +300,13 @@ class Session:
     @classmethod
     def list(cls, *, paths: Paths | None = None, dsn: str | None = None) -> list[Session]:
         paths = (paths or Paths.default()).ensure()
-        log = open_log(dsn, paths=paths)
-        return [cls(r, log, paths, dsn=dsn) for r in log.list_sessions()]
+        log = open_log(dsn, paths=paths)  # shared by the returned sessions, closed with them
+        records = log.list_sessions()
+        return [cls(r, log, paths, dsn=dsn, owns_log=i == 0) for i, r in enumerate(records)]
 
     def close(self) -> None:
-        self._log.close()
+        if self._owns_log:
+            self._log.close()
 
     def __enter__(self) -> Session:
         return self
@@ -472,8 +476,13 @@ class Session:
             ck = found[0]
         meta = {**self.record.meta, "forked_from": self.id}
         record = self._log.create_session(name, meta, parent=(self.id, ck.seq))
-        child = Session(
-            record, self._log, self.paths, model=self._model, dsn=self._dsn, on_event=self.on_event
+        child = Session(  # its own connection: closing either session leaves the other usable
+            record,
+            open_log(self._dsn, paths=self.paths),
+            self.paths,
+            model=self._model,
+            dsn=self._dsn,
+            on_event=self.on_event,
         )
         with child._locked():
             child._append(
