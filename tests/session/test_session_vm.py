@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import torpor_cli
 from torpor.context import Kind, superseded
-from torpor.errors import NotFoundError, UsageError
+from torpor.errors import NotFoundError, TorporError, UsageError
 from torpor.session import Session
 from torpor.vmm.manager import VMManager
 from torpor.vmm.state import Status
@@ -302,9 +302,7 @@ def test_cli_end_to_end(paths, tools_image) -> None:
         assert r.returncode == 2 and b"not a checkpoint" in r.stderr
     finally:
         torpor_cli("session", "rm", "cli-s", "cli-f")
-    assert not any(
-        vm.config.labels.get("torpor.session") == sid for vm in VMManager(paths).list()
-    )
+    assert not any(vm.config.labels.get("torpor.session") == sid for vm in VMManager(paths).list())
 
 
 def test_script_file_errors_are_clear(tmp_path: Path, paths, tools_image) -> None:
@@ -312,3 +310,70 @@ def test_script_file_errors_are_clear(tmp_path: Path, paths, tools_image) -> Non
     bad.write_text("{not json")
     with pytest.raises(UsageError):
         Session.create(tools_image, f"scripted:{bad}", paths=paths)
+
+
+def test_ctrl_c_mid_turn_keeps_the_message_and_the_next_send_finishes_it(
+    sessions, tmp_path
+) -> None:
+    script = tmp_path / "crash.json"
+    script.write_text(json.dumps(CRASH_SCRIPT))
+    s = sessions.create(model=f"scripted:{script}")
+    s.send("prepare")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli.main", "session", "send", s.id, "do it"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not any(e.kind == Kind.TOOL_CALL and e.turn == 2 for e in s.log()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"session recover" in err  # says how to finish the turn
+    assert s.status() == "interrupted"
+    r = torpor_cli("session", "send", s.id, "next", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == "turn 2: next"
+    assert _guest(s, "cat", "/work/effects") == "effect\n"
+
+
+def test_kill_9_during_create_leaves_nothing_behind(paths, tools_image) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "session",
+            "create",
+            "--image",
+            tools_image,
+            "--name",
+            "doomed",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mgr = VMManager(paths)
+    deadline = time.monotonic() + 60
+    # kill it once its VM exists (booting or booted), before the first checkpoint is logged
+    while not any(
+        vm.config.labels.get("torpor.session") for vm in mgr.list() if vm.name == "ses-doomed"
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    s = Session.open("doomed", paths=paths)
+    try:
+        assert s.status() in ("failed", "running")  # consistent whichever step it reached
+        if s.status() == "failed":
+            with pytest.raises(TorporError, match="never finished starting"):
+                s.send("hello")
+        r = torpor_cli("session", "rm", "doomed")
+        assert r.returncode == 0, r.stderr
+        assert not [vm for vm in mgr.list() if vm.config.labels.get("torpor.session") == s.id]
+    finally:
+        s.close()

@@ -52,6 +52,8 @@ DEFAULT_SYSTEM = (
 )
 #: Model steps in one turn before torpor gives up on the model (a loop guard).
 MAX_STEPS = 64
+#: VM label naming the session a VM was booted for.
+LABEL = "torpor.session"
 #: Entries of a turn's work that a recovery supersedes (events such as ``vm`` stay).
 TURN_WORK = (Kind.MODEL_REQUEST, Kind.MODEL_RESPONSE, Kind.TOOL_CALL, Kind.TOOL_RESULT)
 
@@ -265,7 +267,7 @@ class Session:
                     name=_vm_name(record.name) or None,
                     memory_mib=memory_mib,
                     network=network,
-                    labels={"torpor.session": record.id},
+                    labels={LABEL: record.id},
                 )
                 vm = s._mgr.run(req)
             except TorporError as e:
@@ -399,6 +401,11 @@ class Session:
                             return self._recover_locked(st)
                         return _answer_of(entries, e.turn)
             st = derive_state(entries, owner=self.id)
+            if not st.checkpoints:
+                raise SessionError(
+                    f"session {self.name} never finished starting (no checkpoint 0); "
+                    f"remove it with `torpor session rm {self.name}` and create another"
+                )
             if st.pending is not None:
                 self._recover_locked(st)
                 st = self.state()
@@ -493,11 +500,19 @@ class Session:
         return child
 
     def remove(self) -> None:
-        """Delete the session's VM. The log and the snapshots stay (the log is append-only)."""
+        """Delete the session's VMs. The log and the snapshots stay (the log is append-only).
+
+        Besides the VM the log names, any VM labelled with this session goes too: one
+        booted by a ``create`` that was killed before it could log it.
+        """
         with self._locked():
+            ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
             vm = self.vm()
             if vm is not None:
-                self._mgr.remove(vm.id, force=True)
+                ids.add(vm.id)
+            for vm_id in ids:
+                with contextlib.suppress(NotFoundError):
+                    self._mgr.remove(vm_id, force=True)
 
     # -- internals ---------------------------------------------------------------------
     def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):
