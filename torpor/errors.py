@@ -20,13 +20,17 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      ├── VMError                    QEMU failed to start, crashed, timed out   (8)
      │    └── AcceleratorError      requested accelerator is unusable
      ├── SetupError                 host is missing a required tool            (9)
-     └── StoreError                 the snapshot chunk store                   (10)
-          ├── ManifestError         not a manifest, malformed, or inconsistent
-          │    ├── ManifestAuthError      the MAC does not match the store's key
-          │    └── ManifestVersionError   written by a newer (unknown) format major
-          └── ChunkError            chunks an artifact needs are unusable
-               ├── ChunkMissingError      at least one chunk file is absent
-               └── ChunkCorruptError      chunks are present but do not hash right
+     ├── StoreError                 the snapshot chunk store                   (10)
+     │    ├── ManifestError         not a manifest, malformed, or inconsistent
+     │    │    ├── ManifestAuthError      the MAC does not match the store's key
+     │    │    └── ManifestVersionError   written by a newer (unknown) format major
+     │    └── ChunkError            chunks an artifact needs are unusable
+     │         ├── ChunkMissingError      at least one chunk file is absent
+     │         └── ChunkCorruptError      chunks are present but do not hash right
+     ├── ContextError               the context-log database                  (11)
+     ├── ModelError                 a model call failed (torpor.model.errors)  (12)
+     └── SessionError               a session cannot do it: never started, nothing
+                                    to recover from (torpor.session.core)      (13)
 
 The CLI maps each class to the stable exit code shown; exec'd commands use
 their own exit codes (0-255) only for ``run`` / ``exec`` when torpor itself
