@@ -61,3 +61,30 @@ def test_bench_snapshot_writes_json(tools_image: str, tmp_path: Path) -> None:
     assert res["baseline_bytes"]["p50"] > 0 and res["stored_incr_bytes"]["p50"] > 0
     assert b"pause window" in r.stdout
     assert torpor_cli("ps", "-aq").stdout == before
+
+
+def test_bench_sessions_writes_json(tools_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "sessions.json"
+    before = torpor_cli("ps", "-aq").stdout
+    r = torpor_cli(
+        "bench",
+        "sessions",
+        "--image",
+        tools_image,
+        "--turns",
+        "2,3",
+        "--json",
+        str(out),
+        env={"COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [x["turns"] for x in data["results"]] == [2, 3]
+    for x in data["results"]:
+        assert x["checkpoint_durable_ms"]["n"] == x["turns"]  # one checkpoint per turn
+        assert x["snapshot_bytes_total"] > 0 and x["log_entries"] > 0
+        assert x["resume_ms"] > 0 and x["recover_ms"] > 0
+    assert b"resume" in r.stdout and b"recover" in r.stdout
+    assert torpor_cli("ps", "-aq").stdout == before
+    r = torpor_cli("bench", "sessions", "--turns", "ten")
+    assert r.returncode == 2 and b"--turns" in r.stderr
