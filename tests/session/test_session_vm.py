@@ -230,7 +230,7 @@ def test_fork_shares_prefix_and_diverges(sessions) -> None:
         s.fork(at=at.seq + 1)
 
 
-def test_idempotent_send_and_idle_hibernation(sessions) -> None:
+def test_idempotent_send_and_idle_hibernation(sessions, paths) -> None:
     s = sessions.create(idle=1.0)
     a1 = s.send("set up a counter service and tell me its port", key="k-1")
     n = len(s.log())
@@ -240,8 +240,12 @@ def test_idempotent_send_and_idle_hibernation(sessions) -> None:
     while s.status() != "hibernated":
         assert time.monotonic() < deadline, "the idle session was never hibernated"
         time.sleep(0.5)
-    assert s.send("is the counter still running?")
-    assert s.status() == "running"
+    import torpor
+
+    with torpor.Session.resume(s.id, paths=paths) as s2:  # the SDK's spelling
+        assert s2.status() == "running" and s2.vm() == s.vm()
+        assert s2.send("is the counter still running?").startswith("Yes")
+        assert s2.checkpoints[-2].reason == "hibernate"
 
 
 def test_bad_input(sessions, paths, tools_image) -> None:
