@@ -21,7 +21,7 @@ import zstandard
 from torpor.bench.stats import machine, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
-from torpor.snapshot import restore, snapshot
+from torpor.snapshot import fork, restore, snapshot
 from torpor.vmm import qmp
 from torpor.vmm.manager import RunRequest, VMManager
 
@@ -44,6 +44,11 @@ def run_snapshot_bench(
             "pause_incr_ms",
             "durable_incr_ms",
             "stored_incr_bytes",
+            "pause_turn_ms",
+            "durable_turn_ms",
+            "stored_turn_bytes",
+            "hibernate_durable_ms",
+            "resume_ms",
             "restore_hot_ms",
             "restore_cold_ms",
             "fork_ms",
@@ -88,16 +93,28 @@ def run_snapshot_bench(
             res["pause_incr_ms"].append(r2.pause_ms)
             res["durable_incr_ms"].append(r2.durable_ms)
             res["stored_incr_bytes"].append(r2.stored_bytes)
+            # a steady agent turn: a small change, then the per-turn checkpoint
+            with mgr.client(vm2) as c:
+                c.exec(["sh", "-c", "echo turn >> /root/change"])
+            rt = snapshot(mgr, vm2.id)
+            res["pause_turn_ms"].append(rt.pause_ms)
+            res["durable_turn_ms"].append(rt.durable_ms)
+            res["stored_turn_bytes"].append(rt.stored_bytes)
+            # the session's idle path: hibernate (snapshot --stop), then wake up in place
+            rh = snapshot(mgr, vm2.id, stop=True)
+            res["hibernate_durable_ms"].append(rh.durable_ms)
+            t0 = time.perf_counter()
+            mgr.start(vm2.id)
+            res["resume_ms"].append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
             vm3 = restore(mgr, r2.manifest.id, cold=True)
             res["restore_cold_ms"].append((time.perf_counter() - t0) * 1000)
             made.append(vm3.id)
             for v in (vm2.id, vm3.id):
                 mgr.remove(v, force=True)
-            if trial == 0:
+            if trial == 0 and forks:
                 t0 = time.perf_counter()
-                for _ in range(forks):
-                    made.append(restore(mgr, r.manifest.id).id)
+                made.extend(v.id for v in fork(mgr, r.manifest.id, forks))
                 res["fork_ms"].append((time.perf_counter() - t0) * 1000)
                 for v in made[3:]:
                     mgr.remove(v, force=True)
@@ -127,6 +144,10 @@ def run_snapshot_bench(
             "durable_ms": 300,
             "stored_incr_bytes": 5e6,
             "restore_hot_ms": 50,
+            "resume_ms": 50,
+            "durable_turn_ms": 300,
+            "pause_turn_ms": 50,
+            "stored_turn_bytes": 5e6,
             "restore_cold_ms": 300,
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -178,9 +199,14 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         ("pause window, incremental", "pause_incr_ms", "ms"),
         ("durable, incremental", "durable_incr_ms", "ms"),
         ("stored, incremental", "stored_incr_bytes", "MB"),
+        ("pause window, next turn (restored VM)", "pause_turn_ms", "ms"),
+        ("durable, next turn", "durable_turn_ms", "ms"),
+        ("stored, next turn", "stored_turn_bytes", "MB"),
+        ("hibernate (snapshot --stop), durable", "hibernate_durable_ms", "ms"),
+        ("resume hibernated VM in place", "resume_ms", "ms"),
         ("restore to agent-ready, hot", "restore_hot_ms", "ms"),
         ("restore to agent-ready, cold", "restore_cold_ms", "ms"),
-        ("fork N (sequential restores)", "fork_ms", "ms"),
+        ("fork N (parallel, identity set)", "fork_ms", "ms"),
         ("baseline: full-RAM migration + zstd, paused", "baseline_pause_ms", "ms"),
         ("baseline: stored", "baseline_bytes", "MB"),
     ]

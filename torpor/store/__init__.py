@@ -21,7 +21,8 @@ folder can be copied elsewhere and used there)::
       leases/<host>.<pid>.<rnd>.lease a writer in flight: gc keeps chunks newer than it
       tmp/                            chunk temp files before their rename
 
-Write path: ``put_file`` (one per artifact) → ``commit`` (syncfs, then the manifest).
+Write path: ``put_file`` (one per artifact; chunk data fdatasync'ed) → ``commit`` (fsync
+the chunk directories, then the manifest).
 Read path: ``get`` / ``list`` → ``materialize`` or ``read_range`` (every chunk
 hash-checked).  Maintenance: ``verify``, ``gc``, ``remove``.  The crash-safety and
 gc-safety arguments are in :mod:`torpor.store.store`; the manifest format in

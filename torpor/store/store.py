@@ -15,21 +15,26 @@ Invariants:
 Crash safety (the ordering)::
 
     1. lease      leases/<host>.<pid>.<rnd>.lease         (gc protection, see below)
-    2. chunks     tmp/<rnd>.tmp  --rename-->  chunks/<aa>/<hash>     no fsync each
-    3. syncfs     one syncfs(2) of the store's filesystem: every chunk's data and
-                  every directory entry written in 2 is now on disk
+    2. chunks     tmp/<rnd>.tmp, fdatasync  --rename-->  chunks/<aa>/<hash>
+    3. dirs       fsync every chunks/<aa>/ directory holding a chunk the manifest
+                  names that is not already vouched for by the parent manifest
+                  (its directory entry is then on disk too)
     4. manifest   snapshots/.<id>.manifest.<rnd>.tmp, fsync, rename, fsync dir
     5. release    unlink the lease
 
 A crash before 4's rename leaves no manifest listed (temp files start with "." and
 are ignored), only orphan chunks and temp files, which ``gc`` removes.  A crash
-after it leaves a complete snapshot whose chunks were made durable in 3.  Chunks of
-earlier snapshots are never rewritten in place, so they stay intact.  One hazard
-remains: a chunk written in 2 whose data never reached the disk may survive a
-power loss as a torn file under its real name; so an existing chunk is trusted
-without reading it only if a committed parent names it (it went through 3) or this
-writer wrote it itself — any other pre-existing chunk is re-hashed before it is
-reused, and rewritten if bad.
+after it leaves a complete snapshot whose chunks were made durable in 2 and 3.
+Chunks of earlier snapshots are never rewritten in place, so they stay intact.
+
+Why not one ``syncfs(2)`` (the first version did): it flushes *every* dirty page of
+the filesystem — other VMs' disk overlays, snapshot caches, anything else on the
+host — and cost 50-120 ms per snapshot here; fsyncing only the new chunk files and
+their directories costs what was written.  Chunk data is synced before its rename,
+so a chunk under its real name is never torn by a power loss; an existing chunk is
+still re-hashed before reuse unless a committed parent names it or this writer
+wrote it (a store written by an older torpor, or damaged on disk, may hold torn
+chunks).
 
 Why gc is safe while writers run (local filesystem, one kernel clock):
 
@@ -85,6 +90,7 @@ from torpor.store.manifest import (
 STORE_FORMAT = b"torpor-store 1\n"
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
+IO_THREADS = 16
 
 _HASH_RE = re.compile(rb"[0-9a-f]{64}")
 
@@ -166,6 +172,11 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_existing_dir(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fsutil.fsync_dir(path)
+
+
 class ChunkStore:
     """A store folder. Pass ``Paths.root / "store"``; created on first use.
 
@@ -190,7 +201,9 @@ class ChunkStore:
         self._lease: Path | None = None
         self._lease_finalizer: weakref.finalize | None = None
         self._mine: set[str] = set()  # chunks written or claimed under the current lease
+        self._synced_dirs: set[str] = set()  # chunks/<aa> fsynced since our last write there
         self._pool: ThreadPoolExecutor | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
 
     # -- setup -------------------------------------------------------------
 
@@ -239,12 +252,23 @@ class ChunkStore:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="torpor-store")
         return self._pool
 
+    def _io_executor(self) -> ThreadPoolExecutor:
+        """Threads for writes that end in fdatasync/fsync: they mostly wait on the
+        disk, and the filesystem journal batches concurrent syncs into one commit,
+        so many more of them than cores pay off (first snapshot: 580 -> ~300 ms)."""
+        if self._io_pool is None:
+            self._io_pool = ThreadPoolExecutor(
+                max(self.threads, IO_THREADS), thread_name_prefix="torpor-store-io"
+            )
+        return self._io_pool
+
     def close(self) -> None:
         """Release an uncommitted writer's lease (its chunks become gc-able) and threads."""
         self._drop_lease()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._io_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._io_pool = None
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -289,11 +313,15 @@ class ChunkStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(frame)
+                f.flush()
+                os.fdatasync(f.fileno())  # data first: a renamed chunk is never torn
             try:
                 os.replace(tmp, dest)
             except FileNotFoundError:
                 dest.parent.mkdir(exist_ok=True)
+                self._synced_dirs.discard("")  # chunks/ itself gained an entry
                 os.replace(tmp, dest)
+            self._synced_dirs.discard(h[:2])
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -461,9 +489,10 @@ class ChunkStore:
     ) -> None:
         t0 = time.perf_counter()
         hashed: list[tuple[ck.ChunkRead, str]] = []
-        for c in batch:
+        # BLAKE3 releases the GIL: hash the batch's chunks on the pool's threads
+        digests = self._executor().map(ck.hash_bytes, [c.data for c in batch])
+        for c, h in zip(batch, digests, strict=True):
             st["bytes_read"] += len(c.data)
-            h = ck.hash_bytes(c.data)
             if h == ck.zero_hash(len(c.data)):
                 continue
             hashed.append((c, h))
@@ -496,7 +525,7 @@ class ChunkStore:
                 if not isinstance(got, bytes):
                     to_write[h] = unknown[h]
         if to_write:
-            pool = self._executor()
+            pool = self._io_executor()
             hs = list(to_write)
             for size, dt in pool.map(self._write_chunk, hs, [to_write[h] for h in hs]):
                 st["stored"] += size
@@ -538,7 +567,7 @@ class ChunkStore:
             raise NotFoundError(f"parent snapshot {parent} is not in the store", step="commit")
         self._ensure_lease()  # commits of artifacts not put by us are protected too
         try:
-            sync_filesystem(self.root)  # step 3: every chunk durable before the manifest
+            self._sync_dirs(m, parent)  # step 3: every chunk's name durable before the manifest
             with self._gc_lock(shared=True):
                 for name, a in artifacts.items():
                     missing = [h for h in a.stored if not self.chunk_path(h).exists()]
@@ -553,6 +582,22 @@ class ChunkStore:
             raise StoreError(f"I/O error: {e}", step="commit", path=self.root) from e
         self._drop_lease()
         return m
+
+    def _sync_dirs(self, m: Manifest, parent: str | None) -> None:
+        """fsync the chunk directories whose entries the manifest relies on (step 3)."""
+        vouched: frozenset[str] = frozenset()
+        if parent is not None:
+            with contextlib.suppress(StoreError, NotFoundError):
+                vouched = self.load(self._manifest_path(parent)).chunks
+        dirs = {h[:2] for h in m.chunks - vouched} - self._synced_dirs
+        if not dirs:
+            return
+        paths = [self.chunks_dir / d for d in sorted(dirs)]
+        if "" not in self._synced_dirs:
+            paths.append(self.chunks_dir)
+        for _ in self._io_executor().map(_fsync_existing_dir, paths):
+            pass
+        self._synced_dirs |= dirs | {""}
 
     def _write_manifest(self, dest: Path, data: bytes) -> None:
         fsutil.atomic_write_bytes(dest, data, mode=0o644)

@@ -65,7 +65,10 @@ def machine_spec_for(paths: Paths, cfg: VMConfig, files: VMFiles) -> tuple[qemu.
 
 
 def _accel_cache_key() -> str:
-    return f"{platform.release()}|{qemu.qemu_version()}"
+    # the binary's identity, not `qemu --version`: running QEMU cost ~20 ms per VM start
+    b = qemu.qemu_binary()
+    st = os.stat(b)
+    return f"{platform.release()}|{b}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def resolve_accel(paths: Paths, requested: str) -> str:

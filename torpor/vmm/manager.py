@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,8 +37,9 @@ from torpor.fsutil import locked
 from torpor.image.config import merge_env, resolve_command
 from torpor.image.store import ImageStore
 from torpor.paths import Paths
-from torpor.vmm import boot, qemu
+from torpor.vmm import boot, qemu, zygote
 from torpor.vmm.layout import VMFiles
+from torpor.vmm.sockets import connect_unix
 from torpor.vmm.state import (
     PortMap,
     Status,
@@ -195,27 +195,6 @@ def parse_port(text: str) -> PortMap:
     return PortMap(host_port=hp, guest_port=gp, host_ip=ip, proto=proto)
 
 
-def connect_unix(path: Path, timeout: float = 10.0) -> socket.socket:
-    """Connect to a unix socket whose path may exceed the 107-byte sun_path limit."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    target = str(path)
-    dirfd = None
-    if len(target.encode()) > 100:
-        dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-        target = f"/proc/self/fd/{dirfd}/{path.name}"
-    try:
-        sock.connect(target)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        if dirfd is not None:
-            os.close(dirfd)
-    sock.settimeout(None)
-    return sock
-
-
 class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
@@ -238,6 +217,12 @@ class VMManager:
             )
             with contextlib.suppress(OSError):
                 save_state(vm_dir, st)
+        if st.status == Status.DEAD:  # nobody cleaned up after the shim: free its RAM
+            from torpor.vmm.capture import remove_shadow
+
+            with contextlib.suppress(OSError):
+                VMFiles(vm_dir).ram.unlink()
+            remove_shadow(VMFiles(vm_dir).shadow)
         return VM(cfg, st, vm_dir)
 
     def list(self, all: bool = True) -> list[VM]:
@@ -388,27 +373,34 @@ class VMManager:
                 prepare_resume(self, vm)
             rfd, wfd = os.pipe()
             env = dict(os.environ)
-            with open(vm.files.shim_log, "ab") as slog:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "torpor.vmm.shim",
-                        "--root",
-                        str(self.paths.root),
-                        "--vm",
-                        vm.id,
-                        "--ready-fd",
-                        str(wfd),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=slog,
-                    stderr=slog,
-                    pass_fds=(wfd,),
-                    start_new_session=True,
-                    env=env,
-                    cwd="/",
-                )
+            proc: subprocess.Popen[bytes] | None = None
+            # a pre-started, pre-imported shim (torpor.vmm.zygote) saves 100-200 ms;
+            # without one, spawn the shim here and start a zygote for next time
+            use_zygote = not os.environ.get("TORPOR_NO_ZYGOTE")
+            if not (use_zygote and zygote.request(self.paths.root, vm.id, wfd)):
+                with open(vm.files.shim_log, "ab") as slog:
+                    proc = subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "torpor.vmm.launch",
+                            "--root",
+                            str(self.paths.root),
+                            "--vm",
+                            vm.id,
+                            "--ready-fd",
+                            str(wfd),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=slog,
+                        stderr=slog,
+                        pass_fds=(wfd,),
+                        start_new_session=True,
+                        env=env,
+                        cwd="/",
+                    )
+                if use_zygote:
+                    zygote.start(self.paths.root)
             os.close(wfd)
             if on_progress:
                 on_progress("booting")
@@ -419,11 +411,13 @@ class VMManager:
             except ValueError:
                 info = {}
             if not info.get("ok"):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+                if proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=10)
+                status = proc.poll() if proc is not None else "an error"
                 err = (
                     info.get("error")
-                    or f"VM supervisor exited with {proc.poll()}; see {vm.files.shim_log}"
+                    or f"VM supervisor exited with {status}; see {vm.files.shim_log}"
                 )
                 console = info.get("console", "")
                 raise VMError(err + (f"\n{console}" if console else ""), step="start VM")
@@ -514,6 +508,11 @@ class VMManager:
             # vm.json goes first: a half-removed folder is then an interrupted create
             with contextlib.suppress(FileNotFoundError):
                 vm.files.config.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                vm.files.ram.unlink()  # on tmpfs, outside the VM folder
+            from torpor.vmm.capture import remove_shadow
+
+            remove_shadow(vm.files.shadow)
             shutil.rmtree(vm.dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (self.paths.locks / f"vm-{vm.id}.lock").unlink()

@@ -24,13 +24,23 @@ from torpor.errors import VMError
 
 
 @contextlib.asynccontextmanager
-async def session(qmp_socket: Path, name: str = "torpor") -> AsyncIterator[QMPClient]:
-    from torpor.vmm.manager import connect_unix
+async def session(
+    qmp_socket: Path, name: str = "torpor", wait_until: float = 0.0
+) -> AsyncIterator[QMPClient]:
+    """A QMP connection; ``wait_until`` (a monotonic deadline) retries a socket that
+    QEMU has bound but is not yet listening on (a fresh QEMU, right at start-up)."""
+    from torpor.vmm.sockets import connect_unix
 
-    try:
-        sock = connect_unix(qmp_socket, timeout=5)
-    except OSError as e:
-        raise VMError(f"cannot connect to QMP: {e}", step="QMP", path=qmp_socket) from e
+    while True:
+        try:
+            sock = connect_unix(qmp_socket, timeout=5)
+            break
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            if time.monotonic() >= wait_until:
+                raise VMError(f"cannot connect to QMP: {e}", step="QMP", path=qmp_socket) from e
+            await asyncio.sleep(0.002)
+        except OSError as e:
+            raise VMError(f"cannot connect to QMP: {e}", step="QMP", path=qmp_socket) from e
     sock.setblocking(False)
     client = QMPClient(name)
     try:
@@ -73,13 +83,18 @@ async def _hand_fd(q: QMPClient, fd: int, fdname: str) -> None:
     await execute(q, "getfd", {"fdname": fdname})
 
 
-async def save_devstate(q: QMPClient, dest: Path) -> None:
-    """Write device state (not RAM) of a *paused* VM to ``dest``."""
+async def set_ignore_shared(q: QMPClient, on: bool = True) -> None:
     await execute(
         q,
         "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
     )
+
+
+async def save_devstate(q: QMPClient, dest: Path, set_caps: bool = True) -> None:
+    """Write device state (not RAM) of a *paused* VM to ``dest``."""
+    if set_caps:
+        await set_ignore_shared(q, True)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         await _hand_fd(q, fd, "torpor-save")
@@ -89,13 +104,10 @@ async def save_devstate(q: QMPClient, dest: Path) -> None:
     await _wait_migration(q, "save device state")
 
 
-async def load_devstate(q: QMPClient, src: Path) -> None:
+async def load_devstate(q: QMPClient, src: Path, set_caps: bool = True) -> None:
     """Load device state into a QEMU started with ``-incoming defer`` (RAM mapped already)."""
-    await execute(
-        q,
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-    )
+    if set_caps:
+        await set_ignore_shared(q, True)
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await _hand_fd(q, fd, "torpor-load")

@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import json
 import logging
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +47,8 @@ from torpor.agent.protocol import (
 from torpor.errors import TorporError, VMError
 from torpor.paths import Paths
 from torpor.vmm import layout
+from torpor.vmm.capture import CAPTURE, CAPTURE_END, ShadowSync
+from torpor.vmm.launch import Prelaunch
 from torpor.vmm.state import (
     Status,
     VMConfig,
@@ -97,15 +99,55 @@ class Client:
             self.writer.write(frame.encode())
 
 
+class AdoptedProcess:
+    """QEMU spawned before asyncio was imported (see torpor.vmm.launch), awaited
+    through a pidfd; the subset of asyncio.subprocess.Process the shim uses."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._p = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._p.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self._p.poll() is None:
+            self._p.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # already reaped by poll()
+            return self._p.wait()
+        loop = asyncio.get_running_loop()
+        try:
+            done = loop.create_future()
+            loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+            try:
+                await done
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return self._p.wait()
+
+
 class Shim:
-    def __init__(self, paths: Paths, vm_id: str, ready_fd: int | None):
+    def __init__(
+        self, paths: Paths, vm_id: str, ready_fd: int | None, pre: Prelaunch | None = None
+    ):
+        self.pre = pre
         self.paths = paths
         self.vm_dir = paths.vm(vm_id)
         self.cfg: VMConfig = load_config(self.vm_dir)
         self.files = layout.VMFiles(self.vm_dir)
         self.ready_fd = ready_fd
         self.state = load_state(self.vm_dir)
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: AdoptedProcess | None = None
         self.guest_w: asyncio.StreamWriter | None = None
         self.routes: dict[int, Route] = {}
         self.next_gid = 1
@@ -118,6 +160,10 @@ class Shim:
         self.qemu_exited = asyncio.Event()
         self.clients: set[Client] = set()
         self.ever_attached = False
+        self.capturing = False
+        self.paused_for: Client | None = None  # the client holding the guest paused
+        self.shadow_init: asyncio.Future[None] | None = None
+        self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
 
     # -- state -----------------------------------------------------------------------
     def set_state(self, **kw: Any) -> None:
@@ -264,6 +310,10 @@ class Shim:
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # the client left, or the shim is shutting down
         finally:
+            if self.paused_for is client:  # it asked to keep the guest paused, then left
+                self.paused_for = None
+                log.warning("capturing client left with the guest paused: resuming")
+                asyncio.get_running_loop().create_task(self.resume_guest())
             self.clients.discard(client)
             for gid in client.ids.values():
                 if gid in self.routes:
@@ -285,6 +335,12 @@ class Shim:
                 client.attached.discard(cid)
                 status = self.main_exit or ExitStatus(0, 0)
                 client.send(Frame(T.EXIT, cid, status.encode()))
+            return
+        if frame.type == CAPTURE:
+            asyncio.get_running_loop().create_task(self.capture(client, cid, frame.payload))
+            return
+        if frame.type == CAPTURE_END:
+            asyncio.get_running_loop().create_task(self.capture_end(client, cid, frame.payload))
             return
         if frame.type == T.STOP:
             (timeout,) = struct.unpack("<I", frame.payload[:4] or b"\x0a\x00\x00\x00")
@@ -315,31 +371,100 @@ class Shim:
         except VMError as e:
             client.send(Frame(T.ERROR, cid, ErrorReply(errno.EPIPE, str(e)).encode()))
 
+    # -- snapshots (see torpor.vmm.capture) ----------------------------------------------------
+    async def capture(self, client: Client, cid: int, payload: bytes) -> None:
+        from torpor.vmm.capture import pause_and_copy
+
+        def error(code: int, msg: str) -> None:
+            client.send(Frame(T.ERROR, cid, ErrorReply(code, msg).encode()))
+
+        try:
+            req = json.loads(payload)
+            stage = Path(req["stage"])
+        except (ValueError, KeyError, TypeError):
+            error(errno.EINVAL, "bad CAPTURE request")
+            return
+        if self.capturing or self.paused_for is not None:
+            error(errno.EBUSY, "a snapshot of this VM is already being taken")
+            return
+        if self.stopping or self.qemu_exited.is_set() or self.state.status != Status.RUNNING:
+            error(errno.ESHUTDOWN, f"VM is {self.state.status}")
+            return
+        keep = bool(req.get("keep_paused"))
+        self.capturing = True
+        try:
+            if self.shadow_init is not None:
+                with contextlib.suppress(Exception):  # a failed init: a full capture follows
+                    await self.shadow_init
+                self.shadow_init = None
+            t = await pause_and_copy(
+                self.files.qmp_sock,
+                self.files.ram,
+                self.files.disk,
+                stage,
+                self.files.shadow,
+                self.shadow_sync,
+                keep_paused=keep,
+                fault=str(req.get("fault", "")),
+                qemu_pid=self.proc.pid if self.proc else 0,
+            )
+        except (TorporError, OSError) as e:
+            log.warning("capture failed: %s", e)
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            error(code, f"capture failed: {e}")
+            return
+        finally:
+            self.capturing = False
+        if keep:
+            if client.writer.is_closing():  # left during the window: do not stay paused
+                await self.resume_guest()
+            else:
+                self.paused_for = client
+        client.send(Frame(T.OK, cid, json.dumps(t).encode()))
+
+    async def capture_end(self, client: Client, cid: int, payload: bytes) -> None:
+        try:
+            action = json.loads(payload).get("action")
+        except (ValueError, AttributeError):
+            action = None
+        if self.paused_for is not client or action not in ("resume", "end"):
+            client.send(Frame(T.ERROR, cid, ErrorReply(errno.EINVAL, "nothing to end").encode()))
+            return
+        self.paused_for = None
+        if action == "resume":
+            await self.resume_guest()
+        else:  # hibernate: QEMU ends here; run() records HIBERNATED and cleans up
+            (self.vm_dir / "hibernate").write_text("")
+            if self.proc is not None and self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+        client.send(Frame(T.OK, cid))
+
+    async def resume_guest(self) -> None:
+        from torpor.vmm.capture import resume
+
+        if self.qemu_exited.is_set():
+            return
+        try:
+            await resume(self.files.qmp_sock)
+        except TorporError as e:
+            log.error("could not resume the guest after a capture: %s", e)
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def launch(self) -> None:
-        from torpor.vmm.boot import machine_spec_for
-        from torpor.vmm.qemu import build_argv
+        from torpor.vmm.launch import prelaunch
 
-        spec, accel = machine_spec_for(self.paths, self.cfg, self.files)
-        for p in (self.files.ctl_sock, self.files.qmp_sock):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        restore = self.files.dir / "restore.json"
-        restoring = restore.exists()
-        if restoring:
-            spec = dataclasses.replace(spec, incoming=True)
-        else:
-            for p in (self.files.ram,):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        argv = build_argv(spec)
-        (self.vm_dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
-        qlog = open(self.files.qemu_log, "ab")  # noqa: SIM115 - handed to the child
-        t0 = time.monotonic()
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig
+        if self.pre is None:  # started as `python -m torpor.vmm.shim`: spawn QEMU here
+            self.pre = prelaunch(self.paths, self.cfg, self.files)
+        pre = self.pre
+        log.info(
+            "QEMU spawned %.0f ms into the start (machine spec %.0f ms)", pre.prep_ms, pre.spec_ms
         )
-        qlog.close()
+        self.proc = AdoptedProcess(pre.popen)
+        accel, t0 = pre.accel, pre.t0
+        restore = self.files.dir / "restore.json"
+        restoring = pre.restore is not None
+        ram_copy = asyncio.wrap_future(pre.ram_copy) if pre.ram_copy is not None else None
         self.set_state(
             status=Status.STARTING,
             qemu_pid=self.proc.pid,
@@ -353,24 +478,15 @@ class Shim:
         asyncio.get_running_loop().create_task(self.watch_qemu())
         deadline = t0 + boot_timeout(accel)
         if restoring:
-            await self.load_snapshot(restore, deadline)
-        while not self.files.ctl_sock.exists():
-            if self.qemu_exited.is_set():
-                raise VMError(
-                    f"QEMU exited during start-up with code {self.proc.returncode}",
-                    step="start QEMU",
-                )
-            if time.monotonic() > deadline:
-                raise VMError("QEMU did not create its control socket", step="start QEMU")
-            await asyncio.sleep(0.005)
-        while True:  # the socket file appears between QEMU's bind() and listen()
-            try:
-                reader, self.guest_w = await asyncio.open_unix_connection(self.files.ctl_sock.name)
-                break
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline or self.qemu_exited.is_set():
-                    raise
-                await asyncio.sleep(0.005)
+            # Connect the control port before the guest runs: the restored virtio-serial
+            # port then never sees its host go away, and the agent answers at once.
+            reader = await self.connect_ctl(deadline)
+            await self.load_snapshot(restore, deadline, ram_copy)
+            log.info(
+                "restored: QEMU spawn to running guest %.0f ms", (time.monotonic() - t0) * 1000
+            )
+        else:
+            reader = await self.connect_ctl(deadline)
         asyncio.get_running_loop().create_task(self.guest_reader(reader))
         hello = asyncio.get_running_loop().create_task(
             self.request(T.HELLO, timeout=max(1.0, deadline - time.monotonic()))
@@ -392,6 +508,7 @@ class Shim:
                 step="boot guest",
             ) from e
         boot_ms = (time.monotonic() - t0) * 1000
+        log.info("guest agent answered HELLO %.0f ms after QEMU spawn", boot_ms)
         now = time.time_ns()
         await self.request(T.SET_TIME, struct.pack("<qI", now // 10**9, now % 10**9))
         with contextlib.suppress(VMError):  # host-mode agents without CAP_SYS_ADMIN
@@ -399,18 +516,88 @@ class Shim:
         self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
         self.start_main()
 
-    async def load_snapshot(self, restore: Path, deadline: float) -> None:
+    async def connect_ctl(self, deadline: float) -> asyncio.StreamReader:
+        assert self.proc is not None
+        while not self.files.ctl_sock.exists():
+            if self.qemu_exited.is_set():
+                raise VMError(
+                    f"QEMU exited during start-up with code {self.proc.returncode}",
+                    step="start QEMU",
+                )
+            if time.monotonic() > deadline:
+                raise VMError("QEMU did not create its control socket", step="start QEMU")
+            await asyncio.sleep(0.002)
+        while True:  # the socket file appears between QEMU's bind() and listen()
+            try:
+                reader, self.guest_w = await asyncio.open_unix_connection(self.files.ctl_sock.name)
+                return reader
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or self.qemu_exited.is_set():
+                    raise
+                await asyncio.sleep(0.002)
+
+    def start_shadow_init(self, info: dict[str, Any]) -> None:
+        """After a restore: this VM's shadow becomes a copy of the snapshot's memory
+        (from the same immutable or locked source, never from the now running RAM),
+        so the VM's first capture is already incremental.  Runs in the background."""
+        from torpor.vmm.capture import copy_shadow_of, sparse_copy, write_meta
+
+        src = info.get("ram_from")
+        if not src or info.get("shadow_ready"):
+            return
+        src_path = self.files.dir / src
+        snap = info["snapshot"]
+        locked_snap = info.get("ram_snapshot")
+        shadow, meta = self.files.shadow, self.files.shadow_meta
+
+        def job() -> None:
+            try:
+                write_meta(meta, {"snapshot": None, "capture": None})
+                if locked_snap:
+                    copy_shadow_of(src_path, shadow, locked_snap)
+                else:
+                    sparse_copy(src_path, shadow)
+                write_meta(meta, {"snapshot": snap, "capture": None})
+            finally:
+                if not locked_snap:
+                    src_path.unlink(missing_ok=True)
+
+        self.shadow_init = asyncio.ensure_future(asyncio.to_thread(job))
+
+    async def load_snapshot(
+        self, restore: Path, deadline: float, ram_copy: asyncio.Future[int] | None = None
+    ) -> None:
         """Restore mode: load device state over the already-mapped RAM file, resume."""
         from torpor.vmm import qmp
 
         info = json.loads(restore.read_text())
+        t0 = time.monotonic()
         while not self.files.qmp_sock.exists():
             if self.qemu_exited.is_set() or time.monotonic() > deadline:
                 raise VMError("QEMU did not create its QMP socket", step="restore")
             await asyncio.sleep(0.002)
-        async with qmp.session(self.files.qmp_sock) as q:
-            await qmp.load_devstate(q, self.files.dir / info["devstate"])
+        t_sock = _ms_since(t0)
+        async with qmp.session(self.files.qmp_sock, wait_until=deadline) as q:
+            await qmp.set_ignore_shared(q, True)
+            t_qmp = _ms_since(t0)
+            if ram_copy is not None:
+                await ram_copy
+                self.start_shadow_init(info)
+            t_ram = _ms_since(t0)
+            if info.get("fault") == "kill-qemu-in-restore" and self.proc is not None:
+                self.proc.kill()
+            await qmp.load_devstate(q, self.files.dir / info["devstate"], set_caps=False)
+            t_load = _ms_since(t0)
             await qmp.execute(q, "cont")
+        log.info(
+            "restore: QMP socket %.0f ms, QMP ready %.0f, RAM copied %.0f, device state "
+            "loaded %.0f, running %.0f",
+            t_sock,
+            t_qmp,
+            t_ram,
+            t_load,
+            _ms_since(t0),
+        )
         self.main_gid = int(info.get("main_id", 0))
         if self.main_gid:
             self.next_gid = self.main_gid + 1
@@ -518,6 +705,9 @@ class Shim:
                     client.writer.close()
             self.cleanup()
             return 0
+        from torpor.vmm.capture import remove_shadow
+
+        remove_shadow(self.files.shadow)  # ended for good: its last capture is not needed
         if self.main_exit is not None:
             code, err = self.main_exit.code, ""
         elif self.stopping:
@@ -559,6 +749,17 @@ class Shim:
             self.main_log.close()
 
 
+def _ms_since_process_start() -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        up = float(f.read().split()[0])
+    return (up - proc_start_time(os.getpid()) / ticks) * 1000
+
+
+def _ms_since(t0: float) -> float:
+    return (time.monotonic() - t0) * 1000
+
+
 def boot_timeout(accel: str) -> float:
     env = os.environ.get("TORPOR_BOOT_TIMEOUT")
     if env:
@@ -576,25 +777,37 @@ def console_tail(files: layout.VMFiles, lines: int = 20) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def main(args: Any = None, pre: Prelaunch | BaseException | None = None) -> int:
+    """Run the shim; ``args``/``pre`` come from :mod:`torpor.vmm.launch` (QEMU already
+    spawned, or why it could not be)."""
+    if args is None:
+        import argparse
 
-    ap = argparse.ArgumentParser(prog="torpor-shim")
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--vm", required=True)
-    ap.add_argument("--ready-fd", type=int)
-    args = ap.parse_args(argv)
+        ap = argparse.ArgumentParser(prog="torpor-shim")
+        ap.add_argument("--root", required=True)
+        ap.add_argument("--vm", required=True)
+        ap.add_argument("--ready-fd", type=int)
+        args = ap.parse_args()
+        os.chdir(Paths(Path(args.root)).vm(args.vm))  # sockets are bound by relative name
     paths = Paths(Path(args.root))
-    os.chdir(paths.vm(args.vm))  # sockets are bound by relative name: see boot.py
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("TORPOR_DEBUG") else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    shim = Shim(paths, args.vm, args.ready_fd)
+    log.info("shim up %.0f ms after its process started", _ms_since_process_start())
+    shim = Shim(paths, args.vm, args.ready_fd, pre if isinstance(pre, Prelaunch) else None)
     st = shim.state
-    if st.status.active and alive(st.shim_pid, st.shim_start) and st.shim_pid != os.getpid():
+    already = isinstance(pre, RuntimeError) and str(pre) == "VM is already running"
+    if already or (
+        st.status.active and alive(st.shim_pid, st.shim_start) and st.shim_pid != os.getpid()
+    ):
         shim.report_ready(False, error="VM is already running")
+        return 1
+    if isinstance(pre, BaseException):
+        tail = console_tail(shim.files)
+        shim.report_ready(False, error=f"cannot start QEMU: {pre}", console=tail)
+        shim.set_state(status=Status.EXITED, exit_code=125, error=str(pre), finished_at=time.time())
         return 1
     shim.set_state(
         status=Status.STARTING, shim_pid=os.getpid(), shim_start=proc_start_time(os.getpid())

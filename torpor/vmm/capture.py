@@ -1,0 +1,355 @@
+"""The pause window of a snapshot, run by the VM's shim (the owner of QEMU).
+
+Role: pause the guest, save its device state (QMP, ``x-ignore-shared``: RAM is a
+file and not in the stream), copy the RAM file and the disk overlay into a staging
+folder, and resume — all inside the shim, at the request of a client on
+``agent.sock`` (frame :data:`CAPTURE`).
+
+Why the shim and not the CLI: a VM must never stay paused because the process that
+paused it died.  The shim outlives its clients, so ``kill -9`` of ``torpor
+snapshot`` mid-capture cannot leave a stopped guest behind: the shim finishes the
+window and resumes.  With ``keep_paused`` (hibernation: the VM ends once the
+snapshot is durable) the guest stays paused only while the requesting client stays
+connected; if it goes away first, the shim resumes the guest (see
+:class:`~torpor.vmm.shim.Shim`).  If the shim itself dies, QEMU dies with it
+(``PR_SET_PDEATHSIG``): clearly dead, never stuck.
+
+Wire format (shim-local frame types, like ATTACH and STOP; the guest never sees
+them): CAPTURE carries JSON ``{"stage": str, "keep_paused": bool, "fault": str}``
+and is answered by OK with JSON timings (``pause_ms``, ``devstate_ms``,
+``copy_ms``, ``memory_bytes_copied``, ``disk_bytes_copied``) or ERROR.
+CAPTURE_END carries JSON ``{"action": "resume" | "end"}``.  ``fault`` is a test
+hook (``kill-qemu-in-pause``) so tests can kill QEMU inside the window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import mmap
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+CAPTURE = 0x22
+CAPTURE_END = 0x23
+CHUNK = 256 * 1024  # must match the store's memory chunk size for the dirty list to apply
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.memcmp.restype = ctypes.c_int
+_libc.memmove.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.memmove.restype = ctypes.c_void_p
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_bytes())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_meta(path: Path, d: dict[str, Any]) -> None:
+    """Atomic replace (the shadow lives on tmpfs: no fsync, it does not outlive a reboot)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(d))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def flocked(path: Path, shared: bool) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _data_chunks(fd: int, size: int, chunk: int) -> set[int]:
+    out: set[int] = set()
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.update(range(start // chunk, (end - 1) // chunk + 1))
+        pos = end
+    return out
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by Python's mmap module
+
+
+class ShadowSync:
+    """Keeps guest RAM and its shadow mapped in the shim between captures.
+
+    Fresh mappings cost a page fault per 4 KiB page touched (~50 ms for 130 MB
+    here), which would land inside the pause window; so the mappings live as long
+    as the VM, and :meth:`prepare` (before the pause) pre-faults the ranges holding
+    data with ``MADV_POPULATE_WRITE``.  :meth:`sync` (inside the pause) is then one
+    ``memcmp`` per chunk, and a ``memmove`` for those that differ.
+    """
+
+    def __init__(self, ram: Path, shadow: Path, chunk: int = CHUNK) -> None:
+        self.ram, self.shadow, self.chunk = ram, shadow, chunk
+        self._key: tuple[int, int, int] | None = None
+        self._maps: list[mmap.mmap] = []
+        self._fds: list[int] = []
+        self._addr = (0, 0)
+        self._ptrs: list[Any] = []
+
+    def close(self) -> None:
+        self._ptrs.clear()
+        for m in self._maps:
+            with contextlib.suppress(BufferError):
+                m.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._maps, self._fds, self._key = [], [], None
+
+    def _open(self) -> None:
+        size = os.stat(self.ram).st_size
+        st = os.stat(self.shadow) if self.shadow.exists() else None
+        key = (size, os.stat(self.ram).st_ino, st.st_ino if st else 0)
+        if key == self._key and st is not None and st.st_size == size:
+            return
+        self.close()
+        fr = os.open(self.ram, os.O_RDWR | os.O_CLOEXEC)  # RDWR only for ctypes addresses
+        fs = os.open(self.shadow, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fds = [fr, fs]
+        if os.fstat(fs).st_size != size:
+            os.ftruncate(fs, size)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        self._maps = [mmap.mmap(fd, size, mmap.MAP_SHARED, prot) for fd in self._fds]
+        self._ptrs = [ctypes.c_char.from_buffer(m) for m in self._maps]
+        self._addr = (ctypes.addressof(self._ptrs[0]), ctypes.addressof(self._ptrs[1]))
+        self._key = (size, os.fstat(fr).st_ino, os.fstat(fs).st_ino)
+        self.size = size
+
+    def _chunks(self) -> list[int]:
+        return sorted(
+            _data_chunks(self._fds[0], self.size, self.chunk)
+            | _data_chunks(self._fds[1], self.size, self.chunk)
+        )
+
+    def prepare(self) -> None:
+        """Map (once) and pre-fault the data ranges; call before pausing."""
+        self._open()
+        for m, fd in zip(self._maps, self._fds, strict=True):
+            pos = 0
+            while pos < self.size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), self.size)
+                lo = start & ~(mmap.PAGESIZE - 1)
+                with contextlib.suppress(OSError, ValueError):
+                    m.madvise(MADV_POPULATE_WRITE, lo, end - lo)
+                pos = end
+
+    def sync(self) -> list[int]:
+        """Make the shadow equal RAM; return the indexes of the chunks that differed."""
+        self._open()
+        idx = self._chunks()
+        if not idx:
+            return []
+        a, b, size, chunk = self._addr[0], self._addr[1], self.size, self.chunk
+
+        def part(ids: list[int]) -> list[int]:
+            changed = []
+            for i in ids:
+                off = i * chunk
+                n = min(chunk, size - off)
+                if _libc.memcmp(a + off, b + off, n):
+                    _libc.memmove(b + off, a + off, n)
+                    changed.append(i)
+            return changed
+
+        half = len(idx) // 2
+        with ThreadPoolExecutor(2) as ex:  # ctypes calls release the GIL
+            parts = list(ex.map(part, [idx[:half], idx[half:]]))
+        return parts[0] + parts[1]
+
+
+def _copy_range(fi: int, fo: int, n: int, off: int, cross_fs: list[bool]) -> int:
+    """Copy ``n`` bytes at ``off``; copy_file_range, or sendfile across filesystems."""
+    done_total = 0
+    while n > 0:
+        if not cross_fs[0]:
+            try:
+                done = os.copy_file_range(fi, fo, n, off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                cross_fs[0] = True  # e.g. tmpfs RAM file -> ext4 stage folder
+                continue
+        else:
+            os.lseek(fo, off, os.SEEK_SET)
+            done = os.sendfile(fo, fi, off, n)
+        if done == 0:
+            break
+        n -= done
+        off += done
+        done_total += done
+    return done_total
+
+
+def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
+    """Copy ``src`` to ``dst`` keeping holes; returns bytes copied.
+
+    ``into_existing`` writes into ``dst`` without truncating it first: the file may
+    already be mapped by QEMU (a restore copies RAM while QEMU starts), and shrinking
+    a mapped file would fault the mapping.
+    """
+    copied = 0
+    cross_fs = [False]
+    with open(src, "rb") as f_in, open(dst, "r+b" if into_existing else "wb") as f_out:
+        fi, fo = f_in.fileno(), f_out.fileno()
+        size = os.fstat(fi).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fi, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(fi, data, os.SEEK_HOLE)
+            copied += _copy_range(fi, fo, hole - data, data, cross_fs)
+            pos = hole
+        f_out.truncate(size)
+    return copied
+
+
+async def pause_and_copy(
+    qmp_sock: Path,
+    ram: Path,
+    disk: Path,
+    stage: Path,
+    shadow: Path,
+    sync: ShadowSync,
+    *,
+    keep_paused: bool,
+    fault: str = "",
+    qemu_pid: int = 0,
+) -> dict[str, Any]:
+    """The pause window: stop, device state, RAM into the shadow, disk copy, cont.
+
+    Guest RAM is not copied whole: the VM's *shadow* (RAM as of its last capture,
+    on tmpfs) is brought up to date chunk by chunk, and the chunks that changed are
+    returned (``changed``) along with the committed snapshot the shadow equalled
+    before (``base_snapshot``), so the store reads and hashes only those.  Without a
+    shadow (first capture) RAM is copied whole and ``changed`` is None.
+
+    On any failure the guest is resumed before the error propagates (if QEMU lives).
+    Raises VMError (QMP, QEMU died) or OSError (staging I/O, e.g. a full disk).
+    """
+    import asyncio
+
+    from torpor.vmm import qmp
+
+    meta_path = shadow.with_name(shadow.name + ".json")
+    lock_path = shadow.with_name(shadow.name + ".lock")
+    t: dict[str, Any] = {}
+    async with qmp.session(qmp_sock) as q:
+        await qmp.set_ignore_shared(q, True)  # before the pause: not part of the window
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # a restore may be copying our shadow (shared lock): wait before pausing
+            await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+            have = shadow.exists() and shadow.stat().st_size == ram.stat().st_size
+            base = read_meta(meta_path).get("snapshot") if have else None
+            if have:
+                await asyncio.to_thread(sync.prepare)
+            else:
+                sync.close()  # a full copy replaces the shadow's file
+            capture_id = secrets.token_hex(8)
+            # from here until a commit vouches for it, the shadow equals no snapshot
+            write_meta(meta_path, {"snapshot": None, "capture": capture_id})
+            t0 = time.perf_counter()
+            await qmp.execute(q, "stop")
+            ok = False
+            try:
+                if fault == "kill-qemu-in-pause" and qemu_pid:
+                    os.kill(qemu_pid, 9)
+                await qmp.save_devstate(q, stage / "devstate", set_caps=False)
+                t["devstate_ms"] = (time.perf_counter() - t0) * 1000
+                t1 = time.perf_counter()
+                # on threads: the shim keeps serving its other clients meanwhile
+                if have:
+                    changed: list[int] | None = await asyncio.to_thread(sync.sync)
+                    t["memory_chunks_changed"] = len(changed or ())
+                else:
+                    changed = None
+                    t["memory_bytes_copied"] = await asyncio.to_thread(sparse_copy, ram, shadow)
+                t["disk_bytes_copied"] = await asyncio.to_thread(sparse_copy, disk, stage / "disk")
+                t["copy_ms"] = (time.perf_counter() - t1) * 1000
+                ok = True
+            finally:
+                if not (ok and keep_paused):
+                    await qmp.execute(q, "cont")
+            t["pause_ms"] = (time.perf_counter() - t0) * 1000
+        finally:
+            os.close(lock_fd)
+    t |= {
+        "capture": capture_id,
+        "base_snapshot": base,
+        "changed": changed,
+        "chunk_size": CHUNK,
+        "shadow": str(shadow),
+    }
+    return t
+
+
+def vouch_for_shadow(shadow: Path, capture_id: str, snapshot_id: str) -> bool:
+    """After a commit: record that the shadow equals ``snapshot_id`` (if no capture
+    has touched it since ``capture_id``).  Returns whether it was recorded."""
+    meta_path = shadow.with_name(shadow.name + ".json")
+    with flocked(shadow.with_name(shadow.name + ".lock"), shared=False):
+        if read_meta(meta_path).get("capture") != capture_id:
+            return False
+        write_meta(meta_path, {"snapshot": snapshot_id, "capture": capture_id})
+    return True
+
+
+def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: bool = False) -> int:
+    """Copy another VM's shadow that equals ``snapshot_id``, holding its lock shared.
+
+    Raises VMError if it no longer equals that snapshot (its VM captured again).
+    """
+    from torpor.errors import VMError
+
+    with flocked(src.with_name(src.name + ".lock"), shared=True):
+        if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snapshot_id:
+            raise VMError(
+                f"the cached memory of snapshot {snapshot_id[:12]} changed during the restore",
+                step="restore: copy RAM",
+            )
+        return sparse_copy(src, dst, into_existing=into_existing)
+
+
+def remove_shadow(shadow: Path) -> None:
+    for p in (
+        shadow,
+        shadow.with_name(shadow.name + ".json"),
+        shadow.with_name(shadow.name + ".lock"),
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+async def resume(qmp_sock: Path) -> None:
+    from torpor.vmm import qmp
+
+    async with qmp.session(qmp_sock) as q:
+        await qmp.execute(q, "cont")

@@ -1,0 +1,168 @@
+"""The shim's entry point: start QEMU first, import the rest of the shim meanwhile.
+
+Role: ``python -m torpor.vmm.launch --root R --vm ID --ready-fd N`` is what
+``VMManager.start`` runs.  Before anything heavy is imported (asyncio, the agent
+protocol, QMP: ~70 ms of imports here) it builds QEMU's command line, spawns QEMU
+and, for a restore, starts copying the snapshot's RAM into the VM's RAM file on a
+thread.  QEMU's own start-up (~25 ms to its QMP greeting under TCG) and the RAM copy
+(~50 ms for 130 MB) then overlap the imports instead of following them.  Only then
+does :mod:`torpor.vmm.shim` take over, adopting the running QEMU.
+
+Invariants: QEMU gets ``PR_SET_PDEATHSIG`` (it dies with this process, which
+becomes the shim), and any failure before the hand-over is reported on the ready
+pipe like every other start-up failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torpor.paths import Paths
+from torpor.vmm.layout import VMFiles
+from torpor.vmm.state import VMConfig, load_config
+
+PR_SET_PDEATHSIG = 1
+
+
+def pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.umask(0o077)
+
+
+@dataclass
+class Prelaunch:
+    """A QEMU already running for this VM, handed to the shim."""
+
+    popen: subprocess.Popen[bytes]
+    accel: str
+    t0: float  # time.monotonic() at spawn
+    restore: dict[str, Any] | None  # restore.json, when restoring a snapshot
+    ram_copy: concurrent.futures.Future[int] | None  # the RAM copy, when restoring
+    prep_ms: float = 0.0  # from the start of prelaunch to QEMU's spawn
+    spec_ms: float = 0.0  # of which: machine_spec_for (kernel, initramfs, accelerator)
+
+
+def _copy_job(files: VMFiles, info: dict[str, Any]) -> concurrent.futures.Future[int] | None:
+    """Create the RAM file at full size (QEMU maps it at start) and fill it on a thread."""
+    src = info.get("ram_from")
+    if not src:
+        return None
+    ram = files.ram
+    with contextlib.suppress(FileNotFoundError):
+        ram.unlink()
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, int(info["ram_size"]))
+    finally:
+        os.close(fd)
+    src_path = files.dir / src
+    locked_snap = info.get("ram_snapshot")
+    fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def run() -> None:
+        from torpor.vmm.capture import copy_shadow_of, sparse_copy
+
+        try:
+            if locked_snap:
+                n = copy_shadow_of(src_path, ram, locked_snap, into_existing=True)
+            else:
+                n = sparse_copy(src_path, ram, into_existing=True)
+        except BaseException as e:  # handed to whoever awaits the copy
+            fut.set_exception(e)
+        else:
+            fut.set_result(n)
+
+    threading.Thread(target=run, name="ram-copy", daemon=True).start()
+    return fut
+
+
+def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
+    """Build the argv, prepare RAM, spawn QEMU. Raises TorporError / OSError."""
+    from torpor.vmm.boot import machine_spec_for
+    from torpor.vmm.qemu import build_argv
+
+    t_start = time.monotonic()
+    spec, accel = machine_spec_for(paths, cfg, files)
+    t_spec = time.monotonic()
+    for p in (files.ctl_sock, files.qmp_sock):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    restore_file = files.dir / "restore.json"
+    info: dict[str, Any] | None = None
+    ram_copy = None
+    if restore_file.exists():
+        info = json.loads(restore_file.read_text())
+        spec = dataclasses.replace(spec, incoming=True)
+        ram_copy = _copy_job(files, info)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            files.ram.unlink()
+    argv = build_argv(spec)
+    (files.dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
+    with open(files.qemu_log, "ab") as qlog:
+        t0 = time.monotonic()
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=qlog,
+            stderr=qlog,
+            preexec_fn=pdeathsig,
+            close_fds=True,
+        )
+    return Prelaunch(
+        popen,
+        accel,
+        t0,
+        info,
+        ram_copy,
+        prep_ms=(t0 - t_start) * 1000,
+        spec_ms=(t_spec - t_start) * 1000,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="torpor-shim")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--vm", required=True)
+    ap.add_argument("--ready-fd", type=int)
+    args = ap.parse_args(argv)
+    paths = Paths(Path(args.root))
+    os.chdir(paths.vm(args.vm))  # sockets are bound by relative name: see boot.py
+    files = VMFiles(paths.vm(args.vm))
+    pre: Prelaunch | BaseException
+    try:
+        from torpor.vmm.state import alive, load_state
+
+        st = load_state(files.dir)
+        if st.status.active and alive(st.shim_pid, st.shim_start) and st.shim_pid != os.getpid():
+            pre = RuntimeError("VM is already running")
+        else:
+            # through the importable module, not __main__: the shim checks the type
+            from torpor.vmm import launch
+
+            pre = launch.prelaunch(paths, load_config(files.dir), files)
+    except Exception as e:  # reported on the ready pipe by the shim
+        pre = e
+    from torpor.vmm import shim
+
+    return shim.main(args, pre)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""A pre-started shim: forks a ready, fully imported shim for each VM start.
+
+Role: starting a shim the plain way costs a Python interpreter start-up plus the
+shim's imports (asyncio, the agent protocol, QMP): 100-200 ms here, on the path of
+every restore and resume.  The zygote pays that once.  ``VMManager.start`` sends it
+``{"vm": id, "env": {...}}`` plus the ready pipe's write end (SCM_RIGHTS) on
+``vms/.zygote.sock``; the zygote double-forks, and the grandchild — re-parented to
+init like a shim started by ``Popen(start_new_session=True)`` — becomes the VM's shim
+(:func:`torpor.vmm.launch.run_shim`).  If the zygote is absent, stale or busy, the
+manager falls back to spawning the shim itself and starts a zygote for next time.
+
+Invariants:
+
+- The zygote never starts a thread or an event loop, so ``fork`` is safe.
+- It serves one root and one uid (``SO_PEERCRED``), lives in the root's 0700 ``vms``
+  folder, and exits when idle for :data:`IDLE_SECONDS`, when its root is gone, or
+  when any torpor source file it loaded changed on disk (a stale zygote must never
+  run old code: it then refuses, and the caller falls back).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+IDLE_SECONDS = 120.0
+SOCK_NAME = ".zygote.sock"
+
+
+def _sources() -> dict[str, float]:
+    out = {}
+    for m in list(sys.modules.values()):
+        f = getattr(m, "__file__", None) or ""
+        if "/torpor/" in f and f.endswith(".py"):
+            with contextlib.suppress(OSError):
+                out[f] = os.stat(f).st_mtime
+    return out
+
+
+def _stale(seen: dict[str, float]) -> bool:
+    for f, mt in seen.items():
+        try:
+            if os.stat(f).st_mtime != mt:
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def serve(root: Path) -> int:
+    # everything a shim needs, imported once, here
+    import qemu.qmp  # noqa: F401
+
+    import torpor.vmm.boot
+    import torpor.vmm.capture
+    import torpor.vmm.qmp
+    import torpor.vmm.shim  # noqa: F401
+    from torpor.vmm import launch
+
+    vms = root / "vms"
+    os.chdir(vms)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SOCK_NAME)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        srv.bind(SOCK_NAME)
+    finally:
+        os.umask(old)
+    srv.listen(16)
+    ino = os.stat(SOCK_NAME).st_ino
+    seen = _sources()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    last = time.monotonic()
+    try:
+        while True:
+            r, _, _ = select.select([srv], [], [], 5.0)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            if not vms.is_dir() or os.stat(SOCK_NAME).st_ino != ino:
+                return 0  # the root is gone, or another zygote took over
+            if not r:
+                if time.monotonic() - last > IDLE_SECONDS:
+                    return 0
+                continue
+            conn, _ = srv.accept()
+            last = time.monotonic()
+            with conn:
+                if _stale(seen):
+                    return 0  # closing without a reply: the caller falls back
+                _handle(conn, srv, root, launch)
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(SOCK_NAME).st_ino == ino:
+                os.unlink(SOCK_NAME)
+
+
+def _handle(conn: socket.socket, srv: socket.socket, root: Path, launch: object) -> None:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    uid = int.from_bytes(creds[4:8], sys.byteorder)
+    if uid != os.getuid():
+        return
+    conn.settimeout(5)
+    fds = array.array("i")
+    msg, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(fds.itemsize))
+    for level, typ, data in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return
+    ready_fd = fds[0]
+    try:
+        req = json.loads(msg)
+        vm_id = str(req["vm"])
+        env = {str(k): str(v) for k, v in req["env"].items()}
+        if not vm_id.isalnum() or not (root / "vms" / vm_id / "vm.json").exists():
+            return
+        pid = os.fork()
+        if pid == 0:  # child: fork again so the shim is re-parented to init
+            try:
+                if os.fork() == 0:
+                    conn.close()
+                    srv.close()
+                    _become_shim(root, vm_id, env, ready_fd, launch)
+                os._exit(0)
+            finally:
+                os._exit(1)
+        os.waitpid(pid, 0)
+        conn.sendall(b"ok\n")
+    except (ValueError, KeyError, TypeError, OSError):
+        return
+    finally:
+        os.close(ready_fd)
+
+
+def _become_shim(
+    root: Path, vm_id: str, env: dict[str, str], ready_fd: int, launch: object
+) -> None:
+    code = 1
+    try:
+        os.setsid()
+        os.environ.clear()
+        os.environ.update(env)
+        vm_dir = root / "vms" / vm_id
+        log = os.open(vm_dir / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
+        # the shim runs from "/" like one started by the manager; launch chdirs
+        os.chdir("/")
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        code = launch.main(  # type: ignore[attr-defined]
+            ["--root", str(root), "--vm", vm_id, "--ready-fd", str(ready_fd)]
+        )
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def request(root: Path, vm_id: str, ready_wfd: int, timeout: float = 2.0) -> bool:
+    """Ask the zygote for a shim; True if it forked one (which now owns ``ready_wfd``)."""
+    from torpor.vmm.sockets import connect_unix
+
+    path = root / "vms" / SOCK_NAME
+    if not path.exists():
+        return False
+    try:
+        s = connect_unix(path, timeout=timeout)
+    except OSError:
+        return False
+    with s:
+        s.settimeout(timeout)
+        body = json.dumps({"vm": vm_id, "env": dict(os.environ)}).encode()
+        try:
+            s.sendmsg(
+                [body],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [ready_wfd]))],
+            )
+            return s.recv(16).startswith(b"ok")
+        except OSError:
+            return False
+
+
+def start(root: Path) -> None:
+    """Start a zygote for ``root`` in the background (detached; best effort)."""
+    import subprocess
+
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            [sys.executable, "-m", "torpor.vmm.zygote", "--root", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd="/",
+        )
+
+
+def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="torpor-zygote")
+    ap.add_argument("--root", required=True)
+    args = ap.parse_args()
+    return serve(Path(args.root))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
