@@ -1,27 +1,41 @@
 """Capture a running VM into the store, and bring a snapshot back as a new VM.
 
-Capture (the VM is paused only for steps 2-4, the *pause window*):
+Capture (:func:`snapshot`; the guest is paused only for step 3, the *pause window*):
 
 1. the guest agent syncs its filesystems (the disk image is then self-consistent);
-2. QMP ``stop``; device state saved with ``x-ignore-shared`` (RAM excluded: it is a file);
-3. the RAM file and the disk overlay are copied sparsely (``SEEK_DATA`` +
-   ``copy_file_range``) into a staging folder — the VM's memory as of the pause;
-4. QMP ``cont`` (or, with ``stop=True``, the VM is ended here: hibernation);
-5. each artifact goes into the content-addressed store against the parent snapshot's
-   artifact (only changed chunks are compressed and written), then the manifest is
-   committed — the *durable* point;
-6. the staging folder becomes the hot cache for this snapshot (uncompressed, so a
-   restore maps it without decompressing).
+2. the VM's shim is asked to capture (frame CAPTURE, :mod:`torpor.vmm.capture`) — the
+   shim owns QEMU, so a capture never depends on this process staying alive;
+3. the shim pauses the guest, saves device state (``x-ignore-shared``: RAM is a file
+   and not in the stream), brings the VM's *shadow* (tmpfs: guest RAM exactly as of
+   its last capture) up to date chunk by chunk, noting which chunks changed, copies
+   the disk overlay, and resumes (with ``stop=True`` it stays paused until step 5);
+4. the store takes the memory artifact from the shadow — with the shadow's previous
+   snapshot as parent, only the changed chunks are read, hashed and compressed —
+   and device state and disk from the staging folder; the manifest is committed:
+   the *durable* point; the shadow is then vouched for as equal to that snapshot;
+5. with ``stop=True`` the VM ends (hibernated) and its memory moves to the on-disk
+   cache, freeing host RAM; device state and disk are kept in the cache either way.
 
 Restore creates a new VM folder from the snapshot's recorded config (new id and
-name), puts RAM, disk and device state in place from the hot cache or, cold, from the
-store (every chunk hash-checked, the manifest MAC-checked before anything reaches
-QEMU), and starts a shim in restore mode: QEMU with ``-incoming defer`` loads the
-device state over the RAM file and continues where the guest paused.
+name), puts disk and device state in place (cache, or cold from the store — every
+chunk hash-checked, the manifest MAC-checked before anything reaches QEMU), and
+starts a shim in restore mode.  The shim copies RAM into the new VM's RAM file while
+QEMU starts, from, in order of preference: the on-disk cache (hibernated VMs), a
+running VM's shadow that still equals the snapshot (copied under its shared lock),
+or this VM's own shadow materialized from the store (cold).  QEMU then loads the
+device state over the RAM file and the guest continues where it paused; the new
+VM's shadow is initialised from the same source in the background, so its first
+capture is already incremental.
 
-Version 1 limits, stated plainly: a fork keeps the MAC address recorded in the device
-state; the disk overlay refers to its image's base file by absolute path, so a store
-copied to another host restores only where the same image is present.
+Crash safety: a ``kill -9`` of this process at any step leaves the guest running
+(the shim resumes it when the capturing client disappears), no partial snapshot
+listed (the store's commit protocol), and a staging folder that the next snapshot
+reaps.  The shadow's ``snapshot`` tag is cleared before it is modified and set only
+after a commit, so a torn capture never passes for an incremental base.
+
+Forks (:func:`fork`) restore in parallel and then give each VM its own hostname and
+MAC.  The disk overlay names its base image by absolute path; a restore rebases it
+onto this host's copy of the image, so a store copied elsewhere restores there.
 """
 
 from __future__ import annotations
@@ -354,7 +368,7 @@ def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = Fal
         raise UsageError(f"snapshot {manifest.id[:12]} is not a VM snapshot")
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
     # a VM record made through the normal create path (name link, overlay, config)...
-    vm = mgr.create(RunRequest.from_config(src_cfg, name))
+    vm = mgr.create(RunRequest.from_config(src_cfg, name), overlay=False)
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
         vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)
@@ -387,11 +401,11 @@ def fork(
     Each fork shares nothing writable with the others (own RAM file, own disk
     overlay, own QEMU) and gets its own identity: its hostname becomes its name, a
     networked fork gets its own MAC (``mac_for(id)``, set in the guest too), and the
-    shim reseeds every restored guest's RNG with fresh host entropy.  (QEMU 7.2's
-    ``vmgenid`` device is ACPI-based and not offered on the microvm machine type here,
-    and Debian 6.1's cloud kernel has no vmgenid driver, so entropy injection is the
-    reseed.)  If any fork fails, the ones already made are removed and the first
-    error is raised.
+    shim reseeds every restored guest's RNG with fresh host entropy.  (QEMU 7.2
+    accepts ``vmgenid`` on microvm but microvm's ACPI tables do not describe it to
+    the guest, and Debian 6.1's cloud kernel has no vmgenid driver, so entropy
+    injection is the reseed.)  If any fork fails, the ones already made are removed
+    and the first error is raised.
     """
     if count < 1:
         raise UsageError("a fork needs a count of at least 1")

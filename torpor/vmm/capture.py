@@ -213,11 +213,10 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
     already be mapped by QEMU (a restore copies RAM while QEMU starts), and shrinking
     a mapped file would fault the mapping.
     """
-    copied = 0
-    cross_fs = [False]
     with open(src, "rb") as f_in, open(dst, "r+b" if into_existing else "wb") as f_out:
         fi, fo = f_in.fileno(), f_out.fileno()
         size = os.fstat(fi).st_size
+        extents = []
         pos = 0
         while pos < size:
             try:
@@ -225,10 +224,16 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
             except OSError:  # ENXIO: only a hole is left
                 break
             hole = os.lseek(fi, data, os.SEEK_HOLE)
-            copied += _copy_range(fi, fo, hole - data, data, cross_fs)
+            extents.append((data, hole))
             pos = hole
+        copied = _copy_extents(fi, fo, extents)
         f_out.truncate(size)
     return copied
+
+
+def _copy_extents(fi: int, fo: int, extents: list[tuple[int, int]]) -> int:
+    cross_fs = [False]
+    return sum(_copy_range(fi, fo, b - a, a, cross_fs) for a, b in extents)
 
 
 async def pause_and_copy(
@@ -269,13 +274,17 @@ async def pause_and_copy(
             await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
             have = shadow.exists() and shadow.stat().st_size == ram.stat().st_size
             base = read_meta(meta_path).get("snapshot") if have else None
-            if have:
-                await asyncio.to_thread(sync.prepare)
-            else:
-                sync.close()  # a full copy replaces the shadow's file
             capture_id = secrets.token_hex(8)
             # from here until a commit vouches for it, the shadow equals no snapshot
             write_meta(meta_path, {"snapshot": None, "capture": capture_id})
+            if not have:
+                # First capture: pre-copy RAM while the guest still runs (like live
+                # migration's first pass); the pause then fixes only what changed since.
+                sync.close()
+                t_pre = time.perf_counter()
+                t["memory_bytes_precopied"] = await asyncio.to_thread(sparse_copy, ram, shadow)
+                t["precopy_ms"] = (time.perf_counter() - t_pre) * 1000
+            await asyncio.to_thread(sync.prepare)
             t0 = time.perf_counter()
             await qmp.execute(q, "stop")
             ok = False
@@ -286,12 +295,10 @@ async def pause_and_copy(
                 t["devstate_ms"] = (time.perf_counter() - t0) * 1000
                 t1 = time.perf_counter()
                 # on threads: the shim keeps serving its other clients meanwhile
-                if have:
-                    changed: list[int] | None = await asyncio.to_thread(sync.sync)
-                    t["memory_chunks_changed"] = len(changed or ())
-                else:
-                    changed = None
-                    t["memory_bytes_copied"] = await asyncio.to_thread(sparse_copy, ram, shadow)
+                changed: list[int] | None = await asyncio.to_thread(sync.sync)
+                t["memory_chunks_changed"] = len(changed or ())
+                if not have:
+                    changed = None  # relative to a racy pre-copy: no use to the store
                 t["disk_bytes_copied"] = await asyncio.to_thread(sparse_copy, disk, stage / "disk")
                 t["copy_ms"] = (time.perf_counter() - t1) * 1000
                 ok = True

@@ -291,7 +291,13 @@ class VMManager:
                 return name
         return f"vm_{secrets.token_hex(4)}"
 
-    def create(self, req: RunRequest) -> VM:
+    def create(self, req: RunRequest, *, overlay: bool = True) -> VM:
+        """Make the VM record (folder, name link, config, disk overlay); not started.
+
+        ``overlay=False`` skips the disk overlay: a restore puts the snapshot's own
+        disk in place instead.  Raises UsageError, NotFoundError (image),
+        ConflictError (name taken).
+        """
         qemu.validate_accel(req.accel)
         if req.name is not None and not NAME_RE.match(req.name):
             raise UsageError(
@@ -344,7 +350,8 @@ class VMManager:
                 labels=dict(req.labels),
             )
             files = VMFiles(vm_dir)
-            boot.ensure_qcow2_overlay(image.disk_path, files.disk)
+            if overlay:
+                boot.ensure_qcow2_overlay(image.disk_path, files.disk)
             save_state(vm_dir, VMState())
             save_config(vm_dir, cfg)  # last: its presence marks the VM as complete
             (vm_dir / ".creating").unlink()

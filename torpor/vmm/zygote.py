@@ -4,7 +4,7 @@ Role: starting a shim the plain way costs a Python interpreter start-up plus the
 shim's imports (asyncio, the agent protocol, QMP): 100-200 ms here, on the path of
 every restore and resume.  The zygote pays that once.  ``VMManager.start`` sends it
 ``{"vm": id, "env": {...}}`` plus the ready pipe's write end (SCM_RIGHTS) on
-``vms/.zygote.sock``; the zygote double-forks, and the grandchild — re-parented to
+``locks/.zygote.sock``; the zygote double-forks, and the grandchild — re-parented to
 init like a shim started by ``Popen(start_new_session=True)`` — becomes the VM's shim
 (:func:`torpor.vmm.launch.run_shim`).  If the zygote is absent, stale or busy, the
 manager falls back to spawning the shim itself and starts a zygote for next time.
@@ -12,10 +12,11 @@ manager falls back to spawning the shim itself and starts a zygote for next time
 Invariants:
 
 - The zygote never starts a thread or an event loop, so ``fork`` is safe.
-- It serves one root and one uid (``SO_PEERCRED``), lives in the root's 0700 ``vms``
-  folder, and exits when idle for :data:`IDLE_SECONDS`, when its root is gone, or
-  when any torpor source file it loaded changed on disk (a stale zygote must never
-  run old code: it then refuses, and the caller falls back).
+- It serves one root and one uid (``SO_PEERCRED``); its socket is created under
+  umask 077 in the root's ``locks`` folder.  It exits when idle for
+  :data:`IDLE_SECONDS`, when its root is gone, or when any torpor source file it
+  loaded changed on disk (a stale zygote must never run old code: it then refuses,
+  and the caller falls back).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def serve(root: Path) -> int:
     from torpor.vmm import launch
 
     vms = root / "vms"
-    os.chdir(vms)
+    run = root / "locks"
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chdir(run)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SOCK_NAME)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -179,7 +182,7 @@ def request(root: Path, vm_id: str, ready_wfd: int, timeout: float = 2.0) -> boo
     """Ask the zygote for a shim; True if it forked one (which now owns ``ready_wfd``)."""
     from torpor.vmm.sockets import connect_unix
 
-    path = root / "vms" / SOCK_NAME
+    path = root / "locks" / SOCK_NAME
     if not path.exists():
         return False
     try:
