@@ -18,8 +18,8 @@ def test_demo_runs_end_to_end(torpor_home) -> None:
     out = r.stdout.decode()
     m = re.search(r"the counter went on from (\d+) to (\d+) to (\d+)", out)
     assert m, out
-    before, after, later = (int(x) for x in m.groups())
-    assert later > after >= before > 0, out  # frozen while hibernated, then counting again
+    first, after, later = (int(x) for x in m.groups())
+    assert later > after >= first > 0, out  # frozen while hibernated, then counting again
     assert "'the original branch'" in out and "'the forked branch'" in out
     assert "the branches diverged" in out
     assert re.search(r"checkpoints of demo-\d+", out)  # the checkpoint table
