@@ -412,8 +412,19 @@ def fork(
     names = [f"{name_prefix}-{i}" if name_prefix else None for i in range(1, count + 1)]
     made: list[VM] = []
     errors: list[BaseException] = []
+
+    def one(name: str | None) -> VM:
+        vm = restore(mgr, snap, name, cold)
+        try:
+            set_identity(mgr, vm)
+        except BaseException:
+            with contextlib.suppress(TorporError):
+                mgr.remove(vm.id, force=True)
+            raise
+        return vm
+
     with ThreadPoolExecutor(max(1, min(parallel, count))) as ex:
-        futures = [ex.submit(restore, mgr, snap, n, cold) for n in names]
+        futures = [ex.submit(one, n) for n in names]
         for f in futures:
             try:
                 made.append(f.result())
@@ -422,8 +433,6 @@ def fork(
     try:
         if errors:
             raise errors[0]
-        for vm in made:
-            set_identity(mgr, vm)
     except BaseException:
         for vm in made:
             with contextlib.suppress(TorporError):

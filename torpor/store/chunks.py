@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torpor.store.errors import StoreError
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_CHUNK_SIZE = 4 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 1  # on guest memory: as small as level 3 here, 2.4x faster (see benchmarks)
 HASH_HEX_LEN = 64
 
 # BLAKE3's own multithreading only pays off on large inputs; on 256 KiB chunks its
@@ -89,12 +90,11 @@ def zero_hash(length: int) -> str:
     return hash_bytes(bytes(length))
 
 
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def is_chunk_hash(value: object) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) == HASH_HEX_LEN
-        and all(c in "0123456789abcdef" for c in value)
-    )
+    return isinstance(value, str) and _HASH_RE.fullmatch(value) is not None
 
 
 _local = threading.local()
@@ -198,38 +198,50 @@ class ChunkRead:
 def read_chunks(
     fd: int, size: int, chunk_size: int, indexes: Iterable[int]
 ) -> Iterator[list[ChunkRead]]:
-    """Read the chunks ``indexes`` (ascending) in batches of adjacent chunks via ``preadv``.
+    """Read the chunks ``indexes`` (ascending) in batches via ``preadv``.
 
-    Yields lists of :class:`ChunkRead` whose memoryviews share one reusable buffer:
-    consume each batch before asking for the next.
+    Adjacent chunks are read with one call; scattered ones (an incremental
+    snapshot's dirty chunks) still share a batch, so per-batch work (hashing on the
+    pool, claiming, writing) is not paid per chunk.  Yields lists of
+    :class:`ChunkRead` whose memoryviews share one reusable buffer: consume each
+    batch before asking for the next.
     """
     per_batch = max(1, READ_BATCH_BYTES // chunk_size)
     buf = bytearray(per_batch * chunk_size)
     view = memoryview(buf)
+    out: list[ChunkRead] = []
     run: list[int] = []
 
-    def flush() -> list[ChunkRead]:
+    def read_run() -> None:
+        """Read ``run`` (adjacent chunks) into the buffer after what ``out`` holds."""
+        base = len(out) * chunk_size
         off = run[0] * chunk_size
         want = min(len(run) * chunk_size, size - off)
         got = 0
         while got < want:
-            n = os.preadv(fd, [view[got:want]], off + got)
+            n = os.preadv(fd, [view[base + got : base + want]], off + got)
             if n == 0:
                 raise StoreError(
                     f"file shrank while being read (wanted {want} bytes at {off})",
                     step="read chunks",
                 )
             got += n
-        out = []
         for k, idx in enumerate(run):
-            lo = k * chunk_size
-            out.append(ChunkRead(idx, view[lo : min(lo + chunk_size, want)]))
-        return out
+            lo = base + k * chunk_size
+            out.append(ChunkRead(idx, view[lo : min(lo + chunk_size, base + want)]))
 
     for idx in indexes:
-        if run and (idx != run[-1] + 1 or len(run) == per_batch):
-            yield flush()
+        if run and idx != run[-1] + 1:
+            read_run()
             run = []
+        if len(out) + len(run) == per_batch:
+            if run:
+                read_run()
+                run = []
+            yield out
+            out = []
         run.append(idx)
     if run:
-        yield flush()
+        read_run()
+    if out:
+        yield out

@@ -60,12 +60,11 @@ Clock steps backwards can shrink the lease window; ``grace_seconds`` is the back
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -143,33 +142,18 @@ class GcReport:
     manifests_unreadable: tuple[str, ...] = ()
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+_pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
-_syncfs = _load_syncfs()
-
-
-def sync_filesystem(path: Path) -> None:
-    """Flush every dirty page and directory entry of the filesystem holding ``path``."""
-    if _syncfs is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise StoreError(f"syncfs failed: {os.strerror(err)}", step="sync", path=path)
-    finally:
-        os.close(fd)
+def _shared_pool(n: int, name: str) -> ThreadPoolExecutor:
+    """Process-wide thread pools: a snapshot per agent turn opens a store each time,
+    and starting fresh threads for every one cost ~10 ms per snapshot."""
+    with _pools_lock:
+        pool = _pools.get((n, name))
+        if pool is None:
+            pool = _pools[(n, name)] = ThreadPoolExecutor(n, thread_name_prefix=name)
+        return pool
 
 
 def _fsync_existing_dir(path: Path) -> None:
@@ -249,7 +233,7 @@ class ChunkStore:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="torpor-store")
+            self._pool = _shared_pool(self.threads, "torpor-store")
         return self._pool
 
     def _io_executor(self) -> ThreadPoolExecutor:
@@ -257,18 +241,13 @@ class ChunkStore:
         disk, and the filesystem journal batches concurrent syncs into one commit,
         so many more of them than cores pay off (first snapshot: 580 -> ~300 ms)."""
         if self._io_pool is None:
-            self._io_pool = ThreadPoolExecutor(
-                max(self.threads, IO_THREADS), thread_name_prefix="torpor-store-io"
-            )
+            self._io_pool = _shared_pool(max(self.threads, IO_THREADS), "torpor-store-io")
         return self._io_pool
 
     def close(self) -> None:
         """Release an uncommitted writer's lease (its chunks become gc-able) and threads."""
         self._drop_lease()
-        for pool in (self._pool, self._io_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._pool = self._io_pool = None
+        self._pool = self._io_pool = None  # shared, process-wide: not shut down here
 
     def __enter__(self) -> ChunkStore:
         return self

@@ -88,7 +88,7 @@ def _data_chunks(fd: int, size: int, chunk: int) -> set[int]:
     return out
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by Python's mmap module
+MADV_POPULATE_READ = 22  # Linux 5.14; not exported by Python's mmap module
 
 
 class ShadowSync:
@@ -97,8 +97,9 @@ class ShadowSync:
     Fresh mappings cost a page fault per 4 KiB page touched (~50 ms for 130 MB
     here), which would land inside the pause window; so the mappings live as long
     as the VM, and :meth:`prepare` (before the pause) pre-faults the ranges holding
-    data with ``MADV_POPULATE_WRITE``.  :meth:`sync` (inside the pause) is then one
-    ``memcmp`` per chunk, and a ``memmove`` for those that differ.
+    data with ``MADV_POPULATE_READ`` (read, so a disk-backed file is not dirtied).
+    :meth:`sync` (inside the pause) is then one ``memcmp`` per chunk, and a
+    ``memmove`` for those that differ.
     """
 
     def __init__(self, ram: Path, shadow: Path, chunk: int = CHUNK) -> None:
@@ -156,7 +157,7 @@ class ShadowSync:
                 end = min(os.lseek(fd, start, os.SEEK_HOLE), self.size)
                 lo = start & ~(mmap.PAGESIZE - 1)
                 with contextlib.suppress(OSError, ValueError):
-                    m.madvise(MADV_POPULATE_WRITE, lo, end - lo)
+                    m.madvise(MADV_POPULATE_READ, lo, end - lo)
                 pos = end
 
     def sync(self) -> list[int]:
@@ -346,11 +347,9 @@ def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: boo
 
 
 def remove_shadow(shadow: Path) -> None:
-    for p in (
-        shadow,
-        shadow.with_name(shadow.name + ".json"),
-        shadow.with_name(shadow.name + ".lock"),
-    ):
+    meta = shadow.with_name(shadow.name + ".json")
+    leftovers = list(shadow.parent.glob(f".{meta.name}.*.tmp"))  # a write_meta cut short
+    for p in (shadow, meta, shadow.with_name(shadow.name + ".lock"), *leftovers):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 

@@ -163,6 +163,7 @@ class Shim:
         self.capturing = False
         self.paused_for: Client | None = None  # the client holding the guest paused
         self.shadow_init: asyncio.Future[None] | None = None
+        self.restored_info: dict[str, Any] | None = None
         self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
 
     # -- state -----------------------------------------------------------------------
@@ -582,7 +583,7 @@ class Shim:
             t_qmp = _ms_since(t0)
             if ram_copy is not None:
                 await ram_copy
-                self.start_shadow_init(info)
+                self.restored_info = info  # its shadow is filled once the VM is ready
             t_ram = _ms_since(t0)
             if info.get("fault") == "kill-qemu-in-restore" and self.proc is not None:
                 self.proc.kill()
@@ -686,6 +687,10 @@ class Shim:
         server = await asyncio.start_unix_server(self.serve_client, self.files.agent_sock.name)
         os.chmod(self.files.agent_sock, 0o600)
         self.report_ready(True, accel=self.state.accel, boot_ms=self.state.boot_ms)
+        if self.restored_info is not None:
+            # after "ready": copying another 100s of MB must not compete with the
+            # guest's first steps and the caller's wake-up on two cores
+            self.start_shadow_init(self.restored_info)
         await self.qemu_exited.wait()
         server.close()
         assert self.proc is not None

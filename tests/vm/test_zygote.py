@@ -1,0 +1,66 @@
+"""VM starts through the pre-started shim (zygote), without it, and with a stale one."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import torpor.vmm.zygote as zygote_mod
+from torpor.vmm import zygote
+
+pytestmark = pytest.mark.vm
+
+
+def _sock(paths) -> Path:
+    return paths.root / "locks" / zygote.SOCK_NAME
+
+
+def _wait_for(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _echo(mgr, vm) -> bytes:
+    with mgr.client(vm) as c:
+        return c.exec(["echo", "hi"]).stdout
+
+
+def test_starts_with_and_without_the_zygote(vms, tools_image, paths, monkeypatch) -> None:
+    mgr = vms.mgr
+    monkeypatch.setenv("TORPOR_NO_ZYGOTE", "1")
+    a = vms.run(tools_image, "sleep", "1000", name="no-zygote")
+    assert _echo(mgr, a) == b"hi\n"
+    monkeypatch.delenv("TORPOR_NO_ZYGOTE")
+    b = vms.run(tools_image, "sleep", "1000", name="maybe-zygote")  # starts one if absent
+    assert _echo(mgr, b) == b"hi\n"
+    assert _wait_for(_sock(paths).exists)
+    # now served by the zygote: the shim is forked from it, not exec'd
+    c = vms.run(tools_image, "sleep", "1000", name="from-zygote")
+    assert _echo(mgr, c) == b"hi\n"
+    shim_cmd = Path(f"/proc/{c.state.shim_pid}/cmdline").read_bytes()
+    assert b"torpor.vmm.zygote" in shim_cmd
+
+
+def test_a_stale_zygote_is_never_used(vms, tools_image, paths) -> None:
+    mgr = vms.mgr
+    first = vms.run(tools_image, "sleep", "1000", name="warm-up")
+    assert _wait_for(_sock(paths).exists)
+    # a torpor source file changes on disk: the zygote must not run its old code
+    src = Path(zygote_mod.__file__)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    try:
+        vm = vms.run(tools_image, "sleep", "1000", name="after-edit")
+        assert _echo(mgr, vm) == b"hi\n"
+        shim_cmd = Path(f"/proc/{vm.state.shim_pid}/cmdline").read_bytes()
+        assert b"torpor.vmm.launch" in shim_cmd  # the fallback, not the stale zygote
+    finally:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _echo(mgr, first) == b"hi\n"
