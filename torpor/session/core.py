@@ -221,6 +221,7 @@ class Session:
         self._dsn = dsn
         self._model = model
         self._mgr = VMManager(paths)
+        self._cache: list[Entry] = []
         self.on_event = on_event
 
     # -- opening ---------------------------------------------------------------------
@@ -332,7 +333,16 @@ class Session:
         return self._model
 
     def log(self, after: int = 0) -> list[Entry]:
-        return self._log.entries(self.id, after=after)
+        """The visible log (entries after ``after``).
+
+        The log is append-only and seqs only grow, so what was read once is kept and
+        only newer entries are fetched: a turn's many reads cost O(new entries).
+        """
+        upto = self._cache[-1].seq if self._cache else 0
+        self._cache.extend(self._log.entries(self.id, after=upto))
+        if after <= 0:
+            return list(self._cache)
+        return [e for e in self._cache if e.seq > after]
 
     def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Entry]:
         return self._log.follow(self.id, after=after, stop=stop)
