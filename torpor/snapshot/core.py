@@ -76,7 +76,7 @@ from torpor.vmm.capture import (
     vouch_for_shadow,
     write_meta,
 )
-from torpor.vmm.layout import ram_root
+from torpor.vmm.layout import home_ram_dir
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
 from torpor.vmm.state import (
     Status,
@@ -119,7 +119,7 @@ def _crash_point(phase: str) -> None:
 def _stage_roots(mgr: VMManager) -> list[Path]:
     """Where staging folders go: tmpfs first (next to guest RAM), then ``Paths.tmp``."""
     roots = [mgr.paths.tmp]
-    shm = ram_root()
+    shm = home_ram_dir(mgr.paths.root)
     if shm is not None:
         roots.insert(0, shm / "stage")
     return roots
@@ -487,7 +487,7 @@ def place_snapshot(
     # RAM is copied by the shim while QEMU starts (Shim.start_ram_copy), from:
     info: dict[str, object] = {"ram_size": mem.size}
     own = vm.files.shadow
-    foreign = None if cold else find_shadow(manifest.id)
+    foreign = None if cold else find_shadow(mgr, manifest.id)
     if not cold and (cache / "memory").exists():
         # 1. the disk cache of a hibernation; a hard link pins it against eviction
         src = vm.dir / "ram.src"
@@ -536,9 +536,9 @@ def place_snapshot(
     atomic_write_bytes(vm.dir / "restore.json", json.dumps(info).encode())
 
 
-def find_shadow(snap_id: str) -> Path | None:
-    """A VM shadow (see :mod:`torpor.vmm.capture`) that equals snapshot ``snap_id``."""
-    root = ram_root()
+def find_shadow(mgr: VMManager, snap_id: str) -> Path | None:
+    """A VM shadow of this home (see :mod:`torpor.vmm.capture`) equal to ``snap_id``."""
+    root = home_ram_dir(mgr.paths.root)
     if root is None:
         return None
     for meta in root.glob("*.shadow.json"):

@@ -1,16 +1,22 @@
 """The files inside one VM's folder (``Paths.vm(id)``), named in one place.
 
-One exception: guest RAM (``memory-backend-file``) lives on tmpfs when the host has
-a writable ``/dev/shm``: ``/dev/shm/torpor-<uid>/<vm id>.ram``.  On a disk
-filesystem the kernel writes dirty guest pages back to disk every 30 s — pointless
-I/O that also made every snapshot's flush and copy slower.  The file is deleted
-when the VM ends (shim cleanup, ``rm``, or when a dead VM is found).
+One exception: guest RAM (``memory-backend-file``) and its snapshot shadow live on
+tmpfs when the host has a writable ``/dev/shm``, in one folder per torpor home:
+``/dev/shm/torpor-<uid>/<hash of the home>/<vm id>.ram`` (the folder's ``home`` file
+names the home).  On a disk filesystem the kernel writes dirty guest pages back to
+disk every 30 s — pointless I/O that also made every snapshot's flush and copy
+slower.  The files are deleted when the VM ends (shim cleanup, ``rm``, or when a
+dead VM is found), and :func:`reap_ram_dirs` deletes those whose VM or whole home
+was deleted behind torpor's back (``rm -rf`` of a test home, say).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +41,47 @@ def ram_root() -> Path | None:
     return d
 
 
+def home_ram_dir(home: Path) -> Path | None:
+    """This torpor home's folder under :func:`ram_root` (created on first use)."""
+    root = ram_root()
+    if root is None:
+        return None
+    key = hashlib.blake2b(str(home).encode(), digest_size=8).hexdigest()
+    d = root / key
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        if not (d / "home").exists():
+            tmp = d / f".home.{os.getpid()}"
+            tmp.write_text(str(home))
+            os.replace(tmp, d / "home")
+    except OSError:
+        return None
+    return d
+
+
+def reap_ram_dirs() -> None:
+    """Delete RAM files and shadows whose VM, or whole home, no longer exists."""
+    root = ram_root()
+    if root is None:
+        return
+    for d in root.iterdir():
+        try:
+            home = Path((d / "home").read_text())
+        except (OSError, ValueError):
+            continue  # not a home folder (or being created)
+        if not (home / "vms").is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            continue
+        for f in d.iterdir():
+            vm_id = f.name.split(".", 1)[0]
+            if (
+                f.name.endswith((".ram", ".shadow", ".shadow.json", ".shadow.lock"))
+                and not (home / "vms" / vm_id).exists()
+            ):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
 @dataclass(frozen=True)
 class VMFiles:
     dir: Path
@@ -53,14 +100,14 @@ class VMFiles:
 
     @property
     def ram(self) -> Path:
-        root = ram_root()
-        return self.dir / "ram" if root is None else root / f"{self.dir.name}.ram"
+        d = home_ram_dir(self.dir.parent.parent)
+        return self.dir / "ram" if d is None else d / f"{self.dir.name}.ram"
 
     @property
     def shadow(self) -> Path:
         """Guest RAM exactly as of this VM's last capture (see torpor.vmm.capture)."""
-        root = ram_root()
-        return self.dir / "ram.shadow" if root is None else root / f"{self.dir.name}.shadow"
+        d = home_ram_dir(self.dir.parent.parent)
+        return self.dir / "ram.shadow" if d is None else d / f"{self.dir.name}.shadow"
 
     @property
     def shadow_meta(self) -> Path:

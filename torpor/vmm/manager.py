@@ -38,7 +38,7 @@ from torpor.image.config import merge_env, resolve_command
 from torpor.image.store import ImageStore
 from torpor.paths import Paths
 from torpor.vmm import boot, qemu, zygote
-from torpor.vmm.layout import VMFiles
+from torpor.vmm.layout import VMFiles, reap_ram_dirs
 from torpor.vmm.sockets import connect_unix
 from torpor.vmm.state import (
     PortMap,
@@ -199,6 +199,7 @@ class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
         self.images = ImageStore(paths)
+        reap_ram_dirs()
 
     # -- lookup ----------------------------------------------------------------------
     def _load(self, vm_dir: Path) -> VM:
