@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-_COUNTER_LOOP = "i=0; while true; do i=$((i+1)); echo $i > /work/counter; sleep 1; done"
+# written to a temporary file and renamed: a reader never sees a half-written count
+_COUNTER_LOOP = (
+    "i=0; while true; do i=$((i+1)); echo $i > /work/.counter && mv /work/.counter /work/counter; "
+    "sleep 1; done"
+)
 
 #: The demo: start a service, come back later (maybe after a hibernate / restore)
 #: and find it still counting; then keep a journal of whatever the user says.
