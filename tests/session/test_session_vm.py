@@ -327,6 +327,9 @@ def test_ctrl_c_mid_turn_keeps_the_message_and_the_next_send_finishes_it(
         [sys.executable, "-m", "torpor.cli.main", "session", "send", s.id, "do it"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # a background job inherits SIGINT ignored, and Python then keeps ignoring it:
+        # give the CLI the disposition an interactive terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not any(e.kind == Kind.TOOL_CALL and e.turn == 2 for e in s.log()):
