@@ -1035,7 +1035,10 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     err_console.print(f"wrote {json_out}")
 
 
+from torpor.bench.thesis.cli import thesis as bench_thesis  # noqa: E402
 from torpor.cli.session import session  # noqa: E402  (the group lives in its own module)
+
+bench.add_command(bench_thesis)
 
 cli.add_command(session)
 

@@ -1,0 +1,134 @@
+"""``dbos-sqlite`` / ``dbos-postgres``: DBOS Transact, replay by stored step outputs.
+
+The session is one workflow whose loop runs every turn; the model call, each tool
+call and the tick are steps.  DBOS stores each step's output (not its input) in the
+system database; after a crash, ``DBOS.launch()`` in the new worker recovers the
+pending workflow by running it again from the top, returning stored outputs for
+finished steps — so recovery reads and deserialises every output of the session.
+DBOS offers no continue-as-new; a long session is one ever-growing workflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from torpor.bench.thesis import pg
+from torpor.bench.thesis.env import HostEnv, io_read_bytes
+from torpor.bench.thesis.peers.base import RunSpec, System, vacuumed_size
+from torpor.bench.thesis.workload import EMPTY_HASH, chain
+
+
+class DBOSPeer(System):
+    family = "replay"
+    modules = ("dbos",)
+    styles = ("delta", "full")
+    notes = "replays stored step outputs from the start; no continue-as-new"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"dbos-{backend}"
+        self.server: pg.PrivateServer | None = None
+        self._empty = 0
+
+    def missing(self) -> str | None:
+        return super().missing() or (pg.missing() if self.backend == "postgres" else None)
+
+    def setup(self, root: Path) -> dict[str, Any]:
+        if self.backend != "postgres":
+            return {}
+        self.server = pg.PrivateServer()
+        self.server.start()
+        return {"socket_dir": self.server.socket_dir}
+
+    def _db(self, spec: RunSpec) -> str:
+        return "dbos_" + spec.session_id.replace("-", "_")
+
+    def _url(self, spec: RunSpec) -> str:
+        if self.backend == "sqlite":
+            return f"sqlite:///{spec.dir / 'dbos.sqlite'}"
+        sock = spec.conn["socket_dir"]
+        return f"postgresql://postgres@/{self._db(spec)}?host={sock}&port={pg.PORT}"
+
+    def prepare(self, spec: RunSpec) -> None:
+        if self.server is not None:
+            self.server.create_db(self._db(spec))
+            self._empty = self.server.db_size(self._db(spec))
+
+    def run(self, spec: RunSpec, env: HostEnv) -> str:
+        from dbos import DBOS, SetWorkflowID
+
+        logging.getLogger("dbos").setLevel(logging.ERROR)
+        w = spec.w
+        DBOS(
+            config={"name": "thesis", "system_database_url": self._url(spec), "log_level": "ERROR"}
+        )
+
+        @DBOS.step()
+        def model_step(turn: int, context: list | None) -> str:
+            return env.model(turn, context)
+
+        @DBOS.step()
+        def write_step(turn: int, i: int) -> str:
+            return env.write(turn, i)
+
+        @DBOS.step()
+        def tick_step(turn: int) -> str:
+            return env.tick(turn)
+
+        @DBOS.workflow()
+        def session(turns: int, full: bool) -> str:
+            env.rec.once("enter", rchar=io_read_bytes())
+            h = EMPTY_HASH
+            msgs: list[list[str]] = []
+            for t in range(turns):
+                env.turn_started(t)
+                u = w.user_text(t)
+                h = chain(h, "user", u)
+                if full:
+                    msgs.append(["user", u])
+                a = model_step(t, msgs if full else None)
+                h = chain(h, "assistant", a)
+                outs = [write_step(t, i) for i in range(w.tools)]
+                outs.append(tick_step(t))
+                for o in outs:
+                    h = chain(h, "tool", o)
+                if full:
+                    msgs.append(["assistant", a])
+                    msgs.extend(["tool", o] for o in outs)
+                env.turn_done(t)
+            return h
+
+        DBOS.launch()
+        env.rec("ready")
+        try:
+            if spec.recovering:
+                # launch() has already started recovering the pending workflow
+                handle = DBOS.retrieve_workflow(spec.session_id)
+            else:
+                with SetWorkflowID(spec.session_id):
+                    handle = DBOS.start_workflow(session, w.turns, w.style == "full")
+            return handle.get_result()
+        finally:
+            with contextlib.suppress(Exception):
+                DBOS.destroy()
+
+    def storage(self, spec: RunSpec) -> dict[str, int]:
+        if self.server is not None:
+            raw = self.server.db_size(self._db(spec))
+            return {"bytes": raw - self._empty, "db_bytes": raw}
+        return {"bytes": vacuumed_size(spec.dir / "dbos.sqlite")}
+
+    def socket_io(self) -> bool:
+        return self.backend == "postgres"
+
+    def drop(self, spec: RunSpec) -> None:
+        if self.server is not None:
+            self.server.drop_db(self._db(spec))
+
+    def teardown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
