@@ -142,3 +142,59 @@ def vacuumed_size(db: Path) -> int:
     finally:
         con.close()
     return db.stat().st_size
+
+
+class DatabasePeer(System):
+    """A peer that keeps its state in SQLite (one file per session) or in a private
+    PostgreSQL server (one database per session): setup, sizes and teardown for both.
+
+    Subclasses set ``db_prefix`` (database name prefix) and ``sqlite_file``.
+    """
+
+    db_prefix = ""
+    sqlite_file = ""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.server: Any = None  # pg.PrivateServer when backend == "postgres"
+        self._empty = 0
+
+    def missing(self) -> str | None:
+        from torpor.bench.thesis import pg
+
+        return super().missing() or (pg.missing() if self.backend == "postgres" else None)
+
+    def setup(self, root: Path) -> dict[str, Any]:
+        from torpor.bench.thesis import pg
+
+        if self.backend != "postgres":
+            return {}
+        self.server = pg.PrivateServer()
+        self.server.start()
+        return {"socket_dir": self.server.socket_dir}
+
+    def _db(self, spec: RunSpec) -> str:
+        return self.db_prefix + spec.session_id.replace("-", "_")
+
+    def prepare(self, spec: RunSpec) -> None:
+        if self.server is not None:
+            self.server.create_db(self._db(spec))
+            self._empty = self.server.db_size(self._db(spec))
+
+    def storage(self, spec: RunSpec) -> dict[str, int]:
+        if self.server is not None:
+            raw = self.server.db_size(self._db(spec))
+            return {"bytes": raw - self._empty, "db_bytes": raw}
+        return {"bytes": vacuumed_size(spec.dir / self.sqlite_file)}
+
+    def socket_io(self) -> bool:
+        return self.backend == "postgres"
+
+    def drop(self, spec: RunSpec) -> None:
+        if self.server is not None:
+            self.server.drop_db(self._db(spec))
+
+    def teardown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

@@ -12,50 +12,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
-from typing import Any
 
 from torpor.bench.thesis import pg
 from torpor.bench.thesis.env import HostEnv, io_read_bytes
-from torpor.bench.thesis.peers.base import RunSpec, System, vacuumed_size
+from torpor.bench.thesis.peers.base import DatabasePeer, RunSpec
 from torpor.bench.thesis.workload import EMPTY_HASH, chain
 
 
-class DBOSPeer(System):
+class DBOSPeer(DatabasePeer):
     family = "replay"
+    db_prefix = "dbos_"
+    sqlite_file = "dbos.sqlite"
     modules = ("dbos",)
     styles = ("delta", "full")
     notes = "replays stored step outputs from the start; no continue-as-new"
 
     def __init__(self, backend: str):
-        self.backend = backend
+        super().__init__(backend)
         self.name = f"dbos-{backend}"
-        self.server: pg.PrivateServer | None = None
-        self._empty = 0
-
-    def missing(self) -> str | None:
-        return super().missing() or (pg.missing() if self.backend == "postgres" else None)
-
-    def setup(self, root: Path) -> dict[str, Any]:
-        if self.backend != "postgres":
-            return {}
-        self.server = pg.PrivateServer()
-        self.server.start()
-        return {"socket_dir": self.server.socket_dir}
-
-    def _db(self, spec: RunSpec) -> str:
-        return "dbos_" + spec.session_id.replace("-", "_")
 
     def _url(self, spec: RunSpec) -> str:
         if self.backend == "sqlite":
-            return f"sqlite:///{spec.dir / 'dbos.sqlite'}"
+            return f"sqlite:///{spec.dir / self.sqlite_file}"
         sock = spec.conn["socket_dir"]
         return f"postgresql://postgres@/{self._db(spec)}?host={sock}&port={pg.PORT}"
-
-    def prepare(self, spec: RunSpec) -> None:
-        if self.server is not None:
-            self.server.create_db(self._db(spec))
-            self._empty = self.server.db_size(self._db(spec))
 
     def run(self, spec: RunSpec, env: HostEnv) -> str:
         from dbos import DBOS, SetWorkflowID
@@ -114,21 +94,3 @@ class DBOSPeer(System):
         finally:
             with contextlib.suppress(Exception):
                 DBOS.destroy()
-
-    def storage(self, spec: RunSpec) -> dict[str, int]:
-        if self.server is not None:
-            raw = self.server.db_size(self._db(spec))
-            return {"bytes": raw - self._empty, "db_bytes": raw}
-        return {"bytes": vacuumed_size(spec.dir / "dbos.sqlite")}
-
-    def socket_io(self) -> bool:
-        return self.backend == "postgres"
-
-    def drop(self, spec: RunSpec) -> None:
-        if self.server is not None:
-            self.server.drop_db(self._db(spec))
-
-    def teardown(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import operator
 import sqlite3
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 from torpor.bench.thesis import pg
 from torpor.bench.thesis.env import HostEnv, io_read_bytes
-from torpor.bench.thesis.peers.base import RunSpec, System, vacuumed_size
+from torpor.bench.thesis.peers.base import DatabasePeer, RunSpec
 from torpor.bench.thesis.workload import hash_messages
 
 
@@ -33,13 +32,15 @@ def concat_batches(state: list, writes: list) -> list:
     return out
 
 
-class LangGraphPeer(System):
+class LangGraphPeer(DatabasePeer):
     family = "checkpoint"
+    db_prefix = "lg_"
+    sqlite_file = "lg.sqlite"
     modules = ("langgraph", "langgraph.checkpoint.sqlite")
     styles = ("full",)
 
     def __init__(self, backend: str, delta: bool):
-        self.backend = backend
+        super().__init__(backend)
         self.delta = delta
         self.name = f"langgraph-{backend}" + ("-delta" if delta else "")
         self.notes = (
@@ -49,32 +50,15 @@ class LangGraphPeer(System):
         )
         if backend == "postgres":
             self.modules = ("langgraph", "langgraph.checkpoint.postgres", "psycopg")
-        self.server: pg.PrivateServer | None = None
-        self._empty = 0
 
     def missing(self) -> str | None:
-        why = super().missing() or (pg.missing() if self.backend == "postgres" else None)
+        why = super().missing()
         if why is None and self.delta:
             import importlib.util
 
             if importlib.util.find_spec("langgraph.channels.delta") is None:
                 return "not offered: this LangGraph has no DeltaChannel"
         return why
-
-    def setup(self, root: Path) -> dict[str, Any]:
-        if self.backend != "postgres":
-            return {}
-        self.server = pg.PrivateServer()
-        self.server.start()
-        return {"socket_dir": self.server.socket_dir}
-
-    def _db(self, spec: RunSpec) -> str:
-        return "lg_" + spec.session_id.replace("-", "_")
-
-    def prepare(self, spec: RunSpec) -> None:
-        if self.server is not None:
-            self.server.create_db(self._db(spec))
-            self._empty = self.server.db_size(self._db(spec))
 
     def _graph(self, spec: RunSpec, env: HostEnv, saver: Any) -> Any:
         from langgraph.graph import END, START, StateGraph
@@ -160,21 +144,3 @@ class LangGraphPeer(System):
             env.turn_done(t)
         final = graph.get_state(cfg).values["messages"]
         return hash_messages([tuple(m) for m in final])
-
-    def storage(self, spec: RunSpec) -> dict[str, int]:
-        if self.server is not None:
-            raw = self.server.db_size(self._db(spec))
-            return {"bytes": raw - self._empty, "db_bytes": raw}
-        return {"bytes": vacuumed_size(spec.dir / "lg.sqlite")}
-
-    def socket_io(self) -> bool:
-        return self.backend == "postgres"
-
-    def drop(self, spec: RunSpec) -> None:
-        if self.server is not None:
-            self.server.drop_db(self._db(spec))
-
-    def teardown(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
