@@ -305,6 +305,8 @@ class Session:
         paths = (paths or Paths.default()).ensure()
         log = open_log(dsn, paths=paths)  # shared by the returned sessions, closed with them
         records = log.list_sessions()
+        if not records:
+            log.close()
         return [cls(r, log, paths, dsn=dsn, owns_log=i == 0) for i, r in enumerate(records)]
 
     def close(self) -> None:
