@@ -26,17 +26,15 @@ Retries are the library's own (exponential backoff honouring ``Retry-After``) on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from torpor.errors import SetupError
-from torpor.model.errors import ModelAuthError, ModelResponseError, from_sdk_error
+from torpor.model.errors import ModelAuthError, ModelResponseError, call_sdk
 from torpor.model.types import (
     STOP_END,
     STOP_MAX_TOKENS,
@@ -259,34 +257,20 @@ class AnthropicModel(Model):
             len(messages),
             len(tools),
         )
-        t0 = time.perf_counter()
-        try:
-            reply = self._client.messages.create(**kwargs)
-        except json.JSONDecodeError as e:  # the libraries let this one through unwrapped
-            raise ModelResponseError(
-                f"{self.base_url} sent a reply that is not JSON: {e}", provider="anthropic"
-            ) from e
-        except self._sdk.AnthropicError as e:
-            raise from_sdk_error(
-                e,
-                self._sdk,
-                provider="anthropic",
-                base_url=self.base_url,
-                max_retries=self.max_retries,
-                timeout=timeout if timeout is not None else self.timeout,
-            ) from e
-        latency_ms = (time.perf_counter() - t0) * 1000
-        if not hasattr(reply, "to_dict"):
-            raise ModelResponseError(
-                f"{self.base_url} sent something that is not a message: {str(reply)[:200]!r}",
-                provider="anthropic",
-            )
-        response = from_anthropic_message(
-            reply.to_dict(warnings=False), latency_ms=latency_ms, model=self.model
+        reply, latency_ms = call_sdk(
+            self._client.messages.create,
+            kwargs,
+            self._sdk,
+            self._sdk.AnthropicError,
+            provider="anthropic",
+            base_url=self.base_url,
+            max_retries=self.max_retries,
+            timeout=timeout if timeout is not None else self.timeout,
+            what="a message",
         )
+        response = from_anthropic_message(reply, latency_ms=latency_ms, model=self.model)
         log.debug(
-            "anthropic reply in %.0f ms: stop=%s, %d tool call(s), usage=%s",
-            latency_ms,
+            "anthropic reply: stop=%s, %d tool call(s), usage=%s",
             response.stop_reason,
             len(response.tool_calls),
             response.usage,

@@ -22,6 +22,10 @@ names), so :func:`from_sdk_error` serves both.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -163,3 +167,46 @@ __all__ = [
     "ModelTimeoutError",
     "from_sdk_error",
 ]
+
+
+def call_sdk(
+    create: Callable[..., Any],
+    kwargs: dict[str, Any],
+    sdk: ModuleType,
+    base_error: type[Exception],
+    *,
+    provider: str,
+    base_url: str,
+    max_retries: int,
+    timeout: float | None,
+    what: str,
+) -> tuple[dict[str, Any], float]:
+    """One SDK call with the errors both libraries share mapped to ModelErrors.
+
+    Returns the reply as a plain dict (``what`` names it in the error when the
+    server sent something else) and the call's latency in milliseconds.
+    """
+    t0 = time.perf_counter()
+    try:
+        reply = create(**kwargs)
+    except json.JSONDecodeError as e:  # the libraries let this one through unwrapped
+        raise ModelResponseError(
+            f"{base_url} sent a reply that is not JSON: {e}", provider=provider
+        ) from e
+    except base_error as e:
+        raise from_sdk_error(
+            e,
+            sdk,
+            provider=provider,
+            base_url=base_url,
+            max_retries=max_retries,
+            timeout=timeout,
+        ) from e
+    latency_ms = (time.perf_counter() - t0) * 1000
+    if not hasattr(reply, "to_dict"):
+        raise ModelResponseError(
+            f"{base_url} sent something that is not {what}: {str(reply)[:200]!r}",
+            provider=provider,
+        )
+    logging.getLogger("torpor.model").debug("%s reply in %.0f ms", provider, latency_ms)
+    return reply.to_dict(warnings=False), latency_ms

@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from torpor.errors import SetupError
-from torpor.model.errors import ModelAuthError, ModelError, ModelResponseError, from_sdk_error
+from torpor.model.errors import ModelAuthError, ModelError, ModelResponseError, call_sdk
 from torpor.model.types import (
     STOP_END,
     STOP_MAX_TOKENS,
@@ -244,35 +243,20 @@ class OpenAIChatModel(Model):
             len(messages),
             len(tools),
         )
-        t0 = time.perf_counter()
-        try:
-            completion = self._client.chat.completions.create(**kwargs)
-        except json.JSONDecodeError as e:  # the libraries let this one through unwrapped
-            raise ModelResponseError(
-                f"{self.base_url} sent a reply that is not JSON: {e}", provider="openai"
-            ) from e
-        except self._sdk.OpenAIError as e:
-            raise from_sdk_error(
-                e,
-                self._sdk,
-                provider="openai",
-                base_url=self.base_url,
-                max_retries=self.max_retries,
-                timeout=timeout if timeout is not None else self.timeout,
-            ) from e
-        latency_ms = (time.perf_counter() - t0) * 1000
-        if not hasattr(completion, "to_dict"):
-            raise ModelResponseError(
-                f"{self.base_url} sent something that is not a chat completion: "
-                f"{str(completion)[:200]!r}",
-                provider="openai",
-            )
-        response = from_openai_completion(
-            completion.to_dict(warnings=False), latency_ms=latency_ms, model=self.model
+        reply, latency_ms = call_sdk(
+            self._client.chat.completions.create,
+            kwargs,
+            self._sdk,
+            self._sdk.OpenAIError,
+            provider="openai",
+            base_url=self.base_url,
+            max_retries=self.max_retries,
+            timeout=timeout if timeout is not None else self.timeout,
+            what="a chat completion",
         )
+        response = from_openai_completion(reply, latency_ms=latency_ms, model=self.model)
         log.debug(
-            "openai reply in %.0f ms: stop=%s, %d tool call(s), usage=%s",
-            latency_ms,
+            "openai reply: stop=%s, %d tool call(s), usage=%s",
             response.stop_reason,
             len(response.tool_calls),
             response.usage,
