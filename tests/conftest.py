@@ -19,20 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.pgserver import pg_admin_dsn, pg_dsn  # noqa: F401  (fixtures for every folder)
+from torpor.guest.kernel import find_kernels_dir
 from torpor.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _default_kernels() -> Path | None:
-    for home in (
-        os.environ.get("TORPOR_HOME"),
-        "/var/lib/torpor",
-        str(Path.home() / ".local/share/torpor"),
-    ):
-        if home and (Path(home) / "guest" / "kernels").is_dir():
-            return Path(home) / "guest" / "kernels"
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +30,7 @@ def torpor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh TORPOR_HOME for the session, sharing the installed guest kernel."""
     home = tmp_path_factory.mktemp("home")
     paths = Paths(home).ensure()
-    src = _default_kernels()
+    src = find_kernels_dir()
     if src is not None:
         shutil.copytree(src, paths.guest / "kernels", symlinks=True)
     else:

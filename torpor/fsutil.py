@@ -49,12 +49,16 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def locked(path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold an advisory ``flock`` on ``path`` (created if missing) for the block."""
+def locked(path: Path, shared: bool = False, wait: bool = True) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``path`` (created if missing) for the block.
+
+    With ``wait=False`` a lock held elsewhere raises BlockingIOError at once.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)

@@ -945,6 +945,14 @@ def bench() -> None:
     """Measure torpor (prints a table, writes JSON)."""
 
 
+def _bench_output(result: dict[str, Any], json_out: Path, print_table: Any) -> None:
+    """Every benchmark: JSON to ``json_out``, its table on stdout."""
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, out_console)
+    err_console.print(f"wrote {json_out}")
+
+
 @bench.command(name="boot", context_settings=CONTEXT)
 @click.option("--image", default="tools:latest", show_default=True)
 @click.option("--runs", default=10, show_default=True, help="Cold boots to time.")
@@ -969,10 +977,7 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
         accel=accel,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result, out_console)
-    err_console.print(f"wrote {json_out}")
+    _bench_output(result, json_out, print_table)
 
 
 @bench.command(name="snapshot", context_settings=CONTEXT)
@@ -997,10 +1002,7 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path) -> None:
         forks=forks,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result, out_console)
-    err_console.print(f"wrote {json_out}")
+    _bench_output(result, json_out, print_table)
 
 
 @bench.command(name="sessions", context_settings=CONTEXT)
@@ -1029,10 +1031,7 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     if not lengths or min(lengths) < 1:
         raise UsageError("--turns wants positive numbers like 10,100,1000")
     result = run_sessions_bench(_paths(), image, lengths, lambda m: err_console.print(m))
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result, out_console)
-    err_console.print(f"wrote {json_out}")
+    _bench_output(result, json_out, print_table)
 
 
 from torpor.bench.thesis.cli import thesis as bench_thesis  # noqa: E402

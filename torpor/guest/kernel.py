@@ -76,6 +76,19 @@ def _kernels_dir(paths: Paths) -> Path:
     return paths.guest / "kernels"
 
 
+def find_kernels_dir() -> Path | None:
+    """A guest/kernels folder already set up on this host ($TORPOR_HOME, root's or this
+    user's default home), for tools that make a fresh home and want to skip the fetch."""
+    for home in (
+        os.environ.get("TORPOR_HOME"),
+        "/var/lib/torpor",
+        str(Path.home() / ".local/share/torpor"),
+    ):
+        if home and (Path(home) / "guest" / "kernels").is_dir():
+            return Path(home) / "guest" / "kernels"
+    return None
+
+
 def installed_kernel(paths: Paths) -> Kernel:
     """The newest unpacked kernel. Raises GuestError if none is installed."""
     kdir = _kernels_dir(paths)

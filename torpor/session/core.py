@@ -26,7 +26,6 @@ twice to the machine.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 from torpor.context import ContextLog, Entry, Kind, SessionRecord, effective, open_log
 from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
+from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
 from torpor.paths import Paths
@@ -533,20 +533,12 @@ class Session:
             self.on_event(entry)
         return entry
 
-    @contextlib.contextmanager
-    def _locked(self, wait: bool = True) -> Iterator[None]:
+    def _locked(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
         """One actor per session on this host: turns, hibernation and recovery queue.
 
         With ``wait=False`` a busy session raises BlockingIOError at once.
         """
-        path = self.paths.locks / f"session-{self.id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            yield
-        finally:
-            os.close(fd)
+        return locked(self.paths.locks / f"session-{self.id}.lock", wait=wait)
 
     def _live_vm(self, st: SessionState) -> VM | None:
         if st.vm_id is None:

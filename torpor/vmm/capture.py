@@ -33,10 +33,11 @@ import mmap
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from torpor.fsutil import locked
 
 CAPTURE = 0x22
 CAPTURE_END = 0x23
@@ -62,16 +63,6 @@ def write_meta(path: Path, d: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(d))
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def flocked(path: Path, shared: bool) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _data_chunks(fd: int, size: int, chunk: int) -> set[int]:
@@ -323,7 +314,7 @@ def vouch_for_shadow(shadow: Path, capture_id: str, snapshot_id: str) -> bool:
     """After a commit: record that the shadow equals ``snapshot_id`` (if no capture
     has touched it since ``capture_id``).  Returns whether it was recorded."""
     meta_path = shadow.with_name(shadow.name + ".json")
-    with flocked(shadow.with_name(shadow.name + ".lock"), shared=False):
+    with locked(shadow.with_name(shadow.name + ".lock"), shared=False):
         if read_meta(meta_path).get("capture") != capture_id:
             return False
         write_meta(meta_path, {"snapshot": snapshot_id, "capture": capture_id})
@@ -337,7 +328,7 @@ def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: boo
     """
     from torpor.errors import VMError
 
-    with flocked(src.with_name(src.name + ".lock"), shared=True):
+    with locked(src.with_name(src.name + ".lock"), shared=True):
         if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snapshot_id:
             raise VMError(
                 f"the cached memory of snapshot {snapshot_id[:12]} changed during the restore",

@@ -14,6 +14,7 @@ system-wide on Linux, so the harness compares them with its own).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,20 @@ class Recorder:
         if ev not in self._once:
             self._once.add(ev)
             self(ev, **fields)
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, sig: int, timeout: float) -> None:
+    """Ask a server we started to stop (``sig``), SIGKILL it after ``timeout`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ by that pid: SIGINT (fast shutdown), a timed wait, then SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
@@ -18,6 +17,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from torpor.bench.thesis.env import stop_process
 
 PORT = 5432  # only names the socket file; nothing listens on TCP
 
@@ -159,15 +160,7 @@ class PrivateServer:
         return int(self.execute(f"SELECT pg_database_size('{name}')")[0][0])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout=20)
         self.proc = None
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

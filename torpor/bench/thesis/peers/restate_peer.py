@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torpor.bench.thesis.env import HostEnv, io_read_bytes
+from torpor.bench.thesis.env import HostEnv, io_read_bytes, stop_process
 from torpor.bench.thesis.peers.base import RunSpec, System
 from torpor.bench.thesis.workload import EMPTY_HASH, chain
 
@@ -129,15 +129,7 @@ class RestatePeer(System):
         (spec.dir / "restate.port").write_text(str(_free_port()))
 
     def teardown(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout=20)
         self.proc = None
 
     # -- worker side ---------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -33,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from torpor.bench.thesis.env import HostEnv
+from torpor.bench.thesis.env import HostEnv, stop_process
 from torpor.bench.thesis.peers.base import RunSpec, System
 from torpor.bench.thesis.workload import EMPTY_HASH, chain
 
@@ -138,15 +137,7 @@ class TemporalPeer(System):
                 await asyncio.sleep(0.2)
 
     def teardown(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout=15)
         self.proc = None
 
     # -- worker side ---------------------------------------------------------------

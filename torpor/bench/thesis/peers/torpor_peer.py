@@ -31,6 +31,7 @@ from typing import Any
 from torpor.bench.thesis.env import HostEnv, io_read_bytes
 from torpor.bench.thesis.peers.base import RunSpec, System
 from torpor.bench.thesis.workload import BG_SCRIPT, EMPTY_HASH, Workload, chain
+from torpor.guest.kernel import find_kernels_dir
 
 VM_DIR = "/work"
 IMAGE = "tools:latest"
@@ -70,7 +71,7 @@ class TorporPeer(System):
             return "torpor.session not available yet"
         if shutil.which("qemu-system-x86_64") is None:
             return "QEMU not installed (scripts/setup)"
-        if _kernels() is None:
+        if find_kernels_dir() is None:
             return "no guest kernel: run `torpor setup`"
         return None
 
@@ -81,7 +82,7 @@ class TorporPeer(System):
 
         home = root / "torpor-home"
         paths = Paths(home).ensure()
-        src = _kernels()
+        src = find_kernels_dir()
         assert src is not None
         if not (paths.guest / "kernels").exists():
             shutil.copytree(src, paths.guest / "kernels", symlinks=True)
@@ -245,14 +246,3 @@ class TorporPeer(System):
             sid = (spec.dir / "torpor-session").read_text()
             Session.open(sid, paths=self._paths(spec)).remove()
         self.kill_extra(spec)
-
-
-def _kernels() -> Path | None:
-    for home in (
-        os.environ.get("TORPOR_HOME"),
-        "/var/lib/torpor",
-        str(Path.home() / ".local/share/torpor"),
-    ):
-        if home and (Path(home) / "guest" / "kernels").is_dir():
-            return Path(home) / "guest" / "kernels"
-    return None
