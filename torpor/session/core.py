@@ -405,14 +405,13 @@ class Session:
             raise UsageError("a message must not be empty")
         with self._locked():
             entries = self.log()
+            st = derive_state(entries, owner=self.id)
             if key is not None:
                 for e in entries:
                     if e.kind == Kind.USER and e.key == key:
-                        st = derive_state(entries, owner=self.id)
                         if st.pending is not None and st.pending.seq == e.seq:
                             return self._recover_locked(st)
                         return _answer_of(entries, e.turn)
-            st = derive_state(entries, owner=self.id)
             if not st.checkpoints:
                 raise SessionError(
                     f"session {self.name} never finished starting (no checkpoint 0); "
