@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests.snapshot.counter import COUNTER, count
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.snapshot import fork, restore, snapshot
@@ -25,7 +26,6 @@ from torpor.vmm.manager import VMManager
 
 pytestmark = pytest.mark.vm
 
-COUNTER = ("sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done")
 
 SNAPSHOT_IN_CHILD = """
 import sys
@@ -36,23 +36,13 @@ snapshot(VMManager(Paths.default()), sys.argv[1], stop=sys.argv[2] == "stop")
 """
 
 
-def _count(mgr, vm) -> int:
-    with mgr.client(vm) as c:
-        for _ in range(50):  # the counter truncates, then writes: retry an empty read
-            out = c.exec(["cat", "/dev/shm/count"]).stdout.strip()
-            if out:
-                return int(out)
-            time.sleep(0.02)
-    raise AssertionError("the guest's counter file stays empty")
-
-
 def _keeps_counting(mgr, vm) -> bool:
     """True once the guest's counter moves: the VM runs, it is not stuck paused."""
-    n = _count(mgr, vm)
+    n = count(mgr, vm)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         time.sleep(0.3)
-        if _count(mgr, vm) > n:
+        if count(mgr, vm) > n:
             return True
     return False
 

@@ -8,17 +8,11 @@ import time
 import pytest
 
 from tests.conftest import torpor_cli
+from tests.snapshot.counter import COUNTER, count
 from torpor.errors import ChunkError, ConflictError, NotFoundError
 from torpor.snapshot import restore, snapshot
 
 pytestmark = pytest.mark.vm
-
-COUNTER = ("sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done")
-
-
-def _count(mgr, vm) -> int:
-    with mgr.client(vm) as c:
-        return int(c.exec(["cat", "/dev/shm/count"]).stdout)
 
 
 def _track(vms, vm):
@@ -40,15 +34,15 @@ def test_restore_continues_processes_memory_files_and_listeners(vms, tools_image
             ]
         )
     time.sleep(0.5)
-    before = _count(mgr, vm)
+    before = count(mgr, vm)
     snap = snapshot(mgr, "src", tag="t")
-    at_snapshot = _count(mgr, vm)
+    at_snapshot = count(mgr, vm)
     assert snap.pause_ms > 0 and snap.manifest.meta["tag"] == "t"
     vm2 = _track(vms, restore(mgr, snap.manifest.id, name="dst"))
-    n1 = _count(mgr, vm2)
+    n1 = count(mgr, vm2)
     assert before <= n1 <= at_snapshot + 2  # resumed from the snapshot's value, not from 0
     time.sleep(1)
-    assert _count(mgr, vm2) > n1  # and still counting
+    assert count(mgr, vm2) > n1  # and still counting
     with mgr.client(vm2) as c:
         r = c.exec(["cat", "/root/disk.txt", "/dev/shm/tmp.txt"])
         assert r.stdout == b"on-disk\nin-tmpfs\n"
@@ -118,10 +112,10 @@ def test_hibernate_and_resume_in_place(vms, tools_image) -> None:
     assert not vm.files.ram.exists()  # its memory is freed
     r = torpor_cli("start", "sleepy")
     assert r.returncode == 0, r.stderr
-    n = _count(mgr, mgr.get("sleepy"))
+    n = count(mgr, mgr.get("sleepy"))
     assert n > 3  # continued, not restarted
     time.sleep(0.5)
-    assert _count(mgr, mgr.get("sleepy")) > n
+    assert count(mgr, mgr.get("sleepy")) > n
 
 
 def test_bad_cases(vms, tools_image, paths) -> None:
