@@ -8,7 +8,7 @@ import pytest
 
 from torpor.snapshot import restore, snapshot
 from torpor.store import ChunkStore
-from torpor.vmm.capture import read_meta
+from torpor.vmm.capture import CHUNK, read_meta
 
 pytestmark = pytest.mark.vm
 
@@ -18,7 +18,7 @@ def _full_chunks(paths, vm, snap_id):
     assert read_meta(vm.files.shadow_meta).get("snapshot") == snap_id
     store = ChunkStore(paths.store)
     try:
-        art, _ = store.put_file(vm.files.shadow, chunk_size=256 * 1024)
+        art, _ = store.put_file(vm.files.shadow, chunk_size=CHUNK)
     finally:
         store.close()
     return art

@@ -263,6 +263,13 @@ class ChunkStore:
     def _manifest_path(self, snap_id: str) -> Path:
         return self.snapshots_dir / f"{snap_id}.manifest"
 
+    def manifest_bytes(self, snap_id: str) -> int:
+        """Size on disk of a committed snapshot's manifest (part of what it stores)."""
+        try:
+            return self._manifest_path(snap_id).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"snapshot {snap_id} is not in the store", step="stat") from None
+
     def _gc_lock(self, shared: bool) -> contextlib.AbstractContextManager[None]:
         return fsutil.locked(self._lock_path, shared=shared)
 
