@@ -146,3 +146,32 @@ def test_cli_quick_writes_json_and_plots(tmp_path: Path, monkeypatch: pytest.Mon
     assert dbos["agg"]["ok"] and dbos["agg"]["checks"]["recovered_ok"]
     for png in ("recovery-vs-n.png", "storage-vs-n.png"):
         assert (out / png).stat().st_size > 1000
+
+    # a sweep run in parts is merged into one result, tables and plots
+    from torpor.bench.thesis.cli import thesis_report
+
+    later = {
+        "systems": {"openai-agents": {"family": "context", "notes": "", "status": "ok"}},
+        "points": [dict(p, turns=5) for p in data["points"] if p["system"] == "plain"],
+    }
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    merged_dir = tmp_path / "merged"
+    res = CliRunner().invoke(
+        thesis_report,
+        [str(out / "thesis.json"), str(tmp_path / "later.json"), "--out", str(merged_dir)],
+    )
+    assert res.exit_code == 0, res.output
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert len(merged["points"]) == len(data["points"]) + 1
+    assert merged["systems"]["openai-agents"]["status"] == "ok"  # the sweep that ran it wins
+    assert len(merged["sweeps"]) == 2
+    table = (merged_dir / "tables.md").read_text()
+    assert "| dbos-sqlite | 3 |" in table and "| plain | 5 |" in table
+    assert (merged_dir / "recovery-vs-n.png").stat().st_size > 1000
+    # what is not a sweep result is refused by name, and nothing is written
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    res = CliRunner().invoke(
+        thesis_report, [str(tmp_path / "bad.json"), "--out", str(tmp_path / "never")]
+    )
+    assert res.exit_code == 2 and "bad.json is not a thesis result" in res.output
+    assert not (tmp_path / "never").exists()

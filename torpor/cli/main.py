@@ -884,9 +884,7 @@ def fork(snap: str, count: int, name_prefix: str | None, cold: bool) -> None:
         raise UsageError("-n must be at least 1")
     t0 = time.perf_counter()
     vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold)
-    err_console.print(
-        f"[dim]forked {len(vms)} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]"
-    )
+    err_console.print(f"[dim]forked {len(vms)} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]")
     for vm in vms:
         click.echo(f"{vm.name} {vm.id}")
 
@@ -1035,9 +1033,11 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
 
 
 from torpor.bench.thesis.cli import thesis as bench_thesis  # noqa: E402
+from torpor.bench.thesis.cli import thesis_report as bench_thesis_report  # noqa: E402
 from torpor.cli.session import session  # noqa: E402  (the group lives in its own module)
 
 bench.add_command(bench_thesis)
+bench.add_command(bench_thesis_report)
 
 cli.add_command(session)
 

@@ -218,3 +218,45 @@ def thesis(
         click.echo("matplotlib is not installed (pip install 'torpor[bench]'): no plots", err=True)
     print_table(result)
     click.echo(f"wrote {out_dir / 'thesis.json'} {' '.join(pngs)}")
+
+
+@click.command(name="thesis-report")
+@click.argument(
+    "results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/thesis"),
+    show_default=True,
+)
+def thesis_report(results: tuple[Path, ...], out_dir: Path) -> None:
+    """Merge sweeps' thesis.json files into one: JSON, plots, Markdown tables.
+
+    For a sweep run in parts (one group of systems at a time, or a long point added
+    later): `torpor bench thesis-report a/thesis.json b/thesis.json --out docs/thesis`.
+    """
+    from torpor.bench.thesis.report import markdown, merge
+
+    loaded = []
+    for p in results:
+        try:
+            loaded.append(json.loads(p.read_text()))
+        except ValueError as e:
+            raise click.UsageError(f"{p} is not a thesis result: {e}") from None
+        if not isinstance(loaded[-1], dict) or "points" not in loaded[-1]:
+            raise click.UsageError(f"{p} is not a thesis result (no points)")
+    result = merge(loaded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "tables.md").write_text(markdown(result))
+    pngs: list[str] = []
+    try:
+        from torpor.bench.thesis.plots import plot
+
+        pngs = [str(p) for p in plot(result, out_dir)]
+    except ImportError:
+        click.echo("matplotlib is not installed (pip install 'torpor[bench]'): no plots", err=True)
+    print_table(result)
+    click.echo(f"wrote {out_dir / 'results.json'} {out_dir / 'tables.md'} {' '.join(pngs)}")

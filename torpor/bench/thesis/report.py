@@ -16,6 +16,33 @@ from typing import Any
 from torpor.bench.thesis.plots import series_label
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several sweeps (e.g. one per group of systems, run one after another) as one
+    result: their points in order, each system's status from the sweep that ran it,
+    crossings recomputed over everything."""
+    if not results:
+        raise ValueError("nothing to merge")
+    out: dict[str, Any] = {
+        "benchmark": "thesis",
+        "mode": "merged",
+        "machine": results[0].get("machine"),
+        "systems": {},
+        "points": [],
+        "sweeps": [],
+    }
+    for r in results:
+        for name, info in r.get("systems", {}).items():
+            if out["systems"].get(name, {}).get("status") != "ok":
+                out["systems"][name] = info
+        out["points"] += r.get("points", [])
+        out["sweeps"].append(
+            {k: r.get(k) for k in ("mode", "plan", "started", "seconds", "machine")}
+        )
+    out["crossings"] = crossings(out)
+    out["crossings_replay"] = crossings(out, "recovery_replay_ms")
+    return out
+
+
 def fit(xy: list[tuple[float, float]]) -> tuple[float, float] | None:
     if len(xy) < 2:
         return None
@@ -120,18 +147,19 @@ def _fmt_ms(v: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The sweep as Markdown tables (docs/thesis.md is written from these)."""
     lines = [
-        "| system | N | recovery p50 / p95 ms | detect | replay | read | stored | "
-        "turn ms | turn wall (last 10 %) | msgs | files | twice | process | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|",
+        "| system | N | M/T | trials | recovery p50 / p95 ms | detect | replay | read | "
+        "stored | turn ms | turn wall (last 10 %) | msgs | files | twice | process | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|",
     ]
     yes = lambda v: "—" if v is None else ("ok" if v else "**NO**")  # noqa: E731
     for r in rows(result):
         if "N" not in r:
-            lines.append(f"| {r['system']} | | | | | | | | | | | | | {r['status']} |")
+            lines.append(f"| {r['system']} |{' |' * 14} {r['status']} |")
             continue
         proc = "—" if r["process_kept"] is None else ("kept" if r["process_kept"] else "lost")
         lines.append(
-            f"| {r['system']} | {r['N']} | {_fmt_ms(r['recovery_p50'])} / "
+            f"| {r['system']} | {r['N']} | {_fmt_bytes(r['M'])}/{_fmt_bytes(r['T'])} | "
+            f"{r['trials']} | {_fmt_ms(r['recovery_p50'])} / "
             f"{_fmt_ms(r['recovery_p95'])} | {_fmt_ms(r['detect_p50'])} | "
             f"{_fmt_ms(r['replay_p50'])} | {_fmt_bytes(r['bytes_read'])} | "
             f"{_fmt_bytes(r['storage'])} | {_fmt_ms(r['turn_ms'])} | "
