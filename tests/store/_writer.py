@@ -36,8 +36,8 @@ def main() -> None:
         real = store_mod.ChunkStore._write_chunk
         count = [0]
 
-        def slow(self, h, data):
-            r = real(self, h, data)
+        def slow(self, h, data, prev=None):
+            r = real(self, h, data, prev)
             count[0] += 1
             if count[0] == 3:
                 pause()

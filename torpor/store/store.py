@@ -5,9 +5,12 @@ chunks and records snapshots as authenticated manifests naming those chunks.
 
 Invariants:
 
-- A chunk file ``chunks/<aa>/<hash>`` holds one zstd frame whose decompressed bytes
-  hash (BLAKE3) to ``<hash>``.  Every read re-checks that; a chunk that fails is
-  reported as corrupt, never returned.
+- A chunk file ``chunks/<aa>/<hash>`` holds one frame whose decompressed bytes hash
+  (BLAKE3) to ``<hash>``: plain, or a delta against a base chunk (see ``chunks``).
+  Every read re-checks that, the base's hash included; a chunk that fails is
+  reported as corrupt, never returned.  A delta's base is never deleted while the
+  delta is kept (gc keeps bases of what it keeps; a writer claims a base before it
+  writes a delta against it).
 - A manifest is listed (``snapshots/<id>.manifest`` exists) only after every chunk
   it names is durable.  Nothing inside the store is an absolute path, so the folder
   can be copied anywhere (its ``key`` goes with it).
@@ -90,6 +93,13 @@ STORE_FORMAT = b"torpor-store 1\n"
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
 IO_THREADS = 16
+# A new version of a chunk is stored as a delta against the previous version's plain
+# anchor only when the delta is at most 1/DELTA_RATIO of the plain frame; otherwise
+# it is stored plain and becomes the anchor for the versions after it.
+DELTA_RATIO = 2
+# Deltas are written one link deep; two writers racing on the same new chunk can make
+# a base a delta itself, so reads follow up to this many links instead of failing.
+MAX_DELTA_DEPTH = 4
 
 _HASH_RE = re.compile(rb"[0-9a-f]{64}")
 
@@ -289,10 +299,35 @@ class ChunkStore:
 
     # -- chunk I/O -----------------------------------------------------------
 
-    def _write_chunk(self, h: str, data: memoryview | bytes) -> tuple[int, float]:
-        """Compress and store chunk ``h``; returns (compressed size, seconds compressing)."""
+    def _anchor(self, prev: str) -> tuple[str, bytes] | None:
+        """The plain chunk a new version of chunk ``prev`` can be a delta against:
+        ``prev`` itself, or the base ``prev`` is a delta of.  It is claimed (see
+        module doc): the new chunk will rely on it.  None if it cannot be had."""
+        try:
+            with open(self.chunk_path(prev), "rb") as f:
+                head = f.read(ck.DELTA_HEADER_LEN)
+            base = ck.delta_base(head) or prev
+        except (OSError, StoreError):
+            return None
+        if self._claim([base]):
+            return None  # gone (gc): write the new version whole
+        got = self._read_chunk(base, None)
+        return (base, got) if isinstance(got, bytes) else None
+
+    def _write_chunk(
+        self, h: str, data: memoryview | bytes, prev: str | None = None
+    ) -> tuple[int, float]:
+        """Compress and store chunk ``h``; returns (compressed size, seconds compressing).
+
+        ``prev`` is the chunk at the same place in the parent: if a delta against its
+        anchor is at most half the plain frame, the delta is stored."""
+        anchor = self._anchor(prev) if prev is not None else None
         t0 = time.perf_counter()
         frame = ck.compress_chunk(data, self.level)
+        if anchor is not None:
+            delta = ck.compress_delta(data, anchor[0], anchor[1], self.level)
+            if len(delta) * DELTA_RATIO <= len(frame):
+                frame = delta
         dt = time.perf_counter() - t0
         dest = self.chunk_path(h)
         fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
@@ -314,20 +349,40 @@ class ChunkStore:
             raise
         return len(frame), dt
 
-    def _read_chunk(self, h: str, length: int | None) -> bytes | str:
-        """The verified bytes of chunk ``h``, or ``"missing"`` / ``"corrupt"``."""
+    def _read_chunk(self, h: str, length: int | None, *, depth: int = 0) -> bytes | str:
+        """The verified bytes of chunk ``h``, or ``"missing"`` / ``"corrupt"``.
+
+        A delta is read through its base (checked too): if the base is missing or
+        damaged, so is the delta's data."""
         try:
             with open(self.chunk_path(h), "rb") as f:
                 frame = f.read()
         except FileNotFoundError:
             return "missing"
         try:
-            data = ck.decompress_chunk(frame, length)
+            base_hash = ck.delta_base(frame)
+            base = None
+            if base_hash is not None:
+                if depth >= MAX_DELTA_DEPTH or base_hash == h:
+                    return "corrupt"
+                got = self._read_chunk(base_hash, None, depth=depth + 1)
+                if not isinstance(got, bytes):
+                    return got
+                base = got
+            data = ck.decompress_chunk(frame, length, base)
         except StoreError:
             return "corrupt"
         if ck.hash_bytes(data) != h:
             return "corrupt"
         return data
+
+    def _base_of(self, h: str) -> str | None:
+        """The base chunk ``h`` is a delta of (None: plain, unreadable or gone)."""
+        try:
+            with open(self.chunk_path(h), "rb") as f:
+                return ck.delta_base(f.read(ck.DELTA_HEADER_LEN))
+        except (OSError, StoreError):
+            return None
 
     def _claim(self, hashes: Iterable[str]) -> set[str]:
         """Touch existing chunks under the shared gc lock; return the ones that are absent.
@@ -513,7 +568,13 @@ class ChunkStore:
         if to_write:
             pool = self._io_executor()
             hs = list(to_write)
-            for size, dt in pool.map(self._write_chunk, hs, [to_write[h] for h in hs]):
+            prev: dict[str, str | None] = {}  # the parent's chunk at the same place
+            if parent is not None:
+                for c, h in hashed:
+                    if h in absent and h not in prev and c.index < len(parent.chunks):
+                        prev[h] = parent.chunks[c.index]  # (a repaired chunk stays plain)
+            prevs = [prev.get(h) for h in hs]
+            for size, dt in pool.map(self._write_chunk, hs, [to_write[h] for h in hs], prevs):
                 st["stored"] += size
                 st["t_comp"] += dt
         new = set(to_write)
@@ -780,20 +841,24 @@ class ChunkStore:
                 bad_manifests.append((f"{i}.manifest", str(e)))
         files, stray = self._stored_chunks()
 
-        def check(p: Path) -> tuple[str, int, bool]:
+        def check(p: Path) -> tuple[str, int, bool, str | None]:
             got = self._read_chunk(p.name, None)
-            return p.name, len(got) if isinstance(got, bytes) else 0, isinstance(got, bytes)
+            ok = isinstance(got, bytes)
+            return p.name, len(got) if ok else 0, ok, self._base_of(p.name)
 
         corrupt: list[str] = []
         nbytes = 0
         present: set[str] = set()
-        for h, n, ok in self._executor().map(check, files):
+        bases: set[str] = set()
+        for h, n, ok, base in self._executor().map(check, files):
             present.add(h)
             nbytes += n
             if not ok:
                 corrupt.append(h)
+            if base is not None:
+                bases.add(base)
         corrupt_set = set(corrupt)
-        missing: set[str] = set()
+        missing: set[str] = bases - present  # a delta's base is needed like any chunk
         affected: dict[str, tuple[str, ...]] = {}
         for m in manifests:
             need = m.chunks
@@ -845,9 +910,11 @@ class ChunkStore:
                         referenced |= {t.decode() for t in _HASH_RE.findall(p.read_bytes())}
             deleted = freed = kept = young = 0
             files, _ = self._stored_chunks()
+            doomed: list[tuple[Path, int]] = []
+            keep: list[str] = []
             for p in files:
                 if p.name in referenced:
-                    kept += 1
+                    keep.append(p.name)
                     continue
                 try:
                     s = p.stat()
@@ -855,12 +922,27 @@ class ChunkStore:
                     continue
                 if s.st_mtime_ns >= cutoff:
                     young += 1
+                    keep.append(p.name)
+                    continue
+                doomed.append((p, s.st_size))
+            # a kept delta keeps its base (and, after a writers' race, the base's base)
+            needed: set[str] = set()
+            todo = keep
+            for _ in range(MAX_DELTA_DEPTH):
+                found = {b for b in self._executor().map(self._base_of, todo) if b is not None}
+                todo = sorted(found - needed)
+                needed |= found
+                if not todo:
+                    break
+            kept = len(keep)
+            for p, size in doomed:
+                if p.name in needed:
                     kept += 1
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     deleted += 1
-                    freed += s.st_size
+                    freed += size
             temps = 0
             for d in (self.tmp_dir, self.snapshots_dir, self.root):
                 for p in d.iterdir():
