@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.store.conftest import KiB, stray_temps
 from torpor.errors import ConflictError, NotFoundError, TorporError
@@ -21,7 +22,7 @@ from torpor.store import (
     StoreError,
 )
 from torpor.store import manifest as manifest_mod
-from torpor.store.manifest import MAGIC, encode_manifest
+from torpor.store.manifest import MAC_PREFIX, MAGIC, MAGIC_V1, encode_manifest, mac
 
 CS = 64 * KiB
 
@@ -33,18 +34,25 @@ def _snap(store: ChunkStore, tmp_path: Path, n: int = 6, seed: int = 1, parent=N
     return store.commit({"memory": art}, parent=parent), src
 
 
+def _swap_body(path: Path, old: bytes, new: bytes) -> None:
+    """Edit a manifest's body, keeping its (now wrong) MAC line: what an attacker can do."""
+    head, mac_line, z = path.read_bytes().split(b"\n", 2)
+    body = zstandard.ZstdDecompressor().decompress(z)
+    assert old in body
+    z = zstandard.ZstdCompressor().compress(body.replace(old, new))
+    path.write_bytes(head + b"\n" + mac_line + b"\n" + z)
+
+
 def test_tampered_manifest_fails_auth_before_parsing(store, tmp_path, monkeypatch):
     m, _ = _snap(store, tmp_path)
     path = store.snapshots_dir / f"{m.id}.manifest"
-    data = bytearray(path.read_bytes())
-    i = data.index(b'"kind"')
-    data[i + 2] ^= 0x01  # flip one bit in the body
-    path.write_bytes(bytes(data))
+    _swap_body(path, b'"kind"', b'"kinc"')
 
     def no_parse(*a, **k):
-        raise AssertionError("json parsed before the MAC was checked")
+        raise AssertionError("json parsed (or zstd run) before the MAC was checked")
 
     monkeypatch.setattr(manifest_mod.json, "loads", no_parse)
+    monkeypatch.setattr(manifest_mod, "_body", no_parse)
     with pytest.raises(ManifestAuthError) as ei:
         store.get(m.id)
     assert str(path) in str(ei.value)
@@ -164,9 +172,41 @@ def test_verify_finds_missing_and_corrupt_and_affected_snapshots(store, tmp_path
 def test_verify_reports_bad_manifest(store, tmp_path):
     m, _ = _snap(store, tmp_path)
     p = store.snapshots_dir / f"{m.id}.manifest"
-    p.write_bytes(p.read_bytes().replace(b'"vm-snapshot"', b'"vm-snapshoX"'))
+    _swap_body(p, b'"vm-snapshot"', b'"vm-snapshoX"')
     r = store.verify()
     assert not r.ok and r.bad_manifests[0][0] == p.name and "MAC" in r.bad_manifests[0][1]
+
+
+def test_format_1_manifests_still_load(store, tmp_path):
+    m, src = _snap(store, tmp_path)
+    body = m.body()
+    p = store.snapshots_dir / f"{m.id}.manifest"
+    p.write_bytes(MAGIC_V1 + MAC_PREFIX + mac(store._key, body).encode() + b"\n" + body + b"\n")
+    assert store.get(m.id) == m
+    assert store.verify().ok
+    out = tmp_path / "out"
+    store.materialize(store.get(m.id).artifacts["memory"], out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_gc_keeps_what_a_damaged_manifest_names(store, tmp_path):
+    m, _ = _snap(store, tmp_path)
+    other, _ = _snap(store, tmp_path, seed=2)
+    store.remove(other.id)
+    p = store.snapshots_dir / f"{m.id}.manifest"
+    _swap_body(p, b'"vm-snapshot"', b'"vm-snapshoX"')  # fails auth, body still readable
+    r = store.gc(grace_seconds=0)
+    assert r.manifests_unreadable == (p.name,)
+    assert r.chunks_deleted == len(other.chunks)  # only the removed snapshot's chunks
+    assert all(store.chunk_path(h).exists() for h in m.chunks)
+    # a body that does not even decompress names nothing knowable: gc deletes nothing
+    third, _ = _snap(store, tmp_path, seed=3)
+    store.remove(third.id)
+    head, mac_line, z = p.read_bytes().split(b"\n", 2)
+    p.write_bytes(head + b"\n" + mac_line + b"\n" + b"\x28\xb5\x2f\xfd" + z[4:20])
+    r = store.gc(grace_seconds=0)
+    assert r.chunks_deleted == 0 and r.manifests_unreadable == (p.name,)
+    assert all(store.chunk_path(h).exists() for h in m.chunks | third.chunks)
 
 
 def test_get_prefix_missing_ambiguous(store, tmp_path):

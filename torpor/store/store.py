@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import tempfile
 import threading
@@ -87,6 +86,7 @@ from torpor.store.manifest import (
     build_manifest,
     decode_manifest,
     encode_manifest,
+    salvage_hashes,
 )
 
 STORE_FORMAT = b"torpor-store 1\n"
@@ -101,7 +101,6 @@ DELTA_RATIO = 2
 # a base a delta itself, so reads follow up to this many links instead of failing.
 MAX_DELTA_DEPTH = 4
 
-_HASH_RE = re.compile(rb"[0-9a-f]{64}")
 
 Progress = Callable[[int, int], None]
 
@@ -900,14 +899,21 @@ class ChunkStore:
                     stale += 1
             referenced: set[str] = set()
             unreadable: list[str] = []
+            blind = False
             for i in self._manifest_ids():
                 p = self._manifest_path(i)
                 try:
                     referenced |= self.load(p).chunks
                 except StoreError:
                     unreadable.append(p.name)
-                    with contextlib.suppress(OSError):
-                        referenced |= {t.decode() for t in _HASH_RE.findall(p.read_bytes())}
+                    try:
+                        salvaged = salvage_hashes(p.read_bytes())
+                    except OSError:
+                        salvaged = None
+                    if salvaged is None:
+                        blind = True  # what it names is unknowable: delete no chunk
+                    else:
+                        referenced |= salvaged
             deleted = freed = kept = young = 0
             files, _ = self._stored_chunks()
             doomed: list[tuple[Path, int]] = []
@@ -936,7 +942,7 @@ class ChunkStore:
                     break
             kept = len(keep)
             for p, size in doomed:
-                if p.name in needed:
+                if blind or p.name in needed:
                     kept += 1
                     continue
                 with contextlib.suppress(FileNotFoundError):
