@@ -201,5 +201,3 @@ def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
             c.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-
-

@@ -152,7 +152,8 @@ def test_cli_quick_writes_json_and_plots(tmp_path: Path, monkeypatch: pytest.Mon
 
     later = {
         "systems": {"openai-agents": {"family": "context", "notes": "", "status": "ok"}},
-        "points": [dict(p, turns=5) for p in data["points"] if p["system"] == "plain"],
+        "points": [dict(p, turns=5) for p in data["points"] if p["system"] == "plain"]
+        + [dict(p, seed=99) for p in data["points"] if p["system"] == "dbos-sqlite"],
     }
     (tmp_path / "later.json").write_text(json.dumps(later))
     merged_dir = tmp_path / "merged"
@@ -162,7 +163,8 @@ def test_cli_quick_writes_json_and_plots(tmp_path: Path, monkeypatch: pytest.Mon
     )
     assert res.exit_code == 0, res.output
     merged = json.loads((merged_dir / "results.json").read_text())
-    assert len(merged["points"]) == len(data["points"]) + 1
+    assert len(merged["points"]) == len(data["points"]) + 1  # dbos-sqlite's point replaced
+    assert next(p for p in merged["points"] if p["system"] == "dbos-sqlite")["seed"] == 99
     assert merged["systems"]["openai-agents"]["status"] == "ok"  # the sweep that ran it wins
     assert len(merged["sweeps"]) == 2
     table = (merged_dir / "tables.md").read_text()

@@ -605,9 +605,7 @@ class Session:
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
         self._restore_vm(ck, reason="recover")
-        partial = [
-            e.seq for e in effective(self.log(after=ck.seq)) if e.kind in TURN_WORK
-        ]
+        partial = [e.seq for e in effective(self.log(after=ck.seq)) if e.kind in TURN_WORK]
         if partial:
             self._append(
                 Kind.SUPERSEDE,

@@ -19,7 +19,8 @@ from torpor.bench.thesis.plots import series_label
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several sweeps (e.g. one per group of systems, run one after another) as one
     result: their points in order, each system's status from the sweep that ran it,
-    crossings recomputed over everything."""
+    crossings recomputed over everything.  A point measured again (same system, N,
+    M, T, style and K) in a later sweep replaces the earlier one."""
     if not results:
         raise ValueError("nothing to merge")
     out: dict[str, Any] = {
@@ -38,6 +39,11 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         out["sweeps"].append(
             {k: r.get(k) for k in ("mode", "plan", "started", "seconds", "machine")}
         )
+    latest: dict[tuple, dict[str, Any]] = {}
+    for p in out["points"]:
+        key = tuple(p.get(k) for k in ("system", "turns", "model_bytes", "tool_bytes"))
+        latest[(*key, p.get("style"), p.get("every"))] = p
+    out["points"] = list(latest.values())
     out["crossings"] = crossings(out)
     out["crossings_replay"] = crossings(out, "recovery_replay_ms")
     return out
