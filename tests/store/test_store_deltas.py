@@ -32,6 +32,18 @@ def _generation(store: ChunkStore, work: Path, parent, rng: random.Random, n: in
     return store.commit({"m": art}, parent=parent.id if parent else None), stats
 
 
+def _two_generations(store: ChunkStore, tmp_path: Path, rng: random.Random):
+    """A file, a snapshot of it, a small change, a snapshot on the first: chunk 1 of
+    the second is a delta of chunk 1 of the first (its anchor)."""
+    work = tmp_path / "ram"
+    work.write_bytes(rng.randbytes(2 * CS))
+    first, _ = _generation(store, work, None, rng)
+    second, _ = _generation(store, work, first, rng)
+    anchor, delta = first.artifacts["m"].chunks[1], second.artifacts["m"].chunks[1]
+    assert _base(store, delta) == anchor
+    return work, first, second, anchor, delta
+
+
 def test_small_changes_are_stored_as_one_link_deltas(store: ChunkStore, tmp_path: Path):
     rng = random.Random(7)
     work = tmp_path / "ram"
@@ -74,13 +86,7 @@ def test_a_rewritten_chunk_is_stored_plain_and_becomes_the_anchor(
 
 
 def test_gc_keeps_a_kept_deltas_base_and_drops_it_with_the_delta(store: ChunkStore, tmp_path: Path):
-    rng = random.Random(9)
-    work = tmp_path / "ram"
-    work.write_bytes(rng.randbytes(2 * CS))
-    first, _ = _generation(store, work, None, rng)
-    second, _ = _generation(store, work, first, rng)
-    anchor = first.artifacts["m"].chunks[1]
-    assert _base(store, second.artifacts["m"].chunks[1]) == anchor
+    work, first, second, anchor, _ = _two_generations(store, tmp_path, random.Random(9))
     store.remove(first.id, force=True)
     store.gc(grace_seconds=0)
     assert anchor in chunk_files(store)  # no manifest names it, but a kept delta needs it
@@ -96,11 +102,7 @@ def test_a_missing_or_damaged_base_is_reported_and_never_read_as_data(
     store: ChunkStore, tmp_path: Path
 ):
     rng = random.Random(10)
-    work = tmp_path / "ram"
-    work.write_bytes(rng.randbytes(2 * CS))
-    first, _ = _generation(store, work, None, rng)
-    second, _ = _generation(store, work, first, rng)
-    anchor, delta = first.artifacts["m"].chunks[1], second.artifacts["m"].chunks[1]
+    _, _, second, anchor, delta = _two_generations(store, tmp_path, rng)
     frame = store.chunk_path(anchor).read_bytes()
 
     store.chunk_path(anchor).write_bytes(ck.compress_chunk(rng.randbytes(CS)))  # damaged

@@ -112,6 +112,16 @@ def print_table(result: dict[str, Any]) -> None:
         con.print(c)
 
 
+_out_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/thesis"),
+    show_default=True,
+    help="Folder for the JSON, the plots (and the Markdown tables).",
+)
+
+
 @click.command(name="thesis")
 @click.option("--quick", "mode", flag_value="quick", help="Tiny N, 1 trial: CI smoke.")
 @click.option("--medium", "mode", flag_value="medium", help="N up to 1k, 3 trials.")
@@ -128,13 +138,7 @@ def print_table(result: dict[str, Any]) -> None:
 @click.option("--trials", type=int, default=0, help="Override trials per point.")
 @click.option("--styles", default="delta,full", show_default=True)
 @click.option("--every", default="", help="Override continue-as-new periods, e.g. 0,50.")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/thesis"),
-    show_default=True,
-)
+@_out_option
 @click.option("--timeout", type=float, default=0, help="Override seconds per run.")
 @click.option("--keep", is_flag=True, help="Keep each run's directory (debugging).")
 def thesis(
@@ -224,13 +228,7 @@ def thesis(
 @click.argument(
     "results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/thesis"),
-    show_default=True,
-)
+@_out_option
 def thesis_report(results: tuple[Path, ...], out_dir: Path) -> None:
     """Merge sweeps' thesis.json files into one: JSON, plots, Markdown tables.
 
