@@ -304,20 +304,22 @@ class ChunkStore:
 
     # -- chunk I/O -----------------------------------------------------------
 
-    def _anchor(self, prev: str) -> tuple[str, bytes] | None:
+    def _anchor(self, prev: str) -> tuple[str, bytes, int] | None:
         """The plain chunk a new version of chunk ``prev`` can be a delta against:
-        ``prev`` itself, or the base ``prev`` is a delta of.  It is claimed (see
-        module doc): the new chunk will rely on it.  None if it cannot be had."""
+        ``prev`` itself, or the base ``prev`` is a delta of; as (hash, bytes, size of
+        its frame).  It is claimed (see module doc): the new chunk will rely on it.
+        None if it cannot be had."""
         try:
             with open(self._cpath(prev), "rb") as f:
                 head = f.read(ck.DELTA_HEADER_LEN)
             base = ck.delta_base(head) or prev
+            frame_len = os.stat(self._cpath(base)).st_size
         except (OSError, StoreError):
             return None
         if self._claim([base]):
             return None  # gone (gc): write the new version whole
         got = self._read_chunk(base, None)
-        return (base, got) if isinstance(got, bytes) else None
+        return (base, got, frame_len) if isinstance(got, bytes) else None
 
     def _write_chunk(
         self, h: str, data: memoryview | bytes, prev: str | None = None
@@ -325,14 +327,18 @@ class ChunkStore:
         """Compress and store chunk ``h``; returns (compressed size, seconds compressing).
 
         ``prev`` is the chunk at the same place in the parent: if a delta against its
-        anchor is at most half the plain frame, the delta is stored."""
+        anchor is at most half the anchor's plain frame (the new version's own plain
+        size, unknown without a second compression, is about the same), the delta is
+        stored."""
         anchor = self._anchor(prev) if prev is not None else None
         t0 = time.perf_counter()
-        frame = ck.compress_chunk(data, self.level)
+        frame = b""
         if anchor is not None:
             delta = ck.compress_delta(data, anchor[0], anchor[1], self.level)
-            if len(delta) * DELTA_RATIO <= len(frame):
+            if len(delta) * DELTA_RATIO <= anchor[2]:
                 frame = delta
+        if not frame:
+            frame = ck.compress_chunk(data, self.level)
         dt = time.perf_counter() - t0
         dest = self.chunk_path(h)
         fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
@@ -679,7 +685,10 @@ class ChunkStore:
         ref = ref.strip().lower()
         if not ref or not all(c in "0123456789abcdef" for c in ref):
             raise UsageError(f"not a snapshot id or id prefix: {ref!r}")
-        hits = [i for i in self._manifest_ids() if i.startswith(ref)]
+        if len(ref) == ck.HASH_HEX_LEN:  # a whole id: no listing (stores hold 1000s)
+            hits = [ref] if self._manifest_path(ref).exists() else []
+        else:
+            hits = [i for i in self._manifest_ids() if i.startswith(ref)]
         if not hits:
             raise NotFoundError(f"no snapshot {ref}", step="get snapshot", path=self.root)
         if len(hits) > 1:
