@@ -63,3 +63,56 @@ def test_superseded_work_leaves_the_conversation() -> None:
     assert msgs[3] == {"role": "tool", "tool_call_id": "c1", "name": "shell", "content": "a\nb"}
     st = derive_state(log)
     assert st.pending is None and st.turns == 1
+
+
+def _session_like_log() -> list[Entry]:
+    """Turns, a crash with its partial work superseded and replayed, a hibernation, a
+    fork's inherited prefix, and one marker that reaches back past a checkpoint."""
+    call = {"id": "c", "name": "shell", "arguments": {"cmd": "ls"}}
+    items: list[tuple[Kind, int, dict[str, Any]]] = [
+        (Kind.VM, 0, {"vm": "v1"}),
+        (Kind.CHECKPOINT, 0, CK),
+    ]
+    for t in range(1, 6):
+        items += [
+            (Kind.USER, t, {"content": f"turn {t}"}),
+            (Kind.MODEL_REQUEST, t, {}),
+            (Kind.MODEL_RESPONSE, t, {"text": "", "tool_calls": [call]}),
+            (Kind.TOOL_CALL, t, call),
+            (Kind.TOOL_RESULT, t, {"id": "c", "name": "shell", "content": f"out {t}"}),
+        ]
+        if t == 3:  # crash: the partial turn is superseded, then replayed
+            n = len(items)
+            items.append((Kind.VM, t, {"vm": "v2", "reason": "recover"}))
+            items.append((Kind.SUPERSEDE, t, {"seqs": [n - 3, n - 2, n - 1, n], "reason": "x"}))
+            items += [
+                (Kind.MODEL_RESPONSE, t, {"text": "again", "tool_calls": []}),
+            ]
+        items += [(Kind.MODEL_RESPONSE, t, {"text": f"done {t}"}), (Kind.CHECKPOINT, t, CK)]
+        if t == 4:
+            items += [(Kind.HIBERNATE, t, {}), (Kind.CHECKPOINT, t, CK), (Kind.RESUME, t, {})]
+    log = _log(*items)
+    # entries 1-4 belong to a parent session (a fork's prefix): its VM is not ours
+    log[:4] = [Entry("p", e.seq, e.kind, e.payload, None, e.created_at, e.turn) for e in log[:4]]
+    # a marker that reaches back into settled history (no session writes one)
+    log.append(Entry("s", len(log) + 1, Kind.SUPERSEDE, {"seqs": [5], "reason": "y"}, None, 0, 6))
+    return log
+
+
+def test_log_view_equals_folding_from_scratch_at_every_length() -> None:
+    from torpor.session.core import LogView
+
+    log = _session_like_log()
+    for owner in ("s", None):
+        view = LogView(owner)
+        for n in range(len(log) + 1):
+            prefix = log[:n]
+            assert view.state(prefix) == derive_state(prefix, owner=owner), n
+            assert view.messages(prefix, "sys") == messages_from(prefix, "sys"), n
+            if n == len(log) - 1:
+                assert view._n > len(log) // 2  # it did settle most of the log
+    # a different log than the one settled (not a continuation) is folded anew
+    view = LogView("s")
+    view.state(log[:20])
+    other = [Entry("s", e.seq + 100, e.kind, e.payload, None, 0, e.turn) for e in log]
+    assert view.state(other) == derive_state(other, owner="s")

@@ -30,11 +30,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torpor.context import ContextLog, Entry, Kind, SessionRecord, effective, open_log
+from torpor.context import (
+    ContextLog,
+    Entry,
+    Kind,
+    SessionRecord,
+    effective,
+    open_log,
+    superseded,
+)
 from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
 from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
@@ -108,68 +116,144 @@ class SessionState:
         return self.checkpoints[-1] if self.checkpoints else None
 
 
+class _Fold:
+    """What a run of effective entries adds to a session's state and conversation.
+
+    :func:`derive_state` and :func:`messages_from` fold a whole log from scratch;
+    :class:`LogView` keeps one fold of the settled part of a growing log and folds only
+    what is new, so a turn's many state and message reads do not grow with the session.
+    """
+
+    def __init__(self) -> None:
+        self.vm_id: str | None = None
+        self.hibernated = False
+        self.checkpoints: list[Checkpoint] = []
+        self.last_user: Entry | None = None
+        self.turns = 0
+        self.msgs: list[dict[str, Any]] = []
+
+    def copy(self) -> _Fold:
+        c = _Fold()
+        c.vm_id, c.hibernated, c.last_user, c.turns = (
+            self.vm_id,
+            self.hibernated,
+            self.last_user,
+            self.turns,
+        )
+        c.checkpoints, c.msgs = list(self.checkpoints), list(self.msgs)
+        return c
+
+    def add(self, eff: Iterable[Entry], owner: str | None) -> None:
+        for e in eff:
+            p = e.payload
+            if e.kind == Kind.VM:
+                if owner is None or e.session_id == owner:
+                    self.vm_id = p.get("vm")
+                self.hibernated = False
+            elif e.kind == Kind.RESUME:
+                self.hibernated = False
+            elif e.kind == Kind.HIBERNATE:
+                self.hibernated = True
+            elif e.kind == Kind.CHECKPOINT:
+                self.checkpoints.append(Checkpoint.from_entry(e))
+            elif e.kind == Kind.USER:
+                self.last_user = e
+                self.turns += 1
+                self.msgs.append({"role": "user", "content": p["content"]})
+            elif e.kind == Kind.MODEL_RESPONSE:
+                m: dict[str, Any] = {"role": "assistant", "content": p.get("text", "")}
+                if p.get("tool_calls"):
+                    m["tool_calls"] = [
+                        {"id": c["id"], "name": c["name"], "arguments": c["arguments"]}
+                        for c in p["tool_calls"]
+                    ]
+                self.msgs.append(m)
+            elif e.kind == Kind.TOOL_RESULT:
+                tool: dict[str, Any] = {
+                    "role": "tool",
+                    "tool_call_id": p["id"],
+                    "name": p["name"],
+                    "content": p["content"],
+                }
+                if p.get("is_error"):
+                    tool["is_error"] = True
+                self.msgs.append(tool)
+
+    def state(self, last_seq: int) -> SessionState:
+        pending = None
+        cks = self.checkpoints
+        if self.last_user is not None and (not cks or cks[-1].seq < self.last_user.seq):
+            pending = self.last_user
+        return SessionState(self.vm_id, tuple(cks), self.hibernated, self.turns, pending, last_seq)
+
+    def messages(self, system: str) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": system}, *self.msgs]
+
+
 def derive_state(entries: Sequence[Entry], owner: str | None = None) -> SessionState:
     """The state ``entries`` describe.  With ``owner``, only that session's own ``vm``
     entries name its VM: a fork's inherited prefix names its parent's VM."""
-    eff = effective(entries)
-    vm_id: str | None = None
-    hibernated = False
-    checkpoints: list[Checkpoint] = []
-    last_user: Entry | None = None
-    turns = 0
-    for e in eff:
-        if e.kind == Kind.VM:
-            if owner is None or e.session_id == owner:
-                vm_id = e.payload.get("vm")
-            hibernated = False
-        elif e.kind == Kind.RESUME:
-            hibernated = False
-        elif e.kind == Kind.HIBERNATE:
-            hibernated = True
-        elif e.kind == Kind.CHECKPOINT:
-            checkpoints.append(Checkpoint.from_entry(e))
-        elif e.kind == Kind.USER:
-            last_user = e
-            turns += 1
-    pending = None
-    if last_user is not None and (not checkpoints or checkpoints[-1].seq < last_user.seq):
-        pending = last_user
-    return SessionState(
-        vm_id,
-        tuple(checkpoints),
-        hibernated,
-        turns,
-        pending,
-        entries[-1].seq if entries else 0,
-    )
+    f = _Fold()
+    f.add(effective(entries), owner)
+    return f.state(entries[-1].seq if entries else 0)
 
 
 def messages_from(entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
     """The provider-neutral conversation the log describes (superseded work left out)."""
-    msgs: list[dict[str, Any]] = [{"role": "system", "content": system}]
-    for e in effective(entries):
-        p = e.payload
-        if e.kind == Kind.USER:
-            msgs.append({"role": "user", "content": p["content"]})
-        elif e.kind == Kind.MODEL_RESPONSE:
-            m: dict[str, Any] = {"role": "assistant", "content": p.get("text", "")}
-            if p.get("tool_calls"):
-                m["tool_calls"] = [
-                    {"id": c["id"], "name": c["name"], "arguments": c["arguments"]}
-                    for c in p["tool_calls"]
-                ]
-            msgs.append(m)
-        elif e.kind == Kind.TOOL_RESULT:
-            tool: dict[str, Any] = {
-                "role": "tool",
-                "tool_call_id": p["id"],
-                "name": p["name"],
-                "content": p["content"],
-            }
-            if p.get("is_error"):
-                tool["is_error"] = True
-            msgs.append(tool)
-    return msgs
+    f = _Fold()
+    f.add(effective(entries), None)
+    return f.messages(system)
+
+
+class LogView:
+    """:func:`derive_state` and :func:`messages_from` of a log that only grows, in
+    O(new entries) per call.
+
+    Entries up to the last checkpoint are *settled*: folded once and kept.  Only
+    ``SUPERSEDE`` markers change what earlier entries mean, and a session supersedes
+    only the work after its last checkpoint; a marker that names a settled entry (or
+    a log that is not the one seen before) makes the view fold everything again, so
+    the answers always equal the from-scratch functions'.  The message dicts are
+    shared between calls: callers must not mutate them.
+    """
+
+    def __init__(self, owner: str | None) -> None:
+        self.owner = owner
+        self._reset()
+
+    def _reset(self) -> None:
+        self._settled = _Fold()
+        self._n = 0  # entries settled
+        self._seq = 0  # seq of the last settled entry
+
+    def _fold(self, entries: Sequence[Entry]) -> _Fold:
+        if len(entries) < self._n or (self._n and entries[self._n - 1].seq != self._seq):
+            self._reset()  # not the log we settled
+        tail = entries[self._n :]
+        gone = superseded(tail)
+        if gone and min(gone) <= self._seq:
+            self._reset()  # a marker rewrote settled history: fold it all again
+            tail = entries
+            gone = superseded(tail)
+        # settle up to the tail's last checkpoint, unless a later marker reaches back
+        cut = max((i for i, e in enumerate(tail) if e.kind is Kind.CHECKPOINT), default=-1)
+        if cut >= 0 and not any(s <= tail[cut].seq for s in superseded(tail[cut + 1 :])):
+            head, tail = tail[: cut + 1], tail[cut + 1 :]
+            self._settled.add(
+                (e for e in head if e.kind is not Kind.SUPERSEDE and e.seq not in gone),
+                self.owner,
+            )
+            self._n += len(head)
+            self._seq = head[-1].seq
+        f = self._settled.copy()
+        f.add(effective(tail), self.owner)
+        return f
+
+    def state(self, entries: Sequence[Entry]) -> SessionState:
+        return self._fold(entries).state(entries[-1].seq if entries else 0)
+
+    def messages(self, entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
+        return self._fold(entries).messages(system)
 
 
 def _answer_of(entries: Sequence[Entry], turn: int) -> str:
@@ -222,6 +306,7 @@ class Session:
         self._model = model
         self._mgr = VMManager(paths)
         self._cache: list[Entry] = []
+        self._view = LogView(owner=record.id)
         self.on_event = on_event
 
     # -- opening ---------------------------------------------------------------------
@@ -340,24 +425,29 @@ class Session:
         The log is append-only and seqs only grow, so what was read once is kept and
         only newer entries are fetched: a turn's many reads cost O(new entries).
         """
+        entries = self._read()
+        if after <= 0:
+            return list(entries)
+        return [e for e in entries if e.seq > after]
+
+    def _read(self) -> list[Entry]:
+        """The cached log, brought up to date (not a copy: do not modify)."""
         upto = self._cache[-1].seq if self._cache else 0
         self._cache.extend(self._log.entries(self.id, after=upto))
-        if after <= 0:
-            return list(self._cache)
-        return [e for e in self._cache if e.seq > after]
+        return self._cache
 
     def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Entry]:
         return self._log.follow(self.id, after=after, stop=stop)
 
     def state(self) -> SessionState:
-        return derive_state(self.log(), owner=self.id)
+        return self._view.state(self._read())
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
         return list(self.state().checkpoints)
 
     def messages(self) -> list[dict[str, Any]]:
-        return messages_from(self.log(), self.record.meta.get("system", DEFAULT_SYSTEM))
+        return self._view.messages(self._read(), self.record.meta.get("system", DEFAULT_SYSTEM))
 
     def vm(self) -> VM | None:
         st = self.state()
@@ -404,8 +494,8 @@ class Session:
         if not isinstance(text, str) or not text.strip():
             raise UsageError("a message must not be empty")
         with self._locked():
-            entries = self.log()
-            st = derive_state(entries, owner=self.id)
+            entries = self._read()
+            st = self._view.state(entries)
             if key is not None:
                 for e in entries:
                     if e.kind == Kind.USER and e.key == key:
