@@ -92,7 +92,7 @@ from torpor.store.manifest import (
 STORE_FORMAT = b"torpor-store 1\n"
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
-IO_THREADS = 16
+IO_THREADS = 4
 # A new version of a chunk is stored as a delta against the previous version's plain
 # anchor only when the delta is at most 1/DELTA_RATIO of the plain frame; otherwise
 # it is stored plain and becomes the anchor for the versions after it.
@@ -247,9 +247,13 @@ class ChunkStore:
         return self._pool
 
     def _io_executor(self) -> ThreadPoolExecutor:
-        """Threads for writes that end in fdatasync/fsync: they mostly wait on the
-        disk, and the filesystem journal batches concurrent syncs into one commit,
-        so many more of them than cores pay off (first snapshot: 580 -> ~300 ms)."""
+        """Threads for writes that end in fdatasync/fsync: they partly wait on the
+        disk, and the filesystem journal batches concurrent syncs into one commit, so
+        more of them than cores pay off (first snapshot: 580 -> ~300 ms with 16, when
+        each chunk was only compressed).  Since chunks became deltas a write is mostly
+        CPU (read and check the anchor, compress against it): on 2 cores 4 threads
+        beat 16 per turn (60-75 vs 82-92 ms for the memory put), and tie on a first
+        snapshot (780-874 vs 878-902 ms)."""
         if self._io_pool is None:
             self._io_pool = _shared_pool(max(self.threads, IO_THREADS), "torpor-store-io")
         return self._io_pool
