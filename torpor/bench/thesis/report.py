@@ -80,6 +80,8 @@ def crossings(result: dict[str, Any], metric: str = "recovery_ms") -> list[dict[
     out = []
     for (label, m, t), xy in sorted(groups.items()):
         f = fit(xy)
+        if f is None:
+            continue  # one N only (e.g. a size point): no curve to cross
         r = torpor.get((m, t))
         row: dict[str, Any] = {
             "series": label,
