@@ -54,12 +54,9 @@ from typing import Any
 
 from torpor.errors import ConflictError, ImageError, NotFoundError, UsageError
 from torpor.fsutil import atomic_write_json, fsync_dir, locked, read_json
-from torpor.image import registry
-from torpor.image.archive import read_archive, rootfs_config
 from torpor.image.blobs import BlobStore, ProgressFn, owner_alive
 from torpor.image.config import ImageConfig
 from torpor.image.ext4 import DEFAULT_DISK_SIZE, LABEL, build_ext4, scan_tree
-from torpor.image.layers import RootfsBuilder
 from torpor.image.manifest import ResolvedImage, parse_config_blob
 from torpor.image.reference import Reference, parse_reference
 from torpor.paths import Paths
@@ -375,6 +372,8 @@ class ImageStore:
                 key = self._ref_key(reference)
                 if key in refs and (self.paths.images / refs[key]).is_dir():
                     return self._load(refs[key], refs)
+        from torpor.image import registry  # httpx (and its CLI's rich, click): ~0.1 s to import
+
         resolved = registry.pull(
             reference,
             self.blobs,
@@ -421,6 +420,8 @@ class ImageStore:
         path = Path(path).absolute()
         with self._staging() as staging:
             staged = BlobStore(staging / "blobs")
+            from torpor.image.archive import read_archive
+
             archive = read_archive(path, staged, select=select, progress=progress)
             names = [select] if select is not None else list(archive.names)
             if archive.resolved is None:
@@ -470,6 +471,9 @@ class ImageStore:
         layer_digests = resolved.layer_digests if resolved else (rootfs_layer or "",)
         diff_ids: tuple[str | None, ...] = resolved.diff_ids if resolved else (None,)
         n = len(layer_digests)
+        from torpor.image.archive import rootfs_config
+        from torpor.image.layers import RootfsBuilder
+
         with RootfsBuilder(rootfs, warn=self._warn) as builder:
             for i, (digest, diff_id) in enumerate(zip(layer_digests, diff_ids, strict=True), 1):
                 label = f"Extracting layer {i}/{n}"
