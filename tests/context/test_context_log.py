@@ -415,3 +415,11 @@ def test_postgres_reconnects_after_the_server_dropped_the_connection(
         # the drop is noticed at BEGIN, before anything of the append was sent: retried
         assert log.append(s.id, Kind.USER, {}, turn=1).seq == 2
         assert log._conn.info.backend_pid != pid  # type: ignore[attr-defined]
+
+
+def test_numbers_json_allows_round_trip(log: ContextLog) -> None:
+    """A model may put any JSON number in tool arguments, beyond 64 bits too."""
+    s = log.create_session()
+    payload = {"n": 2**70, "neg": -(2**65), "f": 0.25, "small": 3, "list": [2**64, 0.1]}
+    e = log.append(s.id, Kind.TOOL_CALL, payload, turn=1)
+    assert log.entries(s.id)[0].payload == payload == e.payload

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from torpor.errors import UsageError
 
 __all__ = [
@@ -185,7 +187,16 @@ def encode_json(obj: dict[str, Any], what: str) -> tuple[str, int]:
 
 
 def decode_json(value: str | dict[str, Any]) -> dict[str, Any]:
-    return json.loads(value) if isinstance(value, str) else value
+    """A stored payload as a dict.  orjson first: reading a 1000-turn session's 11,000
+    entries spent 125 ms in ``json.loads``; orjson takes ~3x less.  It refuses what
+    ``json`` accepts beyond 64-bit integers (a model may put one in tool arguments):
+    then ``json`` decodes it."""
+    if not isinstance(value, str):
+        return value  # PostgreSQL's jsonb arrives decoded
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)
 
 
 def _has_nul(obj: Any) -> bool:
