@@ -31,25 +31,11 @@ FULL = {
 }
 
 
-def _human(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _ms(v: float | None) -> str:
-    return "—" if v is None else (f"{v:.0f}" if v >= 10 else f"{v:.1f}")
-
-
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from torpor.bench.thesis.report import crossings, rows
+    from torpor.bench.thesis.report import crossings, fmt_bytes, fmt_ms, rows
 
     con = Console(width=max(Console().width, 180))
     t = Table(title="torpor bench thesis — recovery after kill -9 at turn N-1")
@@ -78,13 +64,13 @@ def print_table(result: dict[str, Any]) -> None:
         t.add_row(
             r["system"],
             str(r["N"]),
-            f"{_human(r['M'])}/{_human(r['T'])}",
-            f"{_ms(r['recovery_p50'])} / {_ms(r['recovery_p95'])}",
-            _ms(r["detect_p50"]),
-            _ms(r["replay_p50"]),
-            _human(r["bytes_read"]),
-            _human(r["storage"]),
-            _ms(r["turn_ms"]),
+            f"{fmt_bytes(r['M'])}/{fmt_bytes(r['T'])}",
+            f"{fmt_ms(r['recovery_p50'])} / {fmt_ms(r['recovery_p95'])}",
+            fmt_ms(r["detect_p50"]),
+            fmt_ms(r["replay_p50"]),
+            fmt_bytes(r["bytes_read"]),
+            fmt_bytes(r["storage"]),
+            fmt_ms(r["turn_ms"]),
             ok(r["messages_ok"]),
             ok(r["workspace_ok"]),
             "—" if r["twice"] is None else str(r["twice"]),
@@ -101,10 +87,10 @@ def print_table(result: dict[str, Any]) -> None:
             n = x.get("n_star")
             c.add_row(
                 x["series"],
-                f"{_human(x['model_bytes'])}/{_human(x['tool_bytes'])}",
-                _ms(x.get("fixed_ms")),
+                f"{fmt_bytes(x['model_bytes'])}/{fmt_bytes(x['tool_bytes'])}",
+                fmt_ms(x.get("fixed_ms")),
                 f"{x['per_turn_ms']:.4f}" if "per_turn_ms" in x else "—",
-                _ms(x.get("torpor_ms")),
+                fmt_ms(x.get("torpor_ms")),
                 "—"
                 if n is None
                 else ("never (torpor faster at every N)" if n < 0 else f"{n:,.0f}"),

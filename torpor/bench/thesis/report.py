@@ -138,7 +138,7 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "—"
     for unit in ("B", "KB", "MB", "GB"):
@@ -148,7 +148,7 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
-def _fmt_ms(v: float | None) -> str:
+def fmt_ms(v: float | None) -> str:
     return "—" if v is None else (f"{v:,.0f}" if v >= 10 else f"{v:.1f}")
 
 
@@ -166,12 +166,12 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         proc = "—" if r["process_kept"] is None else ("kept" if r["process_kept"] else "lost")
         lines.append(
-            f"| {r['system']} | {r['N']} | {_fmt_bytes(r['M'])}/{_fmt_bytes(r['T'])} | "
-            f"{r['trials']} | {_fmt_ms(r['recovery_p50'])} / "
-            f"{_fmt_ms(r['recovery_p95'])} | {_fmt_ms(r['detect_p50'])} | "
-            f"{_fmt_ms(r['replay_p50'])} | {_fmt_bytes(r['bytes_read'])} | "
-            f"{_fmt_bytes(r['storage'])} | {_fmt_ms(r['turn_ms'])} | "
-            f"{_fmt_ms(r['turn_wall_ms'])} ({_fmt_ms(r['turn_wall_last_ms'])}) | "
+            f"| {r['system']} | {r['N']} | {fmt_bytes(r['M'])}/{fmt_bytes(r['T'])} | "
+            f"{r['trials']} | {fmt_ms(r['recovery_p50'])} / "
+            f"{fmt_ms(r['recovery_p95'])} | {fmt_ms(r['detect_p50'])} | "
+            f"{fmt_ms(r['replay_p50'])} | {fmt_bytes(r['bytes_read'])} | "
+            f"{fmt_bytes(r['storage'])} | {fmt_ms(r['turn_ms'])} | "
+            f"{fmt_ms(r['turn_wall_ms'])} ({fmt_ms(r['turn_wall_last_ms'])}) | "
             f"{yes(r['messages_ok'])} | "
             f"{yes(r['workspace_ok'])} | {'—' if r['twice'] is None else r['twice']} | "
             f"{proc} | {(r['status'] or '')[:160]} |"
@@ -194,9 +194,9 @@ def markdown(result: dict[str, Any]) -> str:
             n = x.get("n_star")
             ns = "—" if n is None else ("< 0: torpor faster at every N" if n < 0 else f"{n:,.0f}")
             per = f"{x['per_turn_ms']:.3f}" if "per_turn_ms" in x else "—"
-            size = f"{_fmt_bytes(x['model_bytes'])}/{_fmt_bytes(x['tool_bytes'])}"
+            size = f"{fmt_bytes(x['model_bytes'])}/{fmt_bytes(x['tool_bytes'])}"
             lines.append(
-                f"| {x['series']} | {size} | {_fmt_ms(x.get('fixed_ms'))} | {per} | "
-                f"{_fmt_ms(x.get('torpor_ms'))} | {ns} |"
+                f"| {x['series']} | {size} | {fmt_ms(x.get('fixed_ms'))} | {per} | "
+                f"{fmt_ms(x.get('torpor_ms'))} | {ns} |"
             )
     return "\n".join(lines) + "\n"
