@@ -125,6 +125,25 @@ def chain(h: str, role: str, content: str) -> str:
     return hashlib.sha256(f"{h}{role}\0{content}".encode()).hexdigest()
 
 
+def record_user(h: str, msgs: list[list[str]] | None, text: str) -> str:
+    """A replay engine's conversation after the user's message: the new hash, and the
+    message appended to ``msgs`` (the ``full`` style; None in the ``delta`` style)."""
+    if msgs is not None:
+        msgs.append(["user", text])
+    return chain(h, "user", text)
+
+
+def record_step(h: str, msgs: list[list[str]] | None, answer: str, outs: list[str]) -> str:
+    """The same after the model's answer and the tool results of its step."""
+    h = chain(h, "assistant", answer)
+    for o in outs:
+        h = chain(h, "tool", o)
+    if msgs is not None:
+        msgs.append(["assistant", answer])
+        msgs.extend(["tool", o] for o in outs)
+    return h
+
+
 def hash_messages(messages: list[tuple[str, str]] | list[list[str]]) -> str:
     h = EMPTY_HASH
     for role, content in messages:

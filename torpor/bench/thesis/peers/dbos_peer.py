@@ -16,7 +16,7 @@ import logging
 from torpor.bench.thesis import pg
 from torpor.bench.thesis.env import HostEnv, io_read_bytes
 from torpor.bench.thesis.peers.base import DatabasePeer, RunSpec
-from torpor.bench.thesis.workload import EMPTY_HASH, chain
+from torpor.bench.thesis.workload import EMPTY_HASH, record_step, record_user
 
 
 class DBOSPeer(DatabasePeer):
@@ -62,22 +62,14 @@ class DBOSPeer(DatabasePeer):
         def session(turns: int, full: bool) -> str:
             env.rec.once("enter", rchar=io_read_bytes())
             h = EMPTY_HASH
-            msgs: list[list[str]] = []
+            msgs: list[list[str]] | None = [] if full else None
             for t in range(turns):
                 env.turn_started(t)
-                u = w.user_text(t)
-                h = chain(h, "user", u)
-                if full:
-                    msgs.append(["user", u])
-                a = model_step(t, msgs if full else None)
-                h = chain(h, "assistant", a)
+                h = record_user(h, msgs, w.user_text(t))
+                a = model_step(t, msgs)
                 outs = [write_step(t, i) for i in range(w.tools)]
                 outs.append(tick_step(t))
-                for o in outs:
-                    h = chain(h, "tool", o)
-                if full:
-                    msgs.append(["assistant", a])
-                    msgs.extend(["tool", o] for o in outs)
+                h = record_step(h, msgs, a, outs)
                 env.turn_done(t)
             return h
 

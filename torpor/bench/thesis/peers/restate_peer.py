@@ -32,7 +32,7 @@ from typing import Any
 
 from torpor.bench.thesis.env import HostEnv, io_read_bytes, stop_process
 from torpor.bench.thesis.peers.base import RunSpec, System
-from torpor.bench.thesis.workload import EMPTY_HASH, chain
+from torpor.bench.thesis.workload import EMPTY_HASH, record_step, record_user
 
 try:  # at module level: the SDK resolves the handler's annotations here
     import restate
@@ -158,28 +158,17 @@ class RestatePeer(System):
             if env.recovering:
                 env.rec.once("enter", rchar=io_read_bytes())
             h = EMPTY_HASH
-            msgs: list[list[str]] = []
-            full = a["full"]
+            msgs: list[list[str]] | None = [] if a["full"] else None
             for t in range(a["turns"]):
                 env.turn_started(t)
-                u = w.user_text(t)
-                h = chain(h, "user", u)
-                if full:
-                    msgs.append(["user", u])
-                text = await ctx.run(
-                    "model", model_step, args=(t, msgs if full else None), type_hint=str
-                )
-                h = chain(h, "assistant", text)
+                h = record_user(h, msgs, w.user_text(t))
+                text = await ctx.run("model", model_step, args=(t, msgs), type_hint=str)
                 outs = [
                     await ctx.run("write", write_step, args=(t, i), type_hint=str)
                     for i in range(w.tools)
                 ]
                 outs.append(await ctx.run("tick", tick_step, args=(t,), type_hint=str))
-                for o in outs:
-                    h = chain(h, "tool", o)
-                if full:
-                    msgs.append(["assistant", text])
-                    msgs.extend(["tool", o] for o in outs)
+                h = record_step(h, msgs, text, outs)
                 env.turn_done(t)
             return h
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from torpor.bench.thesis.env import HostEnv, stop_process
 from torpor.bench.thesis.peers.base import RunSpec, System
-from torpor.bench.thesis.workload import EMPTY_HASH, chain
+from torpor.bench.thesis.workload import EMPTY_HASH, record_step, record_user
 
 ACTIVITY_TIMEOUT = timedelta(seconds=5)
 STICKY_TIMEOUT = timedelta(seconds=2)
@@ -319,32 +319,22 @@ if _workflow is not None:
         @_workflow.run
         async def run(self, a: dict) -> str:
             workflow, opts = _workflow, _OPTS
-            h, msgs, full = a["hash"], a["msgs"], a["full"]
+            h, msgs = a["hash"], a["msgs"] if a["full"] else None
             for t in range(a["start"], a["turns"]):
                 _markers()
-                u = f"turn {t}: continue the task"
-                h = chain(h, "user", u)
-                if full:
-                    msgs.append(["user", u])
-                text = await workflow.execute_activity(
-                    "model", args=[t, msgs if full else None], **opts
-                )
+                h = record_user(h, msgs, f"turn {t}: continue the task")
+                text = await workflow.execute_activity("model", args=[t, msgs], **opts)
                 _markers()
-                h = chain(h, "assistant", text)
                 outs = []
                 for i in range(a["tools"]):
                     outs.append(await workflow.execute_activity("write", args=[t, i], **opts))
                     _markers()
                 outs.append(await workflow.execute_activity("tick", args=[t], **opts))
                 _markers()
-                for o in outs:
-                    h = chain(h, "tool", o)
-                if full:
-                    msgs.append(["assistant", text])
-                    msgs.extend(["tool", o] for o in outs)
+                h = record_step(h, msgs, text, outs)
                 if _ENV is not None and not workflow.unsafe.is_replaying():
                     _ENV.turn_done(t)
                 every = a["every"]
                 if every and (t + 1) % every == 0 and t + 1 < a["turns"]:
-                    workflow.continue_as_new({**a, "start": t + 1, "hash": h, "msgs": msgs})
+                    workflow.continue_as_new({**a, "start": t + 1, "hash": h, "msgs": msgs or []})
             return h
