@@ -313,12 +313,10 @@ class ChunkStore:
         ``prev`` itself, or the base ``prev`` is a delta of; as (hash, bytes, size of
         its frame).  It is claimed (see module doc): the new chunk will rely on it.
         None if it cannot be had."""
+        base = self._base_of(prev) or prev
         try:
-            with open(self._cpath(prev), "rb") as f:
-                head = f.read(ck.DELTA_HEADER_LEN)
-            base = ck.delta_base(head) or prev
             frame_len = os.stat(self._cpath(base)).st_size
-        except (OSError, StoreError):
+        except OSError:
             return None
         if self._claim([base]):
             return None  # gone (gc): write the new version whole
