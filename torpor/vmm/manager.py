@@ -375,6 +375,10 @@ class VMManager:
             vm = self.get(vm.id)
             if vm.state.status.active:
                 raise ConflictError(f"VM {vm.name} is already {vm.state.status}")
+            # a hibernation marker is only for the run that writes it; one left over
+            # (a racing end_hibernated) must not make this run's stop a hibernation
+            with contextlib.suppress(FileNotFoundError):
+                (vm.dir / "hibernate").unlink()
             if vm.state.status == Status.HIBERNATED:
                 from torpor.snapshot.core import prepare_resume
 
@@ -478,8 +482,12 @@ class VMManager:
     def end_hibernated(self, ref: str) -> VM:
         """End a VM whose snapshot was just taken: QEMU only, the shim records it."""
         vm = self.get(ref)
-        (vm.dir / "hibernate").write_text("")
         st = vm.state
+        if vm.state.status == Status.HIBERNATED or not alive(st.shim_pid, st.shim_start):
+            # the shim already recorded the end (CAPTURE_END): a marker written now
+            # would outlive it and turn the next, ordinary stop into a "hibernation"
+            return vm
+        (vm.dir / "hibernate").write_text("")
         if alive(st.qemu_pid, st.qemu_start):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(st.qemu_pid, signal.SIGKILL)

@@ -1,0 +1,30 @@
+"""A VM woken from hibernation is an ordinary VM again: stopping it keeps its disk."""
+
+from __future__ import annotations
+
+import pytest
+
+from torpor.snapshot import snapshot
+
+pytestmark = pytest.mark.vm
+
+
+def test_stop_after_wake_keeps_the_work(vms, tools_image) -> None:
+    mgr = vms.mgr
+    vm = vms.run(tools_image, "sleep", "infinity", name="waker")
+    with mgr.client(vm) as c:
+        c.exec(["sh", "-c", "echo one > /root/a; sync"])
+    snapshot(mgr, vm.id, stop=True)
+    assert mgr.get(vm.id).state.status == "hibernated"
+    vm = mgr.start(vm.id)  # wakes: restores the hibernation snapshot in place
+    with mgr.client(vm) as c:
+        r = c.exec(["sh", "-c", "echo two > /root/b; sync"])
+        assert r.status.code == 0, r.stderr
+    vm = mgr.stop(vm.id, timeout=5)
+    # a stop is a stop: no stale hibernation marker may turn it into one
+    assert vm.state.status == "exited", vm.state.status
+    assert not (vm.dir / "hibernate").exists()
+    vm = mgr.start(vm.id)  # a cold boot from the same disk
+    with mgr.client(vm) as c:
+        r = c.exec(["cat", "/root/a", "/root/b"])
+    assert r.stdout == b"one\ntwo\n", r.stderr
