@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from torpor import __version__
+from torpor.cli.term import markup_safe, printable
 from torpor.errors import TorporError, UsageError
 from torpor.paths import Paths
 
@@ -48,12 +49,25 @@ def _paths() -> Paths:
 def _manager():  # imported lazily: `torpor --help` must not need QEMU or the image store
     from torpor.vmm.manager import VMManager
 
-    return VMManager(_paths())
+    try:
+        return VMManager(_paths())
+    except OSError as e:  # a read-only or foreign home: name it, no traceback
+        raise _os_error(e, "open torpor home") from e
 
 
 def _fail(e: TorporError, code: int | None = None) -> NoReturn:
-    err_console.print(f"[red]torpor:[/red] {e}", markup=True, highlight=False)
+    # the message may quote a name, a ref or guest output: no raw control characters,
+    # no rich markup taken from it
+    err_console.print(f"[red]torpor:[/red] {markup_safe(e)}", markup=True, highlight=False)
     sys.exit(code if code is not None else e.exit_code)
+
+
+def _os_error(e: OSError, what: str) -> TorporError:
+    """An OSError while writing torpor's own files, as a typed error naming the path."""
+    from torpor.errors import SetupError
+
+    where = e.filename if e.filename is not None else _paths().root
+    return SetupError(f"{e.strerror or e}: {where}", step=what, path=where)
 
 
 def ago(t: Any) -> str:
@@ -235,8 +249,8 @@ def images(quiet: bool) -> None:
         for rt in im.repo_tags or ["<none>:<none>"]:
             repo, _, tag = rt.rpartition(":")
             t.add_row(
-                repo,
-                tag,
+                markup_safe(repo),
+                markup_safe(tag),
                 im.id[:12],
                 ago(im.created) + " ago" if im.created else "",
                 human_size(im.size),
@@ -417,6 +431,8 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
         _announce_accel(vm)
     except TorporError as e:
         _fail(e, 125)
+    except OSError as e:  # read-only or full home, permissions
+        _fail(_os_error(e, "run"), 125)
     if detach:
         click.echo(vm.id)
         return
@@ -515,6 +531,8 @@ def create(image: str, command: tuple[str, ...], tty: bool, **kw: Any) -> None:
         vm = _manager().create(_build_request(image, command, rm=False, **kw))
     except TorporError as e:
         _fail(e, 125)
+    except OSError as e:
+        _fail(_os_error(e, "create"), 125)
     click.echo(vm.id)
 
 
@@ -607,8 +625,8 @@ def ps(all_: bool, quiet: bool, fmt: str) -> None:
     for col in ("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "ACCEL", "PORTS", "NAMES"):
         t.add_column(col, no_wrap=col != "COMMAND", overflow="ellipsis")
     for vm in vms:
-        cmd = " ".join(vm.config.command)
-        t.add_row(
+        cmd = printable(" ".join(vm.config.command))
+        row = (
             vm.id[:12],
             vm.config.image_ref,
             f'"{cmd[:30]}"',
@@ -618,6 +636,7 @@ def ps(all_: bool, quiet: bool, fmt: str) -> None:
             ", ".join(str(p) for p in vm.config.ports),
             vm.name,
         )
+        t.add_row(*(markup_safe(c) for c in row))  # guest- and user-chosen text
     Console(highlight=False, width=max(out_console.width, 160)).print(t)
 
 
@@ -842,8 +861,8 @@ def snapshots(vm: str | None) -> None:
         t.add_row(
             r["id"][:12],
             (r["parent"] or "-")[:12],
-            r["vm"],
-            r["tag"],
+            markup_safe(r["vm"]),
+            markup_safe(r["tag"]),
             str(r["created"])[:19],
             human_size(r["sizes"].get("memory", 0)),
             human_size(r["sizes"].get("disk", 0)),
@@ -1043,6 +1062,8 @@ cli.add_command(session)
 
 
 def main() -> None:
+    # every file torpor writes holds guest data: private to its owner (torpor/paths.py)
+    os.umask(0o077)
     try:
         cli.main(standalone_mode=False, prog_name="torpor")
     except click.exceptions.Abort:

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from torpor.cli.term import markup_safe
 from torpor.errors import UsageError
 from torpor.paths import Paths
 from torpor.session.text import describe, human_size
@@ -249,12 +250,12 @@ def ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     for r in rows:
         t.add_row(
             r["id"][:12],
-            r["name"],
+            markup_safe(r["name"]),
             r["status"],
             str(r["turns"]),
             str(r["checkpoints"]),
             human_size(r["snapshot_bytes"]),
-            r["model"] or "",
+            markup_safe(r["model"] or ""),
             r["vm"] or "",
         )
     out_console.print(t)

@@ -53,7 +53,8 @@ from torpor.vmm.state import (
     save_state,
 )
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+# \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 _ADJ = (
     "brave",
     "calm",
@@ -265,7 +266,7 @@ class VMManager:
         if not ref:
             raise UsageError("empty VM name")
         link = self.paths.names / ref
-        if NAME_RE.match(ref) and link.is_symlink():
+        if NAME_RE.fullmatch(ref) and link.is_symlink():
             d = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
             if (d / "vm.json").exists():
                 return self._load(d)
@@ -300,7 +301,7 @@ class VMManager:
         ConflictError (name taken).
         """
         qemu.validate_accel(req.accel)
-        if req.name is not None and not NAME_RE.match(req.name):
+        if req.name is not None and not NAME_RE.fullmatch(req.name):
             raise UsageError(
                 f"invalid VM name {req.name!r}: use letters, digits, _ . - "
                 "(at most 63, starting with a letter or digit)"
