@@ -155,6 +155,35 @@ _pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def load_key(root: Path) -> bytes:
+    """The store's secret (``root/key``, 32 random bytes, 0600), created on first use.
+
+    Also the context log's MAC key (:mod:`torpor.context.chain`): one secret per home.
+    """
+    path = root / "key"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        # Create-if-absent atomically: write a temp, then link() it into place;
+        # a concurrent creator's link fails with EEXIST and both read the winner.
+        fd, tmp = tempfile.mkstemp(prefix=".key.", dir=root)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        fsutil.fsync_dir(root)
+        key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise StoreError(f"store key must be {KEY_BYTES} bytes", step="open store", path=path)
+    return key
+
+
 def _shared_pool(n: int, name: str) -> ThreadPoolExecutor:
     """Process-wide thread pools: a snapshot per agent turn opens a store each time,
     and starting fresh threads for every one cost ~10 ms per snapshot."""
@@ -219,27 +248,7 @@ class ChunkStore:
             )
 
     def _load_key(self) -> bytes:
-        path = self.root / "key"
-        try:
-            key = path.read_bytes()
-        except FileNotFoundError:
-            # Create-if-absent atomically: write a temp, then link() it into place;
-            # a concurrent creator's link fails with EEXIST and both read the winner.
-            fd, tmp = tempfile.mkstemp(prefix=".key.", dir=self.root)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, secrets.token_bytes(KEY_BYTES))
-                os.fsync(fd)
-                os.close(fd)
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
-            fsutil.fsync_dir(self.root)
-            key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise StoreError(f"store key must be {KEY_BYTES} bytes", step="open store", path=path)
-        return key
+        return load_key(self.root)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -660,7 +669,7 @@ class ChunkStore:
         self._synced_dirs |= dirs | {""}
 
     def _write_manifest(self, dest: Path, data: bytes) -> None:
-        fsutil.atomic_write_bytes(dest, data, mode=0o644)
+        fsutil.atomic_write_bytes(dest, data, mode=0o600)
 
     # -- lookup ----------------------------------------------------------------
 
