@@ -1,4 +1,8 @@
-"""Crash-safe file helpers: atomic writes (temp, fsync, rename) and advisory locks."""
+"""Crash-safe file helpers: atomic writes (temp, fsync, rename) and advisory locks.
+
+Files and folders made here are private (0600 / 0700) unless a caller asks otherwise:
+everything under a torpor home holds guest data (see torpor/paths.py).
+"""
 
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -39,7 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
@@ -54,7 +58,7 @@ def locked(path: Path, shared: bool = False, wait: bool = True) -> Iterator[None
 
     With ``wait=False`` a lock held elsewhere raises BlockingIOError at once.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX

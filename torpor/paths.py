@@ -4,6 +4,12 @@ The root is ``$TORPOR_HOME``; without it ``/var/lib/torpor`` for root and
 ``~/.local/share/torpor`` for everyone else.  Pass a :class:`Paths` explicitly
 (tests use ``tmp_path``); nothing else in torpor reads the environment for paths.
 
+Privacy invariant: the root is mode 0700 and owned by its user (``ensure`` creates it
+so, and tightens a root an older torpor made 0755); every folder torpor makes under it
+is 0700 and every file 0600 (the CLI and the shim run with umask 077).  Everything
+here holds guest data — RAM, disks, manifests carrying ``-e`` values, logs — so no
+other local user may read any of it.
+
 Layout::
 
     ROOT/
@@ -89,6 +95,11 @@ class Paths:
         return self.vms / vm_id
 
     def ensure(self) -> Paths:
+        """Create the layout (private: see the module docstring) and return ``self``."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.root.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(self.root, 0o700)
         for p in (
             self.blobs,
             self.images,
@@ -99,5 +110,5 @@ class Paths:
             self.tmp,
             self.locks,
         ):
-            p.mkdir(parents=True, exist_ok=True)
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self

@@ -58,7 +58,7 @@ def check_image(store: ImageStore, image, config: dict) -> None:  # type: ignore
     assert debugfs_stat(image.disk_path, "/bin/busybox")["mode"] == 0o755
     assert store.get(image.id) == image
     st = os.stat(image.disk_path)
-    assert st.st_mode & 0o777 == 0o444
+    assert st.st_mode & 0o777 == 0o400  # read-only and private
 
 
 # ---------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_default_disk_is_sparse_8g_with_journal(tmp_path: Path, paths: Paths) ->
     st = os.stat(image.disk_path)
     assert st.st_size == DEFAULT_DISK_SIZE == 8 << 30
     assert st.st_blocks * 512 < 64 << 20, "the base disk should be sparse"
-    assert st.st_mode & 0o777 == 0o444
+    assert st.st_mode & 0o777 == 0o400  # read-only and private
     header = subprocess.run(
         ["dumpe2fs", "-h", str(image.disk_path)], capture_output=True, text=True, check=True
     ).stdout

@@ -48,7 +48,7 @@ def ensure_agent(out_dir: Path) -> Path:
                 f"{' '.join(argv)} failed with exit code {proc.returncode}:\n{proc.stderr}",
                 step="building the guest agent",
             )
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o700)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -218,7 +218,9 @@ def unpack_kernel_deb(deb: Path, paths: Paths) -> Kernel:
             shutil.copy2(mods[name][0], stage / "modules" / f"{name}.ko")
         (stage / "modules.order").write_text("\n".join(order) + "\n")
         (stage / "package").write_text(deb.name + "\n")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        for f in [stage, *stage.rglob("*")]:  # private like everything in the home
+            os.chmod(f, 0o700 if f.is_dir() else 0o600)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             os.rename(stage, dest)
         except OSError:

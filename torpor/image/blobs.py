@@ -392,7 +392,7 @@ class BlobWriter:
         if not dst.exists():
             self._f.flush()
             os.fsync(self._fd)  # type: ignore[arg-type]
-            os.chmod(self._tmp, 0o444)
+            os.chmod(self._tmp, 0o400)
             os.replace(self._tmp, dst)
             fsync_dir(self._store.root)
         return digest

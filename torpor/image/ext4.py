@@ -125,7 +125,7 @@ def build_ext4(
     stats: TreeStats | None = None,
     label: str = LABEL,
 ) -> DiskInfo:
-    """Create ``out`` (must not exist) holding ``rootfs``; verify it; chmod it 0444.
+    """Create ``out`` (must not exist) holding ``rootfs``; verify it; chmod it 0400 (read-only, private).
 
     Raises ImageError if mkfs.ext4 or e2fsck fails (the partial file is removed),
     SetupError if e2fsprogs is missing.
@@ -155,7 +155,7 @@ def build_ext4(
     try:
         _run(cmd, step="build disk", what=f"mkfs.ext4 -d {rootfs}")
         _run([fsck, "-f", "-n", str(out)], step="check disk", what=f"e2fsck -fn {out}")
-        os.chmod(out, 0o444)
+        os.chmod(out, 0o400)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             out.unlink()

@@ -66,7 +66,7 @@ def create_lease(leases_dir: Path) -> Path:
     host = socket.gethostname()
     path = leases_dir / f"{host}.{pid}.{secrets.token_hex(4)}.lease"
     body = {"host": host, "pid": pid, "start_time": _proc_start_time(pid)}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps(body).encode())
     finally:
