@@ -4,6 +4,8 @@ outlive their VM or their home, even when those are deleted behind torpor's back
 from __future__ import annotations
 
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +13,26 @@ from torpor.paths import Paths
 from torpor.vmm.layout import VMFiles, home_ram_dir, reap_ram_dirs
 
 
-def test_orphaned_ram_files_are_reaped(tmp_path) -> None:
+def _shm_is_writable_tmpfs() -> bool:
+    """Probed here, not by the code under test: a bug there must fail, not skip."""
+    shm = Path("/dev/shm")
+    with Path("/proc/mounts").open() as mounts:
+        if not any(line.split()[1:3] == [str(shm), "tmpfs"] for line in mounts):
+            return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=shm):
+            return True
+    except OSError:
+        return False
+
+
+def test_orphaned_ram_files_are_reaped(tmp_path, monkeypatch) -> None:
+    if not _shm_is_writable_tmpfs():
+        pytest.skip("no writable tmpfs at /dev/shm: RAM stays inside the VM folder")
+    monkeypatch.delenv("TORPOR_RAM_ON_DISK", raising=False)
     paths = Paths(tmp_path / "home").ensure()
     ram_dir = home_ram_dir(paths.root)
-    if ram_dir is None:
-        pytest.skip("no writable tmpfs at /dev/shm: RAM stays inside the VM folder")
+    assert ram_dir is not None and ram_dir.is_relative_to("/dev/shm"), ram_dir
     keep, gone = paths.vm("a" * 64), paths.vm("b" * 64)
     for d in (keep, gone):
         d.mkdir(parents=True)
