@@ -878,12 +878,21 @@ def snapshots(vm: str | None) -> None:
     is_flag=True,
     help="Restore from compressed chunks only, ignoring the local uncompressed cache.",
 )
-def restore(snap: str, name: str | None, cold: bool) -> None:
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="[IP:]HOST:GUEST[/PROTO]",
+    help="Forward a host port (the snapshot's own forwards are not inherited).",
+)
+def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -> None:
     """Bring a snapshot back as a running VM: same processes, memory and disk."""
     from torpor.snapshot import restore as do_restore
+    from torpor.vmm.manager import parse_port
 
+    ports = tuple(parse_port(p) for p in publish)
     t0 = time.perf_counter()
-    vm = do_restore(_manager(), snap, name=name, cold=cold)
+    vm = do_restore(_manager(), snap, name=name, cold=cold, ports=ports)
     err_console.print(
         f"[dim]restored {vm.name} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]"
     )
@@ -895,14 +904,25 @@ def restore(snap: str, name: str | None, cold: bool) -> None:
 @click.option("-n", "count", default=1, show_default=True, help="How many VMs.")
 @click.option("--name-prefix", default=None, help="Names PREFIX-1 … PREFIX-N.")
 @click.option("--cold", is_flag=True, help="Restore from compressed chunks only.")
-def fork(snap: str, count: int, name_prefix: str | None, cold: bool) -> None:
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="[IP:]HOST:GUEST[/PROTO]",
+    help="Forward a host port (with -n 1 only; forwards are not inherited).",
+)
+def fork(
+    snap: str, count: int, name_prefix: str | None, cold: bool, publish: tuple[str, ...]
+) -> None:
     """Start N independent VMs from one snapshot (in parallel; each its own hostname)."""
     from torpor.snapshot import fork as do_fork
+    from torpor.vmm.manager import parse_port
 
     if count < 1:
         raise UsageError("-n must be at least 1")
+    ports = tuple(parse_port(p) for p in publish)
     t0 = time.perf_counter()
-    vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold)
+    vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold, ports=ports)
     err_console.print(f"[dim]forked {len(vms)} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]")
     for vm in vms:
         click.echo(f"{vm.name} {vm.id}")

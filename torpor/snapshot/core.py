@@ -77,8 +77,9 @@ from torpor.vmm.capture import (
     write_meta,
 )
 from torpor.vmm.layout import home_ram_dir
-from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
+from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager, check_ports
 from torpor.vmm.state import (
+    PortMap,
     Status,
     VMConfig,
     VMState,
@@ -359,8 +360,15 @@ def _drop_cache(d: Path) -> None:
         shutil.rmtree(tomb, ignore_errors=True)
 
 
-def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = False) -> VM:
-    """Bring snapshot ``snap`` back as a new running VM named ``name``."""
+def restore(
+    mgr: VMManager,
+    snap: str,
+    name: str | None = None,
+    cold: bool = False,
+    ports: tuple[PortMap, ...] = (),
+) -> VM:
+    """Bring snapshot ``snap`` back as a new running VM named ``name``, forwarding
+    only ``ports`` (the source may still hold its own: see RunRequest.from_config)."""
     if name is not None and not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}")
     store = _store(mgr)
@@ -369,7 +377,8 @@ def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = Fal
         raise UsageError(f"snapshot {manifest.id[:12]} is not a VM snapshot")
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
     # a VM record made through the normal create path (name link, overlay, config)...
-    vm = mgr.create(RunRequest.from_config(src_cfg, name), overlay=False)
+    check_ports(ports)  # a taken port: a clear error before anything is made
+    vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False)
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
         vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)
@@ -381,7 +390,7 @@ def restore(mgr: VMManager, snap: str, name: str | None = None, cold: bool = Fal
             mgr.remove(vm.id, force=True)
         if not cold and "changed during the restore" in str(e):
             # the running VM whose memory we copied snapshotted again meanwhile
-            return restore(mgr, snap, name=name, cold=True)
+            return restore(mgr, snap, name=name, cold=True, ports=ports)
         raise
     except BaseException:
         with contextlib.suppress(TorporError):
@@ -396,6 +405,7 @@ def fork(
     name_prefix: str | None = None,
     cold: bool = False,
     parallel: int = 4,
+    ports: tuple[PortMap, ...] = (),
 ) -> list[VM]:
     """``count`` independent VMs from one snapshot, restored in parallel.
 
@@ -410,12 +420,14 @@ def fork(
     """
     if count < 1:
         raise UsageError("a fork needs a count of at least 1")
+    if ports and count > 1:
+        raise UsageError("one host port cannot serve several forks: use -p with -n 1")
     names = [f"{name_prefix}-{i}" if name_prefix else None for i in range(1, count + 1)]
     made: list[VM] = []
     errors: list[BaseException] = []
 
     def one(name: str | None) -> VM:
-        vm = restore(mgr, snap, name, cold)
+        vm = restore(mgr, snap, name, cold, ports)
         try:
             set_identity(mgr, vm)
         except BaseException:

@@ -11,6 +11,7 @@ sight.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -114,8 +115,14 @@ class RunRequest:
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: VMConfig, name: str | None = None) -> RunRequest:
-        """The request that recreates ``cfg`` (a restore or fork), under a new name."""
+    def from_config(
+        cls, cfg: VMConfig, name: str | None = None, ports: tuple[PortMap, ...] = ()
+    ) -> RunRequest:
+        """The request that recreates ``cfg`` (a restore or fork), under a new name.
+
+        Port forwards are not inherited: the source VM may still hold its host ports
+        (QEMU cannot bind one twice), so a restore or fork forwards only ``ports``.
+        """
         return cls(
             image=cfg.image_id,
             command=cfg.command or ("true",),
@@ -126,7 +133,7 @@ class RunRequest:
             memory_mib=cfg.memory_mib,
             cpus=cfg.cpus,
             accel=cfg.accel,
-            ports=cfg.ports,
+            ports=ports,
             network=cfg.network,
             labels=dict(cfg.labels),
         )
@@ -194,6 +201,41 @@ def parse_port(text: str) -> PortMap:
         if not 1 <= p <= 65535:
             raise UsageError(f"invalid port mapping {text!r}: port {p} out of range")
     return PortMap(host_port=hp, guest_port=gp, host_ip=ip, proto=proto)
+
+
+def check_ports(ports: tuple[PortMap, ...]) -> None:
+    """Raise ConflictError if a host port of ``ports`` is taken (or named twice).
+
+    QEMU binds forwards at start-up; a taken port made it exit before QMP answered,
+    which surfaced as a raw "QMP handshake failed".  Checking first (with
+    SO_REUSEADDR, as slirp binds) gives a clear error; a port taken in the instant
+    between this check and QEMU's bind still fails the start, with QEMU's message.
+    """
+    import socket
+
+    seen: set[tuple[str, str, int]] = set()
+    for p in ports:
+        key = (p.proto, p.host_ip, p.host_port)
+        if key in seen:
+            raise UsageError(f"host port {p.host_ip}:{p.host_port}/{p.proto} is published twice")
+        seen.add(key)
+        kind = socket.SOCK_DGRAM if p.proto == "udp" else socket.SOCK_STREAM
+        try:
+            family = socket.getaddrinfo(p.host_ip, p.host_port, type=kind)[0][0]
+            with socket.socket(family, kind) as s:
+                if kind == socket.SOCK_STREAM:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((p.host_ip, p.host_port))
+        except OSError as e:
+            what = (
+                "is already in use"
+                if e.errno == errno.EADDRINUSE
+                else f"cannot be bound ({e.strerror or e})"
+            )
+            raise ConflictError(
+                f"host port {p.host_ip}:{p.host_port}/{p.proto} {what}; "
+                "publish another one with -p HOST:GUEST (restore and fork take -p too)"
+            ) from e
 
 
 class VMManager:
@@ -376,6 +418,7 @@ class VMManager:
             vm = self.get(vm.id)
             if vm.state.status.active:
                 raise ConflictError(f"VM {vm.name} is already {vm.state.status}")
+            check_ports(vm.config.ports)  # before anything changes: a hibernated VM stays so
             # a hibernation marker is only for the run that writes it; one left over
             # (a racing end_hibernated) must not make this run's stop a hibernation
             with contextlib.suppress(FileNotFoundError):
