@@ -16,7 +16,8 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      │    └── LayerError            a layer is corrupt or unsafe (path escape)
      ├── GuestError                 guest kernel / agent missing or broken     (6)
      ├── AgentError                 the guest agent protocol failed            (7)
-     │    └── ProtocolError         malformed frame on the wire
+     │    ├── ProtocolError         malformed frame on the wire
+     │    └── UnsafeCopyError       cp refused guest data (bad name, cap hit)
      ├── VMError                    QEMU failed to start, crashed, timed out   (8)
      │    └── AcceleratorError      requested accelerator is unusable
      ├── SetupError                 host is missing a required tool            (9)
@@ -102,6 +103,10 @@ class AgentError(TorporError):
 
 class ProtocolError(AgentError):
     pass
+
+
+class UnsafeCopyError(AgentError):
+    """``torpor cp`` refused what the guest sent: a bad name, a changed type, a cap hit."""
 
 
 class VMError(TorporError):

@@ -745,8 +745,19 @@ def cp(src: str, dest: str, archive: bool) -> None:
     torpor cp ./local.txt box:/root/
     torpor cp box:/root/f ./f
     torpor cp ./dir box:/srv/dir
+    torpor cp box:/srv/dir - > dir.tar     (a tar archive on stdout)
+    torpor cp - box:/srv/ < dir.tar        (extract a tar from stdin)
+
+    A copy out of a VM never follows links below DEST and stops at
+    TORPOR_CP_MAX_BYTES (default 64 GiB) or TORPOR_CP_MAX_ENTRIES (1,000,000).
     """
-    from torpor.agent.files import copy_from_vm, copy_to_vm, split_vm_path
+    from torpor.agent.files import (
+        copy_from_vm,
+        copy_from_vm_tar,
+        copy_tar_to_vm,
+        copy_to_vm,
+        split_vm_path,
+    )
 
     mgr = _manager()
     s_vm, s_path = split_vm_path(src)
@@ -755,11 +766,26 @@ def cp(src: str, dest: str, archive: bool) -> None:
         raise UsageError("exactly one of SRC and DEST must be VM:PATH")
     if s_vm is not None:
         with mgr.client(s_vm) as c:
-            copy_from_vm(c, s_path, Path(d_path))
+            if d_path == "-":
+                skipped = copy_from_vm_tar(c, s_path, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            else:
+                skipped = copy_from_vm(c, s_path, Path(d_path))
     else:
         assert d_vm is not None
         with mgr.client(d_vm) as c:
-            copy_to_vm(c, Path(s_path), d_path, keep_owner=archive)
+            if s_path == "-":
+                skipped = copy_tar_to_vm(c, sys.stdin.buffer, d_path)
+            else:
+                copy_to_vm(c, Path(s_path), d_path, keep_owner=archive)
+                skipped = []
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        err_console.print(
+            f"torpor: skipped {len(skipped)} device(s), FIFO(s), socket(s) or hard link(s): "
+            + shown,
+            markup=False,
+        )
 
 
 # -- snapshots -------------------------------------------------------------------------
