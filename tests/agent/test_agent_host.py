@@ -6,13 +6,16 @@ this covers the whole protocol surface of docs/protocol.md without a VM.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -517,8 +520,31 @@ def test_symlink_creates_and_replaces(agent, tmp_path):
 # ---- system requests ----------------------------------------------------------
 
 
+def _cachestat(fd: int) -> tuple[int, int]:
+    """(pages cached, pages dirty) of a whole file: Linux 6.5's cachestat(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    whole_file = ctypes.create_string_buffer(struct.pack("QQ", 0, 0))
+    out = ctypes.create_string_buffer(5 * 8)
+    if libc.syscall(451, fd, whole_file, out, 0) != 0:  # 451: cachestat on x86_64
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    cached, dirty, _writeback, _evicted, _recent = struct.unpack("5Q", out.raw)
+    return cached, dirty
+
+
 def test_sync(agent):
-    agent.client.sync()
+    # The page cache's dirty count of a file on disk is what sync(2) changes: /var/tmp,
+    # not /tmp, which may be a tmpfs (its pages stay "dirty" whatever sync does).
+    with tempfile.TemporaryFile(dir="/var/tmp") as f:
+        for _ in range(5):  # the flusher may write it back first (rare): dirty it again
+            f.seek(0)
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            if _cachestat(f.fileno())[1] > 0:
+                break
+        assert _cachestat(f.fileno())[1] > 0, "could not get dirty pages to sync"
+        agent.client.sync()
+        assert _cachestat(f.fileno()) == (256, 0)
 
 
 def test_set_time_rejects_bad_nanoseconds(agent):
@@ -530,11 +556,40 @@ def test_set_time_rejects_bad_nanoseconds(agent):
     assert SetTimeRequest.decode(payload).nanoseconds == 1_000_000_000
 
 
-def test_add_entropy(agent):
-    try:
-        agent.client.add_entropy(os.urandom(32))
-    except AgentRequestError as e:  # not root: the kernel refuses
-        assert e.errno == errno.EPERM
+def _spawn_agent_via(prefix: list[str], binary: Path) -> tuple[AgentClient, subprocess.Popen]:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen(
+            [*prefix, str(binary), "--fd", str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+        )
+    return AgentClient(ours), proc
+
+
+def test_add_entropy_without_cap_sys_admin_is_eperm(agent_binary):
+    # As root, the agent runs without CAP_SYS_ADMIN (dropped from its bounding set), so
+    # the refusal path is tested where CI runs too.
+    prefix = ["setpriv", "--bounding-set=-sys_admin"] if os.geteuid() == 0 else []
+    client, proc = _spawn_agent_via(prefix, agent_binary)
+    with pytest.raises(AgentRequestError) as e:
+        client.add_entropy(os.urandom(32))
+    assert e.value.errno == errno.EPERM
+    assert stop_agent(client, proc) == 0
+
+
+@needs_root
+def test_add_entropy_reaches_the_kernel(agent_binary, tmp_path):
+    # In host mode this credits the host's RNG: harmless, and the only place to see it.
+    # strace shows what the kernel got, and what it answered.
+    trace = tmp_path / "strace.log"
+    client, proc = _spawn_agent_via(
+        ["strace", "-qq", "-o", str(trace), "-e", "trace=ioctl"], agent_binary
+    )
+    data = os.urandom(16).hex()  # 32 printable bytes: strace shows them as they are
+    client.add_entropy(data.encode())
+    assert stop_agent(client, proc) == 0
+    calls = " ".join(trace.read_text().split())
+    assert f"RNDADDENTROPY, {{entropy_count=256, buf_size=32, buf=\"{data}\"}}) = 0" in calls
+    assert "RNDRESEEDCRNG) = 0" in calls, calls
 
 
 def test_shutdown_ends_host_mode(agent_binary):
