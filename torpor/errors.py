@@ -19,7 +19,9 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      │    ├── ProtocolError         malformed frame on the wire
      │    └── UnsafeCopyError       cp refused guest data (bad name, cap hit)
      ├── VMError                    QEMU failed to start, crashed, timed out   (8)
-     │    └── AcceleratorError      requested accelerator is unusable
+     │    ├── AcceleratorError      requested accelerator is unusable
+     │    │    └── TCGRefusedError     multi-tenant use of TCG without opt-in
+     │    └── JailError             QEMU's jail cannot be set up
      ├── SetupError                 host is missing a required tool            (9)
      ├── StoreError                 the snapshot chunk store                   (10)
      │    ├── ManifestError         not a manifest, malformed, or inconsistent
@@ -115,6 +117,15 @@ class VMError(TorporError):
 
 class AcceleratorError(VMError):
     pass
+
+
+class TCGRefusedError(AcceleratorError):
+    """A multi-tenant use would run a guest under TCG (no security boundary)
+    without the operator's opt-in (``TORPOR_ALLOW_TCG=1`` / ``--allow-tcg``)."""
+
+
+class JailError(VMError):
+    """QEMU's jail (unprivileged uid, namespaces, cgroup) cannot be set up."""
 
 
 class SetupError(TorporError):

@@ -641,6 +641,7 @@ def ps(all_: bool, quiet: bool, fmt: str) -> None:
 
 
 def _inspect_dict(vm: Any) -> dict[str, Any]:
+    from torpor.vmm.jail import describe as describe_jail
     from torpor.vmm.qemu import ISOLATION
 
     return {
@@ -650,6 +651,7 @@ def _inspect_dict(vm: Any) -> dict[str, Any]:
         "State": vm.state.to_json(),
         "Accelerator": vm.state.accel or None,
         "Isolation": ISOLATION.get(vm.state.accel) if vm.state.accel else None,
+        "Jail": describe_jail(vm.dir),  # what was applied to QEMU (torpor.vmm.jail)
         "Path": str(vm.dir),
     }
 

@@ -111,18 +111,27 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     else:
         with contextlib.suppress(FileNotFoundError):
             files.ram.unlink()
+    from torpor.vmm import jail
+
+    spec, plan = jail.for_launch(paths.root, cfg, files, spec)  # None: not jailed
     argv = build_argv(spec)
     (files.dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
-    with open(files.qemu_log, "ab") as qlog:
-        t0 = time.monotonic()
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=qlog,
-            stderr=qlog,
-            preexec_fn=pdeathsig,
-            close_fds=True,
-        )
+    try:
+        with open(files.qemu_log, "ab") as qlog:
+            t0 = time.monotonic()
+            with jail.NewPidNamespace() if plan else contextlib.nullcontext():
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qlog,
+                    stderr=qlog,
+                    preexec_fn=jail.enter_fn(plan) if plan else pdeathsig,
+                    close_fds=True,
+                    pass_fds=plan.pass_fds if plan else (),
+                )
+    finally:
+        if plan:
+            jail.close_parent_fds(plan)
     return Prelaunch(
         popen,
         accel,

@@ -1,0 +1,153 @@
+"""QEMU's jail (torpor.vmm.jail), on real VMs: on by default as root, no capabilities,
+an unprivileged uid, its own PID and mount namespaces with only its own files, the
+cgroup limits ``inspect`` reports; snapshot, restore and fork keep working.  And the
+TCG policy for multi-tenant entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import torpor_cli
+from tests.snapshot.counter import COUNTER, count
+from torpor.errors import TCGRefusedError
+from torpor.snapshot import restore, snapshot
+from torpor.vmm import jail
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root"),
+]
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _track(vms, vm):
+    vms.ids.append(vm.id)
+    return vm
+
+
+def _qemu_pid(mgr, vm) -> int:
+    pid = mgr.get(vm.id).state.qemu_pid
+    assert pid > 0
+    return pid
+
+
+def test_qemu_runs_unprivileged_alone_and_limited(vms, tools_image, paths) -> None:
+    mgr = vms.mgr
+    a = vms.run(tools_image, "sleep", "1000", name="jail-a")
+    b = vms.run(tools_image, "sleep", "1000", name="jail-b")
+    pa, pb = _qemu_pid(mgr, a), _qemu_pid(mgr, b)
+    st = _status(pa)
+    # no capabilities at all, and not root
+    for k in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(st[k], 16) == 0, (k, st[k])
+    uids = {int(x) for x in st["Uid"].split()}
+    gids = {int(x) for x in st["Gid"].split()}
+    assert 0 not in uids and 0 not in gids and len(uids) == 1
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"  # QEMU's own sandbox is still on
+    # each VM its own uid
+    assert {int(x) for x in _status(pb)["Uid"].split()} != uids
+    # its own PID namespace (QEMU is PID 1 there) and mount namespace
+    for ns in ("pid", "mnt"):
+        assert os.readlink(f"/proc/{pa}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        assert os.readlink(f"/proc/{pa}/ns/{ns}") != os.readlink(f"/proc/{pb}/ns/{ns}")
+    assert st["NSpid"].split()[-1] == "1"
+    # from QEMU's view: its own disk and RAM file, nothing of the other VM, no home
+    root = Path(f"/proc/{pa}/root")
+    a_files, b_files = mgr.get(a.id).files, mgr.get(b.id).files
+    assert (root / str(a_files.disk).lstrip("/")).exists()
+    assert (root / str(a_files.ram).lstrip("/")).exists()
+    assert not (root / str(b_files.dir).lstrip("/")).exists()
+    assert not (root / str(b_files.ram).lstrip("/")).exists()
+    assert not (root / str(b_files.disk).lstrip("/")).exists()
+    assert not (root / str(paths.root / "store").lstrip("/")).exists()
+    assert not (root / "etc/passwd").exists()
+    # the guest still works through the passed sockets and the console fd
+    with mgr.client(a) as c:
+        assert c.exec(["echo", "hi"]).stdout == b"hi\n"
+    assert a_files.console_log.stat().st_size > 0
+    # inspect says what was applied, and it is what the kernel shows
+    r = torpor_cli("inspect", a.id)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)[0]["Jail"]
+    assert info["applied"] is True and info["uid"] in uids
+    cg = info["cgroup"]
+    assert cg["version"] in ("v1", "v2", "none")
+    if cg["version"] != "none":
+        assert cg["limits"], cg
+        own = Path(f"/proc/{pa}/cgroup").read_text()
+        for d in cg["dirs"]:
+            assert str(pa) in Path(d, "cgroup.procs").read_text().split()
+            assert d.split("/torpor/", 1)[1] in own
+        mem = int(cg["limits"]["memory"])
+        assert mem == 256 * (1 << 20) + jail.MEM_OVERHEAD
+        for d in cg["dirs"]:
+            for f in ("memory.limit_in_bytes", "memory.max"):
+                if Path(d, f).exists():
+                    assert int(Path(d, f).read_text()) == mem
+            if Path(d, "pids.max").exists():
+                assert Path(d, "pids.max").read_text().strip() == str(jail.PIDS_MAX)
+
+
+def test_snapshot_restore_and_fork_jailed(vms, tools_image) -> None:
+    mgr = vms.mgr
+    vm = vms.run(tools_image, *COUNTER, name="jail-src")
+    with mgr.client(vm) as c:
+        c.exec(["sh", "-c", "echo on-disk > /root/disk.txt"])
+    snap = snapshot(mgr, vm.id).manifest.id
+    forks = [_track(vms, restore(mgr, snap, name=f"jail-fork-{i}")) for i in range(2)]
+    pids = set()
+    for i, f in enumerate(forks):
+        n = count(mgr, f)
+        assert n >= 0
+        with mgr.client(f) as c:
+            assert c.exec(["cat", "/root/disk.txt"]).stdout == b"on-disk\n"
+            c.exec(["sh", "-c", f"echo {i} > /root/mine"])
+        pid = _qemu_pid(mgr, f)
+        st = _status(pid)
+        assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0
+        assert st["NSpid"].split()[-1] == "1"
+        pids.add(pid)
+    assert len(pids) == 2
+    for i, f in enumerate(forks):
+        with mgr.client(f) as c:
+            assert c.exec(["cat", "/root/mine"]).stdout == f"{i}\n".encode()
+    # a jailed fork can itself be snapshotted and restored
+    again = _track(vms, restore(mgr, snapshot(mgr, forks[0].id).manifest.id, name="jail-again"))
+    with mgr.client(again) as c:
+        assert c.exec(["cat", "/root/mine"]).stdout == b"0\n"
+
+
+def test_opt_out_runs_qemu_unjailed_and_says_so(vms, tools_image, monkeypatch) -> None:
+    monkeypatch.setenv("TORPOR_JAIL", "0")
+    monkeypatch.setenv("TORPOR_NO_ZYGOTE", "1")
+    vm = vms.run(tools_image, "sleep", "1000", name="no-jail")
+    st = _status(_qemu_pid(vms.mgr, vm))
+    assert st["Uid"].split()[0] == "0"
+    d = jail.describe(vms.mgr.get(vm.id).files.dir)
+    assert d["applied"] is False and "TORPOR_JAIL=0" in d["reason"]
+
+
+def test_multi_tenant_entry_points_refuse_tcg_without_opt_in(monkeypatch) -> None:
+    monkeypatch.delenv("TORPOR_ALLOW_TCG", raising=False)
+    with pytest.raises(TCGRefusedError):
+        jail.check_tcg_allowed("tcg", multi_tenant=True)
+    jail.check_tcg_allowed("tcg", multi_tenant=True, allow_tcg=True)
+    jail.check_tcg_allowed("tcg", multi_tenant=False)
+    jail.check_tcg_allowed("kvm", multi_tenant=True)
+    monkeypatch.setenv("TORPOR_ALLOW_TCG", "1")
+    jail.check_tcg_allowed("tcg", multi_tenant=True)
+    monkeypatch.setenv("TORPOR_ALLOW_TCG", "0")
+    with pytest.raises(TCGRefusedError):
+        jail.check_tcg_allowed("tcg", multi_tenant=True)

@@ -1,0 +1,673 @@
+"""QEMU's jail: each VM's QEMU runs unprivileged, alone in its namespaces, limited.
+
+Modelled on Firecracker's jailer.  When torpor runs as root (the default where it
+can), :func:`prepare` (in the shim, before QEMU is spawned) and :func:`enter` (in
+the forked child, just before ``exec``) give every VM's QEMU:
+
+- **its own uid and gid**, ``base + 1 + H(home, vm id) mod 2^20`` (base
+  ``TORPOR_JAIL_UID_BASE``, default 1610612736; no account needs to exist), and the
+  supplementary group ``base`` (the shared read-only assets: kernel, initramfs,
+  image base disks).  Per-VM uids, not one shared ``torpor-vm`` user: a second,
+  independent wall — even if a QEMU escaped its mount namespace, another VM's disk
+  and RAM file are 0600 and owned by another uid.  (Two VMs share a uid only by a
+  hash collision, about 1 in 10^6 per pair; then the mount namespace still
+  separates them.)
+- **no capabilities**: the bounding set is emptied, then setgroups/setresgid/
+  setresuid drop root, the remaining sets are cleared, ``no_new_privs`` is set.
+- **a new PID namespace** with QEMU as its PID 1 (the shim still sees QEMU's host
+  pid, signals it and waits on it as before: the shim enters the new namespace only
+  for the ``fork`` and returns to its own right after), and new mount, IPC and UTS
+  namespaces.  The network namespace stays the host's (user networking and
+  ``hostfwd`` listen on the host).
+- **only its own files visible**: the new root is a tmpfs holding read-only binds
+  of ``/usr`` (QEMU and its libraries; merged-usr symlinks recreated),
+  ``/etc/ld.so.cache``, ``/dev/{null,zero,random,urandom}`` (``/dev/kvm`` under
+  KVM), a fresh ``/proc`` of the new PID namespace, the kernel, initramfs and the
+  image's base disk (read-only), and the VM's own overlay disk and RAM file
+  (read-write, chowned to the VM's uid) — each at its host path, so QEMU's argv
+  and the qcow2 backing path stay valid.  Then ``pivot_root`` and the old root is
+  detached; the tmpfs root is remounted read-only.
+- **no writable host folder**: QEMU creates no files.  The QMP and control sockets
+  are bound by the shim (root-owned, in the VM folder) and passed as listening fds;
+  the console log is passed as an fd (``-add-fd``).  Snapshot state files already
+  travel as fds over QMP (``getfd``), which works across the jail unchanged.
+- **a cgroup** with memory (guest RAM + 1 GiB: TCG's translation cache can grow to
+  1 GiB), CPU (``cpus`` whole CPUs) and pids (256) limits: cgroup v2 when its
+  controllers are available, else the v1 memory/cpu/pids hierarchies, else none.
+- QEMU's own seccomp sandbox stays on (qemu.py).
+
+What was applied is written to ``jail.json`` in the VM folder (root-owned);
+``inspect`` and ``info`` show it.  Opt-out: ``TORPOR_JAIL=0`` (CLI ``--no-jail``).
+Without root the jail cannot be built: then nothing is applied and every entry
+point says so; ``TORPOR_JAIL=1`` without root is an error, not a silent downgrade.
+
+TCG policy (:func:`check_tcg_allowed`): under TCG the VM is no security boundary
+(QEMU's security policy), so a multi-tenant entry point must refuse TCG unless the
+operator opted in (``TORPOR_ALLOW_TCG=1`` or ``--allow-tcg``).
+
+Invariants: :func:`enter` runs between fork and exec, so it imports nothing and
+only calls libc; any failure there is written to QEMU's log (stderr) and aborts the
+exec — QEMU never runs half-jailed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import signal
+import socket
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torpor.errors import JailError, TCGRefusedError
+from torpor.fsutil import atomic_write_json, read_json
+
+DEFAULT_UID_BASE = 1610612736  # 0x60000000: far above real and subordinate uid ranges
+UID_SPAN = 1 << 20
+PIDS_MAX = 256  # QEMU's threads: vCPUs, RCU, the aio=threads pool (up to 64), ...
+MEM_OVERHEAD = 1 << 30  # on top of guest RAM: TCG's translation cache is up to 1 GiB
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+SYS_PIVOT_ROOT = 155  # x86_64
+SYS_CAPSET = 126  # x86_64
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+JAIL_FILE = "jail.json"
+MOUNTPOINT = "jail"  # an empty folder in the VM folder: the tmpfs root is mounted on it
+
+
+# -- policy ---------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.strip().lower() not in ("0", "no", "false", "off")
+
+
+def wanted() -> tuple[bool, str]:
+    """Whether to jail QEMU, and why (TORPOR_JAIL: unset = when root)."""
+    flag = _env_flag("TORPOR_JAIL")
+    root = os.geteuid() == 0
+    if flag is False:
+        return False, "disabled (TORPOR_JAIL=0 / --no-jail)"
+    if not root:
+        if flag:
+            raise JailError(
+                "TORPOR_JAIL=1 needs root (the jail changes uid, mounts and cgroups); "
+                "run as root or set TORPOR_JAIL=0",
+                step="jail",
+            )
+        return False, "not applied: torpor is not running as root (QEMU runs as this user)"
+    return True, "on"
+
+
+def tcg_allowed(allow_tcg: bool = False) -> bool:
+    """The operator's explicit opt-in to TCG for multi-tenant use."""
+    return allow_tcg or bool(_env_flag("TORPOR_ALLOW_TCG"))
+
+
+def check_tcg_allowed(accel: str, *, multi_tenant: bool, allow_tcg: bool = False) -> None:
+    """Refuse a multi-tenant VM under TCG unless the operator opted in.
+
+    Every entry point that may serve more than one tenant (the coming HTTP server
+    with tokens) calls this with the accelerator the VM will really use.
+    """
+    if multi_tenant and accel != "kvm" and not tcg_allowed(allow_tcg):
+        raise TCGRefusedError(
+            f"this VM would run under {accel.upper()}, which is no security boundary "
+            "between tenants (QEMU's security policy); set TORPOR_ALLOW_TCG=1 or pass "
+            "--allow-tcg to accept that",
+            step="isolation",
+        )
+
+
+def describe(files_dir: Path) -> dict[str, Any]:
+    """What ``jail.json`` says was applied to this VM's QEMU (for inspect)."""
+    try:
+        d = read_json(files_dir / JAIL_FILE)
+    except (OSError, ValueError):
+        return {"applied": False, "reason": "unknown (the VM has not started with this torpor)"}
+    return d if isinstance(d, dict) else {"applied": False, "reason": "unreadable jail.json"}
+
+
+def summary(d: dict[str, Any]) -> str:
+    """One line for ``ps``-like outputs and notices."""
+    if not d.get("applied"):
+        return f"no jail: {d.get('reason', '?')}"
+    cg = d.get("cgroup") or {}
+    limits = ", ".join(f"{k}={v}" for k, v in (cg.get("limits") or {}).items()) or "none"
+    return (
+        f"uid {d.get('uid')}, no capabilities, own pid/mount namespaces, seccomp; "
+        f"cgroup {cg.get('version', 'none')}: {limits}"
+    )
+
+
+def host_summary() -> str:
+    """For ``info``: what a VM started now would get."""
+    try:
+        on, why = wanted()
+    except JailError as e:
+        return str(e)
+    if not on:
+        return why
+    cg = detect_cgroups()
+    if cg is None:
+        return "on (uid, capabilities, namespaces); cgroup limits: none (no usable cgroups)"
+    return f"on (uid, capabilities, namespaces); cgroup {cg.version}: {', '.join(cg.controllers)}"
+
+
+# -- cgroups --------------------------------------------------------------------------
+
+
+@dataclass
+class Cgroups:
+    version: str  # "v2" | "v1"
+    controllers: list[str]
+    parents: dict[str, str]  # controller (v1) or "unified" (v2) -> parent folder
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every mount."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rf = right.split()
+            if len(fields) >= 5 and len(rf) >= 3:
+                out.append((fields[4].replace("\\040", " "), rf[0], rf[2]))
+    return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller (or "" for v2) -> this process's path in that hierarchy."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":", 2)
+            if len(parts) == 3:
+                for c in parts[1].split(",") if parts[1] else [""]:
+                    out[c] = parts[2]
+    return out
+
+
+def detect_cgroups() -> Cgroups | None:
+    """cgroup v2 with memory/cpu/pids controllers, else v1's, else None."""
+    want = ("memory", "cpu", "pids")
+    own = _own_cgroups()
+    mounts = _mountinfo()
+    for mnt, fstype, _ in mounts:
+        if fstype != "cgroup2" or "" not in own:
+            continue
+        parent = Path(mnt + own[""])
+        try:
+            avail = (parent / "cgroup.controllers").read_text().split()
+        except OSError:
+            continue
+        ctrls = [c for c in want if c in avail]
+        if ctrls and os.access(parent, os.W_OK):
+            return Cgroups("v2", ctrls, {"unified": str(parent)})
+    parents: dict[str, str] = {}
+    for c in want:
+        for mnt, fstype, opts in mounts:
+            if fstype == "cgroup" and c in opts.split(",") and c in own:
+                p = Path(mnt + own[c])
+                if os.access(p, os.W_OK):
+                    parents[c] = str(p)
+                break
+    if parents:
+        return Cgroups("v1", list(parents), parents)
+    return None
+
+
+def _write(p: Path, value: str) -> None:
+    with open(p, "w") as f:
+        f.write(value)
+
+
+def _setup_cgroups(key: str, memory_bytes: int, cpus: int) -> dict[str, Any]:
+    """Create this VM's cgroup(s) with limits; returns what was applied."""
+    cg = detect_cgroups()
+    if cg is None:
+        return {"version": "none", "reason": "no writable cgroup v2 or v1 hierarchy"}
+    limits: dict[str, str] = {}
+    dirs: list[str] = []
+    errors: list[str] = []
+    if cg.version == "v2":
+        parent = Path(cg.parents["unified"])
+        top = parent / "torpor"
+        vm = top / key
+        try:
+            top.mkdir(exist_ok=True)
+            # a cgroup with processes cannot enable controllers for its children
+            # ("no internal processes"), but torpor/ holds none
+            with contextlib.suppress(OSError):
+                _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in cg.controllers))
+            enabled = (parent / "cgroup.subtree_control").read_text().split()
+            ctrls = [c for c in cg.controllers if c in enabled]
+            _write(top / "cgroup.subtree_control", " ".join(f"+{c}" for c in ctrls))
+            with contextlib.suppress(OSError):
+                vm.rmdir()
+            vm.mkdir()
+            dirs.append(str(vm))
+            if "memory" in ctrls:
+                _write(vm / "memory.max", str(memory_bytes))
+                limits["memory"] = str(memory_bytes)
+            if "cpu" in ctrls:
+                _write(vm / "cpu.max", f"{cpus * 100000} 100000")
+                limits["cpu"] = f"{cpus} CPU"
+            if "pids" in ctrls:
+                _write(vm / "pids.max", str(PIDS_MAX))
+                limits["pids"] = str(PIDS_MAX)
+        except OSError as e:
+            errors.append(f"v2: {e}")
+    else:
+        for c, parent_s in cg.parents.items():
+            vm = Path(parent_s) / "torpor" / key
+            try:
+                vm.parent.mkdir(exist_ok=True)
+                with contextlib.suppress(OSError):
+                    vm.rmdir()
+                vm.mkdir()
+                dirs.append(str(vm))
+                if c == "memory":
+                    _write(vm / "memory.limit_in_bytes", str(memory_bytes))
+                    limits["memory"] = str(memory_bytes)
+                elif c == "cpu":
+                    _write(vm / "cpu.cfs_period_us", "100000")
+                    _write(vm / "cpu.cfs_quota_us", str(cpus * 100000))
+                    limits["cpu"] = f"{cpus} CPU"
+                elif c == "pids":
+                    _write(vm / "pids.max", str(PIDS_MAX))
+                    limits["pids"] = str(PIDS_MAX)
+            except OSError as e:
+                errors.append(f"{c}: {e}")
+    out: dict[str, Any] = {"version": cg.version, "dirs": dirs, "limits": limits}
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+def remove_cgroups(files_dir: Path) -> None:
+    """Delete this VM's cgroup folders (after its QEMU exited); best effort."""
+    d = describe(files_dir)
+    for p in (d.get("cgroup") or {}).get("dirs") or []:
+        with contextlib.suppress(OSError):
+            os.rmdir(p)
+
+
+# -- preparing the jail (in the shim, as root) -----------------------------------------
+
+
+@dataclass
+class Bind:
+    src: str
+    writable: bool = False
+    dev: bool = False  # a device node (keeps dev semantics)
+
+
+@dataclass
+class Plan:
+    """Everything :func:`enter` does, computed beforehand (no work after fork)."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+    mountpoint: str
+    cwd: str
+    binds: list[Bind]
+    symlinks: dict[str, str]  # path in the jail -> target
+    cgroup_procs: list[str]
+    record: dict[str, Any] = field(default_factory=dict)
+    pass_fds: list[int] = field(default_factory=list)
+    fds_to_close: list[int] = field(default_factory=list)
+
+
+def ids_for(home: Path, vm_id: str) -> tuple[int, int, int]:
+    """(uid, gid, shared asset gid) of a VM's QEMU."""
+    base = int(os.environ.get("TORPOR_JAIL_UID_BASE") or DEFAULT_UID_BASE)
+    h = hashlib.blake2b(f"{home}\0{vm_id}".encode(), digest_size=8).digest()
+    n = base + 1 + int.from_bytes(h, "big") % UID_SPAN
+    return n, n, base
+
+
+def _share_read(p: Path, gid: int) -> None:
+    """Let the jail group read a shared read-only asset (kernel, initramfs, base disk)
+    that other local users cannot read: group ``gid`` (no real user is in it), g+r."""
+    st = p.stat()
+    if st.st_mode & stat.S_IROTH:
+        return
+    if st.st_gid != gid:
+        os.chown(p, -1, gid)
+    if not st.st_mode & stat.S_IRGRP:
+        os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IRGRP)
+
+
+def _own(p: Path, uid: int, gid: int) -> None:
+    os.chown(p, uid, gid)
+    os.chmod(p, 0o600)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening unix socket at ``path`` (relative to the VM folder, the cwd)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        s.bind(path.name)
+    finally:
+        os.umask(old)
+    s.listen(16)
+    return s
+
+
+def qcow2_backing(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head[:4] != b"QFI\xfb":
+            return None
+        off, size = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
+        if not off or not size or size > 4096:
+            return None
+        f.seek(off)
+        return f.read(size).decode("utf-8", "surrogateescape")
+
+
+def prepare(
+    home: Path,
+    vm_id: str,
+    vm_dir: Path,
+    *,
+    kernel: Path,
+    initrd: Path,
+    disk: Path,
+    ram: Path,
+    console: Path,
+    qmp_sock: Path,
+    ctl_sock: Path,
+    memory_mib: int,
+    cpus: int,
+    accel: str,
+) -> Plan:
+    """Set up files, sockets and cgroups for one jailed QEMU.  Raises JailError."""
+    try:
+        return _prepare(
+            home, vm_id, vm_dir, kernel, initrd, disk, ram, console, qmp_sock, ctl_sock,
+            memory_mib, cpus, accel,
+        )
+    except OSError as e:
+        raise JailError(f"cannot prepare QEMU's jail: {e}", step="jail", path=vm_dir) from e
+
+
+def _prepare(
+    home: Path, vm_id: str, vm_dir: Path, kernel: Path, initrd: Path, disk: Path, ram: Path,
+    console: Path, qmp_sock: Path, ctl_sock: Path, memory_mib: int, cpus: int, accel: str,
+) -> Plan:
+    uid, gid, shared = ids_for(home, vm_id)
+    vm_dir = vm_dir.resolve()
+    mountpoint = vm_dir / MOUNTPOINT
+    mountpoint.mkdir(mode=0o700, exist_ok=True)
+    binds: list[Bind] = []
+    symlinks: dict[str, str] = {}
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
+        if os.path.islink(top):
+            symlinks[top] = os.readlink(top)
+        elif os.path.isdir(top):
+            binds.append(Bind(top))
+    if os.path.exists("/etc/ld.so.cache"):
+        binds.append(Bind("/etc/ld.so.cache"))
+    devs = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"]
+    groups = [shared]
+    if accel == "kvm":
+        devs.append("/dev/kvm")
+        groups.append(os.stat("/dev/kvm").st_gid)
+    binds += [Bind(d, writable=True, dev=True) for d in devs]
+    # shared, read-only: kernel, initramfs, the backing chain of the overlay
+    for p in (kernel, initrd):
+        _share_read(p.resolve(), shared)
+        binds.append(Bind(str(p.resolve())))
+    seen = {disk.resolve()}
+    cur: Path | None = disk.resolve()
+    while cur is not None:
+        back = qcow2_backing(cur)
+        nxt = None
+        if back:
+            nxt = (cur.parent / back).resolve() if not back.startswith("/") else Path(back)
+            if nxt in seen:
+                raise JailError("the disk's backing chain loops", step="jail", path=disk)
+            seen.add(nxt)
+            _share_read(nxt, shared)
+            binds.append(Bind(str(nxt)))
+        cur = nxt
+    # the VM's own, read-write: overlay and RAM file (created here if QEMU would)
+    if not ram.exists():
+        os.close(os.open(ram, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (disk, ram):
+        _own(p, uid, gid)
+        binds.append(Bind(str(p.resolve()), writable=True))
+    # no host folder is writable by QEMU: sockets and the console are passed as fds
+    qmp = _listen(qmp_sock)
+    ctl = _listen(ctl_sock)
+    con = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    key = f"{hashlib.blake2b(str(home).encode(), digest_size=6).hexdigest()}-{vm_id}"
+    memory = memory_mib * (1 << 20) + MEM_OVERHEAD
+    cg = _setup_cgroups(key, memory, cpus)
+    procs = [str(Path(d) / "cgroup.procs") for d in cg.get("dirs", [])]
+    record = {
+        "applied": True,
+        "uid": uid,
+        "gid": gid,
+        "groups": groups,
+        "capabilities": "none (bounding, permitted, effective, inheritable, ambient empty)",
+        "no_new_privs": True,
+        "namespaces": ["pid", "mount", "ipc", "uts"],
+        "root": "tmpfs, read-only: /usr, libraries, /dev/{null,zero,random,urandom}, /proc, "
+        "kernel, initramfs, base disk; read-write: this VM's overlay and RAM file",
+        "seccomp": "QEMU -sandbox on (obsolete, elevateprivileges, spawn, resourcecontrol denied)",
+        "cgroup": cg,
+    }
+    plan = Plan(
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        mountpoint=str(mountpoint),
+        cwd=str(vm_dir),
+        binds=binds,
+        symlinks=symlinks,
+        cgroup_procs=procs,
+        record=record,
+        pass_fds=[qmp.detach(), ctl.detach(), con],
+    )
+    plan.fds_to_close = list(plan.pass_fds)
+    atomic_write_json(vm_dir / JAIL_FILE, record)
+    return plan
+
+
+def record_unjailed(vm_dir: Path, reason: str) -> None:
+    atomic_write_json(vm_dir / JAIL_FILE, {"applied": False, "reason": reason})
+
+
+def argv_fds(plan: Plan) -> tuple[int, int, int]:
+    """(qmp listening fd, control listening fd, console fd) to put in QEMU's argv."""
+    q, c, con = plan.pass_fds
+    return q, c, con
+
+
+def close_parent_fds(plan: Plan) -> None:
+    for fd in plan.fds_to_close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    plan.fds_to_close = []
+
+
+# -- spawning into a new PID namespace (in the shim) ------------------------------------
+
+
+class NewPidNamespace:
+    """``with NewPidNamespace(): Popen(...)``: the next child becomes PID 1 of a new PID
+    namespace; the shim itself stays in (and returns to) its own for later children."""
+
+    def __enter__(self) -> NewPidNamespace:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        if self._libc.unshare(CLONE_NEWPID) != 0:
+            e = ctypes.get_errno()
+            os.close(self._fd)
+            raise JailError(f"unshare(CLONE_NEWPID): {os.strerror(e)}", step="jail")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._libc.setns(self._fd, CLONE_NEWPID) != 0:
+                e = ctypes.get_errno()
+                raise JailError(f"setns back to the host PID namespace: {os.strerror(e)}")
+        finally:
+            os.close(self._fd)
+
+
+# -- entering the jail (in the child, between fork and exec) ----------------------------
+
+
+def enter_fn(plan: Plan) -> Any:
+    """A ``preexec_fn`` that jails the child; everything it needs is bound now."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_void_p]
+    libc.syscall.restype = ctypes.c_long
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    root = plan.mountpoint
+    setups: list[tuple[str, str, bool, bool, bool]] = []  # src, dst, isdir, writable, dev
+    for b in plan.binds:
+        setups.append((b.src, root + b.src, os.path.isdir(b.src), b.writable, b.dev))
+    links = [(root + k, v) for k, v in plan.symlinks.items()]
+    cwd = plan.cwd
+
+    def fail(what: str) -> None:
+        err = ctypes.get_errno()
+        msg = f"torpor jail: {what}: {os.strerror(err)}\n".encode()
+        os.write(2, msg)
+        raise OSError(err, what)
+
+    def mount(src: str | None, dst: str, fs: str | None, flags: int, data: str | None = None):
+        if libc.mount(
+            src.encode() if src else None, dst.encode(), fs.encode() if fs else None, flags,
+            data.encode() if data else None,
+        ) != 0:
+            fail(f"mount {src} on {dst}")
+
+    def mkdirs(p: str) -> None:
+        os.makedirs(p, mode=0o755, exist_ok=True)
+
+    def enter() -> None:
+        for path in plan.cgroup_procs:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        if libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS) != 0:
+            fail("unshare(mount, ipc, uts)")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("torpor-jail", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        for src, dst, isdir, writable, dev in setups:
+            if isdir:
+                mkdirs(dst)
+            else:
+                mkdirs(os.path.dirname(dst))
+                os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600))
+            mount(src, dst, None, MS_BIND | (MS_REC if isdir else 0))
+            flags = MS_REMOUNT | MS_BIND | MS_NOSUID | (0 if dev else MS_NODEV)
+            if not writable:
+                flags |= MS_RDONLY
+            if not isdir and not dev:  # system folders keep exec: QEMU and its libraries
+                flags |= MS_NOEXEC
+            mount(None, dst, None, flags)
+        for dst, target in links:
+            os.symlink(target, dst)
+        mkdirs(root + "/proc")
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mkdirs(root + "/.old")
+        if libc.syscall(SYS_PIVOT_ROOT, root.encode(), (root + "/.old").encode()) != 0:
+            fail("pivot_root")
+        os.chdir("/")
+        if libc.umount2(b"/.old", MNT_DETACH) != 0:
+            fail("umount old root")
+        os.rmdir("/.old")
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.chdir(cwd)
+        for cap in range(last_cap + 1):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                fail(f"drop capability {cap} from the bounding set")
+        os.setgroups(plan.groups)
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        # setuid away from 0 cleared permitted/effective/ambient; clear inheritable too
+        hdr = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+        data = (ctypes.c_uint32 * 6)()
+        if libc.syscall(SYS_CAPSET, hdr, data) != 0:
+            fail("capset")
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            fail("no_new_privs")
+        # after the uid change: changing credentials clears the parent-death signal
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.umask(0o077)
+
+    return enter
+
+
+def as_dict(plan: Plan) -> dict[str, Any]:
+    return asdict(plan)
+
+
+# -- the hook in torpor.vmm.launch ------------------------------------------------------
+
+
+def for_launch(home: Path, cfg: Any, files: Any, spec: Any) -> tuple[Any, Plan | None]:
+    """(spec with the jail's fds, plan) for a VM about to start, or (spec, None)
+    when no jail applies (then ``jail.json`` says why)."""
+    import dataclasses
+
+    on, why = wanted()
+    if not on:
+        record_unjailed(files.dir, why)
+        return spec, None
+    plan = prepare(
+        home,
+        cfg.id,
+        files.dir,
+        kernel=spec.kernel,
+        initrd=spec.initrd,
+        disk=files.disk,
+        ram=files.ram,
+        console=files.console_log,
+        qmp_sock=files.qmp_sock,
+        ctl_sock=files.ctl_sock,
+        memory_mib=cfg.memory_mib,
+        cpus=cfg.cpus,
+        accel=spec.accel,
+    )
+    q, c, con = argv_fds(plan)
+    return dataclasses.replace(spec, qmp_fd=q, ctl_fd=c, console_fd=con), plan
