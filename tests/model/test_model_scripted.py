@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -392,16 +391,21 @@ def test_builtin_scripts_use_only_known_tools_with_valid_arguments(name: str) ->
                 assert spec is not None and argument_problems(spec, call.arguments) == []
 
 
-@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
 @pytest.mark.parametrize("name", sorted(BUILTIN_SCRIPTS))
 def test_builtin_shell_commands_parse(name: str) -> None:
+    script = parse_script(BUILTIN_SCRIPTS[name])
+    assert script.after_end == "repeat-last"
+    played = [script.turns[min(t, len(script.turns) - 1)] for t in range(4)]
+    scripted = sum(c.name == "shell" for t in played for s in t.steps for c in s.tool_calls)
+    assert scripted > 0, f"{name} has no shell call: nothing to check here"
     model = open_model(f"scripted:{name}")
     messages: list[dict[str, Any]] = []
     calls: list[ToolCall] = []
-    for turn in range(4):
+    for turn in range(4):  # past the script's end too
         messages.append(_user(f"note {turn}: it's $HOME"))
         _run_turn(model, messages, {"shell": "1"}, calls)
-    for c in calls:
-        if c.name == "shell":
-            check = subprocess.run(["sh", "-n", "-c", c.arguments["cmd"]], capture_output=True)
-            assert check.returncode == 0, (c.arguments["cmd"], check.stderr)
+    cmds = [c.arguments["cmd"] for c in calls if c.name == "shell"]
+    assert len(cmds) == scripted, cmds  # every scripted shell call was played and is checked
+    for cmd in cmds:
+        check = subprocess.run(["sh", "-n", "-c", cmd], capture_output=True)
+        assert check.returncode == 0, (cmd, check.stderr)
