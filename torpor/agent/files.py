@@ -50,7 +50,7 @@ import secrets
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,13 +158,25 @@ def _source_name(src: str) -> str | None:
     return None if name in ("", ".", "..", "/") else name
 
 
-def _iter_dir(client: AgentClient, path: str) -> Iterator[DirEntry]:
-    """LIST_DIR as a stream: :meth:`AgentClient.list_dir` would hold every entry a
-    hostile guest sends in memory before the entry cap could look at them."""
+def _list_dir(client: AgentClient, path: str, budget: _Budget) -> list[DirEntry]:
+    """LIST_DIR with every entry counted against the entry cap as it arrives.
+
+    :meth:`AgentClient.list_dir` would first hold everything a hostile guest sends;
+    here the request ends (and later frames are dropped) as soon as the cap is hit.
+    The listing is read whole before any entry is copied, so the reply is consumed
+    at wire speed instead of queueing up behind slow file writes.
+    """
+    entries = []
     with client._call(T.LIST_DIR, PathRequest(path).encode(), path) as call:
         while (frame := call.next(_deadline(DEFAULT_TIMEOUT))).type != T.OK:
             if frame.type == T.DIRENT:
-                yield DirEntry.decode(frame.payload)
+                e = DirEntry.decode(frame.payload)
+                if e.name in (".", ".."):
+                    continue
+                budget.entry(posixpath.join(path, e.name))
+                check_name(e.name, path)
+                entries.append(e)
+    return entries
 
 
 # ---- host -> VM ----------------------------------------------------------------
@@ -269,7 +281,6 @@ class _ToHost:
     def entry(
         self, src: str, mode: int, link: str, dir_fd: int, name: str, shown: str, depth: int
     ) -> None:
-        self.budget.entry(shown)
         if stat.S_ISLNK(mode):
             _check_link(link, shown)
             self._replace_with(
@@ -306,10 +317,7 @@ class _ToHost:
 
     def fill(self, src: str, fd: int, shown: str, depth: int) -> None:
         """Copy the entries of guest folder ``src`` into the open host folder ``fd``."""
-        for e in _iter_dir(self.client, src):
-            if e.name in (".", ".."):
-                continue
-            check_name(e.name, src)
+        for e in _list_dir(self.client, src, self.budget):
             self.entry(
                 posixpath.join(src, e.name),
                 e.mode,
@@ -432,6 +440,7 @@ def copy_from_vm(
                     f"{src} in the VM is not a file, folder or link (devices are not copied)"
                 )
             target = name if into else name_here
+            writer.budget.entry(src)
             writer.entry(src, info.mode, info.link_target, parent_fd, target, target, 0)
     finally:
         os.close(parent_fd)
@@ -466,7 +475,6 @@ def copy_from_vm_tar(
         fi: FileInfo | None,
         depth: int,
     ) -> None:
-        budget.entry(arc or ".")
         ti = tarfile.TarInfo(arc or ".")
         ti.mode = mode & 0o777
         if fi is not None:
@@ -483,10 +491,7 @@ def copy_from_vm_tar(
             ti.type = tarfile.DIRTYPE
             if arc:
                 tf.addfile(ti)
-            for e in _iter_dir(client, path):
-                if e.name in (".", ".."):
-                    continue
-                check_name(e.name, path)
+            for e in _list_dir(client, path, budget):
                 add(
                     tf,
                     posixpath.join(path, e.name),
@@ -516,6 +521,7 @@ def copy_from_vm_tar(
         else:
             skipped.append(arc)
 
+    budget.entry(src)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         if name is None:
             if not info.is_dir:
