@@ -100,6 +100,21 @@ def test_qemu_runs_unprivileged_alone_and_limited(vms, tools_image, paths) -> No
                 assert Path(d, "pids.max").read_text().strip() == str(jail.PIDS_MAX)
 
 
+def test_cli_started_vm_is_jailed_and_works(vms, tools_image) -> None:
+    """Through the real CLI (umask 077, possibly the zygote): the jail's own folders
+    must still be traversable by QEMU's uid (they were not: QEMU could not open its
+    disk or /dev/null)."""
+    r = torpor_cli("run", "-d", "--name", "jail-cli", tools_image, "sleep", "1000")
+    vm_id = r.stdout.decode().strip()
+    if vm_id:
+        vms.ids.append(vm_id)
+    assert r.returncode == 0, r.stderr
+    r = torpor_cli("exec", "jail-cli", "echo", "hi")
+    assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
+    st = _status(_qemu_pid(vms.mgr, vms.mgr.get(vm_id)))
+    assert int(st["CapEff"], 16) == 0 and st["Uid"].split()[0] != "0"
+
+
 def test_snapshot_restore_and_fork_jailed(vms, tools_image) -> None:
     mgr = vms.mgr
     vm = vms.run(tools_image, *COUNTER, name="jail-src")

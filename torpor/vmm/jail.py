@@ -582,6 +582,7 @@ def enter_fn(plan: Plan) -> Any:
         os.makedirs(p, mode=0o755, exist_ok=True)
 
     def enter() -> None:
+        os.umask(0o022)  # the jail's own folders must be traversable by QEMU's uid
         for path in plan.cgroup_procs:
             fd = os.open(path, os.O_WRONLY)
             try:
