@@ -246,11 +246,29 @@ def _write(p: Path, value: str) -> None:
         f.write(value)
 
 
+STALE_CGROUP_SECONDS = 120.0
+
+
+def _sweep(top: Path) -> None:
+    """Remove VM cgroups left by shims that died without cleaning up.  rmdir fails on
+    a cgroup that still has processes; one younger than a start-up is left alone (its
+    QEMU may be about to join it)."""
+    import time
+
+    with contextlib.suppress(OSError):
+        for d in top.iterdir():
+            with contextlib.suppress(OSError):
+                if d.is_dir() and time.time() - d.stat().st_mtime > STALE_CGROUP_SECONDS:
+                    d.rmdir()
+
+
 def _setup_cgroups(key: str, memory_bytes: int, cpus: int) -> dict[str, Any]:
     """Create this VM's cgroup(s) with limits; returns what was applied."""
     cg = detect_cgroups()
     if cg is None:
         return {"version": "none", "reason": "no writable cgroup v2 or v1 hierarchy"}
+    for parent in cg.parents.values():
+        _sweep(Path(parent) / "torpor")
     limits: dict[str, str] = {}
     dirs: list[str] = []
     errors: list[str] = []

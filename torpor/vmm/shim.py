@@ -750,6 +750,9 @@ class Shim:
         for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.agent_sock, self.files.ram):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        from torpor.vmm.jail import remove_cgroups
+
+        remove_cgroups(self.files.dir)  # QEMU's cgroup (a no-op while QEMU still lives)
         if self.main_log is not None:
             self.main_log.close()
 
