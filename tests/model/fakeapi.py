@@ -3,7 +3,7 @@
 Only the transport is fake: the real ``openai`` and ``anthropic`` libraries talk
 HTTP to it exactly as they would to the hosted APIs (retries, backoff,
 ``Retry-After``, timeouts, error bodies).  A test queues replies and reads back
-the requests the server received::
+the requests the server received (with the time each arrived)::
 
     api.reply(openai_completion(text="hi"))
     api.reply(openai_error("slow down"), status=429, headers={"retry-after": "1"})
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +45,7 @@ class Request:
     path: str
     headers: dict[str, str]  # names lower-cased
     body: Any  # parsed JSON, or the raw text if it is not JSON
+    at: float = 0.0  # time.monotonic() when the server had read it: gaps between retries
 
 
 class _Server(ThreadingHTTPServer):
@@ -78,7 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = raw
         headers = {k.lower(): v for k, v in self.headers.items()}
-        api._record(Request("POST", self.path, headers, body))
+        api._record(Request("POST", self.path, headers, body, time.monotonic()))
         if self.path not in PATHS:
             self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
             return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 
@@ -205,15 +204,15 @@ def test_rate_limit_with_retry_after_then_success(api: FakeAPI) -> None:
         openai_error("slow down", "rate_limit_error"), status=429, headers={"retry-after": "1"}
     )
     api.reply(openai_completion(text="finally"))
-    t0 = time.monotonic()
     r = _open(api, max_retries=2).complete(USER, [])
-    elapsed = time.monotonic() - t0
     assert r.text == "finally"
     assert len(api.requests) == 2
     assert [q.headers["x-stainless-retry-count"] for q in api.requests] == ["0", "1"]
-    # the library's own backoff would wait at most 0.5 s: this waited for Retry-After
-    assert elapsed >= 0.95
-    assert r.latency_ms >= 950  # latency includes the retries
+    # The library's own backoff would retry within 0.5 s: the server saw the retry only
+    # after the Retry-After second (a lower bound: a slow machine only widens the gap).
+    gap = api.requests[1].at - api.requests[0].at
+    assert gap >= 0.95
+    assert r.latency_ms >= gap * 1000  # latency includes the retries
 
 
 def test_rate_limit_forever(api: FakeAPI) -> None:
@@ -261,11 +260,10 @@ def test_bad_request_is_not_retried(api: FakeAPI) -> None:
 
 
 def test_timeout(api: FakeAPI) -> None:
+    # Had the timeout been ignored, the late reply would have come back as a success.
     api.reply(openai_completion(text="too late"), delay=3.0, repeat=True)
-    t0 = time.monotonic()
     with pytest.raises(ModelTimeoutError) as e:
         _open(api, timeout=0.5, max_retries=1).complete(USER, [])
-    assert time.monotonic() - t0 < 2.9
     assert len(api.requests) == 2  # the library retried the timeout once
     assert "0.5 s" in str(e.value)
 
@@ -273,10 +271,9 @@ def test_timeout(api: FakeAPI) -> None:
 def test_per_call_timeout_overrides_the_default(api: FakeAPI) -> None:
     api.reply(openai_completion(text="too late"), delay=3.0, repeat=True)
     model = _open(api, timeout=60, max_retries=0)
-    t0 = time.monotonic()
-    with pytest.raises(ModelTimeoutError):
+    with pytest.raises(ModelTimeoutError) as e:  # under the default, "too late" would do
         model.complete(USER, [], timeout=0.3)
-    assert time.monotonic() - t0 < 2.0
+    assert "0.3 s" in str(e.value)
     assert len(api.requests) == 1
 
 
@@ -367,10 +364,9 @@ def test_retry_after_beyond_the_library_limit_is_not_waited_for(api: FakeAPI) ->
         headers={"retry-after": "86400"},
         repeat=True,
     )
-    t0 = time.monotonic()
+    # (waiting a day would end in the test's timeout: a failure too)
     with pytest.raises(ModelRateLimitError) as e:
         _open(api, max_retries=3).complete(USER, [])
-    assert time.monotonic() - t0 < 2
     assert len(api.requests) == 1
     assert "after 0 retries" in str(e.value)
 
