@@ -9,6 +9,7 @@ import pytest
 
 from tests.context.conftest import Backend
 from torpor.context import (
+    SCHEMA_VERSION,
     ContextError,
     ContextLog,
     Entry,
@@ -53,17 +54,21 @@ def test_seqs_start_at_1_and_increase_without_gaps(log: ContextLog) -> None:
 
 def test_every_kind_round_trips_as_its_stored_string(log: ContextLog, backend: Backend) -> None:
     s = log.create_session()
-    for turn, kind in enumerate(Kind):
+    kinds = [k for k in Kind if k is not Kind.REMOVED]  # the tombstone: remove_session
+    for turn, kind in enumerate(kinds):
         payload = {"seqs": [1], "reason": "r"} if kind is Kind.SUPERSEDE else {"k": kind.value}
         log.append(s.id, kind, payload, turn=turn)
-    back = log.entries(s.id)
-    assert [e.kind for e in back] == list(Kind)
-    assert all(type(e.kind) is Kind for e in back)
-    stored = [r[0] for r in backend.sql("SELECT kind FROM torpor_entries ORDER BY seq")]
-    assert stored == [k.value for k in Kind]
-    assert [e.turn for e in back] == list(range(len(Kind)))
     # a plain string is accepted too
     assert log.append(s.id, "vm", {"vm": "abc"}, turn=9).kind is Kind.VM
+    with pytest.raises(UsageError, match="remove_session"):
+        log.append(s.id, Kind.REMOVED, {}, turn=9)
+    log.remove_session(s.id)
+    back = log.entries(s.id)
+    assert [e.kind for e in back] == [*kinds, Kind.VM, Kind.REMOVED]
+    assert all(type(e.kind) is Kind for e in back)
+    stored = [r[0] for r in backend.sql("SELECT kind FROM torpor_entries ORDER BY seq")]
+    assert stored == [e.kind.value for e in back]
+    assert [e.turn for e in back][: len(kinds)] == list(range(len(kinds)))
 
 
 def test_threads_sharing_one_log_get_distinct_gapless_seqs(log: ContextLog) -> None:
@@ -222,7 +227,8 @@ def test_session_names_and_ids(log: ContextLog) -> None:
     s = log.create_session(meta={"image": "tools:latest", "memory_mib": 256})
     assert len(s.id) == 32 and int(s.id, 16) >= 0
     assert s.name == "s-" + s.id[:8] and s.parent_id is None and s.parent_seq is None
-    assert s.meta == {"image": "tools:latest", "memory_mib": 256} and s.schema_version == 1
+    assert s.meta == {"image": "tools:latest", "memory_mib": 256}
+    assert s.schema_version == SCHEMA_VERSION
     assert log.get_session(s.id) == s
     named = log.create_session("agent-1.main_2")
     with pytest.raises(ConflictError, match=r"agent-1\.main_2"):
@@ -371,7 +377,7 @@ def test_newer_schema_version_is_refused(backend: Backend) -> None:
     backend.sql("UPDATE torpor_meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(SchemaVersionError, match="schema_version 99") as ei:
         open_log(backend.dsn)
-    assert "up to 1" in str(ei.value) and ei.value.exit_code == 11
+    assert f"up to {SCHEMA_VERSION}" in str(ei.value) and ei.value.exit_code == 11
     assert backend.rows("torpor_sessions") == 1  # untouched
 
 
@@ -379,7 +385,7 @@ def test_schema_creation_is_idempotent(backend: Backend) -> None:
     for _ in range(3):
         with backend.open() as log:
             log.create_session()
-    assert backend.sql("SELECT value FROM torpor_meta") == [("1",)]
+    assert backend.sql("SELECT value FROM torpor_meta") == [(str(SCHEMA_VERSION),)]
     assert backend.rows("torpor_sessions") == 3
 
 

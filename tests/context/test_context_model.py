@@ -27,6 +27,7 @@ def test_kind_values_are_the_stored_strings() -> None:
         "supersede",
         "fork",
         "vm",
+        "removed",
     }
     assert Kind("tool_call") is Kind.TOOL_CALL and Kind.VM == "vm"
 

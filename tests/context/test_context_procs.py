@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from tests.context.conftest import Backend, acks, spawn_writer
-from torpor.context import ContextLog, Kind
+from torpor.context import SCHEMA_VERSION, ContextLog, Kind
 
 WRITERS, EACH = 4, 50
 
@@ -60,7 +60,7 @@ def test_four_processes_append_200_entries_without_gaps(backend: Backend) -> Non
         assert seqs == sorted(seqs)  # each writer saw its own appends in order
         assert all(stored[key] == seq for seq, key in per_writer)
     assert backend.rows() == WRITERS * EACH
-    assert backend.sql("SELECT value FROM torpor_meta") == [("1",)]
+    assert backend.sql("SELECT value FROM torpor_meta") == [(str(SCHEMA_VERSION),)]
 
 
 def test_processes_retrying_the_same_keys_store_each_once(

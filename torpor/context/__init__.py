@@ -18,7 +18,7 @@ Backends (same behaviour, same test suite): SQLite in one file, the default
 """
 
 from torpor.context.dsn import ENV_DSN, open_log
-from torpor.context.errors import ContextError, SchemaVersionError
+from torpor.context.errors import ChainError, ContextError, SchemaVersionError
 from torpor.context.log import ContextLog
 from torpor.context.model import (
     SCHEMA_VERSION,
@@ -32,6 +32,7 @@ from torpor.context.model import (
 __all__ = [
     "ENV_DSN",
     "SCHEMA_VERSION",
+    "ChainError",
     "ContextError",
     "ContextLog",
     "Entry",

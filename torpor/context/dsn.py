@@ -9,7 +9,8 @@
     postgresql://user:pw@host:port/db?options   PostgreSQL (also postgres://)
 
 psycopg is imported only for a PostgreSQL DSN, so the embedded default needs
-nothing beyond the standard library.
+nothing beyond the standard library.  Every backend gets the MAC key of its chain
+from ``paths`` (the home's ``store/key``, created on first use).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLo
     """
     if dsn is None:
         dsn = os.environ.get(ENV_DSN, "")
+    paths = paths or Paths.default()
     if not dsn:
-        return _sqlite((paths or Paths.default()).root / DB_NAME)
+        return _sqlite(paths.root / DB_NAME, paths)
     m = _SCHEME.match(dsn)
     if m is None:
-        return _sqlite(Path(dsn).expanduser().absolute())
+        return _sqlite(Path(dsn).expanduser().absolute(), paths)
     scheme = m.group(1).lower()
     if scheme == "sqlite":
         rest = dsn[m.end() :]
@@ -51,7 +53,7 @@ def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLo
             raise UsageError(
                 f"sqlite DSN {dsn!r} needs an absolute path: sqlite:///path/to/context.db"
             )
-        return _sqlite(Path(rest))
+        return _sqlite(Path(rest), paths)
     if scheme in ("postgresql", "postgres"):
         try:
             import psycopg  # noqa: F401
@@ -62,14 +64,22 @@ def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLo
             ) from e
         from torpor.context.postgres import PostgresContextLog
 
-        return PostgresContextLog(dsn)
+        return PostgresContextLog(dsn, key=chain_key(paths))
     raise UsageError(
         f"unknown context log DSN scheme {scheme + '://'!r}: use a file path, sqlite:///path"
         " or postgresql://user@host/db"
     )
 
 
-def _sqlite(path: Path) -> ContextLog:
+def chain_key(paths: Paths) -> bytes:
+    """The MAC key of the log's chain: the home's store key (one secret per home;
+    hosts sharing a PostgreSQL log share it, as they share the snapshot store)."""
+    from torpor.store.store import load_key
+
+    return load_key(paths.store)
+
+
+def _sqlite(path: Path, paths: Paths) -> ContextLog:
     from torpor.context.sqlite import SQLiteContextLog
 
-    return SQLiteContextLog(path)
+    return SQLiteContextLog(path, key=chain_key(paths))

@@ -7,7 +7,8 @@ the database itself are a :class:`ContextError`::
 
     TorporError
      └── ContextError               the context-log database failed or refused   (11)
-          └── SchemaVersionError    written by a newer torpor (unknown schema_version)
+          ├── SchemaVersionError    written by a newer torpor (unknown schema_version)
+          └── ChainError            an entry's MAC chain breaks: the log was edited
 
 Messages name the database (a file path, or ``postgresql://user@host:port/db``)
 and never contain a password.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torpor.errors import TorporError
 
-__all__ = ["ContextError", "SchemaVersionError"]
+__all__ = ["ChainError", "ContextError", "SchemaVersionError"]
 
 
 class ContextError(TorporError):
@@ -37,3 +38,13 @@ class SchemaVersionError(ContextError):
             f" up to {supported}: upgrade torpor (the database was left untouched)",
             step="open context log",
         )
+
+
+class ChainError(ContextError):
+    """An entry's MAC does not match its content or place: the log was changed
+    after it was written (or the home's key is not the one that wrote it)."""
+
+    def __init__(self, message: str, *, session_id: str, seq: int, where: str):
+        self.session_id = session_id
+        self.seq = seq
+        super().__init__(message, step="verify context log", path=where)

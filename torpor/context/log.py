@@ -17,6 +17,12 @@ Guarantees (both backends):
   threads and processes, so this holds under races too.
 - A fork shares its parent's entries up to the fork point by reference: no row
   is copied; reads walk the ancestry.
+- Tamper-evident: every entry carries a keyed MAC chained over the previous one
+  (:mod:`torpor.context.chain`); ``entries`` checks every row it returns and raises
+  :class:`~torpor.context.errors.ChainError` at the first that fails.
+- Removal is a tombstone: ``remove_session`` appends a ``removed`` entry and flags
+  the session; it is then neither listed nor found, and refuses appends, but its
+  rows stay (forks keep their inherited prefix; ``verify`` still reads it).
 
 A :class:`ContextLog` object may be shared by threads (calls are serialized);
 do not carry one across ``fork()`` — open one per process.
@@ -57,15 +63,30 @@ class ContextLog(ABC):
         """
 
     @abstractmethod
-    def get_session(self, ref: str) -> SessionRecord:
+    def get_session(self, ref: str, *, include_removed: bool = False) -> SessionRecord:
         """By exact id, exact name, or unique id prefix of at least 4 characters.
 
-        Raises NotFoundError, or UsageError when a prefix is ambiguous.
+        Raises NotFoundError (also for a removed session, unless ``include_removed``),
+        or UsageError when a prefix is ambiguous.
         """
 
     @abstractmethod
-    def list_sessions(self) -> list[SessionRecord]:
-        """Every session, oldest first."""
+    def list_sessions(self, *, include_removed: bool = False) -> list[SessionRecord]:
+        """Every live session (and removed ones, if asked), oldest first."""
+
+    @abstractmethod
+    def remove_session(self, session_id: str, reason: str = "removed") -> Entry:
+        """Append the session's ``removed`` tombstone and flag it removed (one
+        transaction); returns the tombstone.  Raises NotFoundError (no such session,
+        or already removed)."""
+
+    @abstractmethod
+    def verify(self, session_id: str) -> list[tuple[int, str]]:
+        """Every break of the session's visible MAC chain as ``(seq, why)``; [] = intact."""
+
+    @abstractmethod
+    def own_entries(self, session_id: str, kind: Kind) -> list[Entry]:
+        """The session's own entries of one kind, unchecked (bookkeeping only)."""
 
     @abstractmethod
     def append(
@@ -81,14 +102,18 @@ class ContextLog(ABC):
 
         With a ``key`` already used in this session, returns that stored entry
         unchanged (even if ``kind``/``payload`` differ) and appends nothing.
-        Raises NotFoundError (no such session id), UsageError (bad kind, turn,
-        key or payload), ContextError (the database failed).
+        Raises NotFoundError (no such session id, or it was removed), UsageError
+        (bad kind, turn, key or payload; ``removed``), ContextError (the database failed).
         """
 
     @abstractmethod
     def entries(self, session_id: str, *, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The visible log with ``seq > after`` in seq order: the inherited prefix
-        (through every ancestor, each cut at its fork point) then own entries."""
+        (through every ancestor, each cut at its fork point) then own entries.
+
+        Each returned row is MAC-checked against the row before it (the one at
+        ``after`` included), so reading on from where one stopped checks only new
+        rows.  Raises ChainError at the first row that fails."""
 
     @abstractmethod
     def last_seq(self, session_id: str) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -38,7 +38,7 @@ __all__ = [
     "superseded",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entries carry a MAC chain; sessions can be removed (docs/context-log.md)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
 MIN_PREFIX = 4
 MAX_KEY_LEN = 256
@@ -59,6 +59,7 @@ class Kind(StrEnum):
     SUPERSEDE = "supersede"  # {"seqs": [int, ...], "reason": str}
     FORK = "fork"
     VM = "vm"  # "this session now runs in VM <id>": {"vm": id, ...}
+    REMOVED = "removed"  # the tombstone: the session was removed; its last entry
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Entry:
     key: str | None
     created_at: float  # unix seconds, the appender's clock
     turn: int  # 0 = before any user message; chosen by the caller
+    # HMAC chain value (torpor.context.chain); b"" only where an entry is built by hand
+    chain: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ class SessionRecord:
     parent_seq: int | None
     meta: dict[str, Any]  # image, model, memory, ...; immutable after create
     schema_version: int = 1
+    removed_at: float | None = None  # set once the session was removed (a tombstone)
+
+    @property
+    def removed(self) -> bool:
+        return self.removed_at is not None
 
 
 def superseded(entries: Iterable[Entry]) -> set[int]:

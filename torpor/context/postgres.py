@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from torpor.context.errors import ContextError
 from torpor.context.model import SCHEMA_VERSION
-from torpor.context.sql import SQLContextLog
+from torpor.context.sql import SQLContextLog, Tx
 
 __all__ = ["DDL", "PostgresContextLog", "describe_dsn"]
 
@@ -75,12 +75,22 @@ DDL = [
         key text,
         turn integer NOT NULL CHECK (turn >= 0),
         created_at double precision NOT NULL,
+        chain bytea NOT NULL CHECK (length(chain) = 32),
         PRIMARY KEY (session_id, seq),
         UNIQUE (session_id, key)
     )""",
     _REFUSE_FN,
     *_refuse("torpor_entries"),
     *_refuse("torpor_sessions"),
+]
+# schema 2's removal flags (also what a schema-1 database gains when migrated)
+DDL_REMOVED = [
+    """CREATE TABLE IF NOT EXISTS torpor_removed (
+        session_id text PRIMARY KEY REFERENCES torpor_sessions (id),
+        removed_at double precision NOT NULL,
+        seq bigint NOT NULL
+    )""",
+    *_refuse("torpor_removed"),
 ]
 
 
@@ -122,17 +132,18 @@ def describe_dsn(dsn: str) -> str:
 class PostgresContextLog(SQLContextLog):
     backend = "postgresql"
     db_errors = (psycopg.Error,)
-    lock_clause = " FOR NO KEY UPDATE"
+    lock_clause = " FOR NO KEY UPDATE OF s"
+    text_of = "{}::text"  # jsonb as text: what the chain's MAC covers
 
-    def __init__(self, dsn: str):
-        """Connect and create the schema if needed.
+    def __init__(self, dsn: str, *, key: bytes):
+        """Connect and create the schema if needed; ``key`` signs the entries' chain.
 
         Raises ContextError (unreachable server, refused login, missing database,
         malformed DSN), SchemaVersionError (written by a newer torpor).
         """
         self._dsn = dsn
         self._secrets = _secrets(dsn)
-        super().__init__(describe_dsn(dsn))
+        super().__init__(describe_dsn(dsn), key)
         self._conn = self._connect()
         try:
             self._init_schema(self._conn)
@@ -180,13 +191,29 @@ class PostgresContextLog(SQLContextLog):
                     "SELECT value FROM torpor_meta WHERE key = 'schema_version'"
                 ).fetchone()
                 value = got[0] if got else None
-            if self.check_schema_version(value) is None:
-                for stmt in DDL:
+            found = self.check_schema_version(value)
+            if found is None:
+                for stmt in DDL + DDL_REMOVED:
                     conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO torpor_meta (key, value) VALUES ('schema_version', %s)",
                     (str(SCHEMA_VERSION),),
                 )
+            elif found == 1:
+                self._migrate_1_to_2(conn)
+
+    def _migrate_1_to_2(self, conn: psycopg.Connection[Any]) -> None:
+        """Schema 1 -> 2 inside the caller's transaction (PostgreSQL's DDL is
+        transactional): add the chain column, lift the append-only trigger, compute every
+        entry's chain, put the trigger back, add ``torpor_removed``."""
+        conn.execute("ALTER TABLE torpor_entries ADD COLUMN chain bytea")
+        conn.execute("DROP TRIGGER IF EXISTS torpor_entries_append_only ON torpor_entries")
+        self.migrate_chain(Tx(conn, self._translate))
+        for stmt in _refuse("torpor_entries") + DDL_REMOVED:
+            conn.execute(stmt)
+        conn.execute(
+            "UPDATE torpor_meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[psycopg.Connection[Any]]:
@@ -219,6 +246,11 @@ class PostgresContextLog(SQLContextLog):
 
     def _translate(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    def _stored_text(self, tx: Tx, text: str) -> str:
+        # jsonb renders a value its own way (key order, spacing, numbers): ask once
+        (out,) = tx.one("SELECT CAST(CAST(? AS jsonb) AS text)", text)
+        return str(out)
 
     def _close_connection(self) -> None:
         self._conn.close()

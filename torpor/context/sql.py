@@ -7,16 +7,31 @@ style (queries here are written with ``?``).
 
 Tables (types shown for SQLite / PostgreSQL)::
 
-    torpor_meta      key text PK, value text            ("schema_version", "1")
+    torpor_meta      key text PK, value text            ("schema_version", "2")
     torpor_sessions  id text PK, name text UNIQUE, created_at real/double,
                      parent_id text FK NULL, parent_seq integer/bigint NULL,
                      meta text(JSON)/jsonb, schema_version integer
     torpor_entries   session_id text FK, seq integer/bigint, kind text,
                      payload text(JSON)/jsonb, payload_bytes integer, key text NULL,
-                     turn integer, created_at real/double
+                     turn integer, created_at real/double, chain blob/bytea (32 bytes)
                      PRIMARY KEY (session_id, seq), UNIQUE (session_id, key)
+    torpor_removed   session_id text PK FK, removed_at real/double,
+                     seq integer/bigint (the tombstone entry)
 
-Both data tables carry triggers that refuse UPDATE and DELETE.
+Every data table carries triggers that refuse UPDATE and DELETE.  Schema 1 had no
+``chain`` column and no ``torpor_removed``: opening such a database migrates it
+(:meth:`SQLContextLog.migrate_chain`, in the one transaction that bumps the version).
+
+Tamper evidence: every entry row carries an HMAC chain value (:mod:`torpor.context.chain`),
+computed by ``append`` and checked by every read (``entries``); a row that fails
+raises :class:`~torpor.context.errors.ChainError`.  A read after seq ``k`` checks
+rows ``k+1..`` against row ``k``'s stored value, so a reader that keeps its place
+pays only for new rows.
+
+Removal: ``remove_session`` appends a ``removed`` tombstone entry and a
+``torpor_removed`` row in one transaction.  A removed session is not listed, not
+found by name, id or prefix, and refuses appends and new forks; its rows stay,
+so forks made before keep reading their inherited prefix.
 
 Seq numbering: a session's rows hold only its *own* entries, all with
 ``seq > parent_seq``.  The last visible seq is ``max(own seq)`` or, with no own
@@ -34,6 +49,7 @@ S to A — one recursive query (:data:`VISIBLE`).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import threading
 import time
 import uuid
@@ -41,7 +57,14 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torpor.context.errors import ContextError, SchemaVersionError
+from torpor.context.chain import (
+    GENESIS,
+    canonical_entry,
+    canonical_session,
+    entry_mac,
+    session_base,
+)
+from torpor.context.errors import ChainError, ContextError, SchemaVersionError
 from torpor.context.log import ContextLog
 from torpor.context.model import (
     MIN_PREFIX,
@@ -60,7 +83,13 @@ from torpor.context.model import (
 from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
 
 SESSION_COLS = "id, name, created_at, parent_id, parent_seq, meta, schema_version"
-ENTRY_COLS = "e.session_id, e.seq, e.kind, e.payload, e.key, e.created_at, e.turn"
+# a session row as read: its meta as text ({meta}: the backend's text form) and
+# when it was removed (NULL: live)
+SESSION_SELECT = (
+    "SELECT s.id, s.name, s.created_at, s.parent_id, s.parent_seq, {meta}, s.schema_version,"
+    " r.removed_at FROM torpor_sessions s LEFT JOIN torpor_removed r ON r.session_id = s.id"
+)
+ENTRY_COLS = "e.session_id, e.seq, e.kind, {payload}, e.key, e.created_at, e.turn, e.chain"
 
 # chain(sid, hi): S itself (hi NULL = unbounded), then each ancestor with the
 # highest of its seqs that S can see.
@@ -77,8 +106,8 @@ WITH RECURSIVE chain(sid, pid, pseq, hi) AS (
 
 INSERT_ENTRY = (
     "INSERT INTO torpor_entries"
-    " (session_id, seq, kind, payload, payload_bytes, key, turn, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " (session_id, seq, kind, payload, payload_bytes, key, turn, created_at, chain)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_SESSION = f"INSERT INTO torpor_sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 
@@ -107,11 +136,19 @@ class SQLContextLog(ContextLog):
     db_errors: tuple[type[Exception], ...] = ()
     # appended to the SELECT of the session row that starts an append
     lock_clause = ""
+    # how a jsonb/JSON column reads as text (PostgreSQL renders jsonb with ::text)
+    text_of = "{}"
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, key: bytes):
+        if not isinstance(key, bytes) or len(key) < 16:
+            raise UsageError("the context log's MAC key must be at least 16 bytes")
         self.where = where
+        self._key = key
         self._mutex = threading.RLock()
         self._closed = False
+        self._pseq: dict[str, int] = {}  # session id -> parent_seq (0: root); immutable
+        self._session_sql = SESSION_SELECT.format(meta=self.text_of.format("s.meta"))
+        self._entry_cols = ENTRY_COLS.format(payload=self.text_of.format("e.payload"))
 
     # -- what a backend provides ------------------------------------------------------
 
@@ -130,6 +167,10 @@ class SQLContextLog(ContextLog):
 
     def _error_text(self, exc: Exception) -> str:
         return " ".join(str(exc).split())
+
+    def _stored_text(self, tx: Tx, text: str) -> str:
+        """``text`` as the database will give it back (the MAC covers that form)."""
+        return text
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -185,6 +226,7 @@ class SQLContextLog(ContextLog):
             parent_seq=row[4],
             meta=decode_json(row[5]),
             schema_version=row[6],
+            removed_at=None if row[7] is None else float(row[7]),
         )
 
     def _entry(self, row: Any) -> Entry:
@@ -204,27 +246,36 @@ class SQLContextLog(ContextLog):
             key=row[4],
             created_at=float(row[5]),
             turn=row[6],
+            chain=bytes(row[7]) if row[7] is not None else b"",
         )
 
-    def _session_row(self, tx: Tx, session_id: str, lock: bool = False) -> Any:
+    def _session_row(self, tx: Tx, session_id: str, lock: bool = False, live: bool = False) -> Any:
         if not isinstance(session_id, str):
             raise UsageError(f"session id must be a string, not {type(session_id).__name__}")
-        sql = f"SELECT {SESSION_COLS} FROM torpor_sessions WHERE id = ?"
+        sql = self._session_sql + " WHERE s.id = ?"
         row = tx.one(sql + (self.lock_clause if lock else ""), session_id)
         if row is None:
             raise NotFoundError(f"no session with id {session_id!r}", path=self.where)
+        if live and row[7] is not None:
+            raise NotFoundError(f"session {row[1]} ({row[0]}) was removed", path=self.where)
         return row
 
-    def _resolve(self, tx: Tx, ref: str) -> Any:
+    def _resolve(self, tx: Tx, ref: str, include_removed: bool = False) -> Any:
         if not isinstance(ref, str) or not ref:
             raise UsageError(f"session reference must be a non-empty string, not {ref!r}")
-        base = f"SELECT {SESSION_COLS} FROM torpor_sessions WHERE "
-        row = tx.one(base + "id = ?", ref) or tx.one(base + "name = ?", ref)
+        base = self._session_sql + " WHERE "
+        row = tx.one(base + "s.id = ?", ref) or tx.one(base + "s.name = ?", ref)
         if row is not None:
+            if row[7] is not None and not include_removed:
+                raise NotFoundError(f"session {row[1]} ({row[0]}) was removed", path=self.where)
             return row
         if len(ref) >= MIN_PREFIX:
+            live = "" if include_removed else " AND r.removed_at IS NULL"
             rows = tx.all(
-                base + "substr(id, 1, CAST(? AS INTEGER)) = ? ORDER BY created_at, id LIMIT 6",
+                base
+                + "substr(s.id, 1, CAST(? AS INTEGER)) = ?"
+                + live
+                + " ORDER BY s.created_at, s.id LIMIT 6",
                 len(ref),
                 ref,
             )
@@ -241,6 +292,157 @@ class SQLContextLog(ContextLog):
     def _last_seq(tx: Tx, session_id: str, parent_seq: int | None) -> int:
         (top,) = tx.one("SELECT MAX(seq) FROM torpor_entries WHERE session_id = ?", session_id)
         return int(top) if top is not None else (parent_seq or 0)
+
+    # -- the chain (see torpor.context.chain) -------------------------------------------
+
+    def _parent_seq(self, tx: Tx, session_id: str) -> int:
+        pseq = self._pseq.get(session_id)
+        if pseq is None:
+            row = tx.one("SELECT parent_seq FROM torpor_sessions WHERE id = ?", session_id)
+            pseq = self._pseq[session_id] = int(row[0] or 0) if row is not None else 0
+        return pseq
+
+    def _chain_at(self, tx: Tx, session_id: str, seq: int) -> bytes:
+        """The stored chain value of entry ``seq`` of ``session_id``'s visible log."""
+        row = tx.one(
+            VISIBLE + "SELECT e.chain FROM torpor_entries e JOIN chain c ON e.session_id = c.sid"
+            " WHERE e.seq = ? AND (c.hi IS NULL OR e.seq <= c.hi)",
+            session_id,
+            seq,
+        )
+        if row is None or row[0] is None:
+            raise ChainError(
+                f"context log of session {session_id}: entry {seq} is missing",
+                session_id=session_id,
+                seq=seq,
+                where=self.where,
+            )
+        return bytes(row[0])
+
+    def _base(self, tx: Tx, session_id: str, anchor: bytes | None = None) -> bytes:
+        """What ``session_id``'s first own entry chains onto.  ``anchor``: the chain of
+        the entry at its fork point, when the caller already holds it."""
+        row = tx.one(
+            "SELECT id, name, created_at, parent_id, parent_seq, "
+            + self.text_of.format("meta")
+            + " FROM torpor_sessions WHERE id = ?",
+            session_id,
+        )
+        if row is None:
+            raise NotFoundError(f"no session with id {session_id!r}", path=self.where)
+        sid, name, created, parent_id, parent_seq, meta_text = row
+        if anchor is None:
+            if parent_id is None:
+                anchor = GENESIS
+            elif not parent_seq:
+                anchor = self._base(tx, parent_id)
+            else:
+                anchor = self._chain_at(tx, parent_id, int(parent_seq))
+        canon = canonical_session(sid, name, float(created), parent_id, parent_seq, meta_text)
+        return session_base(self._key, anchor, canon)
+
+    def _mac_of(self, row: Any, prev: bytes) -> bytes:
+        """The chain value row (``self._entry_cols`` order) must carry after ``prev``."""
+        canon = canonical_entry(row[0], row[1], row[2], row[6], row[4], float(row[5]), row[3])
+        return entry_mac(self._key, prev, canon)
+
+    def _check(
+        self, tx: Tx, session_id: str, rows: list[Any], pred: Any | None
+    ) -> Iterator[tuple[int, str]]:
+        """Problems ``(seq, why)`` of ``rows`` (visible, seq order), given ``pred``, the
+        visible row just before them (None: they start at seq 1)."""
+        prev_seq = 0 if pred is None else pred[1]
+        prev_chain: bytes | None = None if pred is None else pred[7]
+        for r in rows:
+            owner, seq, stored = r[0], r[1], r[7]
+            if seq != prev_seq + 1:
+                yield prev_seq + 1, f"entries {prev_seq + 1}..{seq - 1} are missing"
+            if seq - 1 == self._parent_seq(tx, owner):
+                anchor = bytes(prev_chain) if prev_chain is not None and seq > 1 else None
+                prev = self._base(tx, owner, anchor)
+            else:
+                prev = GENESIS if prev_chain is None else bytes(prev_chain)
+            if stored is None:
+                yield seq, "it has no chain value"
+            elif not hmac.compare_digest(self._mac_of(r, prev), bytes(stored)):
+                yield (
+                    seq,
+                    (
+                        f"its MAC does not match ({r[2]} entry of session {owner}): its content,"
+                        " place or session record changed after it was written, or this"
+                        " home's key is not the one that wrote it"
+                    ),
+                )
+            prev_seq, prev_chain = seq, stored
+
+    def _raise_broken(self, session_id: str, seq: int, why: str) -> None:
+        raise ChainError(
+            f"context log of session {session_id} fails verification at entry {seq}: {why};"
+            f" refusing to use it (run `torpor session verify` for every break)",
+            session_id=session_id,
+            seq=seq,
+            where=self.where,
+        )
+
+    def migrate_chain(self, tx: Tx) -> int:
+        """Compute and store the chain of every existing entry (schema 1 -> 2), parents'
+        entries before their forks'.  The caller holds the write transaction, has added
+        the column and lifted the UPDATE trigger.  Returns the number of rows."""
+        sessions = tx.all(
+            "SELECT id, name, created_at, parent_id, parent_seq, "
+            + self.text_of.format("meta")
+            + " FROM torpor_sessions ORDER BY created_at, id"
+        )
+        by_id = {r[0]: r for r in sessions}
+        chains: dict[tuple[str, int], bytes] = {}
+        bases: dict[str, bytes] = {}
+
+        def visible_chain(sid: str, seq: int) -> bytes:
+            while seq <= int(by_id[sid][4] or 0):  # inherited: the owner is an ancestor
+                sid = by_id[sid][3]
+            return chains[(sid, seq)]
+
+        def base(sid: str) -> bytes:
+            if sid not in bases:
+                _, name, created, pid, pseq, meta = by_id[sid]
+                if pid is None:
+                    anchor = GENESIS
+                elif not pseq:
+                    anchor = base(pid)
+                else:
+                    anchor = visible_chain(pid, int(pseq))
+                canon = canonical_session(sid, name, float(created), pid, pseq, meta)
+                bases[sid] = session_base(self._key, anchor, canon)
+            return bases[sid]
+
+        done: set[str] = set()
+
+        def do(sid: str) -> int:
+            if sid in done:
+                return 0
+            n = 0
+            pid = by_id[sid][3]
+            if pid is not None:
+                n += do(pid)
+            prev = base(sid)
+            rows = tx.all(
+                f"SELECT {self._entry_cols} FROM torpor_entries e WHERE e.session_id = ?"
+                " ORDER BY e.seq",
+                sid,
+            )
+            for r in rows:
+                prev = chains[(sid, r[1])] = self._mac_of(r, prev)
+                tx.run(
+                    "UPDATE torpor_entries SET chain = ? WHERE session_id = ? AND seq = ?",
+                    prev,
+                    sid,
+                    r[1],
+                )
+                n += 1
+            done.add(sid)
+            return n
+
+        return sum(do(r[0]) for r in sessions)
 
     # -- the API ------------------------------------------------------------------------
 
@@ -274,8 +476,10 @@ class SQLContextLog(ContextLog):
                     )
             if tx.one("SELECT id FROM torpor_sessions WHERE id = ?", sid) is not None:
                 raise ConflictError(f"a session with id {sid!r} already exists")
-            if tx.one("SELECT id FROM torpor_sessions WHERE name = ?", name) is not None:
-                raise ConflictError(f"a session named {name!r} already exists")
+            taken = tx.one(self._session_sql + " WHERE s.name = ?", name)
+            if taken is not None:
+                gone = " (a removed session; names are not reused)" if taken[7] else ""
+                raise ConflictError(f"a session named {name!r} already exists{gone}")
             now = time.time()
             tx.run(INSERT_SESSION, sid, name, now, parent_id, fork_seq, meta_text, SCHEMA_VERSION)
         return SessionRecord(
@@ -288,13 +492,14 @@ class SQLContextLog(ContextLog):
             schema_version=SCHEMA_VERSION,
         )
 
-    def get_session(self, ref: str) -> SessionRecord:
+    def get_session(self, ref: str, *, include_removed: bool = False) -> SessionRecord:
         with self._tx("get session") as tx:
-            return self._session(self._resolve(tx, ref))
+            return self._session(self._resolve(tx, ref, include_removed))
 
-    def list_sessions(self) -> list[SessionRecord]:
+    def list_sessions(self, *, include_removed: bool = False) -> list[SessionRecord]:
+        live = "" if include_removed else " WHERE r.removed_at IS NULL"
         with self._tx("list sessions") as tx:
-            rows = tx.all(f"SELECT {SESSION_COLS} FROM torpor_sessions ORDER BY created_at, id")
+            rows = tx.all(self._session_sql + live + " ORDER BY s.created_at, s.id")
         return [self._session(r) for r in rows]
 
     def append(
@@ -307,34 +512,92 @@ class SQLContextLog(ContextLog):
         key: str | None = None,
     ) -> Entry:
         kind = check_kind(kind)
+        if kind is Kind.REMOVED:
+            raise UsageError("a removed entry is written by remove_session, not append")
         check_turn(turn)
         check_key(key)
         text, size = encode_json(payload, f"{kind.value} payload")
         with self._tx("append", write=True) as tx:
-            srow = self._session_row(tx, session_id, lock=True)
-            if key is not None:
-                old = tx.one(
-                    f"SELECT {ENTRY_COLS} FROM torpor_entries e"
-                    " WHERE e.session_id = ? AND e.key = ?",
-                    session_id,
-                    key,
-                )
-                if old is not None:
-                    return self._entry(old)
-            seq = self._last_seq(tx, session_id, srow[4]) + 1
-            if kind is Kind.SUPERSEDE:
-                check_supersede(decode_json(text), seq)
-            now = time.time()
-            tx.run(INSERT_ENTRY, session_id, seq, kind.value, text, size, key, turn, now)
-        return Entry(session_id, seq, kind, decode_json(text), key, now, turn)
+            return self._append(tx, session_id, kind, text, size, turn, key)
 
-    def entries(self, session_id: str, *, after: int = 0, limit: int | None = None) -> list[Entry]:
-        if not isinstance(after, int) or after < 0:
-            raise UsageError(f"after must be an integer >= 0, not {after!r}")
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
-            raise UsageError(f"limit must be None or an integer >= 0, not {limit!r}")
+    def _append(
+        self,
+        tx: Tx,
+        session_id: str,
+        kind: Kind,
+        text: str,
+        size: int,
+        turn: int,
+        key: str | None,
+    ) -> Entry:
+        srow = self._session_row(tx, session_id, lock=True, live=True)
+        if key is not None:
+            old = tx.one(
+                f"SELECT {self._entry_cols} FROM torpor_entries e"
+                " WHERE e.session_id = ? AND e.key = ?",
+                session_id,
+                key,
+            )
+            if old is not None:
+                return self._entry(old)
+        top = tx.one(
+            "SELECT seq, chain FROM torpor_entries WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+            session_id,
+        )
+        if top is not None:
+            seq, prev = int(top[0]) + 1, bytes(top[1])
+        else:  # the first own entry: it chains onto the session's base
+            seq, prev = (srow[4] or 0) + 1, self._base(tx, session_id)
+        if kind is Kind.SUPERSEDE:
+            check_supersede(decode_json(text), seq)
+        stored = self._stored_text(tx, text)
+        now = time.time()
+        chain = entry_mac(
+            self._key, prev, canonical_entry(session_id, seq, kind.value, turn, key, now, stored)
+        )
+        tx.run(INSERT_ENTRY, session_id, seq, kind.value, text, size, key, turn, now, chain)
+        return Entry(session_id, seq, kind, decode_json(stored), key, now, turn, chain)
+
+    def remove_session(self, session_id: str, reason: str = "removed") -> Entry:
+        """Mark a session removed: append its ``removed`` tombstone and record the flag,
+        in one transaction.  Nothing is deleted; forks keep their inherited prefix.
+
+        Raises NotFoundError (no such session, or already removed).
+        """
+        text, size = encode_json({"reason": reason}, "removed payload")
+        with self._tx("remove session", write=True) as tx:
+            srow = self._session_row(tx, session_id, lock=True, live=True)
+            turn_row = tx.one(
+                "SELECT MAX(turn) FROM torpor_entries WHERE session_id = ?", session_id
+            )
+            turn = int(turn_row[0] or 0) if turn_row is not None else 0
+            e = self._append(tx, session_id, Kind.REMOVED, text, size, turn, None)
+            tx.run(
+                "INSERT INTO torpor_removed (session_id, removed_at, seq) VALUES (?, ?, ?)",
+                srow[0],
+                e.created_at,
+                e.seq,
+            )
+        return e
+
+    def own_entries(self, session_id: str, kind: Kind) -> list[Entry]:
+        """``session_id``'s own entries of one ``kind`` (removed sessions too), not
+        chain-checked (a kind's rows have gaps): bookkeeping such as which snapshots
+        a removed session's checkpoints name, never what a session acts on."""
+        kind = check_kind(kind)
+        with self._tx("read entries") as tx:
+            self._session_row(tx, session_id)
+            rows = tx.all(
+                f"SELECT {self._entry_cols} FROM torpor_entries e"
+                " WHERE e.session_id = ? AND e.kind = ? ORDER BY e.seq",
+                session_id,
+                kind.value,
+            )
+        return [self._entry(r) for r in rows]
+
+    def _visible_rows(self, tx: Tx, session_id: str, after: int, limit: int | None) -> list[Any]:
         sql = (
-            VISIBLE + f"SELECT {ENTRY_COLS} FROM torpor_entries e JOIN chain c"
+            VISIBLE + f"SELECT {self._entry_cols} FROM torpor_entries e JOIN chain c"
             " ON e.session_id = c.sid"
             " WHERE e.seq > ? AND (c.hi IS NULL OR e.seq <= c.hi) ORDER BY e.seq"
         )
@@ -342,10 +605,37 @@ class SQLContextLog(ContextLog):
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
+        return tx.all(sql, *params)
+
+    def entries(self, session_id: str, *, after: int = 0, limit: int | None = None) -> list[Entry]:
+        if not isinstance(after, int) or after < 0:
+            raise UsageError(f"after must be an integer >= 0, not {after!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"limit must be None or an integer >= 0, not {limit!r}")
         with self._tx("read entries") as tx:
             self._session_row(tx, session_id)
-            rows = tx.all(sql, *params)
+            # the row at `after` too: the new rows are checked against its chain value
+            start = max(after - 1, 0)
+            rows = self._visible_rows(
+                tx, session_id, start, None if limit is None else limit + (after - start)
+            )
+            pred = None
+            if after and rows and rows[0][1] == after:
+                pred, rows = rows[0], rows[1:]
+            elif after and rows:
+                self._raise_broken(session_id, after, "the entry is missing")
+            for seq, why in self._check(tx, session_id, rows, pred):
+                self._raise_broken(session_id, seq, why)
         return [self._entry(r) for r in rows]
+
+    def verify(self, session_id: str) -> list[tuple[int, str]]:
+        """Every break of ``session_id``'s visible chain as ``(seq, why)``; [] = intact.
+        Works on removed sessions too."""
+        with self._tx("verify context log") as tx:
+            self._session_row(tx, session_id)
+            rows = self._visible_rows(tx, session_id, 0, None)
+            out = list(self._check(tx, session_id, rows, None))
+        return out
 
     def last_seq(self, session_id: str) -> int:
         with self._tx("read last seq") as tx:

@@ -22,9 +22,10 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from torpor import failpoints
 from torpor.context.errors import ContextError
 from torpor.context.model import SCHEMA_VERSION
-from torpor.context.sql import SQLContextLog
+from torpor.context.sql import SQLContextLog, Tx
 from torpor.fsutil import fsync_dir
 
 __all__ = ["DDL", "SQLiteContextLog"]
@@ -61,6 +62,7 @@ DDL = [
         key TEXT,
         turn INTEGER NOT NULL CHECK (turn >= 0),
         created_at REAL NOT NULL,
+        chain BLOB NOT NULL CHECK (length(chain) = 32),
         PRIMARY KEY (session_id, seq),
         UNIQUE (session_id, key)
     )""",
@@ -69,20 +71,30 @@ DDL = [
     _refuse("UPDATE", "torpor_sessions"),
     _refuse("DELETE", "torpor_sessions"),
 ]
+# schema 2's removal flags (also what a schema-1 database gains when migrated)
+DDL_REMOVED = [
+    """CREATE TABLE IF NOT EXISTS torpor_removed (
+        session_id TEXT PRIMARY KEY NOT NULL REFERENCES torpor_sessions (id),
+        removed_at REAL NOT NULL,
+        seq INTEGER NOT NULL
+    )""",
+    _refuse("UPDATE", "torpor_removed"),
+    _refuse("DELETE", "torpor_removed"),
+]
 
 
 class SQLiteContextLog(SQLContextLog):
     backend = "sqlite"
     db_errors = (sqlite3.Error,)
 
-    def __init__(self, path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
-        """Open (creating if needed) the log at ``path``.
+    def __init__(self, path: Path, *, key: bytes, busy_timeout: float = BUSY_TIMEOUT_S):
+        """Open (creating if needed) the log at ``path``; ``key`` signs its chain.
 
         Raises ContextError (cannot create, not a database, no WAL support),
         SchemaVersionError (written by a newer torpor).
         """
         self.path = Path(path)
-        super().__init__(str(self.path))
+        super().__init__(str(self.path), key)
         self._conn = self._open(busy_timeout)
 
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
@@ -135,18 +147,35 @@ class SQLiteContextLog(SQLContextLog):
                     "SELECT value FROM torpor_meta WHERE key = 'schema_version'"
                 ).fetchone()
                 value = row[0] if row else None
-            if self.check_schema_version(value) is None:
-                for stmt in DDL:
+            found = self.check_schema_version(value)
+            if found is None:
+                for stmt in DDL + DDL_REMOVED:
                     conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO torpor_meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+            elif found == 1:
+                self._migrate_1_to_2(conn)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.rollback()
             raise
+
+    def _migrate_1_to_2(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, inside the caller's write transaction: add the chain column,
+        compute every entry's chain (the one UPDATE the log ever allows: the trigger
+        is lifted and put back within this transaction), add ``torpor_removed``."""
+        conn.execute("ALTER TABLE torpor_entries ADD COLUMN chain BLOB")
+        conn.execute("DROP TRIGGER IF EXISTS torpor_entries_no_update")
+        self.migrate_chain(Tx(conn, self._translate))
+        conn.execute(_refuse("UPDATE", "torpor_entries"))
+        for stmt in DDL_REMOVED:
+            conn.execute(stmt)
+        conn.execute(
+            "UPDATE torpor_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -154,6 +183,7 @@ class SQLiteContextLog(SQLContextLog):
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield conn
+            failpoints.hit("log.write" if write else "log.read", exc=sqlite3.OperationalError)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
