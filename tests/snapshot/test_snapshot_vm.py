@@ -141,5 +141,5 @@ def test_bad_cases(vms, tools_image, paths) -> None:
     assert {v.name for v in mgr.list()} == before
     r = torpor_cli("verify")
     assert r.returncode == 10 and victim.encode() in r.stdout
-    assert torpor_cli("restore", "no-such-snapshot").returncode == 2  # not an id at all
+    assert torpor_cli("restore", "no-such-snapshot").returncode == 3  # no such id or tag
     assert torpor_cli("restore", "0123456789ab").returncode == 3  # an id nobody has

@@ -810,6 +810,23 @@ def _store() -> Any:
     return ChunkStore(paths.store)
 
 
+def _store_io(f: Any) -> Any:
+    """Snapshot commands: an OSError (a read-only or full home) is a StoreError naming
+    the path, not a traceback."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        from torpor.store.errors import io_error
+
+        try:
+            return f(*args, **kw)
+        except OSError as e:
+            raise io_error(e, f.__name__.replace("_", " "), None) from e
+
+    return wrapper
+
+
 @cli.group(cls=_DefaultGroup, context_settings=CONTEXT)
 def snapshot() -> None:
     """Snapshot a running VM (memory, processes, disk) into the store.
@@ -859,27 +876,56 @@ def _snap_row(m: Any) -> dict[str, Any]:
 
 @snapshot.command(name="inspect", context_settings=CONTEXT)
 @click.argument("snap")
+@_store_io
 def snapshot_inspect(snap: str) -> None:
-    """Show a snapshot's parent, sizes and chunks as JSON."""
-    click.echo(json.dumps(_snap_row(_store().get(snap)), indent=2, default=str))
+    """Show a snapshot's parent, sizes and chunks as JSON (SNAP: id, id prefix or tag)."""
+    from torpor.store import ManifestError
+
+    store = _store()
+    snap_id = store.resolve_id(snap)
+    try:
+        m = store.get(snap_id)
+    except ManifestError as e:
+        raise ManifestError(
+            f"snapshot {snap_id[:12]} is damaged and cannot be shown ({e.message}); "
+            f"`torpor snapshot rm {snap_id[:12]}` removes it",
+            step="snapshot inspect",
+            path=e.path,
+        ) from e
+    click.echo(json.dumps(_snap_row(m), indent=2, default=str))
 
 
 @snapshot.command(name="rm", context_settings=CONTEXT)
 @click.argument("snaps", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True, help="Remove even if other snapshots build on it.")
+@_store_io
 def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
-    """Remove snapshots (their chunks go at the next `torpor gc`)."""
-    store = _store()
+    """Remove snapshots (id, id prefix or tag; damaged ones too) and their caches.
+
+    Their chunks go at the next `torpor gc`.  A removed snapshot stays removed, even
+    if its manifest file is copied back.
+    """
+    from torpor.snapshot.core import remove_snapshot
+
+    failed: TorporError | None = None
+    mgr = _manager()
     for s in snaps:
-        store.remove(s, force=force)
-        click.echo(s)
+        try:
+            click.echo(remove_snapshot(mgr, s, force=force))
+        except TorporError as e:  # the others are still removed, like `docker rm`
+            err_console.print(f"[red]torpor:[/red] {e}", markup=True, highlight=False)
+            failed = failed or e
+    if failed is not None:
+        sys.exit(failed.exit_code)
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("vm", required=False)
+@_store_io
 def snapshots(vm: str | None) -> None:
-    """List snapshots (of VM, if given)."""
-    rows = [_snap_row(m) for m in _store().list()]
+    """List snapshots (of VM, if given); damaged ones are listed as DAMAGED."""
+    good, bad = _store().scan()
+    rows = [_snap_row(m) for m in good]
     if vm:
         rows = [r for r in rows if r["vm"] == vm]
     t = Table(box=None, header_style="bold", pad_edge=False)
@@ -895,7 +941,16 @@ def snapshots(vm: str | None) -> None:
             human_size(r["sizes"].get("memory", 0)),
             human_size(r["sizes"].get("disk", 0)),
         )
+    for snap_id, _ in bad if not vm else ():
+        t.add_row(snap_id[:12], "?", "?", "[red]DAMAGED[/red]", "?", "?", "?")
     out_console.print(t)
+    for snap_id, e in bad:
+        err_console.print(
+            f"[yellow]torpor:[/yellow] snapshot {snap_id[:12]} is damaged: {e.message} "
+            f"(`torpor snapshot rm {snap_id[:12]}` removes it)",
+            markup=True,
+            highlight=False,
+        )
 
 
 @cli.command(context_settings=CONTEXT)
@@ -913,8 +968,10 @@ def snapshots(vm: str | None) -> None:
     metavar="[IP:]HOST:GUEST[/PROTO]",
     help="Forward a host port (the snapshot's own forwards are not inherited).",
 )
+@_store_io
 def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -> None:
-    """Bring a snapshot back as a running VM: same processes, memory and disk."""
+    """Bring a snapshot (id, id prefix or tag) back as a running VM: same processes,
+    memory and disk."""
     from torpor.snapshot import restore as do_restore
     from torpor.vmm.manager import parse_port
 
@@ -939,6 +996,7 @@ def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -
     metavar="[IP:]HOST:GUEST[/PROTO]",
     help="Forward a host port (with -n 1 only; forwards are not inherited).",
 )
+@_store_io
 def fork(
     snap: str, count: int, name_prefix: str | None, cold: bool, publish: tuple[str, ...]
 ) -> None:
@@ -963,9 +1021,14 @@ def fork(
     show_default=True,
     help="Keep chunks younger than this (seconds), whatever references them.",
 )
+@_store_io
 def gc(grace: int) -> None:
-    """Delete chunks no snapshot references (safe while snapshots are being taken)."""
-    r = _store().gc(grace_seconds=grace)
+    """Delete chunks no snapshot references (safe while snapshots are being taken),
+    and the caches of removed snapshots."""
+    from torpor.snapshot.core import gc as do_gc
+
+    _store().close()  # the same checks and errors as the other snapshot commands
+    r = do_gc(_manager(), grace)
     click.echo(
         f"deleted {r.chunks_deleted} chunks ({human_size(r.bytes_freed)}), kept "
         f"{r.chunks_kept} (+{r.chunks_kept_young} unreferenced but young or leased), "
@@ -974,9 +1037,22 @@ def gc(grace: int) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@_store_io
 def verify() -> None:
-    """Re-hash every chunk and check every manifest; name what is damaged."""
-    r = _store().verify()
+    """Re-hash every chunk, check every manifest and every cached snapshot file; name
+    what is damaged (a bad cache is rebuilt from the store)."""
+    from torpor.snapshot.core import verify_caches
+
+    store = _store()
+    r = store.verify()
+    for c in verify_caches(_manager(), store):
+        if c.orphan:
+            click.echo(f"cache of snapshot {c.snapshot[:12]} had no valid snapshot: deleted")
+        else:
+            what = "rebuilt from the store" if c.repaired else "deleted"
+            click.echo(
+                f"cache of snapshot {c.snapshot[:12]} was damaged ({', '.join(c.bad)}): {what}"
+            )
     click.echo(
         f"checked {r.chunks_checked} chunks ({human_size(r.bytes_checked)}) and "
         f"{r.manifests_checked} snapshots"

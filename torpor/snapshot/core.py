@@ -33,6 +33,20 @@ listed (the store's commit protocol), and a staging folder that the next snapsho
 reaps.  The shadow's ``snapshot`` tag is cleared before it is modified and set only
 after a commit, so a torn capture never passes for an incremental base.
 
+The hot cache is authenticated like the store: every file restored from it (the
+cache folder ``cache/snapshots/<id>/`` and a running VM's RAM shadow alike) is
+checked against the chunk hashes of the MAC-checked manifest before QEMU or the
+guest sees it — device state and disk after their copy into the new VM's private
+folder, RAM after the shim's copy into the new VM's RAM file (in the copy thread,
+while QEMU starts: :func:`torpor.vmm.capture.copy_shadow_of`).  A copy that does not
+match is never used: the restore falls back to the store, and the bad cache files
+are rebuilt from the store (``verify`` checks and rebuilds every cache).  What is
+checked is the private copy, not the cache file, so changing the cache during the
+check gains nothing.  A removed snapshot's cache goes with it (``rm``, ``gc``).
+
+Snapshot references: an id, an id prefix, or a tag (see
+:meth:`torpor.store.ChunkStore.get`).
+
 Forks (:func:`fork`) restore in parallel and then give each VM its own hostname and
 MAC.  The disk overlay names its base image by absolute path; a restore rebases it
 onto this host's copy of the image, so a store copied elsewhere restores there.
@@ -60,13 +74,15 @@ from torpor.agent.client import AgentClient, AgentRequestError
 from torpor.errors import (
     AgentError,
     ConflictError,
+    NotFoundError,
     StoreError,
     TorporError,
     UsageError,
     VMError,
 )
 from torpor.fsutil import atomic_write_bytes, locked
-from torpor.store import ChunkMissingError, ChunkStore, Manifest
+from torpor.store import ChunkMissingError, ChunkStore, GcReport, Manifest
+from torpor.store.errors import io_error
 from torpor.vmm.capture import (
     CAPTURE,
     CAPTURE_END,
@@ -360,6 +376,131 @@ def _drop_cache(d: Path) -> None:
         shutil.rmtree(tomb, ignore_errors=True)
 
 
+RAM_MISMATCH = "does not match its snapshot"  # the shim's error for a bad cached RAM copy
+
+
+def _drop_cache_file(f: Path) -> None:
+    """Unlink one cached file (a restore holding it open or linked keeps its copy)."""
+    with contextlib.suppress(OSError):
+        f.unlink()
+
+
+def _repair_cache_file(cached: Path, good: Path) -> None:
+    """Replace a cached file that failed its check with ``good`` (from the store)."""
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.repair")
+    try:
+        sparse_copy(good, tmp)
+        os.replace(tmp, cached)
+    except OSError:  # cannot rebuild it: at least never offer it again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _drop_cache_file(cached)
+
+
+@dataclass(frozen=True)
+class CacheCheck:
+    """What :func:`verify_caches` found for one cache folder."""
+
+    snapshot: str
+    bad: tuple[str, ...] = ()  # artifacts that did not match the manifest
+    repaired: bool = False  # rebuilt from the store (else dropped)
+    orphan: bool = False  # its snapshot is gone or unreadable: the folder was deleted
+
+
+def verify_caches(mgr: VMManager, store: ChunkStore | None = None) -> list[CacheCheck]:
+    """Check every hot cache file against its manifest; rebuild bad ones from the
+    store (dropped if the store cannot provide them); delete caches whose snapshot
+    is gone.  Only problems are returned."""
+    root = mgr.paths.snapshot_cache
+    if not root.is_dir():
+        return []
+    own = store is None
+    store = store or _store(mgr)
+    out: list[CacheCheck] = []
+    try:
+        live = set(store.ids())
+        for d in sorted(root.iterdir()):
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            try:
+                if d.name not in live:
+                    raise NotFoundError(f"no snapshot {d.name}")
+                m = store.get(d.name)
+            except TorporError:  # removed, or damaged: nothing to check the cache against
+                _drop_cache(d)
+                out.append(CacheCheck(d.name, orphan=True))
+                continue
+            bad = []
+            for f in sorted(d.iterdir()):
+                art = m.artifacts.get(f.name)
+                try:
+                    if art is None or store.check_file(art, f):
+                        bad.append(f.name)
+                except OSError:
+                    bad.append(f.name)
+            if not bad:
+                continue
+            repaired = True
+            for name in bad:
+                art = m.artifacts.get(name)
+                try:
+                    if art is None:
+                        raise OSError(f"{name} is not an artifact of the snapshot")
+                    store.materialize(art, d / name, name=name, durable=False)
+                except (OSError, TorporError):
+                    _drop_cache_file(d / name)
+                    repaired = False
+            out.append(CacheCheck(d.name, tuple(bad), repaired))
+    finally:
+        if own:
+            store.close()
+    return out
+
+
+def remove_snapshot(mgr: VMManager, ref: str, force: bool = False) -> str:
+    """Remove snapshot ``ref`` (id, prefix or tag) and its hot cache; returns its id.
+
+    ConflictError if other snapshots build on it or a hibernated VM waits on it
+    (unless ``force``); StoreError naming the path if the home is read-only.
+    """
+    store = _store(mgr)
+    try:
+        snap_id = store.resolve_id(ref)
+        if not force:
+            waiting = [
+                v.name
+                for v in mgr.list()
+                if v.state.status == Status.HIBERNATED and last_snapshot(v) == snap_id
+            ]
+            if waiting:
+                raise ConflictError(
+                    f"snapshot {snap_id[:12]} is the hibernation of VM {', '.join(waiting)}"
+                    " (it resumes from it); remove the VM first or use force",
+                    step="remove snapshot",
+                )
+        store.remove(snap_id, force=force)
+    finally:
+        store.close()
+    _drop_cache(mgr.paths.snapshot_cache / snap_id)
+    return snap_id
+
+
+def gc(mgr: VMManager, grace_seconds: float) -> GcReport:
+    """The store's gc, then the hot caches of snapshots no longer present."""
+    store = _store(mgr)
+    try:
+        r = store.gc(grace_seconds=grace_seconds)
+        live = set(store.ids())
+    finally:
+        store.close()
+    root = mgr.paths.snapshot_cache
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and d.name not in live:
+                _drop_cache(d)
+    return r
+
+
 def restore(
     mgr: VMManager,
     snap: str,
@@ -378,7 +519,10 @@ def restore(
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
     # a VM record made through the normal create path (name link, overlay, config)...
     check_ports(ports)  # a taken port: a clear error before anything is made
-    vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False)
+    try:
+        vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False)
+    except OSError as e:  # e.g. a read-only home
+        raise io_error(e, "restore: create the VM", mgr.paths.root) from e
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
         vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)
@@ -390,8 +534,16 @@ def restore(
             mgr.remove(vm.id, force=True)
         if not cold and "changed during the restore" in str(e):
             # the running VM whose memory we copied snapshotted again meanwhile
-            return restore(mgr, snap, name=name, cold=True, ports=ports)
+            return restore(mgr, manifest.id, name=name, cold=True, ports=ports)
+        if not cold and RAM_MISMATCH in str(e):
+            # the cached RAM did not match the manifest: never used; the store has it
+            _drop_cache_file(mgr.paths.snapshot_cache / manifest.id / "memory")
+            return restore(mgr, manifest.id, name=name, cold=True, ports=ports)
         raise
+    except OSError as e:
+        with contextlib.suppress(TorporError):
+            mgr.remove(vm.id, force=True)
+        raise io_error(e, "restore", vm.dir) from e
     except BaseException:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
@@ -422,6 +574,7 @@ def fork(
         raise UsageError("a fork needs a count of at least 1")
     if ports and count > 1:
         raise UsageError("one host port cannot serve several forks: use -p with -n 1")
+    snap = _store(mgr).resolve_id(snap)  # once: a tag lookup reads every manifest
     names = [f"{name_prefix}-{i}" if name_prefix else None for i in range(1, count + 1)]
     made: list[VM] = []
     errors: list[BaseException] = []
@@ -502,15 +655,21 @@ def place_snapshot(
     own = vm.files.shadow
     foreign = None if cold else find_shadow(mgr, manifest.id)
     if not cold and (cache / "memory").exists():
-        # 1. the disk cache of a hibernation; a hard link pins it against eviction
+        # 1. the disk cache of a hibernation; a hard link pins it against eviction.
+        # Its meta names the snapshot so the shim's copy is checked against it, and
+        # marks it one-shot: gone once it has also seeded this VM's shadow.
         src = vm.dir / "ram.src"
-        with contextlib.suppress(FileNotFoundError):
-            src.unlink()
+        remove_shadow(src)
         try:
             os.link(cache / "memory", src)
         except OSError:  # another filesystem: copy now
             sparse_copy(cache / "memory", src)
+        write_meta(
+            src.with_name(src.name + ".json"),
+            {"snapshot": manifest.id, "store": str(store.root), "once": True},
+        )
         info["ram_from"] = src.name
+        info["ram_snapshot"] = manifest.id
     elif foreign is not None and foreign != own:
         # 2. a running VM's shadow that still equals the snapshot (copied under its lock)
         info["ram_from"] = str(foreign)
@@ -522,17 +681,24 @@ def place_snapshot(
         write_meta(vm.files.shadow_meta, {"snapshot": manifest.id, "capture": None})
         info["ram_from"] = str(own)
         info["shadow_ready"] = True
-    else:  # our own shadow already is the snapshot
+    else:  # our own shadow already is the snapshot (checked while the shim copies it)
         info["ram_from"] = str(own)
+        info["ram_snapshot"] = manifest.id
         info["shadow_ready"] = True
     for art, dest in (
         ("disk", vm.files.disk),
         ("devstate", vm.dir / "devstate"),
     ):
         if not cold and (cache / art).exists():
+            # the private copy is what is checked, and what QEMU gets
             tmp = dest.with_name(dest.name + ".restoring")
             sparse_copy(cache / art, tmp)
-            os.replace(tmp, dest)
+            if not store.check_file(manifest.artifacts[art], tmp):
+                os.replace(tmp, dest)
+                continue
+            tmp.unlink()
+            store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
+            _repair_cache_file(cache / art, dest)
         else:
             store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
     if not cold and cache.exists():
@@ -611,4 +777,15 @@ def rebase_disk(mgr: VMManager, vm: VM) -> None:
 def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
     """A hibernated VM starts by restoring its last snapshot in place."""
     store = _store(mgr)
-    place_snapshot(mgr, store, store.get(last_snapshot(vm)), vm, cold)
+    m = store.get(last_snapshot(vm))
+    mem = mgr.paths.snapshot_cache / m.id / "memory"
+    if not cold and mem.exists():
+        # checked here too (the shim checks its copy as well): a bad cache must make
+        # this wake come from the store, not fail it
+        try:
+            bad = store.check_file(m.artifacts["memory"], mem)
+        except OSError:
+            bad = [0]
+        if bad:
+            _drop_cache_file(mem)
+    place_snapshot(mgr, store, m, vm, cold)

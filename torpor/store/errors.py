@@ -21,7 +21,9 @@ tells the user everything that is damaged.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
+from pathlib import Path
 
 from torpor.errors import (
     ChunkCorruptError,
@@ -42,6 +44,7 @@ __all__ = [
     "ManifestVersionError",
     "StoreError",
     "chunk_error",
+    "io_error",
 ]
 
 
@@ -52,3 +55,16 @@ def chunk_error(
     missing, corrupt = tuple(missing), tuple(corrupt)
     cls = ChunkMissingError if missing else ChunkCorruptError
     return cls(artifact=artifact, missing=missing, corrupt=corrupt, step=step, path=path)
+
+
+def io_error(e: OSError, step: str, path: Path | str | None) -> StoreError:
+    """An OSError as a StoreError that names the path and says why: a read-only or
+    full home must read as that, not as a traceback."""
+    where = e.filename or path
+    why = e.strerror or str(e)
+    hint = ""
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = " (is the torpor home read-only or not yours?)"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = " (the disk is full)"
+    return StoreError(f"cannot write {where}: {why}{hint}", step=step, path=where)

@@ -58,11 +58,27 @@ Why gc is safe while writers run (local filesystem, one kernel clock):
   can name a chunk gc deleted.
 
 Clock steps backwards can shrink the lease window; ``grace_seconds`` is the backstop.
+
+Removal is final: :meth:`ChunkStore.remove` first writes a tombstone
+``snapshots/<id>.removed`` (fsynced), then unlinks the manifest.  Every lookup,
+listing, ``verify`` and ``gc`` treats an id with a tombstone as gone, and ``gc``
+deletes a manifest file found next to its tombstone; so a removed manifest copied
+back into the folder (its MAC still verifies: the MAC binds content, not presence)
+does not resurrect the snapshot or keep its chunks alive.  Tombstones are empty
+files and are kept.  A damaged manifest never stops listing or removal:
+:meth:`ChunkStore.scan` returns the good ones and names the bad ones, and
+:meth:`ChunkStore.remove` removes a damaged one by id or id prefix.
+
+Snapshot references (:meth:`ChunkStore.get`): a whole id, an id prefix, or a tag
+(``meta["tag"]``, matched exactly); a reference matching more than one snapshot is a
+ConflictError listing the candidates.  I/O failures (a read-only or full disk) are
+StoreErrors naming the path, never bare OSErrors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import tempfile
@@ -74,10 +90,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torpor import fsutil
+import blake3
+
+from torpor import failpoints, fsutil
 from torpor.errors import ConflictError, NotFoundError, UsageError
 from torpor.store import chunks as ck
-from torpor.store.errors import ChunkMissingError, StoreError, chunk_error
+from torpor.store.errors import ChunkMissingError, ManifestError, StoreError, chunk_error
+from torpor.store.errors import io_error as _io_error
 from torpor.store.lease import create_lease, read_leases, release_lease
 from torpor.store.manifest import (
     KIND_VM_SNAPSHOT,
@@ -355,6 +374,7 @@ class ChunkStore:
         fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
+                failpoints.hit("store.chunk_write")
                 f.write(frame)
                 f.flush()
                 os.fdatasync(f.fileno())  # data first: a renamed chunk is never torn
@@ -669,73 +689,160 @@ class ChunkStore:
         self._synced_dirs |= dirs | {""}
 
     def _write_manifest(self, dest: Path, data: bytes) -> None:
+        failpoints.hit("store.manifest_write")
         fsutil.atomic_write_bytes(dest, data, mode=0o600)
 
     # -- lookup ----------------------------------------------------------------
 
+    def _tombstone_path(self, snap_id: str) -> Path:
+        return self.snapshots_dir / f"{snap_id}.removed"
+
+    def _scan_names(self) -> tuple[list[str], set[str]]:
+        """(ids with a manifest file and no tombstone, ids with a tombstone)."""
+        ids, removed = [], set()
+        try:
+            names = [p.name for p in self.snapshots_dir.iterdir()]
+        except OSError as e:
+            raise _io_error(e, "list snapshots", self.snapshots_dir) from e
+        for name in names:
+            if name.startswith("."):
+                continue
+            if name.endswith(".manifest"):
+                ids.append(name[: -len(".manifest")])
+            elif name.endswith(".removed"):
+                removed.add(name[: -len(".removed")])
+        return sorted(i for i in ids if i not in removed), removed
+
     def _manifest_ids(self) -> list[str]:
-        out = []
-        for p in self.snapshots_dir.iterdir():
-            name = p.name
-            if name.endswith(".manifest") and not name.startswith("."):
-                out.append(name[: -len(".manifest")])
-        return sorted(out)
+        return self._scan_names()[0]
+
+    def ids(self) -> list[str]:
+        """Ids of every snapshot present and not removed, damaged ones included."""
+        return self._manifest_ids()
+
+    def is_removed(self, snap_id: str) -> bool:
+        """Whether ``snap_id`` was removed (a tombstone exists; see module doc)."""
+        return self._tombstone_path(snap_id).exists()
 
     def load(self, path: Path) -> Manifest:
-        """Authenticate and parse one manifest file (ManifestError / ManifestAuthError)."""
+        """Authenticate and parse one manifest file (ManifestError / ManifestAuthError).
+
+        A removed snapshot's manifest (tombstoned; e.g. copied back) is NotFoundError.
+        """
         path = Path(path)
+        stem = path.name[: -len(".manifest")] if path.name.endswith(".manifest") else None
+        if stem is not None and path.parent == self.snapshots_dir and self.is_removed(stem):
+            raise NotFoundError(
+                f"snapshot {stem[:12]} was removed", step="load manifest", path=path
+            )
         try:
             data = path.read_bytes()
         except FileNotFoundError as e:
             raise NotFoundError(f"no such manifest: {path}", step="load manifest") from e
-        stem = path.name[: -len(".manifest")] if path.name.endswith(".manifest") else None
+        except OSError as e:  # a directory, unreadable file, I/O error: damaged, not a crash
+            raise ManifestError(
+                f"manifest cannot be read: {e.strerror or e}", step="load manifest", path=path
+            ) from e
         return decode_manifest(self._key, data, source=path, expect_id=stem)
 
-    def get(self, ref: str) -> Manifest:
-        """The snapshot whose id is ``ref`` or starts with it (NotFoundError / ConflictError)."""
-        ref = ref.strip().lower()
-        if not ref or not all(c in "0123456789abcdef" for c in ref):
-            raise UsageError(f"not a snapshot id or id prefix: {ref!r}")
-        if len(ref) == ck.HASH_HEX_LEN:  # a whole id: no listing (stores hold 1000s)
-            hits = [ref] if self._manifest_path(ref).exists() else []
-        else:
-            hits = [i for i in self._manifest_ids() if i.startswith(ref)]
+    def scan(self) -> tuple[list[Manifest], list[tuple[str, StoreError]]]:
+        """Every snapshot that loads, oldest first, and ``(id, error)`` for every
+        manifest file that does not: one damaged manifest hides nothing else."""
+        good: list[Manifest] = []
+        bad: list[tuple[str, StoreError]] = []
+        for i in self._manifest_ids():
+            try:
+                good.append(self.load(self._manifest_path(i)))
+            except NotFoundError:
+                continue  # removed meanwhile
+            except StoreError as e:
+                bad.append((i, e))
+        good.sort(key=lambda m: (m.created, m.id))
+        return good, bad
+
+    def _resolve(self, ref: str) -> tuple[list[str], list[Manifest]]:
+        """(ids matching ``ref`` as a whole id or id prefix, snapshots tagged ``ref``)."""
+        raw = ref.strip()
+        if not raw:
+            raise UsageError("an empty snapshot reference")
+        low = raw.lower()
+        is_hex = all(c in "0123456789abcdef" for c in low)
+        whole = is_hex and len(low) == ck.HASH_HEX_LEN
+        if whole and self._manifest_path(low).exists() and not self.is_removed(low):
+            return [low], []  # a whole id: no listing (stores hold 1000s)
+        ids = [i for i in self._manifest_ids() if i.startswith(low)] if is_hex else []
+        tagged = [m for m in self.scan()[0] if m.meta.get("tag") == raw]
+        return ids, tagged
+
+    def resolve_id(self, ref: str) -> str:
+        """The one snapshot id ``ref`` names (id, id prefix or tag), even if its
+        manifest is damaged (so it can be removed). NotFoundError / ConflictError."""
+        ids, tagged = self._resolve(ref)
+        hits = sorted(set(ids) | {m.id for m in tagged})
         if not hits:
-            raise NotFoundError(f"no snapshot {ref}", step="get snapshot", path=self.root)
+            raise NotFoundError(f"no snapshot {ref.strip()!r}", step="get snapshot", path=self.root)
         if len(hits) > 1:
-            shown = ", ".join(h[:12] for h in hits[:5])
+            tags = {m.id: m.meta.get("tag", "") for m in tagged}
+            shown = ", ".join(
+                h[:12] + (f" (tag {tags[h]!r})" if tags.get(h) else "") for h in hits[:10]
+            )
+            more = f" and {len(hits) - 10} more" if len(hits) > 10 else ""
             raise ConflictError(
-                f"snapshot prefix {ref} is ambiguous ({len(hits)} match: {shown})",
+                f"snapshot reference {ref.strip()!r} is ambiguous: {len(hits)} snapshots match "
+                f"({shown}{more}); use a longer id",
                 step="get snapshot",
             )
-        return self.load(self._manifest_path(hits[0]))
+        return hits[0]
+
+    def get(self, ref: str) -> Manifest:
+        """The snapshot ``ref`` names: its id, an id prefix, or its tag (exact).
+
+        NotFoundError (none), ConflictError (several: the candidates are listed),
+        ManifestError (it is damaged).
+        """
+        return self.load(self._manifest_path(self.resolve_id(ref)))
 
     def list(self) -> list[Manifest]:
-        """Every snapshot, oldest first. Raises on the first manifest that fails to load."""
-        ms = [self.load(self._manifest_path(i)) for i in self._manifest_ids()]
-        return sorted(ms, key=lambda m: (m.created, m.id))
+        """Every snapshot that loads, oldest first (:meth:`scan` also names the bad ones)."""
+        return self.scan()[0]
 
-    def remove(self, ref: str, *, force: bool = False) -> Manifest:
-        """Delete a snapshot's manifest (chunks go at the next gc); returns it.
+    def remove(self, ref: str, *, force: bool = False) -> Manifest | None:
+        """Remove a snapshot for good (chunks go at the next gc); returns its manifest,
+        or None if the manifest was damaged (it is removed all the same).
 
-        Raises ConflictError if another snapshot names it as parent, unless ``force``.
+        A tombstone is written before the manifest goes (see module doc), so a copy of
+        the manifest put back later stays removed.  Raises ConflictError if another
+        snapshot names it as parent, unless ``force``; StoreError naming the path if
+        the store cannot be written (e.g. a read-only home).
         """
-        m = self.get(ref)
+        snap_id = self.resolve_id(ref)
+        m: Manifest | None
+        try:
+            m = self.load(self._manifest_path(snap_id))
+        except NotFoundError:
+            raise
+        except StoreError:
+            m = None  # damaged: nothing can build on what cannot be read
         if not force:
             children = []
             for i in self._manifest_ids():
-                with contextlib.suppress(StoreError):
-                    if self.load(self._manifest_path(i)).parent == m.id:
+                with contextlib.suppress(StoreError, NotFoundError):
+                    if self.load(self._manifest_path(i)).parent == snap_id:
                         children.append(i)
             if children:
                 raise ConflictError(
-                    f"snapshot {m.id[:12]} is the parent of {', '.join(c[:12] for c in children)}"
-                    "; remove those first or use force",
+                    f"snapshot {snap_id[:12]} is the parent of "
+                    f"{', '.join(c[:12] for c in children)}; remove those first or use force",
                     step="remove snapshot",
                 )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._manifest_path(m.id))
-        fsutil.fsync_dir(self.snapshots_dir)
+        tomb = self._tombstone_path(snap_id)
+        try:
+            fsutil.atomic_write_bytes(tomb, b"")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._manifest_path(snap_id))
+            fsutil.fsync_dir(self.snapshots_dir)
+        except OSError as e:
+            raise _io_error(e, "remove snapshot", tomb) from e
         return m
 
     # -- read back -------------------------------------------------------------
@@ -798,6 +905,49 @@ class ChunkStore:
             raise
         if durable:
             fsutil.fsync_dir(dest.parent)
+
+    def check_file(self, artifact: Artifact, path: Path) -> list[int]:
+        """Indexes of the chunks of file ``path`` that differ from ``artifact`` (all of
+        them if its size differs): how an uncompressed copy outside the store (the hot
+        cache, a RAM shadow) is authenticated against a MAC-checked manifest.
+
+        Only chunks holding data are read and hashed (holes are zero chunks), so the
+        cost is one BLAKE3 pass over the data.  OSError if the file cannot be read.
+        """
+        n = len(artifact.chunks)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size != artifact.size:
+                return list(range(n))
+            if size == 0:
+                return []
+            cs = artifact.chunk_size
+            data: set[int] = set()
+            pos = 0
+            while pos < size:  # extents holding data (a hole reads as zeros)
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                data.update(range(start // cs, (end - 1) // cs + 1))
+                pos = end
+            bad = [i for i, h in enumerate(artifact.chunks) if h is not None and i not in data]
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    for i in sorted(data):
+                        off, ln = artifact.span(i)
+                        got = blake3.blake3(view[off : off + ln]).hexdigest()
+                        want = artifact.chunks[i]
+                        if got != (want if want is not None else ck.zero_hash(ln)):
+                            bad.append(i)
+                finally:
+                    view.release()
+            return sorted(bad)
+        finally:
+            os.close(fd)
 
     def read_range(
         self, artifact: Artifact, offset: int, length: int, *, name: str | None = None
@@ -912,7 +1062,18 @@ class ChunkStore:
         """
         if grace_seconds < 0:
             raise UsageError("grace_seconds must be >= 0")
+        try:
+            return self._gc(grace_seconds)
+        except OSError as e:
+            raise _io_error(e, "gc", self.root) from e
+
+    def _gc(self, grace_seconds: float) -> GcReport:
         with self._gc_lock(shared=False):
+            # removed snapshots' manifests put back (copied in) stay removed: drop them
+            _, removed = self._scan_names()
+            for i in removed:
+                with contextlib.suppress(FileNotFoundError):
+                    self._manifest_path(i).unlink()
             now_ns = time.time_ns()
             live, stale = 0, 0
             cutoff = now_ns - int(grace_seconds * 1e9)

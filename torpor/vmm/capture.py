@@ -328,19 +328,71 @@ def vouch_for_shadow(shadow: Path, capture_id: str, snapshot_id: str) -> bool:
 
 
 def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: bool = False) -> int:
-    """Copy another VM's shadow that equals ``snapshot_id``, holding its lock shared.
+    """Copy a RAM source that equals ``snapshot_id`` (another VM's shadow, or a
+    restore's ``ram.src`` from the hibernation cache), holding its lock shared, and
+    check the copy against the snapshot's MAC-checked manifest (chunk hashes) before
+    anyone uses it: the cache is trusted no more than the store.
 
-    Raises VMError if it no longer equals that snapshot (its VM captured again).
+    Raises VMError if the source no longer equals that snapshot (its VM captured
+    again), or if the copy does not match the manifest (the message contains
+    "does not match its snapshot"; the source is then no longer vouched for).  A
+    one-shot source (meta ``once``) is removed after it has seeded a shadow.
     """
     from torpor.errors import VMError
 
+    meta_path = src.with_name(src.name + ".json")
     with locked(src.with_name(src.name + ".lock"), shared=True):
-        if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snapshot_id:
+        meta = read_meta(meta_path)
+        if meta.get("snapshot") != snapshot_id:
             raise VMError(
                 f"the cached memory of snapshot {snapshot_id[:12]} changed during the restore",
                 step="restore: copy RAM",
             )
-        return sparse_copy(src, dst, into_existing=into_existing)
+        n = sparse_copy(src, dst, into_existing=into_existing)
+    bad = _check_ram_copy(dst, snapshot_id, _store_root(src, meta))
+    if bad:
+        # never vouch for it again (a capture of its VM re-reads everything)
+        with locked(src.with_name(src.name + ".lock"), shared=False):
+            if read_meta(meta_path).get("snapshot") == snapshot_id:
+                write_meta(meta_path, {**meta, "snapshot": None, "capture": None})
+        raise VMError(
+            f"the cached memory {src} does not match its snapshot {snapshot_id[:12]} "
+            f"({len(bad)} chunks differ, first at offset {bad[0]}); it was not used",
+            step="restore: copy RAM",
+        )
+    if meta.get("once") and dst.name.endswith("shadow"):
+        remove_shadow(src)
+    return n
+
+
+def _store_root(src: Path, meta: dict[str, Any]) -> Path | None:
+    """The store holding the manifest of a RAM source: named in its meta, else the
+    home of its folder (a home's RAM folder names it; a VM folder is home/vms/<id>)."""
+    if isinstance(meta.get("store"), str):
+        return Path(meta["store"])
+    try:
+        return Path((src.parent / "home").read_text()) / "store"
+    except (OSError, ValueError):
+        pass
+    if src.parent.parent.name == "vms":
+        return src.parent.parent.parent / "store"
+    return None
+
+
+def _check_ram_copy(dst: Path, snapshot_id: str, store_root: Path | None) -> list[int]:
+    """Offsets of the chunks of ``dst`` that differ from the snapshot's memory
+    artifact ([0] if the manifest cannot be had: fail closed)."""
+    from torpor.errors import TorporError
+    from torpor.store import ChunkStore
+
+    if store_root is None:
+        return [0]
+    try:
+        store = ChunkStore(store_root)
+        mem = store.get(snapshot_id).artifacts["memory"]
+        return [i * mem.chunk_size for i in store.check_file(mem, dst)]
+    except (TorporError, KeyError, OSError):
+        return [0]
 
 
 def remove_shadow(shadow: Path) -> None:
