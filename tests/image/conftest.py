@@ -12,7 +12,10 @@ distribution v2.8's ``token.VerifySigningKey`` needs (``x5c`` chain verified
 against the bundle; ``kid`` would instead need a libtrust key id).  No
 credentials -> an anonymous token without access; wrong ones -> 401.
 
-Both are session scoped: under pytest-xdist every worker starts its own.
+``basic_registry``: the same binary with ``auth: htpasswd`` (HTTP basic auth; a
+bcrypt entry made by ``htpasswd -B`` from apache2-utils, the only hash it accepts).
+
+All are session scoped: under pytest-xdist every worker starts its own.
 Nothing here talks to the internet.
 """
 
@@ -240,6 +243,38 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
         _stop(reg.proc)
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------
+# basic auth
+
+
+BASIC_USER = "alice"
+BASIC_PASSWORD = "pw-for-alice"
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The same binary with ``auth: htpasswd`` (bcrypt entries only, from ``htpasswd -B``)."""
+    base = tmp_path_factory.mktemp("basic-registry")
+    try:
+        line = subprocess.run(
+            ["htpasswd", "-Bbn", BASIC_USER, BASIC_PASSWORD],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.fail(f"htpasswd failed (apt-get install apache2-utils): {e}")
+    htpasswd = base / "htpasswd"
+    htpasswd.write_text(line + "\n")
+    auth = f"auth:\n  htpasswd:\n    realm: torpor-test-basic\n    path: {htpasswd}\n"
+    reg = _start_registry(base, auth)
+    reg.username, reg.password = BASIC_USER, BASIC_PASSWORD
+    try:
+        yield reg
+    finally:
+        _stop(reg.proc)
 
 
 # ---------------------------------------------------------------------------

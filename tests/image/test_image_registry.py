@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import socket
@@ -329,82 +328,36 @@ def test_blob_already_present_is_not_downloaded(
     assert [r.split()[0] for r in spy_requests] == ["GET"]  # the manifest only
 
 
-class _Body(httpx.SyncByteStream):
-    def __init__(self, data: bytes):
-        self._data = data
+def test_basic_auth(
+    tmp_path: Path, basic_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # distribution's own htpasswd auth: the client is challenged with Basic, answers it.
+    monkeypatch.delenv("TORPOR_REGISTRY_USER", raising=False)
+    monkeypatch.delenv("TORPOR_REGISTRY_PASSWORD", raising=False)
+    user, password = basic_registry.username, basic_registry.password
+    assert user and password
+    repo = unique("basic")
+    creds = basic_registry.creds
+    config, _ = push(tmp_path, basic_registry, f"{repo}:latest", b"basic", creds=creds)
+    ref = parse_reference(basic_registry.ref(f"{repo}:latest"))
+    seen: list[str] = []  # the Authorization header of every request (a spy, not a fake)
+    original = httpx.Client.send
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._data
-
-
-def _basic_auth_transport(
-    layers: list[bytes], config: dict, user: str, password: str
-) -> tuple[httpx.MockTransport, list[str]]:
-    """A registry that speaks only ``Basic`` auth.
-
-    distribution's htpasswd mode needs bcrypt files; this fakes the transport only,
-    with real manifest/config/layer bytes built by imagetools.
-    """
-    from imagetools import _media_type, config_bytes, sha256
-
-    cfg = config_bytes(config)
-    blobs = {sha256(cfg): cfg, **{sha256(x): x for x in layers}}
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(cfg),
-                "size": len(cfg),
-            },
-            "layers": [
-                {"mediaType": _media_type(x), "digest": sha256(x), "size": len(x)} for x in layers
-            ],
-        }
-    ).encode()
-    good = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    seen: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
+    def send(self: httpx.Client, request: httpx.Request, **kwargs: object) -> httpx.Response:
         seen.append(request.headers.get("Authorization", ""))
-        if request.headers.get("Authorization") != good:
-            return httpx.Response(
-                401,
-                headers={"WWW-Authenticate": 'Basic realm="Registry Realm"'},
-                json={"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
-            )
-        path = request.url.path
-        if path.endswith("/manifests/latest"):
-            return httpx.Response(
-                200,
-                content=manifest,
-                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
-            )
-        digest = path.rsplit("/", 1)[-1]
-        if "/blobs/" in path and digest in blobs:
-            return httpx.Response(200, stream=_Body(blobs[digest]))  # streamed, like a socket
-        return httpx.Response(404, json={"errors": [{"code": "BLOB_UNKNOWN", "message": ""}]})
+        return original(self, request, **kwargs)  # type: ignore[arg-type]
 
-    return httpx.MockTransport(handler), seen
-
-
-def test_basic_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    layers, config = image_layers(b"basic")
-    transport, seen = _basic_auth_transport(layers, config, "alice", "pw")
-    ref = parse_reference("registry.example:5000/team/app:latest")
+    monkeypatch.setattr(httpx.Client, "send", send)
     blobs = BlobStore(tmp_path / "blobs")
-    with RegistryClient(
-        ref.registry, username="alice", password="pw", transport=transport
-    ) as client:
+    with RegistryClient(ref.registry, username=user, password=password) as client:
         resolved = client.pull(ref, blobs)
     assert resolved.config_digest == f"sha256:{image_id(config)}"
-    assert all(blobs.has(d) for d in resolved.layer_digests)
-    assert seen[0] == "" and seen[1].startswith("Basic ")
-    wrong = RegistryClient(ref.registry, username="alice", password="nope", transport=transport)
-    with wrong, pytest.raises(RegistryError, match="refused user 'alice'"):
+    assert resolved.layer_digests and all(blobs.has(d) for d in resolved.layer_digests)
+    basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert seen[0] == "" and set(seen[1:]) == {basic}, seen
+    wrong = RegistryClient(ref.registry, username=user, password="nope")
+    with wrong, pytest.raises(RegistryError, match=f"refused user '{user}'"):
         wrong.pull(ref, BlobStore(tmp_path / "b2"))
-    monkeypatch.delenv("TORPOR_REGISTRY_USER", raising=False)
-    anonymous = RegistryClient(ref.registry, transport=transport)
+    anonymous = RegistryClient(ref.registry)
     with anonymous, pytest.raises(RegistryError, match="requires a username and password"):
         anonymous.pull(ref, BlobStore(tmp_path / "b3"))
