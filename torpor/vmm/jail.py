@@ -417,32 +417,108 @@ def prepare(
     home: Path,
     vm_id: str,
     vm_dir: Path,
+    argv: list[str],
     *,
     kernel: Path,
     initrd: Path,
     disk: Path,
     ram: Path,
-    console: Path,
-    qmp_sock: Path,
-    ctl_sock: Path,
     memory_mib: int,
     cpus: int,
     accel: str,
-) -> Plan:
-    """Set up files, sockets and cgroups for one jailed QEMU.  Raises JailError."""
+) -> tuple[list[str], Plan]:
+    """Set up files, sockets and cgroups for one jailed QEMU; returns QEMU's argv with
+    every socket and log it would create turned into an inherited fd.  Raises JailError."""
+    fds: list[int] = []
     try:
         return _prepare(
-            home, vm_id, vm_dir, kernel, initrd, disk, ram, console, qmp_sock, ctl_sock,
-            memory_mib, cpus, accel,
+            home, vm_id, vm_dir, argv, kernel, initrd, disk, ram, memory_mib, cpus, accel, fds
         )
-    except OSError as e:
-        raise JailError(f"cannot prepare QEMU's jail: {e}", step="jail", path=vm_dir) from e
+    except BaseException as e:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if isinstance(e, OSError):
+            raise JailError(f"cannot prepare QEMU's jail: {e}", step="jail", path=vm_dir) from e
+        raise
+
+
+def _opts(value: str) -> tuple[str, dict[str, str]]:
+    """A QEMU option string "backend,k=v,..." (no ",," escapes: refused)."""
+    if ",," in value:
+        raise JailError(f"cannot jail a QEMU option with an escaped comma: {value!r}", step="jail")
+    head, *rest = value.split(",")
+    return head, dict(kv.partition("=")[::2] for kv in rest)
+
+
+def _join(head: str, opts: dict[str, str]) -> str:
+    return ",".join([head, *(f"{k}={v}" if v else k for k, v in opts.items())])
+
+
+def rewrite_argv(argv: list[str], vm_dir: Path, fds: list[int]) -> list[str]:
+    """Turn every file QEMU would create in the VM folder into an fd the shim opened:
+    listening unix sockets (``-chardev socket,path=…,server=on``, ``-qmp unix:…``) are
+    bound here (root-owned, under umask 077) and passed as ``fd=N``; ``-chardev file``
+    logs are opened here and passed through ``-add-fd`` / ``/dev/fdset/N``.  Anything
+    else that would make QEMU create a file is refused, loudly."""
+
+    def where(p: str) -> Path:
+        return Path(p) if p.startswith("/") else vm_dir / p
+
+    def listen(p: str) -> int:
+        s = _listen(where(p))
+        fd = s.detach()
+        fds.append(fd)
+        return fd
+
+    out: list[str] = []
+    sets = 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        v = argv[i + 1] if i + 1 < len(argv) else ""
+        if a == "-chardev":
+            head, o = _opts(v)
+            if head == "socket" and "path" in o:
+                if o.get("server") not in ("on", "yes", "true"):
+                    raise JailError(f"cannot jail a client socket chardev: {v!r}", step="jail")
+                o["fd"] = str(listen(o.pop("path")))
+                v = _join(head, o)
+            elif head == "file" and "path" in o:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+                flags |= os.O_APPEND if o.get("append") in ("on", "yes", "true") else os.O_TRUNC
+                fd = os.open(where(o["path"]), flags, 0o600)
+                fds.append(fd)
+                sets += 1
+                out += ["-add-fd", f"fd={fd},set={sets}"]
+                o["path"] = f"/dev/fdset/{sets}"
+                v = _join(head, o)
+            elif "path" in o or head in ("pipe", "serial", "parallel", "pty"):
+                raise JailError(f"cannot jail chardev {v!r}", step="jail")
+            out += [a, v]
+            i += 2
+            continue
+        if a == "-qmp":
+            if not v.startswith("unix:"):
+                raise JailError(f"cannot jail -qmp {v!r}", step="jail")
+            head, o = _opts(v[len("unix:") :])
+            cid = f"jailqmp{i}"
+            o = {"id": cid, "fd": str(listen(head)), **{k: x for k, x in o.items() if k != "id"}}
+            out += ["-chardev", _join("socket", o), "-mon", f"chardev={cid},mode=control"]
+            i += 2
+            continue
+        host_file = v.split(":", 1)[0] in ("file", "unix", "pipe")
+        if a in ("-pidfile", "-D") or (a in ("-serial", "-monitor") and host_file):
+            raise JailError(f"cannot jail {a} {v!r}", step="jail")
+        out.append(a)
+        i += 1
+    return out
 
 
 def _prepare(
-    home: Path, vm_id: str, vm_dir: Path, kernel: Path, initrd: Path, disk: Path, ram: Path,
-    console: Path, qmp_sock: Path, ctl_sock: Path, memory_mib: int, cpus: int, accel: str,
-) -> Plan:
+    home: Path, vm_id: str, vm_dir: Path, argv: list[str], kernel: Path, initrd: Path,
+    disk: Path, ram: Path, memory_mib: int, cpus: int, accel: str, fds: list[int],
+) -> tuple[list[str], Plan]:
     uid, gid, shared = ids_for(home, vm_id)
     vm_dir = vm_dir.resolve()
     mountpoint = vm_dir / MOUNTPOINT
@@ -485,10 +561,8 @@ def _prepare(
     for p in (disk, ram):
         _own(p, uid, gid)
         binds.append(Bind(str(p.resolve()), writable=True))
-    # no host folder is writable by QEMU: sockets and the console are passed as fds
-    qmp = _listen(qmp_sock)
-    ctl = _listen(ctl_sock)
-    con = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # no host folder is writable by QEMU: sockets and logs are passed as fds
+    argv = rewrite_argv(argv, vm_dir, fds)
     key = f"{hashlib.blake2b(str(home).encode(), digest_size=6).hexdigest()}-{vm_id}"
     memory = memory_mib * (1 << 20) + MEM_OVERHEAD
     cg = _setup_cgroups(key, memory, cpus)
@@ -516,21 +590,15 @@ def _prepare(
         symlinks=symlinks,
         cgroup_procs=procs,
         record=record,
-        pass_fds=[qmp.detach(), ctl.detach(), con],
+        pass_fds=list(fds),
     )
-    plan.fds_to_close = list(plan.pass_fds)
+    plan.fds_to_close = list(fds)
     atomic_write_json(vm_dir / JAIL_FILE, record)
-    return plan
+    return argv, plan
 
 
 def record_unjailed(vm_dir: Path, reason: str) -> None:
     atomic_write_json(vm_dir / JAIL_FILE, {"applied": False, "reason": reason})
-
-
-def argv_fds(plan: Plan) -> tuple[int, int, int]:
-    """(qmp listening fd, control listening fd, console fd) to put in QEMU's argv."""
-    q, c, con = plan.pass_fds
-    return q, c, con
 
 
 def close_parent_fds(plan: Plan) -> None:
@@ -664,29 +732,26 @@ def as_dict(plan: Plan) -> dict[str, Any]:
 # -- the hook in torpor.vmm.launch ------------------------------------------------------
 
 
-def for_launch(home: Path, cfg: Any, files: Any, spec: Any) -> tuple[Any, Plan | None]:
-    """(spec with the jail's fds, plan) for a VM about to start, or (spec, None)
-    when no jail applies (then ``jail.json`` says why)."""
-    import dataclasses
-
+def for_launch(
+    home: Path, cfg: Any, files: Any, spec: Any, argv: list[str]
+) -> tuple[list[str], Plan | None]:
+    """(QEMU's argv, plan) for a VM about to start: the argv with its sockets and logs
+    as inherited fds when jailed; (argv, None) when no jail applies (``jail.json``
+    then says why)."""
     on, why = wanted()
     if not on:
         record_unjailed(files.dir, why)
-        return spec, None
-    plan = prepare(
+        return argv, None
+    return prepare(
         home,
         cfg.id,
         files.dir,
+        argv,
         kernel=spec.kernel,
         initrd=spec.initrd,
         disk=files.disk,
         ram=files.ram,
-        console=files.console_log,
-        qmp_sock=files.qmp_sock,
-        ctl_sock=files.ctl_sock,
         memory_mib=cfg.memory_mib,
         cpus=cfg.cpus,
         accel=spec.accel,
     )
-    q, c, con = argv_fds(plan)
-    return dataclasses.replace(spec, qmp_fd=q, ctl_fd=c, console_fd=con), plan

@@ -113,8 +113,8 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
             files.ram.unlink()
     from torpor.vmm import jail
 
-    spec, plan = jail.for_launch(paths.root, cfg, files, spec)  # None: not jailed
     argv = build_argv(spec)
+    argv, plan = jail.for_launch(paths.root, cfg, files, spec, argv)  # plan None: not jailed
     (files.dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
     try:
         with open(files.qemu_log, "ab") as qlog:

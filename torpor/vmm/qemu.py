@@ -60,11 +60,6 @@ class MachineSpec:
     ram_shared: bool = True
     incoming: bool = False
     extra_append: tuple[str, ...] = field(default_factory=tuple)
-    # set by the jail (torpor.vmm.jail): QMP/control listening sockets and the console
-    # log opened by the shim and inherited, since a jailed QEMU can create no files
-    qmp_fd: int | None = None
-    ctl_fd: int | None = None
-    console_fd: int | None = None
 
 
 def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
@@ -88,20 +83,6 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
     if spec.network:
         append.append("torpor.net=1")
     append += spec.extra_append
-    # jailed (spec.*_fd set): inherited fds instead of paths QEMU would create or open
-    fd_args: tuple[str, ...] = ()
-    console = str(spec.console_log)
-    if spec.console_fd is not None:
-        fd_args, console = ("-add-fd", f"fd={spec.console_fd},set=1"), "/dev/fdset/1"
-    qmp_args = ("-qmp", f"unix:{spec.qmp_socket},server=on,wait=off")
-    if spec.qmp_fd is not None:
-        qmp_args = (
-            "-chardev",
-            f"socket,id=qmp,fd={spec.qmp_fd},server=on,wait=off",
-            "-mon",
-            "chardev=qmp,mode=control",
-        )
-    ctl_addr = f"path={spec.ctl_socket}" if spec.ctl_fd is None else f"fd={spec.ctl_fd}"
     argv = [
         qemu or qemu_binary(),
         "-M",
@@ -128,12 +109,12 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         str(spec.initrd),
         "-append",
         " ".join(append),
-        *fd_args,
         "-chardev",
-        f"file,id=con,path={console}",
+        f"file,id=con,path={spec.console_log}",
         "-serial",
         "chardev:con",
-        *qmp_args,
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
         "-drive",
         f"id=root,file={spec.disk},format={spec.disk_format},if=none,"
         "cache=writeback,discard=unmap,aio=threads",
@@ -142,7 +123,7 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         "-device",
         "virtio-serial-device,max_ports=2",
         "-chardev",
-        f"socket,id=ctl,{ctl_addr},server=on,wait=off",
+        f"socket,id=ctl,path={spec.ctl_socket},server=on,wait=off",
         "-device",
         "virtserialport,chardev=ctl,name=torpor.ctl",
     ]
