@@ -58,7 +58,10 @@ def _manager():  # imported lazily: `torpor --help` must not need QEMU or the im
 def _fail(e: TorporError, code: int | None = None) -> NoReturn:
     # the message may quote a name, a ref or guest output: no raw control characters,
     # no rich markup taken from it
-    err_console.print(f"[red]torpor:[/red] {markup_safe(e)}", markup=True, highlight=False)
+    # soft_wrap: a path in the message stays on one line (copy-pasteable)
+    err_console.print(
+        f"[red]torpor:[/red] {markup_safe(e)}", markup=True, highlight=False, soft_wrap=True
+    )
     sys.exit(code if code is not None else e.exit_code)
 
 
@@ -600,6 +603,9 @@ def _status_text(vm: Any) -> str:
     st = vm.state
     s = st.status.value
     if s == "running":
+        if st.io_error:  # QEMU holds the guest paused: see `inspect` for the folder
+            why = "disk full" if "full" in st.io_error else "I/O error"
+            return f"Up {ago(st.started_at)} (paused: {why})"
         return f"Up {ago(st.started_at)}"
     if s in ("exited", "dead"):
         when = f" {ago(st.finished_at)} ago" if st.finished_at else ""
@@ -1172,6 +1178,62 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     if not lengths or min(lengths) < 1:
         raise UsageError("--turns wants positive numbers like 10,100,1000")
     result = run_sessions_bench(_paths(), image, lengths, lambda m: err_console.print(m))
+    _bench_output(result, json_out, print_table)
+
+
+@bench.command(name="faults", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option("--runs", default=200, show_default=True, help="Runs per fault.")
+@click.option(
+    "--faults",
+    "faults_",
+    default="kill-torpor,kill-shim,kill-qemu,kill-gc,enospc-store,eio-store,enospc-log,eio-log",
+    show_default=True,
+    help="Comma-separated fault classes.",
+)
+@click.option("--budget", type=float, help="Stop after this many seconds (shared by the faults).")
+@click.option("--seed", type=int, help="Random seed (printed; default: a random one).")
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    help="The campaign's torpor home (default: a fresh one under /tmp; needs root for mounts).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench-results/faults.json"),
+    show_default=True,
+)
+def bench_faults(
+    image: str,
+    runs: int,
+    faults_: str,
+    budget: float | None,
+    seed: int | None,
+    home: Path | None,
+    json_out: Path,
+) -> None:
+    """Crash and fault campaign: kill -9, ENOSPC and EIO during snapshot, restore, gc, send."""
+    from torpor.bench.faults import prepare_home, print_table, run_faults_bench
+
+    if runs < 1:
+        raise UsageError("--runs must be at least 1")
+    names = [f.strip() for f in faults_.split(",") if f.strip()]
+    paths = prepare_home(home, image)
+    err_console.print(f"[dim]campaign home {paths.root}[/dim]")
+    try:
+        result = run_faults_bench(
+            paths,
+            image,
+            names,
+            runs,
+            seed=seed,
+            budget_s=budget,
+            progress=lambda m: err_console.print(m, markup=False, highlight=False),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     _bench_output(result, json_out, print_table)
 
 

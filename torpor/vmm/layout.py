@@ -75,7 +75,7 @@ def reap_ram_dirs() -> None:
         for f in d.iterdir():
             vm_id = f.name.split(".", 1)[0]
             if (
-                f.name.endswith((".ram", ".shadow", ".shadow.json", ".shadow.lock"))
+                f.name.endswith((".ram", ".ram.ioerror", ".shadow", ".shadow.json", ".shadow.lock"))
                 and not (home / "vms" / vm_id).exists()
             ):
                 with contextlib.suppress(OSError):
@@ -126,6 +126,20 @@ class VMFiles:
     @property
     def qmp_sock(self) -> Path:
         return self.dir / "qmp.sock"
+
+    @property
+    def events_sock(self) -> Path:
+        """The shim's own QMP monitor (events: BLOCK_IO_ERROR, RESUME)."""
+        return self.dir / "events.sock"
+
+    @property
+    def io_error(self) -> Path:
+        """Set by the shim while QEMU holds the guest paused on a host I/O error.
+
+        Next to the RAM file (tmpfs when there is one), not in the VM folder: the
+        VM folder's filesystem is typically the one that is full.
+        """
+        return self.ram.with_name(self.ram.name + ".ioerror")
 
     @property
     def agent_sock(self) -> Path:

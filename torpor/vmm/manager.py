@@ -261,6 +261,12 @@ class VMManager:
             )
             with contextlib.suppress(OSError):
                 save_state(vm_dir, st)
+        if st.status.active and not st.io_error:
+            # the shim keeps it on tmpfs too: state.json cannot be rewritten on a full disk
+            with contextlib.suppress(OSError):
+                st = st.replace(io_error=VMFiles(vm_dir).io_error.read_text())
+        elif not st.status.active and st.io_error:
+            st = st.replace(io_error="")
         if st.status == Status.DEAD:  # nobody cleaned up after the shim: free its RAM
             from torpor.vmm.capture import remove_shadow
 

@@ -50,6 +50,9 @@ class MachineSpec:
     qmp_socket: Path
     ctl_socket: Path
     console_log: Path
+    # a second QMP monitor, for the shim alone: it stays connected to hear
+    # BLOCK_IO_ERROR / RESUME while captures use qmp_socket (one client per monitor)
+    events_socket: Path | None = None
     memory_mib: int = 512
     cpus: int = 1
     accel: str = "tcg"
@@ -116,8 +119,11 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         "-qmp",
         f"unix:{spec.qmp_socket},server=on,wait=off",
         "-drive",
+        # werror=enospc: a host filesystem that fills stops the guest (the shim reports
+        # it and resumes once there is room) instead of failing its writes; any other
+        # host I/O error, and every read error, is reported to the guest (rerror=report)
         f"id=root,file={spec.disk},format={spec.disk_format},if=none,"
-        "cache=writeback,discard=unmap,aio=threads",
+        "cache=writeback,discard=unmap,aio=threads,werror=enospc,rerror=report",
         "-device",
         "virtio-blk-device,drive=root",
         "-device",
@@ -127,6 +133,13 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         "-device",
         "virtserialport,chardev=ctl,name=torpor.ctl",
     ]
+    if spec.events_socket is not None:
+        argv += [
+            "-chardev",
+            f"socket,id=events,path={spec.events_socket},server=on,wait=off",
+            "-mon",
+            "chardev=events,mode=control",
+        ]
     if spec.network:
         netdev = "user,id=net0"
         for fwd in spec.hostfwd:

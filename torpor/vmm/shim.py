@@ -67,6 +67,8 @@ TERMINAL = {
     T.STAT: {T.FILEINFO},
 }
 PR_SET_PDEATHSIG = 1
+# free bytes on the disk's filesystem before a guest paused on ENOSPC is resumed
+RESUME_FREE = int(os.environ.get("TORPOR_RESUME_FREE_MIB", "16")) << 20
 
 
 def _terminal(req_type: int, reply_type: int) -> bool:
@@ -165,11 +167,18 @@ class Shim:
         self.shadow_init: asyncio.Future[None] | None = None
         self.restored_info: dict[str, Any] | None = None
         self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
+        self.io_error = ""  # why QEMU holds the guest paused (a full disk), or ""
+        self.events_task: asyncio.Task[None] | None = None
 
     # -- state -----------------------------------------------------------------------
     def set_state(self, **kw: Any) -> None:
         self.state = self.state.replace(**kw)
-        save_state(self.vm_dir, self.state)
+        try:
+            save_state(self.vm_dir, self.state)
+        except OSError as e:
+            # a full (or read-only) VM folder must not kill the supervisor of a running
+            # guest: the state stays in memory and is written with the next change
+            log.warning("cannot record state %s: %s", self.state.status, e)
 
     def report_ready(self, ok: bool, **info: Any) -> None:
         if self.ready_fd is None:
@@ -358,6 +367,9 @@ class Shim:
         if cid in client.ids:
             error(errno.EBUSY, f"request id {cid} is in use")
             return
+        if self.io_error:  # the guest is paused: it would not answer until space is back
+            error(errno.ENOSPC, f"VM {self.cfg.name} is paused: {self.io_error}")
+            return
         if self.stopping:
             error(errno.ESHUTDOWN, "VM is stopping")
             return
@@ -387,6 +399,9 @@ class Shim:
             return
         if self.capturing or self.paused_for is not None:
             error(errno.EBUSY, "a snapshot of this VM is already being taken")
+            return
+        if self.io_error:
+            error(errno.ENOSPC, f"VM {self.cfg.name} is paused: {self.io_error}")
             return
         if self.stopping or self.qemu_exited.is_set() or self.state.status != Status.RUNNING:
             error(errno.ESHUTDOWN, f"VM is {self.state.status}")
@@ -629,7 +644,7 @@ class Shim:
         self.qemu_exited.set()
 
     async def stop(self, timeout: float) -> None:
-        if self.main_gid and self.main_exit is None and not self.stopping:
+        if self.main_gid and self.main_exit is None and not self.stopping and not self.io_error:
             with contextlib.suppress(VMError):
                 self.to_guest(Frame(T.SIGNAL, self.main_gid, struct.pack("<I", signal.SIGTERM)))
             with contextlib.suppress(TimeoutError):
@@ -640,6 +655,79 @@ class Shim:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._main_done(), 2)
         await self.shutdown("stop requested")
+
+    # -- host I/O errors (a full disk) ------------------------------------------------------
+    async def watch_events(self) -> None:
+        """Hear QEMU's BLOCK_IO_ERROR / RESUME on the shim's own monitor.
+
+        With ``werror=enospc`` (see torpor.vmm.qemu) QEMU stops the guest when the
+        disk's host filesystem is full.  Without this the VM looked "Up" while frozen
+        and every exec or snapshot hung until its timeout.
+        """
+        from torpor.vmm import qmp
+
+        try:
+            async with qmp.session(
+                self.files.events_sock, "torpor-events", wait_until=time.monotonic() + 10
+            ) as q:
+                with q.listener(("BLOCK_IO_ERROR", "RESUME")) as events:
+                    async for ev in events:
+                        data = ev.get("data", {})
+                        if ev["event"] == "BLOCK_IO_ERROR" and data.get("action") == "stop":
+                            self.on_io_error(data, q)
+                        elif ev["event"] == "RESUME" and self.io_error:
+                            self.set_io_error("")
+        except TorporError as e:
+            log.warning("no QEMU event monitor: host I/O errors go unreported: %s", e)
+
+    def set_io_error(self, why: str) -> None:
+        self.io_error = why
+        marker = self.files.io_error
+        try:
+            if why:
+                marker.write_text(why)
+            else:
+                marker.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot record the I/O error marker: %s", e)
+        self.set_state(io_error=why)
+        log.warning("guest %s", f"paused: {why}" if why else "resumed")
+
+    def on_io_error(self, data: dict[str, Any], q: Any) -> None:
+        if self.io_error:
+            return
+        folder = self.files.disk.parent
+        if data.get("nospace"):
+            why = (
+                f"the filesystem holding its disk is full ({folder}); QEMU paused the guest, "
+                f"which resumes by itself once {RESUME_FREE >> 20} MiB there are free"
+            )
+        else:
+            why = f"host I/O error on its disk ({self.files.disk}): {data.get('reason', '?')}"
+        self.set_io_error(why)
+        asyncio.get_running_loop().create_task(self.resume_when_room(q))
+
+    async def resume_when_room(self, q: Any) -> None:
+        """``cont`` once the disk's filesystem has room; a guest that fills it again is
+        stopped again by QEMU (another BLOCK_IO_ERROR)."""
+        from torpor.vmm import qmp
+
+        while self.io_error and not self.qemu_exited.is_set() and not self.stopping:
+            await asyncio.sleep(1.0)
+            try:
+                st = os.statvfs(self.files.disk.parent)
+            except OSError:
+                continue
+            if st.f_bavail * st.f_frsize < RESUME_FREE:
+                continue
+            try:
+                status = await qmp.execute(q, "query-status")
+                if status.get("status") in ("io-error", "paused"):
+                    await qmp.execute(q, "cont")
+                if status.get("running"):
+                    self.set_io_error("")
+            except TorporError as e:
+                log.warning("cannot resume the guest: %s", e)
 
     async def _main_done(self) -> None:
         while self.main_exit is None and not self.qemu_exited.is_set():
@@ -652,11 +740,14 @@ class Shim:
         log.info("shutting down: %s", why)
         if not self.qemu_exited.is_set():
             self.set_state(status=Status.STOPPING)
+        if not self.qemu_exited.is_set() and not self.io_error:  # a paused guest cannot answer
             with contextlib.suppress(VMError, TimeoutError):
                 await self.request(T.SYNC, timeout=10)
             with contextlib.suppress(VMError, TimeoutError):
                 await self.request(T.SHUTDOWN, struct.pack("<I", 0), timeout=2)
-            for sig, wait in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+        if not self.qemu_exited.is_set():
+            first = 0.0 if self.io_error else 5.0
+            for sig, wait in ((None, first), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
                 if sig is not None and self.proc is not None and self.proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.send_signal(sig)
@@ -687,12 +778,17 @@ class Shim:
         server = await asyncio.start_unix_server(self.serve_client, self.files.agent_sock.name)
         os.chmod(self.files.agent_sock, 0o600)
         self.report_ready(True, accel=self.state.accel, boot_ms=self.state.boot_ms)
+        self.events_task = asyncio.get_running_loop().create_task(self.watch_events())
         if self.restored_info is not None:
             # after "ready": copying another 100s of MB must not compete with the
             # guest's first steps and the caller's wake-up on two cores
             self.start_shadow_init(self.restored_info)
         await self.qemu_exited.wait()
         server.close()
+        if self.events_task is not None:
+            self.events_task.cancel()
+        if self.io_error:
+            self.set_io_error("")
         assert self.proc is not None
         hibernated = (self.vm_dir / "hibernate").exists()
         if hibernated:
@@ -747,7 +843,14 @@ class Shim:
         return 0
 
     def cleanup(self) -> None:
-        for p in (self.files.ctl_sock, self.files.qmp_sock, self.files.agent_sock, self.files.ram):
+        for p in (
+            self.files.ctl_sock,
+            self.files.qmp_sock,
+            self.files.events_sock,
+            self.files.agent_sock,
+            self.files.ram,
+            self.files.io_error,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         from torpor.vmm.jail import remove_cgroups

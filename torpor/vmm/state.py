@@ -100,6 +100,9 @@ class VMState:
     error: str = ""
     boot_ms: float = 0.0
     main_id: int = 0  # the guest agent's request id of the main command (kept over restore)
+    # non-empty while QEMU holds the guest paused on a host I/O error (a full disk);
+    # the shim also keeps it in VMFiles.io_error, which a full disk cannot refuse
+    io_error: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
