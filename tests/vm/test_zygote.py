@@ -32,20 +32,27 @@ def _echo(mgr, vm) -> bytes:
         return c.exec(["echo", "hi"]).stdout
 
 
+def _shim_cmdline(vm) -> bytes:
+    return Path(f"/proc/{vm.state.shim_pid}/cmdline").read_bytes()
+
+
 def test_starts_with_and_without_the_zygote(vms, tools_image, paths, monkeypatch) -> None:
     mgr = vms.mgr
-    monkeypatch.setenv("TORPOR_NO_ZYGOTE", "1")
-    a = vms.run(tools_image, "sleep", "1000", name="no-zygote")
-    assert _echo(mgr, a) == b"hi\n"
-    monkeypatch.delenv("TORPOR_NO_ZYGOTE")
+    monkeypatch.delenv("TORPOR_NO_ZYGOTE", raising=False)
     b = vms.run(tools_image, "sleep", "1000", name="maybe-zygote")  # starts one if absent
     assert _echo(mgr, b) == b"hi\n"
     assert _wait_for(_sock(paths).exists)
     # now served by the zygote: the shim is forked from it, not exec'd
     c = vms.run(tools_image, "sleep", "1000", name="from-zygote")
     assert _echo(mgr, c) == b"hi\n"
-    shim_cmd = Path(f"/proc/{c.state.shim_pid}/cmdline").read_bytes()
-    assert b"torpor.vmm.zygote" in shim_cmd
+    assert b"torpor.vmm.zygote" in _shim_cmdline(c)
+    # TORPOR_NO_ZYGOTE bypasses the zygote that is there: the shim is exec'd
+    monkeypatch.setenv("TORPOR_NO_ZYGOTE", "1")
+    a = vms.run(tools_image, "sleep", "1000", name="no-zygote")
+    assert _echo(mgr, a) == b"hi\n"
+    assert _sock(paths).exists()
+    shim_cmd = _shim_cmdline(a)
+    assert b"torpor.vmm.launch" in shim_cmd and b"torpor.vmm.zygote" not in shim_cmd
 
 
 def test_a_stale_zygote_is_never_used(vms, tools_image, paths) -> None:
@@ -59,8 +66,7 @@ def test_a_stale_zygote_is_never_used(vms, tools_image, paths) -> None:
     try:
         vm = vms.run(tools_image, "sleep", "1000", name="after-edit")
         assert _echo(mgr, vm) == b"hi\n"
-        shim_cmd = Path(f"/proc/{vm.state.shim_pid}/cmdline").read_bytes()
-        assert b"torpor.vmm.launch" in shim_cmd  # the fallback, not the stale zygote
+        assert b"torpor.vmm.launch" in _shim_cmdline(vm)  # the fallback, not the stale zygote
     finally:
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert _echo(mgr, first) == b"hi\n"
