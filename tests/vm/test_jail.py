@@ -152,6 +152,18 @@ def test_opt_out_runs_qemu_unjailed_and_says_so(vms, tools_image, monkeypatch) -
     assert st["Uid"].split()[0] == "0"
     d = jail.describe(vms.mgr.get(vm.id).files.dir)
     assert d["applied"] is False and "TORPOR_JAIL=0" in d["reason"]
+    # the CLI flag, and what info / inspect say
+    monkeypatch.delenv("TORPOR_JAIL")
+    r = torpor_cli("--no-jail", "run", "-d", "--name", "no-jail-cli", tools_image, "sleep", "99")
+    assert r.returncode == 0, r.stderr
+    vms.ids.append(r.stdout.decode().strip())
+    r = torpor_cli("inspect", "no-jail-cli")
+    assert json.loads(r.stdout)[0]["Jail"]["applied"] is False
+    st = _status(_qemu_pid(vms.mgr, vms.mgr.get("no-jail-cli")))
+    assert st["Uid"].split()[0] == "0"
+    assert "--no-jail" in torpor_cli("--help").stdout.decode()
+    info = torpor_cli("info").stdout.decode()
+    assert "jail           on" in info and "multi-tenant TCG refused" in info
 
 
 def test_multi_tenant_entry_points_refuse_tcg_without_opt_in(monkeypatch) -> None:
@@ -166,3 +178,28 @@ def test_multi_tenant_entry_points_refuse_tcg_without_opt_in(monkeypatch) -> Non
     monkeypatch.setenv("TORPOR_ALLOW_TCG", "0")
     with pytest.raises(TCGRefusedError):
         jail.check_tcg_allowed("tcg", multi_tenant=True)
+
+
+def test_without_root_no_jail_is_said_and_forcing_it_fails(tmp_path) -> None:
+    """As an unprivileged user (setpriv, a real process): no jail, and every entry point
+    says so; TORPOR_JAIL=1 is an error rather than a silent downgrade."""
+    import subprocess
+    import sys
+
+    code = (
+        "from torpor.vmm import jail; import os; print(jail.host_summary());"
+        "os.environ['TORPOR_JAIL']='1'\n"
+        "try: jail.wanted()\nexcept Exception as e: print(type(e).__name__)"
+    )
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "TORPOR_JAIL"},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "not applied: torpor is not running as root (QEMU runs as this user)"
+    assert lines[1] == "JailError"

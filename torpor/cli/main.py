@@ -97,7 +97,19 @@ def human_size(n: float) -> str:
 @click.option(
     "--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames and show tracebacks."
 )
-def cli(debug: bool) -> None:
+@click.option(
+    "--no-jail",
+    is_flag=True,
+    help="Run QEMU without its jail (uid, namespaces, cgroup) for VMs this command starts "
+    "(= TORPOR_JAIL=0; the jail needs root and is on by default as root).",
+)
+@click.option(
+    "--allow-tcg",
+    is_flag=True,
+    help="Accept TCG, which is no security boundary, where a use may serve several "
+    "tenants (= TORPOR_ALLOW_TCG=1).",
+)
+def cli(debug: bool, no_jail: bool = False, allow_tcg: bool = False) -> None:
     """torpor runs OCI images in QEMU microVMs, Docker-style.
 
     \b
@@ -112,6 +124,11 @@ def cli(debug: bool) -> None:
     State lives in $TORPOR_HOME (default /var/lib/torpor as root,
     ~/.local/share/torpor otherwise).
     """
+    # through the environment: the VM's shim (forked by a zygote, or spawned) reads them
+    if no_jail:
+        os.environ["TORPOR_JAIL"] = "0"
+    if allow_tcg:
+        os.environ["TORPOR_ALLOW_TCG"] = "1"
     if debug:
         import logging
 
@@ -163,6 +180,12 @@ def info() -> None:
         rows.append(("isolation", qemu.ISOLATION[d["accel"]]))
     except TorporError as e:
         rows.append(("qemu", f"unusable: {e}"))
+    from torpor.vmm import jail
+
+    rows.append(("jail", jail.host_summary()))
+    rows.append(
+        ("multi-tenant TCG", "allowed (TORPOR_ALLOW_TCG)" if jail.tcg_allowed() else "refused")
+    )
     for k, v in rows:
         out_console.print(f"[bold]{k:14}[/bold] {v}")
 
@@ -393,13 +416,17 @@ def _build_request(
 
 
 def _announce_accel(vm: Any) -> None:
+    from torpor.vmm import jail
     from torpor.vmm.qemu import ISOLATION
 
+    j = jail.describe(vm.dir)
     if sys.stderr.isatty():
         err_console.print(
             f"[dim]torpor: {vm.name} runs under {vm.state.accel}; isolation: "
-            f"{ISOLATION.get(vm.state.accel, '?')}[/dim]"
+            f"{ISOLATION.get(vm.state.accel, '?')}; {markup_safe(jail.summary(j))}[/dim]"
         )
+    elif not j.get("applied") and os.geteuid() != 0:
+        err_console.print(f"torpor: {markup_safe(jail.summary(j))}")
 
 
 @cli.command(context_settings=PASSTHROUGH)
