@@ -26,16 +26,25 @@ def test_shell_output_exit_code_and_limit(client) -> None:
 
 
 def test_shell_timeout_kills_the_whole_process_group(client) -> None:
+    # The background child records its PID at once; after the timeout it must be gone
+    # (not even a zombie: PID 1 reaps it), like the shell that started it.
     r = run_tool(
         client,
         "3",
         "shell",
-        {"cmd": "(sleep 30; echo late > /tmp/late) & sleep 30", "timeout": 0.5},
+        {"cmd": "sleep 1000 & echo $! > /tmp/child; echo $$ > /tmp/parent; wait", "timeout": 2},
     )
-    assert r.is_error and "killed after the 0.5 s timeout" in r.content
-    r = run_tool(client, "4", "shell", {"cmd": "sleep 1; cat /tmp/late 2>&1; pgrep -f 'sleep 30'"})
-    assert "late" not in r.content.replace("/tmp/late", "")  # the background child died too
-    assert "No such file" in r.content
+    assert r.is_error and "killed after the 2 s timeout" in r.content
+    check = (
+        "for p in $(cat /tmp/child) $(cat /tmp/parent); do"
+        "  i=0; while [ -e /proc/$p ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done;"
+        "  if [ -e /proc/$p ]; then echo alive $p: $(cat /proc/$p/cmdline | tr '\\0' ' ');"
+        "  else echo gone $p; fi;"
+        "done"
+    )
+    r = run_tool(client, "4", "shell", {"cmd": check})
+    lines = r.content.split("\n")[:2]
+    assert len(lines) == 2 and all(ln.startswith("gone ") for ln in lines), r.content
 
 
 def test_files_and_listing(client) -> None:
