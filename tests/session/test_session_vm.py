@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import torpor_cli
 from torpor.context import Kind, superseded
 from torpor.errors import NotFoundError, TorporError, UsageError
+from torpor.fsutil import locked
 from torpor.session import Session
 from torpor.vmm.manager import VMManager
 from torpor.vmm.state import Status
@@ -365,20 +366,25 @@ def test_kill_9_during_create_leaves_nothing_behind(paths, tools_image) -> None:
     )
     mgr = VMManager(paths)
     deadline = time.monotonic() + 60
-    # kill it once its VM exists (booting or booted), before the first checkpoint is logged
-    while not any(
-        vm.config.labels.get("torpor.session") for vm in mgr.list() if vm.name == "ses-doomed"
-    ):
+    # once its VM exists, hold that VM's snapshot lock: create can boot the VM but never
+    # take checkpoint 0, so the kill below always lands before the checkpoint is logged
+    vm = None
+    while vm is None:
         assert time.monotonic() < deadline and proc.poll() is None
+        vm = next((v for v in mgr.list() if v.name == "ses-doomed"), None)
         time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    s = Session.open("doomed", paths=paths)
+    with locked(paths.locks / f"snap-{vm.id}.lock"):
+        s = Session.open("doomed", paths=paths)
+        # wait until create is at the checkpoint (its VM entry is logged), then kill it
+        while not any(e.kind == Kind.VM for e in s.log()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
     try:
-        assert s.status() in ("failed", "running")  # consistent whichever step it reached
-        if s.status() == "failed":
-            with pytest.raises(TorporError, match="never finished starting"):
-                s.send("hello")
+        assert s.status() == "failed"
+        with pytest.raises(TorporError, match="never finished starting"):
+            s.send("hello")
         r = torpor_cli("session", "rm", "doomed")
         assert r.returncode == 0, r.stderr
         assert not [vm for vm in mgr.list() if vm.config.labels.get("torpor.session") == s.id]
