@@ -196,3 +196,16 @@ def test_read_only_home_is_a_clear_error(tmp_path) -> None:
         assert r.returncode != 0 and "Traceback" not in err, (args, err)
         assert "read-only" in err.lower() and str(home) in err, (args, err)
     assert store.get(a.id).id == a.id  # nothing changed
+
+
+def test_tag_lookup_reads_only_authentic_meta(tmp_path) -> None:
+    _, store = _home(tmp_path)
+    weird = 'we"ird ✓ ,"meta":{"tag":"x"} \\'
+    a = _commit(store, tmp_path, 1, tag=weird)
+    b = _commit(store, tmp_path, 2, tag="x")
+    assert store.get(weird).id == a.id
+    assert store.get("x").id == b.id
+    # a manifest whose MAC fails is not a tag candidate, even if it names the tag
+    _damage(store, b.id)
+    with pytest.raises(NotFoundError):
+        store.get("x")

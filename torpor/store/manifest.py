@@ -235,6 +235,53 @@ def salvage_hashes(data: bytes) -> set[str] | None:
         return None
 
 
+_META_KEY = b',"meta":{'
+_DECODER = json.JSONDecoder()
+
+
+def decode_meta(key: bytes, data: bytes, *, source: object, expect_id: str) -> dict[str, str]:
+    """Only the ``meta`` of a manifest file (a tag lookup reads every manifest; building
+    8,000 chunk entries per manifest made that 1.6 ms each, this is ~0.3 ms).
+
+    Authenticated exactly like :func:`decode_manifest`: the MAC is checked before zstd
+    runs, and the body must hash to ``expect_id``.  The body is canonical JSON written
+    by this store (sorted keys; a quote inside a string is always escaped), so the
+    top-level ``"meta"`` object is the last ``,"meta":{`` in it.  Raises what
+    :func:`decode_manifest` raises for a bad file.
+    """
+    step = "load manifest"
+    parts = _split(data)
+    if parts is None or not parts[1]:
+        decode_manifest(key, data, source=source, expect_id=expect_id)  # raises the error
+        raise ManifestError("not a torpor manifest", step=step, path=source)
+    magic, got, signed = parts
+    if not hmac.compare_digest(got, mac(key, signed).encode()):
+        raise ManifestAuthError(
+            f"manifest {source} failed authentication (MAC mismatch)", step=step, path=source
+        )
+    try:
+        body = _body(magic, signed)
+    except (ValueError, zstandard.ZstdError) as e:
+        raise ManifestError(
+            f"manifest body does not decompress: {e}", step=step, path=source
+        ) from e
+    if hash_bytes(body) != expect_id:
+        raise ManifestError(
+            f"manifest body does not hash to its file name {expect_id}", step=step, path=source
+        )
+    at = body.rfind(_META_KEY)
+    try:
+        if at < 0 or not body.rstrip().endswith(b'"schema_version":%d}' % SCHEMA_VERSION):
+            raise ValueError("not the canonical layout")
+        # ensure_ascii: byte and character offsets agree
+        meta, _ = _DECODER.raw_decode(body[at + len(_META_KEY) - 1 :].decode())
+    except ValueError:
+        return decode_manifest(key, data, source=source, expect_id=expect_id).meta
+    if not isinstance(meta, dict):
+        raise ManifestError("manifest meta is not an object", step=step, path=source)
+    return {str(k): str(v) for k, v in meta.items()}
+
+
 def decode_manifest(key: bytes, data: bytes, *, source: object, expect_id: str | None) -> Manifest:
     """Authenticate, then parse a manifest file's bytes.
 

@@ -104,6 +104,7 @@ from torpor.store.manifest import (
     Manifest,
     build_manifest,
     decode_manifest,
+    decode_meta,
     encode_manifest,
     salvage_hashes,
 )
@@ -760,7 +761,7 @@ class ChunkStore:
         good.sort(key=lambda m: (m.created, m.id))
         return good, bad
 
-    def _resolve(self, ref: str) -> tuple[list[str], list[Manifest]]:
+    def _resolve(self, ref: str) -> tuple[list[str], list[tuple[str, str]]]:
         """(ids matching ``ref`` as a whole id or id prefix, snapshots tagged ``ref``)."""
         raw = ref.strip()
         if not raw:
@@ -770,19 +771,30 @@ class ChunkStore:
         whole = is_hex and len(low) == ck.HASH_HEX_LEN
         if whole and self._manifest_path(low).exists() and not self.is_removed(low):
             return [low], []  # a whole id: no listing (stores hold 1000s)
-        ids = [i for i in self._manifest_ids() if i.startswith(low)] if is_hex else []
-        tagged = [m for m in self.scan()[0] if m.meta.get("tag") == raw]
+        all_ids = self._manifest_ids()
+        ids = [i for i in all_ids if i.startswith(low)] if is_hex else []
+        tagged = [(i, t) for i, t in self._tags(all_ids) if t == raw]
         return ids, tagged
+
+    def _tags(self, ids: Iterable[str]) -> Iterable[tuple[str, str]]:
+        """(id, tag) of every snapshot that loads (only its authenticated meta is read)."""
+        for i in ids:
+            p = self._manifest_path(i)
+            try:
+                meta = decode_meta(self._key, p.read_bytes(), source=p, expect_id=i)
+            except (OSError, StoreError):
+                continue  # damaged: its tag cannot be trusted
+            yield i, meta.get("tag", "")
 
     def resolve_id(self, ref: str) -> str:
         """The one snapshot id ``ref`` names (id, id prefix or tag), even if its
         manifest is damaged (so it can be removed). NotFoundError / ConflictError."""
         ids, tagged = self._resolve(ref)
-        hits = sorted(set(ids) | {m.id for m in tagged})
+        hits = sorted(set(ids) | {i for i, _ in tagged})
         if not hits:
             raise NotFoundError(f"no snapshot {ref.strip()!r}", step="get snapshot", path=self.root)
         if len(hits) > 1:
-            tags = {m.id: m.meta.get("tag", "") for m in tagged}
+            tags = dict(tagged)
             shown = ", ".join(
                 h[:12] + (f" (tag {tags[h]!r})" if tags.get(h) else "") for h in hits[:10]
             )
