@@ -10,6 +10,7 @@ real C agent in host mode over a folder that a thread keeps swapping.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -18,6 +19,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,12 @@ class HostileGuest:
                     self._answer(f)
         except OSError:
             pass
+        finally:  # a broken script must not leave the host waiting for replies
+            with suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _error(self, fid: int, code: int) -> None:
+        self._send(T.ERROR, fid, ErrorReply(code, os.strerror(code)).encode())
 
     def _answer(self, f: Frame) -> None:
         if f.type not in (T.STAT, T.LIST_DIR, T.READ_FILE):
@@ -93,7 +101,7 @@ class HostileGuest:
         path = PathRequest.decode(f.payload).path
         node = self._node(path)
         if node is None:
-            self._send(T.ERROR, f.id, ErrorReply(2, "No such file or directory").encode())
+            self._error(f.id, errno.ENOENT)
             return
         mode, body = node
         if f.type == T.STAT:
@@ -106,17 +114,21 @@ class HostileGuest:
                 while True:
                     self._send(T.DIRENT, f.id, DirEntry(REG, 1, f"f{i}").encode())
                     i += 1
-            assert isinstance(body, list)
+            if not isinstance(body, list):
+                self._error(f.id, errno.ENOTDIR)
+                return
             for name, cmode, link in body:
                 self._send(T.DIRENT, f.id, DirEntry(cmode, 1, name, link).encode())
             self._send(T.OK, f.id)
         else:
+            if not isinstance(body, bytes):
+                self._error(f.id, errno.EISDIR if isinstance(body, list) else errno.ELOOP)
+                return
             shown = self.opened.get(path, mode)
             self._send(T.FILEINFO, f.id, FileInfo(shown, 0, 0, 0, 0).encode())
             if path in self.endless:
                 while True:
                     self._send(T.DATA, f.id, b"\0" * 65536)
-            assert isinstance(body, bytes)
             self._send(T.DATA, f.id, body)
             self._send(T.OK, f.id)
 
