@@ -132,6 +132,8 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     finally:
         if plan:
             jail.close_parent_fds(plan)
+    if plan:
+        jail.join_cgroups(plan, popen.pid)  # on a thread: overlaps QEMU's start-up
     return Prelaunch(
         popen,
         accel,
