@@ -62,11 +62,11 @@ def test_generations_store_only_their_delta(vms, tools_image) -> None:
             c.exec(["sh", "-c", f"echo {gen} > /root/gen-{gen}; cat /root/gen-* | wc -l"])
         r = snapshot(mgr, vm.id)
         assert r.manifest.parent == snap_id
-        # only what changed is stored: most chunks come from the parent, and an
-        # increment stays within the 5 MB target
+        # only what changed is stored: most chunks come from the parent, and a
+        # generation stores a small fraction of what the first, full snapshot did
         used = sum(1 for a in r.manifest.artifacts.values() for h in a.chunks if h)
         assert r.new_chunks < used / 2, (gen, r.new_chunks, used)
-        assert r.stored_bytes <= 5 * 1024 * 1024, (gen, r.stored_bytes)
+        assert r.stored_bytes * 10 < first.stored_bytes, (gen, r.stored_bytes, first.stored_bytes)
         mgr.remove(name, force=True)
         snap_id, name = r.manifest.id, vm.name
     last = _track(vms, restore(mgr, snap_id, name="gen-last", cold=True))
