@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import socket
 import stat
 import tarfile
@@ -165,7 +166,7 @@ def _untouched(outside: Path) -> None:
 
 def _no_temp_files(dest: Path) -> None:
     for _root, dirs, files in os.walk(dest):
-        assert not [n for n in dirs + files if n.startswith(".torpor-cp")]
+        assert not [n for n in dirs + files if re.fullmatch(r"\.torpor-cp-[0-9a-f]{16}", n)]
 
 
 @pytest.mark.parametrize(

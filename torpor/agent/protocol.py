@@ -488,6 +488,8 @@ class SetTimeRequest:
         r = _Reader(payload, "SET_TIME")
         req = cls(r.i64(), r.u32())
         r.done()
+        if req.nanoseconds >= 1_000_000_000:  # what encode() refuses, decode refuses too
+            raise ProtocolError(f"malformed SET_TIME payload: nanoseconds {req.nanoseconds}")
         return req
 
 
