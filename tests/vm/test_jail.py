@@ -64,6 +64,8 @@ def test_qemu_runs_unprivileged_alone_and_limited(vms, tools_image, paths) -> No
         assert os.readlink(f"/proc/{pa}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
         assert os.readlink(f"/proc/{pa}/ns/{ns}") != os.readlink(f"/proc/{pb}/ns/{ns}")
     assert st["NSpid"].split()[-1] == "1"
+    # no guest network (network=False): no host network either
+    assert os.readlink(f"/proc/{pa}/ns/net") != os.readlink("/proc/self/ns/net")
     # from QEMU's view: its own disk and RAM file, nothing of the other VM, no home
     root = Path(f"/proc/{pa}/root")
     a_files, b_files = mgr.get(a.id).files, mgr.get(b.id).files
@@ -119,8 +121,11 @@ def test_cli_started_vm_is_jailed_and_works(vms, tools_image) -> None:
     assert r.returncode == 0, r.stderr
     r = torpor_cli("exec", "jail-cli", "echo", "hi")
     assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
-    st = _status(_qemu_pid(vms.mgr, vms.mgr.get(vm_id)))
+    pid = _qemu_pid(vms.mgr, vms.mgr.get(vm_id))
+    st = _status(pid)
     assert int(st["CapEff"], 16) == 0 and st["Uid"].split()[0] != "0"
+    # with a guest network (the default), user networking needs the host's
+    assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
 
 
 def test_snapshot_restore_and_fork_jailed(vms, tools_image) -> None:
@@ -211,3 +216,34 @@ def test_without_root_no_jail_is_said_and_forcing_it_fails(tmp_path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "not applied: torpor is not running as root (QEMU runs as this user)"
     assert lines[1] == "JailError"
+
+
+def test_a_backing_file_outside_the_images_is_refused(vms, tools_image, tmp_path) -> None:
+    """The overlay's header is writable by (a taken-over) QEMU: a backing file it names
+    must never be made readable for, or bound into, the jail."""
+    import subprocess
+
+    from torpor.errors import VMError
+    from torpor.vmm.manager import RunRequest
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret")
+    secret.chmod(0o600)
+    before = secret.stat()
+    vm = vms.mgr.create(
+        RunRequest(image=tools_image, command=("true",), memory_mib=256, network=False)
+    )
+    vms.ids.append(vm.id)
+    disk = vms.mgr.get(vm.id).files.disk
+    subprocess.run(
+        ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(disk)],
+        check=True,
+    )
+    with pytest.raises(VMError, match="not an image's base disk"):
+        vms.mgr.start(vm.id)
+    after = secret.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_gid,
+    )

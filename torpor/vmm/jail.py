@@ -71,12 +71,14 @@ from torpor.fsutil import read_json
 DEFAULT_UID_BASE = 1610612736  # 0x60000000: far above real and subordinate uid ranges
 UID_SPAN = 1 << 20
 PIDS_MAX = 256  # QEMU's threads: vCPUs, RCU, the aio=threads pool (up to 64), ...
+MAX_BACKING_CHAIN = 4
 MEM_OVERHEAD = 1 << 30  # on top of guest RAM: TCG's translation cache is up to 1 GiB
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -361,6 +363,7 @@ class Plan:
     symlinks: dict[str, str]  # path in the jail -> target
     cgroup_procs: list[str]
     record: dict[str, Any] = field(default_factory=dict)
+    new_net: bool = False  # no guest network: no host network (nor abstract sockets)
     pass_fds: list[int] = field(default_factory=list)
     fds_to_close: list[int] = field(default_factory=list)
 
@@ -386,7 +389,11 @@ def _share_read(p: Path, gid: int) -> None:
 
 
 def _own(p: Path, uid: int, gid: int) -> None:
-    os.chown(p, uid, gid)
+    """Give a VM's own file (overlay, RAM) to its QEMU's uid; never through a link."""
+    st = os.lstat(p)
+    if not stat.S_ISREG(st.st_mode):
+        raise JailError("not a regular file", step="jail", path=p)
+    os.chown(p, uid, gid, follow_symlinks=False)
     os.chmod(p, 0o600)
 
 
@@ -429,13 +436,15 @@ def prepare(
     memory_mib: int,
     cpus: int,
     accel: str,
+    network: bool = True,
 ) -> tuple[list[str], Plan]:
     """Set up files, sockets and cgroups for one jailed QEMU; returns QEMU's argv with
     every socket and log it would create turned into an inherited fd.  Raises JailError."""
     fds: list[int] = []
     try:
         return _prepare(
-            home, vm_id, vm_dir, argv, kernel, initrd, disk, ram, memory_mib, cpus, accel, fds
+            home, vm_id, vm_dir, argv, kernel, initrd, disk, ram, memory_mib, cpus, accel,
+            network, fds,
         )
     except BaseException as e:
         for fd in fds:
@@ -520,7 +529,8 @@ def rewrite_argv(argv: list[str], vm_dir: Path, fds: list[int]) -> list[str]:
 
 def _prepare(
     home: Path, vm_id: str, vm_dir: Path, argv: list[str], kernel: Path, initrd: Path,
-    disk: Path, ram: Path, memory_mib: int, cpus: int, accel: str, fds: list[int],
+    disk: Path, ram: Path, memory_mib: int, cpus: int, accel: str, network: bool,
+    fds: list[int],
 ) -> tuple[list[str], Plan]:
     uid, gid, shared = ids_for(home, vm_id)
     vm_dir = vm_dir.resolve()
@@ -545,19 +555,29 @@ def _prepare(
     for p in (kernel, initrd):
         _share_read(p.resolve(), shared)
         binds.append(Bind(str(p.resolve())))
-    seen = {disk.resolve()}
+    # The overlay's header is QEMU's to write: a QEMU that was taken over could name
+    # any host file as its backing file, to have it made readable and bound into its
+    # jail at the next start.  So a backing file must be an image's base disk.
+    images = (home / "images").resolve()
     cur: Path | None = disk.resolve()
-    while cur is not None:
-        back = qcow2_backing(cur)
-        nxt = None
-        if back:
-            nxt = (cur.parent / back).resolve() if not back.startswith("/") else Path(back)
-            if nxt in seen:
-                raise JailError("the disk's backing chain loops", step="jail", path=disk)
-            seen.add(nxt)
-            _share_read(nxt, shared)
-            binds.append(Bind(str(nxt)))
+    for _ in range(MAX_BACKING_CHAIN + 1):
+        back = qcow2_backing(cur) if cur is not None else None
+        if not back:
+            break
+        nxt = (cur.parent / back).resolve()  # type: ignore[union-attr]
+        st = os.lstat(nxt)
+        if not nxt.is_relative_to(images) or not stat.S_ISREG(st.st_mode):
+            raise JailError(
+                f"the VM's disk names {back!r} as its backing file, which is not an "
+                "image's base disk; refusing to expose it to QEMU",
+                step="jail",
+                path=disk,
+            )
+        _share_read(nxt, shared)
+        binds.append(Bind(str(nxt)))
         cur = nxt
+    else:
+        raise JailError("the disk's backing chain is too long (or loops)", step="jail", path=disk)
     # the VM's own, read-write: overlay and RAM file (created here if QEMU would)
     if not ram.exists():
         os.close(os.open(ram, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -577,7 +597,7 @@ def _prepare(
         "groups": groups,
         "capabilities": "none (bounding, permitted, effective, inheritable, ambient empty)",
         "no_new_privs": True,
-        "namespaces": ["pid", "mount", "ipc", "uts"],
+        "namespaces": ["pid", "mount", "ipc", "uts"] + ([] if network else ["net"]),
         "root": "tmpfs, read-only: /usr, libraries, /dev/{null,zero,random,urandom}, /proc, "
         "kernel, initramfs, base disk; read-write: this VM's overlay and RAM file",
         "seccomp": "QEMU -sandbox on (obsolete, elevateprivileges, spawn, resourcecontrol denied)",
@@ -594,6 +614,7 @@ def _prepare(
         cgroup_procs=procs,
         record=record,
         pass_fds=list(fds),
+        new_net=not network,
     )
     plan.fds_to_close = list(fds)
     _write_record(vm_dir, record)
@@ -701,6 +722,7 @@ def enter_fn(plan: Plan) -> Any:
         setups.append((b.src, root + b.src, os.path.isdir(b.src), b.writable, b.dev))
     links = [(root + k, v) for k, v in plan.symlinks.items()]
     cwd = plan.cwd
+    net = CLONE_NEWNET if plan.new_net else 0
 
     def fail(what: str) -> None:
         err = ctypes.get_errno()
@@ -720,7 +742,7 @@ def enter_fn(plan: Plan) -> Any:
 
     def enter() -> None:
         os.umask(0o022)  # the jail's own folders must be traversable by QEMU's uid
-        if libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS) != 0:
+        if libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | net) != 0:
             fail("unshare(mount, ipc, uts)")
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         mount("torpor-jail", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
@@ -799,4 +821,5 @@ def for_launch(
         memory_mib=cfg.memory_mib,
         cpus=cfg.cpus,
         accel=spec.accel,
+        network=bool(cfg.network),
     )
