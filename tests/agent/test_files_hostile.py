@@ -392,3 +392,15 @@ def test_real_agent_swapping_types_during_copies(agent_binary: Path, tmp_path: P
         t.join()
         assert stop_agent(client, proc) == 0
     assert errors < 80  # some copies succeed; refusals are typed errors, never tracebacks
+
+
+def test_session_list_dir_tool_on_an_endless_listing(guest_factory) -> None:
+    """The session's list_dir tool stops at its cap instead of collecting forever."""
+    from torpor.session.tools import LIST_LIMIT, run_tool
+
+    g = guest_factory({"/s": (DIR, [])})
+    g.endless.add("/s")
+    result = run_tool(g.client, "t1", "list_dir", {"path": "/s"})
+    lines = result.content.splitlines()
+    assert len(lines) == LIST_LIMIT + 1
+    assert lines[-1] == f"[listing cut at {LIST_LIMIT} entries]"

@@ -179,6 +179,23 @@ def _list_dir(client: AgentClient, path: str, budget: _Budget) -> list[DirEntry]
     return entries
 
 
+def list_dir_capped(client: AgentClient, path: str, limit: int) -> tuple[list[DirEntry], bool]:
+    """The first ``limit`` entries of a guest folder (without ``.``/``..``) and whether
+    there were more.  The request is dropped at the limit: an endless listing from a
+    hostile guest costs the host ``limit`` entries, not all it sends."""
+    entries: list[DirEntry] = []
+    with client._call(T.LIST_DIR, PathRequest(path).encode(), path) as call:
+        while (frame := call.next(_deadline(DEFAULT_TIMEOUT))).type != T.OK:
+            if frame.type == T.DIRENT:
+                e = DirEntry.decode(frame.payload)
+                if e.name in (".", ".."):
+                    continue
+                if len(entries) >= limit:
+                    return entries, True
+                entries.append(e)
+    return entries, False
+
+
 # ---- host -> VM ----------------------------------------------------------------
 
 

@@ -16,9 +16,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from torpor.agent.client import AgentClient, AgentRequestError
+from torpor.agent.files import list_dir_capped
 
 #: Largest file ``read_file`` returns whole; larger files are cut (and say so).
 READ_LIMIT = 256 * 1024
+#: Most entries ``list_dir`` returns; more are cut (and say so).
+LIST_LIMIT = 2000
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_OUTPUT = 64 * 1024
 MAX_TIMEOUT = 3600.0
@@ -115,13 +118,17 @@ def _write_file(c: AgentClient, args: dict[str, Any]) -> str:
 def _list_dir(c: AgentClient, args: dict[str, Any]) -> str:
     path = _arg(args, "path", str)
     lines = []
-    for e in sorted(c.list_dir(path), key=lambda e: e.name):
+    # capped: a guest that sends endless entries must not grow the host's memory
+    entries, cut = list_dir_capped(c, path, LIST_LIMIT)
+    for e in sorted(entries, key=lambda e: e.name):
         if e.is_dir:
             lines.append(f"{e.name}/")
         elif e.is_symlink:
             lines.append(f"{e.name} -> {e.link_target}")
         else:
             lines.append(f"{e.name}\t{e.size}")
+    if cut:
+        lines.append(f"[listing cut at {LIST_LIMIT} entries]")
     return "\n".join(lines) if lines else "(empty)"
 
 
