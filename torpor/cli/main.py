@@ -359,6 +359,14 @@ def _run_options(f: Any) -> Any:
             help="Accepted for Docker muscle memory; no TTY is allocated yet (a warning says so).",
         ),
         click.option("-l", "--label", multiple=True, metavar="K=V", help="Set a label."),
+        click.option(
+            "--log-opt",
+            "log_opt",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Cap the command's log and the console log, each: max-size=10m, "
+            "max-file=3 (the defaults).",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -382,9 +390,11 @@ def _build_request(
     interactive: bool,
     label: tuple[str, ...],
     rm: bool,
+    log_opt: tuple[str, ...] = (),
 ) -> Any:
     import shlex
 
+    from torpor.vmm.logfile import parse_log_opts
     from torpor.vmm.manager import RunRequest, parse_memory, parse_port
 
     labels = {}
@@ -412,6 +422,7 @@ def _build_request(
         stdin_open=interactive,
         auto_remove=rm,
         labels=labels,
+        log_limits=parse_log_opts(log_opt),
     )
 
 
@@ -707,8 +718,8 @@ def logs(vm: str, follow: bool, timestamps: bool, console_: bool) -> None:
     from datetime import UTC, datetime
 
     mgr = _manager()
-    if console_:
-        sys.stdout.write(mgr.get(vm).files.console_log.read_text(errors="replace"))
+    if console_:  # every kept (rotated) file, oldest first
+        sys.stdout.write(mgr.console(vm).decode(errors="replace"))
         return
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         for t, stream, data in mgr.logs(vm, follow=follow):

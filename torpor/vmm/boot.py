@@ -50,6 +50,7 @@ def machine_spec_for(paths: Paths, cfg: VMConfig, files: VMFiles) -> tuple[qemu.
         qmp_socket=Path(files.qmp_sock.name),
         ctl_socket=Path(files.ctl_sock.name),
         events_socket=Path(files.events_sock.name),
+        console_socket=Path(files.console_sock.name),
         console_log=files.console_log,
         memory_mib=cfg.memory_mib,
         cpus=cfg.cpus,

@@ -146,6 +146,11 @@ class VMFiles:
         return self.dir / "agent.sock"
 
     @property
+    def console_sock(self) -> Path:
+        """QEMU's serial console stream, read by the shim into the capped console.log."""
+        return self.dir / "console.sock"
+
+    @property
     def console_log(self) -> Path:
         return self.dir / "console.log"
 

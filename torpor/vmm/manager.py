@@ -40,6 +40,7 @@ from torpor.image.store import ImageStore
 from torpor.paths import Paths
 from torpor.vmm import boot, qemu, zygote
 from torpor.vmm.layout import VMFiles, reap_ram_dirs
+from torpor.vmm.logfile import Follower, LogLimits, read_all
 from torpor.vmm.sockets import connect_unix
 from torpor.vmm.state import (
     PortMap,
@@ -113,6 +114,7 @@ class RunRequest:
     stdin_open: bool = False
     auto_remove: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    log_limits: LogLimits = field(default_factory=LogLimits)  # main.log, console.log each
 
     @classmethod
     def from_config(
@@ -136,6 +138,7 @@ class RunRequest:
             ports=ports,
             network=cfg.network,
             labels=dict(cfg.labels),
+            log_limits=LogLimits(cfg.log_max_size, cfg.log_max_files),
         )
 
 
@@ -398,6 +401,8 @@ class VMManager:
                 stdin_open=req.stdin_open,
                 auto_remove=req.auto_remove,
                 labels=dict(req.labels),
+                log_max_size=req.log_limits.max_size,
+                log_max_files=req.log_limits.max_files,
             )
             files = VMFiles(vm_dir)
             if overlay:
@@ -586,23 +591,25 @@ class VMManager:
     def logs(
         self, ref: str, follow: bool = False, poll: float = 0.1
     ) -> Iterator[tuple[float, str, bytes]]:
-        """(time, "stdout"|"stderr", bytes) records of the main command's output."""
+        """(time, "stdout"|"stderr", bytes) records of the main command's output, from
+        the oldest kept file of the capped, rotated ``main.log`` (torpor.vmm.logfile)."""
         vm = self.get(ref)
-        path = vm.files.main_log
-        pos = 0
-        while True:
-            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-                f.seek(pos)
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break
-                    pos += len(line)
-                    with contextlib.suppress(ValueError, KeyError):
+        reader = Follower(vm.files.main_log)
+        try:
+            while True:
+                for line in reader.lines():
+                    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                         rec = json.loads(line)
                         yield rec["t"], rec["s"], rec["d"].encode("utf-8", "surrogateescape")
-            if not follow:
-                return
-            if not self.get(vm.id).state.status.active:
-                follow = False  # one more pass to drain what was written before exit
-                continue
-            time.sleep(poll)
+                if not follow:
+                    return
+                if not self.get(vm.id).state.status.active:
+                    follow = False  # one more pass to drain what was written before exit
+                    continue
+                time.sleep(poll)
+        finally:
+            reader.close()
+
+    def console(self, ref: str) -> bytes:
+        """What is kept of the guest's serial console (capped and rotated like logs)."""
+        return read_all(self.get(ref).files.console_log)

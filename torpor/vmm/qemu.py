@@ -50,6 +50,9 @@ class MachineSpec:
     qmp_socket: Path
     ctl_socket: Path
     console_log: Path
+    # when set, the serial console goes to this listening socket (the shim reads it
+    # into a size-capped console.log) instead of straight to console_log
+    console_socket: Path | None = None
     # a second QMP monitor, for the shim alone: it stays connected to hear
     # BLOCK_IO_ERROR / RESUME while captures use qmp_socket (one client per monitor)
     events_socket: Path | None = None
@@ -113,7 +116,9 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
         "-append",
         " ".join(append),
         "-chardev",
-        f"file,id=con,path={spec.console_log}",
+        f"file,id=con,path={spec.console_log}"
+        if spec.console_socket is None
+        else f"socket,id=con,path={spec.console_socket},server=on,wait=off",
         "-serial",
         "chardev:con",
         "-qmp",

@@ -168,6 +168,10 @@ class Shim:
         self.restored_info: dict[str, Any] | None = None
         self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
         self.io_error = ""  # why QEMU holds the guest paused (a full disk), or ""
+        from torpor.vmm.logfile import LogLimits
+
+        self.log_limits = LogLimits(self.cfg.log_max_size, self.cfg.log_max_files)
+        self.console_task: asyncio.Task[None] | None = None
         self.events_task: asyncio.Task[None] | None = None
 
     # -- state -----------------------------------------------------------------------
@@ -258,16 +262,15 @@ class Shim:
                 "s": stream,
                 "d": frame.payload.decode("utf-8", "surrogateescape"),
             }
-            self.main_log.write(json.dumps(rec) + "\n")
-            self.main_log.flush()
+            self.main_log.write((json.dumps(rec) + "\n").encode())
         elif frame.type in (T.EXIT, T.ERROR):
             if frame.type == T.EXIT:
                 self.main_exit = ExitStatus.decode(frame.payload)
             else:
                 err = ErrorReply.decode(frame.payload)
                 msg = f"torpor: cannot start main command: {err.message}\n"
-                self.main_log.write(json.dumps({"t": time.time(), "s": "stderr", "d": msg}) + "\n")
-                self.main_log.flush()
+                rec = {"t": time.time(), "s": "stderr", "d": msg}
+                self.main_log.write((json.dumps(rec) + "\n").encode())
                 self.main_exit = ExitStatus(125, 0)
             asyncio.get_running_loop().create_task(self.shutdown("main process exited"))
         elif frame.type == T.STARTED:
@@ -287,15 +290,18 @@ class Shim:
             client.attached.clear()
 
     def replay_main(self, client: Client, cid: int) -> None:
-        self.main_log.flush()
-        with open(self.files.main_log, encoding="utf-8") as f:
-            for line in f:
-                with contextlib.suppress(ValueError, KeyError):
-                    rec = json.loads(line)
-                    t = T.STDOUT if rec["s"] == "stdout" else T.STDERR
-                    data = rec["d"].encode("utf-8", "surrogateescape")
-                    for i in range(0, len(data), 1 << 16):
-                        client.send(Frame(t, cid, data[i : i + (1 << 16)]))
+        """ATTACH: what is kept of the main command's output, oldest rotated file first."""
+        from torpor.vmm.logfile import log_files
+
+        for p in log_files(self.files.main_log, self.cfg.log_max_files):
+            with contextlib.suppress(OSError), open(p, encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                        rec = json.loads(line)
+                        t = T.STDOUT if rec["s"] == "stdout" else T.STDERR
+                        data = rec["d"].encode("utf-8", "surrogateescape")
+                        for i in range(0, len(data), 1 << 16):
+                            client.send(Frame(t, cid, data[i : i + (1 << 16)]))
 
     # -- clients ----------------------------------------------------------------------------
     async def serve_client(
@@ -492,6 +498,7 @@ class Shim:
             finished_at=0.0,
         )
         asyncio.get_running_loop().create_task(self.watch_qemu())
+        self.console_task = asyncio.get_running_loop().create_task(self.pump_console())
         deadline = t0 + boot_timeout(accel)
         if restoring:
             # Connect the control port before the guest runs: the restored virtio-serial
@@ -531,6 +538,35 @@ class Shim:
             await self.request(T.ADD_ENTROPY, os.urandom(64))
         self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
         self.start_main()
+
+    async def pump_console(self) -> None:
+        """Copy QEMU's serial console stream into the size-capped, rotated console.log.
+
+        The guest decides how much it prints; QEMU writing a file itself grew it without
+        bound.  Output before this connects (QEMU's first milliseconds) is dropped by
+        QEMU (``wait=off``); the kernel prints nothing that early.
+        """
+        from torpor.vmm.logfile import RotatingLog
+
+        out = RotatingLog(self.files.console_log, self.log_limits)
+        try:
+            while True:  # bound by QEMU (or by the jail just before it)
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        self.files.console_sock.name
+                    )
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if self.qemu_exited.is_set():
+                        return
+                    await asyncio.sleep(0.005)
+            while data := await reader.read(1 << 16):
+                out.write(data)
+            writer.close()
+        except OSError as e:
+            log.warning("console stream lost: %s", e)
+        finally:
+            out.close()
 
     async def connect_ctl(self, deadline: float) -> asyncio.StreamReader:
         assert self.proc is not None
@@ -621,7 +657,9 @@ class Shim:
         restore.unlink()
 
     def start_main(self) -> None:
-        self.main_log = open(self.files.main_log, "a", encoding="utf-8")  # noqa: SIM115
+        from torpor.vmm.logfile import RotatingLog
+
+        self.main_log = RotatingLog(self.files.main_log, self.log_limits)
         if self.main_gid:  # restored: the main command is still running in the guest
             return
         if not self.cfg.command:
@@ -787,6 +825,9 @@ class Shim:
         server.close()
         if self.events_task is not None:
             self.events_task.cancel()
+        if self.console_task is not None:  # QEMU's last words
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.console_task, 2)
         if self.io_error:
             self.set_io_error("")
         assert self.proc is not None
@@ -847,6 +888,7 @@ class Shim:
             self.files.ctl_sock,
             self.files.qmp_sock,
             self.files.events_sock,
+            self.files.console_sock,
             self.files.agent_sock,
             self.files.ram,
             self.files.io_error,

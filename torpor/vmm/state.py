@@ -22,6 +22,7 @@ from typing import Any
 
 from torpor.errors import VMError
 from torpor.fsutil import atomic_write_json, read_json
+from torpor.vmm.logfile import DEFAULT_MAX_FILES, DEFAULT_MAX_SIZE
 
 SCHEMA_VERSION = 1
 
@@ -70,6 +71,10 @@ class VMConfig:
     auto_remove: bool = False
     created: float = field(default_factory=time.time)
     labels: dict[str, str] = field(default_factory=dict)
+    # caps on main.log and console.log, each (see torpor.vmm.logfile); VMs made before
+    # the caps existed get the defaults
+    log_max_size: int = DEFAULT_MAX_SIZE
+    log_max_files: int = DEFAULT_MAX_FILES
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
