@@ -103,6 +103,7 @@ def test_full_disk_is_reported_refused_and_recovered(vms, small_vm_dir) -> None:
     r = torpor_cli("snapshot", "create", "disk-full")
     assert r.returncode != 0
     assert b"full" in r.stderr and b"Traceback" not in r.stderr
+    assert str(vm_dir).encode() in r.stderr and b"staging" not in r.stderr  # the right path
 
     # room again: the guest resumes by itself and its write completes
     subprocess.run(["mount", "-o", "remount,size=512m", str(vm_dir)], check=True)

@@ -406,8 +406,8 @@ class Shim:
         if self.capturing or self.paused_for is not None:
             error(errno.EBUSY, "a snapshot of this VM is already being taken")
             return
-        if self.io_error:
-            error(errno.ENOSPC, f"VM {self.cfg.name} is paused: {self.io_error}")
+        if self.io_error:  # EIO, not ENOSPC: that would read as "no room for the staging copy"
+            error(errno.EIO, f"VM {self.cfg.name} is paused: {self.io_error}")
             return
         if self.stopping or self.qemu_exited.is_set() or self.state.status != Status.RUNNING:
             error(errno.ESHUTDOWN, f"VM is {self.state.status}")
