@@ -28,11 +28,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def parse_duration(text: str) -> float:
-    """``60``, ``60s``, ``5m``, ``1h``, ``0`` (never) to seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    """``60``, ``60s``, ``5m``, ``1h``, ``7d``, ``0`` (never) to seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
     if not m:
-        raise UsageError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 0 for never)")
-    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+        raise UsageError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 7d, 0 for never)")
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+    return float(m.group(1)) * unit
 
 
 def _open(ctx: click.Context, ref: str, **kw: Any) -> Any:
@@ -75,6 +76,8 @@ def session(ctx: click.Context, dsn: str | None) -> None:
       torpor session send S "is it still running?"   # wakes the VM
       torpor session fork S --at 7 --name S2
       torpor session recover S          # after a crash: last checkpoint + replay
+      torpor session verify             # check the log's MAC chain
+      torpor session rm S               # or: torpor session prune --older-than 7d
 
     Model specs: scripted:demo (offline), openai:MODEL (OPENAI_BASE_URL for vLLM,
     Ollama, llama.cpp), anthropic:MODEL.  S is a session name, id or id prefix.
@@ -230,12 +233,13 @@ def _session_row(s: Any) -> dict[str, Any]:
 @session.command(name="ls", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True, help="Only session ids.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Removed sessions too.")
 @click.pass_context
-def ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
+def ls(ctx: click.Context, as_json: bool, quiet: bool, show_all: bool) -> None:
     """List sessions."""
     from torpor.session import Session
 
-    sessions = Session.list(paths=Paths.default(), dsn=ctx.obj.get("dsn"))
+    sessions = Session.list(paths=Paths.default(), dsn=ctx.obj.get("dsn"), include_removed=show_all)
     if quiet:
         for s in sessions:
             click.echo(s.id)
@@ -351,8 +355,78 @@ def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None
 @click.argument("refs", metavar="S...", nargs=-1, required=True)
 @click.pass_context
 def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
-    """Delete sessions' VMs (their logs and snapshots are kept)."""
+    """Remove sessions: their VMs, their logs (a tombstone entry; nothing is deleted)
+    and the snapshots no live fork still needs (`torpor gc` then frees the space).
+
+    A removed session is no longer listed, and send/show/resume/log answer that it
+    was removed.  Forks of it keep working.
+    """
     for ref in refs:
         with _open(ctx, ref) as s:
-            s.remove()
+            released = s.remove()
+            err_console.print(f"[dim]{s.name}: {len(released)} snapshots released[/dim]")
             click.echo(s.name)
+
+
+@session.command(context_settings=CONTEXT)
+@click.option(
+    "--older-than",
+    "older_than",
+    help="Only sessions without activity for this long (30m, 12h, 7d).",
+)
+@click.option("--all-hibernated", is_flag=True, help="Hibernated sessions too.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def prune(
+    ctx: click.Context, older_than: str | None, all_hibernated: bool, dry_run: bool, force: bool
+) -> None:
+    """Remove every session that ended (its VM stopped or is gone, or it never
+    started); with --all-hibernated the hibernated ones too.  Running and interrupted
+    sessions are never pruned.  Prints the removed sessions' names."""
+    from torpor.session import Session
+
+    age = parse_duration(older_than) if older_than else None
+    kw: dict[str, Any] = {"paths": Paths.default(), "dsn": ctx.obj.get("dsn")}
+    if not dry_run and not force:
+        what = "stopped and failed" + (" and hibernated" if all_hibernated else "")
+        older = f" idle for more than {older_than}" if older_than else ""
+        if not click.confirm(
+            f"WARNING! This will remove all {what} sessions{older}. Are you sure you want"
+            " to continue?",
+            err=True,
+        ):
+            return
+    gone = Session.prune(older_than=age, hibernated=all_hibernated, dry_run=dry_run, **kw)
+    for _, name, status in gone:
+        click.echo(f"{name}" + (f" ({status}, would be removed)" if dry_run else ""))
+    if not gone:
+        err_console.print("[dim]nothing to prune[/dim]")
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("refs", metavar="[S...]", nargs=-1)
+@click.pass_context
+def verify(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Check the context log's MAC chain (every session, removed ones too, or S...):
+    prints each entry whose content or place changed after it was written, and
+    exits 11 if there is one."""
+    from torpor.context import open_log
+
+    bad = 0
+    with open_log(ctx.obj.get("dsn"), paths=Paths.default()) as log:
+        if refs:
+            records = [log.get_session(r, include_removed=True) for r in refs]
+        else:
+            records = log.list_sessions(include_removed=True)
+        for r in records:
+            problems = log.verify(r.id)
+            bad += len(problems)
+            label = markup_safe(r.name) + (" (removed)" if r.removed else "")
+            if not problems:
+                out_console.print(f"{label}: ok", markup=False)
+            for seq, why in problems:
+                out_console.print(f"{label}: entry {seq}: {why}", markup=False)
+    if bad:
+        err_console.print(f"{bad} broken entries: the context log was changed after writing")
+        sys.exit(11)

@@ -281,6 +281,53 @@ def _no_nul(value: Any) -> Any:
     return value
 
 
+def release_snapshots(log: ContextLog, mgr: VMManager) -> list[str]:
+    """Remove from the store the snapshots of removed sessions' checkpoints that no
+    live session can still restore: every live session sees its ancestors'
+    checkpoints up to its fork point, and those stay.  A snapshot another snapshot
+    builds on, or a hibernated VM waits on, stays too (the store refuses).  Returns
+    the ids removed; ``torpor gc`` then reclaims their chunks."""
+    from torpor.snapshot.core import remove_snapshot
+
+    everyone = {r.id: r for r in log.list_sessions(include_removed=True)}
+    own: dict[str, list[tuple[int, str]]] = {}
+
+    def checkpoints(sid: str) -> list[tuple[int, str]]:
+        if sid not in own:
+            own[sid] = [
+                (e.seq, str(e.payload.get("snapshot")))
+                for e in log.own_entries(sid, Kind.CHECKPOINT)
+            ]
+        return own[sid]
+
+    needed: set[str] = set()
+    for r in everyone.values():
+        if r.removed:
+            continue
+        sid: str | None = r.id
+        hi: int | None = None
+        while sid is not None and sid in everyone:
+            needed.update(snap for seq, snap in checkpoints(sid) if hi is None or seq <= hi)
+            rec = everyone[sid]
+            if rec.parent_seq is not None:
+                hi = rec.parent_seq if hi is None else min(hi, rec.parent_seq)
+            sid = rec.parent_id
+    doomed: list[str] = []
+    for r in sorted(everyone.values(), key=lambda r: -r.created_at):
+        if r.removed:
+            doomed += [snap for _, snap in reversed(checkpoints(r.id)) if snap not in needed]
+    released: list[str] = []
+    for snap in dict.fromkeys(doomed):  # newest first: a snapshot's children go before it
+        try:
+            remove_snapshot(mgr, snap)
+        except NotFoundError:
+            continue  # released before
+        except ConflictError:
+            continue  # something else builds on it or resumes from it: keep it
+        released.append(snap)
+    return released
+
+
 EventHook = Callable[[Entry], None]
 
 
@@ -386,10 +433,12 @@ class Session:
         return s
 
     @classmethod
-    def list(cls, *, paths: Paths | None = None, dsn: str | None = None) -> list[Session]:
+    def list(
+        cls, *, paths: Paths | None = None, dsn: str | None = None, include_removed: bool = False
+    ) -> list[Session]:
         paths = (paths or Paths.default()).ensure()
         log = open_log(dsn, paths=paths)  # shared by the returned sessions, closed with them
-        records = log.list_sessions()
+        records = log.list_sessions(include_removed=include_removed)
         if not records:
             log.close()
         return [cls(r, log, paths, dsn=dsn, owns_log=i == 0) for i, r in enumerate(records)]
@@ -459,7 +508,9 @@ class Session:
             return None
 
     def status(self) -> str:
-        """running / hibernated / interrupted / stopped / failed."""
+        """running / hibernated / interrupted / stopped / failed / removed."""
+        if self.record.removed:
+            return "removed"
         st = self.state()
         if not st.checkpoints:
             return "failed"
@@ -600,20 +651,85 @@ class Session:
         child._arm_idle()
         return child
 
-    def remove(self) -> None:
-        """Delete the session's VMs. The log and the snapshots stay (the log is append-only).
+    def remove(self, reason: str = "removed by the user") -> list[str]:
+        """Remove the session: its VMs, its log (a ``removed`` tombstone; nothing is
+        deleted, the chain stays checkable), and the snapshots only it needed.
 
+        Afterwards the session is not listed and opening it raises NotFoundError.
         Besides the VM the log names, any VM labelled with this session goes too: one
-        booted by a ``create`` that was killed before it could log it.
+        booted by a ``create`` that was killed before it could log it.  Snapshots a
+        live fork still sees (checkpoints up to its fork point) are kept; the rest are
+        removed from the store, so ``torpor gc`` reclaims their chunks.  Returns the
+        snapshot ids released.
         """
         with self._locked():
+            self._log.get_session(self.id)  # NotFoundError if removed meanwhile
             ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
+            ids -= self._forks_vms()  # a fork's VM is restored with its parent's labels
             vm = self.vm()
             if vm is not None:
                 ids.add(vm.id)
             for vm_id in ids:
                 with contextlib.suppress(NotFoundError):
                     self._mgr.remove(vm_id, force=True)
+            self._log.remove_session(self.id, reason)
+            self.record = self._log.get_session(self.id, include_removed=True)
+        return release_snapshots(self._log, self._mgr)
+
+    def _forks_vms(self) -> set[str]:
+        """Every VM a live fork of this session (at any depth) has run in."""
+        every = {r.id: r for r in self._log.list_sessions(include_removed=True)}
+        out: set[str] = set()
+        for r in every.values():
+            if r.removed:
+                continue
+            up = r.parent_id
+            while up is not None and up != self.id:
+                up = every[up].parent_id if up in every else None
+            if up == self.id:
+                out.update(str(e.payload.get("vm")) for e in self._log.own_entries(r.id, Kind.VM))
+        return out
+
+    @classmethod
+    def prune(
+        cls,
+        *,
+        older_than: float | None = None,
+        hibernated: bool = False,
+        dry_run: bool = False,
+        paths: Paths | None = None,
+        dsn: str | None = None,
+    ) -> list[tuple[str, str, str]]:
+        """Remove sessions that ended: ``stopped`` (VM gone or exited) and ``failed``
+        (never started), and with ``hibernated`` the hibernated ones too.  Running and
+        interrupted sessions are never pruned.  ``older_than`` (seconds) keeps those
+        active more recently (last entry's time).  Returns ``(id, name, status)`` of
+        each removed (with ``dry_run``: each that would be)."""
+        if older_than is not None and older_than < 0:
+            raise UsageError("--older-than must be >= 0")
+        wanted = {"stopped", "failed"} | ({"hibernated"} if hibernated else set())
+        now = time.time()
+        out: list[tuple[str, str, str]] = []
+        sessions = cls.list(paths=paths, dsn=dsn)
+        try:
+            for s in sessions:
+                status = s.status()
+                if status not in wanted:
+                    continue
+                if older_than is not None and now - s.last_active() < older_than:
+                    continue
+                if not dry_run:
+                    s.remove(reason="pruned")
+                out.append((s.id, s.name, status))
+        finally:
+            for s in sessions:
+                s.close()
+        return out
+
+    def last_active(self) -> float:
+        """When the last entry was appended (unix seconds)."""
+        entries = self._read()
+        return entries[-1].created_at if entries else self.record.created_at
 
     # -- internals ---------------------------------------------------------------------
     def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):

@@ -3,6 +3,7 @@
 Started detached after every turn of a session created with ``idle > 0``.  It
 sleeps, then hibernates the session only if no entry was appended since it was
 armed and no one holds the session (a turn in progress arms its own watcher).
+A session removed meanwhile is left alone (its VM is gone with it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from torpor.errors import TorporError
+from torpor.errors import NotFoundError, TorporError
 from torpor.paths import Paths
 
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         s._hibernate_locked()
             except BlockingIOError:
                 return 0  # a turn is running; it re-arms when it ends
+    except NotFoundError:
+        return 0  # the session was removed meanwhile: nothing to hibernate
     except TorporError as e:
         print(f"torpor idle watcher: {e}", file=sys.stderr)
         return 1
