@@ -71,3 +71,12 @@ def test_read_only_home_is_a_clear_error(tmp_path: Path, tools_image: str) -> No
         assert b"Traceback" not in r.stderr and str(home).encode() in r.stderr
     finally:
         subprocess.run(["umount", str(home)], check=False)
+
+
+def test_setup_error_prints_text_not_a_bytes_repr(tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a.deb"
+    bogus.write_text("hello\n")
+    r = torpor_cli("setup", "--kernel-deb", str(bogus), env={"TORPOR_HOME": str(tmp_path / "h")})
+    assert r.returncode == 9, (r.stdout, r.stderr)
+    assert b"not a Debian format archive" in r.stderr
+    assert b"\\n" not in r.stderr and b': b"' not in r.stderr and b": b'" not in r.stderr

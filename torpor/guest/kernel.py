@@ -196,9 +196,9 @@ def unpack_kernel_deb(deb: Path, paths: Paths) -> Kernel:
                 ["dpkg-deb", "-x", str(deb), str(tmpd / "x")], check=True, capture_output=True
             )
         except (OSError, subprocess.CalledProcessError) as e:
-            raise SetupError(
-                f"cannot unpack {deb}: {getattr(e, 'stderr', e)!r}", step="unpack kernel"
-            ) from e
+            # dpkg-deb's own words as text (a bytes repr printed a literal "\n")
+            why = e.stderr.decode(errors="replace").strip() if getattr(e, "stderr", None) else e
+            raise SetupError(f"cannot unpack {deb}: {why}", step="unpack kernel") from e
         vmlinuz = sorted((tmpd / "x" / "boot").glob("vmlinuz-*"))
         if not vmlinuz:
             raise SetupError(f"{deb} holds no /boot/vmlinuz-*", step="unpack kernel")
