@@ -66,7 +66,9 @@ class VMLifecycle(RuleBasedStateMachine):
         return f"pt{os.getpid()}-{next(_names)}"
 
     def _with(self, state: str) -> list[str]:
-        return sorted(n for n, m in self.vms.items() if m.state == state)
+        # insertion order, never sorted: names and snapshot ids differ between runs, and
+        # a replayed choice must pick the same VM for hypothesis to shrink
+        return [n for n, m in self.vms.items() if m.state == state]
 
     def _live(self) -> int:
         return sum(m.state == "running" for m in self.vms.values())
@@ -135,7 +137,7 @@ class VMLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self._live() < MAX_VMS and self.snaps)
     @rule(data=st.data())
     def restore(self, data: st.DataObject) -> None:
-        snap = self.snaps[data.draw(st.sampled_from(sorted(self.snaps)), label="snapshot")]
+        snap = self.snaps[data.draw(st.sampled_from(list(self.snaps)), label="snapshot")]
         name = self._name()
         restore(self.mgr, snap.id, name=name)
         self._add_running(name, snap.disk, snap.mem, snap.id)
@@ -143,7 +145,7 @@ class VMLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self._live() < MAX_VMS - 1 and self.snaps)
     @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
-        snap = self.snaps[data.draw(st.sampled_from(sorted(self.snaps)), label="snapshot")]
+        snap = self.snaps[data.draw(st.sampled_from(list(self.snaps)), label="snapshot")]
         prefix = self._name()
         made = fork(self.mgr, snap.id, 2, name_prefix=prefix)
         assert sorted(v.name for v in made) == [f"{prefix}-1", f"{prefix}-2"]
@@ -153,7 +155,7 @@ class VMLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.vms)
     @rule(data=st.data())
     def rm(self, data: st.DataObject) -> None:
-        name = data.draw(st.sampled_from(sorted(self.vms)), label="vm")
+        name = data.draw(st.sampled_from(list(self.vms)), label="vm")
         vm = self.mgr.get(name)
         self.mgr.remove(name, force=True)
         self.removed.add(vm.id)
@@ -164,7 +166,7 @@ class VMLifecycle(RuleBasedStateMachine):
     def snapshot_rm(self, data: st.DataObject) -> None:
         # a hibernated VM's own snapshot is what `start` brings back: not offered
         held = {m.last_snap for m in self.vms.values() if m.state == "hibernated"}
-        choices = sorted(set(self.snaps) - held)
+        choices = [s for s in self.snaps if s not in held]
         if not choices:
             return
         snap = data.draw(st.sampled_from(choices), label="snapshot")

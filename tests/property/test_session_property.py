@@ -1,8 +1,8 @@
 """Stateful property test, second machine class: durable sessions against a model.
 
 Hypothesis draws sequences of session create, send, hibernate, fork and rm (the
-offline model ``scripted:bench``: every turn appends ``turn-N`` to /work/log in the
-VM).  The model knows per session its turns, its messages and whether it is
+offline model ``scripted:bench``: turn N (from 0) appends ``turn-N`` to /work/log in
+the VM and answers ``ok N``).  The model knows per session its turns, its messages and whether it is
 hibernated.  After every step: ``Session.list`` shows exactly the model's live
 sessions; each one's status, turn count and logged user messages match; a running
 session's /work/log holds exactly its turns (the VM and the log agree, across
@@ -66,7 +66,7 @@ class SessionLifecycle(RuleBasedStateMachine):
         self.removed: set[str] = set()
 
     def _live(self) -> list[str]:
-        return sorted(n for n, m in self.model.items() if not m.hibernated)
+        return [n for n, m in self.model.items() if not m.hibernated]  # insertion order
 
     def _text(self) -> str:
         return f"msg-{next(_names)}"
@@ -82,14 +82,14 @@ class SessionLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.model and len(self._live()) <= MAX_LIVE)
     @rule(data=st.data())
     def send(self, data: st.DataObject) -> None:
-        choices = sorted(self.model) if len(self._live()) < MAX_LIVE else self._live()
+        choices = list(self.model) if len(self._live()) < MAX_LIVE else self._live()
         name = data.draw(st.sampled_from(choices), label="session")
         m = self.model[name]
         text = self._text()
         answer = self.open[name].send(text)
         m.messages.append(text)
         m.hibernated = False  # a send wakes a hibernated session
-        assert answer == f"ok {len(m.messages)}", answer
+        assert answer == f"ok {len(m.messages) - 1}", answer  # the script counts from 0
 
     @precondition(lambda self: self._live())
     @rule(data=st.data())
@@ -101,7 +101,7 @@ class SessionLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.model and len(self._live()) < MAX_LIVE)
     @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(sorted(self.model)), label="session")
+        parent = data.draw(st.sampled_from(list(self.model)), label="session")
         name = f"ps{os.getpid()}-{next(_names)}"
         child = self.open[parent].fork(name=name)
         self.open[name] = child
@@ -110,7 +110,7 @@ class SessionLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def rm(self, data: st.DataObject) -> None:
-        name = data.draw(st.sampled_from(sorted(self.model)), label="session")
+        name = data.draw(st.sampled_from(list(self.model)), label="session")
         s = self.open.pop(name)
         s.remove()
         s.close()
@@ -138,7 +138,7 @@ class SessionLifecycle(RuleBasedStateMachine):
                 vm = s.vm()
                 assert vm is None or vm.state.status != Status.RUNNING
             else:
-                assert vm_log(s) == [f"turn-{i}" for i in range(1, len(m.messages) + 1)]
+                assert vm_log(s) == [f"turn-{i}" for i in range(len(m.messages))]
         report = ChunkStore(self.paths.store).verify()
         assert report.ok, f"store verify: {report}"
 
