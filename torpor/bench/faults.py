@@ -302,7 +302,8 @@ class Campaign:
         deadline = time.monotonic() + wait
         while True:
             left = self._leftovers()
-            if not left or time.monotonic() > deadline:
+            # a staging folder waits for the next snapshot: no use waiting for it here
+            if not any(not x.startswith("staging") for x in left) or time.monotonic() > deadline:
                 r.leftovers = left
                 return
             time.sleep(0.2)
