@@ -76,6 +76,13 @@ def test_qemu_runs_unprivileged_alone_and_limited(vms, tools_image, paths) -> No
     assert not (root / str(b_files.disk).lstrip("/")).exists()
     assert not (root / str(paths.root / "store").lstrip("/")).exists()
     assert not (root / "etc/passwd").exists()
+    # the shared read-only files stay private on the host (owner-only, root) and are
+    # readable in the jail because an idmapped bind shows them owned by QEMU's uid
+    qcfg = mgr.get(a.id).config
+    base = mgr.images.get(qcfg.image_id).disk_path
+    host = base.stat()
+    assert host.st_uid == 0 and host.st_mode & 0o077 == 0
+    assert (root / str(base).lstrip("/")).stat().st_uid in uids
     # the guest still works through the passed sockets and the console fd
     with mgr.client(a) as c:
         assert c.exec(["echo", "hi"]).stdout == b"hi\n"

@@ -60,6 +60,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +80,19 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+SYS_OPEN_TREE = 428  # x86_64
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY = 1
+MOUNT_ATTR_NOSUID = 2
+MOUNT_ATTR_NODEV = 4
+MOUNT_ATTR_NOEXEC = 8
+MOUNT_ATTR_IDMAP = 0x00100000
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -348,6 +362,7 @@ class Bind:
     src: str
     writable: bool = False
     dev: bool = False  # a device node (keeps dev semantics)
+    idmap: bool = False  # an idmapped mount: root's files appear owned by QEMU's uid
 
 
 @dataclass
@@ -364,6 +379,7 @@ class Plan:
     cgroup_procs: list[str]
     record: dict[str, Any] = field(default_factory=dict)
     new_net: bool = False  # no guest network: no host network (nor abstract sockets)
+    userns_fd: int = -1  # for idmapped binds: a user namespace mapping 0 -> QEMU's uid
     pass_fds: list[int] = field(default_factory=list)
     fds_to_close: list[int] = field(default_factory=list)
 
@@ -409,6 +425,40 @@ def _listen(path: Path) -> socket.socket:
         os.umask(old)
     s.listen(16)
     return s
+
+
+def _userns_fd(uid: int, gid: int) -> int:
+    """An fd of a new user namespace whose uid/gid 0 is ``uid``/``gid`` outside: the
+    mapping for idmapped mounts.  A forked child creates it and exits; the fd keeps
+    it alive.  -1 when the kernel refuses (then shared assets are group-read)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only calls libc and exits
+        try:
+            os.close(r)
+            os.close(w2)
+            ok = libc.unshare(CLONE_NEWUSER) == 0
+            os.write(w, b"1" if ok else b"0")
+            os.read(r2, 1)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(r2)
+    try:
+        if os.read(r, 1) != b"1":
+            return -1
+        for name, n in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 {n} 1\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    finally:
+        os.close(r)
+        os.close(w2)  # the child exits
+        os.waitpid(pid, 0)
 
 
 def qcow2_backing(path: Path) -> str | None:
@@ -551,10 +601,19 @@ def _prepare(
         devs.append("/dev/kvm")
         groups.append(os.stat("/dev/kvm").st_gid)
     binds += [Bind(d, writable=True, dev=True) for d in devs]
-    # shared, read-only: kernel, initramfs, the backing chain of the overlay
+    # shared, read-only: kernel, initramfs, the backing chain of the overlay.  They
+    # stay 0400 root: bound idmapped, they appear owned by QEMU's uid in its jail alone
+    userns = _userns_fd(uid, gid)
+    if userns >= 0:
+        fds.append(userns)
+
+    def shared_asset(p: Path) -> Bind:
+        if userns < 0:
+            _share_read(p, shared)
+        return Bind(str(p), idmap=userns >= 0)
+
     for p in (kernel, initrd):
-        _share_read(p.resolve(), shared)
-        binds.append(Bind(str(p.resolve())))
+        binds.append(shared_asset(p.resolve()))
     # The overlay's header is QEMU's to write: a QEMU that was taken over could name
     # any host file as its backing file, to have it made readable and bound into its
     # jail at the next start.  So a backing file must be an image's base disk.
@@ -573,8 +632,7 @@ def _prepare(
                 step="jail",
                 path=disk,
             )
-        _share_read(nxt, shared)
-        binds.append(Bind(str(nxt)))
+        binds.append(shared_asset(nxt))
         cur = nxt
     else:
         raise JailError("the disk's backing chain is too long (or loops)", step="jail", path=disk)
@@ -585,6 +643,7 @@ def _prepare(
         _own(p, uid, gid)
         binds.append(Bind(str(p.resolve()), writable=True))
     # no host folder is writable by QEMU: sockets and logs are passed as fds
+    n_private = len(fds)
     argv = rewrite_argv(argv, vm_dir, fds)
     key = f"{hashlib.blake2b(str(home).encode(), digest_size=6).hexdigest()}-{vm_id}"
     memory = memory_mib * (1 << 20) + MEM_OVERHEAD
@@ -602,6 +661,10 @@ def _prepare(
         "kernel, initramfs, base disk; read-write: this VM's overlay and RAM file",
         "seccomp": "QEMU -sandbox on (obsolete, elevateprivileges, spawn, resourcecontrol denied)",
         "cgroup": cg,
+        "shared_files": "idmapped read-only binds (root's 0400 files appear owned by "
+        "QEMU's uid in its jail only)"
+        if userns >= 0
+        else f"group-readable by the jail group {shared} (no idmapped mounts here)",
     }
     plan = Plan(
         uid=uid,
@@ -613,8 +676,9 @@ def _prepare(
         symlinks=symlinks,
         cgroup_procs=procs,
         record=record,
-        pass_fds=list(fds),
+        pass_fds=list(fds[n_private:]),
         new_net=not network,
+        userns_fd=userns,
     )
     plan.fds_to_close = list(fds)
     _write_record(vm_dir, record)
@@ -718,8 +782,23 @@ def enter_fn(plan: Plan) -> Any:
         last_cap = int(f.read())
     root = plan.mountpoint
     setups: list[tuple[str, str, bool, bool, bool]] = []  # src, dst, isdir, writable, dev
+    idmapped: list[tuple[str, str]] = []
     for b in plan.binds:
-        setups.append((b.src, root + b.src, os.path.isdir(b.src), b.writable, b.dev))
+        if b.idmap:
+            idmapped.append((b.src, root + b.src))
+        else:
+            setups.append((b.src, root + b.src, os.path.isdir(b.src), b.writable, b.dev))
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "QQQQ",
+            MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+            | MOUNT_ATTR_NOEXEC,
+            0,
+            0,
+            max(plan.userns_fd, 0),
+        ),
+        32,
+    )
     links = [(root + k, v) for k, v in plan.symlinks.items()]
     cwd = plan.cwd
     net = CLONE_NEWNET if plan.new_net else 0
@@ -759,6 +838,19 @@ def enter_fn(plan: Plan) -> Any:
             if not isdir and not dev:  # system folders keep exec: QEMU and its libraries
                 flags |= MS_NOEXEC
             mount(None, dst, None, flags)
+        for src, dst in idmapped:
+            mkdirs(os.path.dirname(dst))
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600))
+            t = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
+            if t < 0:
+                fail(f"open_tree {src}")
+            if libc.syscall(SYS_MOUNT_SETATTR, t, b"", AT_EMPTY_PATH, attr, 32) != 0:
+                fail(f"idmapped mount of {src}")
+            if libc.syscall(
+                SYS_MOVE_MOUNT, t, b"", AT_FDCWD, dst.encode(), MOVE_MOUNT_F_EMPTY_PATH
+            ) != 0:
+                fail(f"move_mount {src}")
+            os.close(t)
         for dst, target in links:
             os.symlink(target, dst)
         mkdirs(root + "/proc")
