@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,6 +44,15 @@ def test_removing_a_hibernation_is_refused_and_rm_drops_the_cache(vms, tools_ima
     assert (paths.snapshot_cache / snap.id / "memory").exists()
     with pytest.raises(ConflictError):
         remove_snapshot(mgr, snap.id)  # the VM resumes from it
+    # a restore from the hibernation cache (RAM checked in the shim's copy) leaves no
+    # link to the cached RAM behind once its shadow is seeded
+    copy = restore(mgr, snap.id, name="sleeper-copy")
+    vms.ids.append(copy.id)
+    for _ in range(300):
+        if not (copy.dir / "ram.src").exists():
+            break
+        time.sleep(0.1)
+    assert not (copy.dir / "ram.src").exists()
     mgr.remove(vm.id, force=True)
     r = torpor_cli("snapshot", "rm", snap.id[:12])
     assert r.returncode == 0, r.stderr

@@ -641,7 +641,12 @@ def set_last_snapshot(vm: VM, snap_id: str) -> None:
 
 
 def place_snapshot(
-    mgr: VMManager, store: ChunkStore, manifest: Manifest, vm: VM, cold: bool = False
+    mgr: VMManager,
+    store: ChunkStore,
+    manifest: Manifest,
+    vm: VM,
+    cold: bool = False,
+    memory_checked: bool = False,
 ) -> None:
     """Put a snapshot's RAM, disk and device state into ``vm``'s folder for a restore.
 
@@ -664,12 +669,13 @@ def place_snapshot(
             os.link(cache / "memory", src)
         except OSError:  # another filesystem: copy now
             sparse_copy(cache / "memory", src)
-        write_meta(
-            src.with_name(src.name + ".json"),
-            {"snapshot": manifest.id, "store": str(store.root), "once": True},
-        )
         info["ram_from"] = src.name
-        info["ram_snapshot"] = manifest.id
+        if not memory_checked:  # (a wake checked the cache file itself: one pass, not two)
+            write_meta(
+                src.with_name(src.name + ".json"),
+                {"snapshot": manifest.id, "store": str(store.root), "once": True},
+            )
+            info["ram_snapshot"] = manifest.id
     elif foreign is not None and foreign != own:
         # 2. a running VM's shadow that still equals the snapshot (copied under its lock)
         info["ram_from"] = str(foreign)
@@ -779,13 +785,13 @@ def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
     store = _store(mgr)
     m = store.get(last_snapshot(vm))
     mem = mgr.paths.snapshot_cache / m.id / "memory"
+    checked = False
     if not cold and mem.exists():
-        # checked here too (the shim checks its copy as well): a bad cache must make
-        # this wake come from the store, not fail it
-        try:
-            bad = store.check_file(m.artifacts["memory"], mem)
-        except OSError:
-            bad = [0]
-        if bad:
+        # checked here, not in the shim's copy: a bad cache must make this wake come
+        # from the store, not fail it (the file is then hard-linked: a writer racing
+        # the wake could still change it, as it could change the VM's own disk)
+        with contextlib.suppress(OSError):
+            checked = not store.check_file(m.artifacts["memory"], mem)
+        if not checked:
             _drop_cache_file(mem)
-    place_snapshot(mgr, store, m, vm, cold)
+    place_snapshot(mgr, store, m, vm, cold, memory_checked=checked)
