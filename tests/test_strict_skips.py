@@ -51,8 +51,10 @@ def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     e = {k: v for k, v in os.environ.items() if k not in ("CI", "TORPOR_STRICT_SKIPS")}
     e.update(env, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"]
-        + ["-c", os.devnull, "--rootdir", str(tmp_path), "-q", "-rA", str(tmp_path)],
+        [
+            *(sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"),
+            *("-c", os.devnull, "--rootdir", str(tmp_path), "-q", "-rA", str(tmp_path)),
+        ],
         cwd=tmp_path,
         env=e,
         capture_output=True,
