@@ -371,8 +371,8 @@ class VMManager:
         vm_dir = self.paths.vm(vm_id)
         vm_dir.mkdir(mode=0o700)
         me = os.getpid()
-        (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
         try:
+            (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
             link = self.paths.names / name
             try:
                 os.symlink(f"../{vm_id}", link)
@@ -410,11 +410,18 @@ class VMManager:
             save_state(vm_dir, VMState())
             save_config(vm_dir, cfg)  # last: its presence marks the VM as complete
             (vm_dir / ".creating").unlink()
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 if os.readlink(self.paths.names / name) == f"../{vm_id}":
                     os.unlink(self.paths.names / name)
             shutil.rmtree(vm_dir, ignore_errors=True)
+            if isinstance(e, OSError):  # a write error has no filename: name the VM folder
+                where = e.filename if e.filename is not None else vm_dir
+                raise VMError(
+                    f"cannot write the VM's files: {e.strerror or e}: {where}",
+                    step="create VM",
+                    path=where,
+                ) from e
             raise
         return VM(cfg, VMState(), vm_dir)
 
