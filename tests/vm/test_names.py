@@ -33,9 +33,10 @@ def test_name_regexes_have_no_trailing_newline_hole() -> None:
     assert not NAME_RE.match("box\n")
 
 
-def test_error_messages_escape_control_characters(tools_image: str) -> None:
-    r = torpor_cli("inspect", "\x1b]0;pwned\x07x")
-    assert r.returncode == 3
+@pytest.mark.parametrize("cmd", ["inspect", "rm", "stop", "start", "logs", "kill"])
+def test_error_messages_escape_control_characters(tools_image: str, cmd: str) -> None:
+    r = torpor_cli(cmd, "\x1b]0;pwned\x07x")
+    assert r.returncode == 3, (r.stdout, r.stderr)
     assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr
     assert b"\\x1b]0;pwned\\x07x" in r.stderr  # still readable, escaped
 

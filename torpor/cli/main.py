@@ -631,7 +631,7 @@ def rm(vms: tuple[str, ...], force: bool) -> None:
             mgr.remove(ref, force=force)
             click.echo(ref)
         except TorporError as e:
-            err_console.print(f"[red]torpor:[/red] {e}")
+            err_console.print(f"[red]torpor:[/red] {markup_safe(e)}", soft_wrap=True)
             failed = e
     if failed:
         sys.exit(failed.exit_code)
@@ -957,7 +957,7 @@ def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
         try:
             click.echo(remove_snapshot(mgr, s, force=force))
         except TorporError as e:  # the others are still removed, like `docker rm`
-            err_console.print(f"[red]torpor:[/red] {e}", markup=True, highlight=False)
+            err_console.print(f"[red]torpor:[/red] {markup_safe(e)}", highlight=False)
             failed = failed or e
     if failed is not None:
         sys.exit(failed.exit_code)
