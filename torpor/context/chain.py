@@ -7,16 +7,22 @@ checks it on every read.
 The chain (``K`` = the home's secret, ``ROOT/store/key``, the same 32 bytes that
 authenticate snapshot manifests; :func:`torpor.store.store.load_key`)::
 
-    base(S)    = HMAC-SHA256(K, anchor(S) || canonical(session record S))
+    base(S)    = MAC(K, anchor(S) || canonical(session record S))
     anchor(S)  = 32 zero bytes                         S is a root session
                = chain of the entry at S.parent_seq    S forks P at parent_seq >= 1
                  in P's visible log (P's own or inherited)
                = base(P)                               S forks P at 0
-    chain(S,n) = HMAC-SHA256(K, prev || canonical(entry n of S))
+    chain(S,n) = MAC(K, prev || canonical(entry n of S))
     prev       = base(S)               n = S.parent_seq + 1 (root: n = 1)
                = chain(S, n-1)         otherwise (S's own previous entry)
 
-so a fork's first own entry chains onto its parent's entry at the fork point
+``MAC`` is keyed BLAKE2b with a 32-byte digest (RFC 7693's keyed mode, a MAC by
+design: no length extension, so no HMAC wrapping is needed).  Measured here per
+entry of ~500 bytes: 2.1 us against 7.7 us for ``hmac.digest(..., "sha256")``
+(OpenSSL's one-shot HMAC sets up a context per call); every read checks every row,
+so this is the read path's cost.
+
+A fork's first own entry chains onto its parent's entry at the fork point
 (through the fork's own record), and a forked view verifies from seq 1 through
 every ancestor.  ``canonical(entry)`` covers the owner's session id, seq, kind,
 turn, key, created_at and the payload exactly as the database returns it (SQLite:
@@ -35,7 +41,7 @@ a reader that already checked entries 1..k checks only k+1.. (incremental).
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 
 import orjson
 
@@ -46,7 +52,7 @@ GENESIS = bytes(MAC_BYTES)
 
 
 def _mac(key: bytes, prev: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, prev + data, "sha256")
+    return hashlib.blake2b(prev + data, key=key, digest_size=MAC_BYTES).digest()
 
 
 def canonical_entry(

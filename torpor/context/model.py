@@ -77,7 +77,7 @@ class Entry:
     key: str | None
     created_at: float  # unix seconds, the appender's clock
     turn: int  # 0 = before any user message; chosen by the caller
-    # HMAC chain value (torpor.context.chain); b"" only where an entry is built by hand
+    # MAC chain value (torpor.context.chain); b"" only where an entry is built by hand
     chain: bytes = field(default=b"", repr=False, compare=False)
 
 

@@ -22,7 +22,7 @@ Every data table carries triggers that refuse UPDATE and DELETE.  Schema 1 had n
 ``chain`` column and no ``torpor_removed``: opening such a database migrates it
 (:meth:`SQLContextLog.migrate_chain`, in the one transaction that bumps the version).
 
-Tamper evidence: every entry row carries an HMAC chain value (:mod:`torpor.context.chain`),
+Tamper evidence: every entry row carries a keyed MAC chain value (:mod:`torpor.context.chain`),
 computed by ``append`` and checked by every read (``entries``); a row that fails
 raises :class:`~torpor.context.errors.ChainError`.  A read after seq ``k`` checks
 rows ``k+1..`` against row ``k``'s stored value, so a reader that keeps its place
@@ -353,18 +353,24 @@ class SQLContextLog(ContextLog):
         visible row just before them (None: they start at seq 1)."""
         prev_seq = 0 if pred is None else pred[1]
         prev_chain: bytes | None = None if pred is None else pred[7]
+        key, same = self._key, hmac.compare_digest
+        first_own: dict[str, int] = {}  # owner -> seq of its first own entry
         for r in rows:
             owner, seq, stored = r[0], r[1], r[7]
             if seq != prev_seq + 1:
                 yield prev_seq + 1, f"entries {prev_seq + 1}..{seq - 1} are missing"
-            if seq - 1 == self._parent_seq(tx, owner):
+            first = first_own.get(owner)
+            if first is None:
+                first = first_own[owner] = self._parent_seq(tx, owner) + 1
+            if seq == first:
                 anchor = bytes(prev_chain) if prev_chain is not None and seq > 1 else None
                 prev = self._base(tx, owner, anchor)
             else:
                 prev = GENESIS if prev_chain is None else bytes(prev_chain)
+            canon = canonical_entry(owner, seq, r[2], r[6], r[4], float(r[5]), r[3])
             if stored is None:
                 yield seq, "it has no chain value"
-            elif not hmac.compare_digest(self._mac_of(r, prev), bytes(stored)):
+            elif not same(entry_mac(key, prev, canon), bytes(stored)):
                 yield (
                     seq,
                     (
