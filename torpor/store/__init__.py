@@ -18,13 +18,16 @@ folder can be copied elsewhere and used there)::
       chunks/<aa>/<blake3-hex>        one zstd frame; <aa> = first 2 hex digits
       snapshots/<id>.manifest         "torpor-manifest 1" / "hmac-sha256 <mac>" / body
       snapshots/.<id>.manifest.*.tmp  a commit in flight (ignored, gc'd)
+      snapshots/<id>.removed          tombstone: <id> was removed, stays removed
       leases/<host>.<pid>.<rnd>.lease a writer in flight: gc keeps chunks newer than it
       tmp/                            chunk temp files before their rename
 
 Write path: ``put_file`` (one per artifact; chunk data fdatasync'ed) → ``commit`` (fsync
 the chunk directories, then the manifest).
-Read path: ``get`` / ``list`` → ``materialize`` or ``read_range`` (every chunk
-hash-checked).  Maintenance: ``verify``, ``gc``, ``remove``.  The crash-safety and
+Read path: ``get`` (id, id prefix or tag) / ``scan`` / ``list`` → ``materialize`` or
+``read_range`` (every chunk hash-checked); ``check_file`` authenticates an
+uncompressed copy (the hot cache) against an artifact.  Maintenance: ``verify``,
+``gc``, ``remove`` (tombstoned).  The crash-safety and
 gc-safety arguments are in :mod:`torpor.store.store`; the manifest format in
 :mod:`torpor.store.manifest`; errors in :mod:`torpor.store.errors`.
 """
