@@ -20,6 +20,11 @@ and is answered by OK with JSON timings (``pause_ms``, ``devstate_ms``,
 ``copy_ms``, ``memory_bytes_copied``, ``disk_bytes_copied``) or ERROR.
 CAPTURE_END carries JSON ``{"action": "resume" | "end"}``.  ``fault`` is a test
 hook (``kill-qemu-in-pause``) so tests can kill QEMU inside the window.
+
+Restores copy RAM from a shadow (or a hibernation's cached RAM) with
+:func:`copy_shadow_of`, which checks the *copy* against the snapshot's MAC-checked
+manifest before QEMU loads device state over it: a shadow or cache file that was
+damaged or altered never reaches a guest (the restore then comes from the store).
 """
 
 from __future__ import annotations
