@@ -146,6 +146,9 @@ def test_a_tampered_log_is_refused_by_log_and_recover(paths, tools_image, tmp_pa
             assert r.returncode == ChainError.exit_code, (cmd, r.stderr)
             assert f"at entry {user.seq}".encode() in r.stderr, r.stderr
             assert b"rm -rf" not in r.stdout
+        r = torpor_cli("session", "ls", "--json", env=env)  # listed, not hiding the others
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "broken", r.stderr
+        assert Session.prune(hibernated=True, dry_run=True, paths=paths, dsn=str(db)) == []
         r = torpor_cli("session", "verify", env=env)
         assert r.returncode == 11 and f"t: entry {user.seq}:".encode() in r.stdout, r.stdout
         with Session.open("t", paths=paths, dsn=str(db)) as again, pytest.raises(ChainError):

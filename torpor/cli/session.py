@@ -209,6 +209,30 @@ def log_(ctx: click.Context, ref: str, follow: bool, as_json: bool, after: int) 
 
 
 def _session_row(s: Any) -> dict[str, Any]:
+    from torpor.context import ChainError
+
+    try:
+        return _row_of(s)
+    except ChainError:  # one edited log must not hide the others from `ls`
+        return {
+            "id": s.id,
+            "name": s.name,
+            "status": "broken",  # `torpor session verify` names the entries
+            "model": s.record.meta.get("model"),
+            "image": s.record.meta.get("image"),
+            "turns": 0,
+            "entries": 0,
+            "checkpoints": 0,
+            "snapshot_bytes": 0,
+            "log_bytes": 0,
+            "vm": None,
+            "parent": s.record.parent_id,
+            "parent_seq": s.record.parent_seq,
+            "created": s.record.created_at,
+        }
+
+
+def _row_of(s: Any) -> dict[str, Any]:
     st = s.state()
     stats = s.stats()
     vm = s.vm()

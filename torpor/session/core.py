@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torpor.context import (
+    ChainError,
     ContextLog,
     Entry,
     Kind,
@@ -713,7 +714,10 @@ class Session:
         sessions = cls.list(paths=paths, dsn=dsn)
         try:
             for s in sessions:
-                status = s.status()
+                try:
+                    status = s.status()
+                except ChainError:
+                    continue  # an edited log is evidence: never pruned
                 if status not in wanted:
                     continue
                 if older_than is not None and now - s.last_active() < older_than:
