@@ -20,12 +20,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.fuzzing import fuzz
 from tests.imagetools import busybox_config, compress, file_entry, make_layer, sha256
-from torpor.errors import ImageError, TorporError
+from torpor.errors import ImageError, LayerError, TorporError
 from torpor.image.archive import read_archive
 from torpor.image.blobs import BlobStore
 from torpor.image.layers import RootfsBuilder
@@ -339,5 +340,41 @@ def test_hostile_archives(data: st.DataObject) -> None:
             return
         for digest in image.keep:
             assert (staging / digest.removeprefix("sha256:")).exists() or sha256(b"") == digest
+    finally:
+        box.check_and_close()
+
+
+# ---- caps (not fuzzed: a decompression bomb is one precise input) -------------------------
+
+
+def test_decompression_bomb_stops_at_the_byte_cap(monkeypatch) -> None:
+    """A small zstd layer that unpacks to 48 MiB of non-zero data stops at
+    TORPOR_IMAGE_MAX_BYTES instead of filling the host disk."""
+    monkeypatch.setenv("TORPOR_IMAGE_MAX_BYTES", str(16 << 20))
+    bomb = make_layer([file_entry("big", b"a" * (48 << 20))], compression="zstd")
+    assert len(bomb) < 1 << 20
+    box = _Sandbox()
+    try:
+        with (
+            RootfsBuilder(box.root) as b,
+            pytest.raises(LayerError, match="TORPOR_IMAGE_MAX_BYTES"),
+        ):
+            b.apply(io.BytesIO(bomb), name="bomb")
+        assert sum(p.stat().st_size for p in box.root.rglob("*") if p.is_file()) <= 17 << 20
+    finally:
+        box.check_and_close()
+
+
+def test_entry_bomb_stops_at_the_entry_cap(monkeypatch) -> None:
+    monkeypatch.setenv("TORPOR_IMAGE_MAX_ENTRIES", "100")
+    layer = make_layer([file_entry(f"f{i}") for i in range(300)], compression="gzip")
+    box = _Sandbox()
+    try:
+        with (
+            RootfsBuilder(box.root) as b,
+            pytest.raises(LayerError, match="TORPOR_IMAGE_MAX_ENTRIES"),
+        ):
+            b.apply(io.BytesIO(layer), name="many")
+        assert len(list(box.root.iterdir())) <= 100
     finally:
         box.check_and_close()
