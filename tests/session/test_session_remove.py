@@ -153,8 +153,13 @@ def test_a_tampered_log_is_refused_by_log_and_recover(paths, tools_image, tmp_pa
         assert r.returncode == 11 and f"t: entry {user.seq}:".encode() in r.stdout, r.stdout
         with Session.open("t", paths=paths, dsn=str(db)) as again, pytest.raises(ChainError):
             again.recover()
+        vm_id = s.vm().id
+        r = torpor_cli("session", "rm", "t", env=env)  # an edited log can still be removed
+        assert r.returncode == 0, r.stderr
+        assert not any(v.id == vm_id for v in VMManager(paths).list())
     finally:
-        s.remove()
+        with contextlib.suppress(NotFoundError):
+            s.remove()
         s.close()
 
 

@@ -667,7 +667,10 @@ class Session:
             self._log.get_session(self.id)  # NotFoundError if removed meanwhile
             ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
             ids -= self._forks_vms()  # a fork's VM is restored with its parent's labels
-            vm = self.vm()
+            try:
+                vm = self.vm()
+            except ChainError:
+                vm = None  # an edited log still goes; its VMs by their label
             if vm is not None:
                 ids.add(vm.id)
             for vm_id in ids:
