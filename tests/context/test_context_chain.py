@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.context.conftest import Backend
-from torpor.context import SCHEMA_VERSION, ChainError, ContextLog, Kind, open_log
+from torpor.context import SCHEMA_VERSION, ChainError, ContextError, ContextLog, Kind, open_log
 from torpor.errors import ConflictError, NotFoundError
 from torpor.paths import Paths
 
@@ -259,3 +259,11 @@ def test_a_schema_1_database_is_migrated_with_its_chain(backend: Backend) -> Non
     _unguarded(backend, "UPDATE torpor_entries SET payload = ? WHERE seq = 2", '{"content":"x"}')
     with backend.open() as log:
         assert log.verify("f" * 32)[0][0] == 2
+
+
+def test_an_unreadable_key_is_a_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "store").mkdir(parents=True)
+    (home / "store" / "key").mkdir()  # not a file: reading it fails
+    with pytest.raises(ContextError, match="key"):
+        open_log(str(tmp_path / "c.db"), paths=Paths(home))

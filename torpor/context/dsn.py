@@ -74,9 +74,17 @@ def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLo
 def chain_key(paths: Paths) -> bytes:
     """The MAC key of the log's chain: the home's store key (one secret per home;
     hosts sharing a PostgreSQL log share it, as they share the snapshot store)."""
+    from torpor.context.errors import ContextError
     from torpor.store.store import load_key
 
-    return load_key(paths.store)
+    try:
+        return load_key(paths.store)
+    except OSError as e:  # e.g. a read-only home without a key yet
+        raise ContextError(
+            f"cannot read or create the context log's key: {e.strerror}",
+            step="open context log",
+            path=paths.store / "key",
+        ) from e
 
 
 def _sqlite(path: Path, paths: Paths) -> ContextLog:
