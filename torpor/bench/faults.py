@@ -383,15 +383,30 @@ class Campaign:
         r.outcome = outcome
         if rc == 0 and out.split():
             self.acked_snaps.add(out.split()[-1])
-        status = self.mgr.get(SRC).state.status
+        # a kill after the shim was told to end the VM: it records the hibernation a
+        # moment later, so ps may say running until QEMU's exit is seen
+        deadline = time.monotonic() + 15
+        while True:
+            status = self.mgr.get(SRC).state.status
+            if status != Status.RUNNING:
+                break
+            try:
+                with self.mgr.client(SRC) as c:
+                    c.exec(["true"], timeout=10)
+                break
+            except TorporError as e:
+                if time.monotonic() > deadline:
+                    r.notes.append(f"VM unusable after the fault: {e}")
+                    return
+                time.sleep(0.5)
         if rc == 0 and status != Status.HIBERNATED:
             r.notes.append(f"VM unusable: hibernate acknowledged but the VM is {status}")
         if status == Status.HIBERNATED:
             rc2, _, err2 = self.cli("start", SRC)
             if rc2 != 0:
                 r.notes.append(f"VM unusable: start after hibernate failed: {err2[-300:]}")
-        elif status == Status.RUNNING:
-            self.vm_alive(r)
+        elif status != Status.RUNNING:
+            r.notes.append(f"VM unusable: after a killed hibernate the VM is {status}")
 
     def vm_pid(self, which: str) -> int:
         with contextlib.suppress(TorporError):
