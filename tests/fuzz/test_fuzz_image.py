@@ -378,3 +378,25 @@ def test_entry_bomb_stops_at_the_entry_cap(monkeypatch) -> None:
         assert len(list(box.root.iterdir())) <= 100
     finally:
         box.check_and_close()
+
+
+@pytest.mark.timeout(60)  # before the fix, opening the FIFO blocked forever
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_oci_layout_blob_that_is_not_a_file(tmp_path: Path, kind: str) -> None:
+    """An OCI layout folder (say, unpacked from a download) whose blob is a FIFO or a
+    link to /dev/zero: a clear ImageError, no hang, no endless read."""
+    from tests.imagetools import busybox_rootfs_layer, write_oci_layout
+
+    layers = [busybox_rootfs_layer()]
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, layers, busybox_config(layers), "latest")
+    blob = next(p for p in (layout / "blobs/sha256").iterdir() if p.read_bytes() == layers[0])
+    blob.unlink()
+    if kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        os.symlink("/dev/zero", blob)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_archive(layout, BlobStore(staging))

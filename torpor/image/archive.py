@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,22 +371,46 @@ class _DirBlobs(_Blobs):
 
     def small(self, name: str) -> bytes | None:
         p = self.root / name
-        if not p.is_file():
+        try:
+            f = _open_regular(p)
+        except FileNotFoundError:
             return None
-        if p.stat().st_size > _SMALL_MAX:
+        with f:
+            body = f.read(_SMALL_MAX + 1)
+        if len(body) > _SMALL_MAX:
             raise ImageError(f"{p} is too large")
-        return p.read_bytes()
+        return body
 
     def ensure(self, desc: Descriptor, what: str) -> None:
         if self.staging.has(desc.digest, desc.size):
             return
         p = self.root / "blobs" / "sha256" / check_digest(desc.digest)
         try:
-            f = open(p, "rb")  # noqa: SIM115
+            f = _open_regular(p)
         except FileNotFoundError as e:
             raise ImageError(f"{what}: blob {desc.digest} is missing ({p})") from e
         with f:
             self.staging.ingest(f, expected=desc.digest, size=desc.size, what=f"{what}: {p}")
+
+
+def _open_regular(p: Path) -> Any:
+    """Open a layout file for reading; a FIFO, device or folder is an ImageError.
+
+    O_NONBLOCK so that opening a FIFO cannot block (regular files ignore it); a layout
+    unpacked from a download may hold any file type, and /dev/zero never ends.
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise ImageError(f"{p} is not a regular file") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ImageError(f"cannot read {p}: {e.strerror}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{p} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _read_oci_dir(path: Path, staging: BlobStore, select: Reference | None) -> ArchiveImage:
