@@ -363,6 +363,9 @@ class Bind:
     writable: bool = False
     dev: bool = False  # a device node (keeps dev semantics)
     idmap: bool = False  # an idmapped mount: root's files appear owned by QEMU's uid
+    # where QEMU will look for it: the path as its argv (or a qcow2 header) names it,
+    # which may go through symlinks that do not exist in the jail; default: src
+    dst: str | None = None
 
 
 @dataclass
@@ -612,23 +615,25 @@ def _prepare(
     if userns >= 0:
         fds.append(userns)
 
-    def shared_asset(p: Path) -> Bind:
+    def shared_asset(p: Path, literal: str) -> Bind:
         if userns < 0:
             _share_read(p, shared)
-        return Bind(str(p), idmap=userns >= 0)
+        return Bind(str(p), idmap=userns >= 0, dst=literal)
 
     for p in (kernel, initrd):
-        binds.append(shared_asset(p.resolve()))
+        binds.append(shared_asset(p.resolve(), os.path.abspath(p)))
     # The overlay's header is QEMU's to write: a QEMU that was taken over could name
     # any host file as its backing file, to have it made readable and bound into its
     # jail at the next start.  So a backing file must be an image's base disk.
     images = (home / "images").resolve()
-    cur: Path | None = disk.resolve()
+    cur, cur_literal = disk.resolve(), os.path.abspath(disk)
     for _ in range(MAX_BACKING_CHAIN + 1):
-        back = qcow2_backing(cur) if cur is not None else None
+        back = qcow2_backing(cur)
         if not back:
             break
-        nxt = (cur.parent / back).resolve()  # type: ignore[union-attr]
+        # QEMU opens a relative backing name next to the overlay's path as it opened it
+        literal = os.path.normpath(os.path.join(os.path.dirname(cur_literal), back))
+        nxt = Path(literal).resolve()
         st = os.lstat(nxt)
         if not nxt.is_relative_to(images) or not stat.S_ISREG(st.st_mode):
             raise JailError(
@@ -637,8 +642,8 @@ def _prepare(
                 step="jail",
                 path=disk,
             )
-        binds.append(shared_asset(nxt))
-        cur = nxt
+        binds.append(shared_asset(nxt, literal))
+        cur, cur_literal = nxt, literal
     else:
         raise JailError("the disk's backing chain is too long (or loops)", step="jail", path=disk)
     # the VM's own, read-write: overlay and RAM file (created here if QEMU would)
@@ -646,7 +651,7 @@ def _prepare(
         os.close(os.open(ram, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     for p in (disk, ram):
         _own(p, uid, gid)
-        binds.append(Bind(str(p.resolve()), writable=True))
+        binds.append(Bind(str(p.resolve()), writable=True, dst=os.path.abspath(p)))
     # no host folder is writable by QEMU: sockets and logs are passed as fds
     n_private = len(fds)
     argv = rewrite_argv(argv, vm_dir, fds)
@@ -676,7 +681,7 @@ def _prepare(
         gid=gid,
         groups=groups,
         mountpoint=str(mountpoint),
-        cwd=str(vm_dir),
+        cwd=os.path.dirname(os.path.abspath(disk)),
         binds=binds,
         symlinks=symlinks,
         cgroup_procs=procs,
@@ -795,9 +800,10 @@ def enter_fn(plan: Plan) -> Any:
     idmapped: list[tuple[str, str]] = []
     for b in plan.binds:
         if b.idmap:
-            idmapped.append((b.src, root + b.src))
+            idmapped.append((b.src, root + (b.dst or b.src)))
         else:
-            setups.append((b.src, root + b.src, os.path.isdir(b.src), b.writable, b.dev))
+            dst = root + (b.dst or b.src)
+            setups.append((b.src, dst, os.path.isdir(b.src), b.writable, b.dev))
     attr = ctypes.create_string_buffer(
         struct.pack(
             "QQQQ",
