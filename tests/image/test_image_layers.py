@@ -575,3 +575,22 @@ def test_unsettable_xattr_is_a_warning(root: Path) -> None:
     apply(root, layer, warn=warnings)
     assert os.getxattr(root / "f", "user.ok") == b"2"
     assert len(warnings) == 1 and "bogus.ns" in warnings[0] and "'f'" in warnings[0]
+
+
+def test_image_modes_do_not_depend_on_the_umask(
+    tmp_path: Path, store: ImageStore
+) -> None:
+    """The CLI runs with umask 077 (a private home); an image's own folders must keep
+    the modes a layer implies (0755 for parents a layer does not list, and the root),
+    or a non-root image user cannot enter them (regression: /srv/app was 0700)."""
+    layer = make_layer([file_entry("srv/app/run.sh", b"#!/bin/sh\n", mode=0o755)])
+    tar = tmp_path / "rootfs.tar"
+    tar.write_bytes(layer)
+    old = os.umask(0o077)
+    try:
+        image = store.import_archive(tar, "umask:latest")
+    finally:
+        os.umask(old)
+    for path in ("/", "/srv", "/srv/app"):
+        assert debugfs_stat(image.disk_path, path)["mode"] == 0o755, path
+    assert debugfs_stat(image.disk_path, "/srv/app/run.sh")["mode"] == 0o755

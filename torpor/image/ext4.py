@@ -125,7 +125,7 @@ def build_ext4(
     stats: TreeStats | None = None,
     label: str = LABEL,
 ) -> DiskInfo:
-    """Create ``out`` (must not exist) holding ``rootfs``; verify it; chmod it 0400 (read-only, private).
+    """Create ``out`` (must not exist) holding ``rootfs``; verify it; chmod it 0400.
 
     Raises ImageError if mkfs.ext4 or e2fsck fails (the partial file is removed),
     SetupError if e2fsprogs is missing.

@@ -324,6 +324,8 @@ class RootfsBuilder:
                     if not create:
                         raise
                     os.mkdir(comp, 0o755, dir_fd=fd)
+                    # the image's modes, not the process umask (the CLI's is 077)
+                    os.chmod(comp, 0o755, dir_fd=fd)
                     st = os.lstat(comp, dir_fd=fd)
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(comp, dir_fd=fd)
