@@ -98,8 +98,8 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     t_start = time.monotonic()
     spec, accel = machine_spec_for(paths, cfg, files)
     t_spec = time.monotonic()
-    for p in (files.ctl_sock, files.qmp_sock):
-        with contextlib.suppress(FileNotFoundError):
+    for p in (files.ctl_sock, files.qmp_sock, files.events_sock, files.console_sock):
+        with contextlib.suppress(FileNotFoundError):  # the shim must not dial a stale one
             p.unlink()
     restore_file = files.dir / "restore.json"
     info: dict[str, Any] | None = None

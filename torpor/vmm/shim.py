@@ -709,6 +709,10 @@ class Shim:
                 self.files.events_sock, "torpor-events", wait_until=time.monotonic() + 10
             ) as q:
                 with q.listener(("BLOCK_IO_ERROR", "RESUME")) as events:
+                    # stopped before this monitor was connected (an event we missed)?
+                    status = await qmp.execute(q, "query-status")
+                    if status.get("status") == "io-error":
+                        self.on_io_error({"nospace": self._disk_free() < RESUME_FREE}, q)
                     async for ev in events:
                         data = ev.get("data", {})
                         if ev["event"] == "BLOCK_IO_ERROR" and data.get("action") == "stop":
@@ -717,6 +721,13 @@ class Shim:
                             self.set_io_error("")
         except TorporError as e:
             log.warning("no QEMU event monitor: host I/O errors go unreported: %s", e)
+
+    def _disk_free(self) -> int:
+        try:
+            st = os.statvfs(self.files.disk.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     def set_io_error(self, why: str) -> None:
         self.io_error = why
@@ -752,11 +763,7 @@ class Shim:
 
         while self.io_error and not self.qemu_exited.is_set() and not self.stopping:
             await asyncio.sleep(1.0)
-            try:
-                st = os.statvfs(self.files.disk.parent)
-            except OSError:
-                continue
-            if st.f_bavail * st.f_frsize < RESUME_FREE:
+            if self._disk_free() < RESUME_FREE:
                 continue
             try:
                 status = await qmp.execute(q, "query-status")
