@@ -144,7 +144,10 @@ def run_demo(paths: Paths, console: Console) -> None:
             with contextlib.suppress(TorporError):
                 sess.remove()
             sess.close()
-    say("8. removed the sessions' VMs (logs and snapshots stay: `torpor session ls`)")
+    say(
+        "8. removed the demo's sessions: their logs stay, marked removed "
+        "(`torpor session ls -a`); `torpor gc` reclaims their snapshots"
+    )
     t = Table(title="measured in this run", header_style="bold")
     t.add_column("step")
     t.add_column("time", justify="right")
