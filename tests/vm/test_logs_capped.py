@@ -117,3 +117,19 @@ def test_logs_follow_reads_on_across_rotations(vms, tools_image: str) -> None:
     nums = [int(x.split()[1]) for x in lines]
     assert nums == list(range(nums[0], nums[0] + len(nums)))  # nothing lost or repeated
     assert (vm.dir / "main.log.2").exists()  # and it did rotate under the follower
+
+
+def test_restored_vm_whose_main_command_prints(vms, tools_image: str) -> None:
+    """Output arriving between the restored guest's resume and the shim's HELLO must be
+    logged, not crash the shim's guest reader (then every request hung)."""
+    from torpor.snapshot import restore, snapshot
+
+    script = "i=0; while :; do echo tick $i; i=$((i+1)); done"
+    vm = vms.run(tools_image, "sh", "-c", script, name="ticker")
+    snap = snapshot(vms.mgr, vm.id).manifest.id
+    for _ in range(3):
+        new = restore(vms.mgr, snap)
+        vms.ids.append(new.id)
+        with vms.mgr.client(new) as c:
+            assert c.exec(["echo", "alive"], timeout=60).stdout == b"alive\n"
+        assert any(d for _t, _s, d in vms.mgr.logs(new.id))

@@ -254,7 +254,17 @@ class Shim:
                 route.client.ids.pop(route.client_id, None)
 
     # -- main process ---------------------------------------------------------------------
+    def open_main_log(self) -> Any:
+        from torpor.vmm.logfile import RotatingLog
+
+        if self.main_log is None:
+            self.main_log = RotatingLog(self.files.main_log, self.log_limits)
+        return self.main_log
+
     def main_frame(self, frame: Frame) -> None:
+        # a restored main command prints from `cont` on, before start_main ran: the log
+        # is opened on first use (a None here killed the guest reader, and every request)
+        self.open_main_log()
         if frame.type in (T.STDOUT, T.STDERR):
             stream = "stdout" if frame.type == T.STDOUT else "stderr"
             rec = {
@@ -657,9 +667,7 @@ class Shim:
         restore.unlink()
 
     def start_main(self) -> None:
-        from torpor.vmm.logfile import RotatingLog
-
-        self.main_log = RotatingLog(self.files.main_log, self.log_limits)
+        self.open_main_log()
         if self.main_gid:  # restored: the main command is still running in the guest
             return
         if not self.cfg.command:
