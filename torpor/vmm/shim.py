@@ -230,7 +230,10 @@ class Shim:
             if not data:
                 break
             for frame in dec.feed(data):
-                self.from_guest(frame)
+                try:
+                    self.from_guest(frame)
+                except Exception:  # a malformed (hostile) frame must not end the channel
+                    log.exception("dropped a guest frame %s", frame)
         log.info("guest control channel closed")
 
     def from_guest(self, frame: Frame) -> None:
