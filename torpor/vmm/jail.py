@@ -236,9 +236,12 @@ def detect_cgroups() -> Cgroups | None:
     own = _own_cgroups()
     mounts = _mountinfo()
     for mnt, fstype, _ in mounts:
-        if fstype != "cgroup2" or "" not in own:
+        if fstype != "cgroup2":
             continue
-        parent = Path(mnt + own[""])
+        # like Firecracker's jailer: torpor/ under the hierarchy's root, which may
+        # enable controllers for its children although it holds processes (a cgroup
+        # that is not the root may not: "no internal processes")
+        parent = Path(mnt)
         try:
             avail = (parent / "cgroup.controllers").read_text().split()
         except OSError:
@@ -297,13 +300,15 @@ def _setup_cgroups(key: str, memory_bytes: int, cpus: int) -> dict[str, Any]:
         vm = top / key
         try:
             top.mkdir(exist_ok=True)
-            # a cgroup with processes cannot enable controllers for its children
-            # ("no internal processes"), but torpor/ holds none
+            # torpor/ holds no processes, so it may pass the controllers on
             with contextlib.suppress(OSError):
                 _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in cg.controllers))
             enabled = (parent / "cgroup.subtree_control").read_text().split()
             ctrls = [c for c in cg.controllers if c in enabled]
-            _write(top / "cgroup.subtree_control", " ".join(f"+{c}" for c in ctrls))
+            if not ctrls:
+                errors.append("v2: no controller could be enabled below the root")
+            else:
+                _write(top / "cgroup.subtree_control", " ".join(f"+{c}" for c in ctrls))
             with contextlib.suppress(OSError):
                 vm.rmdir()
             vm.mkdir()
