@@ -120,3 +120,11 @@ def test_tampered_ram_shadow_is_not_used(vms, tools_image, paths) -> None:
     vm3 = restore(mgr, r.manifest.id, name="shadow-victim-next", cold=True)
     vms.ids.append(vm3.id)
     assert _read_marker(mgr, vm3) == marker
+    # verify checks vouched-for shadows too, and unvouches a bad one
+    assert read_meta(vm.files.shadow_meta).get("snapshot") == r.manifest.id
+    out = torpor_cli("verify")
+    assert out.returncode == 0 and b"shadow" not in out.stdout, out.stdout
+    assert _tamper(shadow, marker, b"Z" * len(marker)) > 0
+    out = torpor_cli("verify")
+    assert out.returncode == 0 and b"RAM shadow of VM" in out.stdout, out.stdout
+    assert read_meta(vm.files.shadow_meta).get("snapshot") is None

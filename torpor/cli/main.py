@@ -1090,7 +1090,12 @@ def verify() -> None:
     store = _store()
     r = store.verify()
     for c in verify_caches(_manager(), store):
-        if c.orphan:
+        if c.shadow:
+            click.echo(
+                f"RAM shadow of VM {c.shadow[:12]} did not match snapshot {c.snapshot[:12]}: "
+                "no longer used (its next snapshot reads all of its RAM)"
+            )
+        elif c.orphan:
             click.echo(f"cache of snapshot {c.snapshot[:12]} had no valid snapshot: deleted")
         else:
             what = "rebuilt from the store" if c.repaired else "deleted"

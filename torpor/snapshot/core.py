@@ -89,6 +89,7 @@ from torpor.vmm.capture import (
     read_meta,
     remove_shadow,
     sparse_copy,
+    unvouch_shadow,
     vouch_for_shadow,
     write_meta,
 )
@@ -405,6 +406,7 @@ class CacheCheck:
     bad: tuple[str, ...] = ()  # artifacts that did not match the manifest
     repaired: bool = False  # rebuilt from the store (else dropped)
     orphan: bool = False  # its snapshot is gone or unreadable: the folder was deleted
+    shadow: str = ""  # a running VM's RAM shadow (VM id) that did not match: unvouched
 
 
 def verify_caches(mgr: VMManager, store: ChunkStore | None = None) -> list[CacheCheck]:
@@ -451,9 +453,43 @@ def verify_caches(mgr: VMManager, store: ChunkStore | None = None) -> list[Cache
                     _drop_cache_file(d / name)
                     repaired = False
             out.append(CacheCheck(d.name, tuple(bad), repaired))
+        out.extend(_verify_shadows(mgr, store))
     finally:
         if own:
             store.close()
+    return out
+
+
+def _verify_shadows(mgr: VMManager, store: ChunkStore) -> list[CacheCheck]:
+    """Running VMs' RAM shadows vouched for a snapshot, checked against it (under the
+    shadow's shared lock, so no capture changes it meanwhile); one that differs is
+    unvouched: no restore uses it and its VM's next capture reads all of RAM."""
+    root = home_ram_dir(mgr.paths.root)
+    out: list[CacheCheck] = []
+    for meta_path in sorted(root.glob("*.shadow.json")) if root is not None else ():
+        snap_id = read_meta(meta_path).get("snapshot")
+        if not isinstance(snap_id, str) or not snap_id:
+            continue
+        shadow = meta_path.with_name(meta_path.name[: -len(".json")])
+        vm_id = shadow.name.split(".", 1)[0]
+        try:
+            mem = store.get(snap_id).artifacts["memory"]
+        except NotFoundError:
+            continue  # removed: nothing restores it, and no capture builds on it
+        except (TorporError, KeyError):
+            mem = None
+        try:
+            if mem is None:
+                raise KeyError("no memory artifact to check against")
+            with locked(shadow.with_name(shadow.name + ".lock"), shared=True):
+                if read_meta(meta_path).get("snapshot") != snap_id:
+                    continue  # captured meanwhile
+                bad = store.check_file(mem, shadow)
+        except (TorporError, KeyError, OSError):
+            bad = [0]
+        if bad:
+            unvouch_shadow(shadow, snap_id)
+            out.append(CacheCheck(snap_id, ("memory",), shadow=vm_id))
     return out
 
 

@@ -356,10 +356,7 @@ def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: boo
         n = sparse_copy(src, dst, into_existing=into_existing)
     bad = _check_ram_copy(dst, snapshot_id, _store_root(src, meta))
     if bad:
-        # never vouch for it again (a capture of its VM re-reads everything)
-        with locked(src.with_name(src.name + ".lock"), shared=False):
-            if read_meta(meta_path).get("snapshot") == snapshot_id:
-                write_meta(meta_path, {**meta, "snapshot": None, "capture": None})
+        unvouch_shadow(src, snapshot_id)
         raise VMError(
             f"the cached memory {src} does not match its snapshot {snapshot_id[:12]} "
             f"({len(bad)} chunks differ, first at offset {bad[0]}); it was not used",
@@ -368,6 +365,16 @@ def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: boo
     if meta.get("once") and dst.name.endswith("shadow"):
         remove_shadow(src)
     return n
+
+
+def unvouch_shadow(shadow: Path, snapshot_id: str) -> None:
+    """A shadow found not to equal ``snapshot_id`` is no longer vouched for: no restore
+    copies it, and its VM's next capture reads all of RAM instead of trusting it."""
+    meta_path = shadow.with_name(shadow.name + ".json")
+    with locked(shadow.with_name(shadow.name + ".lock"), shared=False):
+        meta = read_meta(meta_path)
+        if meta.get("snapshot") == snapshot_id:
+            write_meta(meta_path, {**meta, "snapshot": None, "capture": None})
 
 
 def _store_root(src: Path, meta: dict[str, Any]) -> Path | None:
