@@ -113,3 +113,17 @@ def test_full_disk_is_reported_refused_and_recovered(vms, small_vm_dir) -> None:
         "the guest's write to complete",
     )
     assert _state("disk-full")["status"] == "running"
+
+
+def test_stop_of_a_disk_full_vm(vms, small_vm_dir) -> None:
+    vm, _vm_dir = small_vm_dir
+    vms.mgr.start(vm.id)
+    r = torpor_cli(
+        "exec", "-d", "disk-full", "sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=40; sync"
+    )
+    assert r.returncode == 0, r.stderr
+    _wait(lambda: _state("disk-full").get("io_error"), "the I/O error to be reported")
+    r = torpor_cli("stop", "-t", "1", "disk-full")
+    assert r.returncode == 0, r.stderr
+    st = _state("disk-full")
+    assert st["status"] == "exited" and not st["io_error"]

@@ -55,6 +55,7 @@ from torpor.vmm.state import (
     alive,
     load_config,
     load_state,
+    overwrite_state,
     proc_start_time,
     save_state,
 )
@@ -182,6 +183,10 @@ class Shim:
         except OSError as e:
             # a full (or read-only) VM folder must not kill the supervisor of a running
             # guest: the state stays in memory and is written with the next change
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                with contextlib.suppress(OSError):
+                    overwrite_state(self.vm_dir, self.state)
+                    return
             log.warning("cannot record state %s: %s", self.state.status, e)
 
     def report_ready(self, ok: bool, **info: Any) -> None:

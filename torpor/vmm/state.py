@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,24 @@ def load_state(vm_dir: Path) -> VMState:
 
 def save_state(vm_dir: Path, st: VMState) -> None:
     atomic_write_json(vm_dir / "state.json", st.to_json(), mode=0o600)
+
+
+def overwrite_state(vm_dir: Path, st: VMState) -> None:
+    """Rewrite ``state.json`` in place: the fallback when the disk is full.
+
+    The atomic write needs a new file, hence a free block; overwriting the existing
+    file reuses its own block (the state is far smaller than one), so a VM that ends
+    on a full disk still records how, instead of being found "dead".  Not atomic: used
+    only when the atomic write failed with ENOSPC.  Raises OSError.
+    """
+    data = (json.dumps(st.to_json(), indent=2, sort_keys=True) + "\n").encode()
+    fd = os.open(vm_dir / "state.json", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def proc_start_time(pid: int) -> int:
