@@ -1,13 +1,13 @@
 """QEMU's jail: each VM's QEMU runs unprivileged, alone in its namespaces, limited.
 
 Modelled on Firecracker's jailer.  When torpor runs as root (the default where it
-can), :func:`prepare` (in the shim, before QEMU is spawned) and :func:`enter` (in
-the forked child, just before ``exec``) give every VM's QEMU:
+can), :func:`for_launch`/:func:`prepare` (in the shim, before QEMU is spawned), the
+``preexec_fn`` from :func:`enter_fn` (in the forked child, just before ``exec``) and
+:func:`join_cgroups` (a shim thread, right after the spawn) give every VM's QEMU:
 
 - **its own uid and gid**, ``base + 1 + H(home, vm id) mod 2^20`` (base
-  ``TORPOR_JAIL_UID_BASE``, default 1610612736; no account needs to exist), and the
-  supplementary group ``base`` (the shared read-only assets: kernel, initramfs,
-  image base disks).  Per-VM uids, not one shared ``torpor-vm`` user: a second,
+  ``TORPOR_JAIL_UID_BASE``, default 1610612736; no account needs to exist).  Per-VM
+  uids, not one shared ``torpor-vm`` user: a second,
   independent wall — even if a QEMU escaped its mount namespace, another VM's disk
   and RAM file are 0600 and owned by another uid.  (Two VMs share a uid only by a
   hash collision, about 1 in 10^6 per pair; then the mount namespace still
@@ -17,23 +17,29 @@ the forked child, just before ``exec``) give every VM's QEMU:
 - **a new PID namespace** with QEMU as its PID 1 (the shim still sees QEMU's host
   pid, signals it and waits on it as before: the shim enters the new namespace only
   for the ``fork`` and returns to its own right after), and new mount, IPC and UTS
-  namespaces.  The network namespace stays the host's (user networking and
-  ``hostfwd`` listen on the host).
+  namespaces.  A VM without a guest network also gets its own network namespace;
+  with one, it stays the host's (user networking and ``hostfwd`` listen there).
 - **only its own files visible**: the new root is a tmpfs holding read-only binds
   of ``/usr`` (QEMU and its libraries; merged-usr symlinks recreated),
   ``/etc/ld.so.cache``, ``/dev/{null,zero,random,urandom}`` (``/dev/kvm`` under
   KVM), a fresh ``/proc`` of the new PID namespace, the kernel, initramfs and the
-  image's base disk (read-only), and the VM's own overlay disk and RAM file
-  (read-write, chowned to the VM's uid) — each at its host path, so QEMU's argv
-  and the qcow2 backing path stay valid.  Then ``pivot_root`` and the old root is
-  detached; the tmpfs root is remounted read-only.
-- **no writable host folder**: QEMU creates no files.  The QMP and control sockets
-  are bound by the shim (root-owned, in the VM folder) and passed as listening fds;
-  the console log is passed as an fd (``-add-fd``).  Snapshot state files already
-  travel as fds over QMP (``getfd``), which works across the jail unchanged.
+  image's base disk (read-only; they stay 0400 root on the host and are bound
+  *idmapped*, so they appear owned by QEMU's uid in its jail only — group-readable
+  by the jail group ``base`` is the fallback without idmapped mounts), and the VM's
+  own overlay disk and RAM file (read-write, chowned to the VM's uid) — each at the
+  path QEMU's argv or the qcow2 header names, so both stay valid.  A backing file
+  must be an image's base disk: the overlay's header is QEMU's to write.  Then
+  ``pivot_root`` and the old root is detached; the tmpfs root is remounted read-only.
+- **no writable host folder**: QEMU creates no files.  :func:`rewrite_argv` binds
+  every listening socket the argv names (root-owned, in the VM folder) and passes it
+  as an fd, and opens every ``-chardev file`` log for it (``-add-fd``).  Snapshot
+  state files already travel as fds over QMP (``getfd``), which works across the
+  jail unchanged.
 - **a cgroup** with memory (guest RAM + 1 GiB: TCG's translation cache can grow to
   1 GiB), CPU (``cpus`` whole CPUs) and pids (256) limits: cgroup v2 when its
-  controllers are available, else the v1 memory/cpu/pids hierarchies, else none.
+  controllers are available, else the v1 memory/cpu/pids hierarchies, else none;
+  joined from the shim right after the spawn (attaching from inside the child sat
+  an RCU grace period on the start path).
 - QEMU's own seccomp sandbox stays on (qemu.py).
 
 What was applied is written to ``jail.json`` in the VM folder (root-owned);
