@@ -115,6 +115,11 @@ def test_qemu_runs_unprivileged_alone_and_limited(vms, tools_image, paths) -> No
                     assert int(Path(d, f).read_text()) == mem
             if Path(d, "pids.max").exists():
                 assert Path(d, "pids.max").read_text().strip() == str(jail.PIDS_MAX)
+            if Path(d, "cpu.cfs_quota_us").exists():  # v1; v2: cpu.max
+                assert Path(d, "cpu.cfs_quota_us").read_text().strip() == "100000"
+            if Path(d, "cpu.max").exists():
+                assert Path(d, "cpu.max").read_text().split() == ["100000", "100000"]
+        assert cg["limits"].get("cpu") in (None, "1 CPU")
 
 
 def test_cli_started_vm_is_jailed_and_works(vms, tools_image) -> None:
