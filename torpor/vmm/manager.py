@@ -545,14 +545,17 @@ class VMManager:
         """End a VM whose snapshot was just taken: QEMU only, the shim records it."""
         vm = self.get(ref)
         st = vm.state
-        if vm.state.status == Status.HIBERNATED or not alive(st.shim_pid, st.shim_start):
-            # the shim already recorded the end (CAPTURE_END): a marker written now
-            # would outlive it and turn the next, ordinary stop into a "hibernation"
+        if not alive(st.shim_pid, st.shim_start):
             return vm
-        (vm.dir / "hibernate").write_text("")
-        if alive(st.qemu_pid, st.qemu_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(st.qemu_pid, signal.SIGKILL)
+        # if the shim already recorded the end (CAPTURE_END), a marker written now would
+        # outlive it and turn the next, ordinary stop into a "hibernation"
+        if vm.state.status != Status.HIBERNATED:
+            (vm.dir / "hibernate").write_text("")
+            if alive(st.qemu_pid, st.qemu_start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(st.qemu_pid, signal.SIGKILL)
+        # either way, wait for the shim: it records HIBERNATED *before* it frees the RAM
+        # file and exits, and a caller told "hibernated" may count on the memory being gone
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
             time.sleep(0.01)
