@@ -400,3 +400,32 @@ def test_oci_layout_blob_that_is_not_a_file(tmp_path: Path, kind: str) -> None:
     staging.mkdir()
     with pytest.raises(ImageError, match="not a regular file"):
         read_archive(layout, BlobStore(staging))
+
+
+def _huge_unread_member(name: str) -> bytes:
+    """A tar whose member claims 2**40 bytes of data that is not there."""
+    ti = tarfile.TarInfo(name)
+    ti.size = 2**40
+    return ti.tobuf(tarfile.PAX_FORMAT) + b"\0" * 1024
+
+
+@pytest.mark.timeout(60)  # before the fix tarfile skipped 2**40 bytes 10 KiB at a time
+def test_huge_size_of_an_unread_member_is_truncation() -> None:
+    """Found by test_hostile_layers: a whiteout (whose data nobody reads) claiming a
+    huge size made tarfile's stream skip spin ~10**8 times; now it is truncation."""
+    box = _Sandbox()
+    try:
+        with RootfsBuilder(box.root) as b, pytest.raises(LayerError, match="truncated"):
+            b.apply(io.BytesIO(_huge_unread_member(".wh.x")), name="huge")
+    finally:
+        box.check_and_close()
+
+
+@pytest.mark.timeout(60)
+def test_huge_size_of_an_unread_archive_member(tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_huge_unread_member("a" * 64 + "/VERSION"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(ImageError, match="truncated"):
+        read_archive(archive, BlobStore(staging))

@@ -172,6 +172,18 @@ def iter_tar(
                 break
             yield tf, member
             tf.members.clear()  # stream mode would otherwise keep every header in memory
+            # Skip the data nobody read ourselves: tarfile's stream skip reads 10 KiB at a
+            # time *past the end of the input* until it reaches the claimed size, so a
+            # header claiming 2**40 bytes would spin for hours.
+            remaining = tf.offset - tf.fileobj.tell()  # type: ignore[union-attr]
+            while remaining > 0:
+                got = len(tf.fileobj.read(min(remaining, 1 << 20)))  # type: ignore[union-attr]
+                if not got:
+                    raise error(
+                        f"{what}: tar archive is truncated (member {member.name!r} "
+                        f"claims {member.size} bytes)"
+                    )
+                remaining -= got
         end = tf.offset
     block = src.block_at(end)
     if block is None:
