@@ -25,5 +25,7 @@ def test_demo_runs_end_to_end(torpor_home) -> None:
     assert re.search(r"checkpoints of demo-\d+", out)  # the checkpoint table
     assert "hibernate" in out and "resumed VM in" in out  # the log was printed
     assert torpor_cli("ps", "-aq").stdout == before  # the demo removes its VMs
-    sessions = torpor_cli("session", "ls").stdout.decode()
-    assert "demo-" in sessions  # its log stays, listed
+    live = torpor_cli("session", "ls", "--json").stdout.decode()
+    every = torpor_cli("session", "ls", "-a", "--json").stdout.decode()
+    assert "demo-" not in live  # the demo removes its sessions ...
+    assert "demo-" in every  # ... whose logs stay, marked removed
