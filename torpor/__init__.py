@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Session", "__version__"]
+__all__ = ["Sandbox", "Session", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -11,4 +11,8 @@ def __getattr__(name: str) -> object:
         from torpor.session import Session
 
         return Session
+    if name == "Sandbox":
+        from torpor.sandbox import Sandbox
+
+        return Sandbox
     raise AttributeError(f"module 'torpor' has no attribute {name!r}")

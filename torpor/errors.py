@@ -71,6 +71,10 @@ class UsageError(TorporError):
     exit_code = 2
 
 
+class NotSupportedError(UsageError):
+    """A parameter or feature torpor accepts by name but does not implement yet."""
+
+
 class NotFoundError(TorporError):
     exit_code = 3
 
@@ -109,6 +113,20 @@ class ProtocolError(AgentError):
 
 class UnsafeCopyError(AgentError):
     """``torpor cp`` refused what the guest sent: a bad name, a changed type, a cap hit."""
+
+
+class ExecTimeoutError(AgentError):
+    """A command ran past its timeout; its process group was killed (SIGKILL).
+
+    ``stdout`` / ``stderr`` hold what was captured before the kill.
+    """
+
+    def __init__(
+        self, message: str, *, stdout: str = "", stderr: str = "", step: str | None = None
+    ):
+        super().__init__(message, step=step)
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 class VMError(TorporError):

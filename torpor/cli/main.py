@@ -755,21 +755,21 @@ def exec_(
     torpor exec box sh -c 'echo hi > /root/f; cat /root/f'
     echo data | torpor exec -i box sh -c 'cat > /tmp/in'
     """
-    from torpor.image.config import merge_env
+    from torpor.vmm.manager import exec_settings
 
     try:
         mgr = _manager()
         v = mgr.get(vm)
         client = mgr.client(v)
-        full_env = merge_env(list(v.config.env), list(env))
+        full_env, cwd, run_as = exec_settings(v.config, env, workdir, user)
         if tty:
             err_console.print("[yellow]torpor: -t: no TTY is allocated yet[/yellow]")
         with client:
             handle = client.start_exec(
                 list(command),
                 env=full_env,
-                cwd=workdir if workdir is not None else v.config.workdir,
-                user=user if user is not None else v.config.user,
+                cwd=cwd,
+                user=run_as,
                 stdin=interactive,
             )
             if detach:

@@ -165,6 +165,21 @@ class VM:
         return self.state.status in (Status.RUNNING, Status.STARTING)
 
 
+def exec_settings(
+    cfg: VMConfig,
+    env: list[str] | tuple[str, ...] = (),
+    cwd: str | None = None,
+    user: str | None = None,
+) -> tuple[list[str], str, str]:
+    """(env, cwd, user) of a command run in the VM: ``env`` over the VM's, and the
+    VM's working directory and user where none is given (``torpor exec``, Sandbox)."""
+    return (
+        merge_env(list(cfg.env), list(env)),
+        cwd if cwd is not None else cfg.workdir,
+        user if user is not None else cfg.user,
+    )
+
+
 def parse_memory(text: str) -> int:
     """Docker-style memory size (``512m``, ``2G``, ``1048576`` bytes) to MiB."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)i?b?\s*", text.lower())

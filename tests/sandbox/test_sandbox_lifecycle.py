@@ -1,0 +1,81 @@
+"""Sandbox lifecycle on real VMs: context manager, timeout, snapshot/restore/fork,
+hibernate and connect-wakes."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from torpor.errors import NotFoundError
+from torpor.paths import Paths
+from torpor.sandbox import Sandbox
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+def _small(paths: Paths, **kw: object) -> Sandbox:
+    return Sandbox.create("tools:latest", memory="256M", network=False, paths=paths, **kw)
+
+
+def test_context_manager_kills_on_exit(paths: Paths, tools_image: str) -> None:
+    with _small(paths) as sb:
+        assert sb.exec("echo in").stdout == "in\n"
+        sid = sb.id
+    with pytest.raises(NotFoundError):
+        Sandbox.get_info(sid, paths=paths)
+
+
+def test_timeout_kills_the_sandbox_without_its_creator(paths: Paths, tools_image: str) -> None:
+    sb = _small(paths, timeout=600)
+    try:
+        assert Sandbox.get_info(sb.id, paths=paths).end_at is not None
+        sb.close()  # the creator lets go: the detached watcher enforces the deadline
+        sb.set_timeout(2)
+        deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing check
+        while time.monotonic() < deadline:
+            try:
+                Sandbox.get_info(sb.id, paths=paths)
+            except NotFoundError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sandbox outlived its timeout")
+    finally:
+        with contextlib.suppress(NotFoundError):
+            sb.kill()
+
+
+def test_snapshot_restore_fork_hibernate_connect(paths: Paths, tools_image: str) -> None:
+    made: list[Sandbox] = []
+    sb = _small(paths)
+    made.append(sb)
+    try:
+        sb.files.write("/root/state.txt", "installed\n")
+        snap = sb.snapshot(tag="after-install")
+        sb.files.write("/root/state.txt", "changed later\n")
+        sb2 = Sandbox.restore("after-install", paths=paths)
+        made.append(sb2)
+        assert sb2.id != sb.id
+        assert sb2.files.read("/root/state.txt") == "installed\n"
+        kids = sb.fork(2)
+        made.extend(kids)
+        assert len({k.id for k in kids}) == 2
+        for k in kids:
+            assert k.files.read("/root/state.txt") == "changed later\n"
+        assert str(snap) == snap.id
+        p = sb.exec("sleep 1000", background=True)
+        sb.hibernate()
+        assert Sandbox.get_info(sb.id, paths=paths).status == "hibernated"
+        assert [i.status for i in Sandbox.list(paths=paths) if i.id == sb.id] == ["hibernated"]
+        woke = Sandbox.connect(sb.id, paths=paths)
+        assert woke.is_running()
+        assert woke.files.read("/root/state.txt") == "changed later\n"
+        # the background process was frozen with the machine and runs on after the wake
+        assert woke.exec(f"kill -0 {p.pid}").exit_code == 0
+        woke.close()
+    finally:
+        for s in made:
+            with contextlib.suppress(NotFoundError):
+                s.kill()

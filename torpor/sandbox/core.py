@@ -1,0 +1,431 @@
+"""``Sandbox``: one microVM as a library object (the E2B/Modal-style face of torpor).
+
+A thin layer over the library calls the CLI uses too: :class:`VMManager` +
+:class:`RunRequest` (create, start, kill, list), :class:`AgentClient` (exec,
+files) and :mod:`torpor.snapshot` (snapshot, restore, fork, hibernate, wake).
+Nothing here holds state the VM folder does not: a Sandbox object is a VM id plus
+a cached agent connection, so ``Sandbox.connect(id)`` from another process sees
+the same machine.
+
+Invariants:
+
+- Every error is a :class:`~torpor.errors.TorporError` subclass.
+- ``timeout`` on create is enforced by a detached watcher process
+  (``python -m torpor.sandbox.reaper``), so it holds after the creating process
+  exits; the deadline lives in ``<vm dir>/sandbox.json`` (written atomically), which
+  ``set_timeout`` rewrites and the watcher re-reads every second.
+- ``idle`` (auto-hibernate) and ``pty`` are not implemented: asking for them
+  raises :class:`~torpor.errors.NotSupportedError`, never a silent no-op.
+- Thread-safety: the agent client is thread-safe (one reader thread, a send
+  lock), and the cached connection is (re)made under a lock, so one Sandbox may
+  be used from several threads; :mod:`torpor.sandbox.aio` relies on this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torpor.agent.client import AgentClient
+from torpor.errors import ConflictError, NotSupportedError, UsageError
+from torpor.paths import Paths
+from torpor.sandbox.files import Files
+from torpor.sandbox.process import (
+    DEFAULT_MAX_OUTPUT,
+    CommandHandle,
+    OutputCallback,
+    run_handle,
+)
+from torpor.vmm.manager import VM, RunRequest, VMManager, exec_settings, parse_memory
+from torpor.vmm.state import Status
+
+#: The main process of a sandbox: it only has to keep the VM up.
+KEEPALIVE = ("sleep", "infinity")
+#: Default seconds an ``exec`` may run (as E2B); ``timeout=None`` means no limit.
+DEFAULT_EXEC_TIMEOUT = 60.0
+DEADLINE_FILE = "sandbox.json"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """What ``Sandbox.list`` / ``get_info`` report about one sandbox."""
+
+    id: str
+    name: str
+    image: str
+    status: str
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    memory_mib: int = 0
+    cpus: int = 0
+    end_at: float | None = None  # when the ``timeout`` watcher kills it (epoch seconds)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot taken by :meth:`Sandbox.snapshot`; ``str()`` is its id."""
+
+    id: str
+    tag: str | None = None
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def _env_list(env: Mapping[str, str] | None) -> tuple[str, ...]:
+    out = []
+    for k, v in (env or {}).items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise UsageError(f"invalid environment variable name {k!r}")
+        out.append(f"{k}={v}")
+    return tuple(out)
+
+
+def _manager(paths: Paths | None) -> VMManager:
+    return VMManager(paths or Paths.default())
+
+
+def _snap_id(snap: Snapshot | str) -> str:
+    return snap.id if isinstance(snap, Snapshot) else str(snap)
+
+
+def _read_deadline(vm_dir: Path) -> float | None:
+    try:
+        d = json.loads((vm_dir / DEADLINE_FILE).read_text())
+        return float(d["end_at"]) if d.get("end_at") is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_deadline(vm_dir: Path, end_at: float | None) -> None:
+    from torpor.fsutil import atomic_write_json
+
+    atomic_write_json(vm_dir / DEADLINE_FILE, {"end_at": end_at})
+
+
+class Sandbox:
+    """A running microVM: ``exec``, ``files``, snapshots, forks, hibernation.
+
+    Get one with :meth:`create`, :meth:`connect`, :meth:`restore` or :meth:`fork`;
+    ``with Sandbox.create(...) as sb:`` kills it when the block ends.
+    """
+
+    def __init__(self, mgr: VMManager, vm: VM):
+        self._mgr = mgr
+        self.id: str = vm.id
+        self.name: str = vm.name
+        self._config = vm.config  # fixed for the VM's life: read once, not per exec
+        self._conn: AgentClient | None = None
+        self._conn_lock = threading.Lock()
+        self._procs: dict[int, CommandHandle] = {}
+        self._procs_lock = threading.Lock()
+        self.files = Files(self)
+
+    def __repr__(self) -> str:
+        return f"Sandbox(id={self.id[:12]!r}, name={self.name!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        image: str = "tools:latest",
+        *,
+        memory: str | int = "512M",
+        cpus: int = 1,
+        env: Mapping[str, str] | None = None,
+        network: bool = True,
+        labels: Mapping[str, str] | None = None,
+        idle: float | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        command: Iterable[str] = KEEPALIVE,
+        paths: Paths | None = None,
+    ) -> Sandbox:
+        """Boot a new sandbox from ``image`` and return once its agent answers.
+
+        ``memory`` is Docker-style ("512M", "2G") or MiB as an int; ``timeout``
+        seconds after creation it is killed (removed), even if this process has
+        exited.  ``idle`` is not supported yet (NotSupportedError).
+        """
+        if idle:
+            raise NotSupportedError(
+                "Sandbox.create(idle=...) is not implemented yet: hibernate explicitly "
+                "with sb.hibernate(); Sandbox.connect() wakes it"
+            )
+        if timeout is not None and not timeout > 0:
+            raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
+        req = RunRequest(
+            image=image,
+            command=tuple(command),
+            entrypoint=(),  # the keep-alive runs as given, not wrapped by the image's
+            name=name,
+            env=_env_list(env),
+            workdir=cwd,
+            user=user,
+            memory_mib=memory if isinstance(memory, int) else parse_memory(memory),
+            cpus=cpus,
+            network=network,
+            labels=dict(labels or {}),
+        )
+        mgr = _manager(paths)
+        vm = mgr.create(req)
+        try:
+            if timeout is not None:
+                _write_deadline(vm.dir, time.time() + timeout)
+            vm = mgr.start(vm.id)
+            sb = cls(mgr, vm)
+            if timeout is not None:
+                sb._start_reaper()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                mgr.remove(vm.id, force=True)
+            raise
+        return sb
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, paths: Paths | None = None) -> Sandbox:
+        """The sandbox ``sandbox_id`` (id, id prefix or name); a hibernated one is woken.
+
+        NotFoundError if there is none; ConflictError if it is stopped or dead.
+        """
+        mgr = _manager(paths)
+        vm = mgr.get(sandbox_id)
+        if vm.state.status == Status.HIBERNATED:
+            with contextlib.suppress(ConflictError):  # another process woke it first
+                vm = mgr.start(vm.id)
+            vm = mgr.get(vm.id)
+        if vm.state.status != Status.RUNNING:
+            raise ConflictError(f"sandbox {vm.name} is not running ({vm.state.status})")
+        return cls(mgr, vm)
+
+    @classmethod
+    def list(
+        cls,
+        labels: Mapping[str, str] | None = None,
+        *,
+        all: bool = False,
+        paths: Paths | None = None,
+    ) -> list[SandboxInfo]:
+        """Running and hibernated sandboxes (``all``: stopped ones too) carrying
+        every label of ``labels``."""
+        want = dict(labels or {})
+        out = []
+        for vm in _manager(paths).list(all=True):
+            if not all and vm.state.status not in (Status.RUNNING, Status.HIBERNATED):
+                continue
+            if any(vm.config.labels.get(k) != v for k, v in want.items()):
+                continue
+            out.append(_info(vm))
+        return out
+
+    @classmethod
+    def get_info(cls, sandbox_id: str, *, paths: Paths | None = None) -> SandboxInfo:
+        return _info(_manager(paths).get(sandbox_id))
+
+    @classmethod
+    def restore(
+        cls, snap: Snapshot | str, *, name: str | None = None, paths: Paths | None = None
+    ) -> Sandbox:
+        """A new sandbox from a snapshot (its id, id prefix or tag)."""
+        from torpor.snapshot import restore
+
+        mgr = _manager(paths)
+        return cls(mgr, restore(mgr, _snap_id(snap), name=name))
+
+    def info(self) -> SandboxInfo:
+        return _info(self._mgr.get(self.id))
+
+    def is_running(self) -> bool:
+        return self._mgr.get(self.id).state.status == Status.RUNNING
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Kill the sandbox ``timeout`` seconds from now (None: never)."""
+        if timeout is not None and not timeout > 0:
+            raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
+        vm = self._mgr.get(self.id)
+        had = _read_deadline(vm.dir) is not None
+        _write_deadline(vm.dir, None if timeout is None else time.time() + timeout)
+        if timeout is not None and not had:
+            self._start_reaper()
+
+    def kill(self) -> None:
+        """End the sandbox and remove it (its snapshots stay)."""
+        self.close()
+        self._mgr.remove(self.id, force=True)
+
+    def close(self) -> None:
+        """Drop this object's connection; the sandbox keeps running."""
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torpor.errors import NotFoundError
+
+        with contextlib.suppress(NotFoundError):
+            self.kill()
+
+    # -- snapshots -------------------------------------------------------------------
+    def snapshot(self, tag: str | None = None) -> Snapshot:
+        """A durable snapshot (memory, disk, devices); the sandbox keeps running."""
+        from torpor.snapshot import snapshot
+
+        r = snapshot(self._mgr, self.id, tag=tag)
+        return Snapshot(r.manifest.id, tag)
+
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        """Snapshot this sandbox and start ``n`` independent copies of it."""
+        from torpor.snapshot import fork
+
+        snap = self.snapshot()
+        return [Sandbox(self._mgr, vm) for vm in fork(self._mgr, snap.id, n)]
+
+    def hibernate(self) -> Snapshot:
+        """Snapshot, then end the VM (no CPU, no RAM); ``connect`` wakes it in place.
+
+        Running commands are frozen with the machine; their output streams to this
+        host end (a background handle's ``wait`` fails with AgentError).
+        """
+        from torpor.snapshot import snapshot
+
+        self.close()
+        r = snapshot(self._mgr, self.id, stop=True)
+        return Snapshot(r.manifest.id)
+
+    def wake(self) -> None:
+        """Resume a hibernated sandbox in place (what ``connect`` does)."""
+        vm = self._mgr.get(self.id)
+        if vm.state.status != Status.RUNNING:
+            self._mgr.start(self.id)
+
+    # -- commands --------------------------------------------------------------------
+    def exec(
+        self,
+        cmd: str | Iterable[str],
+        *,
+        background: bool = False,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        stdin: bytes | str | bool | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> Any:
+        """Run ``cmd`` (a string goes through ``/bin/sh -c``; a list runs as argv).
+
+        Returns a :class:`CommandResult` (any exit code; ``timeout`` kills the
+        process group and raises ExecTimeoutError), or with ``background`` a
+        :class:`CommandHandle` at once (``pid``, ``kill()``, ``wait()``).
+        ``stdin``: bytes/str are fed then closed; ``True`` keeps stdin open for
+        ``send_stdin``; None (default) gives the command an empty stdin.
+        """
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+        if not argv:
+            raise UsageError("empty command")
+        if timeout is not None and not timeout > 0:
+            raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
+        full_env, run_cwd, run_user = exec_settings(self._config, _env_list(env), cwd, user)
+        client = self._client()
+        what = cmd if isinstance(cmd, str) else " ".join(argv)
+        handle = client.start_exec(
+            argv, env=full_env, cwd=run_cwd, user=run_user, stdin=stdin not in (None, False)
+        )
+        if stdin is not None and not isinstance(stdin, bool):
+            data = stdin.encode() if isinstance(stdin, str) else stdin
+            threading.Thread(
+                target=AgentClient._feed,
+                args=(handle, data),
+                daemon=True,
+                name="torpor-sandbox-stdin",
+            ).start()
+        if background:
+            p = CommandHandle(handle, what, self._forget)
+            with self._procs_lock:
+                self._procs[p.pid] = p
+            return p
+        return run_handle(handle, timeout, on_stdout, on_stderr, max_output, what)
+
+    def processes(self) -> list[CommandHandle]:
+        """Background commands this object started that have not been waited for.
+
+        Each handle still streams its output (``output()``, ``wait()``); commands
+        started through another connection are not listed (the agent protocol has
+        no process listing yet).
+        """
+        with self._procs_lock:
+            return list(self._procs.values())
+
+    def pty(self, cmd: str = "sh", cols: int = 80, rows: int = 24) -> Any:
+        raise NotSupportedError(
+            "Sandbox.pty is not implemented yet: the guest agent has no PTY support "
+            "(use exec(..., background=True) with stdin)"
+        )
+
+    # -- internals -------------------------------------------------------------------
+    def _client(self) -> AgentClient:
+        """The cached connection to the VM's shim; remade if it was lost."""
+        with self._conn_lock:
+            conn = self._conn
+            if conn is not None and conn._error is None:
+                return conn
+            if conn is not None:
+                conn.close()
+            self._conn = None
+            self._conn = self._mgr.client(self.id)
+            return self._conn
+
+    def _forget(self, p: CommandHandle) -> None:
+        with self._procs_lock:
+            if self._procs.get(p.pid) is p:
+                del self._procs[p.pid]
+
+    def _start_reaper(self) -> None:
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torpor.sandbox.reaper",
+                "--root",
+                str(self._mgr.paths.root),
+                "--vm",
+                self.id,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd="/",
+            env=dict(os.environ),
+        )
+
+
+def _info(vm: VM) -> SandboxInfo:
+    c = vm.config
+    return SandboxInfo(
+        id=vm.id,
+        name=vm.name,
+        image=c.image_ref,
+        status=str(vm.state.status),
+        labels=dict(c.labels),
+        created=c.created,
+        memory_mib=c.memory_mib,
+        cpus=c.cpus,
+        end_at=_read_deadline(vm.dir),
+    )
