@@ -96,10 +96,12 @@ def test_files_roundtrip(sb: Sandbox) -> None:
     assert not f.exists("/tmp/pwned") and not f.exists(name)
 
 
-def test_unsupported_parameters_are_typed_errors(sb: Sandbox, paths: Paths) -> None:
+def test_bad_or_unsupported_parameters_are_typed_errors(sb: Sandbox, paths: Paths) -> None:
     before = {i.id for i in Sandbox.list(all=True, paths=paths)}
-    with pytest.raises(NotSupportedError, match="idle"):
-        Sandbox.create("tools:latest", idle=300, paths=paths)
+    with pytest.raises(UsageError, match="idle"):
+        Sandbox.create("tools:latest", idle=0, paths=paths)
+    with pytest.raises(UsageError, match="timeout"):
+        Sandbox.create("tools:latest", timeout=-1, paths=paths)
     assert {i.id for i in Sandbox.list(all=True, paths=paths)} == before  # nothing made
     with pytest.raises(NotSupportedError, match="PTY"):
         sb.pty("sh", cols=120, rows=40)

@@ -79,3 +79,30 @@ def test_snapshot_restore_fork_hibernate_connect(paths: Paths, tools_image: str)
         for s in made:
             with contextlib.suppress(NotFoundError):
                 s.kill()
+
+
+def _wait_status(sb: Sandbox, paths: Paths, status: str) -> None:
+    deadline = time.monotonic() + 180  # a bound for a loaded machine, not a timing check
+    while Sandbox.get_info(sb.id, paths=paths).status != status:
+        if time.monotonic() > deadline:
+            pytest.fail(f"sandbox never became {status}")
+        time.sleep(0.5)
+
+
+def test_idle_hibernates_but_never_under_a_command_and_use_wakes(
+    paths: Paths, tools_image: str
+) -> None:
+    sb = _small(paths, idle=2)
+    try:
+        sb.files.write("/root/f", "kept\n")
+        # longer than idle: the watcher must wait for the command (busy lock)
+        r = sb.exec("sleep 6; echo done", timeout=120)
+        assert (r.exit_code, r.stdout) == (0, "done\n")
+        _wait_status(sb, paths, "hibernated")
+        # the next use wakes it in place, with its memory and disk
+        assert sb.files.read("/root/f") == "kept\n"
+        assert Sandbox.get_info(sb.id, paths=paths).status == "running"
+        assert sb.exec("echo awake").stdout == "awake\n"
+    finally:
+        with contextlib.suppress(NotFoundError):
+            sb.kill()

@@ -10,12 +10,21 @@ the same machine.
 Invariants:
 
 - Every error is a :class:`~torpor.errors.TorporError` subclass.
-- ``timeout`` on create is enforced by a detached watcher process
-  (``python -m torpor.sandbox.reaper``), so it holds after the creating process
-  exits; the deadline lives in ``<vm dir>/sandbox.json`` (written atomically), which
-  ``set_timeout`` rewrites and the watcher re-reads every second.
-- ``idle`` (auto-hibernate) and ``pty`` are not implemented: asking for them
-  raises :class:`~torpor.errors.NotSupportedError`, never a silent no-op.
+- ``timeout`` (kill) and ``idle`` (hibernate) on create are enforced by a
+  detached watcher process (``python -m torpor.sandbox.reaper``), so they hold
+  after the creating process exits.  Both live in ``<vm dir>/sandbox.json``
+  (written atomically), which ``set_timeout`` rewrites and the watcher re-reads
+  every second.
+- Activity, for ``idle``: every use of the agent connection through a Sandbox
+  (any process) touches ``<vm dir>/sandbox.active``; a foreground ``exec`` and a
+  background handle's ``wait``/``output`` hold a shared flock on
+  ``<vm dir>/sandbox.busy`` while they run.  The watcher hibernates only with the
+  exclusive lock (so never under a running foreground command) and only after
+  ``idle`` seconds without a touch.  A hibernated sandbox wakes on its next use
+  (``connect``, ``exec``, ``files``): the sandbox looks always there, it just
+  stops costing CPU and RAM while unused.
+- ``pty`` is not implemented: it raises :class:`~torpor.errors.NotSupportedError`,
+  never a silent no-op.
 - Thread-safety: the agent client is thread-safe (one reader thread, a send
   lock), and the cached connection is (re)made under a lock, so one Sandbox may
   be used from several threads; :mod:`torpor.sandbox.aio` relies on this.
@@ -45,6 +54,7 @@ from torpor.sandbox.process import (
     OutputCallback,
     run_handle,
 )
+from torpor.vmm.layout import VMFiles
 from torpor.vmm.manager import VM, RunRequest, VMManager, exec_settings, parse_memory
 from torpor.vmm.state import Status
 
@@ -53,6 +63,8 @@ KEEPALIVE = ("sleep", "infinity")
 #: Default seconds an ``exec`` may run (as E2B); ``timeout=None`` means no limit.
 DEFAULT_EXEC_TIMEOUT = 60.0
 DEADLINE_FILE = "sandbox.json"
+ACTIVE_FILE = "sandbox.active"
+BUSY_FILE = "sandbox.busy"
 
 
 @dataclass(frozen=True)
@@ -98,18 +110,37 @@ def _snap_id(snap: Snapshot | str) -> str:
     return snap.id if isinstance(snap, Snapshot) else str(snap)
 
 
-def _read_deadline(vm_dir: Path) -> float | None:
+def _read_limits(vm_dir: Path) -> tuple[float | None, float | None]:
+    """(end_at epoch seconds, idle seconds) of a sandbox; None where unset."""
     try:
         d = json.loads((vm_dir / DEADLINE_FILE).read_text())
-        return float(d["end_at"]) if d.get("end_at") is not None else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        end_at = float(d["end_at"]) if d.get("end_at") is not None else None
+        idle = float(d["idle"]) if d.get("idle") is not None else None
+        return end_at, idle
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
 
 
-def _write_deadline(vm_dir: Path, end_at: float | None) -> None:
+def _read_deadline(vm_dir: Path) -> float | None:
+    return _read_limits(vm_dir)[0]
+
+
+def _write_limits(vm_dir: Path, end_at: float | None, idle: float | None) -> None:
     from torpor.fsutil import atomic_write_json
 
-    atomic_write_json(vm_dir / DEADLINE_FILE, {"end_at": end_at})
+    atomic_write_json(vm_dir / DEADLINE_FILE, {"end_at": end_at, "idle": idle})
+
+
+def touch_active(vm_dir: Path) -> None:
+    """Record a use of the sandbox now (the idle clock restarts)."""
+    p = vm_dir / ACTIVE_FILE
+    try:
+        os.utime(p)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            p.touch()
+    except OSError:
+        pass
 
 
 class Sandbox:
@@ -124,7 +155,9 @@ class Sandbox:
         self.id: str = vm.id
         self.name: str = vm.name
         self._config = vm.config  # fixed for the VM's life: read once, not per exec
+        self._dir = vm.dir
         self._conn: AgentClient | None = None
+        self._conn_sock: tuple[int, int] | None = None
         self._conn_lock = threading.Lock()
         self._procs: dict[int, CommandHandle] = {}
         self._procs_lock = threading.Lock()
@@ -156,15 +189,13 @@ class Sandbox:
 
         ``memory`` is Docker-style ("512M", "2G") or MiB as an int; ``timeout``
         seconds after creation it is killed (removed), even if this process has
-        exited.  ``idle`` is not supported yet (NotSupportedError).
+        exited.  After ``idle`` seconds without use it is hibernated, and woken
+        again by its next use (see the module docstring).
         """
-        if idle:
-            raise NotSupportedError(
-                "Sandbox.create(idle=...) is not implemented yet: hibernate explicitly "
-                "with sb.hibernate(); Sandbox.connect() wakes it"
-            )
         if timeout is not None and not timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
+        if idle is not None and not idle > 0:
+            raise UsageError(f"idle must be > 0 seconds, not {idle!r}")
         req = RunRequest(
             image=image,
             command=tuple(command),
@@ -181,11 +212,13 @@ class Sandbox:
         mgr = _manager(paths)
         vm = mgr.create(req)
         try:
-            if timeout is not None:
-                _write_deadline(vm.dir, time.time() + timeout)
+            if timeout is not None or idle is not None:
+                end_at = time.time() + timeout if timeout is not None else None
+                _write_limits(vm.dir, end_at, idle)
+            touch_active(vm.dir)
             vm = mgr.start(vm.id)
             sb = cls(mgr, vm)
-            if timeout is not None:
+            if timeout is not None or idle is not None:
                 sb._start_reaper()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -254,10 +287,10 @@ class Sandbox:
         if timeout is not None and not timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
         vm = self._mgr.get(self.id)
-        had = _read_deadline(vm.dir) is not None
-        _write_deadline(vm.dir, None if timeout is None else time.time() + timeout)
-        if timeout is not None and not had:
-            self._start_reaper()
+        end_at, idle = _read_limits(vm.dir)
+        _write_limits(vm.dir, None if timeout is None else time.time() + timeout, idle)
+        if timeout is not None and end_at is None and idle is None:
+            self._start_reaper()  # none runs: it exits when nothing is left to enforce
 
     def kill(self) -> None:
         """End the sandbox and remove it (its snapshots stay)."""
@@ -342,25 +375,29 @@ class Sandbox:
         if timeout is not None and not timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
         full_env, run_cwd, run_user = exec_settings(self._config, _env_list(env), cwd, user)
-        client = self._client()
         what = cmd if isinstance(cmd, str) else " ".join(argv)
-        handle = client.start_exec(
-            argv, env=full_env, cwd=run_cwd, user=run_user, stdin=stdin not in (None, False)
-        )
-        if stdin is not None and not isinstance(stdin, bool):
-            data = stdin.encode() if isinstance(stdin, str) else stdin
-            threading.Thread(
-                target=AgentClient._feed,
-                args=(handle, data),
-                daemon=True,
-                name="torpor-sandbox-stdin",
-            ).start()
-        if background:
-            p = CommandHandle(handle, what, self._forget)
-            with self._procs_lock:
-                self._procs[p.pid] = p
-            return p
-        return run_handle(handle, timeout, on_stdout, on_stderr, max_output, what)
+        with self._busy():  # an idle watcher does not hibernate under a running command
+            client = self._client()
+            handle = client.start_exec(
+                argv, env=full_env, cwd=run_cwd, user=run_user, stdin=stdin not in (None, False)
+            )
+            if stdin is not None and not isinstance(stdin, bool):
+                data = stdin.encode() if isinstance(stdin, str) else stdin
+                threading.Thread(
+                    target=AgentClient._feed,
+                    args=(handle, data),
+                    daemon=True,
+                    name="torpor-sandbox-stdin",
+                ).start()
+            if background:
+                p = CommandHandle(handle, what, self._forget, self._busy)
+                with self._procs_lock:
+                    self._procs[p.pid] = p
+                return p
+            try:
+                return run_handle(handle, timeout, on_stdout, on_stderr, max_output, what)
+            finally:
+                touch_active(self._dir)
 
     def processes(self) -> list[CommandHandle]:
         """Background commands this object started that have not been waited for.
@@ -379,17 +416,39 @@ class Sandbox:
         )
 
     # -- internals -------------------------------------------------------------------
+    def _busy(self) -> contextlib.AbstractContextManager[None]:
+        """A shared hold on the busy lock: the idle watcher waits for it to end."""
+        from torpor.fsutil import locked
+
+        return locked(self._dir / BUSY_FILE, shared=True)
+
     def _client(self) -> AgentClient:
-        """The cached connection to the VM's shim; remade if it was lost."""
+        """The cached connection to the VM's shim; remade if it was lost, waking the
+        sandbox first if it was hibernated (by ``hibernate`` or the idle watcher)."""
+        touch_active(self._dir)
         with self._conn_lock:
             conn = self._conn
-            if conn is not None and conn._error is None:
+            # the shim makes a new socket each run: one stat tells a cached connection
+            # to an ended run (hibernated meanwhile) before a request fails on it
+            if conn is not None and conn._error is None and self._sock_id() == self._conn_sock:
                 return conn
             if conn is not None:
                 conn.close()
             self._conn = None
+            vm = self._mgr.get(self.id)
+            if vm.state.status == Status.HIBERNATED:
+                with contextlib.suppress(ConflictError):  # another process woke it first
+                    self._mgr.start(self.id)
+            self._conn_sock = self._sock_id()
             self._conn = self._mgr.client(self.id)
             return self._conn
+
+    def _sock_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(VMFiles(self._dir).agent_sock)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def _forget(self, p: CommandHandle) -> None:
         with self._procs_lock:

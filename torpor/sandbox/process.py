@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from torpor.agent.client import AgentRequestError, ExecHandle
@@ -144,8 +145,15 @@ class CommandHandle:
     (once: a stream, not a buffer).  ``kill()`` ends the whole process group.
     """
 
-    def __init__(self, handle: ExecHandle, command: str, on_done: Callable[[CommandHandle], None]):
+    def __init__(
+        self,
+        handle: ExecHandle,
+        command: str,
+        on_done: Callable[[CommandHandle], None],
+        busy: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ):
         self._h = handle
+        self._busy = busy  # held while someone waits on the command (see Sandbox idle)
         self.command = command
         self.pid: int = handle.pid or 0
         self._lock = threading.Lock()
@@ -175,13 +183,13 @@ class CommandHandle:
     def output(self, timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
         """Yield ``("stdout"|"stderr", chunk)`` as the command writes, until it exits."""
         try:
-            for kind, chunk in self._h.events(timeout):
-                yield ("stdout" if kind == T.STDOUT else "stderr"), chunk
+            with self._busy():
+                for kind, chunk in self._h.events(timeout):
+                    yield ("stdout" if kind == T.STDOUT else "stderr"), chunk
         finally:
-            if self._h.status is not None:
-                self._finish(
-                    CommandResult(self._h.status.code, "", "", self._h.status.signal or None)
-                )
+            st = self._h.status
+            if st is not None:
+                self._finish(CommandResult(st.code, "", "", st.signal or None))
 
     def wait(
         self,
@@ -194,7 +202,8 @@ class CommandHandle:
         with self._lock:
             if self._result is not None:
                 return self._result
-            r = run_handle(self._h, timeout, on_stdout, on_stderr, max_output, self.command)
+            with self._busy():
+                r = run_handle(self._h, timeout, on_stdout, on_stderr, max_output, self.command)
             self._finish(r)
             return r
 
