@@ -28,6 +28,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,9 @@ class Paths:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = self.root.stat()
         if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-            os.chmod(self.root, 0o700)
+            # a read-only home cannot be tightened; reading it must still work
+            with contextlib.suppress(OSError):
+                os.chmod(self.root, 0o700)
         for p in (
             self.blobs,
             self.images,

@@ -20,9 +20,9 @@ from tests.snapshot.counter import COUNTER, count
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.snapshot import fork, restore, snapshot
-from torpor.snapshot.core import qcow2_backing
 from torpor.store import ChunkStore
 from torpor.vmm.manager import VMManager
+from torpor.vmm.qcow2 import qcow2_backing
 
 pytestmark = pytest.mark.vm
 

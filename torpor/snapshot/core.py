@@ -61,7 +61,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import threading
@@ -95,6 +94,7 @@ from torpor.vmm.capture import (
 )
 from torpor.vmm.layout import home_ram_dir
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager, check_ports
+from torpor.vmm.qcow2 import qcow2_backing
 from torpor.vmm.state import (
     PortMap,
     Status,
@@ -768,19 +768,6 @@ def find_shadow(mgr: VMManager, snap_id: str) -> Path | None:
             if shadow.exists():
                 return shadow
     return None
-
-
-def qcow2_backing(path: Path) -> str | None:
-    """The backing file name recorded in a qcow2 header (None if it has none)."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if head[:4] != b"QFI\xfb":
-            return None
-        off, size = struct.unpack(">QI", head[8:20])
-        if not off or not size:
-            return None
-        f.seek(off)
-        return f.read(size).decode("utf-8", "surrogateescape")
 
 
 def rebase_disk(mgr: VMManager, vm: VM) -> None:

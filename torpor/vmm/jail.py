@@ -74,6 +74,7 @@ from typing import Any
 
 from torpor.errors import JailError, TCGRefusedError
 from torpor.fsutil import read_json
+from torpor.vmm.qcow2 import qcow2_backing
 
 DEFAULT_UID_BASE = 1610612736  # 0x60000000: far above real and subordinate uid ranges
 UID_SPAN = 1 << 20
@@ -478,18 +479,6 @@ def _userns_fd(uid: int, gid: int) -> int:
         os.close(r)
         os.close(w2)  # the child exits; reaped off the start path (~2 ms here)
         threading.Thread(target=_reap, args=(pid,), daemon=True).start()
-
-
-def qcow2_backing(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if head[:4] != b"QFI\xfb":
-            return None
-        off, size = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
-        if not off or not size or size > 4096:
-            return None
-        f.seek(off)
-        return f.read(size).decode("utf-8", "surrogateescape")
 
 
 def prepare(
