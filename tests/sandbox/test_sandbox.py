@@ -150,3 +150,18 @@ def test_aio_sandbox_same_methods(sb: Sandbox) -> None:
         assert await a.is_running()
 
     asyncio.run(main())
+
+
+def test_commands_namespace_e2b_names(sb: Sandbox) -> None:
+    assert sb.commands.run("echo $X", envs={"X": "e2b"}).stdout == "e2b\n"
+    p = sb.commands.run("sleep 1000", background=True)
+    assert sb.commands.connect(p.pid) is p and p in sb.commands.list()
+    assert sb.commands.kill(p.pid) is True
+    assert p.wait(timeout=60).exit_code == 137
+    # a process this object did not start: killed through the guest's kill
+    other = sb.exec("sleep 1000 > /dev/null 2>&1 & echo $!").stdout.strip()
+    assert sb.commands.kill(int(other)) is True
+    assert sb.exec(f"sleep 1; kill -0 {other}").exit_code != 0
+    assert sb.commands.kill(999999) is False
+    with pytest.raises(NotSupportedError):
+        sb.commands.connect(999999)

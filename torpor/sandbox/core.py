@@ -143,6 +143,48 @@ def touch_active(vm_dir: Path) -> None:
         pass
 
 
+class Commands:
+    """``sb.commands``: the command calls under the names E2B users know."""
+
+    def __init__(self, sandbox: Sandbox):
+        self._sb = sandbox
+
+    def run(self, cmd: str | Iterable[str], **kw: Any) -> Any:
+        """``sb.exec`` (``envs=`` is accepted for ``env=``)."""
+        if "envs" in kw:
+            kw["env"] = kw.pop("envs")
+        return self._sb.exec(cmd, **kw)
+
+    def list(self) -> list[CommandHandle]:
+        return self._sb.processes()
+
+    def connect(self, pid: int) -> CommandHandle:
+        """The handle of background command ``pid`` started by this object."""
+        for p in self._sb.processes():
+            if p.pid == pid:
+                return p
+        raise NotSupportedError(
+            f"no background command with pid {pid} from this Sandbox object; reconnecting "
+            "to commands started elsewhere needs a process listing the agent lacks yet"
+        )
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL the process group of ``pid`` (any process in the sandbox).
+
+        False if there was no such process.
+        """
+        if not isinstance(pid, int) or pid < 2:
+            raise UsageError(f"invalid pid {pid!r}")
+        for p in self._sb.processes():
+            if p.pid == pid:
+                p.kill()
+                return True
+        r = self._sb.exec(["kill", "-KILL", "--", f"-{pid}"], timeout=60)
+        if r.exit_code != 0:  # not a group leader: the process alone
+            r = self._sb.exec(["kill", "-KILL", str(pid)], timeout=60)
+        return r.exit_code == 0
+
+
 class Sandbox:
     """A running microVM: ``exec``, ``files``, snapshots, forks, hibernation.
 
@@ -162,6 +204,7 @@ class Sandbox:
         self._procs: dict[int, CommandHandle] = {}
         self._procs_lock = threading.Lock()
         self.files = Files(self)
+        self.commands = Commands(self)
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id[:12]!r}, name={self.name!r})"
