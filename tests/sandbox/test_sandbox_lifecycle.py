@@ -106,3 +106,26 @@ def test_idle_hibernates_but_never_under_a_command_and_use_wakes(
     finally:
         with contextlib.suppress(NotFoundError):
             sb.kill()
+
+
+def test_aio_create_exec_hibernate_connect_kill(paths: Paths, tools_image: str) -> None:
+    import asyncio
+
+    from torpor import aio
+
+    async def main() -> str:
+        async with await aio.Sandbox.create(
+            "tools:latest", memory="256M", network=False, paths=paths
+        ) as sb:
+            await sb.files.write("/root/a", "1")
+            assert (await sb.exec("cat /root/a")).stdout == "1"
+            await sb.hibernate()
+            assert (await aio.Sandbox.get_info(sb.id, paths=paths)).status == "hibernated"
+            again = await aio.Sandbox.connect(sb.id, paths=paths)
+            assert await again.files.read("/root/a") == "1"
+            await again.close()
+            return sb.id
+
+    sid = asyncio.run(main())
+    with pytest.raises(NotFoundError):  # the async context manager killed it
+        Sandbox.get_info(sid, paths=paths)
