@@ -90,6 +90,9 @@ def test_files_roundtrip(sb: Sandbox) -> None:
         f.list("/app/nope")
     with pytest.raises(UsageError):
         f.read("relative/path")
+    for root in ("/", "//", "/.", "/tmp/..", "/./"):
+        with pytest.raises(UsageError):
+            f.remove(root)
     name = "/tmp/x; touch /tmp/pwned"
     f.write(name, "1")
     f.remove(name)  # a path is one argv entry, never shell text

@@ -25,6 +25,13 @@ def test_context_manager_kills_on_exit(paths: Paths, tools_image: str) -> None:
         sid = sb.id
     with pytest.raises(NotFoundError):
         Sandbox.get_info(sid, paths=paths)
+    # a killed sandbox stays gone: using the old object neither works nor brings
+    # back an empty VM folder
+    with pytest.raises(NotFoundError):
+        sb.exec("true")
+    with pytest.raises(NotFoundError):
+        sb.files.read("/etc/hostname")
+    assert not paths.vm(sid).exists()
 
 
 def test_timeout_kills_the_sandbox_without_its_creator(paths: Paths, tools_image: str) -> None:

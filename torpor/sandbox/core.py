@@ -39,13 +39,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torpor.agent.client import AgentClient
-from torpor.errors import ConflictError, NotSupportedError, UsageError
+from torpor.errors import ConflictError, NotFoundError, NotSupportedError, UsageError
 from torpor.paths import Paths
 from torpor.sandbox.files import Files
 from torpor.sandbox.process import (
@@ -131,14 +131,35 @@ def _write_limits(vm_dir: Path, end_at: float | None, idle: float | None) -> Non
     atomic_write_json(vm_dir / DEADLINE_FILE, {"end_at": end_at, "idle": idle})
 
 
+@contextlib.contextmanager
+def busy_lock(vm_dir: Path, shared: bool, wait: bool = True) -> Iterator[None]:
+    """flock on ``<vm dir>/sandbox.busy``; NotFoundError once the VM was removed.
+
+    Not torpor.fsutil.locked: that one makes missing parent folders, which would
+    bring a removed VM's folder back as an empty husk.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(vm_dir / BUSY_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such sandbox: {vm_dir.name[:12]} (removed)") from None
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
 def touch_active(vm_dir: Path) -> None:
     """Record a use of the sandbox now (the idle clock restarts)."""
     p = vm_dir / ACTIVE_FILE
     try:
         os.utime(p)
     except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            p.touch()
+        with contextlib.suppress(OSError):  # fails, as it should, if the VM was removed
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     except OSError:
         pass
 
@@ -351,8 +372,6 @@ class Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from torpor.errors import NotFoundError
-
         with contextlib.suppress(NotFoundError):
             self.kill()
 
@@ -461,9 +480,7 @@ class Sandbox:
     # -- internals -------------------------------------------------------------------
     def _busy(self) -> contextlib.AbstractContextManager[None]:
         """A shared hold on the busy lock: the idle watcher waits for it to end."""
-        from torpor.fsutil import locked
-
-        return locked(self._dir / BUSY_FILE, shared=True)
+        return busy_lock(self._dir, shared=True)
 
     def _client(self) -> AgentClient:
         """The cached connection to the VM's shim; remade if it was lost, waking the

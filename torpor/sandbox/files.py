@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -145,7 +146,7 @@ class Files:
     def remove(self, path: str) -> None:
         """Remove a file or a folder with everything in it."""
         p = _abs(path)
-        if p.rstrip("/") == "":
+        if posixpath.normpath(p) in ("/", "//"):
             raise UsageError("refusing to remove the sandbox's root folder")
         self.get_info(p)  # NotFoundError for a missing path, like os.remove
         self._tool(["rm", "-rf", "--", p], "remove", p)

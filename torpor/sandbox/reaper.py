@@ -80,15 +80,14 @@ def _idle_for(vm_dir: Path) -> float:
 
 
 def _hibernate_if_idle(mgr: object, vm_id: str, vm_dir: Path, idle: float) -> None:
-    from torpor.fsutil import locked
-    from torpor.sandbox.core import BUSY_FILE
+    from torpor.sandbox.core import busy_lock
     from torpor.snapshot import snapshot
     from torpor.vmm.manager import VMManager
     from torpor.vmm.state import Status
 
     assert isinstance(mgr, VMManager)
     try:
-        with locked(vm_dir / BUSY_FILE, wait=False):
+        with busy_lock(vm_dir, shared=False, wait=False):
             if _idle_for(vm_dir) < idle:
                 return  # used while we took the lock
             if mgr.get(vm_id).state.status != Status.RUNNING:
