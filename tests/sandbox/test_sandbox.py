@@ -168,3 +168,16 @@ def test_commands_namespace_e2b_names(sb: Sandbox) -> None:
     assert sb.commands.kill(999999) is False
     with pytest.raises(NotSupportedError):
         sb.commands.connect(999999)
+
+
+def test_ps_lists_processes_started_through_any_connection(sb: Sandbox, paths: Paths) -> None:
+    other = Sandbox.connect(sb.id, paths=paths)
+    try:
+        p = other.exec(["sleep", "4242"], background=True)
+        found = [x for x in sb.ps() if x.cmdline == ("sleep", "4242")]
+        assert [x.pid for x in found] == [p.pid]
+        assert p not in sb.processes()  # handles belong to the object that started them
+        sb.commands.kill(p.pid)
+        assert p.wait(timeout=60).exit_code == 137
+    finally:
+        other.close()

@@ -4,7 +4,7 @@ See docs/sandbox.md.  ``Sandbox`` is a thin layer over VMManager, AgentClient an
 torpor.snapshot; everything it knows is in the VM's folder.
 """
 
-from torpor.sandbox.core import Sandbox, SandboxInfo, Snapshot
+from torpor.sandbox.core import ProcessInfo, Sandbox, SandboxInfo, Snapshot
 from torpor.sandbox.files import EntryInfo, Files
 from torpor.sandbox.process import CommandHandle, CommandResult
 
@@ -13,6 +13,7 @@ __all__ = [
     "CommandResult",
     "EntryInfo",
     "Files",
+    "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
     "Snapshot",

@@ -121,6 +121,9 @@ class Sandbox:
     def processes(self) -> list[AsyncCommandHandle]:
         return [AsyncCommandHandle(p) for p in self._sb.processes()]
 
+    async def ps(self) -> list[core.ProcessInfo]:
+        return await asyncio.to_thread(self._sb.ps)
+
     async def pty(self, cmd: str = "sh", cols: int = 80, rows: int = 24) -> Any:
         return self._sb.pty(cmd, cols, rows)
 

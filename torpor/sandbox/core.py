@@ -83,6 +83,18 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """A process running in the guest (``sb.ps()``), as its /proc describes it."""
+
+    pid: int
+    cmdline: tuple[str, ...]
+
+
+#: At most this many processes are read by ``ps`` (one agent request each).
+MAX_PS = 4096
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A snapshot taken by :meth:`Sandbox.snapshot`; ``str()`` is its id."""
 
@@ -470,6 +482,29 @@ class Sandbox:
         """
         with self._procs_lock:
             return list(self._procs.values())
+
+    def ps(self) -> list[ProcessInfo]:
+        """Every user process in the guest (from any connection), from its /proc.
+
+        Kernel threads (empty cmdline) and the guest agent (pid 1) are left out.
+        What the guest's /proc says is only reported, never acted on.
+        """
+        from torpor.agent.client import AgentRequestError
+
+        c = self._client()
+        pids = sorted(int(e.name) for e in c.list_dir("/proc") if e.name.isdecimal())
+        out = []
+        for pid in pids[:MAX_PS]:
+            if pid == 1:
+                continue
+            try:
+                raw = c.read_file(f"/proc/{pid}/cmdline")
+            except AgentRequestError:
+                continue  # exited meanwhile
+            if raw:
+                argv = raw[:65536].rstrip(b"\0").split(b"\0")
+                out.append(ProcessInfo(pid, tuple(a.decode("utf-8", "replace") for a in argv)))
+        return out
 
     def pty(self, cmd: str = "sh", cols: int = 80, rows: int = 24) -> Any:
         raise NotSupportedError(
