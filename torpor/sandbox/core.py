@@ -197,8 +197,9 @@ class Commands:
             if p.pid == pid:
                 return p
         raise NotSupportedError(
-            f"no background command with pid {pid} from this Sandbox object; reconnecting "
-            "to commands started elsewhere needs a process listing the agent lacks yet"
+            f"no background command with pid {pid} from this Sandbox object: the agent "
+            "streams a command's output only to the connection that started it "
+            "(sb.ps() lists it, sb.commands.kill(pid) ends it)"
         )
 
     def kill(self, pid: int) -> bool:
@@ -293,6 +294,7 @@ class Sandbox:
                 _write_limits(vm.dir, end_at, idle)
             touch_active(vm.dir)
             vm = mgr.start(vm.id)
+            touch_active(vm.dir)  # the idle clock starts once it is up, not at create
             sb = cls(mgr, vm)
             if timeout is not None or idle is not None:
                 sb._start_reaper()
