@@ -66,6 +66,7 @@ from torpor.errors import (
     UnsafeCopyError,
     UsageError,
 )
+from torpor.limits import Fail, WriteBudget, env_int
 
 log = logging.getLogger("torpor.agent")
 
@@ -77,11 +78,6 @@ ENV_MAX_ENTRIES = "TORPOR_CP_MAX_ENTRIES"
 DEFAULT_MAX_BYTES = 64 << 30
 DEFAULT_MAX_ENTRIES = 1_000_000
 DEFAULT_MAX_DEPTH = 256
-#: The destination file system keeps min(this, RESERVE_FRACTION of its size) free.
-RESERVE_BYTES = 1 << 30
-RESERVE_FRACTION = 0.05
-#: Free space is re-read after this many bytes written (statvfs per chunk is wasteful).
-_FREE_CHECK_EVERY = 64 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_PREFIX = ".torpor-cp-"
 
@@ -97,21 +93,13 @@ class CopyLimits:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> CopyLimits:
         """Defaults, overridden by ``TORPOR_CP_MAX_BYTES`` / ``TORPOR_CP_MAX_ENTRIES``."""
-        env = dict(os.environ) if env is None else env
+        return cls(
+            env_int(ENV_MAX_BYTES, DEFAULT_MAX_BYTES, env),
+            env_int(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES, env),
+        )
 
-        def get(key: str, default: int) -> int:
-            raw = env.get(key, "").strip()
-            if not raw:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                raise UsageError(f"{key}={raw!r}: expected a whole number") from None
-            if value < 0:
-                raise UsageError(f"{key}={raw!r}: must not be negative")
-            return value
-
-        return cls(get(ENV_MAX_BYTES, DEFAULT_MAX_BYTES), get(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES))
+    def budget(self) -> WriteBudget:
+        return WriteBudget(self.max_bytes, self.max_entries, ENV_MAX_BYTES, ENV_MAX_ENTRIES)
 
 
 def split_vm_path(arg: str) -> tuple[str | None, str]:
@@ -158,7 +146,7 @@ def _source_name(src: str) -> str | None:
     return None if name in ("", ".", "..", "/") else name
 
 
-def _list_dir(client: AgentClient, path: str, budget: _Budget) -> list[DirEntry]:
+def _list_dir(client: AgentClient, path: str, budget: WriteBudget) -> list[DirEntry]:
     """LIST_DIR with every entry counted against the entry cap as it arrives.
 
     :meth:`AgentClient.list_dir` would first hold everything a hostile guest sends;
@@ -173,7 +161,7 @@ def _list_dir(client: AgentClient, path: str, budget: _Budget) -> list[DirEntry]
                 e = DirEntry.decode(frame.payload)
                 if e.name in (".", ".."):
                     continue
-                budget.entry(posixpath.join(path, e.name))
+                budget.entry(_stopped_at(posixpath.join(path, e.name)))
                 check_name(e.name, path)
                 entries.append(e)
     return entries
@@ -244,40 +232,8 @@ def _put(client: AgentClient, src: Path, st: os.stat_result, target: str, keep_o
 # ---- VM -> host ------------------------------------------------------------------
 
 
-class _Budget:
-    """Entries and bytes written so far, against the limits."""
-
-    def __init__(self, limits: CopyLimits):
-        self.limits = limits
-        self.entries = 0
-        self.bytes = 0
-        self._since_free_check = _FREE_CHECK_EVERY  # check before the first write
-
-    def entry(self, where: str) -> None:
-        self.entries += 1
-        if self.entries > self.limits.max_entries:
-            raise UnsafeCopyError(
-                f"copy stopped at {where}: more than {self.limits.max_entries} entries "
-                f"(raise {ENV_MAX_ENTRIES} to allow more)"
-            )
-
-    def add(self, n: int, where: str, fd: int | None) -> None:
-        self.bytes += n
-        if self.bytes > self.limits.max_bytes:
-            raise UnsafeCopyError(
-                f"copy stopped at {where}: more than {self.limits.max_bytes} bytes "
-                f"(raise {ENV_MAX_BYTES} to allow more)"
-            )
-        self._since_free_check += n
-        if fd is not None and self._since_free_check >= _FREE_CHECK_EVERY:
-            self._since_free_check = 0
-            fs = os.fstatvfs(fd)
-            reserve = min(RESERVE_BYTES, int(fs.f_blocks * fs.f_frsize * RESERVE_FRACTION))
-            if fs.f_bavail * fs.f_frsize < reserve + _FREE_CHECK_EVERY:
-                raise UnsafeCopyError(
-                    f"copy stopped at {where}: the host file system is nearly full "
-                    f"(torpor keeps {reserve} bytes free)"
-                )
+def _stopped_at(where: str) -> Fail:
+    return lambda message: UnsafeCopyError(f"copy stopped at {where}: {message}")
 
 
 def _host_error(e: OSError, what: str) -> TorporError:
@@ -292,7 +248,7 @@ class _ToHost:
     def __init__(self, client: AgentClient, limits: CopyLimits):
         self.client = client
         self.limits = limits
-        self.budget = _Budget(limits)
+        self.budget = limits.budget()
         self.skipped: list[str] = []
 
     def entry(
@@ -359,7 +315,7 @@ class _ToHost:
                     if not info.is_file:
                         raise UnsafeCopyError(f"{src} in the VM is no longer a regular file")
                     for chunk in chunks:
-                        self.budget.add(len(chunk), shown, fd)
+                        self.budget.add(len(chunk), fd, _stopped_at(shown))
                         view = memoryview(chunk)
                         while view:
                             view = view[os.write(fd, view) :]
@@ -446,7 +402,7 @@ def copy_from_vm(
         if name is None:  # a folder's contents
             if not info.is_dir:
                 raise UsageError(f"{src} in the VM is not a folder")
-            writer.budget.entry(src)
+            writer.budget.entry(_stopped_at(src))
             if into:
                 writer.fill(src, parent_fd, ".", 0)
             else:
@@ -457,7 +413,7 @@ def copy_from_vm(
                     f"{src} in the VM is not a file, folder or link (devices are not copied)"
                 )
             target = name if into else name_here
-            writer.budget.entry(src)
+            writer.budget.entry(_stopped_at(src))
             writer.entry(src, info.mode, info.link_target, parent_fd, target, target, 0)
     finally:
         os.close(parent_fd)
@@ -480,7 +436,7 @@ def copy_from_vm_tar(
     if info is None:
         raise NotFoundError(f"no such file in the VM: {src}")
     name = _source_name(src)
-    budget = _Budget(limits)
+    budget = limits.budget()
     skipped: list[str] = []
 
     def add(
@@ -526,7 +482,7 @@ def copy_from_vm_tar(
                     if not opened.is_file:
                         raise UnsafeCopyError(f"{path} in the VM is no longer a regular file")
                     for chunk in chunks:
-                        budget.add(len(chunk), arc, None)
+                        budget.add(len(chunk), None, _stopped_at(arc))
                         spool.write(chunk)
                 finally:
                     chunks.close()
@@ -538,7 +494,7 @@ def copy_from_vm_tar(
         else:
             skipped.append(arc)
 
-    budget.entry(src)
+    budget.entry(_stopped_at(src))
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         if name is None:
             if not info.is_dir:

@@ -58,8 +58,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torpor.errors import DigestMismatchError, ImageError, LayerError, UsageError
+from torpor.errors import DigestMismatchError, ImageError, LayerError
 from torpor.image.blobs import Reader, open_decompressed
+from torpor.limits import WriteBudget, env_int
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,6 @@ ENV_MAX_BYTES = "TORPOR_IMAGE_MAX_BYTES"
 ENV_MAX_ENTRIES = "TORPOR_IMAGE_MAX_ENTRIES"
 DEFAULT_MAX_BYTES = 64 << 30
 DEFAULT_MAX_ENTRIES = 10_000_000
-RESERVE_BYTES = 1 << 30
-RESERVE_FRACTION = 0.05
-_FREE_CHECK_EVERY = 64 << 20
 
 Parts = tuple[str, ...]
 
@@ -222,11 +220,13 @@ class RootfsBuilder:
         )
         self.privileged = os.geteuid() == 0
         self._warn_fn = warn or log.warning
-        self.max_bytes = _env_int(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
-        self.max_entries = _env_int(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES)
-        self.entries = 0  # across all layers of this build
-        self.data_bytes = 0  # file content read, holes included
-        self._since_free_check = _FREE_CHECK_EVERY
+        # across all layers of this build; bytes are file content read, holes included
+        self.budget = WriteBudget(
+            env_int(ENV_MAX_BYTES, DEFAULT_MAX_BYTES),
+            env_int(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES),
+            ENV_MAX_BYTES,
+            ENV_MAX_ENTRIES,
+        )
         self._warned: set[str] = set()
         # The last resolved parent directory: consecutive entries usually share it.
         self._cached: tuple[Parts, int, Parts] | None = None
@@ -248,30 +248,6 @@ class RootfsBuilder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def count_entry(self, fail: Callable[[str], LayerError]) -> None:
-        self.entries += 1
-        if self.entries > self.max_entries:
-            raise fail(
-                f"more than {self.max_entries} entries (raise {ENV_MAX_ENTRIES} to allow more)"
-            )
-
-    def count_bytes(self, n: int, fd: int, fail: Callable[[str], LayerError]) -> None:
-        self.data_bytes += n
-        if self.data_bytes > self.max_bytes:
-            raise fail(
-                f"more than {self.max_bytes} bytes of file data "
-                f"(raise {ENV_MAX_BYTES} to allow more)"
-            )
-        self._since_free_check += n
-        if self._since_free_check >= _FREE_CHECK_EVERY:
-            self._since_free_check = 0
-            fs = os.fstatvfs(fd)
-            reserve = min(RESERVE_BYTES, int(fs.f_blocks * fs.f_frsize * RESERVE_FRACTION))
-            if fs.f_bavail * fs.f_frsize < reserve + _FREE_CHECK_EVERY:
-                raise fail(
-                    f"the host file system is nearly full (torpor keeps {reserve} bytes free)"
-                )
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -413,7 +389,7 @@ class _LayerApplier:
             src, what=f"layer {self.name}", error=LayerError, require_end_marker=require_end_marker
         ):
             self.entry = member.name
-            self.b.count_entry(self.fail)
+            self.b.budget.entry(self.fail)
             try:
                 self.apply_member(tf, member)
             except tarfile.TarError as e:
@@ -498,7 +474,7 @@ class _LayerApplier:
             written = 0
             if data is not None:
                 while chunk := data.read(_COPY_CHUNK):
-                    self.b.count_bytes(len(chunk), fd, self.fail)
+                    self.b.budget.add(len(chunk), fd, self.fail)
                     if chunk.count(0) == len(chunk):
                         os.lseek(fd, len(chunk), os.SEEK_CUR)  # leave a hole
                     else:
@@ -652,19 +628,6 @@ class _LayerApplier:
             except (FileNotFoundError, NotADirectoryError, LayerError):
                 continue
         self.dir_times.clear()
-
-
-def _env_int(key: str, default: int) -> int:
-    raw = os.environ.get(key, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UsageError(f"{key}={raw!r}: expected a whole number") from None
-    if value < 0:
-        raise UsageError(f"{key}={raw!r}: must not be negative")
-    return value
 
 
 def _ns(mtime: float) -> int:
