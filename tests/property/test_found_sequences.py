@@ -51,7 +51,7 @@ def test_hibernate_start_stop_start_keeps_disk_writes(vms, tools_image: str) -> 
 
 
 def test_writer_never_reuses_a_delta_whose_base_a_killed_gc_deleted(tmp_path) -> None:
-    """Found by `torpor bench faults` kill-gc (runs 107-119): a ``kill -9`` of gc that
+    """Found by `torpor bench faults` kill-gc (runs 107-120): a ``kill -9`` of gc that
     unlinked a garbage delta's base but not yet the delta leaves the delta orphaned,
     and ``verify`` reports the garbage as corrupt + missing chunks (3 + 2 there; no
     snapshot affected).  What must hold in that state: a new snapshot with the delta's
