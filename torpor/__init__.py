@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Sandbox", "Session", "__version__"]
+__all__ = ["Sandbox", "Session", "Tool", "__version__", "tool"]
 
 
 def __getattr__(name: str) -> object:
@@ -15,4 +15,8 @@ def __getattr__(name: str) -> object:
         from torpor.sandbox import Sandbox
 
         return Sandbox
+    if name in ("Tool", "tool"):  # custom tools for a session's model
+        from torpor.session import tools
+
+        return getattr(tools, name)
     raise AttributeError(f"module 'torpor' has no attribute {name!r}")

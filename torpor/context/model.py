@@ -60,6 +60,7 @@ class Kind(StrEnum):
     FORK = "fork"
     VM = "vm"  # "this session now runs in VM <id>": {"vm": id, ...}
     REMOVED = "removed"  # the tombstone: the session was removed; its last entry
+    CUSTOM = "custom"  # a user's own entry (Session.append): {"type": "ns.name", "data": {...}}
 
 
 @dataclass(frozen=True)

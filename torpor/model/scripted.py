@@ -16,11 +16,15 @@ Script document, format version 1 (a ``.json`` file or a built-in from
                  "steps": [ {"text": "optional",
                              "tool_calls": [{"name": "shell", "arguments": {"cmd": "echo hi"}}]},
                             {"text": "final answer"} ]} ],
-     "after_end": "repeat-last"}          # or "error"
+     "after_end": "repeat-last",          # or "error"
+     "tools": ["lookup"]}                 # optional: custom tools the script may call
 
 Past the last turn, ``repeat-last`` reuses the last turn's steps and ``error``
 raises :class:`ModelError`.  Tool names and arguments are checked against
-:data:`torpor.model.tools.TOOLS` when the script is parsed.  Tool-call ids are
+:data:`torpor.model.tools.TOOLS` when the script is parsed; calls of the custom
+tools named in ``"tools"`` are accepted with any arguments (the session checks them
+against the tool's schema when it runs the call, and the model refuses a tool the
+caller did not offer).  Tool-call ids are
 ``call_<turn>_<step>_<i>``.
 
 In step text and in string arguments (at any depth) these placeholders are
@@ -91,6 +95,7 @@ class Script:
     turns: tuple[Turn, ...]
     after_end: str = "repeat-last"
     description: str = ""
+    tools: tuple[str, ...] = ()  # custom tools the script may call
 
     def to_json(self) -> dict[str, Any]:
         def step(s: Step) -> dict[str, Any]:
@@ -112,6 +117,8 @@ class Script:
             for t in self.turns
         ]
         doc["after_end"] = self.after_end
+        if self.tools:
+            doc["tools"] = list(self.tools)
         return doc
 
 
@@ -141,7 +148,14 @@ def parse_script(doc: Any, *, source: str = "script", tools: Sequence[ToolSpec] 
 
     Raises :class:`~torpor.errors.UsageError` naming ``source`` and the bad part.
     """
-    _keys(doc, source, ("version", "description", "turns", "after_end"), ("version", "turns"))
+    _keys(
+        doc, source, ("version", "description", "turns", "after_end", "tools"), ("version", "turns")
+    )
+    custom = doc.get("tools", [])
+    if not isinstance(custom, list) or not all(
+        isinstance(n, str) and n and find_tool(n, TOOLS) is None for n in custom
+    ):
+        raise UsageError(f"{source}: tools must be a list of custom tool names (not built-ins)")
     if doc["version"] != SCRIPT_VERSION:
         raise UsageError(
             f"{source}: unsupported script version {doc['version']!r} "
@@ -178,17 +192,22 @@ def parse_script(doc: Any, *, source: str = "script", tools: Sequence[ToolSpec] 
                 _keys(raw_call, cwhere, ("name", "arguments"), ("name",))
                 name = raw_call["name"]
                 spec = find_tool(name, tools) if isinstance(name, str) else None
-                if spec is None:
-                    known = ", ".join(x.name for x in tools)
-                    raise UsageError(f"{cwhere}: unknown tool {name!r} (known tools: {known})")
                 arguments = raw_call.get("arguments", {})
+                if spec is None and name in custom:
+                    if not isinstance(arguments, dict):
+                        raise UsageError(f"{cwhere} ({name}): arguments must be an object")
+                    calls.append(ScriptCall(name, arguments))
+                    continue
+                if spec is None:
+                    known = ", ".join([*(x.name for x in tools), *custom])
+                    raise UsageError(f"{cwhere}: unknown tool {name!r} (known tools: {known})")
                 problems = argument_problems(spec, arguments)
                 if problems:
                     raise UsageError(f"{cwhere} ({name}): {'; '.join(problems)}")
                 calls.append(ScriptCall(name, arguments))
             steps.append(Step(text, tuple(calls)))
         turns.append(Turn(tuple(steps), _str(raw_turn, "description", where)))
-    return Script(tuple(turns), after_end, _str(doc, "description", source))
+    return Script(tuple(turns), after_end, _str(doc, "description", source), tuple(custom))
 
 
 def load_script(path: str | Path, *, tools: Sequence[ToolSpec] = TOOLS) -> Script:

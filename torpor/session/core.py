@@ -21,14 +21,39 @@ Recovery after a crash mid-turn: the VM is restored from the last checkpoint
 are marked superseded by a ``supersede`` entry, and the user's message is
 replayed — so no acknowledged entry is lost and no tool call's effect is applied
 twice to the machine.
+
+The log as an API (any loop): :meth:`Session.append`, :meth:`Session.checkpoint`,
+:meth:`Session.entries`, :attr:`Session.sandbox`, :meth:`Session.fork`,
+:meth:`Session.recover`.  The built-in loop (:meth:`Session.send`) is written with
+exactly these calls, so a user's loop gets the same guarantees:
+
+- ``append`` is durable before it returns and idempotent by ``key``.  It takes the
+  conversation kinds (:data:`LOOP_KINDS`, payloads checked for the shape
+  :meth:`Session.messages` reads) or a custom kind: a dotted name such as
+  ``"app.note"`` (torpor's own kinds never contain a dot), stored as a ``custom``
+  entry ``{"type": kind, "data": payload}``.  Lifecycle kinds (checkpoint, vm,
+  hibernate, resume, fork, supersede, removed) are torpor's alone: they carry the
+  lineage, and a user-written one could make the log lie about the machine.
+  Payloads are JSON objects of at most :data:`MAX_APPEND_BYTES`.
+- ``checkpoint`` snapshots the VM and appends the ``checkpoint`` entry naming it
+  before it returns: log position and snapshot describe the same moment.
+- Work after the last checkpoint is provisional: whenever the VM has to be rebuilt
+  from that checkpoint (crash, VM lost or killed, ``recover``), the conversation and
+  custom entries after it are superseded, because the machine no longer has
+  their effects.
+- One actor per session on a host: the session lock is held by every state-changing
+  call and is re-entrant within one Session object on one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +74,7 @@ from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
 from torpor.paths import Paths
-from torpor.session.tools import run_tool
+from torpor.session.tools import Tool, check_tools, run_custom, run_tool
 from torpor.snapshot.core import restore, snapshot
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
 from torpor.vmm.state import Status
@@ -64,7 +89,30 @@ MAX_STEPS = 64
 #: VM label naming the session a VM was booted for.
 LABEL = "torpor.session"
 #: Entries of a turn's work that a recovery supersedes (events such as ``vm`` stay).
-TURN_WORK = (Kind.MODEL_REQUEST, Kind.MODEL_RESPONSE, Kind.TOOL_CALL, Kind.TOOL_RESULT)
+TURN_WORK = (
+    Kind.MODEL_REQUEST,
+    Kind.MODEL_RESPONSE,
+    Kind.TOOL_CALL,
+    Kind.TOOL_RESULT,
+    Kind.CUSTOM,
+)
+#: The kinds :meth:`Session.append` takes besides custom ones: a loop's conversation.
+LOOP_KINDS = frozenset(
+    {
+        Kind.USER,
+        Kind.MODEL_REQUEST,
+        Kind.MODEL_RESPONSE,
+        Kind.TOOL_CALL,
+        Kind.TOOL_RESULT,
+        Kind.ERROR,
+    }
+)
+#: A custom entry kind: dotted, so it can never equal one of torpor's (none has a dot).
+CUSTOM_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}(\.[a-z0-9_-]{1,31}){1,3}")
+#: Largest payload :meth:`Session.append` stores (its JSON, UTF-8).
+MAX_APPEND_BYTES = 4 * 1024 * 1024
+#: Longest checkpoint reason.
+MAX_REASON = 200
 
 
 class SessionError(TorporError):
@@ -329,6 +377,71 @@ def release_snapshots(log: ContextLog, mgr: VMManager) -> list[str]:
     return released
 
 
+def _check_payload(payload: Any, kind: str) -> None:
+    """A user's payload: a JSON object of at most :data:`MAX_APPEND_BYTES`."""
+    if not isinstance(payload, dict):
+        raise UsageError(
+            f"a {kind} payload must be a JSON object (a dict), not {type(payload).__name__}"
+        )
+    try:
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"a {kind} payload is not JSON-serialisable: {e}") from e
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_APPEND_BYTES:
+        raise UsageError(
+            f"a {kind} payload is {size} bytes of JSON; the most one entry holds is "
+            f"{MAX_APPEND_BYTES} (store large data in the sandbox and log a reference)"
+        )
+
+
+def _need(cond: bool, kind: str, what: str) -> None:
+    if not cond:
+        raise UsageError(f"a {kind} entry needs {what}")
+
+
+def _check_loop_payload(kind: Kind, p: dict[str, Any]) -> None:
+    """The fields :class:`_Fold` reads, so a user's entries cannot break ``messages()``."""
+    k = kind.value
+    if kind is Kind.USER:
+        _need(
+            isinstance(p.get("content"), str) and bool(p["content"].strip()),
+            k,
+            "'content': a non-empty string",
+        )
+    elif kind is Kind.MODEL_RESPONSE:
+        _need(isinstance(p.get("text", ""), str), k, "'text': a string")
+        calls = p.get("tool_calls") or []
+        _need(
+            isinstance(calls, list)
+            and all(
+                isinstance(c, dict)
+                and isinstance(c.get("id"), str)
+                and isinstance(c.get("name"), str)
+                and isinstance(c.get("arguments"), dict)
+                for c in calls
+            ),
+            k,
+            "'tool_calls': a list of {'id': str, 'name': str, 'arguments': dict}",
+        )
+    elif kind is Kind.TOOL_CALL:
+        _need(
+            isinstance(p.get("id"), str)
+            and isinstance(p.get("name"), str)
+            and isinstance(p.get("arguments"), dict),
+            k,
+            "'id': str, 'name': str and 'arguments': dict",
+        )
+    elif kind is Kind.TOOL_RESULT:
+        _need(
+            isinstance(p.get("id"), str)
+            and isinstance(p.get("name"), str)
+            and isinstance(p.get("content"), str),
+            k,
+            "'id': str, 'name': str and 'content': str",
+        )
+
+
 EventHook = Callable[[Entry], None]
 
 
@@ -345,8 +458,19 @@ class Session:
         dsn: str | None = None,
         on_event: EventHook | None = None,
         owns_log: bool = True,
+        tools: Sequence[Tool] | None = None,
     ):
         self.record = record
+        self._tools = {t.name: t for t in check_tools(tools)}
+        declared = {t.get("name") for t in record.meta.get("tools") or () if isinstance(t, dict)}
+        stray = sorted(set(self._tools) - declared)
+        if stray:
+            raise UsageError(
+                f"session {record.name} was created without tool(s) {', '.join(stray)}: "
+                "a session's tools are fixed when it is created "
+                f"(it has: {', '.join(sorted(n for n in declared if n)) or 'none'})"
+            )
+        self._lock_owner: int | None = None
         self._owns_log = owns_log  # sessions from list() share one connection
         self.paths = paths
         self._log = log
@@ -372,13 +496,19 @@ class Session:
         paths: Paths | None = None,
         dsn: str | None = None,
         on_event: EventHook | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> Session:
-        """A new session: its log, a VM booted from ``image``, checkpoint 0."""
+        """A new session: its log, a VM booted from ``image``, checkpoint 0.
+
+        ``tools``: custom tools offered to the model next to the built-in ones.  Only
+        their names are logged; pass the same tools to :meth:`open`/:meth:`resume`
+        in any process that runs turns of this session."""
         from torpor.image.store import ImageStore
 
         paths = (paths or Paths.default()).ensure()
         if idle is not None and idle < 0:
             raise UsageError("--idle must be >= 0 seconds (0 = never hibernate)")
+        custom = check_tools(tools)
         model_obj = open_model(model) if isinstance(model, str) else model
         image_id = ImageStore(paths).get(image).id  # NotFoundError before anything is made
         log = open_log(dsn, paths=paths)
@@ -391,8 +521,10 @@ class Session:
             "system": system or DEFAULT_SYSTEM,
             "network": network,
         }
+        if custom:
+            meta["tools"] = [{"name": t.name, "where": t.where} for t in custom]
         record = log.create_session(name, meta)
-        s = cls(record, log, paths, model=model_obj, dsn=dsn, on_event=on_event)
+        s = cls(record, log, paths, model=model_obj, dsn=dsn, on_event=on_event, tools=custom)
         with s._locked():
             try:
                 req = RunRequest(
@@ -421,10 +553,25 @@ class Session:
         dsn: str | None = None,
         model: Model | None = None,
         on_event: EventHook | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> Session:
+        """Reopen session ``ref``.  ``tools``: its custom tools (code is not in the
+        log), needed before this process runs one of its turns."""
         paths = (paths or Paths.default()).ensure()
         log = open_log(dsn, paths=paths)
-        return cls(log.get_session(ref), log, paths, model=model, dsn=dsn, on_event=on_event)
+        try:
+            return cls(
+                log.get_session(ref),
+                log,
+                paths,
+                model=model,
+                dsn=dsn,
+                on_event=on_event,
+                tools=tools,
+            )
+        except BaseException:
+            log.close()
+            raise
 
     @classmethod
     def resume(cls, ref: str, **kw: Any) -> Session:
@@ -535,6 +682,98 @@ class Session:
             "turns": st.turns,
         }
 
+    # -- the log as an API ----------------------------------------------------------------
+    def entries(self, after: int = 0) -> list[Entry]:
+        """The visible log after seq ``after`` (superseded entries included: see
+        :func:`torpor.context.effective` for what still counts)."""
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise UsageError(f"after must be an entry number >= 0, not {after!r}")
+        return self.log(after)
+
+    def append(self, kind: Kind | str, payload: dict[str, Any], *, key: str | None = None) -> Entry:
+        """Append an entry; durable before it returns.  With a ``key`` already used in
+        this session, returns the stored entry and appends nothing.
+
+        ``kind``: one of :data:`LOOP_KINDS` (``"user"`` starts a turn: the session
+        counts as interrupted until the next checkpoint) or a custom dotted name such
+        as ``"app.note"``, stored as kind ``custom`` with ``{"type", "data"}``.
+        """
+        if isinstance(kind, str) and not isinstance(kind, Kind) and "." in kind:
+            if not CUSTOM_KIND_RE.fullmatch(kind):
+                raise UsageError(
+                    f"invalid custom entry kind {kind!r:.80}: use dotted lower-case names "
+                    "such as 'app.note' (2-4 parts of [a-z0-9_-])"
+                )
+            _check_payload(payload, kind)
+            return self._append_loop(Kind.CUSTOM, {"type": kind, "data": payload}, key)
+        try:
+            k = Kind(kind)
+        except ValueError:
+            raise UsageError(
+                f"unknown entry kind {kind!r:.80}: use one of "
+                f"{', '.join(sorted(x.value for x in LOOP_KINDS))} or a dotted custom kind "
+                "such as 'app.note'"
+            ) from None
+        if k not in LOOP_KINDS:
+            raise UsageError(
+                f"entry kind {k.value!r} is written by torpor only (it records the session's "
+                "machine and lineage); use checkpoint(), fork(), recover() or a custom kind"
+            )
+        _check_payload(payload, k.value)
+        _check_loop_payload(k, payload)
+        return self._append_loop(k, payload, key)
+
+    def _append_loop(self, kind: Kind, payload: dict[str, Any], key: str | None) -> Entry:
+        turns = self.state().turns
+        entry = self._append(kind, payload, turn=turns + 1 if kind is Kind.USER else turns, key=key)
+        if self._cache and entry.seq == self._cache[-1].seq + 1:
+            self._cache.append(entry)  # what we just wrote: no need to read it back
+        return entry
+
+    def checkpoint(self, reason: str = "user") -> Checkpoint:
+        """Snapshot the session's VM and log a ``checkpoint`` entry naming it, at the
+        current end of the log; both are durable before this returns.  Settles an
+        open turn.  Wakes a hibernated VM first, unless nothing happened since it
+        was hibernated (then the hibernation's checkpoint is returned)."""
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
+            raise UsageError(
+                f"a checkpoint reason is 1-{MAX_REASON} characters, not {reason!r:.80}"
+            )
+        with self._locked():
+            st = self.state()
+            ck = st.last_checkpoint
+            if ck is None:
+                raise SessionError(f"session {self.name} never finished starting (no checkpoint 0)")
+            if st.hibernated and all(e.kind is Kind.HIBERNATE for e in self.log(after=ck.seq)):
+                return ck
+            vm = self._ensure_running(st)
+            try:
+                return self._checkpoint(vm.id, turn=self.state().turns, reason=reason)
+            except NotFoundError as e:  # the VM went away under us (sandbox.kill())
+                raise SessionError(
+                    f"session {self.name}: its VM is gone ({e}); recover() restores the last "
+                    "checkpoint (work logged after it is superseded)"
+                ) from e
+
+    @property
+    def sandbox(self) -> Any:
+        """The session's VM as a :class:`torpor.Sandbox`, running (woken or restored
+        first, as for a turn).  What the user does with it is the machine's state at
+        the next checkpoint.  ``kill()`` or ``hibernate()`` on it do not break the
+        session: a killed VM is restored from the last checkpoint by the next turn,
+        ``checkpoint()`` raises SessionError until ``recover()`` does that, and
+        either way the work logged after that checkpoint is superseded."""
+        from torpor.sandbox import Sandbox
+
+        with self._locked():
+            vm = self._ensure_running(self.state())
+        return Sandbox.connect(vm.id, paths=self.paths)
+
+    @property
+    def tools(self) -> tuple[Tool, ...]:
+        """The custom tools supplied to this Session object."""
+        return tuple(self._tools.values())
+
     # -- doing -------------------------------------------------------------------------
     def send(self, text: str, *, key: str | None = None) -> str:
         """One turn: log the message (durably), let the model work in the VM, checkpoint.
@@ -545,6 +784,7 @@ class Session:
         """
         if not isinstance(text, str) or not text.strip():
             raise UsageError("a message must not be empty")
+        self._check_tools_supplied()  # before the message is acknowledged
         with self._locked():
             entries = self._read()
             st = self._view.state(entries)
@@ -562,8 +802,8 @@ class Session:
             if st.pending is not None:
                 self._recover_locked(st)
                 st = self.state()
-            turn = st.turns + 1  # acknowledged first; a VM that fails to wake leaves it pending
-            self._append(Kind.USER, {"content": text}, turn=turn, key=key)
+            # acknowledged first; a VM that fails to wake leaves it pending
+            turn = self.append(Kind.USER, {"content": text}, key=key).turn
             answer = self._run_turn(turn)
         self._arm_idle()
         return answer
@@ -602,16 +842,26 @@ class Session:
         self._arm_idle()
         return vm
 
-    def recover(self) -> str | None:
+    def recover(self, *, replay: bool = True) -> str | None:
         """Bring the session back after a crash; returns the replayed turn's answer.
 
         With no interrupted turn this only makes sure the VM runs (restoring the
-        last checkpoint if the VM is gone) and returns None.
+        last checkpoint if the VM is gone) and returns None.  ``replay=False`` (for
+        a loop of one's own): restore the VM to the last checkpoint and supersede
+        the work logged after it, but do not run torpor's loop; the turn stays open
+        until the caller's next :meth:`checkpoint`.
         """
         with self._locked():
             st = self.state()
             if st.pending is None:
                 self._ensure_running(st)
+                return None
+            if not replay:
+                ck = st.last_checkpoint
+                if ck is None:
+                    raise SessionError(f"session {self.name} has no checkpoint to recover from")
+                self._restore_vm(ck, reason="recover")
+                self._supersede_after(ck, st.pending.turn, "recover")
                 return None
             answer = self._recover_locked(st)
         self._arm_idle()
@@ -643,6 +893,7 @@ class Session:
             model=self._model,
             dsn=self._dsn,
             on_event=self.on_event,
+            tools=self.tools,
         )
         with child._locked():
             child._append(
@@ -745,12 +996,24 @@ class Session:
             self.on_event(entry)
         return entry
 
-    def _locked(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _locked(self, wait: bool = True) -> Iterator[None]:
         """One actor per session on this host: turns, hibernation and recovery queue.
 
-        With ``wait=False`` a busy session raises BlockingIOError at once.
+        Re-entrant for the thread holding it through this object, so the built-in
+        loop can call the public :meth:`checkpoint` under its turn's lock.  With
+        ``wait=False`` a busy session raises BlockingIOError at once.
         """
-        return locked(self.paths.locks / f"session-{self.id}.lock", wait=wait)
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            yield
+            return
+        with locked(self.paths.locks / f"session-{self.id}.lock", wait=wait):
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     def _live_vm(self, st: SessionState) -> VM | None:
         if st.vm_id is None:
@@ -783,7 +1046,10 @@ class Session:
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no VM and no checkpoint to restore")
-        return self._restore_vm(ck, reason="vm lost")
+        vm = self._restore_vm(ck, reason="vm lost")
+        # a loop's work logged after the checkpoint is gone from the restored machine
+        self._supersede_after(ck, st.turns, "vm lost")
+        return vm
 
     def _restore_vm(self, ck: Checkpoint, *, reason: str) -> VM:
         """A new VM for this session from checkpoint ``ck`` (the old one is removed)."""
@@ -818,62 +1084,81 @@ class Session:
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
         self._restore_vm(ck, reason="recover")
+        self._supersede_after(ck, st.pending.turn, "replayed")
+        return self._run_turn(st.pending.turn)
+
+    def _supersede_after(self, ck: Checkpoint, turn: int, why: str) -> None:
+        """Mark the work logged after ``ck`` superseded: the VM was just restored to it."""
         partial = [e.seq for e in effective(self.log(after=ck.seq)) if e.kind in TURN_WORK]
         if partial:
             self._append(
                 Kind.SUPERSEDE,
                 {
                     "seqs": partial,
-                    "reason": f"turn {st.pending.turn} was interrupted; the VM was restored "
-                    f"to checkpoint {ck.seq} and the turn replayed",
+                    "reason": f"turn {turn} was interrupted; the VM was restored "
+                    f"to checkpoint {ck.seq} ({why})",
                 },
-                turn=st.pending.turn,
+                turn=turn,
             )
-        return self._run_turn(st.pending.turn)
 
     def _run_turn(self, turn: int) -> str:
         st = self.state()
         vm = self._ensure_running(st)
+        self._check_tools_supplied()
         model = self.model
+        offered = (*TOOLS, *(t.spec for t in self._tools.values()))
         answer = ""
+        # the built-in loop is one user of the public log API: append + checkpoint
         with self._mgr.client(vm) as c:
             for step in range(MAX_STEPS):
                 msgs = self.messages()
-                self._append(
-                    Kind.MODEL_REQUEST,
-                    {"model": model.name, "step": step, "messages": len(msgs)},
-                    turn=turn,
+                self.append(
+                    Kind.MODEL_REQUEST, {"model": model.name, "step": step, "messages": len(msgs)}
                 )
                 try:
-                    resp = model.complete(msgs, TOOLS)
+                    resp = model.complete(msgs, offered)
                 except ModelError as e:
-                    self._append(
-                        Kind.ERROR,
-                        {"stage": "model", "error": str(e), "type": type(e).__name__},
-                        turn=turn,
+                    self.append(
+                        Kind.ERROR, {"stage": "model", "error": str(e), "type": type(e).__name__}
                     )
-                    self._checkpoint(vm.id, turn=turn, reason="turn")
+                    self.checkpoint(reason="turn")
                     raise
-                self._append(Kind.MODEL_RESPONSE, resp.to_json(), turn=turn)
+                self.append(Kind.MODEL_RESPONSE, resp.to_json())
                 answer = resp.text
                 if not resp.tool_calls:
                     break
                 for call in resp.tool_calls:
-                    self._append(
+                    self.append(
                         Kind.TOOL_CALL,
                         {"id": call.id, "name": call.name, "arguments": call.arguments},
-                        turn=turn,
                     )
-                    result = run_tool(c, call.id, call.name, call.arguments)
-                    self._append(Kind.TOOL_RESULT, result.to_json(), turn=turn)
+                    custom = self._tools.get(call.name)
+                    if custom is not None:
+                        result = run_custom(c, custom, call.id, call.arguments)
+                    else:
+                        result = run_tool(c, call.id, call.name, call.arguments)
+                    self.append(Kind.TOOL_RESULT, _no_nul(result.to_json()))
             else:
-                self._append(
-                    Kind.ERROR,
-                    {"stage": "model", "error": f"no answer after {MAX_STEPS} steps"},
-                    turn=turn,
+                self.append(
+                    Kind.ERROR, {"stage": "model", "error": f"no answer after {MAX_STEPS} steps"}
                 )
-        self._checkpoint(vm.id, turn=turn, reason="turn")
+        self.checkpoint(reason="turn")
         return answer
+
+    def _check_tools_supplied(self) -> None:
+        """A turn needs every custom tool the session was created with: code is not in
+        the log, and a model offered fewer tools (or a call skipped) would silently
+        change what the session does."""
+        declared = [
+            t.get("name") for t in self.record.meta.get("tools") or () if isinstance(t, dict)
+        ]
+        missing = [str(n) for n in declared if n not in self._tools]
+        if missing:
+            raise SessionError(
+                f"session {self.name} uses custom tool(s) {', '.join(missing)}, which this "
+                "process did not supply: pass tools=[...] to Session.open/resume "
+                "(tools are code; the log holds only their names)"
+            )
 
     def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
         upto = self._log.last_seq(self.id)
