@@ -21,19 +21,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from torpor import __version__
-from torpor.cli.term import markup_safe, printable
+from torpor.cli import format as fmt_
+from torpor.cli.format import LazyConsole
+from torpor.cli.lazy import LazyGroup
+from torpor.cli.term import markup_safe
 from torpor.errors import TorporError, UsageError
 from torpor.paths import Paths
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# built on first use: rich is not imported by `--version`, `ps` or `exec` (cli/format.py)
+err_console = LazyConsole(stderr=True, highlight=False)
+out_console = LazyConsole(highlight=False)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PASSTHROUGH = {**CONTEXT, "allow_interspersed_args": False}
+FORMAT_HELP = (
+    "table (default), json, or a Go template: '{{.Name}}', '{{json .}}', "
+    "'table {{.ID}}\\t{{.Name}}'."
+)
 
 
 class Exit125(click.ClickException):
@@ -92,7 +98,12 @@ def human_size(n: float) -> str:
     return f"{n}"
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(
+    cls=LazyGroup,
+    context_settings=CONTEXT,
+    # imported only when used: start-up of other commands stays small (cli/lazy.py)
+    lazy_subcommands={"session": "torpor.cli.session:session"},
+)
 @click.version_option(__version__, "--version", "-v")
 @click.option(
     "--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames and show tracebacks."
@@ -200,7 +211,7 @@ def _progress_printer() -> Any:
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
-        console=err_console,
+        console=err_console.real,
         transient=True,
     )
     tasks: dict[str, Any] = {}
@@ -259,7 +270,8 @@ def import_(archive: Path, tag: str | None) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
-def images(quiet: bool) -> None:
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
+def images(quiet: bool, fmt: str | None) -> None:
     """List images."""
     from torpor.image.store import ImageStore
 
@@ -268,20 +280,32 @@ def images(quiet: bool) -> None:
         for im in imgs:
             click.echo(im.id[:12])
         return
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"):
-        t.add_column(col)
+    rows = []
     for im in imgs:
         for rt in im.repo_tags or ["<none>:<none>"]:
             repo, _, tag = rt.rpartition(":")
-            t.add_row(
-                markup_safe(repo),
-                markup_safe(tag),
-                im.id[:12],
-                ago(im.created) + " ago" if im.created else "",
-                human_size(im.size),
+            rows.append(
+                {
+                    "Repository": repo,
+                    "Tag": tag,
+                    "ID": im.id,
+                    "ShortID": im.id[:12],
+                    "CreatedSince": ago(im.created) + " ago" if im.created else "",
+                    "Size": im.size,
+                    "HumanSize": human_size(im.size),
+                }
             )
-    out_console.print(t)
+    fmt_.emit(
+        rows,
+        fmt,
+        [
+            ("REPOSITORY", "Repository"),
+            ("TAG", "Tag"),
+            ("IMAGE ID", "ShortID"),
+            ("CREATED", "CreatedSince"),
+            ("SIZE", "HumanSize"),
+        ],
+    )
 
 
 @cli.command(context_settings=CONTEXT)
@@ -654,34 +678,52 @@ def _status_text(vm: Any) -> str:
 @cli.command(context_settings=CONTEXT)
 @click.option("-a", "--all", "all_", is_flag=True, help="Show all VMs (default: running).")
 @click.option("-q", "--quiet", is_flag=True, help="Only VM ids.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def ps(all_: bool, quiet: bool, fmt: str) -> None:
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
+@click.option(
+    "-f",
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="label=K, label=K=V, status=S, name=SUBSTRING, id=PREFIX (implies -a).",
+)
+def ps(all_: bool, quiet: bool, fmt: str | None, filters: tuple[str, ...]) -> None:
     """List VMs."""
-    vms = _manager().list(all=all_)
+    from torpor.vmm.query import matches, parse_filters
+
+    where = parse_filters(filters)
+    vms = [vm for vm in _manager().list(all=all_ or bool(where)) if matches(vm, where)]
     if quiet:
         for vm in vms:
             click.echo(vm.id[:12])
         return
-    if fmt == "json":
+    if fmt == "json":  # the inspect objects, as before
         click.echo(json.dumps([_inspect_dict(vm) for vm in vms], indent=2))
         return
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "ACCEL", "PORTS", "NAMES"):
-        t.add_column(col, no_wrap=col != "COMMAND", overflow="ellipsis")
-    for vm in vms:
-        cmd = printable(" ".join(vm.config.command))
-        row = (
-            vm.id[:12],
-            vm.config.image_ref,
-            f'"{cmd[:30]}"',
-            ago(vm.config.created) + " ago",
-            _status_text(vm),
-            vm.state.accel or "-",
-            ", ".join(str(p) for p in vm.config.ports),
-            vm.name,
-        )
-        t.add_row(*(markup_safe(c) for c in row))  # guest- and user-chosen text
-    Console(highlight=False, width=max(out_console.width, 160)).print(t)
+    rows = [_ps_row(vm) for vm in vms]
+    cols = ("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "ACCEL", "PORTS", "NAMES")
+    keys = ("ID", "Image", "QuotedCommand", "RunningFor", "Status", "Accel", "Ports", "Names")
+    fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
+
+
+def _ps_row(vm: Any) -> dict[str, Any]:
+    """docker-ps-style fields (``{{.Names}}``, ``{{.Status}}``) plus the inspect object."""
+    cmd = " ".join(vm.config.command)
+    return {
+        "ID": vm.id[:12],
+        "Image": vm.config.image_ref,
+        "Command": cmd,
+        "QuotedCommand": '"' + fmt_.clip(cmd, 30) + '"',
+        "CreatedAt": vm.config.created,
+        "RunningFor": ago(vm.config.created) + " ago",
+        "Status": _status_text(vm),
+        "State": vm.state.status.value,
+        "Accel": vm.state.accel or "-",
+        "Ports": ", ".join(str(p) for p in vm.config.ports),
+        "Names": vm.name,
+        "Name": vm.name,
+        "Labels": ",".join(f"{k}={v}" for k, v in sorted(vm.config.labels.items())),
+    }
 
 
 def _inspect_dict(vm: Any) -> dict[str, Any]:
@@ -702,10 +744,22 @@ def _inspect_dict(vm: Any) -> dict[str, Any]:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("vms", nargs=-1, required=True)
-def inspect(vms: tuple[str, ...]) -> None:
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    metavar="FORMAT",
+    help="json (default) or a template: '{{.State.status}}'.",
+)
+def inspect(vms: tuple[str, ...], fmt: str | None) -> None:
     """Show a VM's configuration and state as JSON."""
     mgr = _manager()
-    click.echo(json.dumps([_inspect_dict(mgr.get(r)) for r in vms], indent=2))
+    objs = [_inspect_dict(mgr.get(r)) for r in vms]
+    if fmt in (None, "json"):
+        fmt_.emit_one(objs, None)
+        return
+    for o in objs:
+        fmt_.emit_one(o, fmt)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -965,29 +1019,32 @@ def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("vm", required=False)
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
 @_store_io
-def snapshots(vm: str | None) -> None:
+def snapshots(vm: str | None, fmt: str | None) -> None:
     """List snapshots (of VM, if given); damaged ones are listed as DAMAGED."""
     good, bad = _store().scan()
     rows = [_snap_row(m) for m in good]
     if vm:
         rows = [r for r in rows if r["vm"] == vm]
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("SNAPSHOT", "PARENT", "VM", "TAG", "CREATED", "MEMORY", "DISK"):
-        t.add_column(col)
-    for r in sorted(rows, key=lambda r: str(r["created"])):
-        t.add_row(
-            r["id"][:12],
-            (r["parent"] or "-")[:12],
-            markup_safe(r["vm"]),
-            markup_safe(r["tag"]),
-            str(r["created"])[:19],
-            human_size(r["sizes"].get("memory", 0)),
-            human_size(r["sizes"].get("disk", 0)),
+    rows.sort(key=lambda r: str(r["created"]))
+    for r in rows:  # table cells; the JSON keeps the raw fields too
+        r["ShortID"] = r["id"][:12]
+        r["ShortParent"] = (r["parent"] or "-")[:12]
+        r["Created"] = str(r["created"])[:19]
+        r["Memory"] = human_size(r["sizes"].get("memory", 0))
+        r["Disk"] = human_size(r["sizes"].get("disk", 0))
+    for snap_id, e in bad if not vm else ():
+        rows.append(
+            {
+                **dict.fromkeys(("ShortParent", "vm", "Created", "Memory", "Disk"), "?"),
+                **{"id": snap_id, "ShortID": snap_id[:12], "tag": "DAMAGED"},
+                "damaged": e.message,
+            }
         )
-    for snap_id, _ in bad if not vm else ():
-        t.add_row(snap_id[:12], "?", "?", "[red]DAMAGED[/red]", "?", "?", "?")
-    out_console.print(t)
+    cols = ("SNAPSHOT", "PARENT", "VM", "TAG", "CREATED", "MEMORY", "DISK")
+    keys = ("ShortID", "ShortParent", "vm", "tag", "Created", "Memory", "Disk")
+    fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
     for snap_id, e in bad:
         err_console.print(
             f"[yellow]torpor:[/yellow] snapshot {snap_id[:12]} is damaged: {e.message} "
@@ -1124,13 +1181,20 @@ def demo() -> None:
     """Run the demo: a durable agent session — work, hibernate, wake, fork — on real VMs."""
     from torpor.demo.run import run_demo
 
-    run_demo(_paths(), out_console)
+    run_demo(_paths(), out_console.real)
 
 
 # -- bench ----------------------------------------------------------------------------
 
 
-@cli.group(context_settings=CONTEXT)
+@cli.group(
+    cls=LazyGroup,
+    context_settings=CONTEXT,
+    lazy_subcommands={
+        "thesis": "torpor.bench.thesis.cli:thesis",
+        "thesis-report": "torpor.bench.thesis.cli:thesis_report",
+    },
+)
 def bench() -> None:
     """Measure torpor (prints a table, writes JSON)."""
 
@@ -1139,7 +1203,7 @@ def _bench_output(result: dict[str, Any], json_out: Path, print_table: Any) -> N
     """Every benchmark: JSON to ``json_out``, its table on stdout."""
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result, out_console)
+    print_table(result, out_console.real)
     err_console.print(f"wrote {json_out}")
 
 
@@ -1280,14 +1344,6 @@ def bench_faults(
     _bench_output(result, json_out, print_table)
 
 
-from torpor.bench.thesis.cli import thesis as bench_thesis  # noqa: E402
-from torpor.bench.thesis.cli import thesis_report as bench_thesis_report  # noqa: E402
-from torpor.cli.session import session  # noqa: E402  (the group lives in its own module)
-
-bench.add_command(bench_thesis)
-bench.add_command(bench_thesis_report)
-
-cli.add_command(session)
 
 
 def main() -> None:
