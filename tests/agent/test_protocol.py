@@ -21,6 +21,7 @@ from torpor.agent.protocol import (
     HelloInfo,
     MkdirRequest,
     PathRequest,
+    ResizeRequest,
     SetTimeRequest,
     ShutdownRequest,
     SignalRequest,
@@ -47,6 +48,8 @@ GOLDEN = {
     "fileinfo_dir.bin": (T.FILEINFO, 4, FileInfo(0o40755, 4096, 0, 0, 1_700_000_000, "")),
     "write_file.bin": (T.WRITE_FILE, 6, WriteFileRequest("/tmp/x")),
     "error_enoent.bin": (T.ERROR, 3, ErrorReply(2, "no such file")),
+    "exec_tty_sh.bin": (T.EXEC, 7, ExecRequest(("sh",), tty=True, cols=120, rows=40)),
+    "resize_id7.bin": (T.RESIZE, 7, ResizeRequest(100, 30)),
 }
 
 
@@ -139,6 +142,8 @@ def test_all_payload_types_round_trip():
         ShutdownRequest(1),
         StopRequest(30),
         Started(2**32 - 1),
+        ExecRequest(("sh",), ("TERM=xterm",), stdin=True, tty=True, cols=1, rows=4096),
+        ResizeRequest(4096, 1),
     ]
     for value in values:
         decoded = type(value).decode(value.encode())
@@ -170,7 +175,14 @@ MALFORMED = [
     (ExecRequest, b""),
     (ExecRequest, golden("exec_echo_hi.bin")[HEADER.size : -1]),  # truncated
     (ExecRequest, golden("exec_echo_hi.bin")[HEADER.size :] + b"\0"),  # left over
-    (ExecRequest, struct.pack("<I", 2) + bytes(8) + struct.pack("<I", 0) * 2),  # bad flags
+    (ExecRequest, struct.pack("<I", 4) + bytes(8) + struct.pack("<I", 0) * 2),  # bad flags
+    (ExecRequest, golden("exec_tty_sh.bin")[HEADER.size : -4]),  # TTY without rows
+    (ExecRequest, golden("exec_tty_sh.bin")[HEADER.size : -8] + bytes(8)),  # TTY 0x0
+    (ExecRequest, golden("exec_tty_sh.bin")[HEADER.size : -4] + struct.pack("<I", 4097)),
+    (ResizeRequest, bytes(4)),
+    (ResizeRequest, struct.pack("<III", 80, 24, 0)),
+    (ResizeRequest, struct.pack("<II", 0, 24)),
+    (ResizeRequest, struct.pack("<II", 80, 2**32 - 1)),
     (ExecRequest, bytes(12) + struct.pack("<II", 0, 0)),  # empty argv
     (ExecRequest, bytes(12) + struct.pack("<II", 1, 3) + b"a\0b" + bytes(4)),  # NUL in argv
     (ExecRequest, bytes(12) + struct.pack("<I", 0xFFFFFFFF)),  # absurd count
@@ -206,6 +218,9 @@ def test_malformed_payloads_raise(cls, payload):
         PathRequest("/a\0"),
         SignalRequest(-1),
         Started(2**32),
+        ResizeRequest(0, 24),
+        ResizeRequest(80, 4097),
+        ExecRequest(("sh",), tty=True, cols=0),
         SetTimeRequest(0, 1_000_000_000),
         Frame(T.HELLO, 2**32),
     ],

@@ -47,6 +47,7 @@ from torpor.agent.protocol import (
     HelloInfo,
     MkdirRequest,
     PathRequest,
+    ResizeRequest,
     SetTimeRequest,
     ShutdownRequest,
     SignalRequest,
@@ -173,6 +174,11 @@ class ExecHandle:
         if not 1 <= signo <= _MAX_SIGNAL:
             raise ValueError(f"invalid signal number {signo}")
         self._call.client._send(Frame(T.SIGNAL, self.id, SignalRequest(signo).encode()))
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal size of an EXEC started with ``tty=...`` (the guest
+        program gets SIGWINCH). Sizes outside 1..4096 raise ProtocolError."""
+        self._call.client._send(Frame(T.RESIZE, self.id, ResizeRequest(cols, rows).encode()))
 
     def events(self, timeout: float | None = None) -> Iterator[tuple[T, bytes]]:
         """Yield ``(T.STDOUT | T.STDERR, chunk)`` until EXIT; then ``status`` is set.
@@ -378,10 +384,15 @@ class AgentClient:
         user: str = "",
         stdin: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
+        tty: tuple[int, int] | None = None,
     ) -> ExecHandle:
         """Start a process and wait for STARTED (a missing command still starts:
-        its EXIT is 127, like a shell's)."""
-        payload = ExecRequest(tuple(argv), tuple(env), cwd, user, stdin).encode()
+        its EXIT is 127, like a shell's). ``tty=(cols, rows)`` runs it on a new
+        pseudo-terminal: output is one STDOUT stream, stdin always open."""
+        cols, rows = tty or (80, 24)
+        payload = ExecRequest(
+            tuple(argv), tuple(env), cwd, user, stdin, tty is not None, cols, rows
+        ).encode()
         call = self._open(T.EXEC)
         try:
             self._send(Frame(T.EXEC, call.id, payload))

@@ -34,6 +34,10 @@ PROTOCOL_VERSION = 1
 UNCHANGED = 0xFFFFFFFF
 #: EXEC flag bit 0: stdin is piped (otherwise the process gets /dev/null).
 EXEC_STDIN = 1
+#: EXEC flag bit 1: run on a new pseudo-terminal; ``u32 cols, u32 rows`` follow ``env``.
+EXEC_TTY = 2
+#: Bounds of a terminal's columns and rows (EXEC with a TTY, RESIZE), both sides.
+TTY_MIN, TTY_MAX = 1, 4096
 
 
 class T(enum.IntEnum):
@@ -53,6 +57,7 @@ class T(enum.IntEnum):
     SYNC = 0x0C
     SHUTDOWN = 0x0D
     ADD_ENTROPY = 0x0E
+    RESIZE = 0x0F
     ATTACH = 0x20
     STOP = 0x21
     HELLO_OK = 0x80
@@ -239,35 +244,77 @@ class _Reader:
 # ---- typed payloads ---------------------------------------------------------
 
 
+def _check_size(cols: int, rows: int, what: str) -> None:
+    for name, v in (("cols", cols), ("rows", rows)):
+        if not TTY_MIN <= v <= TTY_MAX:
+            raise ProtocolError(f"{what}: {name} {v} not in {TTY_MIN}..{TTY_MAX}")
+
+
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
-    """EXEC: run ``argv`` in the guest. ``user`` "" is root, ``cwd`` "" is /."""
+    """EXEC: run ``argv`` in the guest. ``user`` "" is root, ``cwd`` "" is /.
+
+    ``tty``: the process gets a new pseudo-terminal of ``cols`` x ``rows`` as its
+    stdin, stdout and stderr (one stream: STDOUT frames; ``stdin`` is then implied).
+    """
 
     argv: tuple[str | bytes, ...]
     env: tuple[str, ...] = ()
     cwd: str = ""
     user: str = ""
     stdin: bool = False
+    tty: bool = False
+    cols: int = 80
+    rows: int = 24
 
     def encode(self) -> bytes:
         if not self.argv:
             raise ProtocolError("EXEC needs a non-empty argv")
-        w = _Writer().u32(EXEC_STDIN if self.stdin else 0)
+        flags = (EXEC_STDIN if self.stdin else 0) | (EXEC_TTY if self.tty else 0)
+        w = _Writer().u32(flags)
         w.str(self.user, "user", nul_ok=False).str(self.cwd, "cwd", nul_ok=False)
-        return w.strlist(self.argv, "argv").strlist(self.env, "env").bytes()
+        w.strlist(self.argv, "argv").strlist(self.env, "env")
+        if self.tty:
+            _check_size(self.cols, self.rows, "EXEC")
+            w.u32(self.cols, "cols").u32(self.rows, "rows")
+        return w.bytes()
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
         r = _Reader(payload, "EXEC")
         flags = r.u32()
-        if flags & ~EXEC_STDIN:
+        if flags & ~(EXEC_STDIN | EXEC_TTY):
             raise ProtocolError(f"malformed EXEC payload: unknown flags 0x{flags:x}")
         user, cwd = r.str(nul_ok=False), r.str(nul_ok=False)
         argv, env = r.strlist(), r.strlist()
+        tty = bool(flags & EXEC_TTY)
+        cols, rows = (r.u32(), r.u32()) if tty else (80, 24)
         r.done()
         if not argv:
             raise ProtocolError("malformed EXEC payload: empty argv")
-        return cls(argv, env, cwd, user, bool(flags & EXEC_STDIN))
+        if tty:
+            _check_size(cols, rows, "malformed EXEC payload")
+        return cls(argv, env, cwd, user, bool(flags & EXEC_STDIN), tty, cols, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeRequest:
+    """RESIZE: the new size of an EXEC's terminal (sent with that EXEC's id)."""
+
+    cols: int
+    rows: int
+
+    def encode(self) -> bytes:
+        _check_size(self.cols, self.rows, "RESIZE")
+        return _Writer().u32(self.cols, "cols").u32(self.rows, "rows").bytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        r = _Reader(payload, "RESIZE")
+        req = cls(r.u32(), r.u32())
+        r.done()
+        _check_size(req.cols, req.rows, "malformed RESIZE payload")
+        return req
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,12 +99,14 @@
 #define MAX_PAYLOAD (1u << 20)
 #define OUT_CHUNK (64u * 1024) /* largest STDOUT/STDERR/DATA payload we send */
 #define EXEC_FLAG_STDIN 1u
+#define EXEC_FLAG_TTY 2u /* a new pseudo-terminal; u32 cols, u32 rows follow env */
+#define TTY_MAX 4096     /* cols and rows are 1..TTY_MAX */
 
 enum {
 	T_HELLO = 0x01, T_EXEC = 0x02, T_STDIN = 0x03, T_SIGNAL = 0x04,
 	T_READ_FILE = 0x05, T_WRITE_FILE = 0x06, T_STAT = 0x07, T_LIST_DIR = 0x08,
 	T_MKDIR = 0x09, T_SYMLINK = 0x0A, T_SET_TIME = 0x0B, T_SYNC = 0x0C,
-	T_SHUTDOWN = 0x0D, T_ADD_ENTROPY = 0x0E,
+	T_SHUTDOWN = 0x0D, T_ADD_ENTROPY = 0x0E, T_RESIZE = 0x0F,
 	T_HELLO_OK = 0x80, T_STARTED = 0x81, T_STDOUT = 0x82, T_STDERR = 0x83,
 	T_EXIT = 0x84, T_DATA = 0x85, T_FILEINFO = 0x86, T_DIRENT = 0x87,
 	T_OK = 0x8E, T_ERROR = 0x8F,
@@ -147,6 +149,8 @@ struct exec_proc {
 	unsigned char *in_buf; /* stdin bytes the pipe has not taken yet */
 	size_t in_off, in_len, in_cap;
 	int in_close; /* close stdin once in_buf drains */
+	int tty_fd;   /* the PTY master (for TIOCSWINSZ) if the EXEC has a TTY, else -1;
+		       * then out[PIPE_OUT].fd and in_fd are dups of it */
 };
 
 struct upload {
@@ -404,13 +408,16 @@ static void abort_uploads(void);
 
 /* The host end went away (EOF, EPIPE, POLLHUP). In init mode keep serving the
  * children and wait for it to come back; in host mode there is no "back". */
+static void hangup_ttys(void);
 static void host_gone(const char *why)
 {
 	if (!g.init_mode) {
+		hangup_ttys();
 		abort_uploads();
 		exit(0);
 	}
 	if (g.connected) {
+		hangup_ttys();
 		if (g.seen_host)
 			logmsg("host disconnected (%s); processes keep running", why);
 		g.down_since_ms = now_ms();
@@ -707,8 +714,8 @@ static int exec_search(char *const argv[], char *const envp[])
 /* Runs in the forked child; never returns. Failures before execve are written
  * to status_fd as <exit code byte><message> and become STDERR + EXIT. */
 static void __attribute__((noreturn))
-child_main(int in_fd, int out_fd, int err_fd, int status_fd, const char *user, const char *cwd,
-	   char *const argv[], char *const envp[])
+child_main(int in_fd, int out_fd, int err_fd, int status_fd, int tty, const char *user,
+	   const char *cwd, char *const argv[], char *const envp[])
 {
 	char rec[STATUS_MAX];
 	char *msg = rec + 1;
@@ -726,6 +733,12 @@ child_main(int in_fd, int out_fd, int err_fd, int status_fd, const char *user, c
 		in_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	if (in_fd < 0 || dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
 		snprintf(msg, msgsz, "torpor: setting up stdio: %s\n", strerror(errno));
+		goto fail;
+	}
+	/* the PTY slave becomes the controlling terminal of our new session, so ^C
+	 * and hang-ups reach the foreground process group */
+	if (tty && ioctl(0, TIOCSCTTY, 0) < 0) {
+		snprintf(msg, msgsz, "torpor: TIOCSCTTY: %s\n", strerror(errno));
 		goto fail;
 	}
 	if (*user && apply_user(user, msg, msgsz) < 0)
@@ -763,24 +776,60 @@ static struct upload *find_upload(uint32_t id)
 	return NULL;
 }
 
-static void start_exec(uint32_t id, uint32_t flags, const char *user, const char *cwd,
-		       char **argv, char **envp)
+/* A new PTY pair of the given size: *master and *slave, both O_CLOEXEC. */
+static int open_pty(uint32_t cols, uint32_t rows, int *master, int *slave)
+{
+	char name[64];
+	struct winsize ws = { .ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols };
+	*master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (*master < 0)
+		return -1;
+	if (grantpt(*master) < 0 || unlockpt(*master) < 0 ||
+	    ptsname_r(*master, name, sizeof name) != 0 ||
+	    ioctl(*master, TIOCSWINSZ, &ws) < 0 ||
+	    (*slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+		int saved = errno;
+		close_fd(master);
+		errno = saved;
+		return -1;
+	}
+	return 0;
+}
+
+/* With a TTY the child's stdin, stdout and stderr are the PTY slave, and our
+ * stdout reader and stdin writer are dups of the master: the pipe machinery
+ * below then serves a terminal unchanged (one output stream, never stderr). */
+static void start_exec(uint32_t id, uint32_t flags, uint32_t cols, uint32_t rows,
+		       const char *user, const char *cwd, char **argv, char **envp)
 {
 	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 }, st[2] = { -1, -1 };
+	int master = -1, slave = -1;
+	int tty = (flags & EXEC_FLAG_TTY) != 0;
 	struct exec_proc *e = calloc(1, sizeof *e);
 	pid_t pid = -1;
-	if (e && pipe2(out, O_CLOEXEC) == 0 && pipe2(err, O_CLOEXEC) == 0 &&
+	if (e && tty) {
+		if (open_pty(cols, rows, &master, &slave) == 0 &&
+		    (out[0] = fcntl(master, F_DUPFD_CLOEXEC, 0)) >= 0 &&
+		    (in[1] = fcntl(master, F_DUPFD_CLOEXEC, 0)) >= 0 &&
+		    pipe2(st, O_CLOEXEC) == 0)
+			pid = fork();
+		if (pid == 0)
+			child_main(slave, slave, slave, st[1], 1, user, cwd, argv, envp);
+	} else if (e && pipe2(out, O_CLOEXEC) == 0 && pipe2(err, O_CLOEXEC) == 0 &&
 	    pipe2(st, O_CLOEXEC) == 0 &&
-	    (!(flags & EXEC_FLAG_STDIN) || pipe2(in, O_CLOEXEC) == 0))
+	    (!(flags & EXEC_FLAG_STDIN) || pipe2(in, O_CLOEXEC) == 0)) {
 		pid = fork();
-	if (pid == 0)
-		child_main(in[0], out[1], err[1], st[1], user, cwd, argv, envp);
+		if (pid == 0)
+			child_main(in[0], out[1], err[1], st[1], 0, user, cwd, argv, envp);
+	}
 	int saved = e ? errno : ENOMEM;
+	close_fd(&slave);
 	close_fd(&out[1]);
 	close_fd(&err[1]);
 	close_fd(&st[1]);
 	close_fd(&in[0]);
 	if (pid < 0) {
+		close_fd(&master);
 		close_fd(&out[0]);
 		close_fd(&err[0]);
 		close_fd(&st[0]);
@@ -790,10 +839,12 @@ static void start_exec(uint32_t id, uint32_t flags, const char *user, const char
 		return;
 	}
 	*e = (struct exec_proc){ .id = id, .pid = pid, .in_fd = in[1], .status_fd = st[0],
+				 .tty_fd = master,
 				 .out = { { .fd = out[0], .type = T_STDOUT },
 					  { .fd = err[0], .type = T_STDERR } } };
 	set_nonblock(e->out[PIPE_OUT].fd);
-	set_nonblock(e->out[PIPE_ERR].fd);
+	if (e->out[PIPE_ERR].fd >= 0)
+		set_nonblock(e->out[PIPE_ERR].fd);
 	set_nonblock(e->status_fd);
 	if (e->in_fd >= 0)
 		set_nonblock(e->in_fd);
@@ -811,12 +862,20 @@ static void handle_exec(uint32_t id, struct rd *r)
 	char *cwd = rd_cstr(r);
 	char **argv = rd_strlist(r);
 	char **envp = rd_strlist(r);
-	if (!rd_done(r) || !argv || !envp || !argv[0] || (flags & ~EXEC_FLAG_STDIN))
+	uint32_t cols = 0, rows = 0;
+	if (flags & EXEC_FLAG_TTY) {
+		cols = rd_u32(r);
+		rows = rd_u32(r);
+	}
+	if (!rd_done(r) || !argv || !envp || !argv[0] ||
+	    (flags & ~(EXEC_FLAG_STDIN | EXEC_FLAG_TTY)))
 		send_malformed(id, "EXEC", r);
+	else if ((flags & EXEC_FLAG_TTY) && (cols < 1 || cols > TTY_MAX || rows < 1 || rows > TTY_MAX))
+		send_error(id, EINVAL, "terminal size %ux%u not in 1..%d", cols, rows, TTY_MAX);
 	else if (g.nexecs == MAX_EXECS)
 		send_error(id, EAGAIN, "too many running processes (%d)", MAX_EXECS);
 	else
-		start_exec(id, flags, user, cwd, argv, envp);
+		start_exec(id, flags, cols, rows, user, cwd, argv, envp);
 	free(user);
 	free(cwd);
 	free_list(argv);
@@ -982,6 +1041,11 @@ static void stdin_push(struct exec_proc *e, const unsigned char *p, size_t n)
 
 static void finish_exec(struct exec_proc *e, int status)
 {
+	/* A terminal's output reaches the master through a kernel work queue, so
+	 * FIONREAD may not count it yet; a read waits for it once the slave is
+	 * closed (then EIO). At most 1 MiB: a leftover writer must not stall us. */
+	for (size_t got = 0, n = 1; e->tty_fd >= 0 && n > 0 && got < MAX_PAYLOAD; got += n)
+		n = out_read(e, PIPE_OUT, OUT_CHUNK);
 	out_drain(e, PIPE_OUT);
 	out_drain(e, PIPE_ERR);
 	char rec[STATUS_MAX];
@@ -994,6 +1058,7 @@ static void finish_exec(struct exec_proc *e, int status)
 	}
 	close_fd(&e->status_fd);
 	stdin_close(e);
+	close_fd(&e->tty_fd); /* the last master fd: leftovers on the terminal get SIGHUP */
 
 	int32_t code = 0;
 	uint32_t sig = 0;
@@ -1037,6 +1102,20 @@ static void reap_children(void)
 	}
 }
 
+/* Signals the EXEC's process group; with a TTY, SIGHUP (a hang-up) also
+ * reaches the terminal's foreground job, which a job-control shell keeps in a
+ * process group of its own. */
+static void signal_exec(struct exec_proc *e, int signo)
+{
+	if (kill(-e->pid, signo) < 0 && errno == ESRCH)
+		kill(e->pid, signo); /* the child has not reached setsid() yet */
+	pid_t fg;
+	if (signo == SIGHUP && e->tty_fd >= 0 && (fg = tcgetpgrp(e->tty_fd)) > 1 && fg != e->pid) {
+		kill(-fg, SIGHUP);
+		kill(-fg, SIGCONT); /* a stopped job would not see the SIGHUP until continued */
+	}
+}
+
 static void handle_signal(uint32_t id, struct rd *r)
 {
 	uint32_t signo = rd_u32(r);
@@ -1047,8 +1126,37 @@ static void handle_signal(uint32_t id, struct rd *r)
 		send_error(id, ESRCH, "no running process with request id %u", id);
 	else if (signo < 1 || signo >= _NSIG)
 		send_error(id, EINVAL, "invalid signal %u", signo);
-	else if (kill(-e->pid, (int)signo) < 0 && errno == ESRCH)
-		kill(e->pid, (int)signo); /* the child has not reached setsid() yet */
+	else
+		signal_exec(e, (int)signo);
+}
+
+static void handle_resize(uint32_t id, struct rd *r)
+{
+	uint32_t cols = rd_u32(r), rows = rd_u32(r);
+	struct exec_proc *e;
+	if (!rd_done(r))
+		send_malformed(id, "RESIZE", r);
+	else if (!(e = find_exec(id)))
+		send_error(id, ESRCH, "no running process with request id %u", id);
+	else if (e->tty_fd < 0)
+		send_error(id, ENOTTY, "request %u has no terminal", id);
+	else if (cols < 1 || cols > TTY_MAX || rows < 1 || rows > TTY_MAX)
+		send_error(id, EINVAL, "terminal size %ux%u not in 1..%d", cols, rows, TTY_MAX);
+	else {
+		/* the kernel sends SIGWINCH to the terminal's foreground process group */
+		struct winsize ws = { .ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols };
+		if (ioctl(e->tty_fd, TIOCSWINSZ, &ws) < 0)
+			send_error(id, errno, "TIOCSWINSZ: %s", strerror(errno));
+	}
+}
+
+/* The host that started these terminals is gone: hang them up like a closed
+ * terminal window would, so no interactive shell is left waiting for input. */
+static void hangup_ttys(void)
+{
+	for (int i = 0; i < g.nexecs; i++)
+		if (g.execs[i]->tty_fd >= 0)
+			signal_exec(g.execs[i], SIGHUP);
 }
 
 /* ---- WRITE_FILE -------------------------------------------------------- */
@@ -1478,7 +1586,8 @@ static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, uint
 	}
 	/* Replies to a new request must not mix with those of a running one,
 	 * e.g. an EXEC started by an earlier host connection. */
-	if (type != T_STDIN && type != T_SIGNAL && (find_exec(id) || find_upload(id))) {
+	if (type != T_STDIN && type != T_SIGNAL && type != T_RESIZE &&
+	    (find_exec(id) || find_upload(id))) {
 		send_error(id, EBUSY, "request id %u is still in use", id);
 		return;
 	}
@@ -1487,6 +1596,7 @@ static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, uint
 	case T_EXEC: handle_exec(id, &r); break;
 	case T_STDIN: handle_stdin(id, p, len); break;
 	case T_SIGNAL: handle_signal(id, &r); break;
+	case T_RESIZE: handle_resize(id, &r); break;
 	case T_READ_FILE: handle_read_file(id, &r); break;
 	case T_WRITE_FILE: handle_write_file(id, &r); break;
 	case T_STAT: handle_stat(id, &r); break;

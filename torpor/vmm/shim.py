@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.agent.protocol import (
+    EXEC_TTY,
     ErrorReply,
     ExecRequest,
     ExitStatus,
@@ -89,6 +90,7 @@ class Route:
     client: Client | None
     client_id: int
     req_type: int
+    tty: bool = False  # an EXEC on a terminal: hung up (SIGHUP) when its client leaves
 
 
 @dataclass(eq=False)
@@ -352,6 +354,9 @@ class Shim:
             for gid in client.ids.values():
                 if gid in self.routes:
                     self.routes[gid].client = None
+                    if self.routes[gid].tty:  # like closing a terminal window
+                        with contextlib.suppress(VMError):
+                            self.to_guest(Frame(T.SIGNAL, gid, struct.pack("<I", signal.SIGHUP)))
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -381,7 +386,7 @@ class Shim:
             self.stop_waiters.append((client, cid))
             asyncio.get_running_loop().create_task(self.stop(timeout))
             return
-        if frame.type in (T.STDIN, T.SIGNAL):
+        if frame.type in (T.STDIN, T.SIGNAL, T.RESIZE):
             gid = self.main_gid if cid in client.attached else client.ids.get(cid, 0)
             if not gid:
                 error(errno.ESRCH, f"no request {cid}")
@@ -399,7 +404,8 @@ class Shim:
             return
         gid = self.alloc_gid()
         client.ids[cid] = gid
-        self.routes[gid] = Route(client, cid, frame.type)
+        tty = frame.type == T.EXEC and bool(frame.payload[:1] and frame.payload[0] & EXEC_TTY)
+        self.routes[gid] = Route(client, cid, frame.type, tty)
         self.safe_to_guest(Frame(frame.type, gid, frame.payload), client, cid)
 
     def safe_to_guest(self, frame: Frame, client: Client, cid: int) -> None:
