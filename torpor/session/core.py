@@ -746,6 +746,14 @@ class Session:
                 raise SessionError(f"session {self.name} never finished starting (no checkpoint 0)")
             if st.hibernated and all(e.kind is Kind.HIBERNATE for e in self.log(after=ck.seq)):
                 return ck
+            if self._live_vm(st) is None and not self._vm_hibernated(st):
+                # restoring here would silently drop the work logged since the last
+                # checkpoint: the caller decides, through recover()
+                raise SessionError(
+                    f"session {self.name}: its VM is gone (status {self.status()}); "
+                    "recover() restores the last checkpoint (work logged after it is "
+                    "superseded)"
+                )
             vm = self._ensure_running(st)
             try:
                 return self._checkpoint(vm.id, turn=self.state().turns, reason=reason)
@@ -1023,6 +1031,14 @@ class Session:
         except NotFoundError:
             return None
         return vm if vm.state.status == Status.RUNNING else None
+
+    def _vm_hibernated(self, st: SessionState) -> bool:
+        if st.vm_id is None:
+            return False
+        try:
+            return self._mgr.get(st.vm_id).state.status == Status.HIBERNATED
+        except NotFoundError:
+            return False
 
     def _ensure_running(self, st: SessionState) -> VM:
         """The session's VM, running: as it is, resumed in place, or restored."""
