@@ -24,6 +24,10 @@ from typing import Any
 from torpor.cli.term import printable
 from torpor.errors import UsageError
 
+FORMAT_HELP = (
+    "table (default), json, or a Go template: '{{.Name}}', '{{json .}}', "
+    "'table {{.ID}}\\t{{.Name}}'."
+)
 _ACTION = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.S)
 _FIELD = re.compile(r"^(json\s+)?\.((?:[A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?$")
 

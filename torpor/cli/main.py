@@ -24,7 +24,7 @@ import click
 
 from torpor import __version__
 from torpor.cli import format as fmt_
-from torpor.cli.format import LazyConsole
+from torpor.cli.format import FORMAT_HELP, LazyConsole
 from torpor.cli.lazy import LazyGroup
 from torpor.cli.term import markup_safe
 from torpor.errors import TorporError, UsageError
@@ -36,10 +36,6 @@ out_console = LazyConsole(highlight=False)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PASSTHROUGH = {**CONTEXT, "allow_interspersed_args": False}
-FORMAT_HELP = (
-    "table (default), json, or a Go template: '{{.Name}}', '{{json .}}', "
-    "'table {{.ID}}\\t{{.Name}}'."
-)
 
 
 class Exit125(click.ClickException):
@@ -384,6 +380,14 @@ def _run_options(f: Any) -> Any:
         ),
         click.option("-l", "--label", multiple=True, metavar="K=V", help="Set a label."),
         click.option(
+            "--env-file",
+            "env_file",
+            multiple=True,
+            type=click.Path(path_type=Path),
+            metavar="FILE",
+            help="Read K=V lines (# comments; K alone copies it from here); -e wins.",
+        ),
+        click.option(
             "--log-opt",
             "log_opt",
             multiple=True,
@@ -415,11 +419,15 @@ def _build_request(
     label: tuple[str, ...],
     rm: bool,
     log_opt: tuple[str, ...] = (),
+    env_file: tuple[Path, ...] = (),
 ) -> Any:
     import shlex
 
     from torpor.vmm.logfile import parse_log_opts
-    from torpor.vmm.manager import RunRequest, parse_memory, parse_port
+    from torpor.vmm.manager import RunRequest, parse_memory, parse_port, read_env_file
+
+    # files first, then -e: a later K=V wins when the guest environment is merged
+    env = (*(e for f in env_file for e in read_env_file(f)), *env)
 
     labels = {}
     for kv in label:
@@ -635,12 +643,97 @@ def stop(vms: tuple[str, ...], timeout: int) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("vms", nargs=-1, required=True)
-def kill(vms: tuple[str, ...]) -> None:
-    """Kill running VMs at once (no clean shutdown)."""
+@click.option(
+    "-s",
+    "--signal",
+    "sig",
+    default="KILL",
+    show_default=True,
+    help="KILL ends the VM at once; another signal (TERM, HUP, 15…) goes to its command.",
+)
+def kill(vms: tuple[str, ...], sig: str) -> None:
+    """Kill running VMs at once (no clean shutdown), or signal their command."""
+    from torpor.vmm.query import parse_signal
+
+    signo = parse_signal(sig)
     mgr = _manager()
     for ref in vms:
-        mgr.kill(ref)
+        mgr.signal_main(ref, signo)
         click.echo(ref)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1, required=True)
+def wait(vms: tuple[str, ...]) -> None:
+    """Block until VMs stop, then print their exit codes."""
+    mgr = _manager()
+    for ref in vms:
+        vm = mgr.wait(ref)
+        click.echo(vm.state.exit_code if vm.state.exit_code is not None else -1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vm")
+@click.argument("private", required=False, metavar="[GUEST_PORT[/PROTO]]")
+def port(vm: str, private: str | None) -> None:
+    """List a VM's port forwards, or the host address of one guest port."""
+    ports = _manager().get(vm).config.ports
+    if private is not None:
+        num, _, proto = private.partition("/")
+        if not num.isdigit():
+            raise UsageError(f"invalid port {private!r} (expected PORT or PORT/PROTO)")
+        ports = tuple(p for p in ports if p.guest_port == int(num) and p.proto == (proto or "tcp"))
+        if not ports:
+            from torpor.errors import NotFoundError
+
+            raise NotFoundError(f"no forward to guest port {private} in VM {vm}")
+        for p in ports:
+            click.echo(f"{p.host_ip}:{p.host_port}")
+        return
+    for p in ports:
+        click.echo(f"{p.guest_port}/{p.proto} -> {p.host_ip}:{p.host_port}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vm")
+@click.argument("new_name")
+def rename(vm: str, new_name: str) -> None:
+    """Rename a VM."""
+    _manager().rename(vm, new_name)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("vms", nargs=-1)
+@click.option("-a", "--all", "all_", is_flag=True, help="Stopped VMs too.")
+@click.option("--no-stream", is_flag=True, help="One sample (the only mode today).")
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
+def stats(vms: tuple[str, ...], all_: bool, no_stream: bool, fmt: str | None) -> None:
+    """CPU and memory of each VM's QEMU process (one sample over half a second)."""
+    from torpor.vmm.query import stats as sample
+
+    mgr = _manager()
+    targets = [mgr.get(r) for r in vms] if vms else mgr.list(all=all_)
+    got = sample(targets)
+    rows = []
+    for vm in targets:
+        st = got[vm.id]
+        rows.append(
+            {
+                "ID": vm.id[:12],
+                "Name": vm.name,
+                "CPUPerc": f"{st.cpu_percent:.1f}%" if st else "--",
+                "MemUsage": f"{human_size(st.rss_bytes)} / {human_size(st.memory_limit_bytes)}"
+                if st
+                else "--",
+                "PIDs": st.pids if st else 0,
+                "cpu_percent": st.cpu_percent if st else None,
+                "rss_bytes": st.rss_bytes if st else None,
+                "memory_bytes": vm.config.memory_mib * 1024 * 1024,
+            }
+        )
+    cols = ("VM ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "THREADS")
+    keys = ("ID", "Name", "CPUPerc", "MemUsage", "PIDs")
+    fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -767,16 +860,27 @@ def inspect(vms: tuple[str, ...], fmt: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("-t", "--timestamps", is_flag=True, help="Prefix each chunk with its time.")
 @click.option("--console", "console_", is_flag=True, help="Show the guest kernel console.")
-def logs(vm: str, follow: bool, timestamps: bool, console_: bool) -> None:
+@click.option("-n", "--tail", default="all", show_default=True, help="Lines from the end.")
+@click.option("--since", help="Only output since: 10m, 2h, a Unix time or RFC 3339 time.")
+def logs(
+    vm: str, follow: bool, timestamps: bool, console_: bool, tail: str, since: str | None
+) -> None:
     """Print the output of a VM's main command (stdout and stderr kept apart)."""
     from datetime import UTC, datetime
 
+    from torpor.vmm.query import log_records, parse_since
+
+    if tail != "all" and not tail.isdigit():
+        raise UsageError(f"invalid --tail {tail!r} (a number of lines, or all)")
+    t0 = parse_since(since) if since is not None else None
     mgr = _manager()
     if console_:  # every kept (rotated) file, oldest first
         sys.stdout.write(mgr.console(vm).decode(errors="replace"))
         return
+    n = None if tail == "all" else int(tail)
+    records = log_records(mgr, vm, follow=follow, tail=n, since=t0)
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        for t, stream, data in mgr.logs(vm, follow=follow):
+        for t, stream, data in records:
             f = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
             if timestamps:
                 f.write(datetime.fromtimestamp(t, UTC).isoformat().encode() + b" ")
@@ -1182,6 +1286,65 @@ def demo() -> None:
     from torpor.demo.run import run_demo
 
     run_demo(_paths(), out_console.real)
+
+
+# -- system -----------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def system() -> None:
+    """Disk use and clean-up of everything under TORPOR_HOME."""
+
+
+@system.command(name="df", context_settings=CONTEXT)
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
+def system_df(fmt: str | None) -> None:
+    """Disk used by images, VMs, snapshots and caches (like `docker system df`)."""
+    from torpor.vmm.query import disk_usage
+
+    rows = [
+        {
+            "Type": d.kind,
+            "TotalCount": d.total,
+            "Active": d.active,
+            "Size": human_size(d.size),
+            "Reclaimable": human_size(d.reclaimable),
+            "size_bytes": d.size,
+            "reclaimable_bytes": d.reclaimable,
+        }
+        for d in disk_usage(_manager())
+    ]
+    cols = ("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE")
+    keys = ("Type", "TotalCount", "Active", "Size", "Reclaimable")
+    fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
+
+
+@system.command(name="prune", context_settings=CONTEXT)
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--grace",
+    default=900,
+    show_default=True,
+    help="Keep unreferenced chunks younger than this (seconds), as `torpor gc`.",
+)
+@_store_io
+def system_prune(force: bool, grace: int) -> None:
+    """Remove stopped VMs (not hibernated ones, not sessions') and unreferenced chunks."""
+    from torpor.vmm.query import prune
+
+    if not force:
+        if not sys.stdin.isatty():
+            raise UsageError("system prune asks for confirmation: use -f to run it unattended")
+        click.confirm(
+            "This removes every stopped VM (not hibernated ones, not sessions' VMs) and "
+            "the chunks no snapshot references. Continue?",
+            abort=True,
+            err=True,
+        )
+    r = prune(_manager(), grace)
+    for vm_id in r.vms_removed:
+        click.echo(f"deleted VM {vm_id[:12]}")
+    click.echo(f"Total reclaimed space: {human_size(r.bytes_freed)} ({r.chunks_deleted} chunks)")
 
 
 # -- bench ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from torpor.cli.format import FORMAT_HELP, emit
 from torpor.cli.term import markup_safe
 from torpor.errors import UsageError
 from torpor.paths import Paths
@@ -255,11 +256,12 @@ def _row_of(s: Any) -> dict[str, Any]:
 
 
 @session.command(name="ls", context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="= --format json.")
+@click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="Only session ids.")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Removed sessions too.")
 @click.pass_context
-def ls(ctx: click.Context, as_json: bool, quiet: bool, show_all: bool) -> None:
+def ls(ctx: click.Context, as_json: bool, fmt: str | None, quiet: bool, show_all: bool) -> None:
     """List sessions."""
     from torpor.session import Session
 
@@ -269,24 +271,22 @@ def ls(ctx: click.Context, as_json: bool, quiet: bool, show_all: bool) -> None:
             click.echo(s.id)
         return
     rows = [_session_row(s) for s in sessions]
-    if as_json:
+    if as_json or fmt == "json":  # exactly the rows, as before
         click.echo(json.dumps(rows, indent=2))
         return
-    t = Table(header_style="bold", box=None)
-    for col in ("SESSION", "NAME", "STATUS", "TURNS", "CHECKPOINTS", "STORED", "MODEL", "VM"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(
-            r["id"][:12],
-            markup_safe(r["name"]),
-            r["status"],
-            str(r["turns"]),
-            str(r["checkpoints"]),
-            human_size(r["snapshot_bytes"]),
-            markup_safe(r["model"] or ""),
-            r["vm"] or "",
-        )
-    out_console.print(t)
+    cells = [
+        {
+            **r,
+            "ShortID": r["id"][:12],
+            "Stored": human_size(r["snapshot_bytes"]),
+            "Model": r["model"] or "",
+            "VM": r["vm"] or "",
+        }
+        for r in rows
+    ]
+    cols = ("SESSION", "NAME", "STATUS", "TURNS", "CHECKPOINTS", "STORED", "MODEL", "VM")
+    keys = ("ShortID", "name", "status", "turns", "checkpoints", "Stored", "Model", "VM")
+    emit(cells, fmt, list(zip(cols, keys, strict=True)))
 
 
 @session.command(context_settings=CONTEXT)

@@ -11,6 +11,7 @@ sight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -193,6 +194,36 @@ def parse_memory(text: str) -> int:
     if mib > 1024 * 1024:
         raise UsageError(f"memory {text!r} is too large")
     return int(mib)
+
+
+ENV_FILE_MAX = 1 << 20  # an env file is a few lines; a huge one is a mistake
+
+
+def read_env_file(path: Path) -> list[str]:
+    """``docker run --env-file``: one ``K=V`` (or ``K``, copied from the caller) a line;
+    blank lines and ``#`` comments skipped; no quoting (the value is the rest of the
+    line, as in Docker).  Unreadable, too large or malformed: UsageError naming the line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(ENV_FILE_MAX + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read env file {str(path)!r}: {e.strerror or e}") from e
+    if len(data) > ENV_FILE_MAX:
+        raise UsageError(f"env file {str(path)!r} is larger than {ENV_FILE_MAX} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"env file {str(path)!r} is not UTF-8") from e
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key = line.partition("=")[0]
+        if not key or "\0" in line or any(c.isspace() for c in key):
+            raise UsageError(f"{path}:{n}: invalid line (expected K=V or K)")
+        out.append(line)
+    return out
 
 
 def parse_port(text: str) -> PortMap:
@@ -586,6 +617,50 @@ class VMManager:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
             time.sleep(0.02)
+        return self.get(vm.id)
+
+    def signal_main(self, ref: str, sig: int) -> VM:
+        """``docker kill -s SIG``: SIGKILL ends the VM; any other signal goes to its main
+        command (through the shim, like a forwarded Ctrl-C), the VM stays up."""
+        if sig == signal.SIGKILL:
+            return self.kill(ref)
+        vm = self.get(ref)
+        if not vm.state.status.active:
+            raise ConflictError(f"VM {vm.name} is {vm.state.status}, not running")
+        with self.client(vm) as c:
+            c.attach().signal(sig)  # the shim routes an attached SIGNAL to the main command
+        return self.get(vm.id)
+
+    def wait(self, ref: str, poll: float = 0.05) -> VM:
+        """Block until the VM is no longer active (``docker wait``); its record after."""
+        vm = self.get(ref)
+        while vm.state.status.active:
+            time.sleep(poll)
+            vm = self.get(vm.id)
+        return vm
+
+    def rename(self, ref: str, new_name: str) -> VM:
+        """Give a VM a new name: the new name link first (taken -> ConflictError), then
+        vm.json (atomic), then the old link goes; a crash in between leaves the VM
+        reachable by id and by at least one name."""
+        if not NAME_RE.fullmatch(new_name):
+            raise UsageError(
+                f"invalid VM name {new_name!r}: use letters, digits, _ . - "
+                "(at most 63, starting with a letter or digit)"
+            )
+        vm = self.get(ref)
+        if new_name == vm.name:
+            return vm
+        with locked(self.paths.locks / f"vm-{vm.id}.lock"):
+            vm = self.get(vm.id)
+            try:
+                os.symlink(f"../{vm.id}", self.paths.names / new_name)
+            except FileExistsError:
+                raise ConflictError(f"the name {new_name!r} is already in use") from None
+            save_config(vm.dir, dataclasses.replace(vm.config, name=new_name))
+            with contextlib.suppress(OSError):
+                if os.readlink(self.paths.names / vm.name) == f"../{vm.id}":
+                    os.unlink(self.paths.names / vm.name)
         return self.get(vm.id)
 
     def remove(self, ref: str, force: bool = False) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,3 +133,181 @@ def du(path: Path) -> int:
             except OSError:
                 continue
     return total
+
+
+# -- logs --tail / --since ------------------------------------------------------------
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: a Unix time, an RFC 3339 time (``2026-12-05T01:00:00Z``) or a
+    duration back from now (``10s``, ``5m``, ``2h``, ``1d``) to a Unix time."""
+    import re
+    from datetime import UTC, datetime
+
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text.strip())
+    if m:
+        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return now - float(m.group(1)) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"invalid --since {text!r} (examples: 10m, 2h, 1733360000, 2026-12-05T01:00:00Z)"
+        ) from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def tail_lines(
+    records: Iterable[tuple[float, str, bytes]], n: int | None, since: float | None = None
+) -> Iterator[tuple[float, str, bytes]]:
+    """Log records cut to lines, those at or after ``since``, only the last ``n`` lines
+    (memory: ``n`` lines, never the whole log)."""
+    from collections import deque
+
+    def lines() -> Iterator[tuple[float, str, bytes]]:
+        partial: dict[str, bytes] = {}
+        for t, stream, data in records:
+            if since is not None and t < since:
+                continue
+            data = partial.pop(stream, b"") + data
+            *full, rest = data.split(b"\n")
+            for line in full:
+                yield t, stream, line + b"\n"
+            if rest:
+                partial[stream] = rest
+                if len(rest) > 1 << 20:  # a line with no end: emit it rather than grow
+                    yield t, stream, partial.pop(stream)
+        for stream, rest in partial.items():
+            yield time.time(), stream, rest
+
+    if n is None:
+        yield from lines()
+    elif n > 0:
+        yield from deque(lines(), maxlen=n)
+
+
+# -- system df / prune --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    kind: str  # Images | VMs | Snapshots | Caches
+    total: int
+    active: int
+    size: int
+    reclaimable: int
+
+
+def _prunable(vm: Any) -> bool:
+    """A stopped VM ``system prune`` may remove: never a running or hibernated one (a
+    hibernated VM is a sleeping sandbox or session), nor one a session owns."""
+    return (
+        not vm.state.status.active
+        and vm.state.status != Status.HIBERNATED
+        and not any(k.startswith("torpor.") for k in vm.config.labels)
+    )
+
+
+def disk_usage(mgr: Any) -> list[DiskUse]:
+    """``docker system df``: what each kind of state holds under TORPOR_HOME."""
+    paths = mgr.paths
+    vms = mgr.list(all=True)
+    images = mgr.images.list()
+    used_images = {vm.config.image_id for vm in vms}
+    vm_size = {vm.id: du(vm.dir) for vm in vms}
+    image_size = du(paths.images) + du(paths.blobs)
+    unused = sum(im.size for im in images if im.id not in used_images)
+    snapshots = 0
+    with contextlib.suppress(OSError):
+        snapshots = sum(1 for _ in (paths.store / "snapshots").iterdir())
+    return [
+        DiskUse(
+            "Images",
+            len(images),
+            len(used_images & {i.id for i in images}),
+            image_size,
+            min(unused, image_size),
+        ),
+        DiskUse(
+            "VMs",
+            len(vms),
+            sum(1 for vm in vms if vm.state.status.active),
+            sum(vm_size.values()),
+            sum(vm_size[vm.id] for vm in vms if _prunable(vm)),
+        ),
+        DiskUse("Snapshots", snapshots, snapshots, du(paths.store), 0),
+        DiskUse("Caches", 0, 0, du(paths.snapshot_cache) + du(paths.cache), 0),
+    ]
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    vms_removed: list[str]
+    bytes_freed: int
+    chunks_deleted: int
+
+
+def prune(mgr: Any, grace_seconds: float) -> PruneReport:
+    """``docker system prune``: remove stopped VMs (see :func:`_prunable`), then the
+    chunks no snapshot references any more (the store's own gc, with its grace)."""
+    from torpor.errors import TorporError
+    from torpor.snapshot.core import gc
+
+    removed: list[str] = []
+    freed = 0
+    for vm in mgr.list(all=True):
+        if not _prunable(vm):
+            continue
+        size = du(vm.dir)
+        try:
+            mgr.remove(vm.id)
+        except TorporError:  # it started meanwhile: remove() refused, keep it
+            continue
+        removed.append(vm.id)
+        freed += size
+    r = gc(mgr, grace_seconds)
+    return PruneReport(removed, freed + r.bytes_freed, r.chunks_deleted)
+
+
+def log_records(
+    mgr: Any, ref: str, *, follow: bool, tail: int | None, since: float | None
+) -> Iterator[tuple[float, str, bytes]]:
+    """``logs --tail N --since T [--follow]``: the selected lines of what is kept now,
+    then (with ``follow``) every record written after them."""
+    if tail is None and since is None:
+        yield from mgr.logs(ref, follow=follow)
+        return
+    seen = 0
+
+    def counted() -> Iterator[tuple[float, str, bytes]]:
+        nonlocal seen
+        for rec in mgr.logs(ref, follow=False):
+            seen += 1
+            yield rec
+
+    yield from tail_lines(counted(), tail, since)
+    if follow:  # the follower starts from the oldest kept record: skip those shown above
+        for i, rec in enumerate(mgr.logs(ref, follow=True)):
+            if i >= seen:
+                yield rec
+
+
+def parse_signal(text: str) -> int:
+    """``KILL``, ``SIGTERM``, ``15`` to a signal number (1..64), else UsageError."""
+    import signal
+
+    t = text.strip().upper()
+    if t.isdigit():
+        n = int(t)
+    else:
+        name = t if t.startswith("SIG") else "SIG" + t
+        n = getattr(signal.Signals, name, None) or 0
+        n = int(n) if isinstance(n, signal.Signals) else 0
+    if not 1 <= n <= 64:
+        raise UsageError(f"invalid signal {text!r} (examples: KILL, TERM, HUP, 15)")
+    return n
