@@ -212,3 +212,13 @@ def test_recovered_turn_needs_its_tools(paths, tools_image, made) -> None:
         assert again.status() == "running"
         r = again.sandbox.exec("wc -l < /t")
         assert r.stdout.strip() == "1"  # the shell call's effect was not applied twice
+
+
+def test_the_largest_tool_result_fits_in_one_entry() -> None:
+    """A built-in or custom tool's output (capped at MAX_OUTPUT) must never trip the
+    append cap mid-turn, even when JSON escaping grows every byte sixfold."""
+    from torpor.session.core import _check_payload
+    from torpor.session.tools import MAX_OUTPUT, ToolResult
+
+    worst = ToolResult("c", "shell", "\x01" * MAX_OUTPUT + "\n[output truncated]", truncated=True)
+    _check_payload(worst.to_json(), "tool_result")  # no UsageError

@@ -110,7 +110,9 @@ LOOP_KINDS = frozenset(
 #: A custom entry kind: dotted, so it can never equal one of torpor's (none has a dot).
 CUSTOM_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}(\.[a-z0-9_-]{1,31}){1,3}")
 #: Largest payload :meth:`Session.append` stores (its JSON, UTF-8).
-MAX_APPEND_BYTES = 4 * 1024 * 1024
+# 8 MiB: a built-in tool result holds at most 1 MiB of output, which JSON escaping
+# of control characters can grow sixfold
+MAX_APPEND_BYTES = 8 * 1024 * 1024
 #: Longest checkpoint reason.
 MAX_REASON = 200
 
@@ -1096,6 +1098,7 @@ class Session:
 
     def _recover_locked(self, st: SessionState) -> str:
         assert st.pending is not None
+        self._check_tools_supplied()  # before the VM is touched
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
