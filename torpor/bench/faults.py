@@ -310,7 +310,7 @@ class Campaign:
 
     def _leftovers(self) -> list[str]:
         running = {vm.id: vm for vm in self.mgr.list() if vm.state.status == Status.RUNNING}
-        expected = {os.getpid()}
+        expected = _ancestors()  # this process and whoever launched it (timeout, nohup…)
         for vm in running.values():
             expected |= {vm.state.shim_pid, vm.state.qemu_pid}
         home = str(self.paths.root).encode()
@@ -637,6 +637,18 @@ def run_faults_bench(
         "failures": [asdict(x) for rs in results.values() for x in rs if _bad(x)],
         "runs": [asdict(x) for rs in results.values() for x in rs],
     }
+
+
+def _ancestors() -> set[int]:
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
 
 
 def _real_leftovers(x: RunResult) -> list[str]:
