@@ -123,6 +123,10 @@ class _Call:
                 step="agent",
                 path=self.path,
             ) from None
+        return self.accept(frame)
+
+    def accept(self, frame: Frame | None) -> Frame:
+        """``frame`` as taken from the queue: None (connection lost) and ERROR raise."""
         if frame is None:
             self.close()
             raise self.client._lost()
@@ -196,6 +200,25 @@ class ExecHandle:
                 self._call.close()
             else:
                 log.warning("unexpected frame for %s: %s", type_name(self._call.type), frame)
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        """The next output chunk (either stream); ``b""`` once EXIT arrived (then
+        ``status`` is set); None if nothing came within ``timeout`` — unlike
+        :meth:`events`, a timeout leaves the request open."""
+        while self.status is None:
+            try:
+                frame = self._call.frames.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            frame = self._call.accept(frame)
+            if frame.type in (T.STDOUT, T.STDERR):
+                return frame.payload
+            if frame.type == T.EXIT:
+                self.status = ExitStatus.decode(frame.payload)
+                self._call.close()
+            else:
+                log.warning("unexpected frame for %s: %s", type_name(self._call.type), frame)
+        return b""
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
         """Wait for EXIT; output not consumed through :meth:`events` is discarded."""

@@ -7,6 +7,7 @@ torpor.snapshot; everything it knows is in the VM's folder.
 from torpor.sandbox.core import ProcessInfo, Sandbox, SandboxInfo, Snapshot
 from torpor.sandbox.files import EntryInfo, Files
 from torpor.sandbox.process import CommandHandle, CommandResult
+from torpor.sandbox.pty import Pty
 
 __all__ = [
     "CommandHandle",
@@ -14,6 +15,7 @@ __all__ = [
     "EntryInfo",
     "Files",
     "ProcessInfo",
+    "Pty",
     "Sandbox",
     "SandboxInfo",
     "Snapshot",

@@ -18,6 +18,7 @@ from torpor.paths import Paths
 from torpor.sandbox import core
 from torpor.sandbox.files import EntryInfo, Files
 from torpor.sandbox.process import CommandHandle, CommandResult
+from torpor.sandbox.pty import Pty
 
 
 class AsyncCommandHandle:
@@ -44,6 +45,57 @@ class AsyncCommandHandle:
 
     async def wait(self, timeout: float | None = None, **kw: Any) -> CommandResult:
         return await asyncio.to_thread(self._h.wait, timeout, **kw)
+
+
+class AsyncPty:
+    """Awaitable twin of :class:`torpor.sandbox.pty.Pty`."""
+
+    def __init__(self, p: Pty):
+        self._p = p
+        self.pid = p.pid
+
+    @property
+    def sync(self) -> Pty:
+        return self._p
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._p.exit_code
+
+    @property
+    def cols(self) -> int:
+        return self._p.cols
+
+    @property
+    def rows(self) -> int:
+        return self._p.rows
+
+    async def write(self, data: bytes | str) -> None:
+        await asyncio.to_thread(self._p.write, data)
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self._p.read, timeout)
+
+    async def read_until(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
+        return await asyncio.to_thread(self._p.read_until, marker, timeout)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await asyncio.to_thread(self._p.resize, cols, rows)
+
+    async def kill(self, signo: int = 9) -> None:
+        await asyncio.to_thread(self._p.kill, signo)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        return await asyncio.to_thread(self._p.wait, timeout)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._p.close)
+
+    async def __aenter__(self) -> AsyncPty:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class AsyncFiles:
@@ -124,8 +176,10 @@ class Sandbox:
     async def ps(self) -> list[core.ProcessInfo]:
         return await asyncio.to_thread(self._sb.ps)
 
-    async def pty(self, cmd: str = "sh", cols: int = 80, rows: int = 24) -> Any:
-        return self._sb.pty(cmd, cols, rows)
+    async def pty(
+        self, cmd: str | Iterable[str] = "sh", cols: int = 80, rows: int = 24, **kw: Any
+    ) -> AsyncPty:
+        return AsyncPty(await asyncio.to_thread(lambda: self._sb.pty(cmd, cols, rows, **kw)))
 
     async def snapshot(self, tag: str | None = None) -> core.Snapshot:
         return await asyncio.to_thread(self._sb.snapshot, tag)

@@ -23,8 +23,8 @@ Invariants:
   ``idle`` seconds without a touch.  A hibernated sandbox wakes on its next use
   (``connect``, ``exec``, ``files``): the sandbox looks always there, it just
   stops costing CPU and RAM while unused.
-- ``pty`` is not implemented: it raises :class:`~torpor.errors.NotSupportedError`,
-  never a silent no-op.
+- ``pty`` runs a program on a guest pseudo-terminal (:mod:`torpor.sandbox.pty`);
+  the terminal is hung up when its Pty is closed or its process goes away.
 - Thread-safety: the agent client is thread-safe (one reader thread, a send
   lock), and the cached connection is (re)made under a lock, so one Sandbox may
   be used from several threads; :mod:`torpor.sandbox.aio` relies on this.
@@ -54,6 +54,7 @@ from torpor.sandbox.process import (
     OutputCallback,
     run_handle,
 )
+from torpor.sandbox.pty import Pty, check_size
 from torpor.vmm.layout import VMFiles
 from torpor.vmm.manager import VM, RunRequest, VMManager, exec_settings, parse_memory
 from torpor.vmm.state import Status
@@ -508,11 +509,41 @@ class Sandbox:
                 out.append(ProcessInfo(pid, tuple(a.decode("utf-8", "replace") for a in argv)))
         return out
 
-    def pty(self, cmd: str = "sh", cols: int = 80, rows: int = 24) -> Any:
-        raise NotSupportedError(
-            "Sandbox.pty is not implemented yet: the guest agent has no PTY support "
-            "(use exec(..., background=True) with stdin)"
+    def pty(
+        self,
+        cmd: str | Iterable[str] = "sh",
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> Pty:
+        """Start ``cmd`` on a new ``cols`` x ``rows`` terminal (see torpor.sandbox.pty).
+
+        A one-word string (``"bash"``) runs that program; a longer one goes through
+        ``/bin/sh -c``; a list runs as argv. ``TERM`` defaults to ``xterm-256color``.
+        """
+        check_size(cols, rows)
+        if isinstance(cmd, str):
+            argv = [cmd] if cmd and cmd.split() == [cmd] else ["/bin/sh", "-c", cmd]
+        else:
+            argv = [str(a) for a in cmd]
+        if not argv or not argv[0]:
+            raise UsageError("empty command")
+        full_env, run_cwd, run_user = exec_settings(
+            self._config, _env_list({"TERM": "xterm-256color", **(env or {})}), cwd, user
         )
+        hold = self._busy()  # held while the terminal is open (see the module docstring)
+        hold.__enter__()
+        try:
+            handle = self._client().start_exec(
+                argv, env=full_env, cwd=run_cwd, user=run_user, tty=(cols, rows)
+            )
+        except BaseException:
+            hold.__exit__(None, None, None)
+            raise
+        return Pty(handle, cols, rows, hold)
 
     # -- internals -------------------------------------------------------------------
     def _busy(self) -> contextlib.AbstractContextManager[None]:
