@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from torpor import __version__
+from torpor.cli import complete
 from torpor.cli import format as fmt_
 from torpor.cli.format import FORMAT_HELP, LazyConsole
 from torpor.cli.lazy import LazyGroup
@@ -305,7 +306,7 @@ def images(quiet: bool, fmt: str | None) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, shell_complete=complete.image_names)
 @click.option("-f", "--force", is_flag=True, help="Remove even if a VM uses it.")
 def rmi(images: tuple[str, ...], force: bool) -> None:
     """Remove images (a tag; the image goes with its last tag)."""
@@ -319,7 +320,7 @@ def rmi(images: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("source")
+@click.argument("source", shell_complete=complete.image_names)
 @click.argument("target")
 def tag(source: str, target: str) -> None:
     """Give image SOURCE the additional name TARGET."""
@@ -476,7 +477,7 @@ def _announce_accel(vm: Any) -> None:
 @_run_options
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the VM id.")
 @click.option("--rm", is_flag=True, help="Remove the VM when its command exits.")
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_names)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool, **kw: Any) -> None:
     """Create a VM from IMAGE, boot it and run COMMAND (default: the image's) in it.
@@ -596,7 +597,7 @@ def _attach(mgr: Any, vm: Any, stdin: bool) -> int:
 
 @cli.command(context_settings=PASSTHROUGH)
 @_run_options
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_names)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def create(image: str, command: tuple[str, ...], tty: bool, **kw: Any) -> None:
     """Create a VM without starting it (see `torpor start`)."""
@@ -610,7 +611,7 @@ def create(image: str, command: tuple[str, ...], tty: bool, **kw: Any) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 @click.option("-a", "--attach", is_flag=True, help="Attach to the command's output.")
 def start(vms: tuple[str, ...], attach: bool) -> None:
     """Start stopped VMs (their disk is kept; memory starts afresh)."""
@@ -624,7 +625,7 @@ def start(vms: tuple[str, ...], attach: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 @click.option(
     "-t",
     "--time",
@@ -642,7 +643,7 @@ def stop(vms: tuple[str, ...], timeout: int) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 @click.option(
     "-s",
     "--signal",
@@ -663,7 +664,7 @@ def kill(vms: tuple[str, ...], sig: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 def wait(vms: tuple[str, ...]) -> None:
     """Block until VMs stop, then print their exit codes."""
     mgr = _manager()
@@ -673,7 +674,7 @@ def wait(vms: tuple[str, ...]) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vm_names)
 @click.argument("private", required=False, metavar="[GUEST_PORT[/PROTO]]")
 def port(vm: str, private: str | None) -> None:
     """List a VM's port forwards, or the host address of one guest port."""
@@ -695,7 +696,7 @@ def port(vm: str, private: str | None) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vm_names)
 @click.argument("new_name")
 def rename(vm: str, new_name: str) -> None:
     """Rename a VM."""
@@ -703,7 +704,7 @@ def rename(vm: str, new_name: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1)
+@click.argument("vms", nargs=-1, shell_complete=complete.vm_names)
 @click.option("-a", "--all", "all_", is_flag=True, help="Stopped VMs too.")
 @click.option("--no-stream", is_flag=True, help="One sample (the only mode today).")
 @click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
@@ -737,7 +738,7 @@ def stats(vms: tuple[str, ...], all_: bool, no_stream: bool, fmt: str | None) ->
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 @click.option("-f", "--force", is_flag=True, help="Kill running VMs first.")
 def rm(vms: tuple[str, ...], force: bool) -> None:
     """Remove VMs and every file they own."""
@@ -836,7 +837,7 @@ def _inspect_dict(vm: Any) -> dict[str, Any]:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vms", nargs=-1, required=True)
+@click.argument("vms", nargs=-1, required=True, shell_complete=complete.vm_names)
 @click.option(
     "-f",
     "--format",
@@ -856,7 +857,7 @@ def inspect(vms: tuple[str, ...], fmt: str | None) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vm_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("-t", "--timestamps", is_flag=True, help="Prefix each chunk with its time.")
 @click.option("--console", "console_", is_flag=True, help="Show the guest kernel console.")
@@ -895,7 +896,7 @@ def logs(
 @click.option("-w", "--workdir", help="Working directory (default: the VM's).")
 @click.option("-u", "--user", help="User (default: the VM's).")
 @click.option("-d", "--detach", is_flag=True, help="Start the command and return at once.")
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vm_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
     vm: str,
@@ -1041,7 +1042,7 @@ def snapshot() -> None:
 
 
 @snapshot.command(name="create", context_settings=CONTEXT)
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vm_names)
 @click.option("--tag", help="A label stored with the snapshot.")
 @click.option(
     "--stop",
@@ -1077,7 +1078,7 @@ def _snap_row(m: Any) -> dict[str, Any]:
 
 
 @snapshot.command(name="inspect", context_settings=CONTEXT)
-@click.argument("snap")
+@click.argument("snap", shell_complete=complete.snapshot_names)
 @_store_io
 def snapshot_inspect(snap: str) -> None:
     """Show a snapshot's parent, sizes and chunks as JSON (SNAP: id, id prefix or tag)."""
@@ -1098,7 +1099,7 @@ def snapshot_inspect(snap: str) -> None:
 
 
 @snapshot.command(name="rm", context_settings=CONTEXT)
-@click.argument("snaps", nargs=-1, required=True)
+@click.argument("snaps", nargs=-1, required=True, shell_complete=complete.snapshot_names)
 @click.option("-f", "--force", is_flag=True, help="Remove even if other snapshots build on it.")
 @_store_io
 def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
@@ -1122,7 +1123,7 @@ def snapshot_rm(snaps: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("vm", required=False)
+@click.argument("vm", required=False, shell_complete=complete.vm_names)
 @click.option("--format", "fmt", metavar="FORMAT", help=FORMAT_HELP)
 @_store_io
 def snapshots(vm: str | None, fmt: str | None) -> None:
@@ -1159,7 +1160,7 @@ def snapshots(vm: str | None, fmt: str | None) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("snap")
+@click.argument("snap", shell_complete=complete.snapshot_names)
 @click.option("--name", help="Name of the restored VM (default: a random one).")
 @click.option(
     "--cold",
@@ -1190,7 +1191,7 @@ def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("snap")
+@click.argument("snap", shell_complete=complete.snapshot_names)
 @click.option("-n", "count", default=1, show_default=True, help="How many VMs.")
 @click.option("--name-prefix", default=None, help="Names PREFIX-1 … PREFIX-N.")
 @click.option("--cold", is_flag=True, help="Restore from compressed chunks only.")
@@ -1392,6 +1393,31 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
         runs=runs,
         execs=execs,
         accel=accel,
+        progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    _bench_output(result, json_out, print_table)
+
+
+@bench.command(name="cli", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option("--runs", default=20, show_default=True, help="Timed runs of each command.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/cli.json"),
+    show_default=True,
+)
+def bench_cli(image: str, runs: int, json_out: Path) -> None:
+    """CLI start-up, `ps`, `images`, `exec VM true`: the CLI next to the library call."""
+    from torpor.bench.cli import print_table, run_cli_bench
+
+    if runs < 1:
+        raise UsageError("--runs must be at least 1")
+    result = run_cli_bench(
+        _paths(),
+        image=image,
+        runs=runs,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
     _bench_output(result, json_out, print_table)

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from torpor.cli.complete import session_names
 from torpor.cli.format import FORMAT_HELP, emit
 from torpor.cli.term import markup_safe
 from torpor.errors import UsageError
@@ -141,7 +142,7 @@ def create(
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.argument("message")
 @click.option("--key", help="Idempotency key: a retried send with the same key never repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the turn's entries as JSON.")
@@ -174,7 +175,7 @@ def send(ctx: click.Context, ref: str, message: str, key: str | None, as_json: b
 
 
 @session.command(name="log", context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new entries (Ctrl-C ends).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--after", default=0, show_default=True, help="Start after this sequence number.")
@@ -290,7 +291,7 @@ def ls(ctx: click.Context, as_json: bool, fmt: str | None, quiet: bool, show_all
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def show(ctx: click.Context, ref: str, as_json: bool) -> None:
@@ -325,7 +326,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.pass_context
 def hibernate(ctx: click.Context, ref: str) -> None:
     """Checkpoint the session and end its VM (frees CPU and RAM)."""
@@ -336,7 +337,7 @@ def hibernate(ctx: click.Context, ref: str) -> None:
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.pass_context
 def resume(ctx: click.Context, ref: str) -> None:
     """Wake a hibernated session now (send does this by itself)."""
@@ -347,7 +348,7 @@ def resume(ctx: click.Context, ref: str) -> None:
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.pass_context
 def recover(ctx: click.Context, ref: str) -> None:
     """After a crash: restore the last checkpoint and replay an interrupted turn."""
@@ -360,7 +361,7 @@ def recover(ctx: click.Context, ref: str) -> None:
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S")
+@click.argument("ref", metavar="S", shell_complete=session_names)
 @click.option("--at", type=int, help="Checkpoint entry to fork at (default: the last one).")
 @click.option("--name", help="Name of the new session.")
 @click.pass_context
@@ -376,7 +377,7 @@ def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("refs", metavar="S...", nargs=-1, required=True)
+@click.argument("refs", metavar="S...", nargs=-1, required=True, shell_complete=session_names)
 @click.pass_context
 def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
     """Remove sessions: their VMs, their logs (a tombstone entry; nothing is deleted)
@@ -429,7 +430,7 @@ def prune(
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("refs", metavar="[S...]", nargs=-1)
+@click.argument("refs", metavar="[S...]", nargs=-1, shell_complete=session_names)
 @click.pass_context
 def verify(ctx: click.Context, refs: tuple[str, ...]) -> None:
     """Check the context log's MAC chain (every session, removed ones too, or S...):
