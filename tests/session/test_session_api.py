@@ -4,12 +4,14 @@ recover): a loop of one's own gets torpor's durability, on real VMs."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from torpor.context import Kind, effective
-from torpor.errors import UsageError
+from torpor.errors import ConflictError, UsageError
 from torpor.session import Checkpoint, Session, SessionError
 from torpor.session.core import MAX_APPEND_BYTES
 
@@ -143,3 +145,48 @@ def test_checkpoint_and_sandbox_of_a_hibernated_session(sessions) -> None:
     assert any(e.kind is Kind.RESUME for e in s.entries(after=ck.seq))
     ck2 = s.checkpoint(reason="woken")
     assert ck2.seq > ck.seq and ck2.snapshot != ck.snapshot and s.status() == "running"
+
+
+CRASHING_LOOP = """
+import os, sys
+from pathlib import Path
+from torpor.paths import Paths
+from torpor.session import Session
+s = Session.open(sys.argv[1], paths=Paths(Path(sys.argv[2])))
+s.append("user", {"content": "do the thing"}, key="m2")
+s.append("app.step", {"n": 1})
+s.sandbox.exec("echo half-done >> /effects")
+s.append("model_response", {"text": "half"})
+os._exit(9)  # the worker dies before its checkpoint; the VM lives on
+"""
+
+
+def test_own_loop_crash_in_another_process_then_recover(sessions, paths, tmp_path) -> None:
+    s = sessions.create()
+    s.append("user", {"content": "first"}, key="m1")
+    s.sandbox.exec("echo first >> /effects")
+    ck = s.checkpoint(reason="first")
+    loop = tmp_path / "loop.py"
+    loop.write_text(CRASHING_LOOP)
+    r = subprocess.run([sys.executable, str(loop), s.id, str(paths.root)], timeout=300)
+    assert r.returncode == 9
+    with Session.open(s.id, paths=paths) as again:  # a new worker
+        assert again.status() == "interrupted"
+        assert again.state().pending is not None and again.state().pending.key == "m2"
+        assert _cat(again, "/effects") == "first\nhalf-done"  # the old VM, past the checkpoint
+        with pytest.raises(ConflictError):
+            again.hibernate()  # an open turn is not hibernated behind the loop's back
+        assert again.recover(replay=False) is None
+        assert _cat(again, "/effects") == "first"  # the half-done effect is gone ...
+        live = effective(again.entries(after=ck.seq))
+        assert [e.kind for e in live if e.kind in (Kind.CUSTOM, Kind.MODEL_RESPONSE)] == []
+        assert [e.key for e in live if e.kind is Kind.USER] == ["m2"]  # ... the message is not
+        # the loop redoes the turn; the same key does not append the message twice
+        assert again.append("user", {"content": "do the thing"}, key="m2").seq == (
+            again.state().pending.seq
+        )
+        again.sandbox.exec("echo done >> /effects")
+        again.append("model_response", {"text": "done"})
+        again.checkpoint()
+        assert again.status() == "running"
+        assert _cat(again, "/effects") == "first\ndone"
