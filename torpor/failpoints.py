@@ -20,6 +20,7 @@ Points (keep this list in step with the calls):
 
 - ``store.chunk_write``: before a chunk's frame is written (torpor/store/store.py)
 - ``store.manifest_write``: before a manifest is written (the commit point)
+- ``store.gc_unlink``: before gc unlinks a garbage chunk
 - ``log.write``: before a context-log write transaction commits (torpor/context/sqlite.py)
 
 Invariant: with no point enabled, :func:`hit` is a dict lookup and never raises.

@@ -1079,6 +1079,27 @@ class ChunkStore:
         except OSError as e:
             raise _io_error(e, "gc", self.root) from e
 
+    def _deltas_first(self, doomed: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """``doomed`` ordered so that no chunk is deleted before a delta built on it.
+
+        A gc killed between the two unlinks then leaves a base without its delta
+        (plain garbage), never a delta without its base (which ``verify`` would report
+        as damage).  Chains are short (``MAX_DELTA_DEPTH``): deepest deltas go first.
+        """
+        bases = dict(zip(
+            (p.name for p, _ in doomed),
+            self._executor().map(self._base_of, (p.name for p, _ in doomed)),
+            strict=True,
+        ))
+
+        def depth(name: str) -> int:
+            n = 0
+            while (name := bases.get(name) or "") and n <= MAX_DELTA_DEPTH:
+                n += 1
+            return n
+
+        return sorted(doomed, key=lambda d: -depth(d[0].name))
+
     def _gc(self, grace_seconds: float) -> GcReport:
         with self._gc_lock(shared=False):
             # removed snapshots' manifests put back (copied in) stay removed: drop them
@@ -1140,11 +1161,12 @@ class ChunkStore:
                 if not todo:
                     break
             kept = len(keep)
-            for p, size in doomed:
+            for p, size in self._deltas_first(doomed):
                 if blind or p.name in needed:
                     kept += 1
                     continue
                 with contextlib.suppress(FileNotFoundError):
+                    failpoints.hit("store.gc_unlink")
                     p.unlink()
                     deleted += 1
                     freed += size
