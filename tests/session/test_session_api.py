@@ -145,6 +145,11 @@ def test_checkpoint_and_sandbox_of_a_hibernated_session(sessions) -> None:
     assert any(e.kind is Kind.RESUME for e in s.entries(after=ck.seq))
     ck2 = s.checkpoint(reason="woken")
     assert ck2.seq > ck.seq and ck2.snapshot != ck.snapshot and s.status() == "running"
+    # hibernated through the Sandbox, behind the log's back: the session still hibernates
+    s.sandbox.hibernate()
+    ck3 = s.hibernate()
+    assert ck3.seq > ck2.seq and s.status() == "hibernated"
+    assert _cat(s, "/k") == "kept"
 
 
 CRASHING_LOOP = """

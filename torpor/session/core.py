@@ -833,6 +833,8 @@ class Session:
         if st.hibernated and st.last_checkpoint is not None:
             return st.last_checkpoint
         vm = self._live_vm(st)
+        if vm is None and self._vm_hibernated(st):
+            vm = self._ensure_running(st)  # hibernated through s.sandbox: the log did not say
         if vm is None:
             raise SessionError(
                 f"session {self.name} has no running VM to hibernate (status {self.status()})"
