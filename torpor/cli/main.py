@@ -891,7 +891,7 @@ def logs(
 
 @cli.command(name="exec", context_settings=PASSTHROUGH)
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin.")
-@click.option("-t", "--tty", is_flag=True, help="Accepted; no TTY is allocated yet.")
+@click.option("-t", "--tty", is_flag=True, help="Run it on a terminal (with -i: this one).")
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Add an environment variable.")
 @click.option("-w", "--workdir", help="Working directory (default: the VM's).")
 @click.option("-u", "--user", help="User (default: the VM's).")
@@ -913,6 +913,7 @@ def exec_(
     \b
     torpor exec box sh -c 'echo hi > /root/f; cat /root/f'
     echo data | torpor exec -i box sh -c 'cat > /tmp/in'
+    torpor exec -it box sh                         # an interactive shell on a terminal
     """
     from torpor.vmm.manager import exec_settings
 
@@ -921,9 +922,14 @@ def exec_(
         v = mgr.get(vm)
         client = mgr.client(v)
         full_env, cwd, run_as = exec_settings(v.config, env, workdir, user)
-        if tty:
-            err_console.print("[yellow]torpor: -t: no TTY is allocated yet[/yellow]")
         with client:
+            if tty and not detach:  # see torpor/cli/tty.py
+                from torpor.cli import tty as tty_
+
+                code = tty_.run_exec(
+                    client, command, env=full_env, cwd=cwd, user=run_as, interactive=interactive
+                )
+                sys.exit(code)
             handle = client.start_exec(
                 list(command),
                 env=full_env,
