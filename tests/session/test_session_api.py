@@ -147,6 +147,7 @@ def test_checkpoint_and_sandbox_of_a_hibernated_session(sessions) -> None:
     assert ck2.seq > ck.seq and ck2.snapshot != ck.snapshot and s.status() == "running"
     # hibernated through the Sandbox, behind the log's back: the session still hibernates
     s.sandbox.hibernate()
+    assert s.status() == "hibernated"  # not "stopped": prune must not take it for ended
     ck3 = s.hibernate()
     assert ck3.seq > ck2.seq and s.status() == "hibernated"
     assert _cat(s, "/k") == "kept"

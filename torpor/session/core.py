@@ -669,6 +669,8 @@ class Session:
         if st.hibernated:
             return "hibernated"
         vm = self.vm()
+        if vm is not None and vm.state.status == Status.HIBERNATED:
+            return "hibernated"  # through s.sandbox: resumable, so never "stopped" (pruned)
         return "running" if vm is not None and vm.state.status == Status.RUNNING else "stopped"
 
     def stats(self) -> dict[str, Any]:
