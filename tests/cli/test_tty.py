@@ -107,3 +107,18 @@ def test_exec_it_refuses_input_that_is_not_a_terminal(box) -> None:
     r = torpor_cli("exec", "-it", box.name, "sh")
     assert r.returncode == 125 and b"not a TTY" in r.stderr, r.stderr
     assert b"Traceback" not in r.stderr
+
+
+def test_session_shell(tools_image: str) -> None:
+    r = torpor_cli("session", "create", "--image", tools_image, "--name", "tty-sess", "-q")
+    assert r.returncode == 0, r.stderr
+    try:
+        t = Terminal("session", "shell", "tty-sess", cols=100, rows=30)
+        t.type(b"echo $((6*7)); stty size; exit 5\r")
+        t.expect(b"42\r\n30 100\r\n")
+        assert t.exit_code() == 5
+        r = torpor_cli("session", "shell", "tty-sess")  # input is not a terminal
+        assert r.returncode != 0 and b"not a TTY" in r.stderr, r.stderr
+        assert b"Traceback" not in r.stderr
+    finally:
+        torpor_cli("session", "rm", "tty-sess")

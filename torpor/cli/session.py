@@ -350,6 +350,24 @@ def resume(ctx: click.Context, ref: str) -> None:
 @session.command(context_settings=CONTEXT)
 @click.argument("ref", metavar="S", shell_complete=session_names)
 @click.pass_context
+def shell(ctx: click.Context, ref: str) -> None:
+    """An interactive shell in the session's VM (woken first); exits with its code.
+
+    What you change there is part of the machine at the session's next checkpoint.
+    """
+    from torpor.cli.tty import check_input, shell_in_vm
+    from torpor.vmm.manager import VMManager
+
+    check_input(True)  # before waking anything
+    with _open(ctx, ref) as s:
+        vm_id = s.sandbox.id
+        paths = s.paths
+    sys.exit(shell_in_vm(VMManager(paths), vm_id))
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S", shell_complete=session_names)
+@click.pass_context
 def recover(ctx: click.Context, ref: str) -> None:
     """After a crash: restore the last checkpoint and replay an interrupted turn."""
     with _open(ctx, ref, on_event=_progress) as s:

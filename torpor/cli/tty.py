@@ -157,4 +157,24 @@ def login_shell() -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-__all__ = ["interact", "login_shell", "raw_mode", "run_exec", "terminal_size", "with_term"]
+def shell_in_vm(mgr: Any, vm_id: str) -> int:
+    """``torpor session shell``: an interactive login shell in VM ``vm_id``, run as the
+    VM's user in its working directory with its environment."""
+    from torpor.vmm.manager import exec_settings
+
+    check_input(True)
+    vm = mgr.get(vm_id)
+    env, cwd, user = exec_settings(vm.config)
+    with mgr.client(vm) as client:
+        return run_exec(client, login_shell(), env=env, cwd=cwd, user=user, interactive=True)
+
+
+__all__ = [
+    "interact",
+    "login_shell",
+    "raw_mode",
+    "run_exec",
+    "shell_in_vm",
+    "terminal_size",
+    "with_term",
+]
