@@ -124,3 +124,18 @@ def test_a_vanished_client_leaves_nothing_running(sb: Sandbox, paths: Paths) -> 
             break
         time.sleep(0.2)
     assert not left, f"left running: {left}"
+
+
+def test_echo_round_trip_benchmark_runs(sb: Sandbox) -> None:
+    """The benchmark helper works (its numbers are reported, never asserted)."""
+    with sb.pty("cat") as p:
+        samples = p.echo_round_trips(5)
+    assert len(samples) == 5 and all(s > 0 for s in samples)
+
+
+def echo_p50(sb: Sandbox, n: int = 200) -> float:
+    """Keystroke echo p50 in ms (run by hand: see the report / docs/sandbox.md)."""
+    import statistics
+
+    with sb.pty("cat") as p:
+        return statistics.median(p.echo_round_trips(n)) * 1000

@@ -493,7 +493,8 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
         req = _build_request(image, command, rm=rm, **kw)
         if tty:
             err_console.print(
-                "[yellow]torpor: -t: no TTY is allocated yet; running with pipes[/yellow]"
+                "[yellow]torpor: run -t: the main command gets no TTY yet (pipes); for a "
+                "terminal: torpor run -d … then torpor exec -it VM sh[/yellow]"
             )
         mgr = _manager()
         with (
@@ -1414,7 +1415,12 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
     default=Path("bench-results/cli.json"),
     show_default=True,
 )
-def bench_cli(image: str, runs: int, json_out: Path) -> None:
+@click.option(
+    "--no-bytecode-cache",
+    is_flag=True,
+    help="Run the CLI with PYTHONDONTWRITEBYTECODE=1 (compile on every start).",
+)
+def bench_cli(image: str, runs: int, json_out: Path, no_bytecode_cache: bool) -> None:
     """CLI start-up, `ps`, `images`, `exec VM true`: the CLI next to the library call."""
     from torpor.bench.cli import print_table, run_cli_bench
 
@@ -1425,6 +1431,7 @@ def bench_cli(image: str, runs: int, json_out: Path) -> None:
         image=image,
         runs=runs,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        bytecode_cache=not no_bytecode_cache,
     )
     _bench_output(result, json_out, print_table)
 

@@ -146,6 +146,19 @@ class Pty:
         if hold is not None:
             hold.__exit__(None, None, None)
 
+    def echo_round_trips(self, n: int = 100) -> list[float]:
+        """Benchmark (not used by torpor): seconds from sending one keystroke to seeing
+        its echo, ``n`` times. Run it on an idle prompt (e.g. ``cat``); the caller
+        reads the p50 (docs/sandbox.md has the numbers measured)."""
+        samples = []
+        for i in range(n):
+            key = b"abcdefghijklmnopqrstuvwxyz"[i % 26 : i % 26 + 1]
+            t0 = time.perf_counter()
+            self.write(key)
+            self.read_until(key, timeout=30)
+            samples.append(time.perf_counter() - t0)
+        return samples
+
     def __enter__(self) -> Pty:
         return self
 
