@@ -13,7 +13,7 @@ import pytest
 from torpor.context import Kind, effective
 from torpor.errors import ConflictError, UsageError
 from torpor.session import Checkpoint, Session, SessionError
-from torpor.session.core import MAX_APPEND_BYTES
+from torpor.session.core import LOOP_KINDS, MAX_APPEND_BYTES
 
 pytestmark = pytest.mark.vm
 
@@ -196,3 +196,35 @@ def test_own_loop_crash_in_another_process_then_recover(sessions, paths, tmp_pat
         again.checkpoint()
         assert again.status() == "running"
         assert _cat(again, "/effects") == "first\ndone"
+
+
+def test_the_builtin_loop_is_a_user_of_the_public_api(paths, tools_image) -> None:
+    """send() writes its conversation only through append() and settles the turn only
+    through checkpoint(): one code path, so a loop of one's own gets the same rules."""
+
+    class Watched(Session):
+        seen: list[tuple[str, int]]
+        reasons: list[str]
+
+        def append(self, kind: Any, payload: dict[str, Any], *, key: str | None = None) -> Any:
+            e = super().append(kind, payload, key=key)
+            self.seen.append((e.kind.value, e.seq))
+            return e
+
+        def checkpoint(self, reason: str = "user") -> Checkpoint:
+            ck = super().checkpoint(reason)
+            self.reasons.append(reason)
+            return ck
+
+    Watched.seen, Watched.reasons = [], []
+    s = Watched.create(tools_image, "scripted:demo", paths=paths)
+    try:
+        start = s.entries()[-1].seq
+        s.send("set up a counter service and tell me its port")
+        turn = s.entries(after=start)
+        conversation = [(e.kind.value, e.seq) for e in turn if e.kind in LOOP_KINDS]
+        assert conversation and Watched.seen == conversation
+        assert Watched.reasons == ["turn"] and turn[-1].kind is Kind.CHECKPOINT
+    finally:
+        s.remove()
+        s.close()
