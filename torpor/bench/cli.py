@@ -6,13 +6,20 @@ to the library call doing that work in a warm process.  The difference is the CL
 own cost; the ``python -c pass`` row is the floor no Python CLI can go under.
 ``exec VM true`` runs against one VM booted for the benchmark (removed afterwards);
 its library call opens a new agent connection each time, as the CLI does.
+
+The CLI processes run with Python's bytecode cache on, as in any installed package
+(``PYTHONDONTWRITEBYTECODE`` dropped, the cache in a private temporary
+``PYTHONPYCACHEPREFIX`` so the source tree is not touched); ``--no-bytecode-cache``
+measures the other case, where every start compiles torpor's sources again.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +50,9 @@ def _time(fn: Callable[[], Any], runs: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def _proc(argv: list[str]) -> Callable[[], None]:
+def _proc(argv: list[str], env: dict[str, str]) -> Callable[[], None]:
     def run() -> None:
-        r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-500:]!r}")
 
@@ -57,6 +64,26 @@ def run_cli_bench(
     image: str,
     runs: int,
     progress: Callable[[str], None] = lambda m: None,
+    bytecode_cache: bool = True,
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="torpor-bench-pyc-") as pyc:
+        env = dict(os.environ)
+        if bytecode_cache:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = pyc
+        else:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        result = _run(paths, image, runs, progress, env)
+    result["bytecode_cache"] = bytecode_cache
+    return result
+
+
+def _run(
+    paths: Paths,
+    image: str,
+    runs: int,
+    progress: Callable[[str], None],
+    env: dict[str, str],
 ) -> dict[str, Any]:
     from torpor import __version__
     from torpor.image.store import ImageStore
@@ -69,7 +96,7 @@ def run_cli_bench(
     def row(name: str, cli_argv: list[str] | None, lib: Callable[[], Any] | None) -> None:
         r: dict[str, Any] = {}
         if cli_argv is not None:
-            r["cli_ms"] = summary(_time(_proc(cli_argv), runs))
+            r["cli_ms"] = summary(_time(_proc(cli_argv, env), runs))
         if lib is not None:
             r["library_ms"] = summary(_time(lib, runs))
         rows[name] = r
@@ -122,7 +149,11 @@ def print_table(r: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     load = " ".join(f"{x:.1f}" for x in r.get("load_avg", []))
-    t = Table(title=f"torpor bench cli — {r['runs']} runs each, load {load}", header_style="bold")
+    pyc = "bytecode cached" if r.get("bytecode_cache", True) else "no bytecode cache"
+    t = Table(
+        title=f"torpor bench cli — {r['runs']} runs each, {pyc}, load {load}",
+        header_style="bold",
+    )
     for col in ("command", "CLI p50", "CLI p95", "library p50", "library p95", "CLI/lib", "target"):
         t.add_column(col, justify="left" if col == "command" else "right")
 
@@ -144,4 +175,8 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             f"{row['ratio_p50']:.1f}x" if "ratio_p50" in row else "-",
             target,
         )
+    if not console.is_terminal:  # into a file or pipe: never wrap a row
+        from rich.console import Console
+
+        console = Console(width=200, highlight=False)
     console.print(t)
