@@ -126,6 +126,8 @@ enum {
  * OUT_CHUNK so the read that crosses it still has room for a whole pipe's worth. */
 #define FLUSH_DELAY_MS 2
 #define FLUSH_THRESHOLD (32u * 1024)
+/* On a TTY, a small read into an empty buffer is sent at once (no FLUSH_DELAY_MS). */
+#define TTY_ECHO_MAX 256
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -923,6 +925,8 @@ static size_t out_read(struct exec_proc *e, int which, size_t max)
 	s->len += (size_t)n;
 	if (s->len >= FLUSH_THRESHOLD)
 		out_flush(e, s);
+	else if (e->tty_fd >= 0 && s->len == (size_t)n && n <= TTY_ECHO_MAX)
+		out_flush(e, s); /* a keystroke's echo or a prompt: someone is waiting for it */
 	return (size_t)n;
 }
 
