@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import pytest
 
 from torpor.agent import AgentClient
 from torpor.agent.client import AgentRequestError, ExecHandle
-from torpor.agent.protocol import ExitStatus, Frame, T
+from torpor.agent.protocol import ErrorReply, ExitStatus, Frame, T
 
 from .conftest import spawn_agent
 
@@ -86,8 +87,10 @@ def test_bad_sizes_are_refused(agent, size):
     raw = agent.client
     call = raw._open(T.EXEC)
     payload = (
-        b"\x02\x00\x00\x00" + b"\x00" * 8 + b"\x01\x00\x00\x00\x02\x00\x00\x00sh" + b"\x00" * 4
-    ) + size[0].to_bytes(4, "little") + size[1].to_bytes(4, "little")
+        (b"\x02\x00\x00\x00" + b"\x00" * 8 + b"\x01\x00\x00\x00\x02\x00\x00\x00sh" + b"\x00" * 4)
+        + size[0].to_bytes(4, "little")
+        + size[1].to_bytes(4, "little")
+    )
     raw._send(Frame(T.EXEC, call.id, payload))
     with pytest.raises(AgentRequestError, match="terminal size"):
         call.next(time.monotonic() + 20)
@@ -155,3 +158,23 @@ def test_golden_tty_exec_and_resize(raw_agent):
     raw_agent.read_until(output_has(b"30 100\r\n"))
     (*_, end) = raw_agent.read_until(lambda f: f.type == T.EXIT)
     assert ExitStatus.decode(end.payload) == ExitStatus(5, 0)
+
+
+def test_hostile_tty_frames_get_errors_and_the_agent_lives(raw_agent):
+    def errno_of(data: bytes) -> int:
+        raw_agent.send(data)
+        (err,) = raw_agent.read_until(lambda f: f.type == T.ERROR)
+        return ErrorReply.decode(err.payload).errno
+
+    golden = (FIXTURES / "exec_tty_sh.bin").read_bytes()
+    body = golden[12:]
+    assert errno_of(Frame(T.EXEC, 3, body[:-4]).encode()) == errno.EINVAL  # no rows
+    assert errno_of(Frame(T.EXEC, 3, body + b"x").encode()) == errno.EINVAL  # left over
+    huge = body[:-8] + (2**32 - 1).to_bytes(4, "little") * 2
+    assert errno_of(Frame(T.EXEC, 3, huge).encode()) == errno.EINVAL
+    assert errno_of(Frame(T.RESIZE, 4, b"\x01\x00\x00").encode()) == errno.EINVAL
+    assert errno_of(Frame(T.RESIZE, 4, bytes(12)).encode()) == errno.EINVAL
+    assert errno_of(Frame(T.RESIZE, 4, (80).to_bytes(4, "little") * 2).encode()) == errno.ESRCH
+    raw_agent.send(Frame(T.HELLO, 9).encode())
+    (hello,) = raw_agent.read_until(lambda f: f.type == T.HELLO_OK)
+    assert hello.id == 9
