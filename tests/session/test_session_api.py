@@ -104,7 +104,7 @@ def test_own_loop_append_checkpoint_fork_and_vm_killed(sessions) -> None:
     assert [e.kind for e in s.entries(after=u.seq)][:2] == [Kind.CUSTOM, Kind.MODEL_RESPONSE]
 
     # work after the checkpoint, then the user kills the machine under the session
-    s.append("user", {"content": "make /f two"})
+    assert s.append("user", {"content": "make /f two"}).turn == 2 == s.state().turns
     s.append("model_response", {"text": "two written"})
     s.sandbox.exec("echo two > /f")
     assert _cat(s, "/f") == "two"

@@ -473,6 +473,7 @@ class Session:
                 f"(it has: {', '.join(sorted(n for n in declared if n)) or 'none'})"
             )
         self._lock_owner: int | None = None
+        self._turn_seen, self._turn_scan = 0, 0  # see _turns()
         self._owns_log = owns_log  # sessions from list() share one connection
         self.paths = paths
         self._log = log
@@ -728,7 +729,7 @@ class Session:
         return self._append_loop(k, payload, key)
 
     def _append_loop(self, kind: Kind, payload: dict[str, Any], key: str | None) -> Entry:
-        turns = self.state().turns
+        turns = self._turns()
         entry = self._append(kind, payload, turn=turns + 1 if kind is Kind.USER else turns, key=key)
         if self._cache and entry.seq == self._cache[-1].seq + 1:
             self._cache.append(entry)  # what we just wrote: no need to read it back
@@ -1004,6 +1005,18 @@ class Session:
         return entries[-1].created_at if entries else self.record.created_at
 
     # -- internals ---------------------------------------------------------------------
+    def _turns(self) -> int:
+        """``state().turns`` without folding the log: the turn of the last ``user``
+        entry (user entries are never superseded, and the k-th has turn k).  O(new
+        entries), so a loop that appends many entries between checkpoints (whose
+        unsettled tail ``state()`` folds on every call) stays O(1) per append."""
+        entries = self._read()
+        for e in entries[self._turn_scan :]:
+            if e.kind is Kind.USER:
+                self._turn_seen = e.turn
+        self._turn_scan = len(entries)
+        return self._turn_seen
+
     def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):
         entry = self._log.append(self.id, kind, _no_nul(payload), turn=turn, key=key)
         if self.on_event is not None:
