@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import torpor_cli
@@ -36,3 +38,15 @@ def test_completes_vm_image_snapshot_and_session_names(box, tools_image: str) ->
 def test_bash_source_script() -> None:
     r = torpor_cli(env={"_TORPOR_COMPLETE": "bash_source"})
     assert r.returncode == 0 and b"_torpor_completion" in r.stdout
+
+
+def test_completes_snapshot_tags_and_ids(vms, tools_image: str) -> None:
+    vm = vms.run(tools_image, "sleep", "infinity", name="cmpl-snap")
+    r = torpor_cli("snapshot", vm.id, "--tag", "cmpl-tag")
+    assert r.returncode == 0, r.stderr
+    snap_id = r.stdout.decode().strip()
+    assert "cmpl-tag" in _complete("restore", "cmpl")
+    assert snap_id[:12] in _complete("snapshot", "rm", snap_id[:5])
+    rows = json.loads(torpor_cli("snapshots", "--format", "json").stdout)
+    assert any(r["id"] == snap_id and r["tag"] == "cmpl-tag" for r in rows)
+    torpor_cli("snapshot", "rm", snap_id)
