@@ -122,3 +122,14 @@ def test_session_shell(tools_image: str) -> None:
         assert b"Traceback" not in r.stderr
     finally:
         torpor_cli("session", "rm", "tty-sess")
+
+
+def test_run_it_main_command_on_a_terminal(tools_image: str) -> None:
+    t = Terminal("run", "-it", "--rm", "--network", "none", tools_image, "sh", cols=100, rows=33)
+    t.type(b"stty size\r")
+    t.expect(b"33 100\r\n", timeout=180)
+    t.set_size(61, 17)  # SIGWINCH -> RESIZE through the shim's ATTACH route
+    time.sleep(0.5)
+    t.type(b"stty size; exit 6\r")
+    t.expect(b"17 61\r\n")
+    assert t.exit_code() == 6

@@ -377,7 +377,7 @@ def _run_options(f: Any) -> Any:
             "-t",
             "--tty",
             is_flag=True,
-            help="Accepted for Docker muscle memory; no TTY is allocated yet (a warning says so).",
+            help="Run the command on a terminal (run -it: this one, in raw mode).",
         ),
         click.option("-l", "--label", multiple=True, metavar="K=V", help="Set a label."),
         click.option(
@@ -491,11 +491,14 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
     """
     try:
         req = _build_request(image, command, rm=rm, **kw)
-        if tty:
-            err_console.print(
-                "[yellow]torpor: run -t: the main command gets no TTY yet (pipes); for a "
-                "terminal: torpor run -d … then torpor exec -it VM sh[/yellow]"
-            )
+        if tty:  # the main command runs on a guest terminal of our size (cli/tty.py)
+            from dataclasses import replace
+
+            from torpor.cli import tty as tty_
+
+            if not detach:
+                tty_.check_input(req.stdin_open)
+            req = replace(req, tty=tty_.terminal_size())
         mgr = _manager()
         with (
             err_console.status(f"starting {image}…", spinner="dots")
@@ -511,7 +514,14 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
     if detach:
         click.echo(vm.id)
         return
-    code = _attach(mgr, vm, req.stdin_open)
+    code = None
+    if tty:
+        try:
+            code = tty_.attach_main(mgr, vm, req.stdin_open)
+        except TorporError as e:
+            _fail(e, 125)
+    if code is None:
+        code = _attach(mgr, vm, req.stdin_open)
     if rm:
         with contextlib.suppress(TorporError):
             vm2 = mgr.get(vm.id)
@@ -603,7 +613,14 @@ def _attach(mgr: Any, vm: Any, stdin: bool) -> int:
 def create(image: str, command: tuple[str, ...], tty: bool, **kw: Any) -> None:
     """Create a VM without starting it (see `torpor start`)."""
     try:
-        vm = _manager().create(_build_request(image, command, rm=False, **kw))
+        req = _build_request(image, command, rm=False, **kw)
+        if tty:  # the command will run on a guest terminal (cli/tty.py)
+            from dataclasses import replace
+
+            from torpor.cli.tty import terminal_size
+
+            req = replace(req, tty=terminal_size())
+        vm = _manager().create(req)
     except TorporError as e:
         _fail(e, 125)
     except OSError as e:

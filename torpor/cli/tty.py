@@ -157,6 +157,18 @@ def login_shell() -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+def attach_main(mgr: Any, vm: Any, interactive: bool) -> int | None:
+    """``torpor run -t``: follow the VM's main command, which the shim started on a
+    terminal (VMConfig.tty). None if the VM is already gone (the caller reports its
+    recorded output and exit code)."""
+    try:
+        client = mgr.client(vm)
+    except TorporError:
+        return None
+    with client:
+        return interact(client.attach(), interactive)
+
+
 def shell_in_vm(mgr: Any, vm_id: str) -> int:
     """``torpor session shell``: an interactive login shell in VM ``vm_id``, run as the
     VM's user in its working directory with its environment."""

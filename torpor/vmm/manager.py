@@ -113,6 +113,7 @@ class RunRequest:
     ports: tuple[PortMap, ...] = ()
     network: bool = True
     stdin_open: bool = False
+    tty: tuple[int, int] | None = None  # (cols, rows): run the command on a terminal
     auto_remove: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     log_limits: LogLimits = field(default_factory=LogLimits)  # main.log, console.log each
@@ -445,6 +446,7 @@ class VMManager:
                 ports=req.ports,
                 network=req.network,
                 stdin_open=req.stdin_open,
+                tty=req.tty,
                 auto_remove=req.auto_remove,
                 labels=dict(req.labels),
                 log_max_size=req.log_limits.max_size,

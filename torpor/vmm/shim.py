@@ -694,6 +694,9 @@ class Shim:
             cwd=self.cfg.workdir,
             user=self.cfg.user,
             stdin=self.cfg.stdin_open,
+            tty=self.cfg.tty is not None,
+            cols=self.cfg.tty[0] if self.cfg.tty else 80,
+            rows=self.cfg.tty[1] if self.cfg.tty else 24,
         )
         self.to_guest(Frame(T.EXEC, self.main_gid, req.encode()))
 

@@ -70,6 +70,7 @@ class VMConfig:
     ports: tuple[PortMap, ...] = ()
     network: bool = True
     stdin_open: bool = False
+    tty: tuple[int, int] | None = None  # (cols, rows): the main command's terminal (run -t)
     auto_remove: bool = False
     created: float = field(default_factory=time.time)
     labels: dict[str, str] = field(default_factory=dict)
