@@ -1,6 +1,7 @@
 """``-t``: run a guest program on a terminal, with this terminal as its keyboard and screen.
 
-Used by ``torpor exec -it`` and ``torpor session shell``. The guest side is an EXEC with
+Used by ``torpor exec -it``, ``torpor run -it`` (the shim starts the main command on a
+terminal; we ATTACH) and ``torpor session shell``. The guest side is an EXEC with
 the TTY flag (docs/protocol.md): the guest's line discipline does echo, ^C and ^D, so
 the host terminal is put in raw mode and passes every byte through untouched.
 
