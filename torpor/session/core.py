@@ -932,7 +932,7 @@ class Session:
         with self._locked():
             self._log.get_session(self.id)  # NotFoundError if removed meanwhile
             ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
-            ids -= self._forks_vms()  # a fork's VM is restored with its parent's labels
+            ids -= self._forks_vms()  # forks restored before 'torpor.*' labels stopped being copied
             try:
                 vm = self.vm()
             except ChainError:

@@ -126,6 +126,9 @@ class RunRequest:
 
         Port forwards are not inherited: the source VM may still hold its host ports
         (QEMU cannot bind one twice), so a restore or fork forwards only ``ports``.
+        Labels are, except torpor's own (``torpor.*``, e.g. the session that owns a VM):
+        a copy someone makes of a session's VM is theirs, and the session's removal
+        must not take it along.
         """
         return cls(
             image=cfg.image_id,
@@ -139,7 +142,7 @@ class RunRequest:
             accel=cfg.accel,
             ports=ports,
             network=cfg.network,
-            labels=dict(cfg.labels),
+            labels={k: v for k, v in cfg.labels.items() if not k.startswith("torpor.")},
             log_limits=LogLimits(cfg.log_max_size, cfg.log_max_files),
         )
 
