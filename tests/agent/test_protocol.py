@@ -118,6 +118,32 @@ def test_decoder_is_strict(header):
         FrameDecoder().feed(header)
 
 
+def test_resync_decoder_starts_mid_frame():
+    """A restored VM's port may first deliver the tail of a frame whose head went to
+    the shim connected at snapshot time: the shim's decoder skips to the next frame
+    (the strict one raised, the reader died, and HELLO was never answered)."""
+    first = Frame(T.STDOUT, 3, b"tick 41\n" * 40).encode()
+    rest = [Frame(T.STDOUT, 3, b"tick 42\n"), Frame(T.HELLO_OK, 1, b"")]
+    stream = first + b"".join(f.encode() for f in rest)
+    for cut in range(1, len(first)):
+        with pytest.raises(ProtocolError):
+            FrameDecoder().feed(stream[cut:])
+        decoder = FrameDecoder(resync=True)
+        frames = decoder.feed(stream[cut : cut + 5]) + decoder.feed(stream[cut + 5 :])
+        assert frames == rest, cut
+        assert decoder.skipped == len(first) - cut and decoder.pending == 0
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"\xff" * 100, b"Tp\x01" * 50, HEADER.pack(0x7054, T.DATA, 0, 1, MAX_PAYLOAD + 1)]
+)
+def test_resync_decoder_survives_garbage(garbage: bytes) -> None:
+    ok = Frame(T.HELLO_OK, 1, b"")
+    decoder = FrameDecoder(resync=True)
+    assert decoder.feed(garbage) + decoder.feed(ok.encode()) == [ok]
+    assert decoder.skipped == len(garbage)
+
+
 def test_max_payload_is_allowed_and_one_more_is_not():
     frame = Frame(T.DATA, 7, bytes(MAX_PAYLOAD))
     assert FrameDecoder().feed(frame.encode()) == [frame]

@@ -28,6 +28,7 @@ def test_kind_values_are_the_stored_strings() -> None:
         "fork",
         "vm",
         "removed",
+        "custom",  # a user's own entry kind (Session.append("app.note", ...))
     }
     assert Kind("tool_call") is Kind.TOOL_CALL and Kind.VM == "vm"
 

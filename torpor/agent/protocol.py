@@ -29,6 +29,7 @@ from torpor.errors import ProtocolError
 MAGIC = 0x7054
 HEADER = struct.Struct("<HBBII")
 MAX_PAYLOAD = 1 << 20
+_MAGIC_BYTES = struct.pack("<H", MAGIC)
 PROTOCOL_VERSION = 1
 #: WRITE_FILE uid/gid value meaning "the agent's own".
 UNCHANGED = 0xFFFFFFFF
@@ -103,24 +104,42 @@ class Frame:
 
 
 class FrameDecoder:
-    """Incremental frame splitter for a byte stream."""
+    """Incremental frame splitter for a byte stream.
 
-    def __init__(self) -> None:
+    With ``resync`` a bad header does not end the stream: bytes are skipped up to the
+    next magic, as the agent does (docs/protocol.md), and counted in ``skipped``.  The
+    shim reads the guest's channel so: a restored VM's virtio-serial port may deliver
+    the tail of a frame whose head went to the shim that was connected when the
+    snapshot was taken, and one cut frame must not cost the channel.
+    """
+
+    def __init__(self, resync: bool = False) -> None:
         self._buf = bytearray()
+        self.resync = resync
+        self.skipped = 0
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Frames completed by ``data``. Raises ProtocolError on a bad header."""
+        """Frames completed by ``data``. Raises ProtocolError on a bad header
+        (unless ``resync``)."""
         self._buf += data
         frames = []
         offset = 0
         while len(self._buf) - offset >= HEADER.size:
             magic, ftype, flags, fid, length = HEADER.unpack_from(self._buf, offset)
+            bad = ""
             if magic != MAGIC or flags != 0:
-                raise ProtocolError(
-                    f"bad frame header {bytes(self._buf[offset : offset + HEADER.size]).hex()}"
-                )
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
+                bad = f"bad frame header {bytes(self._buf[offset : offset + HEADER.size]).hex()}"
+            elif length > MAX_PAYLOAD:
+                bad = f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}"
+            if bad:
+                if not self.resync:
+                    raise ProtocolError(bad)
+                nxt = self._buf.find(_MAGIC_BYTES, offset + 1)
+                if nxt < 0:  # keep a last byte that may begin the next magic
+                    nxt = len(self._buf) - (len(_MAGIC_BYTES) - 1)
+                self.skipped += nxt - offset
+                offset = nxt
+                continue
             end = offset + HEADER.size + length
             if len(self._buf) < end:
                 break

@@ -231,12 +231,18 @@ class Shim:
         return reply
 
     async def guest_reader(self, reader: asyncio.StreamReader) -> None:
-        dec = FrameDecoder()
+        # resync: a restored port can start mid-frame (see FrameDecoder); a hostile
+        # guest's garbage costs only the bytes skipped
+        dec = FrameDecoder(resync=True)
         while True:
             data = await reader.read(1 << 16)
             if not data:
                 break
-            for frame in dec.feed(data):
+            skipped = dec.skipped
+            frames = dec.feed(data)
+            if dec.skipped != skipped:
+                log.warning("skipped %d bytes of the guest channel", dec.skipped - skipped)
+            for frame in frames:
                 try:
                     self.from_guest(frame)
                 except Exception:  # a malformed (hostile) frame must not end the channel
