@@ -234,20 +234,29 @@ class Shim:
         # resync: a restored port can start mid-frame (see FrameDecoder); a hostile
         # guest's garbage costs only the bytes skipped
         dec = FrameDecoder(resync=True)
-        while True:
-            data = await reader.read(1 << 16)
-            if not data:
-                break
-            skipped = dec.skipped
-            frames = dec.feed(data)
-            if dec.skipped != skipped:
-                log.warning("skipped %d bytes of the guest channel", dec.skipped - skipped)
-            for frame in frames:
-                try:
-                    self.from_guest(frame)
-                except Exception:  # a malformed (hostile) frame must not end the channel
-                    log.exception("dropped a guest frame %s", frame)
-        log.info("guest control channel closed")
+        why = "guest control channel closed"
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                skipped = dec.skipped
+                frames = dec.feed(data)
+                if dec.skipped != skipped:
+                    log.warning("skipped %d bytes of the guest channel", dec.skipped - skipped)
+                for frame in frames:
+                    try:
+                        self.from_guest(frame)
+                    except Exception:  # a malformed (hostile) frame must not end the channel
+                        log.exception("dropped a guest frame %s", frame)
+        except Exception as e:  # never silently: every later request would wait it out
+            log.exception("guest channel reader failed")
+            why = f"guest channel reader failed: {e}"
+        log.info(why)
+        # requests waiting on the guest fail now, not at their timeout
+        for fut in list(self.waiters.values()):
+            if not fut.done():
+                fut.set_exception(VMError(why))
 
     def from_guest(self, frame: Frame) -> None:
         log.debug("<- guest %s", frame)
