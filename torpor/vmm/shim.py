@@ -734,6 +734,21 @@ class Shim:
                     await asyncio.wait_for(self._main_done(), 2)
         await self.shutdown("stop requested")
 
+    async def watch_folder(self) -> None:
+        """End the VM when its folder is gone (``rm -rf`` of the VM or of its home).
+
+        Nothing can reach or stop such a VM any more, and its disk went with the
+        folder: there is nothing to stop gracefully, so QEMU is killed.
+        """
+        while not self.qemu_exited.is_set():
+            await asyncio.sleep(2)
+            if not os.path.isdir(self.vm_dir):
+                log.warning("VM folder %s is gone: ending the VM", self.vm_dir)
+                if self.proc is not None and self.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                return
+
     # -- host I/O errors (a full disk) ------------------------------------------------------
     async def watch_events(self) -> None:
         """Hear QEMU's BLOCK_IO_ERROR / RESUME on the shim's own monitor.
@@ -864,12 +879,14 @@ class Shim:
         os.chmod(self.files.agent_sock, 0o600)
         self.report_ready(True, accel=self.state.accel, boot_ms=self.state.boot_ms)
         self.events_task = asyncio.get_running_loop().create_task(self.watch_events())
+        folder_task = asyncio.get_running_loop().create_task(self.watch_folder())
         if self.restored_info is not None:
             # after "ready": copying another 100s of MB must not compete with the
             # guest's first steps and the caller's wake-up on two cores
             self.start_shadow_init(self.restored_info)
         await self.qemu_exited.wait()
         server.close()
+        folder_task.cancel()
         if self.events_task is not None:
             self.events_task.cancel()
         if self.console_task is not None:  # QEMU's last words
