@@ -53,12 +53,17 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def locked(path: Path, shared: bool = False, wait: bool = True) -> Iterator[None]:
+def locked(
+    path: Path, shared: bool = False, wait: bool = True, make_parents: bool = True
+) -> Iterator[None]:
     """Hold an advisory ``flock`` on ``path`` (created if missing) for the block.
 
-    With ``wait=False`` a lock held elsewhere raises BlockingIOError at once.
+    With ``wait=False`` a lock held elsewhere raises BlockingIOError at once.  With
+    ``make_parents=False`` a missing folder raises FileNotFoundError instead of being
+    made (a lock inside a VM folder must not bring a removed VM's folder back).
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX

@@ -146,23 +146,17 @@ def _write_limits(vm_dir: Path, end_at: float | None, idle: float | None) -> Non
 
 @contextlib.contextmanager
 def busy_lock(vm_dir: Path, shared: bool, wait: bool = True) -> Iterator[None]:
-    """flock on ``<vm dir>/sandbox.busy``; NotFoundError once the VM was removed.
+    """flock on ``<vm dir>/sandbox.busy``; NotFoundError once the VM was removed."""
+    from torpor.fsutil import locked
 
-    Not torpor.fsutil.locked: that one makes missing parent folders, which would
-    bring a removed VM's folder back as an empty husk.
-    """
-    import fcntl
-
-    try:
-        fd = os.open(vm_dir / BUSY_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
-        raise NotFoundError(f"no such sandbox: {vm_dir.name[:12]} (removed)") from None
-    try:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                locked(vm_dir / BUSY_FILE, shared=shared, wait=wait, make_parents=False)
+            )
+        except FileNotFoundError:
+            raise NotFoundError(f"no such sandbox: {vm_dir.name[:12]} (removed)") from None
         yield
-    finally:
-        os.close(fd)
 
 
 def touch_active(vm_dir: Path) -> None:
