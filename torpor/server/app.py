@@ -1,0 +1,108 @@
+"""The ASGI application: ``create_app(Config)`` → FastAPI, served by uvicorn.
+
+Routes live in ``torpor.server.routes.*`` (one module per resource) and the dashboard
+in ``torpor.server.dashboard``; this module wires them to the shared parts: the
+token store, the rate limiter, the body cap and the problem-details handlers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from torpor import __version__
+from torpor.server import problems
+from torpor.server.deps import Config, RateLimiter
+from torpor.server.tokens import TokenStore
+
+ROUTERS = (
+    "torpor.server.routes.system",
+    "torpor.server.routes.sessions",
+    "torpor.server.routes.sandboxes",
+    "torpor.server.routes.snapshots",
+    "torpor.server.routes.images",
+    "torpor.server.dashboard",
+)
+# routes whose bodies are uploads streamed to disk (capped by Config.max_upload)
+UPLOAD_SUFFIXES = ("/files", "/images/import")
+
+
+class BodyLimit:
+    """413 for a body over the cap, whether declared (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, cfg: Config):
+        self.app = app
+        self.cfg = cfg
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        cap = self.cfg.max_upload if path.endswith(UPLOAD_SUFFIXES) else self.cfg.max_body
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await _too_large(send, cap)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > cap:
+                    raise _TooLarge()
+            return msg
+
+        async def tracking(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited, tracking)
+        except _TooLarge:
+            if not started:
+                await _too_large(send, cap)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, cap: int) -> None:
+    resp = problems.problem(
+        413, f"the request body is larger than this server accepts ({cap} bytes)"
+    )
+    await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(cfg: Config) -> FastAPI:
+    app = FastAPI(
+        title="torpor",
+        version=__version__,
+        description="Durable AI-agent sessions and sandboxes on snapshotted microVMs.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    cfg.home.ensure()
+    app.state.config = cfg
+    app.state.tokens = TokenStore(cfg.home)
+    app.state.limiter = RateLimiter(cfg.rate, cfg.burst)
+    problems.install(app)
+    for name in ROUTERS:
+        mod: Any = importlib.import_module(name)
+        app.include_router(mod.router)
+    app.add_middleware(BodyLimit, cfg=cfg)
+    return app

@@ -1,0 +1,128 @@
+"""Per-request context: who is asking (token → namespace → home), rate limits, isolation.
+
+Routes take ``t: TenantDep`` and pass ``t.paths`` to the library; they
+never build a path from request input.  Without any active token the server serves
+one user on loopback (``torpor serve`` refuses other addresses then) and every request
+acts in the ``default`` namespace.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
+
+from torpor.paths import Paths
+from torpor.server.tenancy import DEFAULT, namespace_paths
+from torpor.server.tokens import TokenStore
+
+COOKIE = "torpor_token"
+
+
+@dataclass
+class Config:
+    """What ``torpor serve`` was started with."""
+
+    home: Paths
+    max_body: int = 1 << 20  # JSON bodies
+    max_upload: int = 8 << 30  # file and image uploads (streamed to disk)
+    rate: float = 50.0  # requests per second per token, sustained
+    burst: int = 200
+    allow_tcg: bool = False
+
+
+@dataclass(frozen=True)
+class Tenant:
+    namespace: str
+    paths: Paths
+    token_id: str | None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class RateLimiter:
+    rate: float
+    burst: int
+    _b: dict[str, _Bucket] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, key: str) -> float:
+        """0 if allowed, else seconds until one request would be."""
+        now = time.monotonic()
+        with self._lock:
+            b = self._b.setdefault(key, _Bucket(self.burst, now))
+            b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
+            b.at = now
+            if b.tokens >= 1:
+                b.tokens -= 1
+                return 0.0
+            return (1 - b.tokens) / self.rate
+
+
+def bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    scheme, _, value = h.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.cookies.get(COOKIE)
+
+
+def authenticate(request: Request) -> Tenant:
+    """The request's tenant, or 401 (rate limit: 429 with Retry-After)."""
+    cfg: Config = request.app.state.config
+    tokens: TokenStore = request.app.state.tokens
+    limiter: RateLimiter = request.app.state.limiter
+    if tokens.configured():
+        secret = bearer(request)
+        rec = tokens.verify(secret) if secret else None
+        if rec is None:
+            raise HTTPException(
+                401,
+                "a valid API token is required (Authorization: Bearer tpr_...); "
+                "create one with `torpor token create`",
+                headers={"WWW-Authenticate": 'Bearer realm="torpor"'},
+            )
+        t = Tenant(rec.namespace, namespace_paths(cfg.home, rec.namespace), rec.id)
+    else:
+        t = Tenant(DEFAULT, cfg.home, None)
+    key = t.token_id or (request.client.host if request.client else "local")
+    wait = limiter.take(key)
+    if wait:
+        raise HTTPException(
+            429,
+            f"rate limit of {cfg.rate:g} requests/s exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    return t
+
+
+def tenant(request: Request) -> Tenant:
+    """FastAPI dependency: see :func:`authenticate`."""
+    return authenticate(request)
+
+
+def multi_tenant(request: Request) -> bool:
+    """Whether this server may serve more than one tenant (tokens for >1 namespace)."""
+    tokens: TokenStore = request.app.state.tokens
+    return len({t.namespace for t in tokens.list() if t.active()}) > 1
+
+
+def check_isolation(request: Request, accel: str) -> None:
+    """Before starting a VM: refuse TCG for multi-tenant use unless allowed (jail.py)."""
+    from torpor.vmm.jail import check_tcg_allowed
+
+    cfg: Config = request.app.state.config
+    check_tcg_allowed(accel, multi_tenant=multi_tenant(request), allow_tcg=cfg.allow_tcg)
+
+
+TenantDep = Annotated[Tenant, Depends(tenant)]

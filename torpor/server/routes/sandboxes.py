@@ -1,0 +1,7 @@
+"""/v1/sandboxes routes (being written; see docs/api.md for the contract)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
