@@ -99,7 +99,11 @@ def human_size(n: float) -> str:
     cls=LazyGroup,
     context_settings=CONTEXT,
     # imported only when used: start-up of other commands stays small (cli/lazy.py)
-    lazy_subcommands={"session": "torpor.cli.session:session"},
+    lazy_subcommands={
+        "session": "torpor.cli.session:session",
+        "serve": "torpor.cli.serve:serve",
+        "token": "torpor.cli.serve:token",
+    },
 )
 @click.version_option(__version__, "--version", "-v")
 @click.option(
