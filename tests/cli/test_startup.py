@@ -28,8 +28,17 @@ FORBIDDEN = (
     "httpx",
     "blake3",
 )
-# torpor.vmm.manager imports torpor.image.config, whose package __init__ pulls in the
-# image store and with it zstandard (torpor/image/blobs.py): only `--version` is free of it
+# what a VM that already runs never needs: the image store (and zstandard, through
+# torpor/image/blobs.py), the boot code, the zygote, the kernel and agent builders
+NO_CREATE = (
+    "zstandard",
+    "torpor.image.store",
+    "torpor.image.blobs",
+    "torpor.image.manifest",
+    "torpor.vmm.boot",
+    "torpor.vmm.zygote",
+    "torpor.guest",
+)
 VERSION_FORBIDDEN = ("zstandard", "torpor.vmm", "torpor.image", "torpor.agent")
 
 PROBE = """
@@ -72,14 +81,33 @@ def test_version_imports_no_layer() -> None:
 def test_ps_imports_no_session_snapshot_model_bench(tools_image: str) -> None:
     mods, code = _imported("ps", "-a")
     assert code == 0
-    assert _forbidden(mods) == []
+    assert _forbidden(mods, (*NO_CREATE, "torpor.agent")) == []  # a listing talks to no guest
 
 
 @pytest.mark.vm
 def test_exec_true_imports_no_session_snapshot_model_bench(box) -> None:
     mods, code = _imported("exec", box.id, "true")
     assert code == 0
-    assert _forbidden(mods) == []
+    assert _forbidden(mods, NO_CREATE) == []
+
+
+@pytest.mark.vm
+def test_images_imports_no_session_snapshot_model_bench(tools_image: str) -> None:
+    mods, code = _imported("images")
+    assert code == 0
+    assert _forbidden(mods, ("torpor.agent", "torpor.vmm.boot", "torpor.guest")) == []
+
+
+def test_image_config_alone_imports_no_store() -> None:
+    """``torpor.image.config`` (every VM lookup needs it) leaves the package's store alone."""
+    probe = "import json, sys, torpor.image.config; print(json.dumps(sorted(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
+    mods = set(json.loads(r.stdout))
+    assert _forbidden(mods, NO_CREATE) == []
+    from torpor.image import ImageStore  # the package's names still resolve (lazily)
+    from torpor.image.store import ImageStore as Direct
+
+    assert ImageStore is Direct
 
 
 def test_help_still_lists_lazy_commands() -> None:

@@ -17,17 +17,15 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torpor.agent.client import AgentClient
 from torpor.errors import (
     ConflictError,
     NotFoundError,
@@ -37,9 +35,7 @@ from torpor.errors import (
 )
 from torpor.fsutil import locked
 from torpor.image.config import merge_env, resolve_command
-from torpor.image.store import ImageStore
 from torpor.paths import Paths
-from torpor.vmm import boot, qemu, zygote
 from torpor.vmm.layout import VMFiles, reap_ram_dirs
 from torpor.vmm.logfile import Follower, LogLimits, read_all
 from torpor.vmm.sockets import connect_unix
@@ -55,6 +51,15 @@ from torpor.vmm.state import (
     save_config,
     save_state,
 )
+
+if TYPE_CHECKING:
+    from torpor.agent.client import AgentClient
+    from torpor.image.store import ImageStore
+
+# Start-up (issue 10): `torpor ps`, `exec VM true` and `images` construct a VMManager
+# but never create or boot a VM, so the image store (zstandard, manifest parsers), the
+# boot code (kernel, initramfs, QEMU argv), the zygote and the agent protocol are
+# imported inside the methods that use them, not here (tests/cli/test_startup.py).
 
 # \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
@@ -294,8 +299,17 @@ def check_ports(ports: tuple[PortMap, ...]) -> None:
 class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
-        self.images = ImageStore(paths)
+        self._images: ImageStore | None = None
         reap_ram_dirs()
+
+    @property
+    def images(self) -> ImageStore:
+        """The image store, opened on first use (creating a VM, ``system df``)."""
+        if self._images is None:
+            from torpor.image.store import ImageStore
+
+            self._images = ImageStore(self.paths)
+        return self._images
 
     # -- lookup ----------------------------------------------------------------------
     def _load(self, vm_dir: Path) -> VM:
@@ -392,7 +406,7 @@ class VMManager:
             name = f"{random.choice(_ADJ)}_{random.choice(_NOUN)}"
             if not (self.paths.names / name).is_symlink():
                 return name
-        return f"vm_{secrets.token_hex(4)}"
+        return f"vm_{os.urandom(4).hex()}"
 
     def create(self, req: RunRequest, *, overlay: bool = True) -> VM:
         """Make the VM record (folder, name link, config, disk overlay); not started.
@@ -401,6 +415,8 @@ class VMManager:
         disk in place instead.  Raises UsageError, NotFoundError (image),
         ConflictError (name taken).
         """
+        from torpor.vmm import boot, qemu
+
         qemu.validate_accel(req.accel)
         if req.name is not None and not NAME_RE.fullmatch(req.name):
             raise UsageError(
@@ -416,7 +432,7 @@ class VMManager:
             list(req.command) if req.command else None,
         )
         env = merge_env(list(image.config.env), list(req.env))
-        vm_id = secrets.token_hex(32)
+        vm_id = os.urandom(32).hex()  # what secrets.token_hex does, without importing hmac
         name = req.name or self._new_name()
         vm_dir = self.paths.vm(vm_id)
         vm_dir.mkdir(mode=0o700)
@@ -482,6 +498,10 @@ class VMManager:
         Raises ConflictError if it is running, VMError (with the console tail) if
         QEMU or the guest failed to come up.
         """
+        import subprocess
+
+        from torpor.vmm import zygote
+
         vm = self.get(ref)
         with locked(self.paths.locks / f"vm-{vm.id}.lock"):
             vm = self.get(vm.id)
@@ -562,6 +582,8 @@ class VMManager:
 
     # -- control ------------------------------------------------------------------------
     def client(self, ref: str | VM, timeout: float = 10.0) -> AgentClient:
+        from torpor.agent.client import AgentClient
+
         vm = ref if isinstance(ref, VM) else self.get(ref)
         if vm.state.status != Status.RUNNING:
             raise ConflictError(f"VM {vm.name} is not running ({vm.state.status})")
