@@ -397,6 +397,31 @@ def _check_payload(payload: Any, kind: str) -> None:
         )
 
 
+#: Session labels: at most this many, keys and values this long.
+MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE = 64, 63, 255
+_LABEL_KEY_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_./-]*")
+
+
+def _check_labels(labels: dict[str, str] | None) -> dict[str, str]:
+    if not labels:
+        return {}
+    if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
+        raise UsageError(f"labels: at most {MAX_LABELS} key/value pairs")
+    for k, v in labels.items():
+        if not (isinstance(k, str) and len(k) <= MAX_LABEL_KEY and _LABEL_KEY_RE.fullmatch(k)):
+            raise UsageError(
+                f"bad label key {k!r:.80}: 1-{MAX_LABEL_KEY} of [a-zA-Z0-9_./-], "
+                "starting with a letter or digit"
+            )
+        if k.startswith("torpor."):
+            raise UsageError(f"label {k!r}: the torpor.* labels are torpor's own")
+        if not (isinstance(v, str) and len(v) <= MAX_LABEL_VALUE and v.isprintable()):
+            raise UsageError(
+                f"label {k}: a value is at most {MAX_LABEL_VALUE} printable characters"
+            )
+    return dict(labels)
+
+
 def _need(cond: bool, kind: str, what: str) -> None:
     if not cond:
         raise UsageError(f"a {kind} entry needs {what}")
@@ -500,18 +525,22 @@ class Session:
         dsn: str | None = None,
         on_event: EventHook | None = None,
         tools: Sequence[Tool] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> Session:
         """A new session: its log, a VM booted from ``image``, checkpoint 0.
 
         ``tools``: custom tools offered to the model next to the built-in ones.  Only
         their names are logged; pass the same tools to :meth:`open`/:meth:`resume`
-        in any process that runs turns of this session."""
+        in any process that runs turns of this session.  ``labels``: the user's
+        key/value tags (kept in the session's record, fixed at creation; the HTTP
+        API filters lists by them)."""
         from torpor.image.store import ImageStore
 
         paths = (paths or Paths.default()).ensure()
         if idle is not None and idle < 0:
             raise UsageError("--idle must be >= 0 seconds (0 = never hibernate)")
         custom = check_tools(tools)
+        user_labels = _check_labels(labels)
         model_obj = open_model(model) if isinstance(model, str) else model
         image_id = ImageStore(paths).get(image).id  # NotFoundError before anything is made
         log = open_log(dsn, paths=paths)
@@ -526,6 +555,8 @@ class Session:
         }
         if custom:
             meta["tools"] = [{"name": t.name, "where": t.where} for t in custom]
+        if user_labels:
+            meta["labels"] = user_labels
         record = log.create_session(name, meta)
         s = cls(record, log, paths, model=model_obj, dsn=dsn, on_event=on_event, tools=custom)
         with s._locked():
@@ -688,11 +719,16 @@ class Session:
         }
 
     # -- the log as an API ----------------------------------------------------------------
-    def entries(self, after: int = 0) -> list[Entry]:
+    def entries(self, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The visible log after seq ``after`` (superseded entries included: see
-        :func:`torpor.context.effective` for what still counts)."""
+        :func:`torpor.context.effective` for what still counts); with ``limit``, at
+        most that many, read from the database without the whole log (a page)."""
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise UsageError(f"after must be an entry number >= 0, not {after!r}")
+        if limit is not None:
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise UsageError(f"limit must be a whole number >= 1, not {limit!r}")
+            return self._log.entries(self.id, after=after, limit=limit)
         return self.log(after)
 
     def append(self, kind: Kind | str, payload: dict[str, Any], *, key: str | None = None) -> Entry:
@@ -788,17 +824,19 @@ class Session:
         return tuple(self._tools.values())
 
     # -- doing -------------------------------------------------------------------------
-    def send(self, text: str, *, key: str | None = None) -> str:
+    def send(self, text: str, *, key: str | None = None, wait: bool = True) -> str:
         """One turn: log the message (durably), let the model work in the VM, checkpoint.
 
         Returns the model's answer. ``key`` makes the call idempotent: sending the
         same key again returns the answer of the turn it started (finishing that turn
-        first if it was interrupted) instead of starting a new one.
+        first if it was interrupted) instead of starting a new one.  A send while
+        another actor holds the session (a turn running) queues behind it; with
+        ``wait=False`` it raises ConflictError at once and logs nothing.
         """
         if not isinstance(text, str) or not text.strip():
             raise UsageError("a message must not be empty")
         self._check_tools_supplied()  # before the message is acknowledged
-        with self._locked():
+        with self._locked_or_busy(wait, "a turn"):
             entries = self._read()
             st = self._view.state(entries)
             if key is not None:
@@ -857,16 +895,17 @@ class Session:
         self._arm_idle()
         return vm
 
-    def recover(self, *, replay: bool = True) -> str | None:
+    def recover(self, *, replay: bool = True, wait: bool = True) -> str | None:
         """Bring the session back after a crash; returns the replayed turn's answer.
 
         With no interrupted turn this only makes sure the VM runs (restoring the
         last checkpoint if the VM is gone) and returns None.  ``replay=False`` (for
         a loop of one's own): restore the VM to the last checkpoint and supersede
         the work logged after it, but do not run torpor's loop; the turn stays open
-        until the caller's next :meth:`checkpoint`.
+        until the caller's next :meth:`checkpoint`.  ``wait=False``: ConflictError
+        at once if another actor holds the session (a turn running).
         """
-        with self._locked():
+        with self._locked_or_busy(wait, "a recovery"):
             st = self.state()
             if st.pending is None:
                 self._ensure_running(st)
@@ -1041,6 +1080,20 @@ class Session:
                 yield
             finally:
                 self._lock_owner = None
+
+    @contextlib.contextmanager
+    def _locked_or_busy(self, wait: bool, what: str) -> Iterator[None]:
+        """:meth:`_locked`; with ``wait=False`` a held lock is a ConflictError (the
+        HTTP API answers 409 instead of holding a request for a whole turn)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self._locked(wait=wait))
+            except BlockingIOError:
+                raise ConflictError(
+                    f"session {self.name} is busy (a turn or another change is running); "
+                    f"{what} can start once it ends"
+                ) from None
+            yield
 
     def _live_vm(self, st: SessionState) -> VM | None:
         if st.vm_id is None:
