@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agents import Agent, OpenAIChatCompletionsModel, set_tracing_disabled
+from openai import AsyncOpenAI
 
-pytest.importorskip("agents")
-
-from agents import Agent, OpenAIChatCompletionsModel, set_tracing_disabled  # noqa: E402
-from openai import AsyncOpenAI  # noqa: E402
-
-from tests.model.fakeapi import FakeAPI, openai_completion  # noqa: E402
-from torpor import failpoints  # noqa: E402
-from torpor.context import Kind, effective  # noqa: E402
-from torpor.context.errors import ContextError  # noqa: E402
-from torpor.errors import NotFoundError, UsageError  # noqa: E402
-from torpor.integrations.openai_agents import (  # noqa: E402
+from tests.model.fakeapi import FakeAPI, openai_completion
+from torpor import failpoints
+from torpor.context import Kind
+from torpor.context.errors import ContextError
+from torpor.errors import NotFoundError, UsageError
+from torpor.integrations.openai_agents import (
     CHECKPOINT_REASON,
     ITEM_KIND,
     TorporSession,
@@ -36,7 +33,7 @@ from torpor.integrations.openai_agents import (  # noqa: E402
     sandbox_tools,
 )
 
-from .conftest import Sessions, start_worker, wait_for  # noqa: E402
+from .conftest import Sessions, start_worker, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -46,8 +43,9 @@ COUNTER = "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done
 NOTE = "hello from the agent\n"
 
 
-def _agent(api: FakeAPI, ts: TorporSession) -> Agent[Any]:
-    client = AsyncOpenAI(base_url=f"{api.url}/v1", api_key="sk-test", max_retries=0)
+def _agent(api: FakeAPI | str, ts: TorporSession) -> Agent[Any]:
+    url = api if isinstance(api, str) else f"{api.url}/v1"
+    client = AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0)
     return Agent(
         name="worker",
         instructions="You work in a Linux microVM.",
@@ -123,3 +121,237 @@ def test_run_uses_the_sandbox_and_keeps_history_in_the_log(sessions: Sessions, a
         assert again.items() == ts.items()
         assert len(again.items()) == len(items) + 4  # user, call, output, answer
     assert [c.reason for c in ts.torpor.checkpoints][-2:] == [CHECKPOINT_REASON] * 2
+
+
+# A worker process: one durable run of the agent, then it exits.
+WORKER = """
+import sys
+from agents import Agent, OpenAIChatCompletionsModel, set_tracing_disabled
+from openai import AsyncOpenAI
+from torpor.integrations.openai_agents import TorporSession, run_durable, sandbox_tools
+
+set_tracing_disabled(True)
+ref, url, text = sys.argv[1:4]
+ts = TorporSession.open(ref)
+client = AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0, timeout=3600)
+agent = Agent(
+    name="worker",
+    instructions="You work in a Linux microVM.",
+    model=OpenAIChatCompletionsModel(model="gpt-test", openai_client=client),
+    tools=sandbox_tools(ts),
+)
+print("ANSWER:", run_durable(agent, text, session=ts).final_output, flush=True)
+"""
+
+FIRST = "write a note and start a counter"
+SECOND = "log your progress, then finish"
+
+
+def test_worker_killed_mid_run_then_recovered(sessions: Sessions, api: FakeAPI, tmp_path: Path):
+    s = sessions.create()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    url = f"{api.url}/v1"
+
+    # run 1 completes in a worker process
+    _script_first_run(api)
+    w = start_worker(script, s.id, url, FIRST)
+    out = w.communicate(timeout=600)[0].decode()
+    assert w.returncode == 0, out
+    assert "ANSWER: Note written, counter started." in out
+    with TorporSession.open(s.id) as reader:
+        done = reader.items()
+    assert len(done) == 6
+
+    # run 2: a tool call changes the machine, then the worker hangs on the model and is
+    # killed (SIGKILL) before the run's checkpoint; the VM lives on past the checkpoint
+    n = len(api.requests)
+    api.reply(_calls(("c9", "exec", {"command": "echo half-done >> /work/progress"})))
+    api.reply(openai_completion(text="never sent"), delay=3600)
+    w = start_worker(script, s.id, url, SECOND)
+    try:
+        wait_for(lambda: len(api.requests) >= n + 2 or w.poll() is not None, "request 2")
+        assert w.poll() is None, w.communicate()[0].decode()
+    finally:
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+    assert w.returncode == -signal.SIGKILL
+
+    ts = TorporSession(sessions.open(s.id))  # the new worker: this process
+    assert ts.torpor.status() == "interrupted"
+    assert ts.torpor.sandbox.files.read("/work/progress") == "half-done\n"
+    assert ts.items()[len(done)] == {"role": "user", "content": SECOND}  # provisional
+
+    assert ts.torpor.recover(replay=False) is None
+    # the conversation of the completed run is back, the interrupted run's items are not
+    assert ts.items() == done
+    # the machine is back at the checkpoint of run 1: the note is there, the half-done
+    # effect is not, and the counter started in run 1 is still counting
+    sb = ts.torpor.sandbox
+    assert sb.files.read("/work/notes.txt") == NOTE
+    assert not sb.files.exists("/work/progress")
+    restored = _counter(ts)
+    assert restored > 0
+    wait_for(lambda: _counter(ts) > restored, "the counter to go on counting")
+
+    # the user re-runs the interrupted input; it completes and is checkpointed
+    api.reply(_calls(("c10", "exec", {"command": "echo done >> /work/progress"})))
+    api.reply(openai_completion(text="Finished."))
+    r = run_durable(_agent(api, ts), SECOND, session=ts)
+    assert r.final_output == "Finished."
+    items = ts.items()
+    assert items[: len(done)] == done
+    assert items[len(done)] == {"role": "user", "content": SECOND}
+    assert [i for i in items if i.get("role") == "user"].count(items[len(done)]) == 1
+    assert _outputs(items)["c10"].startswith("exit code: 0")
+    assert "c9" not in _outputs(items)
+    assert ts.torpor.sandbox.files.read("/work/progress") == "done\n"
+    assert ts.torpor.status() == "running"
+    entries = ts.torpor.entries()
+    users = [e for e in entries if e.kind is Kind.USER]
+    assert [e.payload["content"] for e in users] == [FIRST, SECOND]  # the turn was reused
+    restores = [e for e in entries if e.kind is Kind.VM and e.payload.get("reason") == "recover"]
+    assert len(restores) == 1  # run_durable saw the recovery done: no second restore
+
+
+def test_next_run_recovers_a_crashed_run_by_itself(sessions: Sessions, api: FakeAPI):
+    """Without an explicit recover(), run_durable restores the last checkpoint first."""
+    ts = TorporSession(sessions.create())
+    ts.torpor.sandbox.files.write("/work/base", "base\n")
+    ts.torpor.checkpoint(reason="base")
+    base = ts.items()
+    # a run that "crashed": its turn opened, an item logged, the machine changed
+    ts.begin_run("first try")
+    ts.add([{"role": "user", "content": "first try"}])
+    ts.torpor.sandbox.files.write("/work/half", "x")
+    assert ts.torpor.status() == "interrupted"
+    api.reply(openai_completion(text="ok"))
+    r = run_durable(_agent(api, ts), "second try", session=ts)
+    assert r.final_output == "ok"
+    items = ts.items()
+    assert items[: len(base) + 1] == [*base, {"role": "user", "content": "second try"}]
+    assert len(items) == len(base) + 2  # the input and the answer: "first try" is gone
+    assert not ts.torpor.sandbox.files.exists("/work/half")
+    assert ts.torpor.sandbox.files.read("/work/base") == "base\n"
+    assert ts.torpor.status() == "running"
+
+
+def test_tool_failures_go_back_to_the_model(sessions: Sessions, api: FakeAPI):
+    ts = TorporSession(sessions.create())
+    api.reply(
+        _calls(
+            ("f1", "exec", {"command": "echo to-out; echo to-err >&2; cat /nope; exit 3"}),
+            ("f2", "read_file", {"path": "/nope/missing.txt"}),
+            ("f3", "write_file", {"path": "relative.txt", "content": "x"}),
+            ("f4", "exec", {"command": "sleep 30", "timeout_seconds": 1}),
+            ("f5", "read_file", {"path": "/work"}),
+        )
+    )
+    api.reply(openai_completion(text="Some things failed."))
+    r = run_durable(_agent(api, ts), "try things", session=ts)
+    assert r.final_output == "Some things failed."
+    out = _outputs(ts.items())
+    assert out["f1"].startswith("exit code: 3\n--- stdout ---\nto-out\n")
+    assert "to-err" in out["f1"] and "No such file" in out["f1"]
+    assert out["f2"].startswith("error: no such file or folder in the sandbox: /nope/missing.txt")
+    assert out["f3"].startswith("error: sandbox paths are absolute")
+    assert out["f4"].startswith("timed out after 1 s: the command's process group was killed")
+    assert out["f5"].startswith("error: ")  # a folder: the guest refuses, the model is told
+    # the tool outputs reached the model as the tool messages of the next request
+    sent = [m for m in api.requests[-1].body["messages"] if m["role"] == "tool"]
+    assert {m["tool_call_id"] for m in sent} == {"f1", "f2", "f3", "f4", "f5"}
+    assert ts.torpor.status() == "running"
+
+
+def test_output_a_tool_hands_over_is_bounded(sessions: Sessions, api: FakeAPI):
+    ts = TorporSession(sessions.create())
+    ts.torpor.sandbox.files.write("/work/big", "y" * 5000)
+    tools = {t.name: t for t in sandbox_tools(ts, max_output=100, max_read=1000)}
+    agent = _agent(api, ts)
+    agent.tools = list(tools.values())
+    api.reply(
+        _calls(
+            ("b1", "exec", {"command": "yes | head -c 100000"}),
+            ("b2", "read_file", {"path": "/work/big"}),
+        )
+    )
+    api.reply(openai_completion(text="big"))
+    run_durable(agent, "flood", session=ts)
+    out = _outputs(ts.items())
+    assert "[... 99900 more bytes not shown]" in out["b1"]
+    assert len(out["b1"]) < 400
+    assert out["b2"] == "y" * 1000 + "\n[... file longer than 1000 bytes: rest not shown]"
+
+
+def test_bad_input_is_a_typed_error(sessions: Sessions, paths) -> None:
+    with pytest.raises(NotFoundError):
+        TorporSession.open("no-such-session", paths=paths)
+    with pytest.raises(UsageError):
+        TorporSession(object())  # type: ignore[arg-type]
+    ts = TorporSession(sessions.create())
+    for bad in ({"timeout": 0}, {"timeout": 10**6}, {"max_output": 0}, {"max_read": "1"}):
+        with pytest.raises(UsageError):
+            sandbox_tools(ts, **bad)  # type: ignore[arg-type]
+    before = ts.torpor.entries()[-1].seq
+    with pytest.raises(UsageError):
+        ts.add([{"x": object()}])  # not JSON
+    with pytest.raises(UsageError):
+        ts.add({"role": "user", "content": "a dict, not a list"})  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        ts.items(limit="3")  # type: ignore[arg-type]
+    assert ts.torpor.entries()[-1].seq == before  # nothing was written
+
+
+def test_session_protocol_semantics(sessions: Sessions) -> None:
+    """add / get (limit) / pop / clear as the SDK's SQLiteSession does them, folded from
+    an append-only log; async methods for the SDK, sync ones for everyone else."""
+    ts = TorporSession(sessions.create())
+    a, b, c = ({"role": "user", "content": x} for x in "abc")
+
+    async def protocol() -> None:
+        assert await ts.get_items() == []
+        assert await ts.pop_item() is None
+        await ts.add_items([a, b, c])
+        assert await ts.get_items() == [a, b, c]
+        assert await ts.get_items(limit=2) == [b, c]
+        assert await ts.get_items(limit=0) == []
+        assert await ts.pop_item() == c
+        assert await ts.get_items() == [a, b]
+        await ts.add_items([a])  # the same item again is a new item, not a retry
+        assert await ts.get_items() == [a, b, a]
+        await ts.clear_session()
+        assert await ts.get_items() == []
+        await ts.add_items([c])
+        assert await ts.get_items() == [c]
+
+    asyncio.run(protocol())
+    assert TorporSession.open(ts.session_id, session_settings={"limit": 1}).items() == [c]
+    # the log only grew: every item, pop and clear is an entry
+    kinds = [e.payload["type"] for e in ts.torpor.entries() if e.kind is Kind.CUSTOM]
+    assert kinds.count(ITEM_KIND) == 5
+    assert kinds.count("openai_agents.pop") == 1 and kinds.count("openai_agents.clear") == 1
+
+
+def test_a_retried_add_does_not_duplicate(sessions: Sessions) -> None:
+    """The log fails on the 2nd item's write: the retry appends only what is missing."""
+    ts = TorporSession(sessions.create())
+    a, b = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+    failpoints.enable("log.write", "eio", after=2)
+    try:
+        with pytest.raises(ContextError):
+            ts.add([a, b])
+    finally:
+        failpoints.disable("log.write")
+    assert ts.items() == [a]  # the first item is durable
+    ts.add([a, b])  # what the SDK does after an error: the same add again
+    assert ts.items() == [a, b]
+
+
+def test_async_runner(sessions: Sessions, api: FakeAPI) -> None:
+    ts = TorporSession(sessions.create())
+    api.reply(_calls(("x1", "write_file", {"path": "/work/a", "content": "async"})))
+    api.reply(openai_completion(text="done"))
+    r = asyncio.run(run_durable_async(_agent(api, ts), "write it", session=ts))
+    assert r.final_output == "done"
+    assert ts.torpor.sandbox.files.read("/work/a") == "async"
+    assert ts.torpor.entries()[-1].kind is Kind.CHECKPOINT

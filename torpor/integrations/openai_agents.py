@@ -419,8 +419,30 @@ class _Box:
             return self._sb
 
 
-def _clip(text: str, dropped: int) -> str:
-    return text + (f"\n[... {dropped} more bytes not shown]" if dropped else "")
+class _Head:
+    """An output callback keeping the first ``limit`` bytes of a stream and counting
+    the rest (the Sandbox's own ``max_output`` drops a whole chunk that does not fit,
+    so a command printing one large chunk would show the model nothing)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.dropped = limit, 0, 0
+        self.parts: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        room = self.limit - self.size
+        if room >= len(data):
+            self.parts.append(text)
+            self.size += len(data)
+            return
+        if room > 0:
+            self.parts.append(data[:room].decode("utf-8", "ignore"))
+            self.size = self.limit
+        self.dropped += len(data) - max(room, 0)
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        return out + (f"\n[... {self.dropped} more bytes not shown]" if self.dropped else "")
 
 
 def _model_error(e: Exception, path: str | None = None) -> bool:
@@ -465,22 +487,20 @@ def sandbox_tools(
                 maximum: the tool's limit).
         """
         t = timeout if timeout_seconds is None else min(max(float(timeout_seconds), 1.0), timeout)
+        out, err = _Head(max_output), _Head(max_output)
         try:
-            r = box.get().exec(command, timeout=t, max_output=max_output)
-        except ExecTimeoutError as e:
-            return (
-                f"timed out after {t:g} s: the command's process group was killed\n"
-                f"--- stdout ---\n{e.stdout[:max_output]}\n--- stderr ---\n{e.stderr[:max_output]}"
+            r = box.get().exec(
+                command, timeout=t, max_output=max_output, on_stdout=out, on_stderr=err
             )
+        except ExecTimeoutError:
+            head = f"timed out after {t:g} s: the command's process group was killed"
         except (UsageError, AgentError) as e:
             if _model_error(e):
                 return f"error: {e}"
             raise
-        return (
-            f"exit code: {r.exit_code}\n"
-            f"--- stdout ---\n{_clip(r.stdout, r.stdout_dropped)}\n"
-            f"--- stderr ---\n{_clip(r.stderr, r.stderr_dropped)}"
-        )
+        else:
+            head = f"exit code: {r.exit_code}"
+        return f"{head}\n--- stdout ---\n{out.text()}\n--- stderr ---\n{err.text()}"
 
     def read_file(path: str) -> str:
         """Read a text file from your machine (an absolute path).
