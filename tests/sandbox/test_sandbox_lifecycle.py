@@ -4,7 +4,10 @@ hibernate and connect-wakes."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +139,52 @@ def test_aio_create_exec_hibernate_connect_kill(paths: Paths, tools_image: str) 
     sid = asyncio.run(main())
     with pytest.raises(NotFoundError):  # the async context manager killed it
         Sandbox.get_info(sid, paths=paths)
+
+
+def _watchers(vm_id: str) -> list[int]:
+    """pids of the sandbox watchers (torpor.sandbox.reaper) of VM ``vm_id``."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdecimal():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                if b"torpor.sandbox.reaper" in argv and vm_id.encode() in argv:
+                    out.append(int(d))
+    return out
+
+
+def test_restored_forked_and_woken_sandboxes_keep_timeout_and_idle(
+    paths: Paths, tools_image: str
+) -> None:
+    made: list[Sandbox] = []
+    sb = _small(paths, timeout=900, idle=3)
+    made.append(sb)
+    try:
+        snap = sb.snapshot()
+        sb.kill()  # the settings travel inside the snapshot, not with the source VM
+        sb2 = Sandbox.restore(snap, paths=paths)
+        made.append(sb2)
+        assert Sandbox.get_info(sb2.id, paths=paths).end_at is not None  # timeout inherited
+        kid = sb2.fork(1)[0]
+        made.append(kid)
+        assert Sandbox.get_info(kid.id, paths=paths).end_at is not None
+        # idle inherited: both hibernate by themselves
+        _wait_status(sb2, paths, "hibernated")
+        _wait_status(kid, paths, "hibernated")
+        # the watcher dies while the sandbox sleeps (say, a host reboot): connect wakes
+        # it and starts a new one, so idle still holds after the wake
+        for pid in _watchers(kid.id):
+            os.kill(pid, signal.SIGKILL)
+        woke = Sandbox.connect(kid.id, paths=paths)
+        assert woke.exec("echo awake").stdout == "awake\n"
+        assert len(_watchers(kid.id)) == 1
+        _wait_status(kid, paths, "hibernated")
+        # set_timeout(None) is what a later restore inherits too
+        sb2.set_timeout(None)
+        again = Sandbox.restore(sb2.snapshot(), paths=paths)
+        made.append(again)
+        assert Sandbox.get_info(again.id, paths=paths).end_at is None
+    finally:
+        for s in made:
+            with contextlib.suppress(NotFoundError):
+                s.kill()

@@ -14,7 +14,13 @@ Invariants:
   detached watcher process (``python -m torpor.sandbox.reaper``), so they hold
   after the creating process exits.  Both live in ``<vm dir>/sandbox.json``
   (written atomically), which ``set_timeout`` rewrites and the watcher re-reads
-  every second.
+  every second.  The watcher holds ``<vm dir>/sandbox.reaper`` locked for its
+  life: whoever finds that lock free (connect, wake, restore) starts one again.
+- The settings themselves (seconds, not the deadline) are also VM labels,
+  ``torpor.sandbox.timeout`` / ``torpor.sandbox.idle``, so they travel inside every
+  snapshot's recorded config: a restored or forked sandbox gets the same
+  ``timeout`` (counted from its restore) and ``idle`` as the one it came from, even
+  when that one is gone or the snapshot came from another host.
 - Activity, for ``idle``: every use of the agent connection through a Sandbox
   (any process) touches ``<vm dir>/sandbox.active``; a foreground ``exec`` and a
   background handle's ``wait``/``output`` hold a shared flock on
@@ -66,6 +72,10 @@ DEFAULT_EXEC_TIMEOUT = 60.0
 DEADLINE_FILE = "sandbox.json"
 ACTIVE_FILE = "sandbox.active"
 BUSY_FILE = "sandbox.busy"
+REAPER_LOCK = "sandbox.reaper"
+#: VM labels carrying ``timeout`` / ``idle`` into snapshots, restores and forks
+LABEL_TIMEOUT = "torpor.sandbox.timeout"
+LABEL_IDLE = "torpor.sandbox.idle"
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,37 @@ def _write_limits(vm_dir: Path, end_at: float | None, idle: float | None) -> Non
     from torpor.fsutil import atomic_write_json
 
     atomic_write_json(vm_dir / DEADLINE_FILE, {"end_at": end_at, "idle": idle})
+
+
+def _limit_labels(timeout: float | None, idle: float | None) -> dict[str, str]:
+    out = {}
+    if timeout is not None:
+        out[LABEL_TIMEOUT] = repr(float(timeout))
+    if idle is not None:
+        out[LABEL_IDLE] = repr(float(idle))
+    return out
+
+
+def _label_seconds(labels: Mapping[str, str], key: str) -> float | None:
+    """A positive, finite number of seconds from a label; None if absent or not one
+    (a snapshot's config may come from another host's store: never trusted to parse)."""
+    try:
+        v = float(labels[key])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return v if 0 < v < float("inf") else None
+
+
+def _reaper_running(vm_dir: Path) -> bool:
+    from torpor.fsutil import locked
+
+    try:
+        with locked(vm_dir / REAPER_LOCK, wait=False, make_parents=False):
+            return False
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:  # the VM is gone: nothing to watch
+        return True
 
 
 @contextlib.contextmanager
@@ -279,7 +320,7 @@ class Sandbox:
             memory_mib=memory if isinstance(memory, int) else parse_memory(memory),
             cpus=cpus,
             network=network,
-            labels=dict(labels or {}),
+            labels={**dict(labels or {}), **_limit_labels(timeout, idle)},
         )
         mgr = _manager(paths)
         vm = mgr.create(req)
@@ -292,7 +333,7 @@ class Sandbox:
             touch_active(vm.dir)  # the idle clock starts once it is up, not at create
             sb = cls(mgr, vm)
             if timeout is not None or idle is not None:
-                sb._start_reaper()
+                sb._ensure_reaper()
         except BaseException:
             with contextlib.suppress(Exception):
                 mgr.remove(vm.id, force=True)
@@ -306,14 +347,12 @@ class Sandbox:
         NotFoundError if there is none; ConflictError if it is stopped or dead.
         """
         mgr = _manager(paths)
-        vm = mgr.get(sandbox_id)
-        if vm.state.status == Status.HIBERNATED:
-            with contextlib.suppress(ConflictError):  # another process woke it first
-                vm = mgr.start(vm.id)
-            vm = mgr.get(vm.id)
+        vm = _wake_if_hibernated(mgr, mgr.get(sandbox_id))
         if vm.state.status != Status.RUNNING:
             raise ConflictError(f"sandbox {vm.name} is not running ({vm.state.status})")
-        return cls(mgr, vm)
+        sb = cls(mgr, vm)
+        sb._ensure_reaper()  # its watcher may have died (a reboot) while it slept
+        return sb
 
     @classmethod
     def list(
@@ -347,7 +386,25 @@ class Sandbox:
         from torpor.snapshot import restore
 
         mgr = _manager(paths)
-        return cls(mgr, restore(mgr, _snap_id(snap), name=name))
+        return cls._inherit(mgr, restore(mgr, _snap_id(snap), name=name))
+
+    @classmethod
+    def _inherit(cls, mgr: VMManager, vm: VM) -> Sandbox:
+        """A restored or forked VM as a Sandbox with the ``timeout`` and ``idle`` its
+        snapshot's config carries (labels): a fresh lifetime and idle clock from now."""
+        timeout = _label_seconds(vm.config.labels, LABEL_TIMEOUT)
+        idle = _label_seconds(vm.config.labels, LABEL_IDLE)
+        sb = cls(mgr, vm)
+        if timeout is not None or idle is not None:
+            try:
+                _write_limits(vm.dir, time.time() + timeout if timeout else None, idle)
+                touch_active(vm.dir)
+                sb._ensure_reaper()
+            except BaseException:  # never leave a copy running that would not be reaped
+                with contextlib.suppress(Exception):
+                    mgr.remove(vm.id, force=True)
+                raise
+        return sb
 
     def info(self) -> SandboxInfo:
         return _info(self._mgr.get(self.id))
@@ -360,10 +417,11 @@ class Sandbox:
         if timeout is not None and not timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
         vm = self._mgr.get(self.id)
-        end_at, idle = _read_limits(vm.dir)
+        idle = _read_limits(vm.dir)[1]
         _write_limits(vm.dir, None if timeout is None else time.time() + timeout, idle)
-        if timeout is not None and end_at is None and idle is None:
-            self._start_reaper()  # none runs: it exits when nothing is left to enforce
+        self._set_limit_labels(timeout, idle)  # what later restores and forks inherit
+        if timeout is not None:
+            self._ensure_reaper()  # none runs if nothing was left to enforce
 
     def kill(self) -> None:
         """End the sandbox and remove it (its snapshots stay)."""
@@ -389,7 +447,11 @@ class Sandbox:
         """A durable snapshot (memory, disk, devices); the sandbox keeps running."""
         from torpor.snapshot import snapshot
 
-        r = snapshot(self._mgr, self.id, tag=tag)
+        # a use like any other: wakes a hibernated sandbox, and the idle watcher must
+        # not hibernate it halfway (it would make this snapshot fail as "not running")
+        with self._busy():
+            self._client()
+            r = snapshot(self._mgr, self.id, tag=tag)
         return Snapshot(r.manifest.id, tag)
 
     def fork(self, n: int = 1) -> list[Sandbox]:
@@ -397,7 +459,7 @@ class Sandbox:
         from torpor.snapshot import fork
 
         snap = self.snapshot()
-        return [Sandbox(self._mgr, vm) for vm in fork(self._mgr, snap.id, n)]
+        return [Sandbox._inherit(self._mgr, vm) for vm in fork(self._mgr, snap.id, n)]
 
     def hibernate(self) -> Snapshot:
         """Snapshot, then end the VM (no CPU, no RAM); ``connect`` wakes it in place.
@@ -413,9 +475,10 @@ class Sandbox:
 
     def wake(self) -> None:
         """Resume a hibernated sandbox in place (what ``connect`` does)."""
-        vm = self._mgr.get(self.id)
+        vm = _wake_if_hibernated(self._mgr, self._mgr.get(self.id))
         if vm.state.status != Status.RUNNING:
-            self._mgr.start(self.id)
+            self._mgr.start(self.id)  # stopped: ConflictError/VMError say why not
+        self._ensure_reaper()
 
     # -- commands --------------------------------------------------------------------
     def exec(
@@ -557,10 +620,7 @@ class Sandbox:
             if conn is not None:
                 conn.close()
             self._conn = None
-            vm = self._mgr.get(self.id)
-            if vm.state.status == Status.HIBERNATED:
-                with contextlib.suppress(ConflictError):  # another process woke it first
-                    self._mgr.start(self.id)
+            _wake_if_hibernated(self._mgr, self._mgr.get(self.id))
             self._conn_sock = self._sock_id()
             self._conn = self._mgr.client(self.id)
             return self._conn
@@ -576,6 +636,25 @@ class Sandbox:
         with self._procs_lock:
             if self._procs.get(p.pid) is p:
                 del self._procs[p.pid]
+
+    def _set_limit_labels(self, timeout: float | None, idle: float | None) -> None:
+        import dataclasses
+
+        from torpor.fsutil import locked
+        from torpor.vmm.state import load_config, save_config
+
+        with locked(self._mgr.paths.locks / f"vm-{self.id}.lock"):  # as VMManager.rename
+            cfg = load_config(self._dir)
+            labels = {k: v for k, v in cfg.labels.items() if k not in (LABEL_TIMEOUT, LABEL_IDLE)}
+            labels.update(_limit_labels(timeout, idle))
+            if labels != cfg.labels:
+                save_config(self._dir, dataclasses.replace(cfg, labels=labels))
+
+    def _ensure_reaper(self) -> None:
+        """Start the watcher unless one holds its lock or there is nothing to enforce."""
+        end_at, idle = _read_limits(self._dir)
+        if (end_at is not None or idle is not None) and not _reaper_running(self._dir):
+            self._start_reaper()
 
     def _start_reaper(self) -> None:
         subprocess.Popen(
@@ -595,6 +674,22 @@ class Sandbox:
             cwd="/",
             env=dict(os.environ),
         )
+
+
+def _wake_if_hibernated(mgr: VMManager, vm: VM) -> VM:
+    """Start a hibernated sandbox in place; its record afterwards.
+
+    Under a shared hold of the busy lock: the idle watcher hibernates holding it
+    exclusively, and its VM reads "hibernated" before the hibernation is over (the
+    memory is still moving to the snapshot cache); a wake in that window failed
+    with "the cached memory ... changed during the restore".
+    """
+    if vm.state.status != Status.HIBERNATED:
+        return vm
+    # ConflictError: another process woke it first
+    with busy_lock(vm.dir, shared=True), contextlib.suppress(ConflictError):
+        mgr.start(vm.id)
+    return mgr.get(vm.id)
 
 
 def _info(vm: VM) -> SandboxInfo:

@@ -11,9 +11,12 @@ deadline; with neither a deadline nor ``idle`` left the watcher exits), and:
   foreground command holds it shared, and then the VM is not idle).  The
   activity time is checked again under the lock.
 
-A VM removed meanwhile ends the watcher.  Several watchers for one VM are
-harmless: removal is idempotent and a snapshot of a VM is serialised by
-torpor.snapshot (the loser sees a VM that is no longer running).
+A VM removed meanwhile ends the watcher.  One watcher per VM: it holds
+``<vm dir>/sandbox.reaper`` locked (exclusive flock) for its life and exits at
+once if another holds it, so a Sandbox that finds the lock free may start one
+(``Sandbox._ensure_reaper``) without counting the ones already there.  Were two to
+run anyway, that would be harmless: removal is idempotent and a snapshot of a VM is
+serialised by torpor.snapshot (the loser sees a VM that is no longer running).
 """
 
 from __future__ import annotations
@@ -35,11 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True, type=Path)
     ap.add_argument("--vm", required=True)
     args = ap.parse_args(argv)
+    from torpor.fsutil import locked
+    from torpor.sandbox.core import REAPER_LOCK
+
+    vm_dir = Paths(args.root).vm(args.vm)
+    try:
+        with locked(vm_dir / REAPER_LOCK, wait=False, make_parents=False):
+            return _watch(Paths(args.root), args.vm, vm_dir)
+    except (BlockingIOError, FileNotFoundError):
+        return 0  # another watcher has it, or the VM is gone
+
+
+def _watch(paths: Paths, vm_id: str, vm_dir: Path) -> int:
     from torpor.sandbox.core import _read_limits
     from torpor.vmm.manager import VMManager
 
-    paths = Paths(args.root)
-    vm_dir = paths.vm(args.vm)
     mgr = VMManager(paths)
     while True:
         if not (vm_dir / "vm.json").exists():
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         if idle is not None and _idle_for(vm_dir) >= idle:
             try:
-                _hibernate_if_idle(mgr, args.vm, vm_dir, idle)
+                _hibernate_if_idle(mgr, vm_id, vm_dir, idle)
             except NotFoundError:
                 return 0
             except TorporError as e:  # e.g. a full store: try again later
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         wait = POLL if end_at is None else min(POLL, max(0.0, end_at - time.time()))
         time.sleep(wait)
     try:
-        mgr.remove(args.vm, force=True)
+        mgr.remove(vm_id, force=True)
     except NotFoundError:
         return 0
     except TorporError as e:

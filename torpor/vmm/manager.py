@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 # boot code (kernel, initramfs, QEMU argv), the zygote and the agent protocol are
 # imported inside the methods that use them, not here (tests/cli/test_startup.py).
 
+# torpor's own labels that a restore or fork keeps (see RunRequest.from_config)
+INHERITED_LABELS = ("torpor.sandbox.",)
 # \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 _ADJ = (
@@ -133,7 +135,8 @@ class RunRequest:
         (QEMU cannot bind one twice), so a restore or fork forwards only ``ports``.
         Labels are, except torpor's own (``torpor.*``, e.g. the session that owns a VM):
         a copy someone makes of a session's VM is theirs, and the session's removal
-        must not take it along.
+        must not take it along.  ``torpor.sandbox.*`` labels are settings of the
+        machine, not ownership (a sandbox's ``timeout`` and ``idle``), and are kept.
         """
         return cls(
             image=cfg.image_id,
@@ -147,7 +150,11 @@ class RunRequest:
             accel=cfg.accel,
             ports=ports,
             network=cfg.network,
-            labels={k: v for k, v in cfg.labels.items() if not k.startswith("torpor.")},
+            labels={
+                k: v
+                for k, v in cfg.labels.items()
+                if not k.startswith("torpor.") or k.startswith(INHERITED_LABELS)
+            },
             log_limits=LogLimits(cfg.log_max_size, cfg.log_max_files),
         )
 
