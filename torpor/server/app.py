@@ -8,6 +8,10 @@ token store, the rate limiter, the body cap and the problem-details handlers.
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,6 +24,7 @@ from torpor.server.tokens import TokenStore
 
 ROUTERS = (
     "torpor.server.routes.system",
+    "torpor.server.routes.metrics",
     "torpor.server.routes.sessions",
     "torpor.server.routes.sandboxes",
     "torpor.server.routes.snapshots",
@@ -87,8 +92,28 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start-up: recover interrupted turns (a kill -9 of the last server) in a thread of
+    their own, so /healthz answers at once; a daemon thread, since a recovery cut by
+    shutdown is just another interrupted turn for the next start."""
+    from torpor.server.routes.sessions import recover_all
+
+    home = app.state.config.home
+
+    def run() -> None:
+        try:
+            app.state.recovered = recover_all(home)
+        except Exception:
+            logging.getLogger("torpor.server").exception("restart recovery failed")
+
+    threading.Thread(target=run, name="torpor-recover", daemon=True).start()
+    yield
+
+
 def create_app(cfg: Config) -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="torpor",
         version=__version__,
         description="Durable AI-agent sessions and sandboxes on snapshotted microVMs.",
