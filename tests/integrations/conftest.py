@@ -71,6 +71,11 @@ class Sessions:
         self.made.append(s)
         return s
 
+    def track(self, s: Session) -> Session:
+        """Remove ``s`` (a fork, say) at teardown too."""
+        self.made.append(s)
+        return s
+
     def cleanup(self) -> None:
         removed: set[str] = set()
         for s in self.made:

@@ -355,3 +355,41 @@ def test_async_runner(sessions: Sessions, api: FakeAPI) -> None:
     assert r.final_output == "done"
     assert ts.torpor.sandbox.files.read("/work/a") == "async"
     assert ts.torpor.entries()[-1].kind is Kind.CHECKPOINT
+
+
+def test_a_failed_run_is_logged_and_settled(sessions: Sessions, api: FakeAPI) -> None:
+    """The model API fails (500, no retry): the error is logged, the run checkpointed
+    (not left interrupted), and the exception reaches the caller."""
+    import openai
+
+    ts = TorporSession(sessions.create())
+    agent = _agent(api, ts)  # nothing queued: the server answers 500
+    with pytest.raises(openai.InternalServerError):
+        run_durable(agent, "fail please", session=ts)
+    entries = ts.torpor.entries()
+    errors = [e for e in entries if e.kind is Kind.ERROR]
+    assert errors and errors[-1].payload["type"] == "InternalServerError"
+    assert entries[-1].kind is Kind.CHECKPOINT and ts.torpor.status() == "running"
+
+    async def inside_a_loop() -> None:
+        with pytest.raises(UsageError, match="run_durable_async"):
+            run_durable(agent, "sync inside async", session=ts)
+
+    asyncio.run(inside_a_loop())
+    assert ts.torpor.entries()[-1].seq == entries[-1].seq  # refused before anything was logged
+
+
+def test_fork_carries_history_and_machine(sessions: Sessions, api: FakeAPI) -> None:
+    ts = TorporSession(sessions.create())
+    _script_first_run(api)
+    run_durable(_agent(api, ts), FIRST, session=ts)
+    child = TorporSession(sessions.track(ts.torpor.fork()))
+    assert child.items() == ts.items()
+    assert child.torpor.sandbox.files.read("/work/notes.txt") == NOTE
+    wait_for(lambda: _counter(child) > 0, "the fork's counter")
+    api.reply(_calls(("k1", "write_file", {"path": "/work/notes.txt", "content": "child"})))
+    api.reply(openai_completion(text="changed"))
+    run_durable(_agent(api, child), "change the note", session=child)
+    assert len(child.items()) == len(ts.items()) + 4
+    assert child.torpor.sandbox.files.read("/work/notes.txt") == "child"
+    assert ts.torpor.sandbox.files.read("/work/notes.txt") == NOTE  # the parent is untouched

@@ -373,6 +373,12 @@ def run_durable(
     and machine are saved at the same moment.  ``kwargs`` go to ``Runner.run_sync``.
     """
     ts = _as_session(session)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:  # Runner.run_sync would refuse only after the turn was opened in the log
+        raise UsageError("run_durable() cannot run inside an event loop: use run_durable_async()")
     ts.begin_run(input)
     try:
         result = Runner.run_sync(agent, input, session=ts, **kwargs)
