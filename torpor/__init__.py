@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Sandbox", "Session", "Tool", "__version__", "tool"]
+__all__ = ["Client", "Sandbox", "Session", "Tool", "__version__", "tool"]
 
 
 def __getattr__(name: str) -> object:
@@ -15,6 +15,10 @@ def __getattr__(name: str) -> object:
         from torpor.sandbox import Sandbox
 
         return Sandbox
+    if name == "Client":  # the same Sandbox and Session, through a server (torpor.client)
+        from torpor.client import Client
+
+        return Client
     if name in ("Tool", "tool"):  # custom tools for a session's model
         from torpor.session import tools
 

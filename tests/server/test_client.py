@@ -1,0 +1,159 @@
+"""torpor.Client against a real ``torpor serve`` process: the same scenario run with the
+local library and through the server gives the same results and the same errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import torpor
+from tests.server.conftest import LiveServer, Tokens
+from torpor.client import Client
+from torpor.errors import (
+    ExecTimeoutError,
+    NotFoundError,
+    NotSupportedError,
+    TorporError,
+    UsageError,
+)
+from torpor.sandbox import CommandResult, EntryInfo, SandboxInfo, Snapshot
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def client(live_server: LiveServer, tokens: Tokens, tools_image: str) -> Iterator[Client]:
+    with torpor.Client(live_server.url, tokens.default) as c:
+        yield c
+
+
+def sandbox_scenario(Sandbox: Any) -> dict[str, Any]:
+    """Everything a user does with one sandbox; the answers, minus ids and times."""
+    out: dict[str, Any] = {}
+    with Sandbox.create("tools:latest", memory="256M", network=False, labels={"t": "client"}) as sb:
+        info = sb.info()
+        assert isinstance(info, SandboxInfo)
+        out["info"] = (info.image, info.status, info.labels.get("t"), info.memory_mib, info.cpus)
+        r = sb.exec("echo out; echo err >&2; exit 3")
+        assert isinstance(r, CommandResult)
+        out["exec"] = r
+        out["exec_argv"] = sb.exec(["sh", "-c", 'echo "$1"', "-", "a b; rm -rf /"]).stdout
+        out["env"] = sb.exec('pwd; echo "$CI"', cwd="/tmp", env={"CI": "1"}).stdout
+        out["stdin"] = sb.exec("cat", stdin="fed\n").stdout
+        chunks: list[str] = []
+        errs: list[str] = []
+        r = sb.exec(
+            "for i in 1 2 3; do echo $i; done; echo e >&2",
+            on_stdout=chunks.append,
+            on_stderr=errs.append,
+        )
+        out["streamed"] = ("".join(chunks), "".join(errs), r.stdout, r.exit_code)
+        e = sb.files.write("/root/dir/f.txt", "hello\n")
+        assert isinstance(e, EntryInfo)
+        out["write"] = (e.name, e.path, e.type, e.size, e.mode & 0o777)
+        out["read"] = sb.files.read("/root/dir/f.txt")
+        out["read_bytes"] = sb.files.read("/root/dir/f.txt", format="bytes")
+        out["list"] = [(x.name, x.type, x.size) for x in sb.files.list("/root/dir")]
+        sb.files.write("/root/bin.dat", bytes(range(256)))
+        out["binary"] = sb.files.read("/root/bin.dat", format="bytes") == bytes(range(256))
+        sb.files.remove("/root/dir")
+        out["removed"] = sb.files.exists("/root/dir/f.txt")
+        sb.exec("echo before-snapshot > /root/state")
+        snap = sb.snapshot(tag="client-test")
+        assert isinstance(snap, Snapshot)
+        out["snap_tag"] = snap.tag
+        sb.exec("echo after > /root/state")
+        with Sandbox.restore(snap) as sb2:
+            out["restored"] = sb2.exec("cat /root/state").stdout
+            out["restored_status"] = sb2.info().status
+        out["listed"] = sb.id in [i.id for i in Sandbox.list(labels={"t": "client"})]
+    return out
+
+
+def test_sandbox_scenario_is_the_same_locally_and_remotely(client: Client) -> None:
+    local = sandbox_scenario(torpor.Sandbox)
+    remote = sandbox_scenario(client.Sandbox)
+    assert remote == local
+    assert local["exec"] == CommandResult(3, "out\n", "err\n")
+    assert local["restored"] == "before-snapshot\n"
+    assert local["streamed"] == ("1\n2\n3\n", "e\n", "1\n2\n3\n", 0)
+
+
+def errors_scenario(Sandbox: Any, sb: Any) -> list[tuple[type, str]]:
+    """The error class (and a stable part of the message) of each misuse."""
+    got: list[tuple[type, str]] = []
+
+    def expect(fn: Any, *args: Any, **kw: Any) -> None:
+        try:
+            fn(*args, **kw)
+        except TorporError as e:
+            got.append((type(e), str(e)[:40]))
+        else:
+            got.append((type(None), "no error"))
+
+    expect(Sandbox.connect, "no-such-sandbox")
+    expect(Sandbox.get_info, "no-such-sandbox")
+    expect(sb.files.read, "/no/such/file")
+    expect(sb.files.read, "relative/path")
+    expect(sb.exec, "sleep 30", timeout=2)
+    expect(sb.exec, [])
+    return got
+
+
+def test_errors_map_back_to_the_same_classes(client: Client) -> None:
+    local_sb = torpor.Sandbox.create("tools:latest", memory="256M", network=False)
+    try:
+        local = errors_scenario(torpor.Sandbox, local_sb)
+        remote_sb = client.Sandbox.connect(local_sb.id)  # the same VM, through the server
+        remote = errors_scenario(client.Sandbox, remote_sb)
+        classes = [c for c, _ in local]
+        assert [c for c, _ in remote] == classes
+        assert classes == [
+            NotFoundError,
+            NotFoundError,
+            NotFoundError,
+            UsageError,
+            ExecTimeoutError,
+            UsageError,
+        ]
+        # the server's message is the library's own
+        assert [m for _, m in remote][:3] == [m for _, m in local][:3]
+        with pytest.raises(ExecTimeoutError) as ei:
+            remote_sb.exec("echo started; sleep 30", timeout=2)
+        assert ei.value.stdout == "started\n" and ei.value.status == 504  # type: ignore[attr-defined]
+    finally:
+        with contextlib.suppress(TorporError):
+            local_sb.kill()
+
+
+def test_what_the_api_cannot_do_says_so(client: Client) -> None:
+    with pytest.raises(UsageError):
+        client.Sandbox.create(paths=object())  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):
+        client.Sandbox.get_info("nope")
+    sbs = client.Sandbox.list()
+    assert all(isinstance(i, SandboxInfo) for i in sbs)
+    with pytest.raises(NotSupportedError):
+        client.Sandbox(SandboxInfo("x" * 12, "x", "tools:latest", "running")).exec(
+            "true", stdin=True
+        )
+
+
+def test_a_token_of_another_namespace_sees_nothing(
+    live_server: LiveServer, tokens: Tokens, client: Client
+) -> None:
+    sb = client.Sandbox.create("tools:latest", memory="256M", network=False)
+    try:
+        with torpor.Client(live_server.url, tokens.other) as other:
+            with pytest.raises(NotFoundError):
+                other.Sandbox.connect(sb.id)
+            assert sb.id not in [i.id for i in other.Sandbox.list()]
+        with torpor.Client(live_server.url, "tpr_bad_token") as bad:
+            with pytest.raises(TorporError) as ei:
+                bad.Sandbox.list()
+            assert ei.value.status == 401  # type: ignore[attr-defined]
+    finally:
+        sb.kill()

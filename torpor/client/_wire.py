@@ -1,0 +1,383 @@
+"""What the sync and the async client share: no I/O here, only rules and shapes.
+
+- **Errors**: a problem-details body (docs/api.md) becomes the typed torpor error its
+  ``error`` field names (a :class:`~torpor.errors.TorporError` subclass from
+  ``torpor.errors``, ``SessionError`` or ``ModelError``; nothing else is looked up, so
+  a server cannot make the client build an arbitrary class); without one, the HTTP
+  status picks a category, and anything else is a plain ``TorporError``.  Every error
+  raised by a client carries ``status`` (the HTTP status, or None when the server was
+  never reached).
+- **Retries**: a request that never reached the server (connect error) is retried
+  whatever its method; one that may have reached it only when it is idempotent
+  (GET/PUT/DELETE, or a POST carrying an ``Idempotency-Key``).  429 is retried always
+  (the server did nothing), after ``Retry-After``.  Backoff doubles from 0.25 s, capped.
+- **Decoding**: JSON objects become the library's own dataclasses (SandboxInfo,
+  CommandResult, Entry, Checkpoint, ...) by field name; unknown fields are ignored and
+  missing ones keep their defaults, so a newer server does not break an older client.
+- **SSE**: :class:`SSEParser` turns lines into ``(event, data, id)`` per the
+  Server-Sent Events spec (``data`` lines joined, comments ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from torpor import errors as E
+
+ENV_HOST = "TORPOR_HOST"
+ENV_TOKEN = "TORPOR_TOKEN"
+#: Attempts of one request (the first included) before the last failure is raised.
+DEFAULT_RETRIES = 5
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 8.0
+#: Longest Retry-After the client honours; a larger one is waited this long.
+RETRY_AFTER_MAX = 60.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+T = TypeVar("T")
+
+
+def resolve(url: str | None, token: str | None) -> tuple[str, str | None]:
+    """The server URL and token: the arguments, else ``TORPOR_HOST``/``TORPOR_TOKEN``."""
+    url = url or os.environ.get(ENV_HOST) or ""
+    if not url:
+        raise E.UsageError(f"no server given: pass a URL or set {ENV_HOST}")
+    if "://" not in url:
+        url = "http://" + url  # like docker -H host:port
+    if not url.startswith(("http://", "https://")):
+        raise E.UsageError(f"server URL must be http:// or https://, not {url!r}")
+    token = token if token is not None else os.environ.get(ENV_TOKEN) or None
+    return url.rstrip("/"), token
+
+
+def seg(ref: object) -> str:
+    """One path segment: a name or id, never a path of its own (no ``/`` or ``..``)."""
+    s = str(ref)
+    if not s or s in (".", ".."):
+        raise E.UsageError(f"invalid reference {s!r}")
+    return quote(s, safe="")
+
+
+def new_key() -> str:
+    return f"tpc-{uuid.uuid4().hex}"
+
+
+# -- errors ------------------------------------------------------------------------------
+
+_BY_STATUS: dict[int, type[E.TorporError]] = {
+    400: E.UsageError,
+    404: E.NotFoundError,
+    409: E.ConflictError,
+    413: E.UsageError,
+    422: E.UsageError,
+    501: E.NotSupportedError,
+}
+
+
+def _error_class(name: object) -> type[E.TorporError] | None:
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    cls = getattr(E, name, None)
+    if cls is None and name == "SessionError":
+        from torpor.session.core import SessionError
+
+        cls = SessionError
+    if cls is None and name == "ModelError":
+        from torpor.model.errors import ModelError
+
+        cls = ModelError
+    if isinstance(cls, type) and issubclass(cls, E.TorporError):
+        return cls
+    return None
+
+
+def error_from(status: int, body: object, reason: str = "") -> E.TorporError:
+    """The typed error for a non-2xx answer (``body``: the decoded JSON, or text)."""
+    d = body if isinstance(body, dict) else {}
+    detail = d.get("detail")
+    if not isinstance(detail, str) or not detail:
+        text = body if isinstance(body, str) else ""
+        detail = f"the server answered {status} {reason}".rstrip() + (
+            f": {text.strip()[:300]}" if text.strip() else ""
+        )
+    if d.get("errors") and status == 422:  # schema violations: name the fields
+        where = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg', '')}"
+            for e in d["errors"][:5]
+            if isinstance(e, dict)
+        )
+        detail = f"{detail} ({where})" if where else detail
+    step = d.get("step") if isinstance(d.get("step"), str) else None
+    cls = _error_class(d.get("error")) or _BY_STATUS.get(status, E.TorporError)
+    # built without the class's own __init__: some take other arguments (ChunkError)
+    err = cls.__new__(cls)
+    E.TorporError.__init__(err, detail, step=step)
+    if isinstance(err, E.ExecTimeoutError):
+        err.stdout = str(d.get("stdout") or "")
+        err.stderr = str(d.get("stderr") or "")
+    if isinstance(err, E.ChunkError):
+        err.artifact = str(d.get("artifact") or "")
+        err.missing, err.corrupt = (), ()
+    err.status = status  # type: ignore[attr-defined]
+    return err
+
+
+def unreachable(url: str, exc: Exception) -> E.TorporError:
+    err = E.TorporError(f"cannot reach the torpor server at {url}: {exc}", step="connect")
+    err.status = None  # type: ignore[attr-defined]
+    return err
+
+
+@dataclass
+class Backoff:
+    """The wait before the next attempt, or None when the attempts are used up."""
+
+    retries: int = DEFAULT_RETRIES
+    attempt: int = 0
+
+    def next(self, retry_after: str | None = None) -> float | None:
+        self.attempt += 1
+        if self.attempt >= self.retries:
+            return None
+        if retry_after is not None:
+            try:
+                secs = float(retry_after)
+                if math.isfinite(secs) and secs >= 0:
+                    return min(secs, RETRY_AFTER_MAX)
+            except ValueError:
+                pass  # an HTTP date: fall back to the backoff
+        return min(BACKOFF_FIRST * 2 ** (self.attempt - 1), BACKOFF_MAX)
+
+
+def may_retry_after_send(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request that may have reached the server can be sent again."""
+    return method.upper() in IDEMPOTENT or "Idempotency-Key" in headers
+
+
+# -- SSE ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    event: str
+    data: str
+    id: str | None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.data) if self.data else None
+        except ValueError as e:
+            raise E.ProtocolError(f"the server sent a malformed {self.event!r} event") from e
+
+
+class SSEParser:
+    """Feed lines (without their newline); yields complete events."""
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+        self.last_id: str | None = None
+
+    def feed(self, line: str) -> Event | None:
+        if line == "":
+            if not self._data and not self._event:
+                return None
+            ev = Event(self._event or "message", "\n".join(self._data), self._id)
+            if self._id is not None:
+                self.last_id = self._id
+            self._event, self._data, self._id = "", [], None
+            return ev
+        if line.startswith(":"):
+            return None  # a comment (keep-alive)
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        elif field == "id" and "\0" not in value:
+            self._id = value
+        return None
+
+
+# -- request bodies ----------------------------------------------------------------------
+
+
+def drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def stdin_field(stdin: bytes | str | bool | None) -> dict[str, Any]:
+    if stdin is None or stdin is False:
+        return {}
+    if stdin is True:
+        raise E.NotSupportedError(
+            "stdin=True (an open stdin fed with send_stdin) is not available through a "
+            "server: pass the input as bytes or str"
+        )
+    if isinstance(stdin, str):
+        return {"stdin": stdin}
+    try:
+        return {"stdin": bytes(stdin).decode("utf-8")}
+    except UnicodeDecodeError:
+        raise E.NotSupportedError(
+            "stdin through a server is text: these bytes are not UTF-8 (write them to a "
+            "file with files.write and redirect from it)"
+        ) from None
+
+
+def no_paths(paths: object) -> None:
+    if paths is not None:
+        raise E.UsageError("paths= names a local torpor home; a remote client has none")
+
+
+def labels_query(labels: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    return [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+
+def build(cls: type[T], d: object, **override: Any) -> T:
+    """``cls`` (a dataclass) from the matching keys of ``d``."""
+    if not isinstance(d, dict):
+        raise E.ProtocolError(f"the server sent {type(d).__name__} where {cls.__name__} belongs")
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in override:
+            kw[f.name] = override[f.name]
+        elif f.name in d:
+            v = d[f.name]
+            kw[f.name] = tuple(v) if isinstance(v, list) and "tuple" in str(f.type) else v
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise E.ProtocolError(f"the server's {cls.__name__} lacks a field: {e}") from e
+
+
+def items(body: object, *keys: str) -> list[Any]:
+    """The list in a list answer: the body itself or its ``items`` (or a named key)."""
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict):
+        for k in ("items", *keys):
+            if isinstance(body.get(k), list):
+                return list(body[k])
+    raise E.ProtocolError("the server sent no list where one belongs")
+
+
+def sandbox_info(d: object) -> Any:
+    from torpor.sandbox.core import SandboxInfo
+
+    if isinstance(d, dict) and isinstance(d.get("sandbox"), dict):
+        d = d["sandbox"]
+    return build(SandboxInfo, d)
+
+
+def command_result(d: object) -> Any:
+    from torpor.sandbox.process import CommandResult
+
+    return build(CommandResult, d)
+
+
+def entry_info(d: object) -> Any:
+    from torpor.sandbox.files import EntryInfo
+
+    return build(EntryInfo, d)
+
+
+def process_info(d: object) -> Any:
+    from torpor.sandbox.core import ProcessInfo
+
+    if not isinstance(d, dict):
+        raise E.ProtocolError("the server sent a malformed process")
+    return ProcessInfo(int(d.get("pid", 0)), tuple(str(a) for a in d.get("cmdline") or ()))
+
+
+def snapshot_of(d: object) -> Any:
+    from torpor.sandbox.core import Snapshot
+
+    if isinstance(d, dict) and isinstance(d.get("snapshot"), dict):
+        d = d["snapshot"]
+    if isinstance(d, dict) and "id" not in d and isinstance(d.get("snapshot"), str):
+        d = {"id": d["snapshot"], "tag": d.get("tag")}
+    return build(Snapshot, d)
+
+
+def entry(d: object) -> Any:
+    from torpor.context.model import Entry, Kind
+
+    if not isinstance(d, dict):
+        raise E.ProtocolError("the server sent a malformed log entry")
+    try:
+        return Entry(
+            session_id=str(d.get("session_id") or d.get("session") or ""),
+            seq=int(d["seq"]),
+            kind=Kind(d["kind"]),
+            payload=dict(d.get("payload") or {}),
+            key=d.get("key"),
+            created_at=float(d.get("created", d.get("created_at", 0.0)) or 0.0),
+            turn=int(d.get("turn", 0)),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise E.ProtocolError(f"the server sent a malformed log entry: {e}") from e
+
+
+def checkpoint(d: object) -> Any:
+    from torpor.session.core import Checkpoint
+
+    if isinstance(d, dict) and isinstance(d.get("checkpoint"), dict):
+        d = d["checkpoint"]
+    if isinstance(d, dict) and "created_at" not in d:  # the API names it ``created``
+        d = {**d, "created_at": d.get("created", 0.0)}
+    return build(Checkpoint, d)
+
+
+def entries(body: object) -> list[Any]:
+    return [entry(x) for x in items(body, "entries")]
+
+
+def checkpoints(body: object) -> list[Any]:
+    return [checkpoint(x) for x in items(body, "checkpoints")]
+
+
+def session_doc(body: object) -> dict[str, Any]:
+    """A session's JSON (``{"session": {...}}`` or the object itself), with an id."""
+    if isinstance(body, dict) and isinstance(body.get("session"), dict):
+        body = body["session"]
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise E.ProtocolError("the server sent a session without an id")
+    return body
+
+
+def answer_of(body: object) -> str | None:
+    if isinstance(body, dict):
+        a = body.get("answer")
+        return a if isinstance(a, str) or a is None else str(a)
+    if isinstance(body, str):
+        return body
+    return None
+
+
+def cmd_body(cmd: str | Iterable[str]) -> str | list[str]:
+    """A string stays one (the server runs it with ``/bin/sh -c``, as the library)."""
+    argv = cmd if isinstance(cmd, str) else [str(a) for a in cmd]
+    if not argv:
+        raise E.UsageError("empty command")
+    return argv
+
+
+def exec_exit(data: object) -> Any:
+    """The ``exit`` event of an exec stream as a CommandResult (output filled in later)."""
+    from torpor.sandbox.process import CommandResult
+
+    d = data if isinstance(data, dict) else {"exit_code": data}
+    return build(CommandResult, {"stdout": "", "stderr": "", **d})

@@ -1,0 +1,595 @@
+"""``torpor.aio.Client``: the remote SDK, awaitable, on ``httpx.AsyncClient``.
+
+The same surface as :mod:`torpor.client.sync` with ``async def`` methods (as
+:mod:`torpor.sandbox.aio` mirrors the local Sandbox): ``await c.Sandbox.create()``,
+``await sb.exec(...)``, ``await sb.files.read(...)``, ``await s.send(...)``.  The rules
+(errors, retries, idempotency keys, decoding) are the sync client's, from
+:mod:`torpor.client._wire`; only the I/O differs.  ``checkpoints`` is a coroutine
+method here (a property cannot be awaited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import httpx
+
+from torpor import errors as E
+from torpor.client import _wire as W
+from torpor.client.sync import DEFAULT_TIMEOUT, EventHook, ExecStream, OutputCallback, _Dropped
+
+
+class AsyncTransport:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        retries: int = W.DEFAULT_RETRIES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.url, self.token = W.resolve(url, token)
+        headers = {"User-Agent": "torpor-client", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        self.retries = max(1, retries)
+        self.http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
+            transport=transport,
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        stream: bool = False,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kw: Any,
+    ) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs["Idempotency-Key"] = key
+        backoff = W.Backoff(self.retries)
+        while True:
+            try:
+                req = self.http.build_request(method, path, headers=hdrs, **kw)
+                resp = await self.http.send(req, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                wait = backoff.next()
+                if wait is None:
+                    raise W.unreachable(self.url, e) from e
+                await asyncio.sleep(wait)
+                continue
+            except httpx.TransportError as e:
+                if W.may_retry_after_send(method, hdrs):
+                    wait = backoff.next()
+                    if wait is not None:
+                        await asyncio.sleep(wait)
+                        continue
+                raise W.unreachable(self.url, e) from e
+            if resp.status_code == 429:
+                wait = backoff.next(resp.headers.get("Retry-After"))
+                if wait is not None:
+                    await resp.aclose()
+                    await asyncio.sleep(wait)
+                    continue
+            if resp.status_code >= 400:
+                try:
+                    await resp.aread()
+                    body: Any = resp.json()
+                except (ValueError, httpx.HTTPError):
+                    body = resp.text if resp.content else ""
+                finally:
+                    await resp.aclose()
+                raise W.error_from(resp.status_code, body, resp.reason_phrase)
+            return resp
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        resp = await self.send(method, path, **kw)
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise E.ProtocolError(f"{method} {path}: the server's answer is not JSON") from e
+
+    async def events(self, method: str, path: str, **kw: Any) -> AsyncIterator[W.Event]:
+        hdrs = {**(kw.pop("headers", None) or {}), "Accept": "text/event-stream"}
+        resp = await self.send(method, path, stream=True, headers=hdrs, **kw)
+        try:
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                await resp.aread()
+                yield W.Event("json", resp.text, None)
+                return
+            parser = W.SSEParser()
+            try:
+                async for line in resp.aiter_lines():
+                    ev = parser.feed(line)
+                    if ev is not None:
+                        yield ev
+                ev = parser.feed("")
+                if ev is not None:
+                    yield ev
+            except httpx.TransportError as e:
+                raise W.unreachable(self.url, e) from e
+        finally:
+            await resp.aclose()
+
+
+async def _pages(
+    t: AsyncTransport, path: str, params: list[tuple[str, str]], key: str
+) -> list[Any]:
+    out: list[Any] = []
+    cursor: str | None = None
+    seen: set[str] = set()
+    while True:
+        p = list(params) + ([("cursor", cursor)] if cursor else [])
+        d = await t.call("GET", path, params=p)
+        out.extend(W.items(d, key))
+        cursor = d.get("next_cursor") if isinstance(d, dict) else None
+        if not cursor or cursor in seen:
+            return out
+        seen.add(cursor)
+
+
+async def _exec_events(
+    events: AsyncIterator[W.Event],
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    max_output: int,
+) -> Any:
+    st = ExecStream(on_stdout, on_stderr, max_output)
+    async for ev in events:
+        r = st.feed(ev)
+        if r is not None:
+            return r
+    raise st.ended()
+
+
+class AsyncFiles:
+    def __init__(self, sb: AsyncSandbox):
+        self._sb = sb
+
+    def _path(self) -> str:
+        return f"{self._sb._path}/files"
+
+    async def read(self, path: str, format: str = "text") -> str | bytes:
+        if format not in ("text", "bytes"):
+            raise E.UsageError(f"format must be 'text' or 'bytes', not {format!r}")
+        resp = await self._sb._t.send("GET", self._path(), params={"path": path})
+        return resp.content if format == "bytes" else resp.content.decode("utf-8", "replace")
+
+    async def write(self, path: str, data: str | bytes, mode: int = 0o644) -> Any:
+        body = data.encode() if isinstance(data, str) else data
+        d = await self._sb._t.call(
+            "PUT",
+            self._path(),
+            params={"path": path, "mode": str(mode)},
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return W.entry_info(d) if isinstance(d, dict) else await self.get_info(path)
+
+    async def list(self, path: str) -> list[Any]:
+        d = await self._sb._t.call("GET", f"{self._path()}/list", params={"path": path})
+        return [W.entry_info(x) for x in W.items(d, "entries")]
+
+    async def get_info(self, path: str) -> Any:
+        if not path.startswith("/"):
+            raise E.UsageError(f"sandbox paths are absolute: {path!r}")
+        parent, _, name = path.rstrip("/").rpartition("/")
+        for e in await self.list(parent or "/"):
+            if e.name == name:
+                return e
+        raise E.NotFoundError(f"no such file or folder in the sandbox: {path}", path=path)
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.get_info(path)
+        except E.NotFoundError:
+            return False
+        return True
+
+    async def remove(self, path: str) -> None:
+        await self._sb._t.call("DELETE", self._path(), params={"path": path})
+
+
+class AsyncCommands:
+    def __init__(self, sb: AsyncSandbox):
+        self._sb = sb
+
+    async def run(self, cmd: str | Iterable[str], **kw: Any) -> Any:
+        if "envs" in kw:
+            kw["env"] = kw.pop("envs")
+        return await self._sb.exec(cmd, **kw)
+
+    def list(self) -> list[Any]:
+        return []
+
+    async def kill(self, pid: int) -> bool:
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 2:
+            raise E.UsageError(f"invalid pid {pid!r}")
+        d = await self._sb._t.call("POST", f"{self._sb._path}/processes/{pid}/kill")
+        return bool(d.get("killed", True)) if isinstance(d, dict) else True
+
+
+class AsyncSandbox:
+    """Awaitable :class:`torpor.client.sync.RemoteSandbox`.  Use ``client.Sandbox``."""
+
+    _t: AsyncTransport
+
+    def __init__(self, info: Any):
+        self.id: str = info.id
+        self.name: str = info.name
+        self._path = f"/v1/sandboxes/{W.seg(self.id)}"
+        self.files = AsyncFiles(self)
+        self.commands = AsyncCommands(self)
+
+    def __repr__(self) -> str:
+        return f"aio.Sandbox(id={self.id[:12]!r}, name={self.name!r}, url={self._t.url!r})"
+
+    @classmethod
+    async def create(
+        cls,
+        image: str = "tools:latest",
+        *,
+        memory: str | int = "512M",
+        cpus: int = 1,
+        env: Mapping[str, str] | None = None,
+        network: bool = True,
+        labels: Mapping[str, str] | None = None,
+        idle: float | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        command: Iterable[str] | None = None,
+        paths: None = None,
+    ) -> AsyncSandbox:
+        W.no_paths(paths)
+        body = W.drop_none(
+            {
+                "image": image,
+                "memory": memory,
+                "cpus": cpus,
+                "env": dict(env) if env else None,
+                "network": network,
+                "labels": dict(labels) if labels else None,
+                "idle": idle,
+                "timeout": timeout,
+                "name": name,
+                "cwd": cwd,
+                "user": user,
+                "command": list(command) if command is not None else None,
+            }
+        )
+        d = await cls._t.call("POST", "/v1/sandboxes", json=body, key=W.new_key())
+        return cls(W.sandbox_info(d))
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, paths: None = None) -> AsyncSandbox:
+        W.no_paths(paths)
+        info = await cls.get_info(sandbox_id)
+        if info.status == "hibernated":
+            await cls._t.call("POST", f"/v1/sandboxes/{W.seg(info.id)}/wake")
+            info = await cls.get_info(info.id)
+        if info.status != "running":
+            raise E.ConflictError(f"sandbox {info.name} is not running ({info.status})")
+        return cls(info)
+
+    @classmethod
+    async def list(
+        cls, labels: Mapping[str, str] | None = None, *, all: bool = False, paths: None = None
+    ) -> list[Any]:
+        W.no_paths(paths)
+        params = W.labels_query(labels) + ([("all", "true")] if all else [])
+        return [W.sandbox_info(x) for x in await _pages(cls._t, "/v1/sandboxes", params, "x")]
+
+    @classmethod
+    async def get_info(cls, sandbox_id: str, *, paths: None = None) -> Any:
+        W.no_paths(paths)
+        return W.sandbox_info(await cls._t.call("GET", f"/v1/sandboxes/{W.seg(sandbox_id)}"))
+
+    @classmethod
+    async def restore(cls, snap: Any, *, name: str | None = None, paths: None = None) -> Any:
+        W.no_paths(paths)
+        ref = snap.id if hasattr(snap, "id") else str(snap)
+        d = await cls._t.call(
+            "POST",
+            f"/v1/snapshots/{W.seg(ref)}/restore",
+            json=W.drop_none({"name": name}),
+            key=W.new_key(),
+        )
+        return cls(W.sandbox_info(d))
+
+    async def info(self) -> Any:
+        return await self.get_info(self.id)
+
+    async def is_running(self) -> bool:
+        return bool((await self.info()).status == "running")
+
+    async def kill(self) -> None:
+        await self._t.call("DELETE", self._path)
+
+    async def close(self) -> None:
+        """Nothing to drop: a remote sandbox holds no connection of its own."""
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(E.NotFoundError):
+            await self.kill()
+
+    async def snapshot(self, tag: str | None = None) -> Any:
+        d = await self._t.call(
+            "POST", f"{self._path}/snapshot", json=W.drop_none({"tag": tag}), key=W.new_key()
+        )
+        snap = W.snapshot_of(d)
+        return snap if snap.tag is not None or tag is None else type(snap)(snap.id, tag)
+
+    async def fork(self, n: int = 1) -> list[AsyncSandbox]:
+        d = await self._t.call("POST", f"{self._path}/fork", json={"n": n}, key=W.new_key())
+        return [type(self)(W.sandbox_info(x)) for x in W.items(d, "sandboxes")]
+
+    async def hibernate(self) -> Any:
+        return W.snapshot_of(await self._t.call("POST", f"{self._path}/hibernate"))
+
+    async def wake(self) -> None:
+        await self._t.call("POST", f"{self._path}/wake")
+
+    async def exec(
+        self,
+        cmd: str | Iterable[str],
+        *,
+        background: bool = False,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = 60.0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        stdin: bytes | str | bool | None = None,
+        max_output: int = 16 * 1024 * 1024,
+    ) -> Any:
+        if background:
+            raise E.NotSupportedError("background commands are not available through a server")
+        if timeout is not None and not timeout > 0:
+            raise E.UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
+        body = W.drop_none(
+            {
+                "cmd": W.cmd_body(cmd),
+                "cwd": cwd,
+                "env": dict(env) if env else None,
+                "user": user,
+                "timeout": timeout,
+                **W.stdin_field(stdin),
+            }
+        )
+        events = self._t.events("POST", f"{self._path}/exec", json=body)
+        return await _exec_events(events, on_stdout, on_stderr, max_output)
+
+    def processes(self) -> list[Any]:
+        return []
+
+    async def ps(self) -> list[Any]:
+        d = await self._t.call("GET", f"{self._path}/processes")
+        return [W.process_info(x) for x in W.items(d, "processes")]
+
+
+class AsyncSession:
+    """Awaitable :class:`torpor.client.sync.RemoteSession`.  Use ``client.Session``."""
+
+    _t: AsyncTransport
+    _sandbox_cls: type[AsyncSandbox]
+
+    def __init__(self, doc: dict[str, Any], *, on_event: EventHook | None = None):
+        self._doc = doc
+        self.id: str = doc["id"]
+        self.name: str = str(doc.get("name") or self.id)
+        self._path = f"/v1/sessions/{W.seg(self.id)}"
+        self.on_event = on_event
+
+    def __repr__(self) -> str:
+        return f"aio.Session(id={self.id[:12]!r}, name={self.name!r}, url={self._t.url!r})"
+
+    @classmethod
+    async def create(
+        cls,
+        image: str = "tools:latest",
+        model: str = "scripted:demo",
+        *,
+        name: str | None = None,
+        memory_mib: int = 256,
+        idle: float | None = None,
+        system: str | None = None,
+        network: bool = False,
+        on_event: EventHook | None = None,
+    ) -> AsyncSession:
+        body = W.drop_none(
+            {
+                "image": image,
+                "model": model,
+                "name": name,
+                "memory_mib": memory_mib,
+                "idle": idle,
+                "system": system,
+                "network": network,
+            }
+        )
+        d = await cls._t.call("POST", "/v1/sessions", json=body, key=W.new_key())
+        return cls(W.session_doc(d), on_event=on_event)
+
+    @classmethod
+    async def open(cls, ref: str, *, on_event: EventHook | None = None) -> AsyncSession:
+        d = await cls._t.call("GET", f"/v1/sessions/{W.seg(ref)}")
+        return cls(W.session_doc(d), on_event=on_event)
+
+    @classmethod
+    async def list(cls, *, include_removed: bool = False) -> list[AsyncSession]:
+        params = [("include_removed", "true")] if include_removed else []
+        return [cls(W.session_doc(x)) for x in await _pages(cls._t, "/v1/sessions", params, "x")]
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def refresh(self) -> dict[str, Any]:
+        self._doc = W.session_doc(await self._t.call("GET", self._path))
+        return self._doc
+
+    async def status(self) -> str:
+        return str((await self.refresh()).get("status", ""))
+
+    async def log(self, after: int = 0) -> list[Any]:
+        out: list[Any] = []
+        while True:
+            d = await self._t.call("GET", f"{self._path}/log", params={"after": str(after)})
+            page = W.entries(d)
+            out.extend(page)
+            if not page or not (isinstance(d, dict) and d.get("next_cursor")):
+                return out
+            after = page[-1].seq
+
+    async def entries(self, after: int = 0) -> list[Any]:
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise E.UsageError(f"after must be an entry number >= 0, not {after!r}")
+        return await self.log(after)
+
+    async def checkpoints(self) -> list[Any]:
+        return W.checkpoints(await self._t.call("GET", f"{self._path}/checkpoints"))
+
+    async def append(self, kind: Any, payload: dict[str, Any], *, key: str | None = None) -> Any:
+        kind = str(getattr(kind, "value", kind))
+        body = W.drop_none({"kind": kind, "payload": payload, "key": key})
+        return W.entry(await self._t.call("POST", f"{self._path}/entries", json=body, key=key))
+
+    async def checkpoint(self, reason: str = "user") -> Any:
+        d = await self._t.call("POST", f"{self._path}/checkpoint", json={"reason": reason})
+        return W.checkpoint(d)
+
+    async def send(self, text: str, *, key: str | None = None) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise E.UsageError("a message must not be empty")
+        key = key or W.new_key()
+        last = 0
+        backoff = W.Backoff(self._t.retries)
+        while True:
+            try:
+                hdrs = {"Last-Event-ID": str(last)} if last else {}
+                async for ev in self._t.events(
+                    "POST", f"{self._path}/messages", json={"text": text}, key=key, headers=hdrs
+                ):
+                    if ev.event == "entry":
+                        e = W.entry(ev.json())
+                        if e.seq > last:
+                            last = e.seq
+                            if self.on_event is not None:
+                                self.on_event(e)
+                    elif ev.event in ("answer", "done", "json"):
+                        d = ev.json()
+                        if ev.event == "json" and isinstance(d, dict) and self.on_event:
+                            for x in d.get("entries") or ():
+                                e = W.entry(x)
+                                if e.seq > last:
+                                    last = e.seq
+                                    self.on_event(e)
+                        return W.answer_of(d) or ""
+                    elif ev.event == "error":
+                        d = ev.json()
+                        raise W.error_from(int(d.get("status", 500)), d)
+                raise _Dropped("the server ended the turn's stream without an answer")
+            except (E.TorporError, _Dropped) as e:
+                if isinstance(e, E.TorporError) and getattr(e, "status", 0) is not None:
+                    raise
+                wait = backoff.next()
+                if wait is None:
+                    if isinstance(e, _Dropped):
+                        raise E.ProtocolError(str(e)) from None
+                    raise
+                await asyncio.sleep(wait)
+
+    async def hibernate(self) -> Any:
+        return W.checkpoint(await self._t.call("POST", f"{self._path}/hibernate"))
+
+    async def wake(self) -> Any:
+        d = await self._t.call("POST", f"{self._path}/wake")
+        with contextlib.suppress(E.TorporError):
+            if isinstance(d, dict) and isinstance(d.get("vm"), dict):
+                return W.sandbox_info(d["vm"])
+        return d
+
+    async def recover(self, *, replay: bool = True) -> str | None:
+        d = await self._t.call("POST", f"{self._path}/recover", json={"replay": replay})
+        return W.answer_of(d)
+
+    async def fork(self, at: int | Any | None = None, name: str | None = None) -> AsyncSession:
+        body = W.drop_none({"at": getattr(at, "seq", at), "name": name})
+        d = await self._t.call("POST", f"{self._path}/fork", json=body, key=W.new_key())
+        return type(self)(W.session_doc(d), on_event=self.on_event)
+
+    async def remove(self, reason: str = "removed by the user") -> list[str]:
+        d = await self._t.call("DELETE", self._path, params={"reason": reason})
+        if isinstance(d, dict):
+            return [str(x) for x in d.get("released_snapshots") or d.get("released") or ()]
+        return []
+
+
+class AsyncClient:
+    """Awaitable :class:`torpor.Client`: ``async with AsyncClient(url, token) as c``."""
+
+    Sandbox: type[AsyncSandbox]
+    Session: type[AsyncSession]
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        retries: int = W.DEFAULT_RETRIES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self._t = AsyncTransport(url, token, timeout=timeout, retries=retries, transport=transport)
+        self.url = self._t.url
+        self.Sandbox = type("Sandbox", (AsyncSandbox,), {"_t": self._t})
+        self.Session = type(
+            "Session", (AsyncSession,), {"_t": self._t, "_sandbox_cls": self.Sandbox}
+        )
+
+    def __repr__(self) -> str:
+        return f"torpor.aio.Client({self.url!r})"
+
+    async def close(self) -> None:
+        await self._t.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def info(self) -> dict[str, Any]:
+        return dict(await self._t.call("GET", "/v1/info"))
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        return await self._t.call(method, path, **kw)
+
+
+Client = AsyncClient
