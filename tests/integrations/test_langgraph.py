@@ -46,7 +46,7 @@ COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done"
 # the first tool call: a file, a run counted in the guest, a background counter
 SETUP = (
     "echo hello > /tmp/f; echo one >> /tmp/runs; "
-    f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & echo started"
+    f"sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 & echo started"
 )
 # the second: counted, then held until /tmp/go exists (the crash test kills it there)
 HELD = "echo two >> /tmp/runs; while [ ! -f /tmp/go ]; do sleep 0.1; done; echo finished"
