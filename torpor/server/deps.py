@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
@@ -77,11 +78,42 @@ def bearer(request: Request) -> str | None:
     return request.cookies.get(COOKIE)
 
 
+#: Methods that change state: a browser's cross-site request of these is refused (CSRF).
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def check_csrf(request: Request, via_cookie: bool) -> None:
+    """403 for a state-changing request a browser sent from a page of another site.
+
+    Browsers send ``Origin`` with every cross-origin POST/PUT/PATCH/DELETE (``Referer``
+    is the fallback); it must name this server (the ``Host`` the request came to).  A
+    request authenticated by the dashboard's cookie must carry one of them; a client
+    with neither (curl, the SDK) holds no ambient credential and is let through.  Also
+    what protects a token-less loopback server from a web page posting to it.  A request
+    with an ``Authorization`` header is not checked: a page of another site cannot send
+    one without the server's CORS consent, which it never gives.
+    """
+    if request.method not in UNSAFE:
+        return
+    src = request.headers.get("origin") or request.headers.get("referer")
+    if src is None:
+        if via_cookie:
+            raise HTTPException(403, "cross-site request refused: no Origin or Referer header")
+        return
+    host = request.headers.get("host", "").lower()
+    if not host or urlsplit(src).netloc.lower() != host:
+        raise HTTPException(403, "cross-site request refused: Origin is not this server")
+
+
 def authenticate(request: Request) -> Tenant:
-    """The request's tenant, or 401 (rate limit: 429 with Retry-After)."""
+    """The request's tenant, or 401 (rate limit: 429 with Retry-After; a cross-site
+    state change: 403, see :func:`check_csrf`)."""
     cfg: Config = request.app.state.config
     tokens: TokenStore = request.app.state.tokens
     limiter: RateLimiter = request.app.state.limiter
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():  # a header is no ambient credential
+        check_csrf(request, via_cookie=COOKIE in request.cookies)
     if tokens.configured():
         secret = bearer(request)
         rec = tokens.verify(secret) if secret else None
