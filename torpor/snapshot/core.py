@@ -170,6 +170,17 @@ def _reap_stale_stages(mgr: VMManager) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _log_tail(vm: VM, lines: int = 12) -> str:
+    try:
+        with open(vm.files.shim_log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        return f"  (unreadable: {e})"
+    return "\n".join(f"  {line}" for line in tail)
+
+
 def _capture(c: AgentClient, stage: Path, keep_paused: bool) -> dict[str, float]:
     req = {
         "stage": str(stage),
@@ -233,9 +244,12 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             raise VMError(
                 f"capture of VM {vm.name} failed: {e.remote_message}", step="snapshot: pause"
             ) from e
-        except AgentError as e:  # the shim went away: QEMU (and so the VM) ended mid-capture
+        except AgentError as e:
+            # no answer: the shim went away (QEMU, and so the VM, ended mid-capture) or
+            # is stuck; its log says which step it reached
             raise VMError(
-                f"capture of VM {vm.name} failed: the VM ended during the snapshot ({e})",
+                f"capture of VM {vm.name} failed: no answer from its shim ({e}); "
+                f"the shim's log ends with:\n{_log_tail(vm)}",
                 step="snapshot: pause",
             ) from e
         pause_ms = float(cap.pop("pause_ms"))

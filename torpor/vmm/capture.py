@@ -34,6 +34,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import mmap
 import os
 import secrets
@@ -44,8 +45,13 @@ from typing import Any
 
 from torpor.fsutil import locked
 
+log = logging.getLogger("torpor.shim")
+
 CAPTURE = 0x22
 CAPTURE_END = 0x23
+# a restore copying this VM's shadow holds its lock shared for one copy (seconds); a
+# capture waits at most this long for it, then fails naming the lock, never hangs
+SHADOW_LOCK_TIMEOUT = 60.0
 # Guest RAM is compared, and stored, in 64 KiB chunks. A turn dirties pages sparsely
 # all over memory, so smaller chunks store less (stored per turn, 30-turn session:
 # 256 KiB 1515 KB, 64 KiB 721 KB, 16 KiB 363 KB, 4 KiB 197 KB), but each snapshot's
@@ -269,12 +275,19 @@ async def pause_and_copy(
     meta_path = shadow.with_name(shadow.name + ".json")
     lock_path = shadow.with_name(shadow.name + ".lock")
     t: dict[str, Any] = {}
+    t_start = time.perf_counter()
+
+    def step(name: str) -> None:  # the shim's log tells where a slow or failed capture was
+        log.info("capture: %s at %.0f ms", name, (time.perf_counter() - t_start) * 1000)
+
     async with qmp.session(qmp_sock) as q:
+        step("QMP connected")
         await qmp.set_ignore_shared(q, True)  # before the pause: not part of the window
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             # a restore may be copying our shadow (shared lock): wait before pausing
-            await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+            await _flock_within(lock_fd, lock_path, SHADOW_LOCK_TIMEOUT)
+            step("locked")
             have = shadow.exists() and shadow.stat().st_size == ram.stat().st_size
             base = read_meta(meta_path).get("snapshot") if have else None
             capture_id = secrets.token_hex(8)
@@ -287,15 +300,18 @@ async def pause_and_copy(
                 t_pre = time.perf_counter()
                 t["memory_bytes_precopied"] = await asyncio.to_thread(sparse_copy, ram, shadow)
                 t["precopy_ms"] = (time.perf_counter() - t_pre) * 1000
+                step("pre-copied RAM")
             await asyncio.to_thread(sync.prepare)
             t0 = time.perf_counter()
             await qmp.execute(q, "stop")
+            step("paused")
             ok = False
             try:
                 if fault == "kill-qemu-in-pause" and qemu_pid:
                     os.kill(qemu_pid, 9)
                 await qmp.save_devstate(q, stage / "devstate", set_caps=False)
                 t["devstate_ms"] = (time.perf_counter() - t0) * 1000
+                step("device state saved")
                 t1 = time.perf_counter()
                 # on threads: the shim keeps serving its other clients meanwhile
                 changed: list[int] | None = await asyncio.to_thread(sync.sync)
@@ -304,6 +320,7 @@ async def pause_and_copy(
                     changed = None  # relative to a racy pre-copy: no use to the store
                 t["disk_bytes_copied"] = await asyncio.to_thread(sparse_copy, disk, stage / "disk")
                 t["copy_ms"] = (time.perf_counter() - t1) * 1000
+                step("RAM and disk copied")
                 ok = True
             finally:
                 if not (ok and keep_paused):
@@ -319,6 +336,27 @@ async def pause_and_copy(
         "shadow": str(shadow),
     }
     return t
+
+
+async def _flock_within(fd: int, path: Path, timeout: float) -> None:
+    """``flock(LOCK_EX)`` on ``fd``, giving up after ``timeout`` seconds (EBUSY)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise OSError(
+                    errno.EBUSY,
+                    f"the VM's RAM shadow stayed locked by a restore for {timeout:.0f} s",
+                    str(path),
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def vouch_for_shadow(shadow: Path, capture_id: str, snapshot_id: str) -> bool:

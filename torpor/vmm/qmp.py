@@ -22,6 +22,11 @@ from qemu.qmp.error import QMPError
 
 from torpor.errors import VMError
 
+# every QMP wait is bounded: a hung monitor must fail the operation, naming the step,
+# not hang the shim (a capture waiting forever kept its VM "capturing" for good)
+HANDSHAKE_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 30.0
+
 
 @contextlib.asynccontextmanager
 async def session(
@@ -44,7 +49,17 @@ async def session(
     sock.setblocking(False)
     client = QMPClient(name)
     try:
-        await client.connect(sock)
+        # QEMU serves one client per monitor: while another holds it, the greeting
+        # never comes — bounded, so that is an error instead of a hang
+        await asyncio.wait_for(client.connect(sock), HANDSHAKE_TIMEOUT)
+    except TimeoutError as e:
+        sock.close()
+        raise VMError(
+            f"QMP handshake timed out after {HANDSHAKE_TIMEOUT:.0f} s "
+            "(is another client holding the monitor, or is QEMU hung?)",
+            step="QMP",
+            path=qmp_socket,
+        ) from e
     except (QMPError, OSError) as e:
         sock.close()
         raise VMError(f"QMP handshake failed: {e}", step="QMP", path=qmp_socket) from e
@@ -53,11 +68,20 @@ async def session(
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
+        # whatever disconnect() did: our end is closed, so QEMU frees the monitor for the
+        # next client (a connection left open would make every later handshake wait)
+        sock.close()
 
 
-async def execute(q: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> Any:
+async def execute(
+    q: QMPClient, cmd: str, args: dict[str, Any] | None = None, timeout: float = COMMAND_TIMEOUT
+) -> Any:
     try:
-        return await q.execute(cmd, args)
+        return await asyncio.wait_for(q.execute(cmd, args), timeout)
+    except TimeoutError as e:
+        raise VMError(
+            f"QMP {cmd}: no answer from QEMU in {timeout:.0f} s", step=f"QMP {cmd}"
+        ) from e
     except QMPError as e:
         raise VMError(f"QMP {cmd} failed: {e}", step=f"QMP {cmd}") from e
 

@@ -62,6 +62,8 @@ from torpor.vmm.state import (
 )
 
 log = logging.getLogger("torpor.shim")
+# how long a capture waits for a restore's background shadow copy (512 MiB: ~1 s)
+SHADOW_INIT_WAIT = 60.0
 
 TERMINAL = {
     T.HELLO: {T.HELLO_OK},
@@ -453,10 +455,20 @@ class Shim:
             return
         keep = bool(req.get("keep_paused"))
         self.capturing = True
+        log.info("capture: requested (keep_paused=%s)", keep)
         try:
             if self.shadow_init is not None:
-                with contextlib.suppress(Exception):  # a failed init: a full capture follows
-                    await self.shadow_init
+                try:  # bounded: a stuck copy must fail this capture, not hang it
+                    await asyncio.wait_for(asyncio.shield(self.shadow_init), SHADOW_INIT_WAIT)
+                except TimeoutError:
+                    error(
+                        errno.EAGAIN,
+                        f"the VM's RAM shadow is still being prepared after its restore "
+                        f"({SHADOW_INIT_WAIT:.0f} s); try again",
+                    )
+                    return
+                except Exception as e:  # a failed init: a full capture follows
+                    log.warning("shadow init failed: %s", e)
                 self.shadow_init = None
             t = await pause_and_copy(
                 self.files.qmp_sock,
@@ -476,6 +488,7 @@ class Shim:
             return
         finally:
             self.capturing = False
+        log.info("capture: done (pause %.0f ms)", float(t.get("pause_ms", 0)))
         if keep:
             if client.writer.is_closing():  # left during the window: do not stay paused
                 await self.resume_guest()
