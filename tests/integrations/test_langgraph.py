@@ -286,6 +286,11 @@ def test_graph_runs_that_cannot_pair_are_refused_before_they_run(sessions) -> No
     with pytest.raises(UsageError, match="one session per thread"):
         graph.invoke({"n": 1}, {"configurable": {"thread_id": "t2"}}, durability="sync")
     assert ran == [1]
+    # the async API: the same saver through aget_tuple/aput/aput_writes
+    config = {"configurable": {"thread_id": "t"}}
+    out = asyncio.run(graph.ainvoke({"n": 5}, config, durability="sync"))
+    assert out == {"n": 6} and ran == [1, 1] and graph.get_state(config).values == {"n": 6}
+    assert s.status() == "running"
     # tools: failures come back as results the model reads
     exec_, read_file, write_file = sandbox_tools(s)
     assert "exit code 3" in exec_.invoke({"command": "echo out; exit 3"})
