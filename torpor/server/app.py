@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from torpor import __version__
@@ -61,7 +62,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > cap:
-                    raise _TooLarge()
+                    raise _TooLarge(cap)
             return msg
 
         async def tracking(msg: Message) -> None:
@@ -77,8 +78,12 @@ class BodyLimit:
                 await _too_large(send, cap)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parsing (which turns any other error
+    while reading a body into a 400) lets it through to the problem handler as 413."""
+
+    def __init__(self, cap: int):
+        super().__init__(413, f"the request body is larger than this server accepts ({cap} bytes)")
 
 
 async def _too_large(send: Send, cap: int) -> None:
