@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -176,8 +178,52 @@ def test_ps_lists_processes_started_through_any_connection(sb: Sandbox, paths: P
         p = other.exec(["sleep", "4242"], background=True)
         found = [x for x in sb.ps() if x.cmdline == ("sleep", "4242")]
         assert [x.pid for x in found] == [p.pid]
-        assert p not in sb.processes()  # handles belong to the object that started them
+        assert p in sb.processes()  # any object of this process reconnects to it
         sb.commands.kill(p.pid)
         assert p.wait(timeout=60).exit_code == 137
     finally:
         other.close()
+
+
+RECONNECT_FROM_ANOTHER_PROCESS = """
+import sys
+from pathlib import Path
+from torpor.paths import Paths
+from torpor.sandbox import Sandbox
+sb = Sandbox.connect(sys.argv[1], paths=Paths(Path(sys.argv[2])))
+print(sb.exec(["sleep", "4343"], background=True).pid)
+"""
+
+
+def test_another_sandbox_object_reconnects_to_a_background_command(
+    sb: Sandbox, paths: Paths
+) -> None:
+    other = Sandbox.connect(sb.id, paths=paths)
+    try:
+        p = other.exec("read x; echo got $x; echo err >&2; exit 3", background=True, stdin=True)
+        h = sb.commands.connect(p.pid)  # a second object: its further output, its exit code
+        assert h is p and p in sb.processes()
+        h.send_stdin("hi\n")
+        r = h.wait(timeout=60)
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "got hi\n", "err\n")
+        assert p not in sb.processes() and p not in other.processes()
+        # the output flows on the starter's connection: closed, nothing to reconnect to
+        q = other.exec(["sleep", "1000"], background=True)
+        other.close()
+        with pytest.raises(NotSupportedError):
+            sb.commands.connect(q.pid)
+        assert sb.commands.kill(q.pid) is True
+    finally:
+        other.close()
+    # started by another process (gone now): listed by ps, killable, not reconnectable
+    r2 = subprocess.run(
+        [sys.executable, "-c", RECONNECT_FROM_ANOTHER_PROCESS, sb.id, str(paths.root)],
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    pid = int(r2.stdout)
+    assert [x.pid for x in sb.ps() if x.cmdline == ("sleep", "4343")] == [pid]
+    with pytest.raises(NotSupportedError, match="another process"):
+        sb.commands.connect(pid)
+    assert sb.commands.kill(pid) is True

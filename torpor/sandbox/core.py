@@ -104,6 +104,14 @@ class ProcessInfo:
 #: At most this many processes are read by ``ps`` (one agent request each).
 MAX_PS = 4096
 
+# Background commands of every Sandbox object in this process, by (VM id, pid), with
+# the object that started them: any object for the same VM lists them
+# (``processes``) and reconnects to them (``commands.connect``).  A handle's output
+# flows on its starter's connection, so the entry keeps that object alive and goes
+# when the command was waited for or when its starter closes its connection.
+_BACKGROUND: dict[tuple[str, int], tuple[CommandHandle, Sandbox]] = {}
+_BACKGROUND_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -228,13 +236,20 @@ class Commands:
         return self._sb.processes()
 
     def connect(self, pid: int) -> CommandHandle:
-        """The handle of background command ``pid`` started by this object."""
+        """The handle of background command ``pid``, started by any Sandbox object of
+        this process for this sandbox: its further output and its exit code.
+
+        NotSupportedError for a command started by another process (or before a
+        hibernation): its output is routed to the connection that started it, and
+        the protocol has no request to re-route it (docs/sandbox.md, "Not done yet").
+        """
         for p in self._sb.processes():
             if p.pid == pid:
                 return p
         raise NotSupportedError(
-            f"no background command with pid {pid} from this Sandbox object: the agent "
-            "streams a command's output only to the connection that started it "
+            f"no background command with pid {pid} started in this process for sandbox "
+            f"{self._sb.name}: the shim routes a command's output to the connection that "
+            "started it and cannot re-route it to another process "
             "(sb.ps() lists it, sb.commands.kill(pid) ends it)"
         )
 
@@ -249,10 +264,15 @@ class Commands:
             if p.pid == pid:
                 p.kill()
                 return True
-        r = self._sb.exec(["kill", "-KILL", "--", f"-{pid}"], timeout=60)
-        if r.exit_code != 0:  # not a group leader: the process alone
-            r = self._sb.exec(["kill", "-KILL", str(pid)], timeout=60)
-        return r.exit_code == 0
+        if not self._sb.files.exists(f"/proc/{pid}"):
+            return False
+        # the group first, then the process alone (not a group leader).  No "--":
+        # busybox kill rejects it (exit 1) yet still kills the group after it, and the
+        # fallback then failed on the dead pid, reporting False for a killed process
+        for argv in (["kill", "-KILL", f"-{pid}"], ["kill", "-KILL", str(pid)]):
+            if self._sb.exec(argv, timeout=60).exit_code == 0:
+                return True
+        return not self._sb.files.exists(f"/proc/{pid}")
 
 
 class Sandbox:
@@ -271,8 +291,6 @@ class Sandbox:
         self._conn: AgentClient | None = None
         self._conn_sock: tuple[int, int] | None = None
         self._conn_lock = threading.Lock()
-        self._procs: dict[int, CommandHandle] = {}
-        self._procs_lock = threading.Lock()
         self.files = Files(self)
         self.commands = Commands(self)
 
@@ -432,8 +450,16 @@ class Sandbox:
         """Drop this object's connection; the sandbox keeps running."""
         with self._conn_lock:
             conn, self._conn = self._conn, None
+        self._drop_background()
         if conn is not None:
             conn.close()
+
+    def _drop_background(self) -> None:
+        """Forget the background handles whose output flowed on this object's
+        connection (closed, or lost to a hibernation): they cannot stream any more."""
+        with _BACKGROUND_LOCK:
+            for k in [k for k, (_, owner) in _BACKGROUND.items() if owner is self]:
+                del _BACKGROUND[k]
 
     def __enter__(self) -> Sandbox:
         return self
@@ -525,8 +551,8 @@ class Sandbox:
                 ).start()
             if background:
                 p = CommandHandle(handle, what, self._forget, self._busy)
-                with self._procs_lock:
-                    self._procs[p.pid] = p
+                with _BACKGROUND_LOCK:
+                    _BACKGROUND[(self.id, p.pid)] = (p, self)
                 return p
             try:
                 return run_handle(handle, timeout, on_stdout, on_stderr, max_output, what)
@@ -534,14 +560,15 @@ class Sandbox:
                 touch_active(self._dir)
 
     def processes(self) -> list[CommandHandle]:
-        """Background commands this object started that have not been waited for.
+        """Background commands not yet waited for that any Sandbox object of this
+        process started in this sandbox (see ``_BACKGROUND``).
 
-        Each handle still streams its output (``output()``, ``wait()``); commands
-        started through another connection are not listed (the agent protocol has
-        no process listing yet).
+        Each handle streams the command's further output (``output()``, ``wait()``)
+        and gives its exit code, whichever object asks.  Commands started by another
+        process are not listed (``ps()`` lists every process in the guest).
         """
-        with self._procs_lock:
-            return list(self._procs.values())
+        with _BACKGROUND_LOCK:
+            return [p for (vm, _), (p, _) in _BACKGROUND.items() if vm == self.id]
 
     def ps(self) -> list[ProcessInfo]:
         """Every user process in the guest (from any connection), from its /proc.
@@ -619,6 +646,7 @@ class Sandbox:
                 return conn
             if conn is not None:
                 conn.close()
+                self._drop_background()
             self._conn = None
             _wake_if_hibernated(self._mgr, self._mgr.get(self.id))
             self._conn_sock = self._sock_id()
@@ -633,9 +661,9 @@ class Sandbox:
         return st.st_ino, st.st_mtime_ns
 
     def _forget(self, p: CommandHandle) -> None:
-        with self._procs_lock:
-            if self._procs.get(p.pid) is p:
-                del self._procs[p.pid]
+        with _BACKGROUND_LOCK:
+            if _BACKGROUND.get((self.id, p.pid), (None,))[0] is p:
+                del _BACKGROUND[(self.id, p.pid)]
 
     def _set_limit_labels(self, timeout: float | None, idle: float | None) -> None:
         import dataclasses
