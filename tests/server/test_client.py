@@ -157,3 +157,82 @@ def test_a_token_of_another_namespace_sees_nothing(
             assert ei.value.status == 401  # type: ignore[attr-defined]
     finally:
         sb.kill()
+
+
+#: A deterministic model: each turn appends the message to a journal in the VM and
+#: answers with the journal, so forks and restores show in the answers.
+JOURNAL = {
+    "version": 1,
+    "turns": [
+        {
+            "steps": [
+                {
+                    "text": "noting it",
+                    "tool_calls": [
+                        {
+                            "name": "shell",
+                            "arguments": {"cmd": "echo {user_sh} >> /root/j; cat /root/j"},
+                        }
+                    ],
+                },
+                {"text": "journal: {last_result}"},
+            ]
+        }
+    ],
+    "after_end": "repeat-last",
+}
+
+
+def session_scenario(Session: Any, model: Any) -> dict[str, Any]:
+    """Everything a user does with one session; the answers, minus ids and times."""
+    out: dict[str, Any] = {}
+    seen: list[Any] = []
+    s = Session.create("tools:latest", model, memory_mib=256, on_event=seen.append)
+    try:
+        out["created"] = (s.status(), [(c.turn, c.reason) for c in s.checkpoints])
+        seen.clear()
+        out["a1"] = s.send("alpha")
+        out["events1"] = [(e.seq, e.kind.value, e.turn) for e in seen]
+        out["log1"] = [(e.seq, e.kind.value, e.turn) for e in s.log()]
+        assert out["events1"] == [x for x in out["log1"] if x[0] > out["events1"][0][0] - 1]
+        out["entries_after"] = [e.seq for e in s.entries(after=3)]
+        cks = s.checkpoints
+        out["checkpoints"] = [(c.seq, c.turn, c.reason) for c in cks]
+        ck = s.hibernate()
+        out["hibernate"] = (ck.turn, ck.reason, s.status())
+        s.wake()
+        out["woken"] = s.status()
+        seen.clear()
+        out["a2"] = s.send("beta")
+        out["events2"] = [e.kind.value for e in seen]
+        e = s.append("app.note", {"x": 1}, key="k1")
+        again = s.append("app.note", {"x": 1}, key="k1")
+        out["append"] = (e.kind.value, e.payload, again.seq == e.seq)
+        mine = s.checkpoint("mine")
+        out["checkpoint"] = (mine.turn, mine.reason, mine.seq == s.checkpoints[-1].seq)
+        f = s.fork(at=cks[-1].seq, name=None)
+        try:
+            out["fork"] = (f.record.parent_id == s.id, f.record.parent_seq == cks[-1].seq)
+            out["fork_a"] = f.send("gamma")
+        finally:
+            out["fork_removed"] = type(f.remove())
+        out["a3"] = s.send("delta")
+    finally:
+        out["removed"] = type(s.remove())
+        s.close()
+    return out
+
+
+def test_session_scenario_is_the_same_locally_and_remotely(client: Client, tmp_path) -> None:
+    import json
+
+    script = tmp_path / "journal.json"
+    script.write_text(json.dumps(JOURNAL))
+    local = session_scenario(torpor.Session, f"scripted:{script}")
+    remote = session_scenario(client.Session, JOURNAL)
+    assert remote == local
+    assert local["a1"] == "journal: alpha"
+    assert local["a2"] == "journal: alpha\nbeta"
+    assert local["fork_a"] == "journal: alpha\ngamma"  # the fork's VM is the turn-1 machine
+    assert local["a3"] == "journal: alpha\nbeta\ndelta"
+    assert local["hibernate"][1:] == ("hibernate", "hibernated")

@@ -129,6 +129,11 @@ def error_from(status: int, body: object, reason: str = "") -> E.TorporError:
     return err
 
 
+def is_busy(e: E.TorporError) -> bool:
+    """A 409 because another actor holds the session (its turn runs), not a bad state."""
+    return isinstance(e, E.ConflictError) and "is busy" in e.message
+
+
 def unreachable(url: str, exc: Exception) -> E.TorporError:
     err = E.TorporError(f"cannot reach the torpor server at {url}: {exc}", step="connect")
     err.status = None  # type: ignore[attr-defined]
@@ -381,3 +386,34 @@ def exec_exit(data: object) -> Any:
 
     d = data if isinstance(data, dict) else {"exit_code": data}
     return build(CommandResult, {"stdout": "", "stderr": "", **d})
+
+
+def session_create_body(
+    image: str,
+    model: object,
+    name: str | None,
+    memory_mib: int,
+    idle: float | None,
+    system: str | None,
+    network: bool,
+    labels: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "image": image,
+        "name": name,
+        "memory_mib": memory_mib,
+        "idle": idle,
+        "system": system,
+        "network": network,
+        "labels": dict(labels) if labels else None,
+    }
+    if isinstance(model, dict):
+        body["script"] = model
+    elif isinstance(model, str):
+        body["model"] = model
+    else:
+        raise E.UsageError(
+            "a remote session's model is a spec string ('scripted:demo', 'openai:...') or "
+            "a scripted-model document (a dict): a Model object cannot travel"
+        )
+    return drop_none(body)

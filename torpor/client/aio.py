@@ -19,7 +19,7 @@ import httpx
 
 from torpor import errors as E
 from torpor.client import _wire as W
-from torpor.client.sync import DEFAULT_TIMEOUT, EventHook, ExecStream, OutputCallback, _Dropped
+from torpor.client.sync import DEFAULT_TIMEOUT, EventHook, ExecStream, OutputCallback
 
 
 class AsyncTransport:
@@ -408,7 +408,7 @@ class AsyncSession:
     async def create(
         cls,
         image: str = "tools:latest",
-        model: str = "scripted:demo",
+        model: str | dict[str, Any] = "scripted:demo",
         *,
         name: str | None = None,
         memory_mib: int = 256,
@@ -416,18 +416,9 @@ class AsyncSession:
         system: str | None = None,
         network: bool = False,
         on_event: EventHook | None = None,
+        labels: dict[str, str] | None = None,
     ) -> AsyncSession:
-        body = W.drop_none(
-            {
-                "image": image,
-                "model": model,
-                "name": name,
-                "memory_mib": memory_mib,
-                "idle": idle,
-                "system": system,
-                "network": network,
-            }
-        )
+        body = W.session_create_body(image, model, name, memory_mib, idle, system, network, labels)
         d = await cls._t.call("POST", "/v1/sessions", json=body, key=W.new_key())
         return cls(W.session_doc(d), on_event=on_event)
 
@@ -484,59 +475,85 @@ class AsyncSession:
         d = await self._t.call("POST", f"{self._path}/checkpoint", json={"reason": reason})
         return W.checkpoint(d)
 
-    async def send(self, text: str, *, key: str | None = None) -> str:
+    async def send(self, text: str, *, key: str | None = None, wait: bool = True) -> str:
+        """See :meth:`torpor.client.sync.RemoteSession.send`."""
         if not isinstance(text, str) or not text.strip():
             raise E.UsageError("a message must not be empty")
         key = key or W.new_key()
         last = 0
+        lost = False
         backoff = W.Backoff(self._t.retries)
         while True:
             try:
-                hdrs = {"Last-Event-ID": str(last)} if last else {}
-                async for ev in self._t.events(
-                    "POST", f"{self._path}/messages", json={"text": text}, key=key, headers=hdrs
-                ):
-                    if ev.event == "entry":
-                        e = W.entry(ev.json())
-                        if e.seq > last:
-                            last = e.seq
-                            if self.on_event is not None:
-                                self.on_event(e)
-                    elif ev.event in ("answer", "done", "json"):
-                        d = ev.json()
-                        if ev.event == "json" and isinstance(d, dict) and self.on_event:
-                            for x in d.get("entries") or ():
-                                e = W.entry(x)
-                                if e.seq > last:
-                                    last = e.seq
-                                    self.on_event(e)
-                        return W.answer_of(d) or ""
-                    elif ev.event == "error":
-                        d = ev.json()
-                        raise W.error_from(int(d.get("status", 500)), d)
-                raise _Dropped("the server ended the turn's stream without an answer")
-            except (E.TorporError, _Dropped) as e:
-                if isinstance(e, E.TorporError) and getattr(e, "status", 0) is not None:
+                answer, last = await self._send_once(text, key, last)
+                return answer
+            except E.ConflictError as e:
+                if not W.is_busy(e) or not (wait or lost):
                     raise
-                wait = backoff.next()
-                if wait is None:
-                    if isinstance(e, _Dropped):
-                        raise E.ProtocolError(str(e)) from None
+            except E.TorporError as e:
+                if getattr(e, "status", 0) is not None:
                     raise
-                await asyncio.sleep(wait)
+                lost = True
+                wait_s = backoff.next()
+                if wait_s is None:
+                    raise
+                await asyncio.sleep(wait_s)
+            with contextlib.suppress(E.TorporError):
+                last = await self._follow_turn(last)
+
+    def _deliver(self, d: object, last: int) -> int:
+        e = W.entry(d)
+        if e.seq > last:
+            if self.on_event is not None:
+                self.on_event(e)
+            return int(e.seq)
+        return last
+
+    async def _send_once(self, text: str, key: str, last: int) -> tuple[str, int]:
+        path = f"{self._path}/messages"
+        async for ev in self._t.events("POST", path, json={"text": text}, key=key):
+            if ev.event == "entry":
+                last = self._deliver(ev.json(), last)
+            elif ev.event in ("done", "json"):
+                d = ev.json()
+                if isinstance(d, dict):
+                    for x in d.get("entries") or ():
+                        last = self._deliver(x, last)
+                return W.answer_of(d) or "", last
+            elif ev.event == "error":
+                d = ev.json()
+                raise W.error_from(int(d.get("status", 500)) if isinstance(d, dict) else 500, d)
+        raise W.unreachable(self._t.url, ConnectionError("the turn's stream ended early"))
+
+    async def _follow_turn(self, last: int) -> int:
+        params = {"after": str(last), "until": "turn"}
+        async for ev in self._t.events("GET", f"{self._path}/log", params=params):
+            if ev.event == "entry":
+                last = self._deliver(ev.json(), last)
+        return last
 
     async def hibernate(self) -> Any:
-        return W.checkpoint(await self._t.call("POST", f"{self._path}/hibernate"))
+        self._doc = W.session_doc(await self._t.call("POST", f"{self._path}/hibernate"))
+        return W.checkpoint(self._doc.get("last_checkpoint"))
 
     async def wake(self) -> Any:
-        d = await self._t.call("POST", f"{self._path}/wake")
-        with contextlib.suppress(E.TorporError):
-            if isinstance(d, dict) and isinstance(d.get("vm"), dict):
-                return W.sandbox_info(d["vm"])
-        return d
+        self._doc = W.session_doc(await self._t.call("POST", f"{self._path}/wake"))
+        vm = self._doc.get("vm")
+        return await self._sandbox_cls.get_info(vm["id"]) if isinstance(vm, dict) else None
 
-    async def recover(self, *, replay: bool = True) -> str | None:
-        d = await self._t.call("POST", f"{self._path}/recover", json={"replay": replay})
+    async def recover(self, *, replay: bool = True, wait: bool = True) -> str | None:
+        if not replay:
+            raise E.NotSupportedError("recover(replay=False) is not available through a server")
+        while True:
+            try:
+                d = await self._t.call("POST", f"{self._path}/recover")
+                break
+            except E.ConflictError as e:
+                if not wait or not W.is_busy(e):
+                    raise
+                await self._follow_turn(int((await self.refresh()).get("entries") or 0))
+        if isinstance(d, dict) and isinstance(d.get("session"), dict):
+            self._doc = d["session"]
         return W.answer_of(d)
 
     async def fork(self, at: int | Any | None = None, name: str | None = None) -> AsyncSession:

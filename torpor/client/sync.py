@@ -579,7 +579,7 @@ class RemoteSession:
     def create(
         cls,
         image: str = "tools:latest",
-        model: str = "scripted:demo",
+        model: str | dict[str, Any] = "scripted:demo",
         *,
         name: str | None = None,
         memory_mib: int = 256,
@@ -590,21 +590,12 @@ class RemoteSession:
         dsn: None = None,
         on_event: EventHook | None = None,
         tools: None = None,
+        labels: dict[str, str] | None = None,
     ) -> RemoteSession:
+        """A new session on the server.  ``model``: a spec string; a scripted model is a
+        built-in (``scripted:demo``) or a script document (a dict) sent inline."""
         _local_only(paths=paths, dsn=dsn, tools=tools)
-        if not isinstance(model, str):
-            raise E.UsageError("a remote session's model is a spec string (e.g. 'scripted:demo')")
-        body = W.drop_none(
-            {
-                "image": image,
-                "model": model,
-                "name": name,
-                "memory_mib": memory_mib,
-                "idle": idle,
-                "system": system,
-                "network": network,
-            }
-        )
+        body = W.session_create_body(image, model, name, memory_mib, idle, system, network, labels)
         d = cls._t.call("POST", "/v1/sessions", json=body, key=W.new_key())
         return cls(W.session_doc(d), on_event=on_event)
 
@@ -770,67 +761,100 @@ class RemoteSession:
         return self._sandbox_cls.connect(vm)
 
     # -- doing ---------------------------------------------------------------------------
-    def send(self, text: str, *, key: str | None = None) -> str:
+    def send(self, text: str, *, key: str | None = None, wait: bool = True) -> str:
         """One turn; its entries reach ``on_event`` as the server appends them (SSE).
 
-        Retried after a lost connection with the same idempotency key, so the turn runs
-        once; an entry already delivered is not delivered again."""
+        The server never queues a send behind a running turn (409); with ``wait`` (as
+        locally) this waits for that turn to end by following the log, then sends.
+        A lost connection is resumed the same way (follow the log to the end of the
+        turn, then send again with the same idempotency key, which returns the
+        turn's answer without running it twice); no entry is delivered twice."""
         if not isinstance(text, str) or not text.strip():
             raise E.UsageError("a message must not be empty")
         key = key or W.new_key()
-        body = {"text": text}  # the key travels as the Idempotency-Key header
         last = 0
+        lost = False
         backoff = W.Backoff(self._t.retries)
         while True:
             try:
-                hdrs = {"Last-Event-ID": str(last)} if last else {}
-                for ev in self._t.events(
-                    "POST", f"{self._path}/messages", json=body, key=key, headers=hdrs
-                ):
-                    if ev.event == "entry":
-                        e = W.entry(ev.json())
-                        if e.seq > last:
-                            last = e.seq
-                            if self.on_event is not None:
-                                self.on_event(e)
-                    elif ev.event in ("answer", "done", "json"):
-                        d = ev.json()
-                        if ev.event == "json" and isinstance(d, dict) and self.on_event:
-                            for x in d.get("entries") or ():
-                                e = W.entry(x)
-                                if e.seq > last:
-                                    last = e.seq
-                                    self.on_event(e)
-                        return W.answer_of(d) or ""
-                    elif ev.event == "error":
-                        d = ev.json()
-                        raise W.error_from(int(d.get("status", 500)), d)
-                raise _Dropped("the server ended the turn's stream without an answer")
-            except (E.TorporError, _Dropped) as e:
-                if isinstance(e, E.TorporError) and getattr(e, "status", 0) is not None:
+                answer, last = self._send_once(text, key, last)
+                return answer
+            except E.ConflictError as e:
+                if not W.is_busy(e) or not (wait or lost):
                     raise
-                wait = backoff.next()
-                if wait is None:
-                    if isinstance(e, _Dropped):
-                        raise E.ProtocolError(str(e)) from None
+                # a turn runs: ours (sent before the connection was lost) or another's
+            except E.TorporError as e:
+                if getattr(e, "status", 0) is not None:
                     raise
-                time.sleep(wait)
+                lost = True
+                wait_s = backoff.next()
+                if wait_s is None:
+                    raise
+                time.sleep(wait_s)
+            with contextlib.suppress(E.TorporError):  # then try again, which says why
+                last = self._follow_turn(last)
+
+    def _deliver(self, d: object, last: int) -> int:
+        e = W.entry(d)
+        if e.seq > last:
+            if self.on_event is not None:
+                self.on_event(e)
+            return int(e.seq)
+        return last
+
+    def _send_once(self, text: str, key: str, last: int) -> tuple[str, int]:
+        for ev in self._t.events("POST", f"{self._path}/messages", json={"text": text}, key=key):
+            if ev.event == "entry":
+                last = self._deliver(ev.json(), last)
+            elif ev.event in ("done", "json"):
+                d = ev.json()
+                if isinstance(d, dict):  # a JSON answer (no stream) lists its entries
+                    for x in d.get("entries") or ():
+                        last = self._deliver(x, last)
+                return W.answer_of(d) or "", last
+            elif ev.event == "error":
+                d = ev.json()
+                raise W.error_from(int(d.get("status", 500)) if isinstance(d, dict) else 500, d)
+        raise W.unreachable(self._t.url, ConnectionError("the turn's stream ended early"))
+
+    def _follow_turn(self, last: int) -> int:
+        """Deliver the log's new entries until no turn is open; the last seq seen."""
+        for ev in self._t.events(
+            "GET", f"{self._path}/log", params={"after": str(last), "until": "turn"}
+        ):
+            if ev.event == "entry":
+                last = self._deliver(ev.json(), last)
+        return last
 
     def hibernate(self) -> Any:
-        return W.checkpoint(self._t.call("POST", f"{self._path}/hibernate"))
+        """Checkpoint and end the VM; the hibernation's Checkpoint."""
+        self._doc = W.session_doc(self._t.call("POST", f"{self._path}/hibernate"))
+        return W.checkpoint(self._doc.get("last_checkpoint"))
 
     def wake(self) -> Any:
-        """Make sure the VM runs; returns what the server says of it (its SandboxInfo
-        where it names one: a remote client has no local VM object)."""
-        d = self._t.call("POST", f"{self._path}/wake")
-        with contextlib.suppress(E.TorporError):
-            if isinstance(d, dict) and isinstance(d.get("vm"), dict):
-                return W.sandbox_info(d["vm"])
-        return d
+        """Make sure the VM runs; its SandboxInfo (a remote client has no VM object)."""
+        self._doc = W.session_doc(self._t.call("POST", f"{self._path}/wake"))
+        vm = self._doc.get("vm")
+        return self._sandbox_cls.get_info(vm["id"]) if isinstance(vm, dict) else None
 
-    def recover(self, *, replay: bool = True) -> str | None:
-        d = self._t.call("POST", f"{self._path}/recover", json={"replay": replay})
+    def recover(self, *, replay: bool = True, wait: bool = True) -> str | None:
+        """After a crash: the last checkpoint and a replay of the interrupted turn."""
+        if not replay:
+            raise E.NotSupportedError("recover(replay=False) is not available through a server")
+        while True:
+            try:
+                d = self._t.call("POST", f"{self._path}/recover")
+                break
+            except E.ConflictError as e:
+                if not wait or not W.is_busy(e):
+                    raise
+                self._follow_turn(self._last_seq())  # a turn runs: wait for its end
+        if isinstance(d, dict) and isinstance(d.get("session"), dict):
+            self._doc = d["session"]
         return W.answer_of(d)
+
+    def _last_seq(self) -> int:
+        return int(self.refresh().get("entries") or 0)
 
     def fork(self, at: int | Any | None = None, name: str | None = None) -> RemoteSession:
         seq = getattr(at, "seq", at)
@@ -843,10 +867,6 @@ class RemoteSession:
         if isinstance(d, dict):
             return [str(x) for x in d.get("released_snapshots") or d.get("released") or ()]
         return [str(x) for x in d] if isinstance(d, list) else []
-
-
-class _Dropped(Exception):
-    pass
 
 
 def _local_only(**kw: object) -> None:
