@@ -37,7 +37,7 @@ from torpor.context import Kind, effective
 from torpor.errors import UsageError
 from torpor.integrations.langgraph import CHECKPOINT_KIND, TorporSaver, sandbox_tools
 from torpor.sandbox import Sandbox
-from torpor.session import Session
+from torpor.session import Session, SessionError
 
 pytestmark = pytest.mark.vm
 
@@ -147,8 +147,14 @@ def test_worker_killed_mid_run_resumes_with_machine_and_no_tool_twice(
             worker.kill()
     # a new worker: the test process
     again = sessions.open(s.id)
+    config = {"configurable": {"thread_id": "t1"}}
     if where == "tool":
         assert again.status() == "interrupted"  # the tool opened the turn
+        # resuming on the half-done machine would run the held tool twice: refused
+        n = len(again.entries())
+        with pytest.raises(SessionError, match="recover"):
+            build(again, TorporSaver(again), api.url).invoke(None, config, durability="sync")
+        assert len(again.entries()) == n and len(api.requests) == 2
     assert again.recover(replay=False) is None
     sb = again.sandbox
     assert _cat(sb, "/tmp/f") == "hello"
@@ -157,7 +163,6 @@ def test_worker_killed_mid_run_resumes_with_machine_and_no_tool_twice(
         sb.exec("touch /tmp/go")  # the held tool may finish this time
     api.reply(openai_completion(text="all done"))
     saver = TorporSaver(again)
-    config = {"configurable": {"thread_id": "t1"}}
     out = build(again, saver, api.url).invoke(None, config, durability="sync")
 
     msgs = out["messages"]

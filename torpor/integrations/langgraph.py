@@ -85,13 +85,15 @@ from langgraph.checkpoint.base import (
 from torpor.context import Entry, Kind, effective
 from torpor.errors import TorporError, UsageError
 from torpor.session import Checkpoint as TorporCheckpoint
-from torpor.session import Session
+from torpor.session import Session, SessionError
 
 CHECKPOINT_KIND = "langgraph.checkpoint"
 WRITES_KIND = "langgraph.writes"
 DELETE_KIND = "langgraph.delete"
 #: The reason of the torpor checkpoints a put takes (what binds a pair).
 REASON = "langgraph"
+#: Key prefix of the ``user`` entries that open a turn (``open_turn``).
+OPEN_KEY = "langgraph.open."
 #: What a sandbox tool returns at most of a command's output or a file (each stream).
 TOOL_OUTPUT_CAP = 64 * 1024
 
@@ -106,6 +108,7 @@ _DURABILITY_KEY = "__pregel_durability"
 class _Shared:
     lock: threading.RLock = field(default_factory=threading.RLock)
     sandbox: tuple[str, Any] | None = None  # (vm id, Sandbox) of the last tool call
+    opened: set[str] = field(default_factory=set)  # keys of the turns opened through it
 
 
 _SHARED: weakref.WeakKeyDictionary[Session, _Shared] = weakref.WeakKeyDictionary()
@@ -125,16 +128,34 @@ def open_turn(session: Session, why: str = "work on the machine") -> None:
     entry opens a turn, so a crash before the next checkpoint makes
     ``recover(replay=False)`` restore the VM and supersede the entries after it.
     Idempotent while a turn is open (keyed by the last checkpoint)."""
-    with _shared(session).lock:
+    sh = _shared(session)
+    with sh.lock:
         st = session.state()
         if st.pending is not None:
             return
         last = st.last_checkpoint
-        session.append(
-            "user",
-            {"content": f"langgraph: {why}"},
-            key=f"langgraph.open.{last.seq if last else 0}",
-        )
+        key = f"{OPEN_KEY}{last.seq if last else 0}"
+        session.append("user", {"content": f"langgraph: {why}"}, key=key)
+        sh.opened.add(key)
+
+
+def _check_recovered(session: Session) -> None:
+    """Refuse to start a run on a machine a crashed worker left half-way: a turn the
+    saver or its tools opened in *another* process (or through another Session
+    object), with no VM restored since, means the machine may hold effects of tasks
+    LangGraph will run again."""
+    st = session.state()
+    p = st.pending
+    if p is None or not (p.key or "").startswith(OPEN_KEY) or p.key in _shared(session).opened:
+        return
+    if any(e.kind is Kind.VM for e in session.entries(after=p.seq)):
+        return  # recovered (the VM restored from the last checkpoint) since
+    raise SessionError(
+        f"session {session.name} was interrupted in the middle of LangGraph work "
+        f"(entry {p.seq}: {p.payload.get('content', '')!r:.120}); its machine may hold "
+        "effects of steps LangGraph will run again: call session.recover(replay=False) "
+        "first (it restores the VM to the last paired checkpoint)"
+    )
 
 
 # -- the fold ----------------------------------------------------------------------------
@@ -313,8 +334,10 @@ class TorporSaver(BaseCheckpointSaver[str]):
         thread_id, ns = str(conf.get("thread_id")), str(conf.get("checkpoint_ns") or "")
         with self._shared.lock:
             f = self._fold()
-            if _RUNTIME_KEY in conf:  # a run starts: refuse a second thread before it runs
+            if _RUNTIME_KEY in conf:  # a run starts: refuse what it must not run on
                 self._check_thread(f, thread_id)
+                if not ns:
+                    _check_recovered(self.session)
             if checkpoint_id := get_checkpoint_id(config):
                 ck = f.cks.get((thread_id, ns, str(checkpoint_id)))
                 return None if ck is None else self._tuple(f, ck, config)
