@@ -10,7 +10,8 @@ Two kinds of numbers:
   a restart starts them at zero (counters, as Prometheus expects).
 - **state**, read from the homes at scrape time: sessions by status, VMs running,
   stored bytes of the sessions' own checkpoints.  Reading every session's log is not
-  free, so one scrape's answer is kept for :data:`STATE_TTL` seconds.
+  free, so one scrape's answer is kept for :data:`STATE_TTL` seconds — or until this process
+changes a session of that namespace (:func:`invalidate`).
 
 Who sees what: without tokens (one local user) everything; with tokens a request
 needs one, and a token of namespace ``default`` (the server's own home: the
@@ -97,6 +98,8 @@ def observer(ns: str) -> Callable[[Any], None]:
     def on_event(e: Any) -> None:
         kind = getattr(e.kind, "value", e.kind)
         p = e.payload
+        if kind in CHANGES_STATE:
+            invalidate(ns)
         try:
             if kind == "checkpoint":
                 REGISTRY.observe("checkpoint_pause_ms", ns, float(p.get("pause_ms", 0)))
@@ -115,6 +118,14 @@ def observer(ns: str) -> Callable[[Any], None]:
 
 _state_lock = threading.Lock()
 _state: dict[str, tuple[float, dict[str, Any]]] = {}
+#: Entry kinds after which a namespace's cached state is stale (a VM came or went).
+CHANGES_STATE = frozenset({"vm", "checkpoint", "hibernate", "resume", "removed"})
+
+
+def invalidate(ns: str) -> None:
+    """Forget ``ns``'s cached state: this process just changed a session or VM there."""
+    with _state_lock:
+        _state.pop(ns, None)
 
 
 def _read_state(paths: Any) -> dict[str, Any]:

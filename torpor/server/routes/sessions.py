@@ -47,7 +47,7 @@ from torpor import errors as E
 from torpor.server import problems
 from torpor.server.deps import TenantDep, check_isolation
 from torpor.server.idempotency import once
-from torpor.server.routes.metrics import REGISTRY, observer
+from torpor.server.routes.metrics import REGISTRY, invalidate, observer
 from torpor.server.schemas import (
     AppendIn,
     CheckpointIn,
@@ -265,6 +265,7 @@ def delete_session(ref: str, t: TenantDep) -> dict[str, Any]:
     """``Session.remove``: its VMs, its log (a tombstone), the snapshots only it needed."""
     with _open(t, ref) as s:
         released = s.remove(reason="removed through the API")
+        invalidate(t.namespace)
         return {"id": s.id, "removed": True, "released_snapshots": released}
 
 
