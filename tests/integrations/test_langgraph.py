@@ -247,6 +247,14 @@ def test_saver_contract_put_get_list_writes_delete(sessions) -> None:
 
     asyncio.run(use())
 
+    # a state too big for one entry: a clear error, nothing written
+    n = len(s.entries())
+    huge = create_checkpoint(c2, None, 5)
+    huge["channel_values"] = {"a": "x" * (9 * 1024 * 1024)}
+    with pytest.raises(UsageError, match=r"langgraph\.checkpoint payload"):
+        saver.put(cfg2, huge, {"source": "loop", "step": 5}, {})
+    assert len(s.entries()) == n
+
     # one thread per session, also for a graph run started on another thread
     with pytest.raises(UsageError, match="one session per thread"):
         saver.put(_cfg("u"), empty_checkpoint(), {}, {})
@@ -304,5 +312,7 @@ def test_graph_runs_that_cannot_pair_are_refused_before_they_run(sessions) -> No
     assert read_file.invoke({"path": "/nope"}).startswith("error:")
     big = exec_.invoke({"command": "head -c 200000 /dev/zero | tr '\\0' a"})
     assert "more bytes]" in big and len(big) < 70_000
+    (quick, *_) = sandbox_tools(s, timeout=1)
+    assert "past its timeout" in quick.invoke({"command": "sleep 30"})
     with pytest.raises(UsageError):
         sandbox_tools(s, timeout=0)
