@@ -393,3 +393,45 @@ def test_fork_carries_history_and_machine(sessions: Sessions, api: FakeAPI) -> N
     assert len(child.items()) == len(ts.items()) + 4
     assert child.torpor.sandbox.files.read("/work/notes.txt") == "child"
     assert ts.torpor.sandbox.files.read("/work/notes.txt") == NOTE  # the parent is untouched
+
+
+def test_vm_lost_mid_run_stops_the_run_and_the_next_run_recovers(
+    sessions: Sessions, api: FakeAPI
+) -> None:
+    """The VM is killed behind the run's back: the tool does not quietly restore the
+    last checkpoint under the SDK (that would supersede the run's first items while the
+    SDK goes on with them); the run stops with a torpor error, and the next run
+    recovers, with a history and a machine that agree."""
+    from torpor.session import SessionError
+
+    ts = TorporSession(sessions.create())
+    agent = _agent(api, ts)
+    _script_first_run(api)
+    run_durable(agent, FIRST, session=ts)
+    done = ts.items()
+    api.reply(_calls(("v1", "exec", {"command": "echo lost"})))
+    ts.torpor.sandbox.kill()
+    agent = _agent(api, ts)  # new tools, as in a new worker: nothing cached
+    with pytest.raises(SessionError, match="VM is gone") as failed:
+        run_durable(agent, "the VM is gone", session=ts)
+    # the tool's error; the checkpoint after the run then fails the same way
+    assert "mid-run" in str(failed.value.__context__)
+    assert ts.torpor.status() == "interrupted"
+    api.reply(_calls(("v2", "exec", {"command": "cat /work/notes.txt"})))
+    api.reply(openai_completion(text="back"))
+    assert run_durable(agent, "the VM is gone", session=ts).final_output == "back"
+    items = ts.items()
+    assert items[: len(done)] == done
+    assert items[len(done)] == {"role": "user", "content": "the VM is gone"}
+    assert "v1" not in _outputs(items) and NOTE in _outputs(items)["v2"]
+
+
+def test_arguments_that_do_not_parse_go_back_to_the_model(sessions: Sessions, api: FakeAPI) -> None:
+    ts = TorporSession(sessions.create())
+    api.reply(openai_completion(tool_calls=[("p1", "exec", '{"cmd": "true"}')]))
+    api.reply(openai_completion(tool_calls=[("p2", "write_file", "not json")]))
+    api.reply(openai_completion(text="sorry"))
+    assert run_durable(_agent(api, ts), "go", session=ts).final_output == "sorry"
+    out = _outputs(ts.items())
+    assert out["p1"].startswith("error: Invalid JSON input for tool exec")
+    assert out["p2"].startswith("error: ")

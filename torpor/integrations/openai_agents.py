@@ -44,6 +44,7 @@ The ``agents`` package is imported here only: ``import torpor`` never needs it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import threading
@@ -52,13 +53,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torpor.context import Entry, Kind, effective
-from torpor.errors import AgentError, ExecTimeoutError, NotFoundError, SetupError, UsageError
+from torpor.errors import (
+    AgentError,
+    ExecTimeoutError,
+    NotFoundError,
+    SetupError,
+    TorporError,
+    UsageError,
+)
 from torpor.paths import Paths
-from torpor.session import Session
+from torpor.session import Session, SessionError
+from torpor.vmm.state import Status
 
 try:
-    from agents import FunctionTool, Runner, function_tool
+    from agents import FunctionTool, ModelBehaviorError, Runner, function_tool
     from agents.memory import SessionSettings
+    from agents.tool import default_tool_error_function
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise SetupError(
         "torpor.integrations.openai_agents needs the OpenAI Agents SDK: "
@@ -203,7 +213,10 @@ class TorporSession:
         self.torpor = session
         self.session_id: str = session.id
         if isinstance(session_settings, dict):
-            session_settings = SessionSettings(**session_settings)
+            try:
+                session_settings = SessionSettings(**session_settings)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"invalid session_settings: {e}") from e
         self.session_settings = session_settings or SessionSettings()
         self._lock = _lock_for(session)
         self._failed_add: tuple[list[str], list[str]] | None = None  # digests, keys
@@ -253,7 +266,8 @@ class TorporSession:
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
             raise UsageError(f"limit must be an int or None, not {limit!r}")
         with self._lock:
-            items = [item for _, item in fold_items(self.torpor.entries())]
+            # copies: the SDK may change what it gets, the log's cached entries must not
+            items = [copy.deepcopy(item) for _, item in fold_items(self.torpor.entries())]
         if limit is None or limit < 0:  # negative: all, as SQLiteSession's LIMIT does
             return items
         return items[-limit:] if limit else []
@@ -288,7 +302,7 @@ class TorporSession:
                 return None
             seq, item = items[-1]
             self.torpor.append(POP_KIND, {"seq": seq})
-            return item
+            return copy.deepcopy(item)
 
     def clear(self) -> None:
         """Forget every item (the entries stay in the log, marked cleared)."""
@@ -417,11 +431,18 @@ class _Box:
 
     def get(self) -> Sandbox:
         with self._lock:
-            vm_id = self.s.state().vm_id
-            if self._sb is None or self._sb.id != vm_id or not self._sb.is_running():
+            vm = self.s.vm()
+            if vm is None or vm.state.status not in (Status.RUNNING, Status.HIBERNATED):
+                # s.sandbox would restore the last checkpoint and supersede this run's
+                # items while the SDK goes on with them in memory: stop the run instead
+                raise SessionError(
+                    f"session {self.s.name}: its VM is gone mid-run; the run stops here "
+                    "(the next run_durable, or recover(), restores the last checkpoint)"
+                )
+            if self._sb is None or self._sb.id != vm.id or vm.state.status != Status.RUNNING:
                 if self._sb is not None:
                     self._sb.close()
-                self._sb = self.s.sandbox  # woken, or restored from the last checkpoint
+                self._sb = self.s.sandbox  # woken if hibernated
             return self._sb
 
 
@@ -449,6 +470,16 @@ class _Head:
     def text(self) -> str:
         out = "".join(self.parts)
         return out + (f"\n[... {self.dropped} more bytes not shown]" if self.dropped else "")
+
+
+def _on_tool_error(ctx: Any, error: Exception) -> str:
+    """The SDK's failure hook: the model's mistakes (arguments that do not parse, say)
+    go back to the model; torpor's errors (the machine failed) end the run."""
+    if isinstance(error, TorporError):
+        raise error
+    if isinstance(error, ModelBehaviorError):  # its own arguments: safe and useful to show
+        return f"error: {str(error)[:2000]}"
+    return default_tool_error_function(ctx, error)
 
 
 def _model_error(e: Exception, path: str | None = None) -> bool:
@@ -546,6 +577,9 @@ def sandbox_tools(
             raise
         return f"wrote {info.size} bytes to {info.path}"
 
-    # failure_error_function=None: what _model_error does not return to the model
-    # (a lost VM, a broken agent connection) ends the run with the torpor error
-    return [function_tool(f, failure_error_function=None) for f in (exec, read_file, write_file)]
+    # what _model_error does not return to the model (a lost VM, a broken agent
+    # connection) reaches _on_tool_error, which ends the run with the torpor error
+    return [
+        function_tool(f, failure_error_function=_on_tool_error)
+        for f in (exec, read_file, write_file)
+    ]
