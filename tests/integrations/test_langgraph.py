@@ -85,6 +85,7 @@ def test_graph_state_survives_a_new_session_object_and_forks_get_the_machine(ses
     # every LangGraph checkpoint is a pair: its entry, then a langgraph torpor checkpoint
     tuples = list(saver.list(config))
     assert len(tuples) == 5  # input, then one per super-step (model, tools, model)
+    assert [h.config for h in graph.get_state_history(config)] == [t.config for t in tuples]
     pairs = [saver.torpor_checkpoint(t.config) for t in tuples]
     assert len({p.snapshot for p in pairs}) == 5 and all(p.reason == "langgraph" for p in pairs)
 
@@ -316,3 +317,39 @@ def test_graph_runs_that_cannot_pair_are_refused_before_they_run(sessions) -> No
     assert "past its timeout" in quick.invoke({"command": "sleep 30"})
     with pytest.raises(UsageError):
         sandbox_tools(s, timeout=0)
+
+
+class Log(TypedDict):
+    log: str
+
+
+def test_subgraph_checkpoints_pair_in_the_same_session(sessions) -> None:
+    s = sessions.create()
+    exec_ = sandbox_tools(s)[0]
+
+    def s1(st: Log) -> dict[str, Any]:
+        out = exec_.invoke({"command": "echo s1 >> /tmp/sub; cat /tmp/sub"})
+        return {"log": st["log"] + "+" + out.split("stdout:\n")[1].split("\n")[0]}
+
+    sub = StateGraph(Log)
+    sub.add_node("s1", s1)
+    sub.add_node("s2", lambda st: {"log": st["log"] + "+s2"})
+    sub.add_edge(START, "s1")
+    sub.add_edge("s1", "s2")
+    sub.add_edge("s2", END)
+    g = StateGraph(Log)
+    g.add_node("inner", sub.compile(checkpointer=True))  # its own namespace, this saver
+    g.add_node("after", lambda st: {"log": st["log"] + "+after"})
+    g.add_edge(START, "inner")
+    g.add_edge("inner", "after")
+    g.add_edge("after", END)
+    saver = TorporSaver(s)
+    config = {"configurable": {"thread_id": "t"}}
+    out = g.compile(checkpointer=saver).invoke({"log": "x"}, config, durability="sync")
+    assert out == {"log": "x+s1+s2+after"}
+    spaces = [t.config["configurable"]["checkpoint_ns"] for t in saver.list(None)]
+    assert spaces.count("inner") == 4 and spaces.count("") == 4
+    inner = saver.get_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": "inner"}})
+    assert inner is not None and inner.checkpoint["channel_values"]["log"] == "x+s1+s2"
+    seqs = [saver.torpor_checkpoint(t.config).seq for t in saver.list(None)]
+    assert len(set(seqs)) == 8 and s.status() == "running"  # every one a pair of its own
