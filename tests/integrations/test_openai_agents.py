@@ -435,3 +435,18 @@ def test_arguments_that_do_not_parse_go_back_to_the_model(sessions: Sessions, ap
     out = _outputs(ts.items())
     assert out["p1"].startswith("error: Invalid JSON input for tool exec")
     assert out["p2"].startswith("error: ")
+
+
+def test_history_on_postgres(sessions: Sessions, api: FakeAPI, pg_dsn: str, paths) -> None:
+    """The same adapter with the log in PostgreSQL (jsonb): items come back equal, a NUL
+    (which jsonb cannot hold) as U+FFFD."""
+    ts = TorporSession(sessions.create(dsn=pg_dsn))
+    api.reply(_calls(("g1", "write_file", {"path": "/work/ü.txt", "content": "héllo ✓"})))
+    api.reply(openai_completion(text="wrote ✓"))
+    run_durable(_agent(api, ts), "schreib eine Datei \x00 bitte", session=ts)
+    with TorporSession.open(ts.session_id, paths=paths, dsn=pg_dsn) as again:
+        items = again.items()
+    assert items == ts.items()
+    assert items[0] == {"role": "user", "content": "schreib eine Datei \ufffd bitte"}
+    assert _outputs(items)["g1"] == f"wrote {len('héllo ✓'.encode())} bytes to /work/ü.txt"
+    assert ts.torpor.sandbox.files.read("/work/ü.txt") == "héllo ✓"

@@ -185,7 +185,8 @@ def _input_text(input: Any) -> str:
             text = json.dumps(input, ensure_ascii=False, default=str)
         except (TypeError, ValueError):
             text = repr(input)
-    text = text.strip() or "(empty input)"
+    # as the log stores it (no NUL), so a re-run's input compares equal to the stored one
+    text = text.replace("\x00", "\ufffd").strip() or "(empty input)"
     return text if len(text) <= MAX_INPUT_TEXT else text[:MAX_INPUT_TEXT] + " [...]"
 
 
