@@ -150,6 +150,8 @@ def test_session_page_is_a_transcript_with_checkpoints(web: TestClient, session:
     assert f'id="e{ck.seq - 1}"' not in frag.text
     assert frag.headers["x-last-seq"] == str(session.state().last_seq)
     assert frag.headers["x-status"] == "running"
+    # the live view follows the API's SSE route of the log (the cookie authenticates)
+    assert f'data-stream="/v1/sessions/{session.id}/log"' in page
 
 
 def test_hostile_text_is_escaped_everywhere(
@@ -197,7 +199,6 @@ def test_another_namespace_gets_404_pages(
         f"/sessions/{session.id}",
         f"/sessions/{session.name}",
         f"/sessions/{session.id}/entries",
-        f"/sessions/{session.id}/stream",
         f"/sandboxes/{vm.id}",
     ):
         r = other_web.get(url)

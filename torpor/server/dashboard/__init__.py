@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -45,7 +44,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
-from starlette.responses import StreamingResponse
 
 from torpor.errors import TorporError, UsageError
 from torpor.server import problems
@@ -379,12 +377,9 @@ def _turns(request: Request) -> dict[tuple[str, str], threading.Thread]:
     return st.dashboard_turns  # type: ignore[no-any-return]
 
 
-def _stream_url(request: Request, sid: str) -> str:
-    """The log's SSE route of the API when it is there, else the dashboard's own."""
-    for r in request.app.routes:
-        if getattr(r, "path", "") == "/v1/sessions/{ref}/log":
-            return f"/v1/sessions/{quote(sid)}/log"
-    return f"/sessions/{quote(sid)}/stream"
+def _stream_url(sid: str) -> str:
+    """The API's SSE follow of the log (``entry`` events, id = seq; the cookie authenticates)."""
+    return f"/v1/sessions/{quote(sid)}/log"
 
 
 @router.get("/sessions/{ref}")
@@ -402,7 +397,7 @@ async def session_page(request: Request, ref: str, note: str = "") -> Response:
             s=d,
             note=note[:300],
             failed=failed,
-            stream=_stream_url(request, d["row"]["id"]),
+            stream=_stream_url(d["row"]["id"]),
             nonce=secrets.token_hex(12),
         )
 
@@ -437,55 +432,10 @@ async def session_entries(request: Request, ref: str, after: int = 0) -> Respons
     return await _run(request, frag)
 
 
-@router.get("/sessions/{ref}/stream")
-async def session_stream(request: Request, ref: str, after: int = 0) -> Response:
-    """SSE: one ``entry`` event (id = seq) per log entry after ``after`` (or the
-    ``Last-Event-ID`` a reconnecting EventSource sends), as they are appended."""
-    try:
-        tenant = authenticate(request)
-        with _open(Ctx(request, tenant, None), ref) as s:
-            sid = s.id
-    except HTTPException as e:
-        return problems.problem(e.status_code, str(e.detail), headers=e.headers)
-    except TorporError as e:
-        return problems.from_error(e)
-    last = request.headers.get("last-event-id", "")
-    start = int(last) if last.isdigit() else max(0, after)
-
-    async def events() -> Any:
-        from torpor.context import open_log
-
-        log_ = await run_in_threadpool(open_log, None, paths=tenant.paths)
-        seen = start
-        try:
-            yield "retry: 1000\n\n"
-            idle = 0.0
-            while not await request.is_disconnected():
-                batch = await run_in_threadpool(log_.entries, sid, after=seen, limit=200)
-                for e in batch:
-                    seen = e.seq
-                    yield f"id: {e.seq}\nevent: entry\ndata: {e.kind.value}\n\n"
-                if batch:
-                    idle = 0.0
-                    continue
-                idle += 0.25
-                if idle >= 15:
-                    yield ": keep-alive\n\n"
-                    idle = 0.0
-                await asyncio.sleep(0.25)
-        finally:
-            await run_in_threadpool(log_.close)
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
-
-
 @router.post("/sessions/{ref}/send")
 async def send(request: Request, ref: str) -> Response:
     def do(ctx: Ctx) -> Response:
+        from torpor.server.routes.metrics import observer
         from torpor.session import Session
 
         text = ctx.field("message")
@@ -498,15 +448,16 @@ async def send(request: Request, ref: str) -> Response:
         turns = _turns(request)
         slot = (ctx.tenant.namespace, sid)
         t = turns.get(slot)
-        if t is not None and t.is_alive():
+        if (t is not None and t.is_alive()) or views.busy(ctx.paths, sid):
             return _back(f"/sessions/{sid}", "a turn is still running; wait for its answer")
-        paths = ctx.paths
+        paths, ns = ctx.paths, ctx.tenant.namespace
         errors = request.app.state.dashboard_errors
 
         def turn() -> None:
             try:
-                with Session.open(sid, paths=paths) as s2:
-                    s2.send(text, key=f"dashboard-{key}" if key else None)
+                with Session.open(sid, paths=paths, on_event=observer(ns)) as s2:
+                    # wait=False: a turn another actor started meanwhile is a ConflictError
+                    s2.send(text, key=f"dashboard-{key}" if key else None, wait=False)
             except TorporError as e:
                 errors[slot] = f"{type(e).__name__}: {e.message}"
             except Exception as e:  # the thread must not die silently

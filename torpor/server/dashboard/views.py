@@ -322,10 +322,36 @@ def vm_row(vm: Any) -> dict[str, Any]:
     }
 
 
+def vm_sessions(paths: Paths) -> dict[str, tuple[str, str]]:
+    """VM id -> (session id, name) of the session the log says runs in it (a fork's VM
+    carries no session label: restores do not copy torpor's own labels)."""
+    from torpor.session import Session
+
+    out: dict[str, tuple[str, str]] = {}
+    sessions = Session.list(paths=paths)
+    try:
+        for s in sessions:
+            with contextlib.suppress(ChainError):
+                vm_id = s.state().vm_id
+                if vm_id:
+                    out[vm_id] = (s.id, s.name)
+    finally:
+        for s in sessions:
+            s.close()
+    return out
+
+
+def _with_session(row: dict[str, Any], owners: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    sid, name = owners.get(row["id"], (row["session"], ""))
+    row.update(session=sid, session_name=name)
+    return row
+
+
 def list_vms(paths: Paths) -> list[dict[str, Any]]:
     from torpor.vmm.manager import VMManager
 
-    rows = [vm_row(vm) for vm in VMManager(paths).list(all=True)]
+    owners = vm_sessions(paths)
+    rows = [_with_session(vm_row(vm), owners) for vm in VMManager(paths).list(all=True)]
     rows.sort(key=lambda r: -float(r["created"]))
     return rows
 
@@ -339,19 +365,37 @@ def vm_detail(paths: Paths, ref: str) -> dict[str, Any]:
     console = b""
     with contextlib.suppress(OSError, TorporError):
         console = mgr.console(vm.id)[-CONSOLE_TAIL:]
-    return {"vm": vm_row(vm), "console": console.decode("utf-8", errors="replace")}
+    out: list[bytes] = []
+    with contextlib.suppress(OSError, TorporError):
+        from torpor.vmm.query import log_records
+
+        out = [d for _, _, d in log_records(mgr, vm.id, follow=False, tail=200, since=None)]
+    output = b"".join(out)[-CONSOLE_TAIL:]
+    return {
+        "vm": _with_session(vm_row(vm), vm_sessions(paths)),
+        "console": console.decode("utf-8", errors="replace"),
+        "output": output.decode("utf-8", errors="replace"),
+    }
 
 
 # -- snapshots --------------------------------------------------------------------------
 
 
-def _checkpoint_index(paths: Paths) -> dict[str, list[dict[str, Any]]]:
-    """snapshot id -> the session checkpoints naming it (session name, seq, stored)."""
+def _checkpoint_index(
+    paths: Paths,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """snapshot id -> the session checkpoints naming it (session name, seq, stored),
+    and snapshot id -> the sessions forked from it."""
     from torpor.context import open_log
 
     out: dict[str, list[dict[str, Any]]] = {}
+    forks: dict[str, list[dict[str, Any]]] = {}
     with open_log(None, paths=paths) as log:
         for r in log.list_sessions():
+            for e in log.own_entries(r.id, Kind.FORK):
+                snap = e.payload.get("snapshot")
+                if isinstance(snap, str):
+                    forks.setdefault(snap, []).append({"session": r.id, "name": r.name})
             for e in log.own_entries(r.id, Kind.CHECKPOINT):
                 snap = e.payload.get("snapshot")
                 if isinstance(snap, str):
@@ -363,7 +407,7 @@ def _checkpoint_index(paths: Paths) -> dict[str, list[dict[str, Any]]]:
                             "stored": _num(e.payload.get("stored_bytes")),
                         }
                     )
-    return out
+    return out, forks
 
 
 def lineage(paths: Paths) -> dict[str, Any]:
@@ -372,7 +416,7 @@ def lineage(paths: Paths) -> dict[str, Any]:
 
     store = ChunkStore(paths.store)
     good, bad = store.scan()
-    used = _checkpoint_index(paths)
+    used, forked = _checkpoint_index(paths)
     nodes: dict[str, dict[str, Any]] = {}
     for m in good:
         try:
@@ -393,6 +437,7 @@ def lineage(paths: Paths) -> dict[str, Any]:
             "disk": sizes.get("disk", 0),
             "stored": next((r["stored"] for r in refs if r["stored"] is not None), None),
             "sessions": refs,
+            "forks": forked.get(m.id, []),
             "children": [],
         }
     roots: list[dict[str, Any]] = []
@@ -400,8 +445,9 @@ def lineage(paths: Paths) -> dict[str, Any]:
         parent = nodes.get(n["parent"] or "")
         (parent["children"] if parent else roots).append(n)
     for n in nodes.values():
-        # a fork: the children were taken from more than one VM restored from this one
-        n["fork"] = len({c["vm"] for c in n["children"]}) > 1
+        # a fork point: a session was forked from it, or its children were taken from
+        # more than one VM restored from it
+        n["fork"] = bool(n["forks"]) or len({c["vm"] for c in n["children"]}) > 1
     sessions = _session_tree(paths)
     return {
         "roots": roots,

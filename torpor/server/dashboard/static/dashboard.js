@@ -46,7 +46,7 @@ function live() {
   function showStatus(st) {
     const pill = document.querySelector("#status .pill");
     if (pill && st) { pill.className = "pill pill-" + st; pill.textContent = st; }
-    if (liveBar) liveBar.classList.toggle("on", st === "working" || st === "interrupted");
+    if (liveBar) liveBar.classList.toggle("on", st === "working");
     box.dataset.status = st;
   }
 
@@ -79,9 +79,13 @@ function live() {
       if (newLast > last) {
         const tpl = document.createElement("template");
         tpl.innerHTML = html;
+        let checkpointed = false;
         tpl.content.querySelectorAll("article.entry").forEach((a) => {
-          if (!document.getElementById(a.id)) box.appendChild(a);
+          if (document.getElementById(a.id)) return;
+          checkpointed = checkpointed || a.classList.contains("e-checkpoint");
+          box.appendChild(a);
         });
+        if (checkpointed) refreshSide();  // a new checkpoint: the timeline grows
         last = newLast;
         box.dataset.lastSeq = String(last);
         busyButtons(box);
@@ -92,7 +96,7 @@ function live() {
       const was = status;
       status = st || status;
       showStatus(status);
-      if ((was === "working" || was === "interrupted") && status !== was) refreshSide();
+      if (was === "working" && status !== was) refreshSide();
     } finally {
       inflight = false;
       if (again) { again = false; pull(); }
@@ -107,9 +111,10 @@ function live() {
     for (const name of ["entry", "log", "append"]) es.addEventListener(name, poke);
   }
   // a slow poll as well, while a turn runs: covers a stream that names events differently
-  setInterval(() => { if (box.dataset.status === "working" || box.dataset.status === "interrupted") pull(); }, 3000);
+  setInterval(() => { if (box.dataset.status === "working") pull(); }, 3000);
   showStatus(status);
   pull();
+  if (location.hash === "#live") setTimeout(pull, 1500);  // a send just started a turn
 }
 
 function composer() {
