@@ -27,7 +27,6 @@ from torpor.cli import complete
 from torpor.cli import format as fmt_
 from torpor.cli.format import FORMAT_HELP, LazyConsole
 from torpor.cli.lazy import LazyGroup
-from torpor.cli.remote import HostGroup, host_options
 from torpor.cli.term import markup_safe
 from torpor.errors import TorporError, UsageError
 from torpor.paths import Paths
@@ -97,7 +96,7 @@ def human_size(n: float) -> str:
 
 
 @click.group(
-    cls=HostGroup,  # --host URL / TORPOR_HOST: commands act on a server (cli/remote.py)
+    cls=LazyGroup,
     context_settings=CONTEXT,
     # imported only when used: start-up of other commands stays small (cli/lazy.py)
     lazy_subcommands={
@@ -107,7 +106,6 @@ def human_size(n: float) -> str:
     },
 )
 @click.version_option(__version__, "--version", "-v")
-@host_options
 @click.option(
     "--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames and show tracebacks."
 )
@@ -966,23 +964,7 @@ def exec_(
             code = _stream(handle, interactive)
     except TorporError as e:
         _fail(e, 125)
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> NoReturn:
-    """Exit without the interpreter's teardown (freeing every module: ~10 ms of a
-    ~100 ms ``torpor exec VM true``, issue 10's start-up target).  Safe here: the
-    agent connection is closed, no atexit work of ours is pending, and output is
-    flushed first (a closed stdout is exit 141, as in main()).  Only as the ``torpor``
-    program: ``cli`` invoked in a process of someone else's (CliRunner) gets sys.exit."""
-    if not _AS_PROGRAM:
-        sys.exit(code)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        code = 141
-    os._exit(code)
+    sys.exit(code)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -1588,12 +1570,7 @@ def bench_faults(
 
 
 
-_AS_PROGRAM = False  # set by main(): this process is the `torpor` program (see _exit_now)
-
-
 def main() -> None:
-    global _AS_PROGRAM
-    _AS_PROGRAM = True
     # every file torpor writes holds guest data: private to its owner (torpor/paths.py)
     os.umask(0o077)
     try:
