@@ -27,6 +27,7 @@ from torpor.cli import complete
 from torpor.cli import format as fmt_
 from torpor.cli.format import FORMAT_HELP, LazyConsole
 from torpor.cli.lazy import LazyGroup
+from torpor.cli.remote import HostGroup, host_options
 from torpor.cli.term import markup_safe
 from torpor.errors import TorporError, UsageError
 from torpor.paths import Paths
@@ -96,7 +97,7 @@ def human_size(n: float) -> str:
 
 
 @click.group(
-    cls=LazyGroup,
+    cls=HostGroup,  # --host URL / TORPOR_HOST: commands act on a server (cli/remote.py)
     context_settings=CONTEXT,
     # imported only when used: start-up of other commands stays small (cli/lazy.py)
     lazy_subcommands={
@@ -106,6 +107,7 @@ def human_size(n: float) -> str:
     },
 )
 @click.version_option(__version__, "--version", "-v")
+@host_options
 @click.option(
     "--debug", is_flag=True, envvar="TORPOR_DEBUG", help="Log protocol frames and show tracebacks."
 )

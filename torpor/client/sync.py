@@ -524,6 +524,7 @@ class RemoteSandbox:
                 **W.stdin_field(stdin),
             }
         )
+        body["timeout"] = timeout  # null is "no limit", not the server's default
         events = self._t.events("POST", f"{self._path}/exec", json=body)
         return exec_events(events, on_stdout, on_stderr, max_output)
 
