@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from torpor.client.aio import Client as Client  # the awaitable remote client (torpor.client)
 from torpor.paths import Paths
 from torpor.sandbox.aio import AsyncCommandHandle, AsyncFiles, AsyncPty, Sandbox
 
