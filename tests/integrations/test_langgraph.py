@@ -29,6 +29,7 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
 
 from tests.integrations.conftest import start_worker, wait_for
 from tests.integrations.langgraph_app import build
@@ -353,3 +354,28 @@ def test_subgraph_checkpoints_pair_in_the_same_session(sessions) -> None:
     assert inner is not None and inner.checkpoint["channel_values"]["log"] == "x+s1+s2"
     seqs = [saver.torpor_checkpoint(t.config).seq for t in saver.list(None)]
     assert len(set(seqs)) == 8 and s.status() == "running"  # every one a pair of its own
+
+
+def test_interrupt_pauses_settled_and_resumes_in_another_session_object(sessions) -> None:
+    s = sessions.create()
+    exec_ = sandbox_tools(s)[0]
+
+    def ask(st: Counter) -> dict[str, Any]:
+        exec_.invoke({"command": "echo asked >> /tmp/asked"})  # re-run on resume
+        return {"n": st["n"] + interrupt("how many?")}
+
+    g = StateGraph(Counter)
+    g.add_node("ask", ask)
+    g.add_edge(START, "ask")
+    g.add_edge("ask", END)
+    config = {"configurable": {"thread_id": "h"}}
+    out = g.compile(checkpointer=TorporSaver(s)).invoke({"n": 1}, config, durability="sync")
+    assert out["__interrupt__"][0].value == "how many?"
+    assert s.status() == "running"  # paused for a human: settled, not interrupted
+    assert s.checkpoints[-1].reason == "langgraph interrupt"
+    with Session.open(s.id, paths=s.paths) as again:  # the answer comes to another worker
+        graph = g.compile(checkpointer=TorporSaver(again))
+        assert [i.value for i in graph.get_state(config).interrupts] == ["how many?"]
+        assert graph.invoke(Command(resume=5), config, durability="sync") == {"n": 6}
+        assert _cat(again.sandbox, "/tmp/asked") == "asked\nasked"  # LangGraph's re-run
+        assert again.status() == "running"

@@ -81,6 +81,7 @@ from langgraph.checkpoint.base import (
     get_checkpoint_metadata,
     writes_sort_key,
 )
+from langgraph.checkpoint.serde.types import INTERRUPT
 
 from torpor.context import Entry, Kind, effective
 from torpor.errors import TorporError, UsageError
@@ -472,6 +473,12 @@ class TorporSaver(BaseCheckpointSaver[str]):
                     },
                     key=key,
                 )
+            if ck_id >= newest and any(r[1] == INTERRUPT for r in rows):
+                # the run pauses for a human: settle here, so the session is idle (not
+                # interrupted) while it waits and a resume in another process needs no
+                # recovery.  The machine keeps what the node did before interrupt():
+                # LangGraph re-runs that node on resume, as with any saver.
+                self.session.checkpoint(reason=f"{REASON} interrupt")
 
     def delete_thread(self, thread_id: str) -> None:
         """Fold the thread's checkpoints and writes away (a ``langgraph.delete``
