@@ -41,6 +41,11 @@ Invariants:
   on a machine without their earlier half-done effects.  A run's last snapshot
   settles the turn.  Code that changes the machine other than through
   :func:`sandbox_tools` calls :func:`open_turn` first.
+- A run does not start on a machine another worker left mid-step: a turn the saver
+  opened through another Session object (a crashed worker's), with no VM restored
+  since, makes the run raise SessionError before any node runs.
+- An ``interrupt()`` (an interrupt write on the newest checkpoint) settles the turn
+  with a snapshot: a paused run is idle, not interrupted, and resumes anywhere.
 - Pairs are exact only if no task of the next step runs while a put snapshots:
   LangGraph's default ``durability="async"`` saves in the background while the next
   step runs, so the saver refuses it (UsageError when the run starts); use
