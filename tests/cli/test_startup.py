@@ -42,15 +42,26 @@ NO_CREATE = (
 VERSION_FORBIDDEN = ("zstandard", "torpor.vmm", "torpor.image", "torpor.agent")
 
 PROBE = """
-import json, sys
+import json, os, sys
 from torpor.cli.main import main
+
+def report(code):
+    sys.stdout.flush()
+    mods = json.dumps(sorted(sys.modules))
+    sys.__stderr__.write("\\nMODULES " + mods + " CODE " + json.dumps(code))
+    sys.__stderr__.flush()
+
+real_exit = os._exit
+def exit_now(code):  # `exec` ends with os._exit (no interpreter teardown): report first
+    report(code)
+    real_exit(code)
+
+os._exit = exit_now
 sys.argv = ["torpor", *json.loads(sys.argv[1])]
 try:
     main()
 except SystemExit as e:
-    code = e.code
-sys.stdout.flush()
-sys.__stderr__.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + " CODE " + json.dumps(code))
+    report(e.code)
 """
 
 
