@@ -23,7 +23,7 @@ from tests.model.fakeapi import FakeAPI, openai_completion
 from torpor import failpoints
 from torpor.context import Kind
 from torpor.context.errors import ContextError
-from torpor.errors import NotFoundError, UsageError
+from torpor.errors import ConflictError, NotFoundError, UsageError
 from torpor.integrations.openai_agents import (
     CHECKPOINT_REASON,
     ITEM_KIND,
@@ -172,6 +172,12 @@ def test_worker_killed_mid_run_then_recovered(sessions: Sessions, api: FakeAPI, 
     try:
         wait_for(lambda: len(api.requests) >= n + 2 or w.poll() is not None, "request 2")
         assert w.poll() is None, w.communicate()[0].decode()
+        # the run is alive in its worker: a second worker is refused and touches nothing
+        with TorporSession.open(s.id) as other:
+            vm = other.torpor.state().vm_id
+            with pytest.raises(ConflictError, match="in progress in another worker"):
+                run_durable(_agent(api, other), SECOND, session=other)
+            assert other.torpor.state().vm_id == vm
     finally:
         w.send_signal(signal.SIGKILL)
         w.wait()

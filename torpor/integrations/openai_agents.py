@@ -35,8 +35,11 @@ Invariants:
   tool's *output*; a lost VM or broken agent connection raises out of the run.
 - Everything the guest returns is bounded before it reaches the log or the model
   (``max_output`` bytes per stream, ``max_read`` bytes per file).
-- One run at a time per torpor session; calls on one :class:`TorporSession` are
-  serialized by a lock (the SDK calls it from worker threads).
+- One run at a time per torpor session: :func:`run_durable` holds a flock for the
+  whole run, so a second worker gets ConflictError instead of taking a live run for a
+  crashed one (and restoring its VM under it); a dead worker's lock is free at once.
+  Calls on one torpor Session object are serialized by a lock (the SDK calls the
+  session and the tools from worker threads).
 
 The ``agents`` package is imported here only: ``import torpor`` never needs it.
 """
@@ -44,23 +47,26 @@ The ``agents`` package is imported here only: ``import torpor`` never needs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torpor.context import Entry, Kind, effective
 from torpor.errors import (
     AgentError,
+    ConflictError,
     ExecTimeoutError,
     NotFoundError,
     SetupError,
     TorporError,
     UsageError,
 )
+from torpor.fsutil import locked
 from torpor.paths import Paths
 from torpor.session import Session, SessionError
 from torpor.vmm.state import Status
@@ -371,6 +377,25 @@ def _recovered_since(after_pending: Sequence[Entry]) -> bool:
     return bool(tail) and tail[-1].kind is Kind.VM and tail[-1].payload.get("reason") == "recover"
 
 
+@contextlib.contextmanager
+def _one_run(ts: TorporSession) -> Iterator[None]:
+    """Hold the session's run lock for a whole run: a flock, so a worker that dies lets
+    go of it with its last breath.  It tells a crashed run (lock free: recover it) from
+    one still running in another worker (lock held: ConflictError, nothing touched)."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(
+            locked(ts.torpor.paths.locks / f"openai-agents-run-{ts.session_id}.lock", wait=False)
+        )
+    except BlockingIOError:
+        raise ConflictError(
+            f"session {ts.torpor.name}: a run is in progress in another worker "
+            "(one run at a time per session)"
+        ) from None
+    with stack:
+        yield
+
+
 def _as_session(session: TorporSession | Session) -> TorporSession:
     if isinstance(session, TorporSession):
         return session
@@ -394,14 +419,15 @@ def run_durable(
         pass
     else:  # Runner.run_sync would refuse only after the turn was opened in the log
         raise UsageError("run_durable() cannot run inside an event loop: use run_durable_async()")
-    ts.begin_run(input)
-    try:
-        result = Runner.run_sync(agent, input, session=ts, **kwargs)
-    except Exception as e:
-        ts.end_run(error=e)
-        raise
-    ts.end_run()
-    return result
+    with _one_run(ts):
+        ts.begin_run(input)
+        try:
+            result = Runner.run_sync(agent, input, session=ts, **kwargs)
+        except Exception as e:
+            ts.end_run(error=e)
+            raise
+        ts.end_run()
+        return result
 
 
 async def run_durable_async(
@@ -409,14 +435,15 @@ async def run_durable_async(
 ) -> RunResult:
     """:func:`run_durable` for a running event loop (``Runner.run``)."""
     ts = _as_session(session)
-    await asyncio.to_thread(ts.begin_run, input)
-    try:
-        result = await Runner.run(agent, input, session=ts, **kwargs)
-    except Exception as e:
-        await asyncio.to_thread(ts.end_run, e)
-        raise
-    await asyncio.to_thread(ts.end_run)
-    return result
+    with _one_run(ts):
+        await asyncio.to_thread(ts.begin_run, input)
+        try:
+            result = await Runner.run(agent, input, session=ts, **kwargs)
+        except Exception as e:
+            await asyncio.to_thread(ts.end_run, e)
+            raise
+        await asyncio.to_thread(ts.end_run)
+        return result
 
 
 # -------------------------------------------------------------------- sandbox tools
