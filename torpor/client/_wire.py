@@ -216,6 +216,15 @@ class SSEParser:
 # -- request bodies ----------------------------------------------------------------------
 
 
+#: Largest page the API serves (docs/api.md, lists).
+MAX_PAGE = 1000
+
+
+def check_limit(limit: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise E.UsageError(f"limit must be an integer >= 1, not {limit!r}")
+
+
 def drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -203,6 +203,20 @@ class AsyncFiles:
 
     async def remove(self, path: str) -> None:
         await self._sb._t.call("DELETE", self._path(), params={"path": path})
+
+    async def make_dir(self, path: str, mode: int = 0o755) -> bool:
+        existed = await self.exists(path)
+        r = await self._sb.exec(["mkdir", "-p", "-m", f"{mode:o}", "--", path], timeout=60)
+        if r.exit_code != 0:
+            raise E.AgentError(f"make_dir failed ({r.exit_code}): {r.stderr.strip()[:500]}")
+        return not existed
+
+    async def rename(self, old: str, new: str) -> Any:
+        await self.get_info(old)
+        r = await self._sb.exec(["mv", "--", old, new], timeout=60)
+        if r.exit_code != 0:
+            raise E.AgentError(f"rename failed ({r.exit_code}): {r.stderr.strip()[:500]}")
+        return await self.get_info(new)
 
 
 class AsyncCommands:
@@ -459,13 +473,39 @@ class AsyncSession:
                 return out
             after = page[-1].seq
 
-    async def entries(self, after: int = 0) -> list[Any]:
+    async def entries(self, after: int = 0, limit: int | None = None) -> list[Any]:
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise E.UsageError(f"after must be an entry number >= 0, not {after!r}")
-        return await self.log(after)
+        if limit is not None:
+            W.check_limit(limit)
+        if limit is None or limit > W.MAX_PAGE:
+            return (await self.log(after))[:limit]
+        params = {"after": str(after), "limit": str(limit)}
+        d = await self._t.call("GET", f"{self._path}/log", params=params)
+        return W.entries(d)[:limit]
 
-    async def checkpoints(self) -> list[Any]:
+    @property
+    def checkpoints(self) -> Awaitable[list[Any]]:
+        """``await s.checkpoints`` (as :class:`torpor.aio.Session`)."""
+        return self._checkpoints()
+
+    async def _checkpoints(self) -> list[Any]:
         return W.checkpoints(await self._t.call("GET", f"{self._path}/checkpoints"))
+
+    @property
+    def sandbox(self) -> Awaitable[AsyncSandbox]:
+        """``await s.sandbox``: the session's VM as a remote Sandbox, running."""
+        return self._sandbox()
+
+    async def _sandbox(self) -> AsyncSandbox:
+        d = await self.refresh()
+        if d.get("status") != "running" or not isinstance(d.get("vm"), dict):
+            await self.wake()
+            d = await self.refresh()
+        vm = d.get("vm")
+        if not isinstance(vm, dict) or not vm.get("id"):
+            raise E.ProtocolError("the server did not name the session's VM")
+        return await self._sandbox_cls.connect(str(vm["id"]))
 
     async def append(self, kind: Any, payload: dict[str, Any], *, key: str | None = None) -> Any:
         kind = str(getattr(kind, "value", kind))

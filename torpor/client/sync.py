@@ -697,10 +697,16 @@ class RemoteSession:
                 return out
             after = page[-1].seq
 
-    def entries(self, after: int = 0) -> list[Any]:
+    def entries(self, after: int = 0, limit: int | None = None) -> list[Any]:
+        """The visible log after seq ``after``; at most ``limit`` entries (one page)."""
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise E.UsageError(f"after must be an entry number >= 0, not {after!r}")
-        return self.log(after)
+        if limit is not None:
+            W.check_limit(limit)
+        if limit is None or limit > W.MAX_PAGE:
+            return (self.log(after))[:limit]
+        params = {"after": str(after), "limit": str(limit)}
+        return W.entries(self._t.call("GET", f"{self._path}/log", params=params))[:limit]
 
     def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Any]:
         """New entries as they are appended (SSE; reconnects resume after the last one)."""
