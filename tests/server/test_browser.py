@@ -85,7 +85,7 @@ def test_log_in_create_send_watch_live_fork_and_lineage(
 
     def shot(name: str) -> None:
         path = out / f"dashboard-{name}.png"
-        page.screenshot(path=str(path), full_page=True)
+        page.screenshot(path=str(path))  # what a 1366x768 laptop screen shows
         shots.append(path)
 
     base = live_server.url
@@ -132,6 +132,7 @@ def test_log_in_create_send_watch_live_fork_and_lineage(
     expect(page.locator("#checkpoints li")).to_have_count(2, timeout=SLOW)  # side refreshed
     results = transcript.locator(".e-tool_result pre.out")
     assert results.count() >= 3
+    page.locator("#send").scroll_into_view_if_needed()
     shot("3-turn-live")
 
     # fork at the first turn's checkpoint (the newest on the timeline)

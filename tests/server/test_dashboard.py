@@ -265,3 +265,23 @@ def test_bad_form_input_is_a_400_page(web: TestClient, session: Session) -> None
     assert r.status_code == 400 and "not offered" in r.text
     r = web.post(f"/sessions/{session.id}/send", data={"csrf": token, "message": "  "})
     assert r.status_code == 400
+
+
+def test_hibernate_and_wake_from_the_page(web: TestClient, paths: Paths, tools_image: str) -> None:
+    s = Session.create(tools_image, "scripted:demo", name="dash-sleepy", paths=paths)
+    try:
+        page = web.get(f"/sessions/{s.id}").text
+        token = csrf_of(page)
+        r = web.post(f"/sessions/{s.id}/hibernate", data={"csrf": token})
+        assert r.status_code == 303 and r.headers["location"].startswith(f"/sessions/{s.id}?note=")
+        assert s.status() == "hibernated"
+        page = web.get(r.headers["location"]).text
+        assert 'class="pill pill-hibernated"' in page and "hibernated: the VM is stopped" in page
+        assert "dash-sleepy" in web.get("/sessions?status=hibernated").text
+        r = web.post(f"/sessions/{s.id}/wake", data={"csrf": token})
+        assert r.status_code == 303
+        assert s.status() == "running"
+        assert len(s.checkpoints) == 2  # the hibernation's checkpoint
+    finally:
+        s.remove()
+        s.close()
