@@ -285,3 +285,19 @@ def test_hibernate_and_wake_from_the_page(web: TestClient, paths: Paths, tools_i
     finally:
         s.remove()
         s.close()
+
+
+def test_a_websocket_from_another_site_is_refused(app, tokens: Tokens) -> None:
+    """Cross-site WebSocket hijacking: a page elsewhere must not open the PTY (a shell)
+    with the dashboard's cookie; browsers always send the handshake's Origin."""
+    from starlette.testclient import WebSocketDenialResponse
+
+    with TestClient(app) as c:
+        c.cookies.set(COOKIE, tokens.default)
+        for origin, status in (("https://evil.example", 403), (ORIGIN, 404)):
+            with (
+                pytest.raises(WebSocketDenialResponse) as refused,
+                c.websocket_connect("/v1/sandboxes/no-such-box/pty", headers={"Origin": origin}),
+            ):
+                pass
+            assert refused.value.status_code == status, origin

@@ -85,7 +85,8 @@ UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 def check_csrf(request: Request, via_cookie: bool) -> None:
     """403 for a state-changing request a browser sent from a page of another site.
 
-    Browsers send ``Origin`` with every cross-origin POST/PUT/PATCH/DELETE (``Referer``
+    Browsers send ``Origin`` with every cross-origin POST/PUT/PATCH/DELETE and every
+    WebSocket handshake (``Referer``
     is the fallback); it must name this server (the ``Host`` the request came to).  A
     request authenticated by the dashboard's cookie must carry one of them; a client
     with neither (curl, the SDK) holds no ambient credential and is let through.  Also
@@ -93,7 +94,9 @@ def check_csrf(request: Request, via_cookie: bool) -> None:
     with an ``Authorization`` header is not checked: a page of another site cannot send
     one without the server's CORS consent, which it never gives.
     """
-    if request.method not in UNSAFE:
+    # a WebSocket (the PTY: a shell) counts as a state change; browsers send its Origin
+    websocket = request.scope.get("type") == "websocket"
+    if not websocket and request.scope.get("method") not in UNSAFE:
         return
     src = request.headers.get("origin") or request.headers.get("referer")
     if src is None:
