@@ -272,6 +272,7 @@ def test_tool_failures_go_back_to_the_model(sessions: Sessions, api: FakeAPI):
 def test_output_a_tool_hands_over_is_bounded(sessions: Sessions, api: FakeAPI):
     ts = TorporSession(sessions.create())
     ts.torpor.sandbox.files.write("/work/big", "y" * 5000)
+    ts.torpor.sandbox.exec("dd if=/dev/zero of=/work/huge bs=1M count=0 seek=64")
     tools = {t.name: t for t in sandbox_tools(ts, max_output=100, max_read=1000)}
     agent = _agent(api, ts)
     agent.tools = list(tools.values())
@@ -279,11 +280,17 @@ def test_output_a_tool_hands_over_is_bounded(sessions: Sessions, api: FakeAPI):
         _calls(
             ("b1", "exec", {"command": "yes | head -c 100000"}),
             ("b2", "read_file", {"path": "/work/big"}),
+            ("b3", "read_file", {"path": "/dev/zero"}),  # would never end
+            ("b5", "read_file", {"path": "/work/huge"}),  # 64 MiB: abandoned after 1000 B
         )
     )
+    api.reply(_calls(("b4", "exec", {"command": "echo still here"})))
     api.reply(openai_completion(text="big"))
     run_durable(agent, "flood", session=ts)
     out = _outputs(ts.items())
+    assert out["b3"].startswith("error: ") and "not a regular file" in out["b3"]
+    assert out["b5"] == "\ufffd" * 1000 + "\n[... file longer than 1000 bytes: rest not shown]"
+    assert out["b4"].startswith("exit code: 0\n--- stdout ---\nstill here\n")
     assert "[... 99900 more bytes not shown]" in out["b1"]
     assert len(out["b1"]) < 400
     assert out["b2"] == "y" * 1000 + "\n[... file longer than 1000 bytes: rest not shown]"

@@ -575,11 +575,17 @@ def sandbox_tools(
         """
         try:
             chunks, size = [], 0
-            for chunk in box.get().files.read_stream(path):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_read:
-                    break
+            stream = box.get().files.read_stream(path)
+            try:
+                for chunk in stream:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > max_read:
+                        break
+            finally:  # the rest of a long file is dropped now, not at garbage collection
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
             data = b"".join(chunks)
         except (UsageError, AgentError, NotFoundError) as e:
             if _model_error(e, path):
