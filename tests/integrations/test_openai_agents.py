@@ -463,3 +463,22 @@ def test_history_on_postgres(sessions: Sessions, api: FakeAPI, pg_dsn: str, path
     assert items[0] == {"role": "user", "content": "schreib eine Datei \ufffd bitte"}
     assert _outputs(items)["g1"] == f"wrote {len('héllo ✓'.encode())} bytes to /work/ü.txt"
     assert ts.torpor.sandbox.files.read("/work/ü.txt") == "héllo ✓"
+
+
+def test_torpor_imports_without_the_sdk() -> None:
+    """``import torpor`` never needs the SDK; the adapter without it is a SetupError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['agents'] = None\n"
+        "import torpor, torpor.integrations, torpor.session, torpor.sandbox\n"
+        "from torpor.errors import SetupError\n"
+        "try:\n"
+        "    import torpor.integrations.openai_agents\n"
+        "except SetupError as e:\n"
+        "    print('SetupError:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "SetupError:" in r.stdout and "torpor[integrations]" in r.stdout
