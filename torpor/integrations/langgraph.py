@@ -294,6 +294,11 @@ class TorporSaver(BaseCheckpointSaver[str]):
         self._fold_state = _Fold()
         self._folded = 0  # entries folded into _fold_state
         self._folded_seq = 0
+        # put_writes calls under way: LangGraph submits a step's writes and then the
+        # next checkpoint's put to a thread pool, so a put could overtake them; it
+        # waits for those already started (see put)
+        self._writing = 0
+        self._writes_done = threading.Condition()
 
     # -- reading -----------------------------------------------------------------------
     def _fold(self) -> _Fold:
@@ -415,6 +420,8 @@ class TorporSaver(BaseCheckpointSaver[str]):
             "checkpoint": _b64(blob),
             "metadata": _jsonable(get_checkpoint_metadata(config, metadata)),
         }
+        with self._writes_done:  # the previous step's writes go before this checkpoint
+            self._writes_done.wait_for(lambda: self._writing == 0)
         with self._shared.lock:
             self._check_thread(self._fold(), thread_id)
             self._puts += 1
@@ -438,6 +445,22 @@ class TorporSaver(BaseCheckpointSaver[str]):
         writes: Sequence[tuple[str, Any]],
         task_id: str,
         task_path: str = "",
+    ) -> None:
+        with self._writes_done:
+            self._writing += 1
+        try:
+            self._put_writes(config, writes, task_id, task_path)
+        finally:
+            with self._writes_done:
+                self._writing -= 1
+                self._writes_done.notify_all()
+
+    def _put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
     ) -> None:
         conf = _conf(config)
         _check_durability(conf)
