@@ -301,3 +301,31 @@ def test_a_websocket_from_another_site_is_refused(app, tokens: Tokens) -> None:
             ):
                 pass
             assert refused.value.status_code == status, origin
+
+
+def test_a_resubmitted_send_form_runs_one_turn(
+    app, web: TestClient, paths: Paths, tools_image: str
+) -> None:
+    s = Session.create(tools_image, "scripted:demo", name="dash-send", paths=paths)
+    try:
+        page = web.get(f"/sessions/{s.id}").text
+        nonce = re.search(r'name="nonce" value="([0-9a-f]+)"', page)
+        assert nonce
+        form = {"csrf": csrf_of(page), "nonce": nonce.group(1), "message": "count for me"}
+        r = web.post(f"/sessions/{s.id}/send", data=form)
+        assert r.status_code == 303 and r.headers["location"] == f"/sessions/{s.id}#live"
+        slot = ("default", s.id)
+        app.state.dashboard_turns[slot].join(240)
+        assert s.status() == "running" and s.state().turns == 1
+        frag = web.get(f"/sessions/{s.id}/entries?after=0").text
+        assert "The counter service is running" in frag
+        # the browser resubmits the same form (reload, back button): the turn is not rerun
+        again = web.post(f"/sessions/{s.id}/send", data=form)
+        assert again.status_code == 303
+        app.state.dashboard_turns[slot].join(240)
+        assert s.state().turns == 1
+        assert [e.kind.value for e in s.log()].count("user") == 1
+        assert not app.state.dashboard_errors.get(slot)
+    finally:
+        s.remove()
+        s.close()

@@ -207,6 +207,11 @@ async def _run(
         return _error(request, tenant, problems.status_of(e), e.message, type(e).__name__)
     except HTTPException as e:
         return _error(request, tenant, e.status_code, str(e.detail), "", e.headers)
+    except Exception as e:  # a page, not a traceback; the log has the details
+        log.exception("dashboard: %s %s failed", request.method, request.url.path)
+        return _error(
+            request, tenant, 500, f"internal error ({type(e).__name__}); see the server's log", ""
+        )
 
 
 def _error(
