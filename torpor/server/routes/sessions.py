@@ -273,10 +273,17 @@ def delete_session(ref: str, t: TenantDep) -> dict[str, Any]:
 
 
 class _Turn:
-    """One send running in a thread of its own; wakes the streaming coroutine per entry."""
+    """One send running in a thread of its own; wakes the streaming coroutine per entry.
+
+    The stream reads the log through the same Session (``entries(after, limit)`` goes
+    to the database, not to the Session's cache, and the log serialises its
+    connection), saving a second open per send.  The Session is closed by whichever
+    of the turn and the response finishes last (:meth:`release`)."""
 
     def __init__(self, s: Session, ns: str, text: str, key: str | None):
         self.s, self.ns, self.text, self.key = s, ns, text, key
+        self._refs = 2  # the turn's thread and the response
+        self._refs_lock = threading.Lock()
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.started = asyncio.Event()  # something was appended, or the send ended
@@ -300,6 +307,13 @@ class _Turn:
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): no listener
             self.loop.call_soon_threadsafe(both)
 
+    def release(self) -> None:
+        with self._refs_lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self.s.close()
+
     def run(self) -> None:
         t0 = time.perf_counter()
         try:
@@ -312,11 +326,11 @@ class _Turn:
         finally:
             self.done.set()
             self._signal()
-            self.s.close()
+            self.release()
 
 
-async def _stream_turn(turn: _Turn, t: Tenant, before: int) -> AsyncIterator[bytes]:
-    reader = await run_in_threadpool(_open, t, turn.s.id, hook=False)
+async def _stream_turn(turn: _Turn, before: int) -> AsyncIterator[bytes]:
+    reader = turn.s
     last = before
     try:
         while True:
@@ -339,7 +353,7 @@ async def _stream_turn(turn: _Turn, t: Tenant, before: int) -> AsyncIterator[byt
         else:
             yield _sse("done", {"answer": turn.answer, "last_seq": last})
     finally:
-        reader.close()
+        turn.release()
 
 
 @router.post(
@@ -385,17 +399,17 @@ async def send_message(
     await turn.started.wait()
     if turn.done.is_set() and turn.error is not None:
         # refused before anything was logged (busy, bad state): a plain problem, no stream
-        err = turn.error
-        reread = await run_in_threadpool(_open, t, s.id, hook=False)
         try:
-            appended = await run_in_threadpool(reread.entries, before, 1)
-        finally:
-            reread.close()
+            appended = await run_in_threadpool(s.entries, before, 1)
+        except BaseException:
+            turn.release()
+            raise
         if not appended:
-            body_ = _problem_body(err)
+            turn.release()
+            body_ = _problem_body(turn.error)
             return JSONResponse(body_, status_code=body_["status"], media_type=problems.MEDIA)
     return StreamingResponse(
-        _stream_turn(turn, t, before),
+        _stream_turn(turn, before),
         media_type=SSE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
