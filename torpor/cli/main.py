@@ -204,6 +204,23 @@ def info() -> None:
         out_console.print(f"[bold]{k:14}[/bold] {v}")
 
 
+@contextlib.contextmanager
+def _working(text: str) -> Iterator[None]:
+    """A spinner with ``text`` on stderr while a long operation runs (snapshot,
+    restore, fork, cp), on a terminal only: a pipe or file gets no progress noise.
+    ``text`` may name guest-chosen things: shown literally, control characters
+    escaped."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.text import Text
+
+    from torpor.cli.term import printable
+
+    with err_console.status(Text(printable(text)), spinner="dots"):
+        yield
+
+
 # -- images --------------------------------------------------------------------------
 
 
@@ -1024,7 +1041,7 @@ def cp(src: str, dest: str, archive: bool) -> None:
     if (s_vm is None) == (d_vm is None):
         raise UsageError("exactly one of SRC and DEST must be VM:PATH")
     if s_vm is not None:
-        with mgr.client(s_vm) as c:
+        with mgr.client(s_vm) as c, _working(f"copying {src} to {dest}…"):
             if d_path == "-":
                 skipped = copy_from_vm_tar(c, s_path, sys.stdout.buffer)
                 sys.stdout.buffer.flush()
@@ -1032,7 +1049,7 @@ def cp(src: str, dest: str, archive: bool) -> None:
                 skipped = copy_from_vm(c, s_path, Path(d_path))
     else:
         assert d_vm is not None
-        with mgr.client(d_vm) as c:
+        with mgr.client(d_vm) as c, _working(f"copying {src} to {dest}…"):
             if s_path == "-":
                 skipped = copy_tar_to_vm(c, sys.stdin.buffer, d_path)
             else:
@@ -1107,7 +1124,8 @@ def snapshot_create(vm: str, tag: str | None, stop: bool) -> None:
     """Snapshot VM; prints the snapshot id."""
     from torpor.snapshot import snapshot as take
 
-    r = take(_manager(), vm, tag=tag, stop=stop)
+    with _working(f"snapshotting {vm}{' (then ending it)' if stop else ''}…"):
+        r = take(_manager(), vm, tag=tag, stop=stop)
     err_console.print(
         f"[dim]paused {r.pause_ms:.0f} ms, durable after {r.durable_ms:.0f} ms, "
         f"stored {human_size(r.stored_bytes)} in {r.new_chunks} new chunks[/dim]"
@@ -1237,7 +1255,8 @@ def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -
 
     ports = tuple(parse_port(p) for p in publish)
     t0 = time.perf_counter()
-    vm = do_restore(_manager(), snap, name=name, cold=cold, ports=ports)
+    with _working(f"restoring {snap}…"):
+        vm = do_restore(_manager(), snap, name=name, cold=cold, ports=ports)
     err_console.print(
         f"[dim]restored {vm.name} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]"
     )
@@ -1268,7 +1287,9 @@ def fork(
         raise UsageError("-n must be at least 1")
     ports = tuple(parse_port(p) for p in publish)
     t0 = time.perf_counter()
-    vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold, ports=ports)
+    what = f"{count} VMs" if count > 1 else "a VM"
+    with _working(f"forking {what} from {snap}…"):
+        vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold, ports=ports)
     err_console.print(f"[dim]forked {len(vms)} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]")
     for vm in vms:
         click.echo(f"{vm.name} {vm.id}")
