@@ -116,6 +116,7 @@ def test_graph_state_survives_a_new_session_object_and_forks_get_the_machine(ses
     out = build(child, child_saver, api.url).invoke(None, config, durability="sync")
     assert out["messages"][-1]["content"] == "set up in the fork"
     assert _cat(child.sandbox, "/tmp/runs") == "one" and _counting(child.sandbox)
+    assert child.status() == "running"  # its tool opened its own turn; its last put settled it
     assert _cat(s.sandbox, "/tmp/runs") == "one"  # the parent's machine is its own
 
 
@@ -212,6 +213,9 @@ def test_saver_contract_put_get_list_writes_delete(sessions) -> None:
     assert first is not None and first.checkpoint == c1 and first.parent_config is None
     assert saver.get_tuple(_cfg(checkpoint_id="nope")) is None
     assert saver.get_tuple({"configurable": {"thread_id": "other"}}) is None
+
+    with pytest.raises(UsageError, match="no VM snapshot of its own"):
+        saver.fork(cfg2)  # a provisional put has no machine to fork
 
     # writes: idempotent by (checkpoint, task, idx); special writes replace
     saver.put_writes(cfg2, [("a", 1), ("b", {"x": 2})], "task1", "path1")
