@@ -279,6 +279,11 @@ class TorporSaver(BaseCheckpointSaver[str]):
     exact pairs at every super-step).  Puts in between are provisional: after a
     crash, recovery goes back to the last paired checkpoint and LangGraph re-runs
     the steps since (on the restored machine).
+
+    Besides LangGraph's saver API: :meth:`torpor_checkpoint` (the pair of a LangGraph
+    checkpoint) and :meth:`fork` (a new session at one).  ``copy_thread``,
+    ``delete_for_runs`` and ``prune`` are not implemented (LangGraph's base raises
+    NotImplementedError): the log is append-only and a session holds one thread.
     """
 
     def __init__(
