@@ -145,6 +145,14 @@ def test_a_client_that_vanishes_ends_the_program(
     url = live_server.url.replace("http://", "ws://") + pty_url(
         sbx, "cmd=echo%20up%3B%20exec%20sleep%204501"
     )
+    # through uvicorn too, a refusal is an HTTP answer with a problem body
+    from websockets.exceptions import InvalidStatus
+
+    bad = live_server.url.replace("http://", "ws://") + "/v1/sandboxes/no-such/pty"
+    with pytest.raises(InvalidStatus) as ei:
+        connect(bad, additional_headers={"Authorization": f"Bearer {tokens.default}"})
+    assert ei.value.response.status_code == 404
+    assert json.loads(ei.value.response.body or b"{}")["error"] == "NotFoundError"
     sb = Sandbox.connect(sbx["id"], paths=paths)
     argv = ["sleep", "4501"]
     try:
