@@ -383,3 +383,37 @@ def test_interrupt_pauses_settled_and_resumes_in_another_session_object(sessions
         assert graph.invoke(Command(resume=5), config, durability="sync") == {"n": 6}
         assert _cat(again.sandbox, "/tmp/asked") == "asked\nasked"  # LangGraph's re-run
         assert again.status() == "running"
+
+
+def test_every_n_puts_pairs_some_and_recovery_goes_back_to_the_last_pair(sessions) -> None:
+    s = sessions.create()
+    exec_ = sandbox_tools(s)[0]
+
+    def node(st: Counter) -> dict[str, Any]:
+        exec_.invoke({"command": "echo ran >> /tmp/ran"})
+        return {"n": st["n"] + 1}
+
+    g = StateGraph(Counter)
+    g.add_node("node", node)
+    g.add_edge(START, "node")
+    g.add_edge("node", END)
+    saver = TorporSaver(s, every=2)
+    config = {"configurable": {"thread_id": "e"}}
+    assert g.compile(checkpointer=saver).invoke({"n": 1}, config, durability="sync") == {"n": 2}
+    steps = {t.metadata["step"]: t for t in saver.list(config)}  # puts: -1, 0, 1
+    assert sorted(steps) == [-1, 0, 1]
+    assert saver.torpor_checkpoint(steps[0].config).reason == "langgraph"  # the 2nd put
+    for step in (-1, 1):
+        with pytest.raises(UsageError, match="no VM snapshot"):
+            saver.torpor_checkpoint(steps[step].config)
+    assert s.status() == "interrupted"  # the run ended on a provisional put
+    with Session.open(s.id, paths=s.paths) as again:
+        graph = g.compile(checkpointer=TorporSaver(again))
+        with pytest.raises(SessionError, match="recover"):
+            graph.invoke(None, config, durability="sync")
+        again.recover(replay=False)  # back to the pair: before the node ran
+        state = graph.get_state(config)
+        assert state.next == ("node",) and state.values == {"n": 1}
+        assert again.sandbox.exec("test -e /tmp/ran").exit_code == 1
+        assert graph.invoke(None, config, durability="sync") == {"n": 2}
+        assert _cat(again.sandbox, "/tmp/ran") == "ran"  # once, on the restored machine
