@@ -6,11 +6,17 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from torpor import aio
-from torpor.errors import ExecTimeoutError, NotFoundError, NotSupportedError, UsageError
+from torpor.errors import (
+    ConflictError,
+    ExecTimeoutError,
+    NotFoundError,
+    UsageError,
+)
 from torpor.paths import Paths
 from torpor.sandbox import CommandHandle, Sandbox
 
@@ -168,8 +174,10 @@ def test_commands_namespace_e2b_names(sb: Sandbox) -> None:
     assert sb.commands.kill(int(other)) is True
     assert sb.exec(f"sleep 1; kill -0 {other}").exit_code != 0
     assert sb.commands.kill(999999) is False
-    with pytest.raises(NotSupportedError):
+    with pytest.raises(NotFoundError):
         sb.commands.connect(999999)
+    with pytest.raises(UsageError):
+        sb.commands.connect(0)
 
 
 def test_ps_lists_processes_started_through_any_connection(sb: Sandbox, paths: Paths) -> None:
@@ -191,7 +199,9 @@ from pathlib import Path
 from torpor.paths import Paths
 from torpor.sandbox import Sandbox
 sb = Sandbox.connect(sys.argv[1], paths=Paths(Path(sys.argv[2])))
-print(sb.exec(["sleep", "4343"], background=True).pid)
+waits = sb.exec("read x; echo got $x; echo err >&2; exit 5", background=True, stdin=True)
+ends = sb.exec("sleep 1; echo gone; exit 9", background=True)
+print(waits.pid, ends.pid)
 """
 
 
@@ -207,23 +217,51 @@ def test_another_sandbox_object_reconnects_to_a_background_command(
         r = h.wait(timeout=60)
         assert (r.exit_code, r.stdout, r.stderr) == (3, "got hi\n", "err\n")
         assert p not in sb.processes() and p not in other.processes()
-        # the output flows on the starter's connection: closed, nothing to reconnect to
-        q = other.exec(["sleep", "1000"], background=True)
+        # its starter closes: the command is reattached through the shim
+        q = other.exec("read x; echo late $x", background=True, stdin=True)
         other.close()
-        with pytest.raises(NotSupportedError):
-            sb.commands.connect(q.pid)
-        assert sb.commands.kill(q.pid) is True
+        hq = sb.commands.connect(q.pid)
+        assert hq is not q and hq in sb.processes()
+        hq.send_stdin("q\n")
+        assert (hq.wait(timeout=60).exit_code, hq.exit_code) == (0, 0)
     finally:
         other.close()
-    # started by another process (gone now): listed by ps, killable, not reconnectable
-    r2 = subprocess.run(
+
+
+def test_a_command_started_by_another_process_is_reconnected_to(
+    sb: Sandbox, paths: Paths
+) -> None:
+    r = subprocess.run(
         [sys.executable, "-c", RECONNECT_FROM_ANOTHER_PROCESS, sb.id, str(paths.root)],
         capture_output=True,
         timeout=300,
         check=True,
     )
-    pid = int(r2.stdout)
-    assert [x.pid for x in sb.ps() if x.cmdline == ("sleep", "4343")] == [pid]
-    with pytest.raises(NotSupportedError, match="another process"):
-        sb.commands.connect(pid)
-    assert sb.commands.kill(pid) is True
+    waits, ends = (int(x) for x in r.stdout.split())
+    # still running: stdin, its further output (stdout and stderr) and its exit code
+    h = sb.commands.connect(waits)
+    assert h.pid == waits
+    h.send_stdin("there\n")
+    res = h.wait(timeout=60)
+    assert (res.exit_code, res.stdout, res.stderr) == (5, "got there\n", "err\n")
+    # ended while nobody followed it: its exit code is still there (its output is not)
+    deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing check
+    while any(x.pid == ends for x in sb.ps()):
+        assert time.monotonic() < deadline, "sleep 1 never ended"
+        time.sleep(0.2)
+    assert sb.commands.connect(ends).wait(timeout=60).exit_code == 9
+    with pytest.raises(NotFoundError):  # given once
+        sb.commands.connect(ends)
+
+
+def test_reconnecting_to_a_command_another_connection_follows_is_refused(
+    sb: Sandbox, paths: Paths
+) -> None:
+    from torpor.vmm.manager import VMManager
+
+    with VMManager(paths).client(sb.id) as c:
+        h = c.start_exec(["sleep", "1000"])
+        with pytest.raises(ConflictError, match="still followed"):
+            sb.commands.connect(h.pid)
+        h.signal(signal.SIGKILL)
+        assert h.wait().code == 137

@@ -58,7 +58,7 @@ from torpor.agent.protocol import (
     WriteFileRequest,
     type_name,
 )
-from torpor.errors import AgentError, ProtocolError
+from torpor.errors import AgentError, ProtocolError, UsageError
 
 log = logging.getLogger("torpor.agent")
 
@@ -458,6 +458,21 @@ class AgentClient:
             handle.close_stdin()
         except AgentError as e:  # the reading side reports the failure
             log.debug("feeding stdin of exec %d stopped: %s", handle.id, e)
+
+    def reattach(self, pid: int, timeout: float | None = DEFAULT_TIMEOUT) -> ExecHandle:
+        """Follow EXEC ``pid`` started by a connection that has gone (shim only, see
+        docs/protocol.md): its further output, STDIN/SIGNAL, its EXIT.  AgentRequestError
+        ESRCH if there is none, EBUSY if its own connection still has it."""
+        if not isinstance(pid, int) or not 0 < pid <= 0xFFFFFFFF:
+            raise UsageError(f"invalid pid {pid!r}")
+        call = self._open(T.REATTACH)
+        try:
+            self._send(Frame(T.REATTACH, call.id, Started(pid).encode()))
+            started = Started.decode(call.expect(T.STARTED, _deadline(timeout)).payload)
+        except BaseException:
+            call.close()
+            raise
+        return ExecHandle(call, started.pid)
 
     def attach(self) -> ExecHandle:
         """Follow the VM's main process (shim only): its output from the start, then EXIT."""

@@ -61,6 +61,7 @@ class T(enum.IntEnum):
     RESIZE = 0x0F
     ATTACH = 0x20
     STOP = 0x21
+    REATTACH = 0x24  # shim-only; 0x22/0x23 are the shim's CAPTURE/CAPTURE_END
     HELLO_OK = 0x80
     STARTED = 0x81
     STDOUT = 0x82

@@ -236,22 +236,22 @@ class Commands:
         return self._sb.processes()
 
     def connect(self, pid: int) -> CommandHandle:
-        """The handle of background command ``pid``, started by any Sandbox object of
-        this process for this sandbox: its further output and its exit code.
+        """Reconnect to command ``pid`` (started with ``exec``, by any process): a
+        handle streaming its further output, taking its stdin, giving its exit code.
 
-        NotSupportedError for a command started by another process (or before a
-        hibernation): its output is routed to the connection that started it, and
-        the protocol has no request to re-route it (docs/sandbox.md, "Not done yet").
+        A command of a Sandbox object of this process is that object's handle.  One
+        whose starting connection has gone (another process, a closed object) is
+        reattached through the shim (REATTACH, docs/protocol.md); output it wrote
+        while nobody followed it is not kept.  NotFoundError if there is no such
+        command (or it was started before a hibernation: a woken sandbox's new shim
+        does not know it); ConflictError if another connection still follows it.
         """
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+            raise UsageError(f"invalid pid {pid!r}")
         for p in self._sb.processes():
             if p.pid == pid:
                 return p
-        raise NotSupportedError(
-            f"no background command with pid {pid} started in this process for sandbox "
-            f"{self._sb.name}: the shim routes a command's output to the connection that "
-            "started it and cannot re-route it to another process "
-            "(sb.ps() lists it, sb.commands.kill(pid) ends it)"
-        )
+        return self._sb._reattach(pid)
 
     def kill(self, pid: int) -> bool:
         """SIGKILL the process group of ``pid`` (any process in the sandbox).
@@ -630,6 +630,33 @@ class Sandbox:
         return Pty(handle, cols, rows, hold)
 
     # -- internals -------------------------------------------------------------------
+    def _reattach(self, pid: int) -> CommandHandle:
+        import errno
+
+        from torpor.agent.client import AgentRequestError
+
+        try:
+            handle = self._client().reattach(pid)
+        except AgentRequestError as e:
+            if e.errno == errno.EBUSY:
+                raise ConflictError(
+                    f"command {pid} in sandbox {self.name} is still followed by the "
+                    "connection that started it"
+                ) from e
+            if e.errno == errno.ENOSYS:
+                raise NotSupportedError(
+                    f"sandbox {self.name} runs under a VM supervisor without REATTACH "
+                    "(started by an older torpor): restart it to reconnect to commands"
+                ) from e
+            raise NotFoundError(
+                f"no command with pid {pid} to reconnect to in sandbox {self.name} (it "
+                "was not started with exec, or before the sandbox was hibernated)"
+            ) from e
+        p = CommandHandle(handle, f"pid {pid}", self._forget, self._busy)
+        with _BACKGROUND_LOCK:
+            _BACKGROUND[(self.id, p.pid)] = (p, self)
+        return p
+
     def _busy(self) -> contextlib.AbstractContextManager[None]:
         """A shared hold on the busy lock: the idle watcher waits for it to end."""
         return busy_lock(self._dir, shared=True)

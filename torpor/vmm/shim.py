@@ -43,6 +43,7 @@ from torpor.agent.protocol import (
     ExitStatus,
     Frame,
     FrameDecoder,
+    Started,
     T,
 )
 from torpor.errors import TorporError, VMError
@@ -71,6 +72,7 @@ TERMINAL = {
     T.STAT: {T.FILEINFO},
 }
 PR_SET_PDEATHSIG = 1
+MAX_DETACHED_EXITS = 1024  # exit statuses kept for REATTACH (a few dozen bytes each)
 # free bytes on the disk's filesystem before a guest paused on ENOSPC is resumed
 RESUME_FREE = int(os.environ.get("TORPOR_RESUME_FREE_MIB", "16")) << 20
 
@@ -93,6 +95,7 @@ class Route:
     client_id: int
     req_type: int
     tty: bool = False  # an EXEC on a terminal: hung up (SIGHUP) when its client leaves
+    pid: int = 0  # an EXEC's guest pid, from its STARTED: what REATTACH names
 
 
 @dataclass(eq=False)
@@ -157,6 +160,8 @@ class Shim:
         self.proc: AdoptedProcess | None = None
         self.guest_w: asyncio.StreamWriter | None = None
         self.routes: dict[int, Route] = {}
+        # EXIT payloads of EXECs that ended while no client had them, by pid (REATTACH)
+        self.detached_exits: dict[int, bytes] = {}
         self.next_gid = 1
         self.main_gid = 0
         self.main_exit: ExitStatus | None = None
@@ -273,12 +278,19 @@ class Shim:
         route = self.routes.get(frame.id)
         if route is None:
             return
+        if frame.type == T.STARTED and route.req_type == T.EXEC:
+            with contextlib.suppress(TorporError):  # the guest's bytes: never trusted
+                route.pid = Started.decode(frame.payload).pid
         if route.client is not None:
             route.client.send(Frame(frame.type, route.client_id, frame.payload))
         if _terminal(route.req_type, frame.type):
             del self.routes[frame.id]
             if route.client is not None:
                 route.client.ids.pop(route.client_id, None)
+            elif frame.type == T.EXIT and route.pid:  # nobody had it: kept for REATTACH
+                self.detached_exits[route.pid] = frame.payload
+                while len(self.detached_exits) > MAX_DETACHED_EXITS:
+                    del self.detached_exits[next(iter(self.detached_exits))]
 
     # -- main process ---------------------------------------------------------------------
     def open_main_log(self) -> Any:
@@ -398,6 +410,9 @@ class Shim:
         if frame.type == CAPTURE_END:
             asyncio.get_running_loop().create_task(self.capture_end(client, cid, frame.payload))
             return
+        if frame.type == T.REATTACH:
+            self.reattach(client, cid, frame.payload)
+            return
         if frame.type == T.STOP:
             (timeout,) = struct.unpack("<I", frame.payload[:4] or b"\x0a\x00\x00\x00")
             self.stop_waiters.append((client, cid))
@@ -424,6 +439,41 @@ class Shim:
         tty = frame.type == T.EXEC and bool(frame.payload[:1] and frame.payload[0] & EXEC_TTY)
         self.routes[gid] = Route(client, cid, frame.type, tty)
         self.safe_to_guest(Frame(frame.type, gid, frame.payload), client, cid)
+
+    def reattach(self, client: Client, cid: int, payload: bytes) -> None:
+        """REATTACH ``u32 pid`` (shim-only): the EXEC whose process is ``pid``, started
+        by a client that has gone, streams to this one from now on — its further
+        output (what it wrote while no client had it is not kept), STDIN, SIGNAL,
+        RESIZE and its EXIT.  STARTED answers first.  An EXEC whose client is still
+        connected stays with it (EBUSY); one that ended while detached answers with
+        STARTED and its EXIT at once (the last MAX_DETACHED_EXITS are kept)."""
+
+        def error(code: int, msg: str) -> None:
+            client.send(Frame(T.ERROR, cid, ErrorReply(code, msg).encode()))
+
+        if len(payload) != 4:
+            error(errno.EINVAL, "bad REATTACH request (u32 pid)")
+            return
+        if cid in client.ids or cid in client.attached:
+            error(errno.EBUSY, f"request id {cid} is in use")
+            return
+        (pid,) = struct.unpack("<I", payload)
+        started = Frame(T.STARTED, cid, Started(pid).encode())
+        for gid, route in self.routes.items():
+            if pid and route.req_type == T.EXEC and route.pid == pid:
+                if route.client is not None:
+                    error(errno.EBUSY, f"process {pid} streams to another connection")
+                    return
+                route.client, route.client_id = client, cid
+                client.ids[cid] = gid
+                client.send(started)
+                return
+        status = self.detached_exits.pop(pid, None)
+        if status is None:
+            error(errno.ESRCH, f"no command with pid {pid} to reattach to")
+            return
+        client.send(started)
+        client.send(Frame(T.EXIT, cid, status))
 
     def safe_to_guest(self, frame: Frame, client: Client, cid: int) -> None:
         try:
