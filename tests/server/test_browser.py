@@ -157,12 +157,16 @@ def test_log_in_create_send_watch_live_fork_and_lineage(
     # the lineage: the fork sits under its parent; the snapshot tree has both VMs
     page.click("nav >> text=Lineage")
     parent = page.locator("#session-tree li:has(> .node a:text-is('browser-a'))")
-    expect(parent.locator(f"ul a:text-is('{fork_name}')")).to_have_count(1)
-    # checkpoint 0 -> the turn's checkpoint (a child: stored as changes), the fork's point
-    turn_node = page.locator("#snapshot-tree > li > ul > li > .node")
-    expect(turn_node.locator("a.chip:not(.fork-chip)", has_text="browser-a")).to_have_count(1)
-    expect(turn_node.locator("a.fork-chip", has_text=fork_name)).to_have_count(1)
-    expect(turn_node.locator(".pill", has_text="fork point")).to_have_count(1)
+    expect(parent.locator(f".branches a:text-is('{fork_name}')")).to_have_count(1)
+    # checkpoint 0 -> the turn's checkpoint (stored as changes over it), the fork's point
+    fork_point = page.locator(
+        "#snapshot-tree .node", has=page.locator("a.fork-chip", has_text=fork_name)
+    )
+    expect(fork_point).to_have_count(1)
+    expect(fork_point.locator("a.chip:not(.fork-chip)", has_text="browser-a")).to_have_count(1)
+    expect(fork_point.locator(".pill", has_text="fork point")).to_have_count(1)
+    before = fork_point.locator("xpath=../preceding-sibling::li[1]/div")
+    expect(before.locator("a.chip", has_text="browser-a")).to_have_count(1)
     shot("6-lineage")
 
     page.click("nav >> text=Sandboxes")

@@ -329,3 +329,40 @@ def test_a_resubmitted_send_form_runs_one_turn(
     finally:
         s.remove()
         s.close()
+
+
+def test_lineage_of_a_long_history_renders() -> None:
+    """A session with thousands of turns is a chain of thousands of snapshots, each the
+    parent of the next; with forks along the way.  Nested rendering recursed once per
+    snapshot (RecursionError at ~600); chains keep the page flat."""
+    from torpor.server import dashboard as dash
+    from torpor.server.dashboard.views import chains
+
+    def node(i: int) -> dict:
+        return {
+            "id": f"{i:012x}" + "0" * 52,
+            "parent": None,
+            "created": "2026-12-05 00:00:00",
+            "tag": f"<marquee>{i}</marquee>",
+            "vm": "v",
+            "image": "i",
+            "memory": 1,
+            "disk": 1,
+            "stored": 1,
+            "sessions": [],
+            "forks": [],
+            "fork": False,
+            "children": [],
+        }
+
+    nodes = [node(i) for i in range(3000)]
+    for i in range(1, 3000):
+        parent = nodes[i - 1] if i % 50 else nodes[i - 2]  # a branch every 50
+        nodes[i]["parent"] = parent["id"]
+        parent["children"].append(nodes[i])
+    d = {"chains": chains([nodes[0]], flatten=True), "count": 3000, "damaged": [], "sessions": []}
+    html = dash.env.get_template("lineage.html").render(
+        d=d, tenant=None, csrf="", host="h", nav="lineage"
+    )
+    assert all(f"snap-{i:012x}" in html for i in range(3000))
+    assert "<marquee>" not in html and "&lt;marquee&gt;2999&lt;/marquee&gt;" in html

@@ -178,7 +178,7 @@ class Item:
 
 def _raw(e: Entry) -> str:
     body = {"seq": e.seq, "turn": e.turn, "kind": e.kind.value, "payload": e.payload}
-    return clip(json.dumps(body, indent=2, ensure_ascii=False), 4 * MAX_TEXT)
+    return clip(json.dumps(body, indent=2, ensure_ascii=False))
 
 
 def _args(v: Any) -> list[tuple[str, str]]:
@@ -450,14 +450,14 @@ def lineage(paths: Paths) -> dict[str, Any]:
         n["fork"] = bool(n["forks"]) or len({c["vm"] for c in n["children"]}) > 1
     sessions = _session_tree(paths)
     return {
-        "roots": roots,
+        "chains": chains(roots, flatten=True),
         "count": len(nodes),
         "damaged": [(i, e.message) for i, e in bad],
         "sessions": sessions,
     }
 
 
-def _session_tree(paths: Paths) -> list[dict[str, Any]]:
+def _session_tree(paths: Paths) -> list[list[dict[str, Any]]]:
     from torpor.context import open_log
 
     with open_log(None, paths=paths) as log:
@@ -467,6 +467,7 @@ def _session_tree(paths: Paths) -> list[dict[str, Any]]:
             "id": r.id,
             "name": r.name,
             "at": r.parent_seq,
+            "parent": r.parent_id,
             "created": r.created_at,
             "children": [],
         }
@@ -476,7 +477,50 @@ def _session_tree(paths: Paths) -> list[dict[str, Any]]:
     for r in recs:
         parent = nodes.get(r.parent_id or "")
         (parent["children"] if parent else roots).append(nodes[r.id])
-    return roots
+    return chains(roots, flatten=False)
+
+
+#: Deepest nesting of branches on the lineage page (deeper ones start at the top level).
+MAX_DEPTH = 24
+
+
+def chains(roots: list[dict[str, Any]], *, flatten: bool) -> list[list[dict[str, Any]]]:
+    """Trees (nodes with ``children``) as chains for the page.  With ``flatten`` a node
+    with one child continues its chain (a session's checkpoints form one long line, each
+    the parent of the next); otherwise, and at every node with several children, each
+    child starts a nested chain in the node's ``branches``.  Nesting stops at
+    :data:`MAX_DEPTH`: deeper chains are listed at the top level, marked ``detached``
+    (they name their parent), so neither this nor the template recurses with the length
+    of a history."""
+    top: list[list[dict[str, Any]]] = []
+    seen: set[int] = set()
+    todo: list[dict[str, Any]] = list(roots)
+
+    def build(first: dict[str, Any], depth: int) -> list[dict[str, Any]]:
+        chain: list[dict[str, Any]] = []
+        n: dict[str, Any] | None = first
+        while n is not None and id(n) not in seen:
+            seen.add(id(n))
+            chain.append(n)
+            n["branches"] = []
+            kids = n["children"]
+            if flatten and len(kids) == 1:
+                n = kids[0]
+                continue
+            for k in kids:
+                if depth + 1 >= MAX_DEPTH:
+                    k["detached"] = True
+                    todo.append(k)
+                else:
+                    n["branches"].append(build(k, depth + 1))
+            n = None
+        return chain
+
+    while todo:
+        first = todo.pop(0)
+        if id(first) not in seen:
+            top.append(build(first, 0))
+    return top
 
 
 # -- storage ----------------------------------------------------------------------------
