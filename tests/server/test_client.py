@@ -236,3 +236,90 @@ def test_session_scenario_is_the_same_locally_and_remotely(client: Client, tmp_p
     assert local["fork_a"] == "journal: alpha\ngamma"  # the fork's VM is the turn-1 machine
     assert local["a3"] == "journal: alpha\nbeta\ndelta"
     assert local["hibernate"][1:] == ("hibernate", "hibernated")
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server that cuts the first turn's stream after its
+    first log entry (a dropped connection, not a fake server)."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        self.up = (u.hostname, u.port)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.cut = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.up)
+            threading.Thread(target=self._pipe, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, True), daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any, from_server: bool) -> None:
+        seen = b""
+        try:
+            while data := src.recv(65536):
+                if from_server:
+                    seen += data
+                    with self._lock:
+                        cut = not self.cut and b"event: entry" in seen
+                        self.cut += cut
+                    if cut:  # forward up to the first entry, then drop the connection
+                        end = seen.index(b"event: entry")
+                        dst.sendall(data[: max(0, len(data) - (len(seen) - end))])
+                        break
+                    seen = seen[-64:]
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            import socket
+
+            for s in (src, dst):  # shutdown first: it wakes the other pipe's recv()
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.vm
+def test_a_send_whose_stream_is_cut_runs_the_turn_once(
+    live_server: LiveServer, tokens: Tokens, tools_image: str
+) -> None:
+    """The connection drops after the turn's first entry: the client follows the log
+    to the turn's end and resends with the same key; every entry reaches on_event
+    once, in order, and the log holds one turn."""
+    proxy = CuttingProxy(live_server.url)
+    seen: list[Any] = []
+    try:
+        with torpor.Client(proxy.url, tokens.default) as c:
+            s = c.Session.create("tools:latest", JOURNAL, memory_mib=256, on_event=seen.append)
+            try:
+                before = s.log()[-1].seq
+                answer = s.send("once")
+                assert proxy.cut == 1  # the stream was really cut
+                assert answer == "journal: once"
+                log = s.log(after=before)
+                assert [e.seq for e in seen] == [e.seq for e in log]  # each once, in order
+                assert [e.kind.value for e in log].count("user") == 1
+                assert s.send("again") == "journal: once\nagain"  # the machine ran it once
+            finally:
+                s.remove()
+    finally:
+        proxy.close()

@@ -540,7 +540,7 @@ class AsyncSession:
                     raise
                 await asyncio.sleep(wait_s)
             with contextlib.suppress(E.TorporError):
-                last = await self._follow_turn(last)
+                last = await self._follow_turn(last, key)
 
     def _deliver(self, d: object, last: int) -> int:
         e = W.entry(d)
@@ -566,11 +566,16 @@ class AsyncSession:
                 raise W.error_from(int(d.get("status", 500)) if isinstance(d, dict) else 500, d)
         raise W.unreachable(self._t.url, ConnectionError("the turn's stream ended early"))
 
-    async def _follow_turn(self, last: int) -> int:
+    async def _follow_turn(self, last: int, key: str | None = None) -> int:
+        """See :meth:`torpor.client.sync.RemoteSession._follow_turn`."""
+        ours = last > 0
         params = {"after": str(last), "until": "turn"}
         async for ev in self._t.events("GET", f"{self._path}/log", params=params):
             if ev.event == "entry":
-                last = self._deliver(ev.json(), last)
+                d = ev.json()
+                ours = ours or (isinstance(d, dict) and key is not None and d.get("key") == key)
+                if ours:
+                    last = self._deliver(d, last)
         return last
 
     async def hibernate(self) -> Any:

@@ -799,7 +799,7 @@ class RemoteSession:
                     raise
                 time.sleep(wait_s)
             with contextlib.suppress(E.TorporError):  # then try again, which says why
-                last = self._follow_turn(last)
+                last = self._follow_turn(last, key)
 
     def _deliver(self, d: object, last: int) -> int:
         e = W.entry(d)
@@ -824,13 +824,19 @@ class RemoteSession:
                 raise W.error_from(int(d.get("status", 500)) if isinstance(d, dict) else 500, d)
         raise W.unreachable(self._t.url, ConnectionError("the turn's stream ended early"))
 
-    def _follow_turn(self, last: int) -> int:
-        """Deliver the log's new entries until no turn is open; the last seq seen."""
+    def _follow_turn(self, last: int, key: str | None = None) -> int:
+        """Follow the log until no turn is open; the last seq seen.  Entries are
+        delivered from our turn's ``user`` entry (the one with ``key``) on, or all
+        after ``last`` once one of the turn's entries was delivered."""
+        ours = last > 0
         for ev in self._t.events(
             "GET", f"{self._path}/log", params={"after": str(last), "until": "turn"}
         ):
             if ev.event == "entry":
-                last = self._deliver(ev.json(), last)
+                d = ev.json()
+                ours = ours or (isinstance(d, dict) and key is not None and d.get("key") == key)
+                if ours:
+                    last = self._deliver(d, last)
         return last
 
     def hibernate(self) -> Any:
