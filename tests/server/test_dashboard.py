@@ -366,3 +366,22 @@ def test_lineage_of_a_long_history_renders() -> None:
     )
     assert all(f"snap-{i:012x}" in html for i in range(3000))
     assert "<marquee>" not in html and "&lt;marquee&gt;2999&lt;/marquee&gt;" in html
+
+
+def test_a_long_log_shows_its_newest_entries(
+    web: TestClient, paths: Paths, tools_image: str
+) -> None:
+    from torpor.server.dashboard.views import MAX_BLOCKS
+
+    s = Session.create(tools_image, "scripted:demo", name="dash-long", paths=paths)
+    try:
+        for i in range(MAX_BLOCKS + 20):
+            s.append("app.note", {"i": f"note-{i:04d}"})
+        page = web.get(f"/sessions/{s.id}").text
+        assert "note-0000" not in page and f"note-{MAX_BLOCKS + 19:04d}" in page
+        assert "earlier entries are not shown" in page
+        whole = web.get(f"/sessions/{s.id}?all=1").text
+        assert "note-0000" in whole and "earlier entries" not in whole
+    finally:
+        s.remove()
+        s.close()

@@ -388,10 +388,10 @@ def _stream_url(sid: str) -> str:
 
 
 @router.get("/sessions/{ref}")
-async def session_page(request: Request, ref: str, note: str = "") -> Response:
+async def session_page(request: Request, ref: str, note: str = "", all: int = 0) -> Response:
     def page(ctx: Ctx) -> Response:
         with _open(ctx, ref) as s:
-            d = views.session_detail(s)
+            d = views.session_detail(s, show_all=bool(all))
         assert ctx.tenant is not None
         key = (ctx.tenant.namespace, d["row"]["id"])
         failed = request.app.state.__dict__.get("dashboard_errors", {}).pop(key, "")

@@ -33,6 +33,8 @@ from torpor.paths import Paths
 MAX_TEXT = 20_000
 #: Bytes of the console log shown on a sandbox page (its tail).
 CONSOLE_TAIL = 32 * 1024
+#: Transcript blocks a session page shows by default (the newest; "show all" has the rest).
+MAX_BLOCKS = 300
 #: Sessions shown in one list (search narrows it).
 MAX_ROWS = 500
 STATUSES = ("running", "working", "hibernated", "interrupted", "stopped", "failed", "broken")
@@ -252,17 +254,21 @@ def transcript(entries: Iterable[Entry], gone: set[int]) -> list[Item]:
     return out
 
 
-def session_detail(s: Any) -> dict[str, Any]:
-    """Everything the session page shows."""
+def session_detail(s: Any, show_all: bool = False) -> dict[str, Any]:
+    """Everything the session page shows: the last :data:`MAX_BLOCKS` transcript blocks
+    (all of them with ``show_all``)."""
     entries = s.log()
     row = session_row(s)
     st = s.state()
     parent_seq = s.record.parent_seq or 0
+    blocks = transcript(entries, superseded(entries))
+    hidden = 0 if show_all else max(0, len(blocks) - MAX_BLOCKS)
     return {
         "row": row,
         "meta": {k: _s(v) for k, v in s.record.meta.items() if k != "system"},
         "system": clip(_s(s.record.meta.get("system"))),
-        "blocks": transcript(entries, superseded(entries)),
+        "blocks": blocks[hidden:],
+        "hidden": hidden,
         "last_seq": entries[-1].seq if entries else 0,
         "checkpoints": [
             {
