@@ -239,10 +239,11 @@ def test_session_scenario_is_the_same_locally_and_remotely(client: Client, tmp_p
 
 
 class CuttingProxy:
-    """A TCP proxy in front of the server that cuts the first turn's stream after its
-    first log entry (a dropped connection, not a fake server)."""
+    """A TCP proxy in front of the server that drops the connection of the first
+    answer containing ``marker``, forwarding only what came before it (a dropped
+    connection, not a fake server)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, marker: bytes = b"event: entry"):
         import socket
         import threading
         from urllib.parse import urlsplit
@@ -252,6 +253,7 @@ class CuttingProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.cut = 0
+        self.marker = marker
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -275,10 +277,10 @@ class CuttingProxy:
                 if from_server:
                     seen += data
                     with self._lock:
-                        cut = not self.cut and b"event: entry" in seen
+                        cut = not self.cut and self.marker in seen
                         self.cut += cut
                     if cut:  # forward up to the first entry, then drop the connection
-                        end = seen.index(b"event: entry")
+                        end = seen.index(self.marker)
                         dst.sendall(data[: max(0, len(data) - (len(seen) - end))])
                         break
                     seen = seen[-64:]
@@ -321,5 +323,28 @@ def test_a_send_whose_stream_is_cut_runs_the_turn_once(
                 assert s.send("again") == "journal: once\nagain"  # the machine ran it once
             finally:
                 s.remove()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.vm
+def test_a_create_whose_answer_is_lost_makes_one_sandbox(
+    live_server: LiveServer, tokens: Tokens, tools_image: str
+) -> None:
+    """The server creates the sandbox, the connection drops before its answer: the
+    client sends the create again with the same Idempotency-Key and gets the same
+    sandbox, and no second VM exists."""
+    proxy = CuttingProxy(live_server.url, marker=b"HTTP/1.1 201")
+    try:
+        with torpor.Client(proxy.url, tokens.default) as c:
+            sb = c.Sandbox.create(
+                "tools:latest", memory="256M", network=False, labels={"t": "idem"}
+            )
+            try:
+                assert proxy.cut == 1  # the first answer was really lost
+                assert [i.id for i in c.Sandbox.list(labels={"t": "idem"})] == [sb.id]
+                assert sb.exec("echo up").stdout == "up\n"
+            finally:
+                sb.kill()
     finally:
         proxy.close()
