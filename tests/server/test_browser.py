@@ -172,9 +172,17 @@ def test_log_in_create_send_watch_live_fork_and_lineage(
     page.click("nav >> text=Sandboxes")
     expect(page.locator("#sandboxes tbody tr")).not_to_have_count(0)
     shot("7-sandboxes")
+    # the session's VM: the counter the turn started is still counting; run a command
+    page.click("#sandboxes a:text-is('ses-browser-a')")
+    expect(page.locator("#console")).not_to_be_empty()
+    page.fill("#cmd", "cat /work/counter; echo done >&2")
+    page.click("#exec-form button[type=submit]")
+    expect(page.locator("#exec-stdout")).to_have_text(re.compile(r"^\d+\s*$"), timeout=SLOW)
+    expect(page.locator("#exec-stderr")).to_contain_text("done")
+    shot("8-sandbox-exec")
     page.click("nav >> text=Storage")
     expect(page.locator("#df")).to_contain_text("Snapshots")
-    shot("8-storage")
+    shot("9-storage")
 
     assert not page.js_errors, page.js_errors
     with capsys.disabled():
