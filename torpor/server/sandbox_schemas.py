@@ -19,7 +19,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,7 +47,10 @@ class SandboxCreate(_In):
     """``Sandbox.create``'s arguments."""
 
     image: str = Field("tools:latest", min_length=1, max_length=512)
-    memory: str | int = Field("512M", description='Docker-style ("512M", "2G") or MiB')
+    # an int is MiB and skips parse_memory's bounds, so it is bounded here the same way
+    memory: Annotated[int, Field(ge=64, le=1 << 20)] | Annotated[str, Field(max_length=32)] = Field(
+        "512M", description='Docker-style ("512M", "2G") or MiB (64..1048576)'
+    )
     cpus: int = Field(1, ge=1, le=64)
     env: dict[str, str] = Field(default_factory=dict)
     network: bool = True
