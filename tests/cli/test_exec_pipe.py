@@ -1,4 +1,4 @@
-"""``torpor exec VM CMD | head -1``: the reader goes away, the command does not run on.
+"""A reader that goes away: `exec VM CMD | head -1` ends CMD; every command exits 141.
 
 Before: the CLI exited 1 (click's EPIPE handling) and the command went on writing
 into the guest agent's pipe for ever (``yes`` spun in the guest until the VM ended).
@@ -41,3 +41,20 @@ def test_exec_into_a_closed_pipe_ends_the_command_and_exits_141(box) -> None:
         if time.monotonic() > deadline:
             pytest.fail("`yes` still runs in the guest after its reader went away")
         time.sleep(0.2)
+
+
+def test_cp_into_a_closed_pipe_exits_141_without_a_traceback(box) -> None:
+    """click turned every EPIPE into a silent exit 1; the table says 141."""
+    r = torpor_cli("exec", box.id, "sh", "-c", "head -c 4000000 /dev/zero > /root/big")
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli.main", "cp", f"{box.id}:/root/big", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    assert len(p.stdout.read(10)) == 10
+    p.stdout.close()  # `| head -c 10`
+    assert p.wait(timeout=120) == 141
+    assert b"Traceback" not in p.stderr.read()

@@ -26,7 +26,7 @@ from torpor import __version__
 from torpor.cli import complete
 from torpor.cli import format as fmt_
 from torpor.cli.format import FORMAT_HELP, LazyConsole
-from torpor.cli.lazy import LazyGroup
+from torpor.cli.lazy import LazyGroup, StdoutClosed
 from torpor.cli.remote import HostGroup, host_options
 from torpor.cli.term import markup_safe
 from torpor.errors import TorporError, UsageError
@@ -1640,7 +1640,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except BrokenPipeError:
+    except (BrokenPipeError, StdoutClosed):
+        # nothing more can reach the reader; the interpreter's final flush must not
+        # print a second error about it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         sys.exit(141)
     sys.exit(0)
 
