@@ -158,6 +158,10 @@ def test_aio_sandbox_same_methods(sb: Sandbox) -> None:
         assert [x.stdout for x in rs] == [f"{i}\n" for i in range(4)]
         await p.kill()
         assert (await p.wait(timeout=60)).exit_code == 137
+        q = await a.commands.run("read x; echo got $x", background=True, stdin=True)
+        h = await a.commands.connect(q.pid)
+        await h.send_stdin("z\n")
+        assert [c async for c in h.output(timeout=60)] == [("stdout", b"got z\n")]
         assert await a.is_running()
 
     asyncio.run(main())

@@ -11,7 +11,7 @@ A background command's handle is an :class:`AsyncCommandHandle`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from torpor.paths import Paths
@@ -45,6 +45,34 @@ class AsyncCommandHandle:
 
     async def wait(self, timeout: float | None = None, **kw: Any) -> CommandResult:
         return await asyncio.to_thread(self._h.wait, timeout, **kw)
+
+    async def output(self, timeout: float | None = None) -> AsyncIterator[tuple[str, bytes]]:
+        """``("stdout"|"stderr", chunk)`` as the command writes, until it exits."""
+        it = self._h.output(timeout)
+        end = object()
+        while (item := await asyncio.to_thread(next, it, end)) is not end:
+            yield item  # type: ignore[misc]
+
+
+class AsyncCommands:
+    """``sb.commands`` awaitable: E2B's names for the command calls."""
+
+    def __init__(self, commands: core.Commands):
+        self._c = commands
+
+    async def run(self, cmd: str | Iterable[str], **kw: Any) -> Any:
+        r = await asyncio.to_thread(lambda: self._c.run(cmd, **kw))
+        return AsyncCommandHandle(r) if isinstance(r, CommandHandle) else r
+
+    def list(self) -> list[AsyncCommandHandle]:
+        return [AsyncCommandHandle(p) for p in self._c.list()]
+
+    async def connect(self, pid: int) -> AsyncCommandHandle:
+        """Reconnect to command ``pid`` (see ``torpor.sandbox.core.Commands.connect``)."""
+        return AsyncCommandHandle(await asyncio.to_thread(self._c.connect, pid))
+
+    async def kill(self, pid: int) -> bool:
+        return await asyncio.to_thread(self._c.kill, pid)
 
 
 class AsyncPty:
@@ -135,6 +163,7 @@ class Sandbox:
         self.id = sync.id
         self.name = sync.name
         self.files = AsyncFiles(sync.files)
+        self.commands = AsyncCommands(sync.commands)
 
     def __repr__(self) -> str:
         return f"aio.{self._sb!r}"
