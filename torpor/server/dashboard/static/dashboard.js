@@ -117,6 +117,22 @@ function live() {
   if (location.hash === "#live") setTimeout(pull, 1500);  // a send just started a turn
 }
 
+function autoRefresh() {
+  // lists kept open all day: re-read the page now and then and swap the list in place
+  document.querySelectorAll("[data-refresh][id]").forEach((el) => {
+    const every = Math.max(5, parseInt(el.dataset.refresh, 10) || 10) * 1000;
+    setInterval(async () => {
+      if (document.hidden) return;
+      const r = await fetch(location.href, { credentials: "same-origin" });
+      if (!r.ok || r.redirected) return;
+      const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+      const fresh = doc.getElementById(el.id);
+      const mine = document.getElementById(el.id);
+      if (fresh && mine) { mine.replaceWith(fresh); refreshTimes(fresh); }
+    }, every);
+  });
+}
+
 function composer() {
   const ta = document.getElementById("message");
   if (!ta) return;
@@ -132,4 +148,5 @@ document.addEventListener("DOMContentLoaded", () => {
   busyButtons();
   live();
   composer();
+  autoRefresh();
 });
