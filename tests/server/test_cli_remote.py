@@ -72,6 +72,11 @@ def test_vm_commands_through_the_server(
         )
         r = remote(live_server, t, "exec", "-i", "rbox", "cat", input=b"fed\n")
         assert ok(r) == "fed\n"
+        # exec -t: on a guest terminal over the PTY WebSocket, as locally
+        cmd = ("exec", "-t", "rbox", "sh", "-c", "tty >/dev/null && echo on-a-tty; exit 5")
+        r_remote, r_local = remote(live_server, t, *cmd), torpor_cli(*cmd)
+        assert (r_remote.returncode, r_remote.stdout) == (r_local.returncode, r_local.stdout)
+        assert (r_remote.returncode, r_remote.stdout) == (5, b"on-a-tty\r\n"), r_remote.stderr
         binary = remote(live_server, t, "exec", "rbox", "sh", "-c", "printf '\\377\\000a'")
         assert binary.stdout == b"\xff\x00a"  # raw bytes, not text with replacements
         # cp both ways
@@ -111,7 +116,7 @@ def test_images_and_what_is_not_available(
     assert (
         ok(remote(live_server, t, "images", "-q")).split() == ok(torpor_cli("images", "-q")).split()
     )
-    for cmd in (("gc",), ("verify",), ("session", "verify"), ("exec", "-t", "x", "sh")):
+    for cmd in (("gc",), ("verify",), ("session", "verify"), ("logs", "x")):
         r = remote(live_server, t, *cmd)
         assert r.returncode == 2, (cmd, r.stderr)
         assert b"not available with --host" in r.stderr, r.stderr

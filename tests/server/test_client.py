@@ -348,3 +348,26 @@ def test_a_create_whose_answer_is_lost_makes_one_sandbox(
                 sb.kill()
     finally:
         proxy.close()
+
+
+def pty_scenario(sb: Any) -> tuple[bool, bool, int]:
+    with sb.pty("sh", 80, 24) as p:
+        p.write("echo $((6*7))\n")
+        shown = b"42\r\n" in p.read_until("42\r\n", timeout=60)
+        p.resize(100, 30)
+        p.write("stty size\n")
+        resized = b"30 100" in p.read_until("30 100", timeout=60)
+        p.write("exit 3\n")
+        return shown, resized, p.wait(60)
+
+
+@pytest.mark.vm
+def test_pty_is_the_same_locally_and_remotely(client: Client) -> None:
+    local = torpor.Sandbox.create("tools:latest", memory="256M", network=False)
+    try:
+        remote_sb = client.Sandbox.connect(local.id)
+        assert pty_scenario(remote_sb) == pty_scenario(local) == (True, True, 3)
+        with pytest.raises(NotFoundError):
+            client.Sandbox(SandboxInfo("no-such-vm", "x", "tools:latest", "running")).pty()
+    finally:
+        local.kill()

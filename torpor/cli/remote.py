@@ -366,7 +366,7 @@ def _exec_stream(
 
 @remote.command(name="exec", context_settings=PASSTHROUGH)
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin (read to its end first).")
-@click.option("-t", "--tty", is_flag=True, help="Not available with --host yet.")
+@click.option("-t", "--tty", is_flag=True, help="Run it on a terminal (with -i: this one).")
 @click.option("-e", "--env", multiple=True, metavar="K=V")
 @click.option("-w", "--workdir")
 @click.option("-u", "--user")
@@ -385,7 +385,7 @@ def exec_(
 ) -> None:
     """Run COMMAND in a sandbox on the server; exits with its exit code."""
     if tty:
-        raise UsageError("exec -t is not available with --host yet (no terminal over the API)")
+        sys.exit(_exec_tty(vm, command, interactive, env, workdir, user, detach))
     try:
         with _client() as c:
             if detach:
@@ -399,6 +399,35 @@ def exec_(
     except TorporError as e:
         _fail125(e)
     sys.exit(code)
+
+
+def _exec_tty(
+    vm: str,
+    command: tuple[str, ...],
+    interactive: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    detach: bool,
+) -> int:
+    """``exec -t``/``-it``: COMMAND on a guest terminal over the PTY WebSocket, this
+    terminal as its keyboard and screen (torpor.cli.tty)."""
+    from torpor.cli import tty as tty_
+    from torpor.client.pty import TTYHandle, _cmd_text
+
+    if detach:
+        raise UsageError("exec -d -t is not available with --host")
+    if env or workdir or user:
+        raise UsageError("exec -t with -e, -w or -u is not available with --host yet")
+    tty_.check_input(interactive)
+    try:
+        with _client() as c:
+            sb = c.Sandbox(c.Sandbox.get_info(vm))
+            with sb.pty(_cmd_text(command), *tty_.terminal_size()) as p:
+                return tty_.interact(TTYHandle(p), interactive)
+    except TorporError as e:
+        _fail125(e)
+        raise  # not reached: _fail exits
 
 
 @remote.command(context_settings=CONTEXT)

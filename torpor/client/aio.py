@@ -398,6 +398,12 @@ class AsyncSandbox:
     def processes(self) -> list[Any]:
         return []
 
+    async def pty(self, *args: Any, **kw: Any) -> Any:
+        raise E.NotSupportedError(
+            "an awaitable pty through a server is not available yet: use the sync "
+            "client's sb.pty() (a WebSocket) in a thread"
+        )
+
     async def ps(self) -> list[Any]:
         d = await self._t.call("GET", f"{self._path}/processes")
         return [W.process_info(x) for x in W.items(d, "processes")]

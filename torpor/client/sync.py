@@ -528,6 +528,24 @@ class RemoteSandbox:
         events = self._t.events("POST", f"{self._path}/exec", json=body)
         return exec_events(events, on_stdout, on_stderr, max_output)
 
+    def pty(
+        self,
+        cmd: str | Iterable[str] = "sh",
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> Any:
+        """``cmd`` on a ``cols`` x ``rows`` guest terminal, over the PTY WebSocket
+        (:class:`torpor.client.pty.RemotePty`, the methods of the local Pty)."""
+        from torpor.client.pty import RemotePty, _cmd_text
+
+        if cwd is not None or env or user is not None:
+            raise E.NotSupportedError("cwd, env and user of a pty are not in the API yet")
+        return RemotePty(self._t.url, self._t.token, self.id, _cmd_text(cmd), cols, rows)
+
     def processes(self) -> list[Any]:
         """Background commands this object started: none (see :meth:`exec`)."""
         return []

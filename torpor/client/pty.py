@@ -1,0 +1,220 @@
+"""``sb.pty()`` through a server: :class:`RemotePty` over the PTY WebSocket.
+
+The same methods as :class:`torpor.sandbox.pty.Pty` (``write``, ``read``,
+``read_until``, ``resize``, ``wait``, ``close``, ``exit_code``), over
+``GET /v1/sandboxes/{ref}/pty`` (docs/api.md): binary frames are terminal bytes both
+ways, a text frame ``{"resize": [cols, rows]}`` resizes, and the server ends with
+``{"exit": code}``.  Closing the WebSocket hangs the terminal up (SIGHUP), as closing
+a local Pty does.
+
+Invariants: every failure is a TorporError (a refused upgrade is mapped like any
+problem-details answer); ``read`` returns ``b""`` once the program ended, with
+``exit_code`` set; one reader at a time (a lock), so chunks stay in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+from torpor import errors as E
+from torpor.client import _wire as W
+
+
+def _ws_url(http_url: str, path: str, query: dict[str, str]) -> str:
+    scheme = "wss" if http_url.startswith("https://") else "ws"
+    return f"{scheme}://{http_url.split('://', 1)[1]}{path}?{urlencode(query)}"
+
+
+def _cmd_text(cmd: str | Iterable[str]) -> str:
+    """The route takes one string (a word runs as a program, more go through sh -c)."""
+    if isinstance(cmd, str):
+        return cmd
+    argv = [str(a) for a in cmd]
+    if not argv or not argv[0]:
+        raise E.UsageError("empty command")
+    return argv[0] if len(argv) == 1 else " ".join(shlex.quote(a) for a in argv)
+
+
+class RemotePty:
+    """A program on a terminal in a sandbox on a server (what ``sb.pty()`` returns)."""
+
+    def __init__(self, url: str, token: str | None, ref: str, cmd: str, cols: int, rows: int):
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect
+
+        from torpor.sandbox.pty import check_size
+
+        check_size(cols, rows)
+        path = f"/v1/sandboxes/{W.seg(ref)}/pty"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            self._ws = connect(
+                _ws_url(url, path, {"cmd": cmd, "cols": str(cols), "rows": str(rows)}),
+                additional_headers=headers,
+                max_size=16 * 1024 * 1024,
+                open_timeout=60,
+            )
+        except InvalidStatus as e:
+            r = e.response
+            try:
+                body: Any = json.loads(bytes(r.body or b""))
+            except ValueError:
+                body = bytes(r.body or b"").decode("utf-8", "replace")
+            raise W.error_from(r.status_code, body, r.reason_phrase) from e
+        except (InvalidHandshake, OSError, TimeoutError) as e:
+            raise W.unreachable(url, e) from e
+        self._lock = threading.Lock()
+        self._pending = b""
+        self._exit: int | None = None
+        self._closed = False
+        self.pid = 0  # the route does not tell the guest pid
+        self.cols, self.rows = cols, rows
+
+    def __repr__(self) -> str:
+        state = "running" if self._exit is None else f"exited {self._exit}"
+        return f"RemotePty({self.cols}x{self.rows}, {state})"
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit
+
+    def write(self, data: bytes | str) -> None:
+        if self._exit is not None or self._closed:
+            return  # like typing into a closed terminal window
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):  # ended: the next read says how
+            self._ws.send(data.encode() if isinstance(data, str) else bytes(data))
+
+    def read(self, timeout: float | None = None) -> bytes:
+        from websockets.exceptions import ConnectionClosed
+
+        with self._lock:
+            if self._pending:
+                chunk, self._pending = self._pending, b""
+                return chunk
+            if self._exit is not None or self._closed:
+                return b""
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    msg = self._ws.recv(timeout=left)
+                except TimeoutError:
+                    return b""
+                except ConnectionClosed:
+                    self._closed = True
+                    return b""
+                if isinstance(msg, bytes):
+                    return msg
+                self._control(msg)
+                if self._exit is not None:
+                    return b""
+
+    def _control(self, text: str) -> None:
+        try:
+            d = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(d, dict) and "exit" in d:
+            code = d["exit"]
+            self._exit = int(code) if isinstance(code, int) else -1
+        elif isinstance(d, dict) and "error" in d:
+            err = d["error"]
+            status = int(err.get("status", 500)) if isinstance(err, dict) else 400
+            raise W.error_from(status, err if isinstance(err, dict) else {"detail": str(err)})
+
+    def read_until(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
+        want = marker.encode() if isinstance(marker, str) else marker
+        deadline = time.monotonic() + timeout
+        got = b""
+        while want not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._exit is not None or self._closed:
+                raise E.AgentError(
+                    f"terminal output did not show {want!r} "
+                    + (
+                        "before the program exited"
+                        if self._exit is not None or self._closed
+                        else f"within {timeout:g} s"
+                    )
+                    + f"; last bytes: {got[-200:]!r}",
+                    step="pty",
+                )
+            got += self.read(left)
+        end = got.index(want) + len(want)
+        with self._lock:
+            self._pending = got[end:] + self._pending
+        return got[:end]
+
+    def resize(self, cols: int, rows: int) -> None:
+        from torpor.sandbox.pty import check_size
+
+        check_size(cols, rows)
+        if self._exit is None and not self._closed:
+            from websockets.exceptions import ConnectionClosed
+
+            with contextlib.suppress(ConnectionClosed):
+                self._ws.send(json.dumps({"resize": [cols, rows]}))
+        self.cols, self.rows = cols, rows
+
+    def kill(self, signo: int = signal.SIGHUP) -> None:
+        """SIGHUP (hang up) is what the API offers: it closes the terminal."""
+        if signo != signal.SIGHUP:
+            raise E.NotSupportedError(
+                "through a server a terminal can only be hung up (SIGHUP, close()); "
+                "end a process with sb.commands.kill(pid)"
+            )
+        self.close()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._exit is None:
+            if self._closed:
+                raise E.AgentError("the terminal's connection ended without an exit code")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise E.AgentError(f"pty program still running after {timeout:g} s", step="pty")
+            self.read(left)
+        return self._exit
+
+    def close(self) -> None:
+        self._closed = True
+        self._ws.close()
+
+    def __enter__(self) -> RemotePty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TTYHandle:
+    """:class:`RemotePty` as the handle :func:`torpor.cli.tty.interact` drives."""
+
+    def __init__(self, p: RemotePty):
+        self.p = p
+
+    def write_stdin(self, data: bytes) -> None:
+        self.p.write(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.p.resize(cols, rows)
+
+    def events(self) -> Iterator[tuple[None, bytes]]:
+        while chunk := self.p.read(None):
+            yield None, chunk
+
+    def wait(self) -> Any:
+        class _Status:
+            code = self.p.wait()
+
+        return _Status
