@@ -90,6 +90,12 @@ def test_login_sets_an_httponly_strict_cookie(app, tokens: Tokens) -> None:
         assert cookie.startswith(f"{COOKIE}={tokens.default};")
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
         assert c.get("/storage").status_code == 200  # the cookie authenticates
+        assert "Secure" not in cookie  # plain http on loopback: a Secure cookie would not come back
+    with TestClient(
+        app, base_url="https://testserver", headers={"Origin": "https://testserver"}
+    ) as tls:
+        r = tls.post("/login", data={"token": tokens.default}, follow_redirects=False)
+        assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
 
 
 def test_login_refuses_bad_tokens_open_redirects_and_other_sites(app, tokens: Tokens) -> None:

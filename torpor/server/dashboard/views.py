@@ -72,7 +72,10 @@ def busy(paths: Paths, session_id: str) -> bool:
     """Whether some process is running a turn (or another change) of this session now.
 
     Probes the session lock the library holds for every state-changing call (see
-    ``Session._locked``); the probe holds it for microseconds only.
+    ``Session._locked``); the probe holds it for microseconds only.  It is asked only
+    about sessions whose log shows an open turn: if that turn's actor is alive the probe
+    fails without taking the lock; if it crashed, a ``send(wait=False)`` that races the
+    probe's microseconds gets a 409 and can retry.
     """
     try:
         with locked(paths.locks / f"session-{session_id}.lock", wait=False):
