@@ -1,7 +1,7 @@
 """Fuzz the whole HTTP API from its own /openapi.json (schemathesis): no 5xx, no hang,
 every error a problem-details body.
 
-Two phases, each against the real app in-process:
+Three phases, each against the real app in-process:
 
 - **every operation** in namespace ``fuzz``, a home with no image and no snapshot: a
   fuzzed create, restore, fork or wake is refused before any VM could start (there is
@@ -14,6 +14,8 @@ Two phases, each against the real app in-process:
   bounds that keep the fuzzer from wrecking its own target (exec timeout ≤ 5 s, no
   background commands, files under ``/tmp/fz``); removing, stopping or forking it is
   the first phase's job.
+- **create with a budget**: six valid fuzzed ``POST /v1/sandboxes`` where the image
+  exists, each really booting a small sandbox that is removed at once.
 
 ``pytest-timeout`` (the suite's 300 s, raised here) turns a hang into a failure.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -149,3 +152,39 @@ def test_a_live_sandbox_answers_without_5xx(app, live_sandbox: Sandbox, tokens: 
     assert 200 in answered["POST /v1/sandboxes/{ref}/exec"], answered
     assert 200 in answered["GET /v1/sandboxes/{ref}/processes"], answered
     assert live_sandbox.exec("true").exit_code == 0  # and it still answers
+
+
+def test_create_with_a_bounded_budget(app, tokens: Tokens, tools_image: str) -> None:
+    """``POST /v1/sandboxes`` where the image exists: a few valid fuzzed creates really
+    boot (small: ≤ 256 MiB, ≤ 2 CPUs, no network); each sandbox made is removed."""
+    (op,) = operations(app, lambda op: op.method == "post" and op.path == "/v1/sandboxes")
+    headers = {"Authorization": f"Bearer {tokens.default}"}
+    made = []
+
+    def call(case: Any) -> None:
+        if isinstance(case.body, dict):
+            case.body.update(memory=128, network=False, cpus=min(2, case.body.get("cpus") or 1))
+            case.body.pop("image", None)  # the default, tools:latest: it boots
+            case.body.pop("name", None)  # a random name may clash with a test's sandbox
+        r = case.call(headers=headers)
+        check(case, r)
+        if r.status_code == 201:
+            made.append(r.json()["id"])
+            with TestClient(app, headers=headers) as c:  # a retried key answers a removed one
+                assert c.delete(f"/v1/sandboxes/{r.json()['id']}").status_code in (204, 404)
+
+    strategy = op.as_strategy(generation_mode=GenerationMode.POSITIVE)
+
+    @settings(
+        max_examples=6,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        call(case)
+
+    run()
+    assert made, "no fuzzed create booted a sandbox"
