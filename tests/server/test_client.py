@@ -362,11 +362,21 @@ def pty_scenario(sb: Any) -> tuple[bool, bool, int]:
 
 
 @pytest.mark.vm
-def test_pty_is_the_same_locally_and_remotely(client: Client) -> None:
+def test_pty_and_background_commands(client: Client) -> None:
     local = torpor.Sandbox.create("tools:latest", memory="256M", network=False)
     try:
         remote_sb = client.Sandbox.connect(local.id)
         assert pty_scenario(remote_sb) == pty_scenario(local) == (True, True, 3)
+        # a background command: its pid, listed by ps, ended by kill()
+        p = remote_sb.exec("sleep 1000", background=True)
+        assert p.pid > 0 and p.pid in [x.pid for x in remote_sb.ps()]
+        with pytest.raises(NotSupportedError):
+            p.wait()
+        p.kill()
+        gone = remote_sb.exec(
+            f"for i in $(seq 30); do kill -0 {p.pid} 2>/dev/null || exit 0; sleep 1; done; exit 1"
+        )
+        assert gone.exit_code == 0, f"background command {p.pid} still runs after kill()"
         with pytest.raises(NotFoundError):
             client.Sandbox(SandboxInfo("no-such-vm", "x", "tools:latest", "running")).pty()
     finally:

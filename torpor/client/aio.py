@@ -219,6 +219,25 @@ class AsyncFiles:
         return await self.get_info(new)
 
 
+class AsyncCommandHandle:
+    """Awaitable :class:`torpor.client.sync.RemoteCommandHandle`."""
+
+    def __init__(self, sb: AsyncSandbox, pid: int, command: str):
+        self._sb = sb
+        self.pid = pid
+        self.command = command
+        self.exit_code: int | None = None
+
+    async def kill(self) -> None:
+        with contextlib.suppress(E.NotFoundError):
+            await self._sb.commands.kill(self.pid)
+
+    async def wait(self, *a: object, **kw: object) -> Any:
+        raise E.NotSupportedError(
+            "a background command's output and exit code are not served through the API"
+        )
+
+
 class AsyncCommands:
     def __init__(self, sb: AsyncSandbox):
         self._sb = sb
@@ -378,7 +397,15 @@ class AsyncSandbox:
         max_output: int = 16 * 1024 * 1024,
     ) -> Any:
         if background:
-            raise E.NotSupportedError("background commands are not available through a server")
+            body = W.drop_none(
+                {"cmd": W.cmd_body(cmd), "cwd": cwd, "user": user, **W.stdin_field(stdin)}
+            )
+            body.update(env=dict(env or {}), background=True)
+            d = await self._t.call("POST", f"{self._path}/exec", json=body)
+            pid = int(d.get("pid", 0)) if isinstance(d, dict) else 0
+            argv = body["cmd"]
+            text = argv if isinstance(argv, str) else " ".join(argv)
+            return AsyncCommandHandle(self, pid, text)
         if timeout is not None and not timeout > 0:
             raise E.UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
         body = W.drop_none(

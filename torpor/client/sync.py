@@ -333,6 +333,42 @@ class RemoteFiles:
         return self.get_info(new)
 
 
+class RemoteCommandHandle:
+    """A background command started through a server: its ``pid`` and ``kill()``.
+
+    The server discards a background command's output (docs/api.md), so ``wait``,
+    ``output`` and stdin are NotSupportedError; ``sb.ps()`` shows whether it runs."""
+
+    def __init__(self, sb: RemoteSandbox, pid: int, command: str):
+        self._sb = sb
+        self.pid = pid
+        self.command = command
+        self.exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteCommandHandle(pid={self.pid}, command={self.command[:40]!r})"
+
+    def kill(self) -> None:
+        """SIGKILL the command's process group."""
+        with contextlib.suppress(E.NotFoundError):  # already gone, as locally
+            self._sb.commands.kill(self.pid)
+
+    def signal(self, signo: int) -> None:
+        import signal as _signal
+
+        if signo != _signal.SIGKILL:
+            raise E.NotSupportedError("through a server a background command can only be killed")
+        self.kill()
+
+    def _unsupported(self, *a: object, **kw: object) -> Any:
+        raise E.NotSupportedError(
+            "a background command's output, exit code and stdin are not served through "
+            "the API: write its output to a file in the sandbox and read that"
+        )
+
+    wait = output = send_stdin = close_stdin = _unsupported
+
+
 class RemoteCommands:
     """``sb.commands``: the E2B names."""
 
@@ -508,10 +544,14 @@ class RemoteSandbox:
     ) -> Any:
         """Run ``cmd``; output streams to the callbacks as the server relays it (SSE)."""
         if background:
-            raise E.NotSupportedError(
-                "background commands are not available through a server: run it with "
-                "`nohup ... &` in exec, and end it with commands.kill(pid)"
+            body = W.drop_none(
+                {"cmd": W.cmd_body(cmd), "cwd": cwd, "user": user, **W.stdin_field(stdin)}
             )
+            body.update(env=dict(env or {}), background=True)
+            d = self._t.call("POST", f"{self._path}/exec", json=body)
+            pid = int(d.get("pid", 0)) if isinstance(d, dict) else 0
+            argv = body["cmd"]
+            return RemoteCommandHandle(self, pid, argv if isinstance(argv, str) else " ".join(argv))
         if timeout is not None and not timeout > 0:
             raise E.UsageError(f"timeout must be > 0 seconds, not {timeout!r}")
         body = W.drop_none(
