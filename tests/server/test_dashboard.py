@@ -246,7 +246,8 @@ def test_posts_need_the_form_token_and_this_origin(
 
 def test_without_tokens_no_login_but_still_no_cross_site_posts(tmp_path: Path) -> None:
     home = Paths(tmp_path / "h")
-    with TestClient(create_app(Config(home)), follow_redirects=False) as c:
+    local = "http://127.0.0.1:7878"
+    with TestClient(create_app(Config(home)), base_url=local, follow_redirects=False) as c:
         assert c.get("/login").headers["location"] == "/sessions"
         page = c.get("/sessions")
         assert page.status_code == 200 and "No sessions yet" in page.text
@@ -257,8 +258,27 @@ def test_without_tokens_no_login_but_still_no_cross_site_posts(tmp_path: Path) -
             headers={"Origin": "http://evil.example"},
         )
         assert r.status_code == 403
-        same = c.post("/sessions/nope/hibernate", data={"csrf": token}, headers={"Origin": ORIGIN})
+        same = c.post("/sessions/nope/hibernate", data={"csrf": token}, headers={"Origin": local})
         assert same.status_code == 404
+
+
+def test_without_tokens_a_browser_must_use_a_loopback_name(tmp_path: Path) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 is
+    same-origin with itself (Origin and Host both evil.example:7878); a token-less
+    server must not serve a browser that names it so.  API clients are unaffected."""
+    app = create_app(Config(Paths(tmp_path / "h")))
+    rebound = "http://evil.example:7878"
+    with TestClient(app, base_url=rebound, follow_redirects=False) as c:
+        browser_get = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+        assert c.get("/v1/info", headers=browser_get).status_code == 403
+        assert c.get("/sessions", headers=browser_get).status_code == 403
+        r = c.post("/v1/sessions", json={}, headers={"Origin": rebound})
+        assert r.status_code == 403
+        assert c.get("/v1/info").status_code == 200  # no browser headers: curl, the SDK
+    for name in ("http://127.0.0.1:7878", "http://localhost:7878", "http://[::1]:7878"):
+        with TestClient(app, base_url=name) as c:
+            r = c.get("/v1/info", headers={"Sec-Fetch-Site": "none"})
+            assert r.status_code == 200, name
 
 
 def test_bad_form_input_is_a_400_page(web: TestClient, session: Session) -> None:

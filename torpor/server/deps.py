@@ -8,6 +8,7 @@ acts in the ``default`` namespace.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
@@ -108,9 +109,35 @@ def check_csrf(request: Request, via_cookie: bool) -> None:
         raise HTTPException(403, "cross-site request refused: Origin is not this server")
 
 
+#: Headers only browsers send: a request with one of them may come from a web page.
+BROWSER_HEADERS = ("origin", "referer", "sec-fetch-site", "cookie")
+
+
+def check_loopback_host(request: Request) -> None:
+    """Without tokens, 403 for a browser's request naming this server by anything but a
+    loopback name: DNS rebinding points a page's own name (``evil.example``) at
+    127.0.0.1, and the page is then same-origin with this server.  Clients that are no
+    browser (no :data:`BROWSER_HEADERS`) are not checked."""
+    if not any(h in request.headers for h in BROWSER_HEADERS):
+        return
+    host = request.headers.get("host", "")
+    name = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+    try:
+        ok = name.lower() == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise HTTPException(
+            403,
+            f"this server has no API tokens, so browsers must reach it as 127.0.0.1 or "
+            f"localhost, not {host[:80]!r} (create a token to serve other names)",
+        )
+
+
 def authenticate(request: Request) -> Tenant:
     """The request's tenant, or 401 (rate limit: 429 with Retry-After; a cross-site
-    state change: 403, see :func:`check_csrf`)."""
+    state change, or a browser naming a token-less server by a non-loopback name: 403,
+    see :func:`check_csrf` and :func:`check_loopback_host`)."""
     cfg: Config = request.app.state.config
     tokens: TokenStore = request.app.state.tokens
     limiter: RateLimiter = request.app.state.limiter
@@ -129,6 +156,7 @@ def authenticate(request: Request) -> Tenant:
             )
         t = Tenant(rec.namespace, namespace_paths(cfg.home, rec.namespace), rec.id)
     else:
+        check_loopback_host(request)
         t = Tenant(DEFAULT, cfg.home, None)
     key = t.token_id or (request.client.host if request.client else "local")
     wait = limiter.take(key)
