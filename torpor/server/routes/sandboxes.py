@@ -491,7 +491,7 @@ async def _collect(
     encoding: str,
     max_output: int,
     what: str,
-) -> ExecOut:
+) -> ExecOut | Response:
     kept: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
     size = {"stdout": 0, "stderr": 0}
     dropped = {"stdout": 0, "stderr": 0}
@@ -501,8 +501,8 @@ async def _collect(
             try:
                 kind, value = await asyncio.wait_for(pump.q.get(), DISCONNECT_POLL)
             except TimeoutError:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError() from None
+                if await request.is_disconnected():  # nobody reads the answer: 499, as nginx
+                    return Response(status_code=499)  # (the finally below ends the command)
                 continue
             if kind in kept:
                 pump.taken(len(value))
