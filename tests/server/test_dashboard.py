@@ -329,6 +329,12 @@ def test_a_websocket_from_another_site_is_refused(app, tokens: Tokens) -> None:
             assert refused.value.status_code == status, origin
 
 
+def turn_count(c: TestClient) -> int:
+    text = c.get("/metrics").text
+    m = re.search(r'^\w*turn_seconds_count\{namespace="default"\} (\d+)', text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def test_a_resubmitted_send_form_runs_one_turn(
     app, web: TestClient, paths: Paths, tools_image: str
 ) -> None:
@@ -338,11 +344,13 @@ def test_a_resubmitted_send_form_runs_one_turn(
         nonce = re.search(r'name="nonce" value="([0-9a-f]+)"', page)
         assert nonce
         form = {"csrf": csrf_of(page), "nonce": nonce.group(1), "message": "count for me"}
+        turns_before = turn_count(web)
         r = web.post(f"/sessions/{s.id}/send", data=form)
         assert r.status_code == 303 and r.headers["location"] == f"/sessions/{s.id}#live"
         slot = ("default", s.id)
         app.state.dashboard_turns[slot].join(240)
         assert s.status() == "running" and s.state().turns == 1
+        assert turn_count(web) == turns_before + 1  # in /metrics like the API's turns
         frag = web.get(f"/sessions/{s.id}/entries?after=0").text
         assert "The counter service is running" in frag
         # the browser resubmits the same form (reload, back button): the turn is not rerun

@@ -45,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
-from torpor.errors import TorporError, UsageError
+from torpor.errors import ConflictError, TorporError, UsageError
 from torpor.server import problems
 from torpor.server.dashboard import views
 from torpor.server.deps import COOKIE, Tenant, authenticate, check_csrf
@@ -440,7 +440,7 @@ async def session_entries(request: Request, ref: str, after: int = 0) -> Respons
 @router.post("/sessions/{ref}/send")
 async def send(request: Request, ref: str) -> Response:
     def do(ctx: Ctx) -> Response:
-        from torpor.server.routes.metrics import observer
+        from torpor.server.routes.metrics import REGISTRY, observer
         from torpor.session import Session
 
         text = ctx.field("message")
@@ -459,11 +459,15 @@ async def send(request: Request, ref: str) -> Response:
         errors = request.app.state.dashboard_errors
 
         def turn() -> None:
+            t0 = time.perf_counter()
             try:
                 with Session.open(sid, paths=paths, on_event=observer(ns)) as s2:
                     # wait=False: a turn another actor started meanwhile is a ConflictError
                     s2.send(text, key=f"dashboard-{key}" if key else None, wait=False)
+                REGISTRY.observe("turn_seconds", ns, time.perf_counter() - t0)
             except TorporError as e:
+                if not isinstance(e, ConflictError):
+                    REGISTRY.turn_failed(ns)
                 errors[slot] = f"{type(e).__name__}: {e.message}"
             except Exception as e:  # the thread must not die silently
                 log.exception("dashboard turn of session %s failed", sid)
