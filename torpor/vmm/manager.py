@@ -307,7 +307,8 @@ class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
         self._images: ImageStore | None = None
-        reap_ram_dirs()
+        # no reap_ram_dirs() here: it reads every torpor home's RAM folder (3-4 ms
+        # with 20 homes), a third of an `exec VM true`; list() and create() do it
 
     @property
     def images(self) -> ImageStore:
@@ -350,6 +351,7 @@ class VMManager:
         return VM(cfg, st, vm_dir)
 
     def list(self, all: bool = True) -> list[VM]:
+        reap_ram_dirs()  # RAM of VMs (or homes) deleted by hand: freed on sight
         out = []
         for d in sorted(self.paths.vms.iterdir()) if self.paths.vms.exists() else []:
             if d.name == "names" or not d.is_dir():
@@ -424,6 +426,7 @@ class VMManager:
         """
         from torpor.vmm import boot, qemu
 
+        reap_ram_dirs()  # before a new VM takes tmpfs: free what deleted ones left
         qemu.validate_accel(req.accel)
         if req.name is not None and not NAME_RE.fullmatch(req.name):
             raise UsageError(
