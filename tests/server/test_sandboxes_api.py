@@ -216,6 +216,21 @@ def test_exec_sse_streams_stdout_stderr_and_exit(client: TestClient, sbx: dict[s
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
+def test_a_silent_sse_exec_sends_keepalives(
+    client: TestClient, sbx: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor.server.routes import sandboxes
+
+    monkeypatch.setattr(sandboxes, "KEEPALIVE", 0.2)
+    r = client.post(
+        f"/v1/sandboxes/{sbx['id']}/exec",
+        json={"cmd": "sleep 2; echo done"},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert ": keepalive" in r.text
+    assert [e for _, e, _ in sse_events(r.text)] == ["stdout", "exit"]
+
+
 def test_exec_timeout_is_504_or_an_exit_event(client: TestClient, sbx: dict[str, Any]) -> None:
     body = problem(exec_(client, sbx, cmd="echo hi; sleep 1000", timeout=2), 504)
     assert body["error"] == "ExecTimeoutError" and "killed" in body["detail"]

@@ -85,6 +85,8 @@ router = APIRouter(tags=["sandboxes"])
 STREAM_BUFFER = 8 * 1024 * 1024
 #: Seconds between checks that a JSON exec's client is still there.
 DISCONNECT_POLL = 0.5
+#: Seconds of silence after which an exec stream sends an SSE comment.
+KEEPALIVE = 15.0
 #: Console bytes a logs request returns at most (the newest).
 MAX_LOG_BYTES = 8 * 1024 * 1024
 
@@ -548,7 +550,11 @@ async def _events(
     try:
         yield b": torpor exec stream\n\n"  # headers go out now, before the first output
         while True:
-            kind, value = await pump.q.get()
+            try:
+                kind, value = await asyncio.wait_for(pump.q.get(), KEEPALIVE)
+            except TimeoutError:  # a silent command: proxies drop idle connections
+                yield b": keepalive\n\n"
+                continue
             seq += 1
             if kind in dec:
                 pump.taken(len(value))
