@@ -164,6 +164,27 @@ def test_create_bad_input(client: TestClient, tools_image: str) -> None:
     problem(client.post("/v1/sandboxes", json=big), 413)
 
 
+def test_multi_tenant_tcg_is_refused_before_any_vm_starts(
+    paths: Paths, tokens: Tokens, sbx: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two namespaces have tokens: without --allow-tcg, nothing may boot under TCG."""
+    from torpor.vmm.boot import resolve_accel
+
+    monkeypatch.delenv("TORPOR_ALLOW_TCG", raising=False)
+    strict = create_app(Config(paths, allow_tcg=False))
+    before = {s.id for s in Sandbox.list(all=True, paths=paths)}
+    with TestClient(strict, headers={"Authorization": f"Bearer {tokens.default}"}) as c:
+        r = c.post("/v1/sandboxes", json={"memory": 128, "network": False})
+        if resolve_accel(paths, "auto") != "tcg":  # a KVM host: allowed
+            assert r.status_code == 201, r.text
+            c.delete(f"/v1/sandboxes/{r.json()['id']}")
+            return
+        problem(r, 403, "TCGRefusedError")
+        problem(c.post(f"/v1/sandboxes/{sbx['id']}/fork", json={"n": 1}), 403, "TCGRefusedError")
+        assert c.get(f"/v1/sandboxes/{sbx['id']}").status_code == 200  # reading is fine
+    assert {s.id for s in Sandbox.list(all=True, paths=paths)} == before
+
+
 # -- exec ----------------------------------------------------------------------------------
 
 

@@ -13,6 +13,9 @@ from fastapi.testclient import TestClient
 
 from tests.server.conftest import Tokens
 from tests.server.test_sandboxes_api import problem
+from torpor.paths import Paths
+from torpor.server.app import create_app
+from torpor.server.deps import Config
 
 pytestmark = pytest.mark.vm
 
@@ -97,6 +100,20 @@ def test_restore_is_idempotent_and_brings_the_state_back(
         )
     finally:
         client.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+def test_restore_checks_isolation_first(
+    paths: Paths, tokens: Tokens, lineage: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor.vmm.boot import resolve_accel
+
+    if resolve_accel(paths, "auto") != "tcg":
+        return  # KVM: nothing to refuse (test_sandboxes_api covers the allowed path)
+    monkeypatch.delenv("TORPOR_ALLOW_TCG", raising=False)
+    strict = create_app(Config(paths, allow_tcg=False))
+    with TestClient(strict, headers={"Authorization": f"Bearer {tokens.default}"}) as c:
+        r = c.post(f"/v1/snapshots/{lineage['first']}/restore", json={})
+        problem(r, 403, "TCGRefusedError")
 
 
 def test_rm_refuses_a_parent_unless_forced(client: TestClient, lineage: dict[str, Any]) -> None:
