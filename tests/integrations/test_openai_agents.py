@@ -63,7 +63,13 @@ def _outputs(items: list[Any]) -> dict[str, str]:
 
 
 def _counter(ts: TorporSession) -> int:
-    return int(ts.torpor.sandbox.files.read("/tmp/n").strip() or 0)
+    # the counter's `echo $i > /tmp/n` truncates before it writes: an empty read is that
+    # moment, not a stopped counter
+    for _ in range(100):
+        text = ts.torpor.sandbox.files.read("/tmp/n").strip()
+        if text:
+            return int(text)
+    raise AssertionError("/tmp/n stays empty: the counter does not write")
 
 
 def _script_first_run(api: FakeAPI) -> None:
@@ -116,7 +122,8 @@ def test_run_uses_the_sandbox_and_keeps_history_in_the_log(sessions: Sessions, a
         m["role"] == "assistant" and m.get("content") == "Note written, counter started."
         for m in sent
     )
-    assert int(_outputs(ts.items())["c3"].split("--- stdout ---\n")[1].split()[0]) > 0
+    assert _outputs(ts.items())["c3"].startswith("exit code: 0\n--- stdout ---\n")
+    wait_for(lambda: _counter(ts) > 0, "the counter to count")
     with TorporSession.open(ts.session_id) as again:
         assert again.items() == ts.items()
         assert len(again.items()) == len(items) + 4  # user, call, output, answer
