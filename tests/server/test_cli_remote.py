@@ -192,3 +192,48 @@ def test_session_commands_through_the_server(
         assert r.returncode == 3, r.stderr
     finally:
         torpor_cli("session", "rm", "rsess")
+
+
+def test_import_rmi_and_stop_through_the_server(
+    live_server: LiveServer, tokens: Tokens, tools_image: str, tmp_path: Path
+) -> None:
+    from torpor.demo.image import write_busybox_rootfs
+
+    t = tokens.default
+    tar = write_busybox_rootfs(tmp_path / "up.tar")
+    out = ok(remote(live_server, t, "import", str(tar), "uploaded:v1"))
+    assert out.startswith("uploaded:v1: ")
+    assert "uploaded" in ok(remote(live_server, t, "images"))
+    r = remote(live_server, t, "import", str(tmp_path / "missing.tar"))
+    assert r.returncode == 3, r.stderr
+    vm = ok(
+        remote(
+            live_server,
+            t,
+            "run",
+            "-d",
+            "--name",
+            "rstop",
+            "-m",
+            "256M",
+            "--network",
+            "none",
+            "uploaded:v1",
+            "sleep",
+            "infinity",
+        )
+    ).strip()
+    try:
+        assert ok(remote(live_server, t, "stop", "-t", "1", "rstop")).strip() == "rstop"
+        d = json.loads(ok(remote(live_server, t, "inspect", "rstop")))[0]
+        assert d["id"] == vm and d["status"] in ("exited", "stopped"), d
+        assert "rstop" in ok(remote(live_server, t, "ps", "-a"))
+        assert "rstop" not in ok(remote(live_server, t, "ps"))
+        r = remote(live_server, t, "rmi", "uploaded:v1")
+        assert r.returncode == 4, r.stderr  # a VM uses it: ConflictError, as locally
+        ok(remote(live_server, t, "rm", "rstop"))  # stopped: no -f needed
+        assert "uploaded:v1" in ok(remote(live_server, t, "rmi", "uploaded:v1"))
+        assert "uploaded" not in ok(remote(live_server, t, "images"))
+    finally:
+        torpor_cli("rm", "-f", "rstop")
+        torpor_cli("rmi", "-f", "uploaded:v1")

@@ -480,8 +480,8 @@ def logs(vm: str, console_: bool, tail: str) -> None:
 
     if not console_:
         raise UsageError(
-            "with --host, logs shows the console only (`logs --console`): the main "
-            "command's output is not served by the API yet"
+            "`torpor logs` of the main command's output is not available with --host "
+            "(the API does not serve it yet); `logs --console` shows the guest console"
         )
     if tail != "all" and not tail.isdigit():
         raise UsageError(f"invalid --tail {tail!r} (a number of lines, or all)")
