@@ -27,9 +27,13 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      │    ├── ManifestError         not a manifest, malformed, or inconsistent
      │    │    ├── ManifestAuthError      the MAC does not match the store's key
      │    │    └── ManifestVersionError   written by a newer (unknown) format major
-     │    └── ChunkError            chunks an artifact needs are unusable
-     │         ├── ChunkMissingError      at least one chunk file is absent
-     │         └── ChunkCorruptError      chunks are present but do not hash right
+     │    ├── ChunkError            chunks an artifact needs are unusable
+     │    │    ├── ChunkMissingError      at least one chunk file is absent
+     │    │    └── ChunkCorruptError      chunks are present but do not hash right
+     │    └── RemoteStoreError      the object store (s3://) failed
+     │         ├── RemoteUnreachableError  endpoint unreachable (after retries)
+     │         ├── RemoteAccessError       credentials or request refused (403)
+     │         └── NoSuchBucketError       the bucket does not exist
      ├── ContextError               the context-log database                  (11)
      ├── ModelError                 a model call failed (torpor.model.errors)  (12)
      └── SessionError               a session cannot do it: never started, nothing
@@ -195,3 +199,20 @@ class ChunkMissingError(ChunkError):
 
 class ChunkCorruptError(ChunkError):
     pass
+
+
+class RemoteStoreError(StoreError):
+    """The object store behind the chunk store (``TORPOR_STORE=s3://...``) failed;
+    the message names the endpoint and bucket."""
+
+
+class RemoteUnreachableError(RemoteStoreError):
+    """The object store's endpoint cannot be reached (after retries)."""
+
+
+class RemoteAccessError(RemoteStoreError):
+    """The object store refused the credentials or the request (403)."""
+
+
+class NoSuchBucketError(RemoteStoreError):
+    """The configured bucket does not exist."""

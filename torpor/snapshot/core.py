@@ -120,8 +120,11 @@ class SnapshotResult:
 
 
 def _store(mgr: VMManager) -> ChunkStore:
+    """The home's store: local, or a cache in front of ``TORPOR_STORE=s3://...``."""
+    from torpor.store.tiered import open_store
+
     mgr.paths.store.mkdir(parents=True, exist_ok=True)
-    return ChunkStore(mgr.paths.store)
+    return open_store(mgr.paths.store)
 
 
 def _crash_point(phase: str) -> None:

