@@ -325,7 +325,10 @@ def test_bad_input_is_a_typed_error(sessions: Sessions, paths) -> None:
 def test_session_protocol_semantics(sessions: Sessions) -> None:
     """add / get (limit) / pop / clear as the SDK's SQLiteSession does them, folded from
     an append-only log; async methods for the SDK, sync ones for everyone else."""
+    from agents.memory import Session as SDKSession
+
     ts = TorporSession(sessions.create())
+    assert isinstance(ts, SDKSession)  # the SDK's runtime-checkable protocol
     a, b, c = ({"role": "user", "content": x} for x in "abc")
 
     async def protocol() -> None:
