@@ -447,6 +447,51 @@ def test_client_that_leaves_mid_exec_ends_the_command(
         sb.close()
 
 
+def test_no_host_thread_outlives_a_client_that_left(
+    app, tokens: Tokens, sbx: dict[str, Any], paths: Paths
+) -> None:
+    """uvicorn in this process (so its threads can be seen): after an SSE client leaves
+    mid-command, the thread that read the command's output ends too."""
+    import threading
+
+    import uvicorn
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        h = {"Authorization": f"Bearer {tokens.default}", "Accept": "text/event-stream"}
+        url = f"http://127.0.0.1:{port}/v1/sandboxes/{sbx['id']}/exec"
+        with (
+            httpx.Client(timeout=60) as c,
+            c.stream("POST", url, json={"cmd": "yes", "timeout": None}, headers=h) as s,
+        ):
+            chunks = s.iter_bytes()
+            assert next(chunks)
+            assert [x for x in threading.enumerate() if x.name == "torpor-server-exec"]
+        for _ in range(150):
+            if not [x for x in threading.enumerate() if x.name == "torpor-server-exec"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the exec reader thread runs on after its client left")
+        sb = Sandbox.connect(sbx["id"], paths=paths)
+        try:
+            assert _gone(sb, ["yes"])
+        finally:
+            sb.close()
+    finally:
+        server.should_exit = True
+        t.join(30)
+
+
 # -- other namespaces, auth ------------------------------------------------------------------
 
 
