@@ -381,3 +381,34 @@ def test_pty_and_background_commands(client: Client) -> None:
             client.Sandbox(SandboxInfo("no-such-vm", "x", "tools:latest", "running")).pty()
     finally:
         local.kill()
+
+
+def test_a_server_not_yet_listening_is_retried(tmp_path) -> None:
+    """Connection refused is retried (the request never reached a server): a client
+    started before the server answers once it listens; with one attempt it fails
+    naming the server, with no status."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with torpor.Client(url, retries=1) as c, pytest.raises(TorporError) as ei:
+        c.info()
+    assert ei.value.status is None and url in str(ei.value)  # type: ignore[attr-defined]
+    env = {**os.environ, "TORPOR_HOME": str(tmp_path / "h")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli.main", "serve", "--listen", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        with torpor.Client(url, retries=10) as c:  # up to ~40 s of backoff
+            assert c.info()["namespace"] == "default"
+    finally:
+        proc.terminate()
+        proc.wait(10)
