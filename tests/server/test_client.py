@@ -412,3 +412,30 @@ def test_a_server_not_yet_listening_is_retried(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.vm
+def test_follow_streams_new_entries_as_they_are_appended(client: Client) -> None:
+    import threading
+
+    s = client.Session.create("tools:latest", JOURNAL, memory_mib=256)
+    try:
+        last = s.log()[-1].seq
+        got: list[Any] = []
+        done = threading.Event()
+
+        def follow() -> None:
+            for e in s.follow(after=last, stop=done.is_set):
+                got.append(e)
+                if e.kind.value == "checkpoint":
+                    done.set()
+
+        t = threading.Thread(target=follow, daemon=True)
+        t.start()
+        assert s.send("followed") == "journal: followed"
+        t.join(120)
+        assert done.is_set() and not t.is_alive()
+        assert [e.seq for e in got] == [e.seq for e in s.log(after=last)]
+        assert got[0].kind.value == "user" and got[0].payload == {"content": "followed"}
+    finally:
+        s.remove()
