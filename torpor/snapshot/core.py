@@ -304,6 +304,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         t2 = time.perf_counter()
         manifest = store.commit(arts, parent=parent.id if parent else None, meta=meta)
         t["commit_ms"] = (time.perf_counter() - t2) * 1000
+        t |= getattr(store, "last_commit_timings", dict)()  # a bucket: both durable points
         stored += store.manifest_bytes(manifest.id)  # the chunk list is stored too
         t["store_ms"] = (time.perf_counter() - t1) * 1000
         durable_ms = (time.perf_counter() - t0) * 1000

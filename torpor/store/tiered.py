@@ -116,6 +116,17 @@ class CommitStats:
     requests: int = 0
     upload_pending: bool = False
 
+    def timings(self) -> dict[str, float]:
+        """As numbers for a snapshot's timings (``bucket_ms`` -1: still uploading)."""
+        return {
+            "commit_local_ms": self.local_ms,
+            "commit_bucket_ms": -1.0 if self.bucket_ms is None else self.bucket_ms,
+            "upload_pending": float(self.upload_pending),
+            "upload_chunks": float(self.chunks_uploaded),
+            "upload_bytes": float(self.bytes_uploaded),
+            "upload_requests": float(self.requests),
+        }
+
 
 def open_store(
     root: Path,
@@ -456,6 +467,9 @@ class TieredStore(ChunkStore):
         )  # fmt: skip
         self.maybe_evict()
         return out
+
+    def last_commit_timings(self) -> dict[str, float]:
+        return self.last_commit.timings() if self.last_commit is not None else {}
 
     def _vouched(self, m: Manifest) -> frozenset[str]:
         """Chunks the bucket is known to hold: the parent's, if the parent is there."""
