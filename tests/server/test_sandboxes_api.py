@@ -447,11 +447,9 @@ def test_client_that_leaves_mid_exec_ends_the_command(
         sb.close()
 
 
-def test_no_host_thread_outlives_a_client_that_left(
-    app, tokens: Tokens, sbx: dict[str, Any], paths: Paths
-) -> None:
-    """uvicorn in this process (so its threads can be seen): after an SSE client leaves
-    mid-command, the thread that read the command's output ends too."""
+@pytest.fixture
+def inproc_url(app) -> Iterator[str]:
+    """The app under uvicorn in this process (its threads and module settings visible)."""
     import threading
 
     import uvicorn
@@ -467,29 +465,75 @@ def test_no_host_thread_outlives_a_client_that_left(
             if server.started:
                 break
             time.sleep(0.05)
-        h = {"Authorization": f"Bearer {tokens.default}", "Accept": "text/event-stream"}
-        url = f"http://127.0.0.1:{port}/v1/sandboxes/{sbx['id']}/exec"
-        with (
-            httpx.Client(timeout=60) as c,
-            c.stream("POST", url, json={"cmd": "yes", "timeout": None}, headers=h) as s,
-        ):
-            chunks = s.iter_bytes()
-            assert next(chunks)
-            assert [x for x in threading.enumerate() if x.name == "torpor-server-exec"]
-        for _ in range(150):
-            if not [x for x in threading.enumerate() if x.name == "torpor-server-exec"]:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the exec reader thread runs on after its client left")
-        sb = Sandbox.connect(sbx["id"], paths=paths)
-        try:
-            assert _gone(sb, ["yes"])
-        finally:
-            sb.close()
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         t.join(30)
+
+
+def test_no_host_thread_outlives_a_client_that_left(
+    inproc_url: str, tokens: Tokens, sbx: dict[str, Any], paths: Paths
+) -> None:
+    """After an SSE client leaves mid-command, the thread reading its output ends too."""
+    import threading
+
+    h = {"Authorization": f"Bearer {tokens.default}", "Accept": "text/event-stream"}
+    url = f"{inproc_url}/v1/sandboxes/{sbx['id']}/exec"
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream("POST", url, json={"cmd": "yes", "timeout": None}, headers=h) as s,
+    ):
+        chunks = s.iter_bytes()
+        assert next(chunks)
+        assert [x for x in threading.enumerate() if x.name == "torpor-server-exec"]
+    for _ in range(150):
+        if not [x for x in threading.enumerate() if x.name == "torpor-server-exec"]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the exec reader thread runs on after its client left")
+    sb = Sandbox.connect(sbx["id"], paths=paths)
+    try:
+        assert _gone(sb, ["yes"])
+    finally:
+        sb.close()
+
+
+def test_a_slow_client_loses_output_not_server_memory(
+    inproc_url: str,
+    tokens: Tokens,
+    sbx: dict[str, Any],
+    paths: Paths,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server holds at most STREAM_BUFFER bytes for a client that does not read;
+    what it could not hold is counted in the exit event, so nothing goes missing silently."""
+    from torpor.server.routes import sandboxes
+
+    monkeypatch.setattr(sandboxes, "STREAM_BUFFER", 256 << 10)
+    n = 16 << 20
+    h = {"Authorization": f"Bearer {tokens.default}", "Accept": "text/event-stream"}
+    url = f"{inproc_url}/v1/sandboxes/{sbx['id']}/exec"
+    body = {"cmd": f"head -c {n} /dev/zero | tr '\\0' a", "timeout": 300}
+    with httpx.Client(timeout=120) as c, c.stream("POST", url, json=body, headers=h) as s:
+        raw = s.iter_raw()
+        first = next(raw)
+        # not reading until the command has written everything: the socket buffers
+        # (a few MiB) fill, then the server's buffer, then output is dropped
+        sb = Sandbox.connect(sbx["id"], paths=paths)
+        try:
+            for _ in range(1200):
+                if not [p for p in sb.ps() if p.cmdline[:1] in (("tr",), ("head",))]:
+                    break
+                time.sleep(0.1)
+        finally:
+            sb.close()
+        text = (first + b"".join(raw)).decode()
+    ev = sse_events(text)
+    got = sum(len(d) for _, e, d in ev if e == "stdout")
+    end = ev[-1]
+    assert end[1] == "exit" and end[2]["exit_code"] == 0, end
+    assert end[2]["stdout_dropped"] > 0 and got + end[2]["stdout_dropped"] == n
 
 
 # -- other namespaces, auth ------------------------------------------------------------------
