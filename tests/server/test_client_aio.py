@@ -43,6 +43,13 @@ async def scenario(Sandbox: Any, Session: Any, model: Any) -> dict[str, Any]:
             await sb.files.read("/root/x/nope")
         except NotFoundError as e:
             out["missing"] = type(e)
+        async with await sb.pty("sh", 80, 24) as p:
+            await p.write("echo $((6*7))\n")
+            out["pty"] = b"42\r\n" in await p.read_until("42\r\n", timeout=60)
+            await p.resize(100, 30)
+            await p.write("stty size; exit 4\n")
+            out["pty_size"] = b"30 100" in await p.read_until("30 100", timeout=60)
+            out["pty_exit"] = await p.wait(60)
         snap = await sb.snapshot()
         await sb.exec("echo changed > /root/x/a.txt")
         async with await Sandbox.restore(snap) as sb2:
@@ -88,6 +95,7 @@ def test_aio_scenario_is_the_same_locally_and_remotely(
     assert local["exec"] == (CommandResult(2, "a\n", "b\n"), "a\n")
     assert local["timeout"] == (ExecTimeoutError, "started\n")
     assert local["restored"] == "A"
+    assert (local["pty"], local["pty_size"], local["pty_exit"]) == (True, True, 4)
     assert (local["a2"], local["fork"]) == ("journal: one\ntwo", "journal: one\nthree")
     assert local["sandbox"] == "one\ntwo\n"
 

@@ -425,10 +425,23 @@ class AsyncSandbox:
     def processes(self) -> list[Any]:
         return []
 
-    async def pty(self, *args: Any, **kw: Any) -> Any:
-        raise E.NotSupportedError(
-            "an awaitable pty through a server is not available yet: use the sync "
-            "client's sb.pty() (a WebSocket) in a thread"
+    async def pty(
+        self,
+        cmd: str | Iterable[str] = "sh",
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> Any:
+        """``cmd`` on a guest terminal over the PTY WebSocket (an AsyncRemotePty)."""
+        from torpor.client.pty import AsyncRemotePty, _cmd_text
+
+        if cwd is not None or env or user is not None:
+            raise E.NotSupportedError("cwd, env and user of a pty are not in the API yet")
+        return await AsyncRemotePty.open(
+            self._t.url, self._t.token, self.id, _cmd_text(cmd), cols, rows
         )
 
     async def ps(self) -> list[Any]:

@@ -43,6 +43,23 @@ def _cmd_text(cmd: str | Iterable[str]) -> str:
     return argv[0] if len(argv) == 1 else " ".join(shlex.quote(a) for a in argv)
 
 
+def _control(text: str, exit_code: int | None) -> int | None:
+    """A text frame from the server: ``{"exit": code}`` (the new exit code) or
+    ``{"error": problem}`` (raised); anything else is ignored."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return exit_code
+    if isinstance(d, dict) and "exit" in d:
+        code = d["exit"]
+        return int(code) if isinstance(code, int) and not isinstance(code, bool) else -1
+    if isinstance(d, dict) and "error" in d:
+        err = d["error"]
+        status = int(err.get("status", 500)) if isinstance(err, dict) else 400
+        raise W.error_from(status, err if isinstance(err, dict) else {"detail": str(err)})
+    return exit_code
+
+
 class RemotePty:
     """A program on a terminal in a sandbox on a server (what ``sb.pty()`` returns)."""
 
@@ -120,17 +137,7 @@ class RemotePty:
                     return b""
 
     def _control(self, text: str) -> None:
-        try:
-            d = json.loads(text)
-        except ValueError:
-            return
-        if isinstance(d, dict) and "exit" in d:
-            code = d["exit"]
-            self._exit = int(code) if isinstance(code, int) else -1
-        elif isinstance(d, dict) and "error" in d:
-            err = d["error"]
-            status = int(err.get("status", 500)) if isinstance(err, dict) else 400
-            raise W.error_from(status, err if isinstance(err, dict) else {"detail": str(err)})
+        self._exit = _control(text, self._exit)
 
     def read_until(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
         want = marker.encode() if isinstance(marker, str) else marker
@@ -218,3 +225,137 @@ class TTYHandle:
             code = self.p.wait()
 
         return _Status
+
+
+class AsyncRemotePty:
+    """Awaitable :class:`RemotePty` (``websockets.asyncio``): ``await sb.pty()``."""
+
+    def __init__(self, ws: Any, cols: int, rows: int):
+        self._ws = ws
+        self._pending = b""
+        self._exit: int | None = None
+        self._closed = False
+        self._lock: Any = None
+        self.pid = 0
+        self.cols, self.rows = cols, rows
+
+    @classmethod
+    async def open(
+        cls, url: str, token: str | None, ref: str, cmd: str, cols: int, rows: int
+    ) -> AsyncRemotePty:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        from torpor.sandbox.pty import check_size
+
+        check_size(cols, rows)
+        path = f"/v1/sandboxes/{W.seg(ref)}/pty"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            ws = await connect(
+                _ws_url(url, path, {"cmd": cmd, "cols": str(cols), "rows": str(rows)}),
+                additional_headers=headers,
+                max_size=16 * 1024 * 1024,
+                open_timeout=60,
+            )
+        except InvalidStatus as e:
+            r = e.response
+            try:
+                body: Any = json.loads(bytes(r.body or b""))
+            except ValueError:
+                body = bytes(r.body or b"").decode("utf-8", "replace")
+            raise W.error_from(r.status_code, body, r.reason_phrase) from e
+        except (InvalidHandshake, OSError, TimeoutError) as e:
+            raise W.unreachable(url, e) from e
+        return cls(ws, cols, rows)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit
+
+    async def write(self, data: bytes | str) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self._exit is not None or self._closed:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(data.encode() if isinstance(data, str) else bytes(data))
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pending:
+                chunk, self._pending = self._pending, b""
+                return chunk
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._exit is None and not self._closed:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    msg = await asyncio.wait_for(self._ws.recv(), left)
+                except TimeoutError:
+                    return b""
+                except ConnectionClosed:
+                    self._closed = True
+                    return b""
+                if isinstance(msg, bytes):
+                    return msg
+                self._exit = _control(msg, self._exit)
+            return b""
+
+    async def read_until(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
+        want = marker.encode() if isinstance(marker, str) else marker
+        deadline = time.monotonic() + timeout
+        got = b""
+        while want not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._exit is not None or self._closed:
+                raise E.AgentError(
+                    f"terminal output did not show {want!r}; last bytes: {got[-200:]!r}",
+                    step="pty",
+                )
+            got += await self.read(left)
+        end = got.index(want) + len(want)
+        self._pending = got[end:] + self._pending
+        return got[:end]
+
+    async def resize(self, cols: int, rows: int) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        from torpor.sandbox.pty import check_size
+
+        check_size(cols, rows)
+        if self._exit is None and not self._closed:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"resize": [cols, rows]}))
+        self.cols, self.rows = cols, rows
+
+    async def kill(self, signo: int = signal.SIGHUP) -> None:
+        if signo != signal.SIGHUP:
+            raise E.NotSupportedError("through a server a terminal can only be hung up (SIGHUP)")
+        await self.close()
+
+    async def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._exit is None:
+            if self._closed:
+                raise E.AgentError("the terminal's connection ended without an exit code")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise E.AgentError(f"pty program still running after {timeout:g} s", step="pty")
+            await self.read(left)
+        return self._exit
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._ws.close()
+
+    async def __aenter__(self) -> AsyncRemotePty:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
