@@ -281,6 +281,8 @@ class RemoteFiles:
         resp = self._sb._t.send("GET", self._path(), params={"path": path}, stream=True)
         try:
             yield from resp.iter_bytes()
+        except httpx.TransportError as e:  # cut mid-file: never a partial file as whole
+            raise W.unreachable(self._sb._t.url, e) from e
         finally:
             resp.close()
 
