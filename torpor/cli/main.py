@@ -1433,6 +1433,7 @@ def system_prune(force: bool, grace: int) -> None:
         "thesis": "torpor.bench.thesis.cli:thesis",
         "thesis-report": "torpor.bench.thesis.cli:thesis_report",
         "serve": "torpor.bench.serve:serve",
+        "store-s3": "torpor.bench.store_s3:store_s3",
     },
 )
 def bench() -> None:
