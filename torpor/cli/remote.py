@@ -531,10 +531,13 @@ def cp(src: str, dest: str) -> None:
             if out.is_dir():
                 out = out / s_path.rstrip("/").rsplit("/", 1)[-1]
             tmp = out.with_name(f".{out.name}.torpor-cp")
-            with tmp.open("wb") as f:
-                for chunk in sb.files.read_stream(s_path):
-                    f.write(chunk)
-            tmp.replace(out)
+            try:
+                with tmp.open("wb") as f:
+                    for chunk in sb.files.read_stream(s_path):
+                        f.write(chunk)
+                tmp.replace(out)  # all of it or nothing at DEST
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             p = Path(s_path)
             if s_path == "-" or not p.is_file():
