@@ -30,6 +30,7 @@ from torpor.integrations.openai_agents import (
     TorporSession,
     run_durable,
     run_durable_async,
+    run_durable_streamed,
     sandbox_tools,
 )
 
@@ -492,3 +493,68 @@ def test_torpor_imports_without_the_sdk() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "SetupError:" in r.stdout and "torpor[integrations]" in r.stdout
+
+
+def _sse(completion: dict[str, Any]) -> str:
+    """A chat completion as the server-sent chunks of a streamed one (``stream: true``)."""
+    choice = completion["choices"][0]
+    msg = choice["message"]
+    base = {k: completion[k] for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    if msg.get("content"):
+        chunks.append(chunk({"content": msg["content"]}))
+    for i, tc in enumerate(msg.get("tool_calls") or []):
+        chunks.append(chunk({"tool_calls": [{"index": i, **tc}]}))
+    chunks.append(chunk({}, choice["finish_reason"]))
+    chunks.append({**base, "choices": [], "usage": completion["usage"]})
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+SSE = {"content-type": "text/event-stream"}
+
+
+def test_streamed_run(sessions: Sessions, api: FakeAPI) -> None:
+    """run_durable_streamed: the caller reads one event and leaves; the run still
+    finishes and is checkpointed.  An error in the caller's block cancels the run,
+    is logged and settled."""
+    ts = TorporSession(sessions.create())
+    agent = _agent(api, ts)
+    api.reply(_sse(_calls(("s1", "write_file", {"path": "/work/s", "content": "st"}))), headers=SSE)
+    api.reply(_sse(openai_completion(text="streamed")), headers=SSE)
+
+    async def partly_read() -> Any:
+        async with run_durable_streamed(agent, "stream it", session=ts) as result:
+            async for _ in result.stream_events():
+                break
+        return result
+
+    result = asyncio.run(partly_read())
+    assert all(r.body["stream"] is True for r in api.requests)  # really streamed
+    assert result.is_complete and result.final_output == "streamed"
+    assert ts.torpor.sandbox.files.read("/work/s") == "st"
+    assert [i.get("type", "user") for i in ts.items()] == [
+        "user",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert ts.torpor.entries()[-1].kind is Kind.CHECKPOINT
+
+    api.reply(_sse(_calls(("s2", "exec", {"command": "echo x"}))), headers=SSE)
+    api.reply(_sse(openai_completion(text="never read")), headers=SSE)
+
+    async def fail_in_block() -> None:
+        async with run_durable_streamed(agent, "then fail", session=ts) as result:
+            async for _ in result.stream_events():
+                raise ValueError("the caller failed")
+
+    with pytest.raises(ValueError, match="the caller failed"):
+        asyncio.run(fail_in_block())
+    entries = ts.torpor.entries()
+    assert [e.payload["type"] for e in entries if e.kind is Kind.ERROR] == ["ValueError"]
+    assert entries[-1].kind is Kind.CHECKPOINT and ts.torpor.status() == "running"

@@ -53,7 +53,7 @@ import hashlib
 import json
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torpor.context import Entry, Kind, effective
@@ -82,7 +82,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 if TYPE_CHECKING:
-    from agents import Agent, RunResult
+    from agents import Agent, RunResult, RunResultStreaming
 
     from torpor.sandbox import Sandbox
 
@@ -95,6 +95,7 @@ __all__ = [
     "TorporSession",
     "run_durable",
     "run_durable_async",
+    "run_durable_streamed",
     "sandbox_tools",
 ]
 
@@ -444,6 +445,40 @@ async def run_durable_async(
             raise
         await asyncio.to_thread(ts.end_run)
         return result
+
+
+@contextlib.asynccontextmanager
+async def run_durable_streamed(
+    agent: Agent[Any], input: Any, *, session: TorporSession | Session, **kwargs: Any
+) -> AsyncIterator[RunResultStreaming]:
+    """``Runner.run_streamed`` as a durable torpor turn::
+
+        async with run_durable_streamed(agent, "...", session=ts) as result:
+            async for event in result.stream_events():
+                ...
+
+    Leaving the block drains what the caller did not read (the run finishes), then
+    checkpoints.  An exception from the stream (or the block) is logged and settled
+    as in :func:`run_durable`; if it came from the block, the run is cancelled first,
+    so the snapshot is not taken under a running tool.
+    """
+    ts = _as_session(session)
+    with _one_run(ts):
+        await asyncio.to_thread(ts.begin_run, input)
+        result = Runner.run_streamed(agent, input, session=ts, **kwargs)
+        try:
+            yield result
+            async for _ in result.stream_events():  # the rest: the run ends here
+                pass
+        except Exception as e:
+            if not result.is_complete:
+                result.cancel()
+                with contextlib.suppress(Exception):
+                    async for _ in result.stream_events():
+                        pass
+            await asyncio.to_thread(ts.end_run, e)
+            raise
+        await asyncio.to_thread(ts.end_run)
 
 
 # -------------------------------------------------------------------- sandbox tools
