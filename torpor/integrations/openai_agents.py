@@ -11,9 +11,9 @@ Three parts, all built on the public log API of :class:`torpor.session.Session`:
   *effective* entries (superseded ones left out).
 - :func:`sandbox_tools`: SDK function tools ``exec``, ``read_file``,
   ``write_file`` that run in the session's microVM (``s.sandbox``).
-- :func:`run_durable` / :func:`run_durable_async`: ``Runner.run`` wrapped in a
-  torpor turn: a ``user`` entry before the run, a checkpoint (VM snapshot + log
-  position) after it.
+- :func:`run_durable` / :func:`run_durable_async` / :func:`run_durable_streamed`:
+  ``Runner.run`` (sync, async, streamed) wrapped in a torpor turn: a ``user`` entry
+  before the run, a checkpoint (VM snapshot + log position) after it.
 
 Invariants:
 
