@@ -328,6 +328,62 @@ def load(
     }
 
 
+def hibernated_rss(
+    c: httpx.Client, paths: Paths, pid: int | None, count: int, tag: str
+) -> dict[str, Any]:
+    """Server RSS per 1,000 hibernated sessions, without booting ``count`` VMs.
+
+    A hibernated session is only its log to the server (its VM has ended; the server
+    keeps nothing per session), so ``count`` sessions are written straight into the
+    context log in the state a hibernation leaves (vm, checkpoint, hibernate) and the
+    server lists them all and serves /metrics; RSS is read before and after.  They are
+    tombstoned afterwards (they name no real VM or snapshot)."""
+    from torpor.context import Kind, open_log
+
+    log = open_log(paths=paths)
+    ids: list[str] = []
+    try:
+        for i in range(count):
+            rec = log.create_session(f"bench-hib-{tag}-{i}", {**LABEL, "model": MODEL})
+            ids.append(rec.id)
+            log.append(rec.id, Kind.VM, {"vm": f"gone-{i}", "reason": "create"}, turn=0)
+            log.append(
+                rec.id,
+                Kind.CHECKPOINT,
+                {"snapshot": f"synthetic-{i}", "reason": "hibernate", "stored_bytes": 0},
+                turn=0,
+            )
+            log.append(rec.id, Kind.HIBERNATE, {"vm": f"gone-{i}"}, turn=0)
+        before = rss_mib(pid) if pid else float("nan")
+        t0 = time.perf_counter()
+        n, cursor = 0, None
+        while True:
+            params: dict[str, Any] = {"limit": 1000, "status": "hibernated"}
+            if cursor:
+                params["cursor"] = cursor
+            page = c.get("/v1/sessions", params=params)
+            page.raise_for_status()
+            n += len(page.json()["items"])
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        list_s = time.perf_counter() - t0
+        c.get("/metrics").raise_for_status()
+        after = rss_mib(pid) if pid else float("nan")
+    finally:
+        for sid in ids:
+            log.remove_session(sid, "bench serve")
+        log.close()
+    return {
+        "sessions": count,
+        "listed_hibernated": n,
+        "list_all_s": list_s,
+        "rss_before_mib": before,
+        "rss_after_mib": after,
+        "rss_per_1000_mib": (after - before) * 1000 / count if count else float("nan"),
+    }
+
+
 def _run_threads(fn: Callable[[], None], n: int) -> None:
     errors: list[BaseException] = []
 
@@ -354,6 +410,7 @@ def run_serve_bench(
     turns: int = 3,
     clients: int = 4,
     overhead_turns: int = 5,
+    hibernated: int = 0,
     url: str | None = None,
     token: str | None = None,
     keep: bool = False,
@@ -399,7 +456,9 @@ def run_serve_bench(
             )
             sample()
             for sid in result["load"]["session_ids"]:
-                c.post(f"/v1/sessions/{sid}/hibernate").raise_for_status()
+                r = c.post(f"/v1/sessions/{sid}/hibernate")
+                if r.status_code != 200:
+                    result["load"]["problems"].append(f"{sid}: hibernate: {r.text}")
             listed = c.get("/v1/sessions", params={"limit": 1000, "label": "torpor-bench=serve"})
             listed.raise_for_status()
             c.get("/metrics").raise_for_status()
@@ -408,6 +467,9 @@ def run_serve_bench(
             result["hibernated_listed"] = sum(
                 1 for s in listed.json()["items"] if s["status"] == "hibernated"
             )
+            if hibernated:
+                say(f"RSS with {hibernated} hibernated sessions listed")
+                result["hibernated_rss"] = hibernated_rss(c, paths, pid, hibernated, tag)
     finally:
         if not keep:
             for sid in made:
@@ -462,6 +524,12 @@ def print_table(result: dict[str, Any], console: Any) -> None:
         "server RSS anon: peak / after (MiB)",
         f"{rss['peak_anon']:.0f} / {rss.get('after_anon', float('nan')):.0f}",
     )
+    hib = result.get("hibernated_rss")
+    if hib:
+        t.add_row(
+            f"RSS per 1,000 hibernated ({hib['sessions']} listed in {hib['list_all_s']:.1f} s)",
+            f"{hib['rss_per_1000_mib']:.1f} MiB",
+        )
     t.add_row("problems (lost/duplicated/incomplete)", str(len(ld["problems"])))
     console.print(t)
     for p in ld["problems"][:20]:
@@ -484,6 +552,12 @@ def main_command() -> Any:
         show_default=True,
         help="Sequential turns via API and library for the overhead (0: skip).",
     )
+    @click.option(
+        "--hibernated",
+        default=0,
+        show_default=True,
+        help="Also measure server RSS with this many hibernated sessions (log only, no VMs).",
+    )
     @click.option("--url", help="Use this running server instead of starting one.")
     @click.option("--token", envvar="TORPOR_TOKEN", help="Its token (with --url).")
     @click.option("--keep", is_flag=True, help="Leave the sessions (default: removed).")
@@ -500,6 +574,7 @@ def main_command() -> Any:
         turns: int,
         clients: int,
         overhead_turns: int,
+        hibernated: int,
         url: str | None,
         token: str | None,
         keep: bool,
@@ -519,6 +594,7 @@ def main_command() -> Any:
                 turns=turns,
                 clients=clients,
                 overhead_turns=overhead_turns,
+                hibernated=hibernated,
                 url=url,
                 token=token,
                 keep=keep,
