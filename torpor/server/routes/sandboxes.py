@@ -694,7 +694,16 @@ class _BodyReader:
         return out
 
 
-@router.put("/v1/sandboxes/{ref}/files", response_model=EntryOut)
+@router.put(
+    "/v1/sandboxes/{ref}/files",
+    response_model=EntryOut,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def write_file(
     ref: str,
     path: GuestPath,
