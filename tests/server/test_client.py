@@ -439,3 +439,34 @@ def test_follow_streams_new_entries_as_they_are_appended(client: Client) -> None
         assert got[0].kind.value == "user" and got[0].payload == {"content": "followed"}
     finally:
         s.remove()
+
+
+def test_defaults_come_from_torpor_host_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORPOR_HOST", "127.0.0.1:7878")
+    monkeypatch.setenv("TORPOR_TOKEN", "tpr_a_b")
+    with torpor.Client() as c:
+        assert c.url == "http://127.0.0.1:7878"
+        assert c._t.http.headers["Authorization"] == "Bearer tpr_a_b"
+    monkeypatch.delenv("TORPOR_HOST")
+    with pytest.raises(UsageError, match="TORPOR_HOST"):
+        torpor.Client()
+    with pytest.raises(UsageError):
+        torpor.Client("ftp://host")
+
+
+def test_sse_parser_and_error_mapping() -> None:
+    from torpor.client import _wire as W
+    from torpor.errors import ChunkMissingError, ConflictError
+
+    p = W.SSEParser()
+    lines = [": keep-alive", "", "id: 7", "event: entry", 'data: {"a":', "data: 1}", ""]
+    evs = [e for e in map(p.feed, lines) if e is not None]
+    assert evs == [W.Event("entry", '{"a":\n1}', "7")] and p.last_id == "7"
+    # the class named by the problem, never one outside torpor's errors
+    e = W.error_from(409, {"detail": "busy", "error": "ConflictError", "step": "send"})
+    assert type(e) is ConflictError and str(e) == "send: busy" and e.status == 409  # type: ignore[attr-defined]
+    e = W.error_from(507, {"detail": "gone", "error": "ChunkMissingError"})
+    assert type(e) is ChunkMissingError and e.missing == ()
+    for name in ("SystemExit", "os.system", "Exception", "__class__"):
+        assert type(W.error_from(500, {"detail": "x", "error": name})) is TorporError
+    assert type(W.error_from(404, "not json")) is NotFoundError
