@@ -558,3 +558,46 @@ def test_streamed_run(sessions: Sessions, api: FakeAPI) -> None:
     entries = ts.torpor.entries()
     assert [e.payload["type"] for e in entries if e.kind is Kind.ERROR] == ["ValueError"]
     assert entries[-1].kind is Kind.CHECKPOINT and ts.torpor.status() == "running"
+
+
+def test_incremental_fold_equals_the_full_fold() -> None:
+    """The view TorporSession keeps (O(new entries) per call) answers exactly what folding
+    the whole log answers, on random logs of items, pops, clears and supersede markers."""
+    import random
+
+    from torpor.context import Entry
+    from torpor.integrations.openai_agents import (
+        CLEAR_KIND,
+        POP_KIND,
+        _epoch,
+        _ItemView,
+        fold_items,
+    )
+
+    def entry(seq: int, kind: Kind, payload: dict[str, Any]) -> Entry:
+        return Entry("s", seq, kind, payload, None, 0.0, 0)
+
+    rng = random.Random(1234)
+    for _ in range(200):
+        log: list[Entry] = []
+        view = _ItemView()
+        for seq in range(1, rng.randint(1, 60)):
+            r = rng.random()
+            if r < 0.5:
+                e = entry(seq, Kind.CUSTOM, {"type": ITEM_KIND, "data": {"item": {"n": seq}}})
+            elif r < 0.6 and log:
+                target = rng.choice(log).seq
+                e = entry(seq, Kind.CUSTOM, {"type": POP_KIND, "data": {"seq": target}})
+            elif r < 0.65:
+                e = entry(seq, Kind.CUSTOM, {"type": CLEAR_KIND, "data": {"upto": seq - 1}})
+            elif r < 0.75 and log:
+                gone = rng.sample([x.seq for x in log], k=min(len(log), rng.randint(1, 3)))
+                e = entry(seq, Kind.SUPERSEDE, {"seqs": gone})
+            else:
+                e = entry(seq, Kind.CHECKPOINT, {"snapshot": "x"})
+            log.append(e)
+            if rng.random() < 0.5:  # read at random moments, as a session does
+                items, epoch = view.update(log)
+                assert items == fold_items(log) and epoch == _epoch(log)
+        items, epoch = view.update(log)
+        assert items == fold_items(log) and epoch == _epoch(log)

@@ -53,7 +53,7 @@ import hashlib
 import json
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torpor.context import Entry, Kind, effective
@@ -150,28 +150,44 @@ def _custom(e: Entry) -> tuple[str, dict[str, Any]] | None:
     return t, d
 
 
-def fold_items(entries: Sequence[Entry]) -> list[tuple[int, Any]]:
-    """``(seq, item)`` of the SDK items the log describes now, oldest first."""
-    items: list[tuple[int, Any]] = []
-    for e in effective(entries):
+def _apply(items: list[tuple[int, Any]], entries: Iterable[Entry]) -> int:
+    """Fold effective ``entries`` into ``items`` (in place); returns the seq of the last
+    entry among them that shrank the list (0 if none)."""
+    shrank = 0
+    for e in entries:
+        if e.kind is Kind.SUPERSEDE:
+            shrank = e.seq
+            continue
         c = _custom(e)
         if c is None:
             continue
         t, d = c
         if t == ITEM_KIND and "item" in d:
             items.append((e.seq, d["item"]))
-        elif t == POP_KIND and isinstance(d.get("seq"), int):
+        elif t == POP_KIND:
+            shrank = e.seq
             for i in range(len(items) - 1, -1, -1):
-                if items[i][0] == d["seq"]:
+                if items[i][0] == d.get("seq"):
                     del items[i]
                     break
-        elif t == CLEAR_KIND and isinstance(d.get("upto"), int):
-            items = [x for x in items if x[0] > d["upto"]]
+        elif t == CLEAR_KIND:
+            shrank = e.seq
+            upto = d.get("upto")
+            if isinstance(upto, int):
+                items[:] = [x for x in items if x[0] > upto]
+    return shrank
+
+
+def fold_items(entries: Sequence[Entry]) -> list[tuple[int, Any]]:
+    """``(seq, item)`` of the SDK items the log describes now, oldest first."""
+    items: list[tuple[int, Any]] = []
+    _apply(items, effective(entries))
     return items
 
 
 def _epoch(entries: Sequence[Entry]) -> int:
-    """Seq of the last entry that shrank the item list: positions restart after it."""
+    """Seq of the last entry that shrank the item list (a pop, a clear, or a supersede
+    marker, effective or not): item positions restart after it."""
     last = 0
     for e in entries:
         if e.kind is Kind.SUPERSEDE:
@@ -181,6 +197,32 @@ def _epoch(entries: Sequence[Entry]) -> int:
             if c is not None and c[0] in (POP_KIND, CLEAR_KIND):
                 last = e.seq
     return last
+
+
+class _ItemView:
+    """:func:`fold_items` and :func:`_epoch` of a log that only grows, in O(new entries)
+    per call.  Only a ``supersede`` marker changes what earlier entries mean: new
+    entries holding one, or a log that is not the one seen before, make it fold
+    everything again, so the answers always equal the from-scratch functions'."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n, self.last_seq, self.epoch = 0, 0, 0
+        self.items: list[tuple[int, Any]] = []
+
+    def update(self, entries: Sequence[Entry]) -> tuple[list[tuple[int, Any]], int]:
+        if len(entries) < self.n or (self.n and entries[self.n - 1].seq != self.last_seq):
+            self._reset()
+        new = entries[self.n :]
+        if any(e.kind is Kind.SUPERSEDE for e in new):
+            self.items, self.epoch = fold_items(entries), _epoch(entries)
+        else:  # nothing new can un-supersede or supersede: the old fold stands
+            self.epoch = _apply(self.items, new) or self.epoch
+        self.n = len(entries)
+        self.last_seq = entries[-1].seq if entries else 0
+        return self.items, self.epoch
 
 
 def _input_text(input: Any) -> str:
@@ -228,6 +270,11 @@ class TorporSession:
         self.session_settings = session_settings or SessionSettings()
         self._lock = _lock_for(session)
         self._failed_add: tuple[list[str], list[str]] | None = None  # digests, keys
+        self._view = _ItemView()
+
+    def _items(self) -> tuple[list[tuple[int, Any]], int]:
+        """The current ``(seq, item)`` list (shared: do not change) and the epoch."""
+        return self._view.update(self.torpor.entries())
 
     def __repr__(self) -> str:
         return f"TorporSession({self.torpor.name!r})"
@@ -275,7 +322,7 @@ class TorporSession:
             raise UsageError(f"limit must be an int or None, not {limit!r}")
         with self._lock:
             # copies: the SDK may change what it gets, the log's cached entries must not
-            items = [copy.deepcopy(item) for _, item in fold_items(self.torpor.entries())]
+            items = [copy.deepcopy(item) for _, item in self._items()[0]]
         if limit is None or limit < 0:  # negative: all, as SQLiteSession's LIMIT does
             return items
         return items[-limit:] if limit else []
@@ -294,8 +341,8 @@ class TorporSession:
             if failed is not None and failed[0] == digests:
                 keys = failed[1]  # the same add again: what reached the log is not repeated
             else:
-                entries = self.torpor.entries()
-                epoch, pos = _epoch(entries), len(fold_items(entries))
+                current, epoch = self._items()
+                pos = len(current)
                 keys = [f"oa:{epoch}:{pos + i}:{d}" for i, d in enumerate(digests)]
             self._failed_add = (digests, keys)
             for text, key in zip(texts, keys, strict=True):
@@ -305,7 +352,7 @@ class TorporSession:
     def pop(self) -> Any | None:
         """Remove and return the latest item (None if there is none)."""
         with self._lock:
-            items = fold_items(self.torpor.entries())
+            items = self._items()[0]
             if not items:
                 return None
             seq, item = items[-1]
@@ -315,9 +362,8 @@ class TorporSession:
     def clear(self) -> None:
         """Forget every item (the entries stay in the log, marked cleared)."""
         with self._lock:
-            entries = self.torpor.entries()
-            if fold_items(entries):
-                self.torpor.append(CLEAR_KIND, {"upto": entries[-1].seq})
+            if self._items()[0]:
+                self.torpor.append(CLEAR_KIND, {"upto": self.torpor.entries()[-1].seq})
 
     # -- the SDK's session protocol (async) -------------------------------------------
     async def get_items(self, limit: int | None = None) -> list[Any]:
