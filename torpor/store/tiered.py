@@ -56,7 +56,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,9 +175,13 @@ class TieredStore(ChunkStore):
         self.pending_dir.mkdir(exist_ok=True)
         self._written: set[str] = set()  # chunks this writer wrote (trusted for upload)
         self._pending_trusted: dict[str, set[str]] = {}  # same, for commits sent behind
+        self._prev_of: dict[str, str] = {}  # chunk -> the parent's chunk its delta used
+        self._early: dict[str, Future[bool]] = {}  # uploads started by _write_chunk
+        self._acct = (0, 0)  # (requests, bytes up) when the last commit ended
         self.last_commit: CommitStats | None = None
         self.remote_bad: list[tuple[str, StoreError]] = []  # bucket manifests refused
         self._check_format()
+        self._acct = (self.remote.requests, self.remote.bytes_up)
         if any(self.pending_dir.iterdir()):
             _uploader.submit(self)
 
@@ -407,11 +411,19 @@ class TieredStore(ChunkStore):
     ) -> tuple[int, float]:
         out = super()._write_chunk(h, data, prev)
         self._written.add(h)
+        if prev is not None:
+            self._prev_of[h] = prev
+        if self.durability == "bucket":
+            # start the upload now: the network overlaps the rest of the put (commit
+            # waits for it, and still uploads every base first, see _upload)
+            self._early[h] = self._net().submit(self._upload_chunk, h, True)
         return out
 
     def _drop_lease(self) -> None:
         super()._drop_lease()
         self._written = set()
+        self._prev_of = {}
+        self._early = {}
 
     def commit(
         self,
@@ -434,7 +446,8 @@ class TieredStore(ChunkStore):
         if parent is not None and not self._manifest_path(parent).exists():
             with contextlib.suppress(StoreError):
                 self._fetch_manifest(parent)
-        r0, u0 = self.remote.requests, self.remote.bytes_up
+        r0, u0 = self._acct  # since the last commit: the uploads a put started count too
+        self._acct = (self.remote.requests, self.remote.bytes_up)
         if self.durability == "local":
             t0 = time.perf_counter()
             written = set(self._written)  # (the local commit forgets them)
@@ -454,7 +467,10 @@ class TieredStore(ChunkStore):
                     artifact=name, missing=missing, step="commit", path=self.root
                 )
         t0 = time.perf_counter()
-        n = self._upload(m, encode_manifest(self._key, body), trusted=self._written)
+        n = self._upload(
+            m, encode_manifest(self._key, body), trusted=self._written, prev_of=self._prev_of,
+            early=self._early,
+        )  # fmt: skip
         bucket_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         out = super().commit(artifacts, parent=parent, kind=kind, meta=meta, created=m.created)
@@ -465,6 +481,7 @@ class TieredStore(ChunkStore):
             bytes_uploaded=self.remote.bytes_up - u0,
             requests=self.remote.requests - r0,
         )  # fmt: skip
+        self._acct = (self.remote.requests, self.remote.bytes_up)
         self.maybe_evict()
         return out
 
@@ -480,13 +497,27 @@ class TieredStore(ChunkStore):
         except (StoreError, NotFoundError):
             return frozenset()
 
-    def _upload(self, m: Manifest, manifest_bytes: bytes, trusted: set[str]) -> int:
-        """Chunks (bases first), then the manifest, into the bucket; chunks uploaded."""
+    def _upload(
+        self,
+        m: Manifest,
+        manifest_bytes: bytes,
+        trusted: set[str],
+        prev_of: Mapping[str, str] | None = None,
+        early: dict[str, Future[bool]] | None = None,
+    ) -> int:
+        """Chunks (bases first), then the manifest, into the bucket; chunks uploaded.
+
+        The bucket holds a chunk's base whenever it holds a manifest naming the chunk
+        (every manifest goes up after its chunks and their bases), so the parent's
+        chunks, and the bases of its chunks, need no request: a delta written against
+        the parent's chunk ``prev`` (``prev_of``) has ``prev`` or ``prev``'s base as base.
+        """
         vouched = self._vouched(m)
+        prev_of = prev_of or {}
         todo = set(m.chunks) - vouched
         # a delta needs its base in the bucket first; bases outside ``todo`` are checked
         base_of: dict[str, str | None] = {}
-        frontier = sorted(todo)
+        frontier = sorted(h for h in todo if prev_of.get(h) not in vouched)
         for _ in range(MAX_DELTA_DEPTH + 1):
             bases = dict(zip(frontier, self._executor().map(self._base_of, frontier), strict=True))
             base_of |= bases
@@ -501,10 +532,20 @@ class TieredStore(ChunkStore):
                 d, cur = d + 1, base_of.get(cur)
             return d
 
+        uploaded = 0
+        for h, fut in list((early or {}).items()):
+            if h not in todo:
+                continue
+            try:
+                uploaded += fut.result()
+            except StoreError:
+                continue  # failed early: tried again below (and raised if it fails again)
+            todo.discard(h)
+            if early is not None:
+                early.pop(h, None)
         waves: dict[int, list[str]] = {}
         for h in todo:
             waves.setdefault(depth(h), []).append(h)
-        uploaded = 0
         for d in sorted(waves, reverse=True):  # deepest = plain bases first
             for wrote in self._net().map(lambda h: self._upload_chunk(h, h in trusted), waves[d]):
                 uploaded += wrote
