@@ -199,6 +199,30 @@ def test_log_pages_and_sse_resume(api: TestClient, tools_image: str, created: li
     assert resumed == [q for q in seqs if q > mid]
 
 
+def test_follow_ends_when_the_session_is_removed(
+    live_server: LiveServer, tokens: Tokens, tools_image: str
+) -> None:
+    h = {"Authorization": f"Bearer {tokens.default}"}
+    with httpx.Client(base_url=live_server.url, headers=h, timeout=120) as c:
+        r = c.post("/v1/sessions", json={})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        events: list[dict[str, Any]] = []
+        sse = {"Accept": "text/event-stream"}
+        with c.stream("GET", f"/v1/sessions/{sid}/log", headers=sse) as stream:
+            buf = ""
+            for chunk in stream.iter_text():
+                buf += chunk
+                while "\n\n" in buf:
+                    block, buf = buf.split("\n\n", 1)
+                    for ev in parse_sse(block + "\n\n"):
+                        events.append(ev)
+                        if len(events) == 1:  # following: now remove the session under it
+                            assert c.delete(f"/v1/sessions/{sid}").status_code == 200
+        assert events[-2]["data"]["kind"] == "removed"
+        assert events[-1]["event"] == "done" and events[-1]["data"]["removed"] is True
+
+
 def test_send_mid_turn_is_409_and_the_turn_is_not_disturbed(
     api: TestClient, tools_image: str, created: list[str]
 ) -> None:

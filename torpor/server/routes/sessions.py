@@ -352,6 +352,8 @@ async def _stream_turn(turn: _Turn, before: int) -> AsyncIterator[bytes]:
             yield _sse("error", _problem_body(turn.error))
         else:
             yield _sse("done", {"answer": turn.answer, "last_seq": last})
+    except E.TorporError as e:  # reading the log failed mid-stream
+        yield _sse("error", _problem_body(e))
     finally:
         turn.release()
 
@@ -427,10 +429,12 @@ def _after_of(after: int | None, cursor: str | None, last_event_id: str | None) 
     return after or 0
 
 
-async def _follow(t: Tenant, sid: str, after: int, until_turn: bool) -> AsyncIterator[bytes]:
+async def _follow(reader: Session, after: int, until_turn: bool) -> AsyncIterator[bytes]:
     """The log as it grows.  A client that goes away cancels this generator (the ASGI
-    server's disconnect), so no reader outlives its client."""
-    reader = await run_in_threadpool(_open, t, sid, hook=False)
+    server's disconnect), so no reader outlives its client; the session's removal (its
+    tombstone entry) ends it with ``done``.  A failure once the stream
+    has started (the session removed meanwhile, the database gone) ends it with an
+    ``error`` event carrying the problem."""
     last = after
     idle = 0.0
     try:
@@ -439,6 +443,9 @@ async def _follow(t: Tenant, sid: str, after: int, until_turn: bool) -> AsyncIte
             for e in batch:
                 yield _sse("entry", entry_json(e), id=e.seq)
                 last = e.seq
+                if e.kind.value == "removed":  # the tombstone is the last entry there is
+                    yield _sse("done", {"last_seq": last, "removed": True})
+                    return
             if len(batch) == BATCH:
                 continue
             if batch:
@@ -454,6 +461,8 @@ async def _follow(t: Tenant, sid: str, after: int, until_turn: bool) -> AsyncIte
             if idle >= KEEPALIVE:
                 idle = 0.0
                 yield b": keep-alive\n\n"
+    except E.TorporError as e:
+        yield _sse("error", _problem_body(e))
     finally:
         reader.close()
 
@@ -486,10 +495,8 @@ async def get_log(
     start = _after_of(after, cursor, last_event_id)
     s = await run_in_threadpool(_open, t, ref, hook=False)
     if _wants_sse(request):
-        sid = s.id
-        s.close()
         return StreamingResponse(
-            _follow(t, sid, start, until == "turn"),
+            _follow(s, start, until == "turn"),
             media_type=SSE,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
