@@ -229,6 +229,12 @@ def test_import_rmi_and_stop_through_the_server(
         assert d["id"] == vm and d["status"] in ("exited", "stopped"), d
         assert "rstop" in ok(remote(live_server, t, "ps", "-a"))
         assert "rstop" not in ok(remote(live_server, t, "ps"))
+        import torpor  # the SDK: list(all=True) has the stopped one too, as locally
+
+        with torpor.Client(live_server.url, t) as c:
+            remote_all = {i.id for i in c.Sandbox.list(all=True)}
+            assert vm in remote_all and vm not in {i.id for i in c.Sandbox.list()}
+        assert remote_all == {i.id for i in torpor.Sandbox.list(all=True)}
         r = remote(live_server, t, "rmi", "uploaded:v1")
         assert r.returncode == 4, r.stderr  # a VM uses it: ConflictError, as locally
         ok(remote(live_server, t, "rm", "rstop"))  # stopped: no -f needed

@@ -228,7 +228,9 @@ def ps(all_: bool, quiet: bool, fmt: str | None, filters: tuple[str, ...]) -> No
         rows = _sandboxes(c)
         if all_ or filters:
             seen = {r["id"] for r in rows}
-            for st in ("exited", "dead", "created", "stopped"):
+            from torpor.client._wire import OTHER_STATUSES
+
+            for st in OTHER_STATUSES:
                 rows += [r for r in _sandboxes(c, st) if r["id"] not in seen]
     for f in filters:
         k, _, v = f.partition("=")

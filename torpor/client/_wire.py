@@ -216,6 +216,8 @@ class SSEParser:
 # -- request bodies ----------------------------------------------------------------------
 
 
+#: VM statuses besides running and hibernated (what ``list(all=True)`` adds).
+OTHER_STATUSES = ("created", "starting", "stopping", "exited", "dead")
 #: Largest page the API serves (docs/api.md, lists).
 MAX_PAGE = 1000
 

@@ -326,8 +326,12 @@ class AsyncSandbox:
         cls, labels: Mapping[str, str] | None = None, *, all: bool = False, paths: None = None
     ) -> list[Any]:
         W.no_paths(paths)
-        params = W.labels_query(labels) + ([("all", "true")] if all else [])
-        return [W.sandbox_info(x) for x in await _pages(cls._t, "/v1/sandboxes", params, "x")]
+        params = W.labels_query(labels)
+        out: list[Any] = []
+        for status in (None, *(W.OTHER_STATUSES if all else ())):
+            p = params + ([("status", status)] if status else [])
+            out += [W.sandbox_info(x) for x in await _pages(cls._t, "/v1/sandboxes", p, "x")]
+        return out
 
     @classmethod
     async def get_info(cls, sandbox_id: str, *, paths: None = None) -> Any:

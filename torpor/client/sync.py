@@ -464,11 +464,12 @@ class RemoteSandbox:
     ) -> list[Any]:
         W.no_paths(paths)
         params: list[tuple[str, str]] = W.labels_query(labels)
-        if all:
-            params.append(("all", "true"))
         out: list[Any] = []
-        for page in _pages(cls._t, "/v1/sandboxes", params, "sandboxes"):
-            out.extend(W.sandbox_info(x) for x in page)
+        # the route lists running and hibernated ones; `all` asks for the others by status
+        for status in (None, *(W.OTHER_STATUSES if all else ())):
+            p = params + ([("status", status)] if status else [])
+            for page in _pages(cls._t, "/v1/sandboxes", p, "sandboxes"):
+                out.extend(W.sandbox_info(x) for x in page)
         return out
 
     @classmethod
