@@ -381,6 +381,19 @@ def test_file_paths_are_guest_paths_and_checked(client: TestClient, sbx: dict[st
     assert r.content != host or not host
 
 
+def test_guest_refusals_are_client_errors(client: TestClient, sbx: dict[str, Any]) -> None:
+    """What the guest refuses because of the path asked for is the client's error (4xx
+    naming the path), not a 502 from the agent."""
+    exec_(client, sbx, cmd="mkdir -p /tmp/g/dir && ln -sfn /tmp/g/dir /tmp/g/link")
+    problem(client.get(files(sbx, "/tmp/g/link")), 400, "UsageError")  # a folder, via a link
+    problem(client.put(files(sbx, "/tmp/g/dir"), content=b"x"), 400, "UsageError")
+    # a file stands where a parent folder would be made
+    problem(client.put(files(sbx, "/etc/hostname/x"), content=b"x"), 409, "ConflictError")
+    problem(client.get(files(sbx, "/etc/hostname/x")), 404, "NotFoundError")
+    problem(client.get(f"/v1/sandboxes/{sbx['id']}/files/list?path=/etc/hostname"), 400)
+    problem(client.get(files(sbx, "/" + "x" * 300)), 400, "UsageError")  # a name too long
+
+
 def test_upload_over_the_cap_is_413_and_leaves_no_file(
     paths: Paths, tokens: Tokens, sbx: dict[str, Any]
 ) -> None:

@@ -30,12 +30,14 @@ import base64
 import codecs
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -139,6 +141,36 @@ def _guest_path(path: str) -> str:
     if not path.startswith("/"):
         raise UsageError(f"sandbox paths are absolute: {path[:200]!r}")
     return path
+
+
+#: errno of a guest refusal caused by the path a client asked for -> the error it is
+_PATH_ERRNO: dict[int, type[TorporError]] = {
+    errno.ENOENT: NotFoundError,
+    errno.ENOTDIR: NotFoundError,
+    errno.EISDIR: UsageError,
+    errno.ENAMETOOLONG: UsageError,
+    errno.ELOOP: UsageError,
+    errno.EINVAL: UsageError,
+    errno.EEXIST: ConflictError,
+    errno.ENOTEMPTY: ConflictError,
+}
+
+
+@contextlib.contextmanager
+def _guest_refusals(
+    path: str, override: dict[int, type[TorporError]] | None = None
+) -> Iterator[None]:
+    """A guest's refusal of a path (EISDIR, ENOTDIR, ...) as the client's error, not a
+    502: the agent did its job, the request named the wrong thing."""
+    from torpor.agent.client import AgentRequestError
+
+    try:
+        yield
+    except AgentRequestError as e:
+        cls = {**_PATH_ERRNO, **(override or {})}.get(e.errno or 0)
+        if cls is None:
+            raise
+        raise cls(f"{path[:300]}: {os.strerror(e.errno or 0)}", path=path) from e
 
 
 def _open(request: Request | WebSocket, paths: Paths, ref: str) -> Sandbox:
@@ -648,10 +680,11 @@ def read_file(ref: str, path: GuestPath, request: Request, t: TenantDep) -> Stre
     p = _guest_path(path)
     sb = _open(request, t.paths, ref)
     try:
-        info = sb.files.get_info(p)
-        if info.type == "dir":
-            raise UsageError(f"{p} is a folder: list it with files/list")
-        chunks = sb.files.read_stream(p)
+        with _guest_refusals(p):
+            info = sb.files.get_info(p)
+            if info.type == "dir":
+                raise UsageError(f"{p} is a folder: list it with files/list")
+            chunks = sb.files.read_stream(p)
     except BaseException:
         sb.close()
         raise
@@ -717,7 +750,8 @@ async def write_file(
     sb = await to_thread.run_sync(_open, request, t.paths, ref)
     try:
         reader = _BodyReader(request.stream())
-        info = await to_thread.run_sync(lambda: sb.files.write(p, reader, mode=mode))
+        with _guest_refusals(p):
+            info = await to_thread.run_sync(lambda: sb.files.write(p, reader, mode=mode))
     finally:
         await to_thread.run_sync(sb.close)
     return _entry(info)
@@ -729,7 +763,8 @@ def remove_file(ref: str, path: GuestPath, request: Request, t: TenantDep) -> Re
     p = _guest_path(path)
     sb = _open(request, t.paths, ref)
     try:
-        sb.files.remove(p)
+        with _guest_refusals(p):
+            sb.files.remove(p)
     finally:
         sb.close()
     return Response(status_code=204)
@@ -741,7 +776,8 @@ def list_files(ref: str, path: GuestPath, request: Request, t: TenantDep) -> lis
     p = _guest_path(path)
     sb = _open(request, t.paths, ref)
     try:
-        return [_entry(e) for e in sb.files.list(p)]
+        with _guest_refusals(p, {errno.ENOTDIR: UsageError}):  # listing a file
+            return [_entry(e) for e in sb.files.list(p)]
     finally:
         sb.close()
 
