@@ -56,6 +56,8 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from torpor.context import Entry, Kind, effective
 from torpor.errors import (
     AgentError,
@@ -199,6 +201,14 @@ def _epoch(entries: Sequence[Entry]) -> int:
     return last
 
 
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON data read from the log (orjson: ~10x deepcopy's speed)."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError):  # an int beyond 64 bits, say
+        return copy.deepcopy(value)
+
+
 class _ItemView:
     """:func:`fold_items` and :func:`_epoch` of a log that only grows, in O(new entries)
     per call.  Only a ``supersede`` marker changes what earlier entries mean: new
@@ -322,7 +332,7 @@ class TorporSession:
             raise UsageError(f"limit must be an int or None, not {limit!r}")
         with self._lock:
             # copies: the SDK may change what it gets, the log's cached entries must not
-            items = [copy.deepcopy(item) for _, item in self._items()[0]]
+            items = _copy([item for _, item in self._items()[0]])
         if limit is None or limit < 0:  # negative: all, as SQLiteSession's LIMIT does
             return items
         return items[-limit:] if limit else []
@@ -357,7 +367,7 @@ class TorporSession:
                 return None
             seq, item = items[-1]
             self.torpor.append(POP_KIND, {"seq": seq})
-            return copy.deepcopy(item)
+            return _copy(item)
 
     def clear(self) -> None:
         """Forget every item (the entries stay in the log, marked cleared)."""
