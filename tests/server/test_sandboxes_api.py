@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
 
 from tests.server.conftest import LiveServer, Tokens
 from torpor.paths import Paths
@@ -627,7 +628,15 @@ def test_snapshot_and_fork(client: TestClient, sbx: dict[str, Any]) -> None:
     problem(client.post(f"/v1/sandboxes/{sbx['id']}/snapshot", json={"tag": ""}), 422)
 
 
-def test_hibernate_wake_and_use_wakes(client: TestClient, sbx: dict[str, Any]) -> None:
+def test_hibernate_wake_and_use_wakes(
+    client: TestClient,
+    sbx: dict[str, Any],
+    paths: Paths,
+    tokens: Tokens,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torpor.vmm.boot import resolve_accel
+
     exec_(client, sbx, cmd="echo kept > /tmp/kept")
     r = client.post(f"/v1/sandboxes/{sbx['id']}/hibernate")
     assert r.status_code == 200, r.text
@@ -638,6 +647,24 @@ def test_hibernate_wake_and_use_wakes(client: TestClient, sbx: dict[str, Any]) -
     assert r.status_code == 200 and r.json()["status"] == "running"
     assert client.post(f"/v1/sandboxes/{sbx['id']}/wake").json()["status"] == "running"
     client.post(f"/v1/sandboxes/{sbx['id']}/hibernate")
+    if resolve_accel(paths, "auto") == "tcg":  # waking starts a VM: isolation first
+        monkeypatch.delenv("TORPOR_ALLOW_TCG", raising=False)
+        strict = create_app(Config(paths, allow_tcg=False))
+        with TestClient(strict, headers={"Authorization": f"Bearer {tokens.default}"}) as c:
+            for method, url, kw in (
+                ("POST", f"/v1/sandboxes/{sbx['id']}/exec", {"json": {"cmd": "true"}}),
+                ("POST", f"/v1/sandboxes/{sbx['id']}/wake", {}),
+                ("GET", files(sbx, "/tmp/kept"), {}),
+                ("GET", f"/v1/sandboxes/{sbx['id']}/processes", {}),
+            ):
+                problem(c.request(method, url, **kw), 403, "TCGRefusedError")
+            with (
+                pytest.raises(WebSocketDenialResponse) as ei,
+                c.websocket_connect(f"/v1/sandboxes/{sbx['id']}/pty"),
+            ):
+                pass
+            assert ei.value.status_code == 403
+        assert client.get(f"/v1/sandboxes/{sbx['id']}").json()["status"] == "hibernated"
     r = exec_(client, sbx, cmd="cat /tmp/kept")  # a use wakes it, as in the library
     assert r.json()["stdout"] == "kept\n"
 
