@@ -260,6 +260,52 @@ def test_bucket_unreachable_during_commit(tmp_path: Path, monkeypatch):
         srv.stop()
 
 
+def test_a_local_ack_survives_an_unreachable_bucket_and_is_uploaded_later(
+    tmp_path: Path, monkeypatch
+):
+    """durability=local: the bucket is down at the commit; the snapshot is acknowledged
+    (locally durable), stays pending, and the next store opened on the home uploads it."""
+    srv = S3Server(tmp_path / "srv").start()
+    try:
+        for k, v in srv.env("x").items():
+            if k.startswith("AWS_"):
+                monkeypatch.setenv(k, v)
+        monkeypatch.setattr("torpor.store.backend.BACKOFF_S", 0.01)
+        bucket = srv.make_bucket("pending-test")
+        root = home(tmp_path, "a")
+        src = rand_file(tmp_path / "mem", 8 * CS, 9)
+        with tiered(root, bucket, durability="local") as a:
+            art, _ = a.put_file(src, chunk_size=CS)
+            srv.stop()
+            m = a.commit({"memory": art}, meta={"tag": "behind"})
+            assert a.last_commit.upload_pending
+            assert wait_uploads(timeout=120)
+            assert [p.name for p in a.pending_dir.iterdir()] == [m.id]  # not lost: pending
+        srv.start()
+        with tiered(root, bucket, durability="local") as again:
+            assert wait_uploads(timeout=120)
+            assert not list(again.pending_dir.iterdir())
+        with tiered(home(tmp_path, "b", key_from=root), bucket) as b:
+            b.materialize(b.get("behind").artifacts["memory"], tmp_path / "out")
+        assert same_content(src, tmp_path / "out")
+    finally:
+        srv.stop()
+
+
+def test_verify_counts_evicted_chunks_as_present_in_the_bucket(s3_env, bucket, tmp_path: Path):
+    root = home(tmp_path, "a")
+    with tiered(root, bucket) as a:
+        art, _ = a.put_file(rand_file(tmp_path / "f", 6 * CS, 30), chunk_size=CS)
+        m = a.commit({"f": art})
+        a.evict(0)
+        assert local_chunks(a) == set()
+        assert a.verify().ok
+        victim = sorted(art.stored)[0]
+        s3_env.client().delete_object(Bucket=bucket, Key=f"torpor/chunks/{victim[:2]}/{victim}")
+        r = a.verify()
+        assert r.missing == (victim,) and r.affected == {m.id: (victim,)}
+
+
 def test_durability_local_acknowledges_first_and_uploads_behind(
     s3_env, bucket, tmp_path: Path
 ):

@@ -49,6 +49,7 @@ import atexit
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import queue
 import re
@@ -74,7 +75,9 @@ from torpor.store.manifest import (
     decode_manifest,
     encode_manifest,
 )
-from torpor.store.store import MAX_DELTA_DEPTH, ChunkStore
+from torpor.store.store import MAX_DELTA_DEPTH, ChunkStore, VerifyReport
+
+log = logging.getLogger("torpor.store")
 
 DURABILITIES = ("bucket", "local")
 NET_THREADS = 16  # parallel requests: latency-bound, not CPU-bound
@@ -588,6 +591,36 @@ class TieredStore(ChunkStore):
             done.append(snap_id)
         return done
 
+    def verify(self) -> VerifyReport:
+        """:meth:`ChunkStore.verify` of the cache; a chunk absent from the cache (evicted,
+        never fetched) counts as missing only if the bucket lacks it too."""
+        r = super().verify()
+        if not r.missing:
+            return r
+        gone = {
+            h
+            for h, there in zip(
+                r.missing,
+                self._net().map(lambda h: self.remote.exists(self._obj_chunk(h)), r.missing),
+                strict=True,
+            )
+            if not there
+        }
+        corrupt = set(r.corrupt)
+        affected = {
+            i: tuple(h for h in hs if h in gone or h in corrupt) for i, hs in r.affected.items()
+        }
+        return VerifyReport(
+            chunks_checked=r.chunks_checked,
+            bytes_checked=r.bytes_checked,
+            manifests_checked=r.manifests_checked,
+            corrupt=r.corrupt,
+            missing=tuple(sorted(gone)),
+            stray=r.stray,
+            bad_manifests=r.bad_manifests,
+            affected={i: hs for i, hs in affected.items() if hs},
+        )
+
     # -- the bounded cache ---------------------------------------------------------
 
     def cache_bytes(self) -> int:
@@ -673,7 +706,10 @@ class _Uploader:
             try:
                 store.upload_pending()
             except (RemoteStoreError, StoreError, OSError) as e:
-                self.errors.append(e)  # stays pending: the next store opened retries
+                # stays pending (store/pending/<id>): the next store opened on this
+                # home, or the next local commit here, tries again
+                self.errors.append(e)
+                log.warning("background upload to %s failed: %s", store.describe(), e)
             finally:
                 self._q.task_done()
 
