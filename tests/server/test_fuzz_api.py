@@ -43,6 +43,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.vm, pytest.mark.timeout(1800)]
 #: 5xx a route may answer by contract when the fuzzer asks for it (e.g. a 1 ms exec
 #: timeout is a 504); anything else — 500 above all — is a bug.
 ALLOWED_5XX: dict[str, set[int]] = {"/v1/sandboxes/{ref}/exec": {504}}
+#: Seconds one call may take (schemathesis's default, 10 s, is shorter than a TCG boot on
+#: a loaded machine); pytest-timeout still bounds the whole test.
+CALL_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_every_operation_answers_without_5xx(app, fuzz_token: str) -> None:
     assert len(ops) >= 35  # the whole API: sessions, sandboxes, snapshots, images, system
     headers = {"Authorization": f"Bearer {fuzz_token}"}
     for op in ops:
-        fuzz(op, 40, lambda case: check(case, case.call(headers=headers)))
+        fuzz(op, 40, lambda case: check(case, case.call(headers=headers, timeout=CALL_TIMEOUT)))
 
 
 def _bound(case: Any) -> None:
@@ -142,7 +145,7 @@ def test_a_live_sandbox_answers_without_5xx(app, live_sandbox: Sandbox, tokens: 
     def call(case: Any) -> None:
         case.path_parameters = {**(case.path_parameters or {}), "ref": live_sandbox.id}
         _bound(case)
-        r = case.call(headers=headers)
+        r = case.call(headers=headers, timeout=CALL_TIMEOUT)
         answered.setdefault(f"{case.method} {case.path}", set()).add(r.status_code)
         check(case, r)
 
@@ -166,7 +169,7 @@ def test_create_with_a_bounded_budget(app, tokens: Tokens, tools_image: str) -> 
             case.body.update(memory=128, network=False, cpus=min(2, case.body.get("cpus") or 1))
             case.body.pop("image", None)  # the default, tools:latest: it boots
             case.body.pop("name", None)  # a random name may clash with a test's sandbox
-        r = case.call(headers=headers)
+        r = case.call(headers=headers, timeout=CALL_TIMEOUT)
         check(case, r)
         if r.status_code == 201:
             made.append(r.json()["id"])
