@@ -407,6 +407,26 @@ def test_upload_over_the_cap_is_413_and_leaves_no_file(
         assert r.status_code == 200 and r.json()["size"] == 60 << 10
 
 
+def test_cut_uploads_leave_nothing_behind_in_the_guest(
+    paths: Paths, tokens: Tokens, sbx: dict[str, Any]
+) -> None:
+    """An upload cut short (413 mid-stream) leaves neither the file nor a temporary one;
+    more cut uploads than the guest agent has upload slots (32) do not wear it out."""
+    app = create_app(Config(paths, allow_tcg=True, max_upload=64 << 10))
+    exec_c = lambda c, cmd: c.post(  # noqa: E731
+        f"/v1/sandboxes/{sbx['id']}/exec", json={"cmd": cmd}
+    ).json()
+    with TestClient(app, headers={"Authorization": f"Bearer {tokens.default}"}) as c:
+        exec_c(c, "rm -rf /tmp/cut && mkdir /tmp/cut")
+        for _ in range(40):
+            r = c.put(files(sbx, "/tmp/cut/f"), content=iter([b"x" * (16 << 10)] * 8))
+            problem(r, 413)
+        r = c.put(files(sbx, "/tmp/cut/f"), content=b"whole")
+        assert r.status_code == 200, r.text
+        assert exec_c(c, "ls -A /tmp/cut")["stdout"] == "f\n"
+        assert c.get(files(sbx, "/tmp/cut/f")).content == b"whole"
+
+
 def test_console_logs(client: TestClient, sbx: dict[str, Any]) -> None:
     r = client.get(f"/v1/sandboxes/{sbx['id']}/logs")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

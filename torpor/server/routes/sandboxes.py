@@ -20,7 +20,10 @@ Invariants:
 - The PTY WebSocket ends the terminal's program when the client goes away
   (SIGHUP to its session and foreground job, as closing a terminal window does).
 - File uploads stream from the request body to the guest (``write_file`` takes a
-  file-like reader), never held whole; downloads stream back the same way.
+  file-like reader), never held whole, into a temporary file renamed over the target
+  when complete; a cut upload's temporary file is finished and removed (the guest
+  agent cannot cancel a write, and an unfinished one would hold an upload slot).
+  Downloads stream back the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -700,12 +704,17 @@ def read_file(ref: str, path: GuestPath, request: Request, t: TenantDep) -> Stre
 
 class _BodyReader:
     """A file-like ``read()`` over the request body, for a worker thread: each read
-    takes the next chunk from the event loop, so the body is never held whole."""
+    takes the next chunk from the event loop, so the body is never held whole.
+
+    A body that ends badly (over the upload cap, the client gone) reads as its end,
+    with the reason kept in ``failed``: the guest then finishes a temporary file that
+    the route removes — an unfinished guest upload would hold one of the agent's
+    few upload slots until the VM restarts (the protocol cannot cancel one)."""
 
     def __init__(self, body: AsyncIterator[bytes]):
         self._it = body
         self._buf = b""
-        self.total = 0
+        self.failed: BaseException | None = None
 
     async def _next(self) -> bytes:
         try:
@@ -715,7 +724,13 @@ class _BodyReader:
 
     def read(self, n: int = -1) -> bytes:
         while not self._buf:
-            chunk = from_thread.run(self._next)
+            if self.failed is not None:
+                return b""
+            try:
+                chunk = from_thread.run(self._next)
+            except BaseException as e:  # _TooLarge (the cap), ClientDisconnect, ...
+                self.failed = e
+                return b""
             if not chunk:
                 return b""
             self._buf = chunk
@@ -723,8 +738,31 @@ class _BodyReader:
             out, self._buf = self._buf, b""
         else:
             out, self._buf = self._buf[:n], self._buf[n:]
-        self.total += len(out)
         return out
+
+
+def _upload(sb: Sandbox, p: str, reader: _BodyReader, mode: int) -> Any:
+    """Write the body to a temporary name next to ``p``, then rename it over ``p``;
+    a body that failed leaves only the temporary file, which is removed."""
+    parent, _, name = p.rpartition("/")
+    if not name:
+        raise UsageError(f"{p} names a folder, not a file")
+    tmp = f"{parent}/.torpor-upload-{secrets.token_hex(8)}"
+    # ENOTDIR: a file stands where a parent folder would be made
+    with _guest_refusals(p, {errno.ENOTDIR: ConflictError}):
+        with contextlib.suppress(NotFoundError):
+            if sb.files.get_info(p).type == "dir":  # mv would move the file into it
+                raise UsageError(f"{p} is a folder")
+        sb.files.write(tmp, reader, mode=mode)  # parent folders made; atomic in itself
+    try:
+        if reader.failed is not None:
+            raise reader.failed
+        with _guest_refusals(p):
+            return sb.files.rename(tmp, p)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sb.files.remove(tmp)
+        raise
 
 
 @router.put(
@@ -744,14 +782,14 @@ async def write_file(
     t: TenantDep,
     mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
 ) -> EntryOut:
-    """``Sandbox.files.write``: the raw request body becomes the file (atomically);
-    parent folders are made.  Capped by the server's upload limit (413)."""
+    """``Sandbox.files.write``: the raw request body becomes the file (atomically:
+    it appears under its name only once complete); parent folders are made.  Capped
+    by the server's upload limit (413); a cut upload leaves nothing behind."""
     p = _guest_path(path)
     sb = await to_thread.run_sync(_open, request, t.paths, ref)
     try:
         reader = _BodyReader(request.stream())
-        with _guest_refusals(p):
-            info = await to_thread.run_sync(lambda: sb.files.write(p, reader, mode=mode))
+        info = await to_thread.run_sync(_upload, sb, p, reader, mode)
     finally:
         await to_thread.run_sync(sb.close)
     return _entry(info)
