@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -455,3 +456,47 @@ def test_live_sse_follow_sees_a_turn_as_it_runs(
             assert open_at_call == ["interrupted"]
         finally:
             c.delete(f"/v1/sessions/{sid}")
+
+
+LIVE_SESSION = re.compile(
+    r"^/v1/sessions/\{ref\}(|/log|/entries|/checkpoints|/checkpoint|/messages|/recover"
+    r"|/hibernate|/wake)$"
+)
+#: Valid examples per operation (each send is a real turn, each hibernate a real one).
+FUZZ_EXAMPLES = {"/messages": 6, "/hibernate": 3, "/wake": 3, "/checkpoint": 6}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fuzz_a_live_session_answers_without_5xx(
+    app, api: TestClient, tokens: Tokens, tools_image: str, created: list[str]
+) -> None:
+    """Every sessions route but delete and fork, fuzzed from /openapi.json against one
+    real session (the whole-API fuzz in test_fuzz_api.py only reaches unknown ones)."""
+    from tests.server.test_fuzz_api import CALL_TIMEOUT, check, fuzz, operations
+
+    s = create(api, created, script=ECHO_SCRIPT)
+    ops = operations(
+        app, lambda op: bool(LIVE_SESSION.match(op.path)) and op.method in ("get", "post")
+    )
+    assert len(ops) == 9
+    headers = {"Authorization": f"Bearer {tokens.default}"}
+    answered: dict[str, set[int]] = {}
+
+    def call(case: Any) -> None:
+        case.path_parameters = {**(case.path_parameters or {}), "ref": s["id"]}
+        r = case.call(headers=headers, timeout=CALL_TIMEOUT)
+        answered.setdefault(f"{case.method} {case.path}", set()).add(r.status_code)
+        check(case, r)
+
+    for op in ops:
+        suffix = op.path.removeprefix("/v1/sessions/{ref}")
+        fuzz(op, FUZZ_EXAMPLES.get(suffix, 25), call)
+    # the fuzzer reached the session, not only the validation in front of it
+    assert 200 in answered["POST /v1/sessions/{ref}/messages"], answered
+    assert 400 in answered["POST /v1/sessions/{ref}/entries"], answered  # the library's check
+    # and the session still works, its log whole
+    r = api.post(f"/v1/sessions/{s['id']}/messages", json={"text": "still here"})
+    assert r.status_code == 200 and r.json()["answer"] == "you said: still here"
+    seqs = [e["seq"] for e in api.get(f"/v1/sessions/{s['id']}/log?limit=1000").json()["entries"]]
+    assert seqs == list(range(1, len(seqs) + 1))

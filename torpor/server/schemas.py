@@ -65,7 +65,12 @@ class LogPage(BaseModel):
 
 
 class AppendIn(_In):
-    kind: str = Field(description="a conversation kind (user, tool_result, ...) or 'app.note'")
+    kind: str = Field(
+        max_length=256,
+        description="a conversation kind (user, model_request, model_response, tool_call, "
+        "tool_result, error) or a dotted custom kind such as 'app.note'; checked by the "
+        "library (400 with its reason)",
+    )
     payload: dict[str, Any]
     key: str | None = Field(None, max_length=256, description="idempotency key")
 
