@@ -571,6 +571,34 @@ def test_a_slow_client_loses_output_not_server_memory(
     assert end[2]["stdout_dropped"] > 0 and got + end[2]["stdout_dropped"] == n
 
 
+def test_an_uploader_that_leaves_leaves_nothing(
+    inproc_url: str, tokens: Tokens, sbx: dict[str, Any], client: TestClient
+) -> None:
+    import socket
+    import urllib.parse
+
+    exec_(client, sbx, cmd="rm -rf /tmp/gone && mkdir /tmp/gone")
+    u = urllib.parse.urlsplit(inproc_url)
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(
+            (
+                f"PUT /v1/sandboxes/{sbx['id']}/files?path=/tmp/gone/f HTTP/1.1\r\n"
+                f"Host: {u.netloc}\r\nAuthorization: Bearer {tokens.default}\r\n"
+                "Content-Length: 10000000\r\n\r\n"
+            ).encode()
+            + b"x" * 300_000
+        )
+        time.sleep(1)
+    for _ in range(100):  # the server notices, lets the guest finish, removes the rest
+        if exec_(client, sbx, cmd="ls -A /tmp/gone").json()["stdout"] == "":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(exec_(client, sbx, cmd="ls -lA /tmp/gone").json()["stdout"])
+    r = client.put(files(sbx, "/tmp/gone/f"), content=b"ok")
+    assert r.status_code == 200 and client.get(files(sbx, "/tmp/gone/f")).content == b"ok"
+
+
 # -- other namespaces, auth ------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ import anyio
 from anyio import from_thread, to_thread
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from torpor.errors import (
@@ -781,7 +782,7 @@ async def write_file(
     request: Request,
     t: TenantDep,
     mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
-) -> EntryOut:
+) -> EntryOut | Response:
     """``Sandbox.files.write``: the raw request body becomes the file (atomically:
     it appears under its name only once complete); parent folders are made.  Capped
     by the server's upload limit (413); a cut upload leaves nothing behind."""
@@ -790,6 +791,8 @@ async def write_file(
     try:
         reader = _BodyReader(request.stream())
         info = await to_thread.run_sync(_upload, sb, p, reader, mode)
+    except ClientDisconnect:  # the uploader left: nothing was written, nobody to tell
+        return Response(status_code=499)
     finally:
         await to_thread.run_sync(sb.close)
     return _entry(info)
