@@ -632,7 +632,9 @@ class TieredStore(ChunkStore):
         return total
 
     def maybe_evict(self) -> int:
-        if self.cache_max is None:
+        """Evict down to ``cache_max`` if the cache is above it (a stat per chunk file;
+        the manifests are read only when something has to go)."""
+        if self.cache_max is None or self.cache_bytes() <= self.cache_max:
             return 0
         return self.evict(self.cache_max)
 
