@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ from torpor.store.backend import S3Backend
 from torpor.store.tiered import TieredStore, open_store, parse_size, wait_uploads
 
 CS = 64 * KiB
+# file times come from the kernel's coarse clock (a jiffy, up to 10 ms): uses that must
+# be ordered by mtime are this far apart (an ordering, not a timing assertion)
+COARSE_CLOCK = 0.05
 
 
 def home(tmp_path: Path, name: str, key_from: Path | None = None) -> Path:
@@ -334,8 +338,9 @@ def test_cache_eviction_is_lru_by_bytes(s3_env, bucket, tmp_path: Path):
     with tiered(b_root, bucket) as b:
         for i in (0, 1, 2):
             b.materialize(arts[i][0], tmp_path / f"out{i}")
+            time.sleep(COARSE_CLOCK)
         total = b.cache_bytes()
-        per = total // 3
+        per = total // 3  # (the three files are alike: random bytes, same size)
         # touch snapshot 0 again: now 1 is the least recently used
         b.read_range(arts[0][0], 0, 8 * CS)
         freed = b.evict(total - per)
@@ -363,6 +368,7 @@ def test_eviction_spares_what_a_running_read_holds(s3_env, bucket, tmp_path: Pat
     with tiered(b_root, bucket) as b, tiered(b_root, bucket) as evictor:
         b.materialize(art, tmp_path / "warm")  # everything cached
         assert local_chunks(b) == set(art.stored)
+        time.sleep(COARSE_CLOCK)
         with b.pinned():
             part = b.read_range(art, 10 * CS, 4 * CS)  # touches chunks 10..13
             held = {art.chunks[i] for i in range(10, 14)}
