@@ -282,8 +282,8 @@ class S3Backend:
         def page_all() -> list[str]:
             out: list[str] = []
             pager = self.client.get_paginator("list_objects_v2")
-            for page in pager.paginate(Bucket=self.bucket, Prefix=full):
-                self.requests += 1
+            for n, page in enumerate(pager.paginate(Bucket=self.bucket, Prefix=full)):
+                self.requests += n > 0  # (the first page is counted by _call)
                 out.extend(o["Key"][cut:] for o in page.get("Contents", ()))
             return out
 
