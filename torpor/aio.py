@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from torpor.client.aio import Client as Client  # the awaitable remote client (torpor.client)
 from torpor.paths import Paths
 from torpor.sandbox.aio import AsyncCommandHandle, AsyncFiles, AsyncPty, Sandbox
 
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
     from torpor.session import Checkpoint, SessionState
     from torpor.session import Session as SyncSession
 
-__all__ = ["AsyncCommandHandle", "AsyncFiles", "AsyncPty", "Sandbox", "Session"]
+__all__ = ["AsyncCommandHandle", "AsyncFiles", "AsyncPty", "Client", "Sandbox", "Session"]
 
 R = TypeVar("R")
 
@@ -189,3 +188,13 @@ class Session:
 
     async def remove(self, reason: str = "removed by the user") -> list[str]:
         return await self._run(self._s.remove, reason)
+
+
+def __getattr__(name: str) -> Any:
+    # the awaitable remote client (torpor.client.aio): imported on first use, so
+    # ``from torpor.aio import Sandbox`` does not load httpx
+    if name == "Client":
+        from torpor.client.aio import Client
+
+        return Client
+    raise AttributeError(f"module 'torpor.aio' has no attribute {name!r}")

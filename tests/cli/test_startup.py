@@ -121,6 +121,19 @@ def test_image_config_alone_imports_no_store() -> None:
     assert ImageStore is Direct
 
 
+def test_aio_sandbox_imports_no_http_client() -> None:
+    """``from torpor.aio import Sandbox`` (local) does not load the remote client's httpx."""
+    probe = (
+        "import json, sys; from torpor.aio import Sandbox; print(json.dumps(sorted(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
+    mods = set(json.loads(r.stdout))
+    assert "httpx" not in mods and "torpor.client" not in mods
+    import torpor.aio
+
+    assert torpor.aio.Client.__module__ == "torpor.client.aio"  # still there, lazily
+
+
 def test_help_still_lists_lazy_commands() -> None:
     r = torpor_cli("--help")
     assert r.returncode == 0

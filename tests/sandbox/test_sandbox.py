@@ -49,6 +49,13 @@ def test_exec_streams_to_callbacks_and_caps_what_it_keeps(sb: Sandbox) -> None:
     assert len(r.stdout) <= 1 << 20 and len(r.stdout) + r.stdout_dropped == n
 
 
+def test_exec_keeps_the_first_bytes_of_a_chunk_that_does_not_fit(sb: Sandbox) -> None:
+    # one write larger than the cap used to be dropped whole: stdout came back empty
+    r = sb.exec("head -c 4000 /dev/zero | tr '\\0' b", max_output=1000)
+    assert r.exit_code == 0
+    assert r.stdout == "b" * 1000 and r.stdout_dropped == 3000
+
+
 def test_exec_timeout_kills_the_process_group_and_says_so(sb: Sandbox) -> None:
     with pytest.raises(ExecTimeoutError, match="process group was killed") as ei:
         sb.exec("sleep 1000 & echo $! > /tmp/tchild; echo started; wait", timeout=3)

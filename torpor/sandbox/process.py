@@ -73,6 +73,11 @@ class _Collector:
         if room >= len(chunk):
             self.kept[kind].append(text)
             self.size[kind] += len(chunk)
+        elif room > 0:  # keep what fits of this chunk (by its UTF-8 size), drop the rest
+            part = text.encode()[:room].decode(errors="ignore")
+            self.kept[kind].append(part)
+            self.size[kind] = self.limit
+            self.dropped[kind] += len(chunk) - room
         else:
             self.dropped[kind] += len(chunk)
         cb = self.cb[kind]
