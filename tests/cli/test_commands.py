@@ -112,7 +112,13 @@ def test_stats(box) -> None:
 
 def test_system_df_and_prune(vms, box, tools_image: str) -> None:
     done = vms.run(tools_image, "true", name="prune-me")
+    # a stopped sandbox that had a timeout (a torpor.sandbox.* label) is prunable too;
+    # only a session's VM (torpor.session) is kept for its session
+    sandbox = vms.run(
+        tools_image, "true", name="prune-sb", labels={"torpor.sandbox.timeout": "60.0"}
+    )
     vms.mgr.wait(done.id)
+    vms.mgr.wait(sandbox.id)
     kinds = {r["Type"]: r for r in json.loads(_ok("system", "df", "--format", "json"))}
     assert set(kinds) == {"Images", "VMs", "Snapshots", "Caches"}
     assert kinds["Images"]["TotalCount"] >= 1 and kinds["VMs"]["Active"] >= 1
@@ -123,3 +129,4 @@ def test_system_df_and_prune(vms, box, tools_image: str) -> None:
     assert f"deleted VM {done.id[:12]}" in out and "Total reclaimed space" in out
     names = _ok("ps", "-a", "--format", "{{.Names}}").split()
     assert "prune-me" not in names and box.name in names  # a running VM stays
+    assert "prune-sb" not in names

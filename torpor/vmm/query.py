@@ -205,11 +205,13 @@ class DiskUse:
 
 def _prunable(vm: Any) -> bool:
     """A stopped VM ``system prune`` may remove: never a running or hibernated one (a
-    hibernated VM is a sleeping sandbox or session), nor one a session owns."""
+    hibernated VM is a sleeping sandbox or session), nor one a session owns (its
+    ``torpor.session`` label: the session may still recover it).  A stopped sandbox's
+    own labels (``torpor.sandbox.timeout``...) do not protect it."""
     return (
         not vm.state.status.active
         and vm.state.status != Status.HIBERNATED
-        and not any(k.startswith("torpor.") for k in vm.config.labels)
+        and not any(k.startswith("torpor.session") for k in vm.config.labels)
     )
 
 
