@@ -42,6 +42,9 @@ class Screen:
         self.ws = ws
         self.buf = b""
         self.texts: list[dict[str, Any]] = []
+        first = ws.receive()  # the server's first frame names the program's guest pid
+        self.pid = json.loads(first["text"])["pid"]
+        assert isinstance(self.pid, int) and self.pid > 1
 
     def until(self, marker: bytes) -> bytes:
         while marker not in self.buf:
@@ -157,6 +160,7 @@ def test_a_client_that_vanishes_ends_the_program(
     argv = ["sleep", "4501"]
     try:
         ws = connect(url, additional_headers={"Authorization": f"Bearer {tokens.default}"})
+        pid = json.loads(ws.recv(timeout=60))["pid"]
         got = b""
         while b"up" not in got:
             got += ws.recv(timeout=60)  # type: ignore[operator]
@@ -166,6 +170,7 @@ def test_a_client_that_vanishes_ends_the_program(
             time.sleep(0.1)
         else:
             raise AssertionError("the terminal's program did not start")
+        assert [p.pid for p in sb.ps() if list(p.cmdline) == argv] == [pid]  # exec'd in place
         ws.socket.close()  # gone: no close frame, no goodbye
         for _ in range(150):
             if not [p for p in sb.ps() if list(p.cmdline) == argv]:

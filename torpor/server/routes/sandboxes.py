@@ -861,8 +861,9 @@ async def pty(ws: WebSocket, ref: str) -> None:
     """``Sandbox.pty`` over a WebSocket (``?cmd=sh&cols=80&rows=24``).
 
     Binary frames both ways are terminal bytes; a text frame ``{"resize": [cols,
-    rows]}`` resizes; when the program exits the server sends ``{"exit": code}`` and
-    closes.  A client that goes away hangs the terminal up (its program ends)."""
+    rows]}`` resizes.  The server's first frame is ``{"pid": N}`` (the program's guest
+    pid); when the program exits it sends ``{"exit": code}`` and closes.  A client
+    that goes away hangs the terminal up (its program ends)."""
     from starlette.exceptions import HTTPException
 
     try:
@@ -888,6 +889,7 @@ async def pty(ws: WebSocket, ref: str) -> None:
         await _ws_fail(ws, problems.status_of(e), e.message, error=type(e).__name__)
         return
     await ws.accept()
+    await ws.send_text(json.dumps({"pid": term.pid}))  # the program's pid in the guest
     loop = asyncio.get_running_loop()
     out: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
     stop = threading.Event()
