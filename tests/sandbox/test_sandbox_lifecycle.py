@@ -188,3 +188,31 @@ def test_restored_forked_and_woken_sandboxes_keep_timeout_and_idle(
         for s in made:
             with contextlib.suppress(NotFoundError):
                 s.kill()
+
+
+def test_cli_restore_and_fork_of_a_sandbox_snapshot_keep_its_timeout(
+    paths: Paths, tools_image: str
+) -> None:
+    """`torpor restore` / `torpor fork` of a sandbox's snapshot enforce its timeout and
+    idle as Sandbox.restore does (they came back with the labels but no watcher)."""
+    from tests.conftest import torpor_cli
+
+    sb = _small(paths, timeout=900, idle=600)
+    made = [sb.id]
+    try:
+        snap = sb.snapshot()
+        r = torpor_cli("restore", snap.id)
+        assert r.returncode == 0, r.stderr
+        restored = r.stdout.decode().split()[-1]
+        made.append(restored)
+        r = torpor_cli("fork", snap.id, "-n", "1")
+        assert r.returncode == 0, r.stderr
+        forked = r.stdout.decode().split()[-1]
+        made.append(forked)
+        for vm_id in (restored, forked):
+            assert Sandbox.get_info(vm_id, paths=paths).end_at is not None
+            assert len(_watchers(vm_id)) == 1
+    finally:
+        for ref in made:
+            with contextlib.suppress(NotFoundError):
+                Sandbox.connect(ref, paths=paths).kill()

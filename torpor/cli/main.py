@@ -1257,10 +1257,21 @@ def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -
     t0 = time.perf_counter()
     with _working(f"restoring {snap}…"):
         vm = do_restore(_manager(), snap, name=name, cold=cold, ports=ports)
+        _adopt_sandboxes([vm])
     err_console.print(
         f"[dim]restored {vm.name} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]"
     )
     click.echo(vm.id)
+
+
+def _adopt_sandboxes(vms: list[Any]) -> None:
+    """A sandbox's snapshot carries its timeout/idle (labels): enforce them as
+    ``Sandbox.restore`` does (the sandbox layer is imported only then)."""
+    for vm in vms:
+        if any(k.startswith("torpor.sandbox.") for k in vm.config.labels):
+            from torpor.sandbox import Sandbox
+
+            Sandbox.adopt(vm.id, paths=_paths())
 
 
 @cli.command(context_settings=CONTEXT)
@@ -1290,6 +1301,7 @@ def fork(
     what = f"{count} VMs" if count > 1 else "a VM"
     with _working(f"forking {what} from {snap}…"):
         vms = do_fork(_manager(), snap, count, name_prefix=name_prefix, cold=cold, ports=ports)
+        _adopt_sandboxes(vms)
     err_console.print(f"[dim]forked {len(vms)} in {(time.perf_counter() - t0) * 1000:.0f} ms[/dim]")
     for vm in vms:
         click.echo(f"{vm.name} {vm.id}")

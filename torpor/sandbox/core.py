@@ -407,6 +407,13 @@ class Sandbox:
         return cls._inherit(mgr, restore(mgr, _snap_id(snap), name=name))
 
     @classmethod
+    def adopt(cls, vm_id: str, *, paths: Paths | None = None) -> Sandbox:
+        """A VM restored or forked by another face (``torpor restore``/``fork``) as a
+        Sandbox, its snapshot's ``timeout`` and ``idle`` enforced as ``restore`` does."""
+        mgr = _manager(paths)
+        return cls._inherit(mgr, mgr.get(vm_id))
+
+    @classmethod
     def _inherit(cls, mgr: VMManager, vm: VM) -> Sandbox:
         """A restored or forked VM as a Sandbox with the ``timeout`` and ``idle`` its
         snapshot's config carries (labels): a fresh lifetime and idle clock from now."""
