@@ -500,3 +500,47 @@ def test_fuzz_a_live_session_answers_without_5xx(
     assert r.status_code == 200 and r.json()["answer"] == "you said: still here"
     seqs = [e["seq"] for e in api.get(f"/v1/sessions/{s['id']}/log?limit=1000").json()["entries"]]
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+def _fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_gone_clients_leave_no_reader_behind(
+    live_server: LiveServer, tokens: Tokens, tools_image: str
+) -> None:
+    """Streams whose clients went away release what they held (each holds a log
+    connection: its files): log follows at once, a streamed send once its turn, which a
+    disconnect does not stop, has ended."""
+    h = {"Authorization": f"Bearer {tokens.default}"}
+    pid = live_server.proc.pid
+    sse = {"Accept": "text/event-stream"}
+    with httpx.Client(base_url=live_server.url, headers=h, timeout=120) as c:
+        r = c.post("/v1/sessions", json={"script": SLOW_SCRIPT})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        try:
+            c.get(f"/v1/sessions/{sid}").raise_for_status()
+            base = _fds(pid)
+            for _ in range(5):  # followers that read one event and hang up
+                with c.stream("GET", f"/v1/sessions/{sid}/log", headers=sse) as s:
+                    next(s.iter_lines())
+            # a streamed send whose client hangs up after the first event
+            with c.stream(
+                "POST", f"/v1/sessions/{sid}/messages", json={"text": "bye"}, headers=sse
+            ) as s:
+                next(s.iter_lines())
+            deadline = time.monotonic() + 180
+            while True:
+                done = c.get(f"/v1/sessions/{sid}").json()
+                if done["status"] == "running" and done["turns"] == 1 and _fds(pid) <= base:
+                    break
+                assert time.monotonic() < deadline, (done["status"], _fds(pid), base)
+                time.sleep(0.5)
+            # the turn ran to its end although nobody was listening
+            kinds = [e["kind"] for e in c.get(f"/v1/sessions/{sid}/log").json()["entries"]]
+            assert kinds[-1] == "checkpoint" and kinds.count("user") == 1
+        finally:
+            c.delete(f"/v1/sessions/{sid}")
