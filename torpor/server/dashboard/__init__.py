@@ -162,10 +162,15 @@ class Ctx:
         return self.tenant.paths
 
 
+#: Guards the dashboard's per-app state (form key, running turns) on first use.
+_STATE_LOCK = threading.Lock()
+
+
 def _secret(request: Request) -> bytes:
     st = request.app.state
-    if not hasattr(st, "dashboard_secret"):
-        st.dashboard_secret = secrets.token_bytes(32)
+    with _STATE_LOCK:  # one key per process: a second one would void the first's forms
+        if not hasattr(st, "dashboard_secret"):
+            st.dashboard_secret = secrets.token_bytes(32)
     return st.dashboard_secret  # type: ignore[no-any-return]
 
 
@@ -375,10 +380,12 @@ async def create_session(request: Request) -> Response:
 
 
 def _turns(request: Request) -> dict[tuple[str, str], threading.Thread]:
+    """The turns this process started from the dashboard, by (namespace, session id)."""
     st = request.app.state
-    if not hasattr(st, "dashboard_turns"):
-        st.dashboard_turns = {}
-        st.dashboard_errors = {}
+    with _STATE_LOCK:  # two first sends at once must not each make their own dicts
+        if not hasattr(st, "dashboard_turns"):
+            st.dashboard_errors = {}
+            st.dashboard_turns = {}
     return st.dashboard_turns  # type: ignore[no-any-return]
 
 
