@@ -120,6 +120,9 @@ def test_log_in_create_send_watch_live_fork_and_lineage(
     page.wait_for_url(re.compile(r"#live$"))
     page.evaluate("window.__sameDocument = true")
     transcript = page.locator("#transcript")
+    # the page loaded before the answer existed (the script's second step sleeps 1 s in
+    # the guest), so the answer below can only arrive through the live view
+    assert transcript.locator(".e-answer", has_text=ANSWER).count() == 0
     expect(transcript.locator(".e-user .text").last).to_contain_text(
         "set up a counter service please", timeout=SLOW
     )
