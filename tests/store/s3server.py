@@ -9,9 +9,7 @@ bucket.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +105,8 @@ class S3Server:
             f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
             "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={cfg}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -150,21 +150,14 @@ class S3Server:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        # the whole process group this test started (weed runs master/volume/filer/s3
-        # as goroutines of one process, but be thorough): by its own pid
-        with _suppress():
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        # weed runs master, volume, filer and s3 in one process: the one we started
+        self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            with _suppress():
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait(timeout=15)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: object, e: object, tb: object) -> bool:
-        return isinstance(e, ProcessLookupError)
+        # weed's gRPC sockets have no option for their place: /tmp, named by their port
+        for port in (*self.ports, self.ports[-1] + 10000):
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)

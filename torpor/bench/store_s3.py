@@ -31,7 +31,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +53,7 @@ class _Weed:
         self.root = root
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
+        self._ports: tuple[int, ...] = ()
         self.access, self.secret = "BENCH" + secrets.token_hex(4).upper(), secrets.token_hex(16)
 
     def start(self) -> _Weed:
@@ -87,7 +87,10 @@ class _Weed:
             f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
             "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={cfg}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
         ]  # fmt: skip
+        self._ports = (*ports, s3 + 10000)
         with open(self.root / "weed.log", "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -113,12 +116,16 @@ class _Weed:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.terminate()  # (one process: master, volume, filer and s3)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
+            # weed's gRPC sockets have no option for their place: /tmp, named by their port
+            for port in self._ports:
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    sock.unlink(missing_ok=True)
 
 
 def _memory_file(path: Path, memory: int, data: int, rng: random.Random) -> None:
