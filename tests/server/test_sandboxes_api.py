@@ -143,6 +143,16 @@ def test_create_with_idempotency_key_makes_one_vm_and_delete(
     problem(client.delete(f"/v1/sandboxes/{a.json()['id']}"), 404, "NotFoundError")
 
 
+def test_the_library_bounds_memory_in_mib_too(paths: Paths, tools_image: str) -> None:
+    """``Sandbox.create(memory=<int MiB>)`` skipped parse_memory's bounds (a 1 MiB VM
+    failed at boot as a VMError); refused up front like "1M" is."""
+    from torpor.errors import UsageError
+
+    for mib in (0, 1, 63, (1 << 20) + 1):
+        with pytest.raises(UsageError, match="memory"):
+            Sandbox.create(tools_image, memory=mib, network=False, paths=paths)
+
+
 def test_create_bad_input(client: TestClient, tools_image: str) -> None:
     problem(
         client.post(

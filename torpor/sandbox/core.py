@@ -335,7 +335,7 @@ class Sandbox:
             env=_env_list(env),
             workdir=cwd,
             user=user,
-            memory_mib=memory if isinstance(memory, int) else parse_memory(memory),
+            memory_mib=parse_memory(f"{memory}M" if isinstance(memory, int) else memory),
             cpus=cpus,
             network=network,
             labels={**dict(labels or {}), **_limit_labels(timeout, idle)},
