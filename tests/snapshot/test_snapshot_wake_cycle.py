@@ -36,3 +36,36 @@ def test_stop_after_wake_keeps_the_work(vms, tools_image) -> None:
     with mgr.client(vm) as c:
         r = c.exec(["cat", "/root/a", "/root/b"])
     assert r.stdout == b"one\ntwo\n", r.stderr
+
+
+def test_a_start_racing_a_hibernation_waits_for_it(vms, tools_image) -> None:
+    """A VM reads "hibernated" as soon as QEMU ended, while its memory is still moving
+    to the snapshot cache; a start right then (an idle watcher hibernating while a user
+    wakes) failed with "the cached memory ... changed during the restore"."""
+    import threading
+
+    from torpor.vmm.state import Status
+
+    mgr = vms.mgr
+    vm = vms.run(tools_image, "sleep", "infinity", name="racer", memory_mib=512)
+    with mgr.client(vm) as c:  # memory worth moving: the window is the copy
+        c.exec(["sh", "-c", "head -c 200000000 /dev/urandom > /dev/shm/fill"], timeout=300)
+    errors: list[BaseException] = []
+
+    def hibernate() -> None:
+        try:
+            snapshot(mgr, vm.id, stop=True)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=hibernate)
+    t.start()
+    while mgr.get(vm.id).state.status != Status.HIBERNATED:
+        assert t.is_alive() or errors == [], errors
+        time.sleep(0.002)
+    woke = mgr.start(vm.id)  # right inside the window
+    t.join(300)
+    assert errors == []
+    with mgr.client(woke) as c:
+        r = c.exec(["sh", "-c", "wc -c < /dev/shm/fill"])
+    assert r.stdout.strip() == b"200000000"

@@ -513,6 +513,12 @@ class VMManager:
         from torpor.vmm import zygote
 
         vm = self.get(ref)
+        if vm.state.status == Status.HIBERNATED:
+            # it reads "hibernated" once QEMU ended, while the hibernating snapshot still
+            # moves its memory to the cache under the VM's snapshot lock: wait for that
+            # (taken and released before the VM lock, so the two never nest)
+            with locked(self.paths.locks / f"snap-{vm.id}.lock"):
+                pass
         with locked(self.paths.locks / f"vm-{vm.id}.lock"):
             vm = self.get(vm.id)
             if vm.state.status.active:
