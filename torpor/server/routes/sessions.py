@@ -398,7 +398,11 @@ async def send_message(
         return {"answer": answer, "entries": [entry_json(e) for e in entries]}
     turn = _Turn(s, t.namespace, body.text, idempotency_key)
     threading.Thread(target=turn.run, name=f"turn-{s.id[:8]}", daemon=True).start()
-    await turn.started.wait()
+    try:
+        await turn.started.wait()
+    except BaseException:  # the client left before the turn logged anything
+        turn.release()
+        raise
     if turn.done.is_set() and turn.error is not None:
         # refused before anything was logged (busy, bad state): a plain problem, no stream
         try:
