@@ -80,3 +80,27 @@ def test_namespace_names_are_checked(paths: Paths) -> None:
     assert ns.root == paths.root / "namespaces" / "team-x"
     assert ns.guest.resolve() == paths.guest.resolve()
     assert ns.root.stat().st_mode & 0o077 == 0
+
+
+def test_namespaces_sharing_one_postgres_log_see_only_their_own(paths: Paths, pg_dsn: str) -> None:
+    """With TORPOR_CONTEXT_DSN naming one PostgreSQL database for the whole server, each
+    namespace's sessions live in a schema of their own: another namespace's session is
+    not listed and not found (it was: every namespace listed every session)."""
+    import pytest
+
+    from torpor.context import open_log
+    from torpor.errors import NotFoundError
+
+    a, b = namespace_paths(paths, "pg-a"), namespace_paths(paths, "pg-b")
+    la, lb, ld = (open_log(pg_dsn, paths=p) for p in (a, b, paths))
+    try:
+        sa = la.create_session("same-name")
+        sb = lb.create_session("same-name")  # names are per namespace too
+        assert [s.id for s in la.list_sessions()] == [sa.id]
+        assert [s.id for s in lb.list_sessions()] == [sb.id]
+        assert ld.list_sessions() == []
+        with pytest.raises(NotFoundError):
+            lb.get_session(sa.id)
+    finally:
+        for log in (la, lb, ld):
+            log.close()

@@ -64,11 +64,28 @@ def open_log(dsn: str | None = None, *, paths: Paths | None = None) -> ContextLo
             ) from e
         from torpor.context.postgres import PostgresContextLog
 
-        return PostgresContextLog(dsn, key=chain_key(paths))
+        return PostgresContextLog(dsn, key=chain_key(paths), schema=namespace_schema(paths))
     raise UsageError(
         f"unknown context log DSN scheme {scheme + '://'!r}: use a file path, sqlite:///path"
         " or postgresql://user@host/db"
     )
+
+
+NAMESPACE_FILE = "namespace"
+_NAMESPACE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def namespace_schema(paths: Paths) -> str | None:
+    """The PostgreSQL schema of a namespace home (``torpor serve``'s tenants: the home
+    holds a ``namespace`` file), None for an ordinary home.  Namespaces sharing one
+    database each get ``torpor_ns_<name>``: they never see each other's sessions."""
+    try:
+        ns = (paths.root / NAMESPACE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not _NAMESPACE.match(ns):
+        raise UsageError(f"{paths.root / NAMESPACE_FILE}: bad namespace name {ns!r}")
+    return "torpor_ns_" + ns.replace("-", "_")  # names have no "_": still one-to-one
 
 
 def chain_key(paths: Paths) -> bytes:

@@ -135,13 +135,17 @@ class PostgresContextLog(SQLContextLog):
     lock_clause = " FOR NO KEY UPDATE OF s"
     text_of = "{}::text"  # jsonb as text: what the chain's MAC covers
 
-    def __init__(self, dsn: str, *, key: bytes):
+    def __init__(self, dsn: str, *, key: bytes, schema: str | None = None):
         """Connect and create the schema if needed; ``key`` signs the entries' chain.
+
+        ``schema``: a PostgreSQL schema of its own (created if missing, put first on
+        the connection's search_path) — one per torpor namespace sharing a database.
 
         Raises ContextError (unreachable server, refused login, missing database,
         malformed DSN), SchemaVersionError (written by a newer torpor).
         """
         self._dsn = dsn
+        self._schema = schema
         self._secrets = _secrets(dsn)
         super().__init__(describe_dsn(dsn), key)
         self._conn = self._connect()
@@ -176,6 +180,12 @@ class PostgresContextLog(SQLContextLog):
             (sync,) = conn.execute("SHOW synchronous_commit").fetchone() or ("on",)
             if sync == "off":
                 conn.execute("SET synchronous_commit = on")
+            if self._schema:
+                from psycopg import sql
+
+                ident = sql.Identifier(self._schema)
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+                conn.execute(sql.SQL("SET search_path TO {}").format(ident))
         except psycopg.Error as e:
             conn.close()
             raise self._db_error(e, step) from e

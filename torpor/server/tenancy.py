@@ -3,8 +3,10 @@
 ``default`` is the server's home itself (what the local CLI sees); any other
 namespace ``ns`` is ``HOME/namespaces/ns``, a complete home of its own whose
 ``guest`` folder (kernels, initramfs, agent: host assets, not tenant data) is a link
-torpor creates to the server home's.  Names are DNS-label-like so they are safe as
-path components and in URLs.
+torpor creates to the server home's, and whose ``namespace`` file names it, so a
+context log on a PostgreSQL database shared by the server keeps the namespace's
+sessions in a schema of their own (torpor.context.dsn).  Names are DNS-label-like,
+so they are safe as path components and in URLs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import re
 from pathlib import Path
 
+from torpor.context.dsn import NAMESPACE_FILE
 from torpor.errors import UsageError
+from torpor.fsutil import atomic_write_bytes
 from torpor.paths import Paths
 
 DEFAULT = "default"
@@ -37,6 +41,9 @@ def namespace_paths(home: Paths, ns: str) -> Paths:
     if not paths.root.is_dir():
         (home.root / "namespaces").mkdir(mode=0o700, exist_ok=True)
         paths.root.mkdir(mode=0o700, exist_ok=True)
+    marker = paths.root / NAMESPACE_FILE  # a PostgreSQL log keeps it in a schema of its own
+    if not marker.exists():
+        atomic_write_bytes(marker, ns.encode())
     link = paths.guest
     if not link.is_symlink() and not link.exists():
         home.guest.mkdir(mode=0o700, parents=True, exist_ok=True)
