@@ -489,7 +489,7 @@ async def get_log(
     t: TenantDep,
     after: int | None = Query(None, ge=0, description="entries with seq > after"),
     cursor: str | None = Query(None, max_length=32),
-    limit: int = Query(100, ge=1, le=1000),
+    limit: int = Query(50, ge=1, le=1000),
     until: str | None = Query(
         None, pattern="^turn$", description="SSE: end (event `done`) once no turn is open"
     ),
