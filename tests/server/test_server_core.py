@@ -104,3 +104,20 @@ def test_namespaces_sharing_one_postgres_log_see_only_their_own(paths: Paths, pg
     finally:
         for log in (la, lb, ld):
             log.close()
+
+
+def test_error_classes_map_to_statuses() -> None:
+    from torpor import errors as E
+    from torpor.server.problems import from_error, status_of
+    from torpor.session.core import SessionError
+    from torpor.store import ChunkCorruptError
+
+    assert status_of(E.NotFoundError("x")) == 404
+    assert status_of(E.ConflictError("x")) == 409
+    assert status_of(E.TCGRefusedError("x")) == 403
+    assert status_of(E.ExecTimeoutError("x")) == 504
+    assert status_of(SessionError("x")) == 409
+    # a damaged snapshot is the server's fault (500), not "insufficient storage" (507)
+    assert status_of(ChunkCorruptError(artifact="memory", corrupt=["ab"])) == 500
+    body = from_error(E.NotFoundError("no VM x", step="lookup")).body
+    assert b'"error":"NotFoundError"' in body and b'"exit_code":3' in body

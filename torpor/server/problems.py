@@ -34,7 +34,7 @@ STATUS: dict[type[E.TorporError], int] = {
     E.ExecTimeoutError: 504,
     E.UnsafeCopyError: 422,
     E.AgentError: 502,
-    E.StoreError: 507,
+    E.StoreError: 500,  # damaged or missing data is the server's problem, not storage room
     E.GuestError: 500,
     E.VMError: 500,
     E.SetupError: 500,
