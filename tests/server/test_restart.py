@@ -49,7 +49,7 @@ def test_kill9_mid_turn_then_restart_recovers_the_turn(
     live_server.proc.wait(10)
     sender.join(30)
     with Session.open(sid, paths=paths) as s:
-        assert s.status() == "interrupted"  # the turn is open and nobody runs it
+        assert s.status() == "interrupted" and not s.busy()  # open, and nobody runs it
 
     srv = start_server(paths.root, tmp_path / "serve2.log")
     try:

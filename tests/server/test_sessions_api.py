@@ -243,6 +243,8 @@ def test_send_mid_turn_is_409_and_the_turn_is_not_disturbed(
             break
         assert time.monotonic() < deadline and t.is_alive()
         time.sleep(0.2)
+    mid = api.get(f"/v1/sessions/{sid}").json()
+    assert mid["status"] == "interrupted" and mid["busy"] is True  # open, and being run
     for headers in ({}, {"Accept": "text/event-stream"}):
         r = api.post(f"/v1/sessions/{sid}/messages", json={"text": "second"}, headers=headers)
         body = assert_problem(r, 409, "ConflictError")

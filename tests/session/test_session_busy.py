@@ -46,6 +46,7 @@ def test_send_and_recover_without_waiting_conflict_mid_turn(
             assert time.monotonic() < deadline and t.is_alive()
             time.sleep(0.1)
         before = other.entries()[-1].seq
+        assert other.busy() and other.status() == "interrupted"
         with pytest.raises(ConflictError, match="busy"):
             other.send("second", wait=False)
         with pytest.raises(ConflictError, match="busy"):
@@ -53,6 +54,7 @@ def test_send_and_recover_without_waiting_conflict_mid_turn(
         assert all(e.seq <= before or e.kind is not Kind.USER for e in other.entries())
         t.join(120)
         assert answers == ["done 0"]
+        assert not other.busy() and other.status() == "running"
         # once the turn ended, the same call goes through
         assert other.send("second", wait=False) == "done 1"
     finally:

@@ -121,6 +121,10 @@ class SessionOut(BaseModel):
     status: str = Field(
         description="running, hibernated, interrupted, stopped, failed, removed, broken"
     )
+    busy: bool = Field(
+        description="another actor holds the session now (a turn running): with status "
+        "interrupted, false means the turn was cut (a crash) and waits for recovery"
+    )
     turns: int
     entries: int = Field(description="the last entry's seq")
     checkpoints: int
@@ -161,6 +165,7 @@ def session_json(s: Session) -> dict[str, Any]:
         vm = s.vm()
         out.update(
             status=s.status(),
+            busy=s.busy(),
             turns=st.turns,
             entries=st.last_seq,
             checkpoints=len(st.checkpoints),
@@ -179,6 +184,7 @@ def session_json(s: Session) -> dict[str, Any]:
     except ChainError:
         out.update(
             status="broken",
+            busy=False,
             turns=0,
             entries=0,
             checkpoints=0,

@@ -705,6 +705,19 @@ class Session:
             return "hibernated"  # through s.sandbox: resumable, so never "stopped" (pruned)
         return "running" if vm is not None and vm.state.status == Status.RUNNING else "stopped"
 
+    def busy(self) -> bool:
+        """Whether another actor (a thread, this host's server, a CLI) holds the session
+        now — a turn or another change running.  ``status()`` says ``interrupted`` for
+        any open turn; with ``busy()`` false as well, nobody is running it (a crash).
+        Probes the session lock for an instant (never waits)."""
+        if self._lock_owner is not None:
+            return True
+        try:
+            with locked(self.paths.locks / f"session-{self.id}.lock", wait=False):
+                return False
+        except BlockingIOError:
+            return True
+
     def stats(self) -> dict[str, Any]:
         st = self.state()
         own = [c for c in st.checkpoints if c.seq > (self.record.parent_seq or 0)]
