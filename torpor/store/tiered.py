@@ -13,10 +13,12 @@ Invariants:
   of the local chunk file (one frame, plain or delta) and is uploaded with
   ``If-None-Match: *``: an existing object is never replaced.  A delta is uploaded
   only after its base.
-- **Nothing half-listed.**  With ``durability="bucket"`` (the default) a commit
-  uploads every chunk the manifest names that the bucket is not already known to
-  hold (the parent's chunks are, when the parent is in the bucket), then the
-  manifest, and only then writes the local manifest: if the bucket fails, the
+- **Nothing half-listed.**  With ``durability="bucket"`` (the default) chunk uploads
+  start as ``put_file`` writes them; a commit waits for those, uploads every other
+  chunk the manifest names that the bucket is not known to hold (the parent's
+  chunks and their delta bases are, when the parent is in the bucket; any other is
+  checked with a HEAD) with every delta's base before it, then the manifest, and
+  only then writes the local manifest: if the bucket fails, the
   commit raises a :class:`~torpor.errors.RemoteStoreError` and no manifest is listed
   anywhere; committing the same artifacts again later succeeds.  With
   ``durability="local"`` (``TORPOR_DURABILITY=local``) the commit returns at the
