@@ -23,6 +23,7 @@ from torpor.errors import (
     NoSuchBucketError,
     RemoteAccessError,
     RemoteUnreachableError,
+    UsageError,
 )
 from torpor.store import ChunkStore
 from torpor.store.backend import S3Backend
@@ -74,6 +75,13 @@ def test_open_store_picks_the_backend(s3_env, bucket, tmp_path: Path, monkeypatc
     assert isinstance(t, TieredStore)
     assert t.cache_max == 1 << 30 and t.durability == "bucket"
     assert parse_size("512M") == 512 << 20 and parse_size("4096") == 4096
+    monkeypatch.setenv("TORPOR_CACHE_MAX", "lots")
+    with pytest.raises(UsageError, match="not a size"):
+        open_store(root)
+    with pytest.raises(UsageError, match="s3://"):
+        open_store(root, store="ftp://bucket/p")
+    with pytest.raises(UsageError, match="durability"):
+        open_store(root, store=f"s3://{bucket}/p", durability="maybe", cache_max=1)
 
 
 def test_round_trip_through_the_bucket_on_a_second_host(s3_env, bucket, tmp_path: Path):
