@@ -35,6 +35,7 @@ from torpor.paths import Paths
 from torpor.sandbox.aio import AsyncCommandHandle, AsyncFiles, AsyncPty, Sandbox
 
 if TYPE_CHECKING:
+    from torpor.client.aio import Client  # at run time: __getattr__ below (lazy)
     from torpor.context import Entry
     from torpor.session import Checkpoint, SessionState
     from torpor.session import Session as SyncSession

@@ -117,6 +117,11 @@ def test_error_classes_map_to_statuses() -> None:
     assert status_of(E.TCGRefusedError("x")) == 403
     assert status_of(E.ExecTimeoutError("x")) == 504
     assert status_of(SessionError("x")) == 409
+    from torpor.model.errors import ModelError, ModelRateLimitError, ModelTimeoutError
+
+    assert status_of(ModelTimeoutError("x")) == 504
+    assert status_of(ModelRateLimitError("x")) == 503
+    assert status_of(ModelError("x")) == 502
     # a damaged snapshot is the server's fault (500), not "insufficient storage" (507)
     assert status_of(ChunkCorruptError(artifact="memory", corrupt=["ab"])) == 500
     body = from_error(E.NotFoundError("no VM x", step="lookup")).body

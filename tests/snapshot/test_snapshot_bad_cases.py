@@ -206,3 +206,23 @@ def test_store_copied_to_another_home_restores_cold(vms, tools_image, paths, tmp
         assert _keeps_counting(mgr2, moved)
     finally:
         mgr2.remove(moved.id, force=True)
+
+
+def test_a_cache_that_cannot_be_kept_does_not_fail_a_committed_snapshot(vms, tools_image):
+    """Once the store committed a snapshot, keeping its hot cache is best effort: it
+    failed the whole snapshot (a concurrent eviction's vanished folder, here a cache root
+    that cannot be made), so a session's checkpoint was never logged although durable."""
+    mgr = vms.mgr
+    vm = vms.run(tools_image, *COUNTER, name="no-cache")
+    root = mgr.paths.snapshot_cache
+    shutil.rmtree(root, ignore_errors=True)
+    root.write_text("not a folder")
+    try:
+        res = snapshot(mgr, vm.id)
+        assert ChunkStore(mgr.paths.store).get(res.manifest.id).id == res.manifest.id
+    finally:
+        root.unlink()
+    # committed, listed, and restorable (cold: no cache was kept)
+    again = restore(mgr, res.manifest.id, name="no-cache-back")
+    vms.ids.append(again.id)
+    assert _keeps_counting(mgr, again)

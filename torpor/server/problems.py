@@ -39,7 +39,15 @@ STATUS: dict[type[E.TorporError], int] = {
     E.VMError: 500,
     E.SetupError: 500,
 }
-_EXTRA = {"SessionError": 409}  # errors defined outside torpor.errors, by class name
+# errors defined outside torpor.errors, by class name (most specific first in an MRO
+# walk): a model provider that failed is a bad gateway, one that timed out a gateway
+# timeout — not the server's own fault (500)
+_EXTRA = {
+    "SessionError": 409,
+    "ModelTimeoutError": 504,
+    "ModelRateLimitError": 503,
+    "ModelError": 502,
+}
 
 
 def status_of(e: E.TorporError) -> int:

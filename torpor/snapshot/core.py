@@ -58,9 +58,11 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -125,6 +127,9 @@ def _store(mgr: VMManager) -> ChunkStore:
 
     mgr.paths.store.mkdir(parents=True, exist_ok=True)
     return open_store(mgr.paths.store)
+
+
+log = logging.getLogger("torpor.snapshot")
 
 
 def _crash_point(phase: str) -> None:
@@ -315,8 +320,13 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             c.request(CAPTURE_END, json.dumps({"action": "end"}).encode(), timeout=30)
             ended = True
         t3 = time.perf_counter()
-        # a hibernated VM's memory moves to the disk cache: hibernation frees host RAM
-        _keep_in_cache(mgr, stage, manifest, parent, vm.id, memory=shadow if stop else None)
+        # a hibernated VM's memory moves to the disk cache: hibernation frees host RAM.
+        # Best effort: the snapshot is committed, a restore without a cache is cold.
+        try:
+            _keep_in_cache(mgr, stage, manifest, parent, vm.id, memory=shadow if stop else None)
+        except OSError as e:
+            log.warning("snapshot %s: hot cache not kept: %s", manifest.id[:12], e)
+            t["cache_error"] = 1
         if stop:
             remove_shadow(shadow)
         t["cache_ms"] = (time.perf_counter() - t3) * 1000
@@ -376,12 +386,18 @@ def _keep_in_cache(
             shutil.rmtree(tmp, ignore_errors=True)
     if parent is not None and parent.meta.get("source_vm") == vm_id:
         _drop_cache(root / parent.id)
-    caches = sorted(
-        (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-        key=lambda d: d.stat().st_mtime,
-        reverse=True,
-    )
-    for d in caches[CACHE_KEEP:]:
+    aged: list[tuple[float, Path]] = []
+    for d in root.iterdir():
+        if d.name.startswith("."):
+            continue
+        try:  # another process may evict (rename) it meanwhile: then it is not ours to age
+            st = d.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            aged.append((st.st_mtime, d))
+    aged.sort(reverse=True)
+    for _, d in aged[CACHE_KEEP:]:
         _drop_cache(d)
 
 
