@@ -876,36 +876,10 @@ def session_send(ref: str, message: str, key: str | None, as_json: bool, quiet: 
 @click.option("--after", default=0, show_default=True)
 def session_log(ref: str, follow: bool, as_json: bool, after: int) -> None:
     """The session's context log, entry by entry (superseded entries marked ~)."""
-    from torpor.cli.session import _entry_json, out_console
-    from torpor.context import superseded
-    from torpor.session.text import describe
+    from torpor.cli.session import print_log
 
     with _client() as c:
-        s = c.Session.open(ref)
-        everything = s.log()
-        gone = superseded(everything)
-        entries = [e for e in everything if e.seq > after]
-
-        def show(e: Any) -> None:
-            if as_json:
-                click.echo(json.dumps(_entry_json(e), ensure_ascii=False))
-                return
-            mark = "~" if e.seq in gone else " "
-            when = time.strftime("%H:%M:%S", time.localtime(e.created_at))
-            out_console.print(
-                f"{e.seq:>5}{mark} {when} t{e.turn:<3} {e.kind.value:<14} {describe(e)}",
-                markup=False,
-            )
-
-        for e in entries:
-            show(e)
-        if follow:
-            last = entries[-1].seq if entries else after
-            try:
-                for e in s.follow(after=last):
-                    show(e)
-            except KeyboardInterrupt:
-                pass
+        print_log(c.Session.open(ref), after=after, follow=follow, as_json=as_json)
 
 
 def _session_row(d: dict[str, Any]) -> dict[str, Any]:

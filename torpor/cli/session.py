@@ -182,32 +182,38 @@ def send(ctx: click.Context, ref: str, message: str, key: str | None, as_json: b
 @click.pass_context
 def log_(ctx: click.Context, ref: str, follow: bool, as_json: bool, after: int) -> None:
     """The session's context log, entry by entry (superseded entries marked ~)."""
+    with _open(ctx, ref) as s:
+        print_log(s, after=after, follow=follow, as_json=as_json)
+
+
+def print_log(s: Any, *, after: int, follow: bool, as_json: bool) -> None:
+    """``session log`` for a local or a remote (torpor.Client) session: same output."""
     from torpor.context import superseded
 
-    with _open(ctx, ref) as s:
-        entries = s.log(after=after)
-        gone = superseded(s.log())
+    everything = s.log()
+    gone = superseded(everything)
+    entries = [e for e in everything if e.seq > after]
 
-        def show(e: Any) -> None:
-            if as_json:
-                click.echo(json.dumps(_entry_json(e), ensure_ascii=False))
-                return
-            mark = "~" if e.seq in gone else " "
-            when = time.strftime("%H:%M:%S", time.localtime(e.created_at))
-            out_console.print(
-                f"{e.seq:>5}{mark} {when} t{e.turn:<3} {e.kind.value:<14} {describe(e)}",
-                markup=False,
-            )
+    def show(e: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(_entry_json(e), ensure_ascii=False))
+            return
+        mark = "~" if e.seq in gone else " "
+        when = time.strftime("%H:%M:%S", time.localtime(e.created_at))
+        out_console.print(
+            f"{e.seq:>5}{mark} {when} t{e.turn:<3} {e.kind.value:<14} {describe(e)}",
+            markup=False,
+        )
 
-        for e in entries:
-            show(e)
-        if follow:
-            last = entries[-1].seq if entries else after
-            try:
-                for e in s.follow(after=last):
-                    show(e)
-            except KeyboardInterrupt:
-                pass
+    for e in entries:
+        show(e)
+    if follow:
+        last = entries[-1].seq if entries else after
+        try:
+            for e in s.follow(after=last):
+                show(e)
+        except KeyboardInterrupt:
+            pass
 
 
 def _session_row(s: Any) -> dict[str, Any]:
