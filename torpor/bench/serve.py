@@ -258,12 +258,17 @@ def load(
                     starts[s["id"]] = s["entries"]
                 sample_rss()
 
-    _run_threads(creator, clients)
-    say(f"  created {len(ids)} sessions")
+    # More sessions than clients (the 100 x 10 from 20): each client creates
+    # a session when it gets to it and hibernates it after its turns, so at most C VMs
+    # run at once (100 VMs at once do not fit a small host); else all are created first.
+    rolling = sessions > clients
+    if not rolling:
+        _run_threads(creator, clients)
+        say(f"  created {len(ids)} sessions")
     results: list[StreamResult] = []
-    todo: queue.Queue[str] = queue.Queue()
-    for sid in ids:
-        todo.put(sid)
+    todo: queue.Queue[str | int] = queue.Queue()
+    for item in range(sessions) if rolling else ids:
+        todo.put(item)
     t_load = time.perf_counter()
 
     def worker() -> None:
@@ -272,9 +277,20 @@ def load(
         with _client(url, token) as c:
             while True:
                 try:
-                    sid = todo.get_nowait()
+                    item = todo.get_nowait()
                 except queue.Empty:
                     return
+                if isinstance(item, int):
+                    t0 = time.perf_counter()
+                    s = _create(c, image, f"bench-{tag}-{item}")
+                    with lock:
+                        create_ms.append((time.perf_counter() - t0) * 1000)
+                        ids.append(s["id"])
+                        made.append(s["id"])
+                        starts[s["id"]] = s["entries"]
+                    sid = s["id"]
+                else:
+                    sid = item
                 before = starts[sid]
                 for j in range(turns):
                     r = streamed_send(c, sid, f"{sid[:8]} turn {j}", before)
@@ -284,10 +300,16 @@ def load(
                         break
                     before = r.entries[-1]["seq"]
                     sample_rss()
+                if rolling:
+                    h = c.post(f"/v1/sessions/{sid}/hibernate")
+                    if h.status_code != 200:
+                        with lock:
+                            hibernate_problems.append(f"{sid}: hibernate: {h.text}")
 
+    hibernate_problems: list[str] = []
     _run_threads(worker, clients)
     wall = time.perf_counter() - t_load
-    problems = [p for r in results for p in r.problems]
+    problems = [p for r in results for p in r.problems] + hibernate_problems
     # the logs, read back whole: nothing lost, nothing duplicated
     with _client(url, token) as c:
         for sid in ids:
@@ -456,6 +478,8 @@ def run_serve_bench(
             )
             sample()
             for sid in result["load"]["session_ids"]:
+                if c.get(f"/v1/sessions/{sid}").json().get("status") == "hibernated":
+                    continue  # a rolling load hibernated it already
                 r = c.post(f"/v1/sessions/{sid}/hibernate")
                 if r.status_code != 200:
                     result["load"]["problems"].append(f"{sid}: hibernate: {r.text}")
