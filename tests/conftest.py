@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def torpor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh TORPOR_HOME for the session, sharing the installed guest kernel."""
+def torpor_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh TORPOR_HOME for the session, sharing the installed guest kernel.
+
+    At the end, a VM still running in it (a test that leaked one) is named on stderr
+    and removed, so a run never leaves QEMU processes behind (pytest keeps the home)."""
     home = tmp_path_factory.mktemp("home")
     paths = Paths(home).ensure()
     src = find_kernels_dir()
@@ -38,7 +41,26 @@ def torpor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         fetch_kernel(paths)
     os.environ["TORPOR_HOME"] = str(home)
-    return home
+    yield home
+    _remove_leftover_vms(paths)
+
+
+def _remove_leftover_vms(paths: Paths) -> None:
+    from torpor.errors import TorporError
+    from torpor.vmm.manager import VMManager
+
+    for root in (paths, *(Paths(p) for p in sorted((paths.root / "namespaces").glob("*")))):
+        if not root.vms.is_dir():
+            continue
+        mgr = VMManager(root)
+        for vm in mgr.list(all=True):
+            if vm.state.status.active:
+                print(
+                    f"\nleaked VM {vm.name} ({vm.id[:12]}, labels {vm.config.labels})",
+                    file=sys.stderr,
+                )
+                with contextlib.suppress(TorporError):
+                    mgr.remove(vm.id, force=True)
 
 
 @pytest.fixture(scope="session")

@@ -465,15 +465,20 @@ def test_history_on_postgres(sessions: Sessions, api: FakeAPI, pg_dsn: str, path
     """The same adapter with the log in PostgreSQL (jsonb): items come back equal, a NUL
     (which jsonb cannot hold) as U+FFFD."""
     ts = TorporSession(sessions.create(dsn=pg_dsn))
-    api.reply(_calls(("g1", "write_file", {"path": "/work/ü.txt", "content": "héllo ✓"})))
-    api.reply(openai_completion(text="wrote ✓"))
-    run_durable(_agent(api, ts), "schreib eine Datei \x00 bitte", session=ts)
-    with TorporSession.open(ts.session_id, paths=paths, dsn=pg_dsn) as again:
-        items = again.items()
-    assert items == ts.items()
-    assert items[0] == {"role": "user", "content": "schreib eine Datei \ufffd bitte"}
-    assert _outputs(items)["g1"] == f"wrote {len('héllo ✓'.encode())} bytes to /work/ü.txt"
-    assert ts.torpor.sandbox.files.read("/work/ü.txt") == "héllo ✓"
+    try:
+        api.reply(_calls(("g1", "write_file", {"path": "/work/ü.txt", "content": "héllo ✓"})))
+        api.reply(openai_completion(text="wrote ✓"))
+        run_durable(_agent(api, ts), "schreib eine Datei \x00 bitte", session=ts)
+        with TorporSession.open(ts.session_id, paths=paths, dsn=pg_dsn) as again:
+            items = again.items()
+        assert items == ts.items()
+        assert items[0] == {"role": "user", "content": "schreib eine Datei \ufffd bitte"}
+        assert _outputs(items)["g1"] == f"wrote {len('héllo ✓'.encode())} bytes to /work/ü.txt"
+        assert ts.torpor.sandbox.files.read("/work/ü.txt") == "héllo ✓"
+    finally:
+        # now, while its database exists: pg_dsn's teardown drops it before `sessions`
+        # cleans up, and the session's VM was left running
+        ts.torpor.remove()
 
 
 def test_torpor_imports_without_the_sdk() -> None:
