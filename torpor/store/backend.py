@@ -178,9 +178,7 @@ class S3Backend:
                     self._sleep(delay)
                     delay *= 4
                     continue
-                raise RemoteStoreError(
-                    f"{where} failed: {code or status} {e}", step=what
-                ) from e
+                raise RemoteStoreError(f"{where} failed: {code or status} {e}", step=what) from e
             except NoCredentialsError as e:
                 raise RemoteAccessError(
                     f"no credentials for {self.describe()}: set AWS_ACCESS_KEY_ID / "

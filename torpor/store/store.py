@@ -402,6 +402,11 @@ class ChunkStore:
                 frame = f.read()
         except FileNotFoundError:
             return "missing"
+        return self._check_frame(h, frame, length, depth)
+
+    def _check_frame(self, h: str, frame: bytes, length: int | None, depth: int) -> bytes | str:
+        """Decompress ``frame`` (through its base if it is a delta) and check it is chunk
+        ``h``: its bytes, or ``"missing"`` / ``"corrupt"`` (the base's state counts)."""
         try:
             base_hash = ck.delta_base(frame)
             base = None
@@ -1086,11 +1091,13 @@ class ChunkStore:
         (plain garbage), never a delta without its base (which ``verify`` would report
         as damage).  Chains are short (``MAX_DELTA_DEPTH``): deepest deltas go first.
         """
-        bases = dict(zip(
-            (p.name for p, _ in doomed),
-            self._executor().map(self._base_of, (p.name for p, _ in doomed)),
-            strict=True,
-        ))
+        bases = dict(
+            zip(
+                (p.name for p, _ in doomed),
+                self._executor().map(self._base_of, (p.name for p, _ in doomed)),
+                strict=True,
+            )
+        )
 
         def depth(name: str) -> int:
             n = 0

@@ -261,22 +261,9 @@ class TieredStore(ChunkStore):
         frame = self.remote.get(self._obj_chunk(h))
         if frame is None:
             return "missing"
-        try:
-            base_hash = ck.delta_base(frame)
-            base = None
-            if base_hash is not None:
-                if depth >= MAX_DELTA_DEPTH or base_hash == h:
-                    return "corrupt"
-                got = self._read_chunk(base_hash, None, depth=depth + 1)
-                if not isinstance(got, bytes):
-                    return got
-                base = got
-            data = ck.decompress_chunk(frame, length, base)
-        except StoreError:
-            return "corrupt"
-        if ck.hash_bytes(data) != h:
-            return "corrupt"
-        self._cache_frame(h, frame)
+        data = self._check_frame(h, frame, length, depth)
+        if isinstance(data, bytes):
+            self._cache_frame(h, frame)
         return data
 
     def _cache_frame(self, h: str, frame: bytes) -> None:
