@@ -33,6 +33,29 @@ def _ws_url(http_url: str, path: str, query: dict[str, str]) -> str:
     return f"{scheme}://{http_url.split('://', 1)[1]}{path}?{urlencode(query)}"
 
 
+def _ws_args(
+    url: str, token: str | None, ref: str, cmd: str, cols: int, rows: int
+) -> dict[str, Any]:
+    """``connect()`` arguments of a sandbox's PTY WebSocket (the sync and async clients')."""
+    path = f"/v1/sandboxes/{W.seg(ref)}/pty"
+    return {
+        "uri": _ws_url(url, path, {"cmd": cmd, "cols": str(cols), "rows": str(rows)}),
+        "additional_headers": {"Authorization": f"Bearer {token}"} if token else {},
+        "max_size": 16 * 1024 * 1024,
+        "open_timeout": 60,
+    }
+
+
+def _refused(e: Any) -> E.TorporError:
+    """A refused upgrade (``InvalidStatus``) as the typed error its problem body names."""
+    r = e.response
+    try:
+        body: Any = json.loads(bytes(r.body or b""))
+    except ValueError:
+        body = bytes(r.body or b"").decode("utf-8", "replace")
+    return W.error_from(r.status_code, body, r.reason_phrase)
+
+
 def _cmd_text(cmd: str | Iterable[str]) -> str:
     """The route takes one string (a word runs as a program, more go through sh -c)."""
     if isinstance(cmd, str):
@@ -70,22 +93,10 @@ class RemotePty:
         from torpor.sandbox.pty import check_size
 
         check_size(cols, rows)
-        path = f"/v1/sandboxes/{W.seg(ref)}/pty"
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            self._ws = connect(
-                _ws_url(url, path, {"cmd": cmd, "cols": str(cols), "rows": str(rows)}),
-                additional_headers=headers,
-                max_size=16 * 1024 * 1024,
-                open_timeout=60,
-            )
+            self._ws = connect(**_ws_args(url, token, ref, cmd, cols, rows))
         except InvalidStatus as e:
-            r = e.response
-            try:
-                body: Any = json.loads(bytes(r.body or b""))
-            except ValueError:
-                body = bytes(r.body or b"").decode("utf-8", "replace")
-            raise W.error_from(r.status_code, body, r.reason_phrase) from e
+            raise _refused(e) from e
         except (InvalidHandshake, OSError, TimeoutError) as e:
             raise W.unreachable(url, e) from e
         self._lock = threading.Lock()
@@ -140,27 +151,15 @@ class RemotePty:
         self._exit = _control(text, self._exit)
 
     def read_until(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
-        want = marker.encode() if isinstance(marker, str) else marker
-        deadline = time.monotonic() + timeout
-        got = b""
-        while want not in got:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._exit is not None or self._closed:
-                raise E.AgentError(
-                    f"terminal output did not show {want!r} "
-                    + (
-                        "before the program exited"
-                        if self._exit is not None or self._closed
-                        else f"within {timeout:g} s"
-                    )
-                    + f"; last bytes: {got[-200:]!r}",
-                    step="pty",
-                )
-            got += self.read(left)
-        end = got.index(want) + len(want)
+        from torpor.sandbox.pty import read_until
+
+        return read_until(
+            self.read, lambda: self._exit is not None or self._closed, self._unread, marker, timeout
+        )
+
+    def _unread(self, data: bytes) -> None:
         with self._lock:
-            self._pending = got[end:] + self._pending
-        return got[:end]
+            self._pending = data + self._pending
 
     def resize(self, cols: int, rows: int) -> None:
         from torpor.sandbox.pty import check_size
@@ -249,22 +248,10 @@ class AsyncRemotePty:
         from torpor.sandbox.pty import check_size
 
         check_size(cols, rows)
-        path = f"/v1/sandboxes/{W.seg(ref)}/pty"
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            ws = await connect(
-                _ws_url(url, path, {"cmd": cmd, "cols": str(cols), "rows": str(rows)}),
-                additional_headers=headers,
-                max_size=16 * 1024 * 1024,
-                open_timeout=60,
-            )
+            ws = await connect(**_ws_args(url, token, ref, cmd, cols, rows))
         except InvalidStatus as e:
-            r = e.response
-            try:
-                body: Any = json.loads(bytes(r.body or b""))
-            except ValueError:
-                body = bytes(r.body or b"").decode("utf-8", "replace")
-            raise W.error_from(r.status_code, body, r.reason_phrase) from e
+            raise _refused(e) from e
         except (InvalidHandshake, OSError, TimeoutError) as e:
             raise W.unreachable(url, e) from e
         return cls(ws, cols, rows)

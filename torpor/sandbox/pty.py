@@ -25,6 +25,7 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from torpor.agent.client import ExecHandle
 from torpor.agent.protocol import TTY_MAX, TTY_MIN
@@ -35,6 +36,34 @@ def check_size(cols: int, rows: int) -> None:
     for name, v in (("cols", cols), ("rows", rows)):
         if not isinstance(v, int) or not TTY_MIN <= v <= TTY_MAX:
             raise UsageError(f"terminal {name} must be {TTY_MIN}..{TTY_MAX}, not {v!r}")
+
+
+def read_until(
+    read: Callable[[float], bytes],
+    ended: Callable[[], bool],
+    unread: Callable[[bytes], None],
+    marker: bytes | str,
+    timeout: float,
+) -> bytes:
+    """A terminal's output up to and including ``marker``, read with ``read(seconds)``;
+    what came after it goes back through ``unread``.  AgentError if it does not appear
+    within ``timeout`` or the program ended (``ended()``) first.  Local and remote PTYs."""
+    want = marker.encode() if isinstance(marker, str) else marker
+    deadline = time.monotonic() + timeout
+    got = b""
+    while want not in got:
+        left = deadline - time.monotonic()
+        if left <= 0 or ended():
+            raise AgentError(
+                f"terminal output did not show {want!r} "
+                + ("before the program exited" if ended() else f"within {timeout:g} s")
+                + f"; last bytes: {got[-200:]!r}",
+                step="pty",
+            )
+        got += read(left)
+    end = got.index(want) + len(want)
+    unread(got[end:])
+    return got[:end]
 
 
 class Pty:
@@ -87,27 +116,13 @@ class Pty:
         """Everything up to and including ``marker`` (what follows stays for the next
         read); AgentError if it does not appear within ``timeout`` seconds or the
         program exits first."""
-        want = marker.encode() if isinstance(marker, str) else marker
-        deadline = time.monotonic() + timeout
-        got = b""
-        while want not in got:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.exit_code is not None:
-                raise AgentError(
-                    f"terminal output did not show {want!r} "
-                    + (
-                        "before the program exited"
-                        if self.exit_code is not None
-                        else f"within {timeout:g} s"
-                    )
-                    + f"; last bytes: {got[-200:]!r}",
-                    step="pty",
-                )
-            got += self.read(left)
-        end = got.index(want) + len(want)
+        return read_until(
+            self.read, lambda: self.exit_code is not None, self._unread, marker, timeout
+        )
+
+    def _unread(self, data: bytes) -> None:
         with self._lock:
-            self._pending = got[end:] + self._pending
-        return got[:end]
+            self._pending = data + self._pending
 
     def resize(self, cols: int, rows: int) -> None:
         """Set the terminal size; the foreground program gets SIGWINCH."""
