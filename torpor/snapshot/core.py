@@ -122,11 +122,11 @@ class SnapshotResult:
 
 
 def _store(mgr: VMManager) -> ChunkStore:
-    """The home's store: local, or a cache in front of ``TORPOR_STORE=s3://...``."""
-    from torpor.store.tiered import open_store
+    """The home's store: local, or a cache in front of ``TORPOR_STORE=s3://...``
+    (torpor.store.home: the one way every caller opens it)."""
+    from torpor.store.home import home_store
 
-    mgr.paths.store.mkdir(parents=True, exist_ok=True)
-    return open_store(mgr.paths.store)
+    return home_store(mgr.paths)
 
 
 log = logging.getLogger("torpor.snapshot")
