@@ -76,6 +76,7 @@ from torpor.model.tools import TOOLS
 from torpor.paths import Paths
 from torpor.session.tools import Tool, check_tools, run_custom, run_tool
 from torpor.snapshot.core import restore, snapshot
+from torpor.store.home import durability_fields
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
 from torpor.vmm.state import Status
 
@@ -1276,6 +1277,8 @@ class Session:
                 "new_chunks": res.new_chunks,
                 "pause_ms": round(res.pause_ms, 1),
                 "durable_ms": round(res.durable_ms, 1),
+                # with a bucket: acknowledged in it, or locally with the upload pending
+                **durability_fields(res.timings),
             },
             turn=turn,
         )

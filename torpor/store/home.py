@@ -164,3 +164,26 @@ def where(store: ChunkStore, m: Manifest) -> dict[str, Any]:
             getattr(store, "pending_dir", store.root / "pending") / m.id
         ).exists()
     return out
+
+
+def durability_fields(timings: dict[str, float]) -> dict[str, Any]:
+    """A snapshot's durability for its checkpoint entry, from its timings.
+
+    ``durability``: ``"bucket"`` (in the bucket when the snapshot was acknowledged),
+    ``"local, upload pending"`` (durability local: acknowledged at the local write,
+    uploading behind), ``"local"`` (no bucket).  ``commit_local_ms`` is the local
+    commit; ``commit_bucket_ms`` the upload (None while it is pending or without a
+    bucket)."""
+    if "commit_bucket_ms" not in timings:
+        local = timings.get("commit_ms")
+        return {
+            "durability": "local",
+            "commit_local_ms": None if local is None else round(float(local), 1),
+            "commit_bucket_ms": None,
+        }
+    pending = bool(timings.get("upload_pending")) or timings["commit_bucket_ms"] < 0
+    return {
+        "durability": "local, upload pending" if pending else "bucket",
+        "commit_local_ms": round(float(timings.get("commit_local_ms", 0.0)), 1),
+        "commit_bucket_ms": None if pending else round(float(timings["commit_bucket_ms"]), 1),
+    }
