@@ -10,6 +10,8 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      ├── UsageError                 bad arguments / malformed input           (2)
      ├── NotFoundError              no such image / VM / file                  (3)
      ├── ConflictError              name taken, VM in the wrong state          (4)
+     │    ├── LeaseHeldError        another live host holds the session's lease
+     │    └── FencedError           a write with a stale lease epoch was refused
      ├── ImageError                 pulling, importing or unpacking an image   (5)
      │    ├── RegistryError         the registry refused or failed
      │    ├── DigestMismatchError   content does not hash to its digest
@@ -85,6 +87,41 @@ class NotFoundError(TorporError):
 
 class ConflictError(TorporError):
     exit_code = 4
+
+
+class LeaseHeldError(ConflictError):
+    """Another host holds the session's lease and it has not expired (torpor.context)."""
+
+    def __init__(
+        self, message: str, *, session_id: str, holder: str, epoch: int, seconds_left: float
+    ):
+        self.session_id = session_id
+        self.holder = holder
+        self.epoch = epoch
+        self.seconds_left = seconds_left
+        super().__init__(message, step="claim session lease")
+
+
+class FencedError(ConflictError):
+    """A write carried a stale fence: the session's lease is no longer this host's at
+    that epoch (another host took it over, or it expired).  Nothing was written."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        session_id: str,
+        host: str,
+        epoch: int,
+        holder: str | None,
+        holder_epoch: int | None,
+    ):
+        self.session_id = session_id
+        self.host = host
+        self.epoch = epoch
+        self.holder = holder
+        self.holder_epoch = holder_epoch
+        super().__init__(message, step="fenced write")
 
 
 class ImageError(TorporError):

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-from torpor.context.model import Entry, Kind, SessionRecord
+from torpor.context.model import Entry, HostRecord, Kind, Lease, SessionRecord
 
 __all__ = ["FOLLOW_BATCH", "ContextLog"]
 
@@ -75,10 +75,13 @@ class ContextLog(ABC):
         """Every live session (and removed ones, if asked), oldest first."""
 
     @abstractmethod
-    def remove_session(self, session_id: str, reason: str = "removed") -> Entry:
+    def remove_session(
+        self, session_id: str, reason: str = "removed", *, fence: tuple[str, int] | None = None
+    ) -> Entry:
         """Append the session's ``removed`` tombstone and flag it removed (one
-        transaction); returns the tombstone.  Raises NotFoundError (no such session,
-        or already removed)."""
+        transaction); returns the tombstone and releases its lease.  Raises
+        NotFoundError (no such session, or already removed), FencedError (``fence``
+        given and stale, as for :meth:`append`)."""
 
     @abstractmethod
     def verify(self, session_id: str) -> list[tuple[int, str]]:
@@ -97,13 +100,19 @@ class ContextLog(ABC):
         *,
         turn: int,
         key: str | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Entry:
         """Append an entry; returns once it is durable.
 
         With a ``key`` already used in this session, returns that stored entry
         unchanged (even if ``kind``/``payload`` differ) and appends nothing.
+        With ``fence = (host, epoch)`` the append happens only if the session's lease
+        is held by ``host`` at ``epoch`` and unexpired, checked inside the append's
+        transaction (before the key is looked up); otherwise FencedError and nothing
+        is written.  Without a fence, leases are not looked at.
         Raises NotFoundError (no such session id, or it was removed), UsageError
-        (bad kind, turn, key or payload; ``removed``), ContextError (the database failed).
+        (bad kind, turn, key or payload; ``removed``), FencedError, ContextError (the
+        database failed).
         """
 
     @abstractmethod
@@ -122,6 +131,47 @@ class ContextLog(ABC):
     @abstractmethod
     def stats(self, session_id: str) -> dict[str, int]:
         """``{"entries": visible, "own_entries": stored here, "bytes": own payload bytes}``."""
+
+    # -- hosts and leases (mutable state beside the log; times from the database clock) --
+
+    @abstractmethod
+    def now(self) -> float:
+        """The database's clock as unix seconds: what leases and heartbeats are timed by."""
+
+    @abstractmethod
+    def heartbeat(self, host: str, info: dict[str, Any], ttl: float) -> None:
+        """Record that ``host`` is alive (its row's ``heartbeat_at`` = now, ``info``
+        replaced) and extend every *unexpired* lease it holds to now + ``ttl``.  A
+        lease that already expired is not revived: its host claims it again."""
+
+    @abstractmethod
+    def hosts(self) -> list[HostRecord]:
+        """Every host that ever heartbeat, by id; ``alive`` = heartbeat within its ttl."""
+
+    @abstractmethod
+    def claim(self, session_id: str, host: str, ttl: float) -> Lease:
+        """Take (or extend) the session's lease for ``host`` until now + ``ttl``.
+
+        Succeeds when the lease is free (never claimed, or released), already held
+        by ``host`` (same epoch, even if it had expired meanwhile), or held by another
+        host past its expiry.  The epoch grows by one whenever the holder changes (a
+        release counts).  Serialized with :meth:`append` of the same session.
+        Raises LeaseHeldError (another host holds it, unexpired: names it and the
+        seconds left), NotFoundError (no such session, or removed), UsageError.
+        """
+
+    @abstractmethod
+    def release(self, session_id: str, host: str, epoch: int) -> bool:
+        """Give the lease up if ``host`` still holds it at ``epoch``; returns whether
+        it did.  The next claim, by any host, gets epoch + 1."""
+
+    @abstractmethod
+    def lease(self, session_id: str) -> Lease | None:
+        """The session's lease as stored (None: never claimed); may be expired."""
+
+    @abstractmethod
+    def expired_leases(self) -> list[Lease]:
+        """Leases held by a host but past their expiry (live sessions only)."""
 
     @abstractmethod
     def close(self) -> None:

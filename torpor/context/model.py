@@ -32,7 +32,9 @@ from torpor.errors import UsageError
 __all__ = [
     "SCHEMA_VERSION",
     "Entry",
+    "HostRecord",
     "Kind",
+    "Lease",
     "SessionRecord",
     "effective",
     "superseded",
@@ -101,6 +103,35 @@ class SessionRecord:
         return self.removed_at is not None
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Which host owns a session now (mutable state beside the log, not an entry).
+
+    ``host`` None: released (a hibernated session belongs to no host).  ``epoch``
+    grows by one whenever the holder changes, a release included, so a write fenced
+    with ``(host, epoch)`` can only succeed for the holder of that one tenure.
+    ``expires_at``: unix seconds on the *database's* clock (hosts' clocks never
+    decide); compare it with :meth:`ContextLog.now`, not ``time.time()``."""
+
+    session_id: str
+    host: str | None
+    epoch: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """A host that heartbeats into the log's database.  ``started_at``: the start of
+    its current alive stretch (a heartbeat after the previous one expired restarts
+    it); ``alive``: its last heartbeat is within the ttl it gave (database clock)."""
+
+    id: str
+    info: dict[str, Any]
+    started_at: float
+    heartbeat_at: float
+    alive: bool
+
+
 def superseded(entries: Iterable[Entry]) -> set[int]:
     """The seqs marked by ``SUPERSEDE`` entries.  A marker can only replace entries
     before it; seqs it names that are not earlier are ignored."""
@@ -159,6 +190,41 @@ def check_key(key: str | None) -> str | None:
             f" characters without NUL, not {key!r:.80}"
         )
     return key
+
+
+HOST_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,127}")
+MAX_TTL = 86400.0
+
+
+def check_host(host: str) -> str:
+    if not isinstance(host, str) or not HOST_RE.fullmatch(host):
+        raise UsageError(
+            f"invalid host id {host!r:.80}: use 1-128 of [a-zA-Z0-9_.:-], starting with a"
+            " letter or digit"
+        )
+    return host
+
+
+def check_ttl(ttl: float) -> float:
+    if (
+        not isinstance(ttl, int | float)
+        or isinstance(ttl, bool)
+        or not 0 < ttl <= MAX_TTL  # NaN fails this too
+    ):
+        raise UsageError(f"a lease ttl is a number of seconds in (0, {MAX_TTL:g}], not {ttl!r}")
+    return float(ttl)
+
+
+def check_fence(fence: tuple[str, int] | None) -> None:
+    """``None`` or ``(host id, epoch >= 1)``."""
+    if fence is None:
+        return
+    if not isinstance(fence, tuple) or len(fence) != 2:
+        raise UsageError(f"a fence is (host, epoch), not {fence!r:.80}")
+    check_host(fence[0])
+    epoch = fence[1]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise UsageError(f"a fence's epoch is an integer >= 1, not {epoch!r}")
 
 
 def check_supersede(payload: dict[str, Any], seq: int) -> None:

@@ -92,6 +92,24 @@ DDL_REMOVED = [
     )""",
     *_refuse("torpor_removed"),
 ]
+# hosts and leases: coordination state beside the log, updated in place (no refusing
+# triggers), created on every open so a schema-2 database gains them without a bump
+DDL_LEASES = [
+    """CREATE TABLE IF NOT EXISTS torpor_hosts (
+        id text PRIMARY KEY,
+        info jsonb NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        ttl double precision NOT NULL CHECK (ttl > 0)
+    )""",
+    """CREATE TABLE IF NOT EXISTS torpor_leases (
+        session_id text PRIMARY KEY REFERENCES torpor_sessions (id),
+        host text,
+        epoch bigint NOT NULL CHECK (epoch >= 1),
+        expires_at double precision NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS torpor_leases_host ON torpor_leases (host)",
+]
 
 
 def _secrets(dsn: str) -> list[str]:
@@ -134,6 +152,9 @@ class PostgresContextLog(SQLContextLog):
     db_errors = (psycopg.Error,)
     lock_clause = " FOR NO KEY UPDATE OF s"
     text_of = "{}::text"  # jsonb as text: what the chain's MAC covers
+    # the server's clock, now (not the transaction's start, which now() would give)
+    now_sql = "CAST(extract(epoch FROM clock_timestamp()) AS double precision)"
+    lease_lock = " FOR UPDATE"  # a claim waits for a heartbeat extending the same row
 
     def __init__(self, dsn: str, *, key: bytes, schema: str | None = None):
         """Connect and create the schema if needed; ``key`` signs the entries' chain.
@@ -211,6 +232,9 @@ class PostgresContextLog(SQLContextLog):
                 )
             elif found == 1:
                 self._migrate_1_to_2(conn)
+            if conn.execute("SELECT to_regclass('torpor_leases')").fetchone() in (None, (None,)):
+                for stmt in DDL_LEASES:
+                    conn.execute(stmt)
 
     def _migrate_1_to_2(self, conn: psycopg.Connection[Any]) -> None:
         """Schema 1 -> 2 inside the caller's transaction (PostgreSQL's DDL is

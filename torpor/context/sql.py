@@ -17,8 +17,15 @@ Tables (types shown for SQLite / PostgreSQL)::
                      PRIMARY KEY (session_id, seq), UNIQUE (session_id, key)
     torpor_removed   session_id text PK FK, removed_at real/double,
                      seq integer/bigint (the tombstone entry)
+    torpor_hosts     id text PK, info text(JSON)/jsonb, started_at, heartbeat_at,
+                     ttl real/double                    (mutable: one row per host)
+    torpor_leases    session_id text PK FK, host text NULL (NULL: released),
+                     epoch integer/bigint, expires_at real/double        (mutable)
 
-Every data table carries triggers that refuse UPDATE and DELETE.  Schema 1 had no
+Every data table carries triggers that refuse UPDATE and DELETE.  The host and
+lease tables are not the log but coordination state beside it: they are updated
+in place, have no such triggers, and are created (IF NOT EXISTS) on every open, so
+they joined schema 2 without a version bump.  Schema 1 had no
 ``chain`` column and no ``torpor_removed``: opening such a database migrates it
 (:meth:`SQLContextLog.migrate_chain`, in the one transaction that bumps the version).
 
@@ -40,6 +47,16 @@ that excludes every other append to the session (SQLite: ``BEGIN IMMEDIATE``
 locks the whole database; PostgreSQL: the session row is locked ``FOR NO KEY
 UPDATE``), looks the key up, and inserts ``last + 1``.  The primary key and the
 (session_id, key) unique constraint are the backstop should that ever fail.
+
+Leases and fencing: a session's lease names the host that may drive it, with an
+epoch that grows whenever the holder changes.  Every lease time is the database's
+clock (:attr:`SQLContextLog.now_sql`), never a host's.  ``claim`` runs under the
+same session-row lock as ``append`` (SQLite: the whole-database write lock), so a
+claim and an append never interleave; an append with ``fence=(host, epoch)`` reads
+the lease inside its own transaction, after taking that lock, and refuses unless
+the lease is that host's, at that epoch, unexpired.  A host that lost its lease
+(paused past its ttl, partitioned) therefore cannot add a single entry once another
+host claimed the session, however late its write arrives.
 
 Visibility: session S sees its own rows plus, for each ancestor A reached through
 fork links, A's own rows with ``seq <=`` the smallest fork point on the path from
@@ -70,17 +87,29 @@ from torpor.context.model import (
     MIN_PREFIX,
     SCHEMA_VERSION,
     Entry,
+    HostRecord,
     Kind,
+    Lease,
     SessionRecord,
+    check_fence,
+    check_host,
     check_key,
     check_kind,
     check_name,
     check_supersede,
+    check_ttl,
     check_turn,
     decode_json,
     encode_json,
 )
-from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
+from torpor.errors import (
+    ConflictError,
+    FencedError,
+    LeaseHeldError,
+    NotFoundError,
+    TorporError,
+    UsageError,
+)
 
 SESSION_COLS = "id, name, created_at, parent_id, parent_seq, meta, schema_version"
 # a session row as read: its meta as text ({meta}: the backend's text form) and
@@ -110,6 +139,15 @@ INSERT_ENTRY = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_SESSION = f"INSERT INTO torpor_sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+LEASE_SELECT = "SELECT session_id, host, epoch, expires_at FROM torpor_leases"
+# a heartbeat: a host seen again after its last heartbeat expired starts a new stretch
+UPSERT_HOST = (
+    "INSERT INTO torpor_hosts (id, info, started_at, heartbeat_at, ttl) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET info = excluded.info,"
+    " started_at = CASE WHEN torpor_hosts.heartbeat_at + torpor_hosts.ttl < excluded.heartbeat_at"
+    " THEN excluded.started_at ELSE torpor_hosts.started_at END,"
+    " heartbeat_at = excluded.heartbeat_at, ttl = excluded.ttl"
+)
 
 
 class Tx:
@@ -138,6 +176,10 @@ class SQLContextLog(ContextLog):
     lock_clause = ""
     # how a jsonb/JSON column reads as text (PostgreSQL renders jsonb with ::text)
     text_of = "{}"
+    # the database's clock as unix seconds (leases and heartbeats are timed by it)
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+    # appended to the SELECT of a lease row that a claim may change
+    lease_lock = ""
 
     def __init__(self, where: str, key: bytes):
         if not isinstance(key, bytes) or len(key) < 16:
@@ -516,15 +558,17 @@ class SQLContextLog(ContextLog):
         *,
         turn: int,
         key: str | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Entry:
         kind = check_kind(kind)
         if kind is Kind.REMOVED:
             raise UsageError("a removed entry is written by remove_session, not append")
         check_turn(turn)
         check_key(key)
+        check_fence(fence)
         text, size = encode_json(payload, f"{kind.value} payload")
         with self._tx("append", write=True) as tx:
-            return self._append(tx, session_id, kind, text, size, turn, key)
+            return self._append(tx, session_id, kind, text, size, turn, key, fence)
 
     def _append(
         self,
@@ -535,8 +579,11 @@ class SQLContextLog(ContextLog):
         size: int,
         turn: int,
         key: str | None,
+        fence: tuple[str, int] | None = None,
     ) -> Entry:
         srow = self._session_row(tx, session_id, lock=True, live=True)
+        if fence is not None:  # under the session lock: no claim can slip in before the insert
+            self._check_fence(tx, srow, fence)
         if key is not None:
             old = tx.one(
                 f"SELECT {self._entry_cols} FROM torpor_entries e"
@@ -564,12 +611,16 @@ class SQLContextLog(ContextLog):
         tx.run(INSERT_ENTRY, session_id, seq, kind.value, text, size, key, turn, now, chain)
         return Entry(session_id, seq, kind, decode_json(stored), key, now, turn, chain)
 
-    def remove_session(self, session_id: str, reason: str = "removed") -> Entry:
+    def remove_session(
+        self, session_id: str, reason: str = "removed", *, fence: tuple[str, int] | None = None
+    ) -> Entry:
         """Mark a session removed: append its ``removed`` tombstone and record the flag,
-        in one transaction.  Nothing is deleted; forks keep their inherited prefix.
+        in one transaction, and release its lease.  Nothing is deleted; forks keep their
+        inherited prefix.
 
-        Raises NotFoundError (no such session, or already removed).
+        Raises NotFoundError (no such session, or already removed), FencedError.
         """
+        check_fence(fence)
         text, size = encode_json({"reason": reason}, "removed payload")
         with self._tx("remove session", write=True) as tx:
             srow = self._session_row(tx, session_id, lock=True, live=True)
@@ -577,13 +628,14 @@ class SQLContextLog(ContextLog):
                 "SELECT MAX(turn) FROM torpor_entries WHERE session_id = ?", session_id
             )
             turn = int(turn_row[0] or 0) if turn_row is not None else 0
-            e = self._append(tx, session_id, Kind.REMOVED, text, size, turn, None)
+            e = self._append(tx, session_id, Kind.REMOVED, text, size, turn, None, fence)
             tx.run(
                 "INSERT INTO torpor_removed (session_id, removed_at, seq) VALUES (?, ?, ?)",
                 srow[0],
                 e.created_at,
                 e.seq,
             )
+            tx.run("UPDATE torpor_leases SET host = NULL WHERE session_id = ?", srow[0])
         return e
 
     def own_entries(self, session_id: str, kind: Kind) -> list[Entry]:
@@ -662,6 +714,146 @@ class SQLContextLog(ContextLog):
                 session_id,
             )
         return {"entries": int(visible), "own_entries": int(own), "bytes": int(size)}
+
+    # -- hosts and leases (see the module docstring) ------------------------------------
+
+    def _now(self, tx: Tx) -> float:
+        (t,) = tx.one(f"SELECT {self.now_sql}")
+        return float(t)
+
+    @staticmethod
+    def _lease(row: Any) -> Lease:
+        return Lease(row[0], row[1], int(row[2]), float(row[3]))
+
+    def _check_fence(self, tx: Tx, srow: Any, fence: tuple[str, int]) -> None:
+        host, epoch = fence
+        row = tx.one(
+            f"SELECT host, epoch, expires_at, {self.now_sql} FROM torpor_leases"
+            " WHERE session_id = ?",
+            srow[0],
+        )
+        if row is not None and row[0] == host and int(row[1]) == epoch and row[2] > row[3]:
+            return
+        if row is None:
+            why, holder, held = "no host holds its lease", None, None
+        else:
+            holder, held = row[0], int(row[1])
+            if holder is None:
+                why = f"its lease was released (epoch {held})"
+            elif holder == host and held == epoch:
+                why = f"this host's lease (epoch {epoch}) expired {row[3] - row[2]:.1f} s ago"
+            else:
+                left = max(0.0, float(row[2]) - float(row[3]))
+                why = f"host {holder} holds its lease at epoch {held} ({left:.1f} s left)"
+        raise FencedError(
+            f"session {srow[1]} ({srow[0]}): write refused for host {host} at epoch {epoch}:"
+            f" {why}; this host must stop driving it",
+            session_id=srow[0],
+            host=host,
+            epoch=epoch,
+            holder=holder,
+            holder_epoch=held,
+        )
+
+    def now(self) -> float:
+        with self._tx("read database clock") as tx:
+            return self._now(tx)
+
+    def heartbeat(self, host: str, info: dict[str, Any], ttl: float) -> None:
+        check_host(host)
+        ttl = check_ttl(ttl)
+        info_text, _ = encode_json(info, "host info")
+        with self._tx("heartbeat", write=True) as tx:
+            now = self._now(tx)
+            tx.run(UPSERT_HOST, host, info_text, now, now, ttl)
+            tx.run(
+                "UPDATE torpor_leases SET expires_at = ? WHERE host = ? AND expires_at > ?",
+                now + ttl,
+                host,
+                now,
+            )
+
+    def hosts(self) -> list[HostRecord]:
+        with self._tx("list hosts") as tx:
+            now = self._now(tx)
+            rows = tx.all(
+                "SELECT id, "
+                + self.text_of.format("info")
+                + ", started_at, heartbeat_at, ttl FROM torpor_hosts ORDER BY id"
+            )
+        return [
+            HostRecord(r[0], decode_json(r[1]), float(r[2]), float(r[3]), r[3] + r[4] > now)
+            for r in rows
+        ]
+
+    def claim(self, session_id: str, host: str, ttl: float) -> Lease:
+        check_host(host)
+        ttl = check_ttl(ttl)
+        with self._tx("claim session lease", write=True) as tx:
+            srow = self._session_row(tx, session_id, lock=True, live=True)
+            row = tx.one(LEASE_SELECT + " WHERE session_id = ?" + self.lease_lock, srow[0])
+            now = self._now(tx)
+            if row is None:
+                lease = Lease(srow[0], host, 1, now + ttl)
+                tx.run(
+                    "INSERT INTO torpor_leases (session_id, host, epoch, expires_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    srow[0],
+                    host,
+                    lease.epoch,
+                    lease.expires_at,
+                )
+                return lease
+            holder, epoch, expires = row[1], int(row[2]), float(row[3])
+            if holder != host:
+                if holder is not None and expires > now:
+                    raise LeaseHeldError(
+                        f"session {srow[1]} ({srow[0]}) is held by host {holder} (epoch"
+                        f" {epoch}) for {expires - now:.1f} s more; it can be taken over once"
+                        " that host stops renewing its lease",
+                        session_id=srow[0],
+                        holder=holder,
+                        epoch=epoch,
+                        seconds_left=expires - now,
+                    )
+                epoch += 1  # a new tenure: every write fenced with the old epoch is stale
+            lease = Lease(srow[0], host, epoch, now + ttl)
+            tx.run(
+                "UPDATE torpor_leases SET host = ?, epoch = ?, expires_at = ? WHERE session_id = ?",
+                host,
+                epoch,
+                lease.expires_at,
+                srow[0],
+            )
+            return lease
+
+    def release(self, session_id: str, host: str, epoch: int) -> bool:
+        check_fence((host, epoch))
+        with self._tx("release session lease", write=True) as tx:
+            srow = self._session_row(tx, session_id, lock=True)
+            row = tx.one(LEASE_SELECT + " WHERE session_id = ?" + self.lease_lock, srow[0])
+            if row is None or row[1] != host or int(row[2]) != epoch:
+                return False
+            tx.run("UPDATE torpor_leases SET host = NULL WHERE session_id = ?", srow[0])
+            return True
+
+    def lease(self, session_id: str) -> Lease | None:
+        with self._tx("read session lease") as tx:
+            srow = self._session_row(tx, session_id)
+            row = tx.one(LEASE_SELECT + " WHERE session_id = ?", srow[0])
+        return None if row is None else self._lease(row)
+
+    def expired_leases(self) -> list[Lease]:
+        with self._tx("read expired leases") as tx:
+            now = self._now(tx)
+            rows = tx.all(
+                "SELECT l.session_id, l.host, l.epoch, l.expires_at FROM torpor_leases l"
+                " LEFT JOIN torpor_removed r ON r.session_id = l.session_id"
+                " WHERE l.host IS NOT NULL AND l.expires_at <= ? AND r.session_id IS NULL"
+                " ORDER BY l.expires_at, l.session_id",
+                now,
+            )
+        return [self._lease(r) for r in rows]
 
     def close(self) -> None:
         with self._mutex:

@@ -81,6 +81,24 @@ DDL_REMOVED = [
     _refuse("UPDATE", "torpor_removed"),
     _refuse("DELETE", "torpor_removed"),
 ]
+# hosts and leases: coordination state beside the log, updated in place (no refusing
+# triggers), created on every open so a schema-2 database gains them without a bump
+DDL_LEASES = [
+    """CREATE TABLE IF NOT EXISTS torpor_hosts (
+        id TEXT PRIMARY KEY NOT NULL,
+        info TEXT NOT NULL CHECK (json_valid(info)),
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        ttl REAL NOT NULL CHECK (ttl > 0)
+    )""",
+    """CREATE TABLE IF NOT EXISTS torpor_leases (
+        session_id TEXT PRIMARY KEY NOT NULL REFERENCES torpor_sessions (id),
+        host TEXT,
+        epoch INTEGER NOT NULL CHECK (epoch >= 1),
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS torpor_leases_host ON torpor_leases (host)",
+]
 
 
 class SQLiteContextLog(SQLContextLog):
@@ -157,6 +175,8 @@ class SQLiteContextLog(SQLContextLog):
                 )
             elif found == 1:
                 self._migrate_1_to_2(conn)
+            for stmt in DDL_LEASES:
+                conn.execute(stmt)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
