@@ -104,6 +104,7 @@ def human_size(n: float) -> str:
         "session": "torpor.cli.session:session",
         "serve": "torpor.cli.serve:serve",
         "token": "torpor.cli.serve:token",
+        "hosts": "torpor.cli.session:hosts",
     },
 )
 @click.version_option(__version__, "--version", "-v")
@@ -1446,6 +1447,7 @@ def system_prune(force: bool, grace: int) -> None:
         "thesis-report": "torpor.bench.thesis.cli:thesis_report",
         "serve": "torpor.bench.serve:serve",
         "store-s3": "torpor.bench.store_s3:store_s3",
+        "cluster": "torpor.bench.cluster:cluster",
     },
 )
 def bench() -> None:

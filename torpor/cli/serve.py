@@ -6,6 +6,7 @@ import ipaddress
 import json
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -50,6 +51,12 @@ def is_loopback(host: str) -> bool:
 @click.option("--rate", default=50.0, show_default=True, help="Requests/s per token, sustained.")
 @click.option("--burst", default=200, show_default=True, help="Requests per token in a burst.")
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--failover/--no-failover",
+    default=None,
+    help="Heartbeat this host and take over the sessions of hosts that stop "
+    "(default: on with a PostgreSQL context log, which hosts share; off with SQLite).",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -61,6 +68,7 @@ def serve(
     rate: float,
     burst: int,
     log_level: str,
+    failover: bool | None,
 ) -> None:
     """Serve the HTTP API (/v1, /openapi.json) and the web dashboard (/) for this host.
 
@@ -103,15 +111,40 @@ def serve(
         _fail(e)
     scheme = "https" if ssl_certfile else "http"
     click.echo(f"torpor: serving {scheme}://{listen} (home {paths.root})", err=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile,
-        timeout_graceful_shutdown=5,
-    )
+    loop = _start_failover(paths, failover)
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if loop is not None:
+            loop.stop()
+
+
+def _start_failover(paths: Any, wanted: bool | None) -> Any:
+    """The failover loop (torpor.cluster.failover) over every namespace's home, on by
+    default when the context log is PostgreSQL (with SQLite one host is all there is)."""
+    import os
+
+    from torpor.context.dsn import ENV_DSN
+
+    if wanted is None:
+        wanted = os.environ.get(ENV_DSN, "").lower().startswith(("postgresql://", "postgres://"))
+    if not wanted:
+        return None
+    from torpor.cluster.failover import Failover, this_host
+    from torpor.server.tenancy import namespace_paths, namespaces
+
+    loop = Failover(lambda: [namespace_paths(paths, ns) for ns in namespaces(paths)])
+    loop.start()
+    click.echo(f"torpor: failover on (lease TTL {loop.ttl:g}s, host {this_host(paths)})", err=True)
+    return loop
 
 
 @click.group(context_settings=CONTEXT)

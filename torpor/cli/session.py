@@ -372,11 +372,29 @@ def shell(ctx: click.Context, ref: str) -> None:
 
 
 @session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S", shell_complete=session_names)
+@click.argument("refs", metavar="S...", nargs=-1, shell_complete=session_names)
+@click.option(
+    "--anywhere",
+    is_flag=True,
+    help="Take the sessions over on this host (PostgreSQL log): without S, every session "
+    "whose host stopped heartbeating; a session another live host holds is left to it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --anywhere: one JSON row per session.")
 @click.pass_context
-def recover(ctx: click.Context, ref: str) -> None:
-    """After a crash: restore the last checkpoint and replay an interrupted turn."""
-    with _open(ctx, ref, on_event=_progress) as s:
+def recover(ctx: click.Context, refs: tuple[str, ...], anywhere: bool, as_json: bool) -> None:
+    """After a crash: restore the last checkpoint and replay an interrupted turn.
+
+    \b
+      torpor session recover S             # S's host is this one
+      torpor session recover --anywhere    # every session of a dead host, here, now
+      torpor session recover --anywhere S  # S, here, unless a live host holds it
+    """
+    if anywhere:
+        _recover_anywhere(ctx, refs, as_json)
+        return
+    if len(refs) != 1:
+        raise UsageError("session recover takes one session (or --anywhere [S...])")
+    with _open(ctx, refs[0], on_event=_progress) as s:
         answer = s.recover()
         if answer is None:
             click.echo(f"{s.name}: no interrupted turn; the VM is running")
@@ -398,6 +416,27 @@ def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None
             markup=True,
         )
         click.echo(child.id)
+
+
+def _recover_anywhere(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
+    """One failover pass here (torpor.cluster.failover); exit 1 if a session failed."""
+    from torpor.cluster.failover import FAILED, failover_once
+    from torpor.context import open_log
+
+    paths = Paths.default().ensure()
+    dsn = ctx.obj.get("dsn")
+    with open_log(dsn, paths=paths) as lg:
+        results = failover_once(paths, lg, dsn=dsn, sessions=list(refs) or None, on_event=_progress)
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r.to_json()))
+        else:
+            frm = f" from {r.from_host}" if r.from_host else ""
+            click.echo(f"{r.name}: {r.outcome}{frm}" + (f" ({r.detail})" if r.detail else ""))
+    if not results and not as_json:
+        err_console.print("no session of a dead host to recover")
+    if any(r.outcome == FAILED for r in results):
+        sys.exit(1)
 
 
 @session.command(context_settings=CONTEXT)
@@ -479,3 +518,35 @@ def verify(ctx: click.Context, refs: tuple[str, ...]) -> None:
     if bad:
         err_console.print(f"{bad} broken entries: the context log was changed after writing")
         sys.exit(11)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--dsn",
+    envvar="TORPOR_CONTEXT_DSN",
+    help="Context log database: postgresql://… (default: SQLite in $TORPOR_HOME).",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+def hosts(dsn: str | None, as_json: bool) -> None:
+    """Hosts sharing this context log: id, alive, seconds since the last heartbeat,
+    and the sessions each holds (a dead host's are taken over by `torpor serve` on
+    the others, or by `torpor session recover --anywhere`)."""
+    from torpor.cluster.failover import host_rows
+    from torpor.context import open_log
+
+    with open_log(dsn, paths=Paths.default().ensure()) as lg:
+        rows = host_rows(lg)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("HOST", "ALIVE", "HEARTBEAT", "SESSIONS"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            markup_safe(r["id"]),
+            "yes" if r["alive"] else "no",
+            f"{r['heartbeat_age']:.1f}s ago",
+            markup_safe(", ".join(r["sessions"]) or "-"),
+        )
+    out_console.print(t)
