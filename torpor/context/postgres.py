@@ -152,6 +152,7 @@ class PostgresContextLog(SQLContextLog):
     db_errors = (psycopg.Error,)
     lock_clause = " FOR NO KEY UPDATE OF s"
     text_of = "{}::text"  # jsonb as text: what the chain's MAC covers
+    blob_type = "bytea"  # state records (torpor.session.record)
     # the server's clock, now (not the transaction's start, which now() would give)
     now_sql = "CAST(extract(epoch FROM clock_timestamp()) AS double precision)"
     lease_lock = " FOR UPDATE"  # a claim waits for a heartbeat extending the same row

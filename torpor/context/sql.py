@@ -66,6 +66,7 @@ S to A — one recursive query (:data:`VISIBLE`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import threading
 import time
@@ -854,6 +855,88 @@ class SQLContextLog(ContextLog):
                 now,
             )
         return [self._lease(r) for r in rows]
+
+    # -- state records (a cache for torpor.session.record) -----------------------------
+
+    #: how a backend spells a byte string column (PostgreSQL: bytea)
+    blob_type = "BLOB"
+    _state_ready: bool | None = None  # None: tables not ensured yet; False: cannot
+
+    def _state_tables(self) -> bool:
+        """Create the record tables on first use (IF NOT EXISTS, both backends): a
+        cache next to the log, not part of its schema version."""
+        if self._state_ready is None:
+            b = self.blob_type
+            try:
+                with self._tx("create state tables", write=True) as tx:
+                    tx.run(
+                        "CREATE TABLE IF NOT EXISTS torpor_state (session_id TEXT PRIMARY KEY,"
+                        f" seq BIGINT NOT NULL, body {b} NOT NULL, mac {b} NOT NULL)"
+                    )
+                    tx.run(
+                        "CREATE TABLE IF NOT EXISTS torpor_state_parts (session_id TEXT NOT NULL,"
+                        f" digest TEXT NOT NULL, body {b} NOT NULL,"
+                        " PRIMARY KEY (session_id, digest))"
+                    )
+                self._state_ready = True
+            except TorporError:
+                self._state_ready = False  # e.g. a read-only database: no records
+        return bool(self._state_ready)
+
+    def state_key(self) -> bytes:
+        """The MAC key of state records: derived from the log's key for that use only,
+        so a record's MAC can never stand in for an entry's."""
+        return hashlib.blake2b(b"torpor state record key v1", key=self._key).digest()[:32]
+
+    def state_get(
+        self, session_id: str
+    ) -> tuple[int, bytes, bytes, bytes | None, dict[str, bytes]] | None:
+        """``(seq, head, mac, chain of visible entry seq or None, {digest: segment})``
+        of ``session_id``'s record, read in one transaction; None: no record."""
+        if not self._state_tables():
+            return None
+        with self._tx("read state record") as tx:
+            row = tx.one("SELECT seq, body, mac FROM torpor_state WHERE session_id = ?", session_id)
+            if row is None:
+                return None
+            seq = int(row[0])
+            try:
+                chain: bytes | None = self._chain_at(tx, session_id, seq)
+            except ChainError:
+                chain = None
+            parts = {
+                d: bytes(b)
+                for d, b in tx.all(
+                    "SELECT digest, body FROM torpor_state_parts WHERE session_id = ?", session_id
+                )
+            }
+        return seq, bytes(row[1]), bytes(row[2]), chain, parts
+
+    def state_put(
+        self, session_id: str, seq: int, head: bytes, mac: bytes, parts: dict[str, bytes]
+    ) -> None:
+        """Replace ``session_id``'s record head; add sealed segments (content-addressed)."""
+        if not self._state_tables():
+            return
+        with self._tx("write state record", write=True) as tx:
+            for d, body in parts.items():
+                tx.run(
+                    "INSERT INTO torpor_state_parts (session_id, digest, body) VALUES (?, ?, ?)"
+                    # same digest, same bytes: an update only repairs an altered row
+                    " ON CONFLICT (session_id, digest) DO UPDATE SET body = excluded.body",
+                    session_id,
+                    d,
+                    body,
+                )
+            tx.run(
+                "INSERT INTO torpor_state (session_id, seq, body, mac) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET seq = excluded.seq,"
+                " body = excluded.body, mac = excluded.mac",
+                session_id,
+                seq,
+                head,
+                mac,
+            )
 
     def close(self) -> None:
         with self._mutex:

@@ -74,6 +74,9 @@ from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
 from torpor.paths import Paths
+from torpor.session.record import Writer
+from torpor.session.record import load as load_record
+from torpor.session.record import save as save_record
 from torpor.session.tools import Tool, check_tools, run_custom, run_tool
 from torpor.snapshot.core import restore, snapshot
 from torpor.store.home import durability_fields
@@ -257,6 +260,11 @@ def messages_from(entries: Sequence[Entry], system: str) -> list[dict[str, Any]]
     return f.messages(system)
 
 
+class _Stale(Exception):
+    """A view seeded from a state record cannot answer from the entries after it (a
+    marker reaches back before the record): the caller reads the whole log."""
+
+
 class LogView:
     """:func:`derive_state` and :func:`messages_from` of a log that only grows, in
     O(new entries) per call.
@@ -267,13 +275,28 @@ class LogView:
     a log that is not the one seen before) makes the view fold everything again, so
     the answers always equal the from-scratch functions'.  The message dicts are
     shared between calls: callers must not mutate them.
+
+    :meth:`seed` starts the view from a state record (:mod:`torpor.session.record`):
+    the fold through seq ``S``; the entries passed in are then only those after
+    ``S``, and where a full refold would be needed the view raises :class:`_Stale`.
     """
 
     def __init__(self, owner: str | None) -> None:
         self.owner = owner
+        self.based = False
         self._reset()
 
+    def seed(self, fold: _Fold, seq: int) -> None:
+        """Start from ``fold``, the fold of the log through entry ``seq``."""
+        self._settled, self._n, self._seq, self.based = fold, 0, seq, True
+
+    def settled(self) -> tuple[_Fold, int]:
+        """The settled fold and the seq it runs through (0: nothing settled)."""
+        return self._settled, self._seq
+
     def _reset(self) -> None:
+        if self.based:
+            raise _Stale
         self._settled = _Fold()
         self._n = 0  # entries settled
         self._seq = 0  # seq of the last settled entry
@@ -302,7 +325,8 @@ class LogView:
         return f
 
     def state(self, entries: Sequence[Entry]) -> SessionState:
-        return self._fold(entries).state(entries[-1].seq if entries else 0)
+        last = entries[-1].seq if entries else (self._seq if self.based else 0)
+        return self._fold(entries).state(last)
 
     def messages(self, entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
         return self._fold(entries).messages(system)
@@ -506,8 +530,12 @@ class Session:
         self._dsn = dsn
         self._model = model
         self._mgr = VMManager(paths)
-        self._cache: list[Entry] = []
+        self._cache: list[Entry] = []  # the visible log after _base_seq
         self._view = LogView(owner=record.id)
+        # the state record (torpor.session.record): read on the first log access;
+        # with one, the cache and the view start after its seq
+        self._loaded, self._base_seq = False, 0
+        self._rec, self._record_status = Writer(), "not read"
         self.on_event = on_event
 
     # -- opening ---------------------------------------------------------------------
@@ -658,28 +686,82 @@ class Session:
         only newer entries are fetched: a turn's many reads cost O(new entries).
         """
         entries = self._read()
+        if after < self._base_seq:  # what the state record stands for: read and checked now
+            return self._log.entries(self.id, after=after)
         if after <= 0:
             return list(entries)
         return [e for e in entries if e.seq > after]
 
     def _read(self) -> list[Entry]:
-        """The cached log, brought up to date (not a copy: do not modify)."""
-        upto = self._cache[-1].seq if self._cache else 0
+        """The cached log after the state record's seq (all of it without a record),
+        brought up to date (not a copy: do not modify)."""
+        if not self._loaded:
+            self._load_record()
+        upto = self._cache[-1].seq if self._cache else self._base_seq
         self._cache.extend(self._log.entries(self.id, after=upto))
         return self._cache
+
+    def _load_record(self) -> None:
+        """Start from the session's verified state record, if it has one; else fold
+        the whole log and write one (see :mod:`torpor.session.record`)."""
+        self._loaded = True
+        got = load_record(self._log, self.id)
+        self._record_status = got.status
+        if got.fold is not None and got.writer is not None:
+            self._base_seq = got.seq
+            self._view.seed(got.fold, got.seq)
+            u = got.fold.last_user
+            self._turn_seen = u.turn if u is not None else 0
+            self._rec = got.writer
+            self._record_status = f"used (seq {got.seq})"
+        elif got.status != "unavailable" and not self.record.removed:
+            self._save_record()  # missing or refused: the log rebuilds it
+            if self._record_status.startswith("written"):
+                self._record_status = f"{got.status}; {self._record_status}"
+
+    def _drop_record(self) -> None:
+        """Forget the state record and read the whole log (a marker reached back)."""
+        self._record_status = f"stale (seq {self._base_seq}): the whole log was read"
+        self._base_seq, self._cache = 0, []
+        self._view = LogView(owner=self.id)
+        self._turn_seen, self._turn_scan = 0, 0
+        self._rec = Writer()
+
+    def _folded(self, fn: Callable[[LogView, list[Entry]], Any]) -> Any:
+        """``fn(view, entries)``; once more from the whole log if the record is stale."""
+        try:
+            return fn(self._view, self._read())
+        except _Stale:
+            self._drop_record()
+            return fn(self._view, self._read())
+
+    def _save_record(self) -> None:
+        """Write the state record at the last settled checkpoint (a cache: a failure
+        leaves the log the only source, as it always is)."""
+        try:
+            self._folded(LogView.state)  # settles through the last checkpoint
+            fold, seq = self._view.settled()
+            if seq == 0 or seq <= self._rec.seq:  # nothing settled, or written already
+                return
+            chain = next((e.chain for e in reversed(self._cache) if e.seq == seq), b"")
+            if save_record(self._log, self.id, seq, chain, fold, self._rec):
+                self._record_status = f"written (seq {seq})"
+        except TorporError as e:
+            self._record_status = f"not written: {e}"
 
     def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Entry]:
         return self._log.follow(self.id, after=after, stop=stop)
 
     def state(self) -> SessionState:
-        return self._view.state(self._read())
+        return self._folded(LogView.state)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
         return list(self.state().checkpoints)
 
     def messages(self) -> list[dict[str, Any]]:
-        return self._view.messages(self._read(), self.record.meta.get("system", DEFAULT_SYSTEM))
+        system = self.record.meta.get("system", DEFAULT_SYSTEM)
+        return self._folded(lambda view, entries: view.messages(entries, system))
 
     def vm(self) -> VM | None:
         st = self.state()
@@ -730,6 +812,7 @@ class Session:
             "checkpoints": len(st.checkpoints),
             "snapshot_bytes": sum(c.stored_bytes for c in own),
             "turns": st.turns,
+            "state_record": self._record_status,
         }
 
     # -- the log as an API ----------------------------------------------------------------
@@ -851,9 +934,9 @@ class Session:
             raise UsageError("a message must not be empty")
         self._check_tools_supplied()  # before the message is acknowledged
         with self._locked_or_busy(wait, "a turn"):
-            entries = self._read()
-            st = self._view.state(entries)
+            st = self.state()
             if key is not None:
+                entries = self.log()  # a key anywhere in the visible log
                 for e in entries:
                     if e.kind == Kind.USER and e.key == key:
                         if st.pending is not None and st.pending.seq == e.seq:
@@ -1054,7 +1137,7 @@ class Session:
 
     def last_active(self) -> float:
         """When the last entry was appended (unix seconds)."""
-        entries = self._read()
+        entries = self._read() or self.log()
         return entries[-1].created_at if entries else self.record.created_at
 
     # -- internals ---------------------------------------------------------------------
@@ -1282,6 +1365,7 @@ class Session:
             },
             turn=turn,
         )
+        self._save_record()  # after the checkpoint entry: the record is at its seq
         return Checkpoint.from_entry(entry)
 
     def _arm_idle(self) -> None:
