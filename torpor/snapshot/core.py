@@ -48,8 +48,9 @@ Snapshot references: an id, an id prefix, or a tag (see
 :meth:`torpor.store.ChunkStore.get`).
 
 Forks (:func:`fork`) restore in parallel and then give each VM its own hostname and
-MAC.  The disk overlay names its base image by absolute path; a restore rebases it
-onto this host's copy of the image, so a store copied elsewhere restores there.
+MAC.  A snapshot names its base disk by content digest, and the guest kernel and
+agent protocol it needs; with a bucket store the base itself is stored too, so a host
+that never saw the image restores it (:mod:`torpor.snapshot.base`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from torpor.errors import (
     VMError,
 )
 from torpor.fsutil import atomic_write_bytes, locked
+from torpor.snapshot import base as bases
 from torpor.store import ChunkMissingError, ChunkStore, GcReport, Manifest
 from torpor.store.errors import io_error
 from torpor.vmm.capture import (
@@ -234,6 +236,13 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
     c = mgr.client(vm, timeout=30)
     ended = False
     try:
+        # the base first (once per base with a bucket store): never a durable snapshot
+        # whose base is not stored; before the pause, which it does not lengthen
+        base_ref = bases.ensure_stored(mgr, store, vm)
+        guest = bases.guest_meta(mgr.paths)
+        t["base_ms"] = (time.perf_counter() - t0) * 1000
+        t["base_upload_bytes"] = float(base_ref.uploaded_bytes)
+        t0 = time.perf_counter()
         c.sync()
         t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000
         try:
@@ -298,8 +307,12 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             t[f"{name}_compress_s"] = stats.seconds_compressing
             if name == "memory":
                 _crash_point("memory-stored")
+        cfg = dataclasses.replace(vm.config, base_digest=base_ref.digest)
         meta = {
-            "vm": json.dumps(vm.config.to_json()),
+            "vm": json.dumps(cfg.to_json()),
+            "base_digest": base_ref.digest,
+            "base_manifest": base_ref.manifest,
+            **guest,
             "main_id": str(vm.state.main_id),
             "accel": vm.state.accel,
             "source_vm": vm.id,
@@ -563,6 +576,7 @@ def gc(mgr: VMManager, grace_seconds: float) -> GcReport:
         live = set(store.ids())
     finally:
         store.close()
+    bases.prune(mgr, grace_seconds)  # materialized bases no VM here uses
     root = mgr.paths.snapshot_cache
     if root.is_dir():
         for d in root.iterdir():
@@ -587,15 +601,29 @@ def restore(
     if set(ARTIFACTS) - set(manifest.artifacts):
         raise UsageError(f"snapshot {manifest.id[:12]} is not a VM snapshot")
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
+    # before anything is made: this host's kernel and agent, and the base disk by digest
+    # (materialized from the store if this host lacks it; a damaged one is refused)
+    bases.check_guest(mgr.paths, manifest)
+    image = None
+    if src_cfg.base_digest:
+        stored_base = manifest.meta.get("base_manifest", "")
+        base_disk = bases.find_base(mgr, src_cfg.base_digest, src_cfg.image_id, store, stored_base)
+        image = bases.image_for(mgr, src_cfg.image_id, base_disk)
     # a VM record made through the normal create path (name link, overlay, config)...
     check_ports(ports)  # a taken port: a clear error before anything is made
     try:
-        vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False)
+        vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False, image=image)
     except OSError as e:  # e.g. a read-only home
         raise io_error(e, "restore: create the VM", mgr.paths.root) from e
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
-        vm = VM(dataclasses.replace(vm.config, image_ref=src_cfg.image_ref), vm.state, vm.dir)
+        vm = VM(
+            dataclasses.replace(
+                vm.config, image_ref=src_cfg.image_ref, base_digest=src_cfg.base_digest
+            ),
+            vm.state,
+            vm.dir,
+        )
         save_config(vm.dir, vm.config)
         place_snapshot(mgr, store, manifest, vm, cold)
         return mgr.start(vm.id)
@@ -780,7 +808,7 @@ def place_snapshot(
     if not cold and cache.exists():
         with contextlib.suppress(OSError):
             os.utime(cache)  # recently used: evicted last
-    rebase_disk(mgr, vm)
+    rebase_disk(mgr, vm, store, manifest)
     main_id = int(manifest.meta.get("main_id", "0"))
     set_last_snapshot(vm, manifest.id)
     save_state(vm.dir, VMState(main_id=main_id))
@@ -804,15 +832,26 @@ def find_shadow(mgr: VMManager, snap_id: str) -> Path | None:
     return None
 
 
-def rebase_disk(mgr: VMManager, vm: VM) -> None:
-    """Point the restored overlay at this host's copy of its base image.
+def rebase_disk(
+    mgr: VMManager, vm: VM, store: ChunkStore | None = None, manifest: Manifest | None = None
+) -> None:
+    """Point the restored overlay at this host's base disk with the snapshot's digest.
 
     A snapshot's overlay names its base by the absolute path it had where it was
-    taken; after the store moved to another ``TORPOR_HOME`` or host that path is
-    wrong.  An unsafe rebase (``qemu-img rebase -u``) rewrites only the header: the
-    base image is the same content (same image id), only its path differs.
+    taken; on another ``TORPOR_HOME`` or host that path is wrong.  The base is found
+    by content digest (:func:`torpor.snapshot.base.find_base`: this host's image if
+    its bytes match, else the base stored with the snapshot), so an unsafe rebase
+    (``qemu-img rebase -u``), which rewrites only the header, is right: the content is
+    the same, only its path differs.  Snapshots older than the digest: by image id.
     """
-    base = mgr.images.get(vm.config.image_id).disk_path
+    meta = manifest.meta if manifest is not None else {}
+    digest = vm.config.base_digest or meta.get("base_digest", "")
+    if digest:
+        base = bases.find_base(
+            mgr, digest, vm.config.image_id, store, meta.get("base_manifest", "")
+        )
+    else:
+        base = mgr.images.get(vm.config.image_id).disk_path
     if qcow2_backing(vm.files.disk) == str(base):
         return
     r = subprocess.run(
@@ -841,6 +880,7 @@ def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
     """A hibernated VM starts by restoring its last snapshot in place."""
     store = _store(mgr)
     m = store.get(last_snapshot(vm))
+    bases.check_guest(mgr.paths, m)  # before the wake changes anything
     mem = mgr.paths.snapshot_cache / m.id / "memory"
     checked = False
     if not cold and mem.exists():

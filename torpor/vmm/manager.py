@@ -54,7 +54,7 @@ from torpor.vmm.state import (
 
 if TYPE_CHECKING:
     from torpor.agent.client import AgentClient
-    from torpor.image.store import ImageStore
+    from torpor.image.store import Image, ImageStore
 
 # Start-up (issue 10): `torpor ps`, `exec VM true` and `images` construct a VMManager
 # but never create or boot a VM, so the image store (zstandard, manifest parsers), the
@@ -417,12 +417,13 @@ class VMManager:
                 return name
         return f"vm_{os.urandom(4).hex()}"
 
-    def create(self, req: RunRequest, *, overlay: bool = True) -> VM:
+    def create(self, req: RunRequest, *, overlay: bool = True, image: Image | None = None) -> VM:
         """Make the VM record (folder, name link, config, disk overlay); not started.
 
         ``overlay=False`` skips the disk overlay: a restore puts the snapshot's own
-        disk in place instead.  Raises UsageError, NotFoundError (image),
-        ConflictError (name taken).
+        disk in place instead.  ``image`` replaces the lookup of ``req.image`` (a
+        restore on a host without the image passes the one its stored base describes).
+        Raises UsageError, NotFoundError (image), ConflictError (name taken).
         """
         from torpor.vmm import boot, qemu
 
@@ -435,7 +436,7 @@ class VMManager:
             )
         if req.cpus < 1 or req.cpus > (os.cpu_count() or 1) * 4:
             raise UsageError(f"--cpus {req.cpus} is out of range")
-        image = self.images.get(req.image)
+        image = image if image is not None else self.images.get(req.image)
         command = resolve_command(
             image.config,
             list(req.entrypoint) if req.entrypoint is not None else None,

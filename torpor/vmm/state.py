@@ -78,6 +78,10 @@ class VMConfig:
     # the caps existed get the defaults
     log_max_size: int = DEFAULT_MAX_SIZE
     log_max_files: int = DEFAULT_MAX_FILES
+    # the content digest of the base disk under the overlay (torpor.snapshot.base): a
+    # restore finds the base by it, never by image id or path.  "" until the VM's
+    # first snapshot records it (and in VMs made before it existed)
+    base_digest: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
