@@ -81,6 +81,9 @@ def free_port() -> int:
 def make_home(root: Path, source: Paths) -> Paths:
     """A new home for one host: the source home's store key (one per deployment), its
     images by hard link, its guest kernel folder by symlink; nothing else."""
+    from torpor.store.store import load_key
+
+    load_key(source.store)  # made on first use: the source home may not have one yet
     paths = Paths(root).ensure()
     paths.store.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source.store / "key", paths.store / "key")

@@ -137,22 +137,56 @@ def failover_once(
             lease = ctx_log.lease(rec.id)
             targets.append((rec.id, lease.host if lease is not None else None))
     out = []
-    for sid, holder in targets:
-        res = _take_over(
-            paths, ctx_log, sid, holder, host=host, ttl=ttl, dsn=dsn, on_event=on_event
-        )
-        level = logging.INFO if res.outcome in (SKIPPED, HELD) else logging.WARNING
-        log.log(
-            level,
-            "failover: session %s (%s) from host %s: %s%s",
-            res.name,
-            res.session_id,
-            res.from_host or "-",
-            res.outcome,
-            f" ({res.detail})" if res.detail else "",
-        )
-        out.append(res)
+    with _Heartbeat(ctx_log, host, ttl) if heartbeat else contextlib.nullcontext():
+        for sid, holder in targets:
+            out.append(
+                _logged(
+                    _take_over(
+                        paths, ctx_log, sid, holder, host=host, ttl=ttl, dsn=dsn, on_event=on_event
+                    )
+                )
+            )
     return out
+
+
+def _logged(res: Outcome) -> Outcome:
+    level = logging.INFO if res.outcome in (SKIPPED, HELD) else logging.WARNING
+    log.log(
+        level,
+        "failover: session %s (%s) from host %s: %s%s",
+        res.name,
+        res.session_id,
+        res.from_host or "-",
+        res.outcome,
+        f" ({res.detail})" if res.detail else "",
+    )
+    return res
+
+
+class _Heartbeat:
+    """Heartbeats for ``host`` every ttl/3 while a pass runs: a restore and a replayed
+    turn can take longer than the TTL, and the leases claimed meanwhile must stay this
+    host's (a lease that lapsed mid-recovery would be taken by the next host)."""
+
+    def __init__(self, ctx_log: ContextLog, host: str, ttl: float) -> None:
+        self.ctx_log, self.host, self.ttl = ctx_log, host, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="torpor-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.ctx_log.heartbeat(self.host, host_info(), self.ttl)
+            except Exception as e:  # the next beat tries again; the pass goes on
+                log.warning("failover: heartbeat failed: %s", e)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _take_over(

@@ -1,0 +1,265 @@
+"""Sessions that outlive their host (issue 12 §3): hosts A and B are ``torpor serve``
+processes, C is this process, all sharing one PostgreSQL log and one bucket.
+
+- a session hibernated on A wakes on B (a home that never saw it: empty cache);
+- A killed -9 mid-turn: B's failover loop takes the session over once A's lease
+  expires, replays the turn on the VM restored from the last checkpoint (the journal
+  has the turn's line once), the background counter keeps counting; A restarted
+  removes its stale VM and does not take the session back;
+- B paused (SIGSTOP) mid-turn: C takes over (``torpor session recover --anywhere``);
+  when B resumes, its in-flight turn's next write is refused by the fence, and the log
+  holds the turn's work once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import Cluster
+from torpor.context import Kind, effective
+from torpor.vmm.manager import VMManager
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+TORPOR = (sys.executable, "-m", "torpor.cli.main")
+
+NOTES = {
+    "version": 1,
+    "turns": [
+        {
+            "steps": [
+                {
+                    "tool_calls": [
+                        {
+                            "name": "shell",
+                            "arguments": {"cmd": "echo {user_sh} >> /root/notes; cat /root/notes"},
+                        }
+                    ]
+                },
+                {"text": "notes: {last_result}"},
+            ]
+        }
+    ],
+    "after_end": "repeat-last",
+}
+_COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /root/.c && mv /root/.c /root/counter; sleep 1; done"
+)
+COUNTER = {
+    "version": 1,
+    "turns": [
+        {  # 0: a background service, and the journal's first line
+            "steps": [
+                {
+                    "tool_calls": [
+                        {
+                            "name": "shell",
+                            "arguments": {
+                                "cmd": f"setsid sh -c '{_COUNTER}' </dev/null >/dev/null 2>&1 & "
+                                "echo {user_sh} >> /root/journal; sleep 1; cat /root/counter"
+                            },
+                        }
+                    ]
+                },
+                {"text": "started"},
+            ]
+        },
+        {  # 1: a journal line, then a slow call: the window for a crash mid-turn
+            "steps": [
+                {
+                    "tool_calls": [
+                        {
+                            "name": "shell",
+                            "arguments": {
+                                "cmd": "echo {user_sh} >> /root/journal; sleep 6; echo ok"
+                            },
+                        }
+                    ]
+                },
+                {"text": "slow turn done"},
+            ]
+        },
+        {  # 2 and after: read the journal
+            "steps": [
+                {"tool_calls": [{"name": "shell", "arguments": {"cmd": "cat /root/journal"}}]},
+                {"text": "journal: {last_result}"},
+            ]
+        },
+    ],
+    "after_end": "repeat-last",
+}
+
+
+def _create(host_url: str, script: dict[str, Any], name: str) -> str:
+    r = httpx.post(f"{host_url}/v1/sessions", json={"script": script, "name": name}, timeout=300)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _send(host_url: str, sid: str, text: str) -> httpx.Response:
+    return httpx.post(f"{host_url}/v1/sessions/{sid}/messages", json={"text": text}, timeout=300)
+
+
+def _entries(cluster: Cluster, sid: str) -> list[Any]:
+    with cluster.log() as lg:
+        return lg.entries(sid)
+
+
+def _wait(cond: Any, what: str, timeout: float = 180) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _in_flight(url: str, sid: str, text: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A send whose host will die or be paused under it (its outcome kept)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["r"] = _send(url, sid, text)
+        except httpx.HTTPError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _tool_call_of_turn(cluster: Cluster, sid: str, turn: int) -> bool:
+    return any(e.kind == Kind.TOOL_CALL and e.turn == turn for e in _entries(cluster, sid))
+
+
+def test_a_session_hibernated_on_a_wakes_on_b(cluster: Cluster) -> None:
+    a, b = cluster.a.start(), cluster.b.start()
+    try:
+        sid = _create(a.url, NOTES, "wanderer")
+        r = _send(a.url, sid, "written on A")
+        assert r.status_code == 200 and r.json()["answer"] == "notes: written on A", r.text
+        r = httpx.post(f"{a.url}/v1/sessions/{sid}/hibernate", timeout=120)
+        assert r.status_code == 200, r.text
+        with cluster.log() as lg:
+            assert lg.lease(sid) is not None and lg.lease(sid).host is None  # nobody's
+        r = _send(b.url, sid, "read on B")
+        assert r.status_code == 200, r.text
+        assert r.json()["answer"] == "notes: written on A\nread on B"
+        with cluster.log() as lg:
+            assert lg.lease(sid).host == b.host_id
+        vms_b = {vm.id for vm in VMManager(b.paths).list()}
+        last_vm = [e for e in _entries(cluster, sid) if e.kind == Kind.VM][-1]
+        assert last_vm.payload["vm"] in vms_b  # the session runs on B now
+        httpx.delete(f"{b.url}/v1/sessions/{sid}", timeout=120)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_kill9_mid_turn_b_takes_over_and_a_restarted_lets_go(cluster: Cluster) -> None:
+    a, b = cluster.a.start(), cluster.b.start()
+    try:
+        sid = _create(a.url, COUNTER, "survivor")
+        r = _send(a.url, sid, "line-0")
+        assert r.status_code == 200 and r.json()["answer"] == "started", r.text
+        old_vm = [e for e in _entries(cluster, sid) if e.kind == Kind.VM][-1].payload["vm"]
+        sender, _ = _in_flight(a.url, sid, "line-1")
+        _wait(lambda: _tool_call_of_turn(cluster, sid, 2), "A's slow tool call")
+        a.stop(signal.SIGKILL)  # A's server dies mid-turn; its VM lingers (a sick host)
+        sender.join(30)
+
+        def taken_over() -> bool:
+            es = _entries(cluster, sid)
+            return es[-1].kind == Kind.CHECKPOINT and es[-1].turn == 2
+
+        _wait(taken_over, "B's failover to replay turn 2")
+        with cluster.log() as lg:
+            assert lg.lease(sid).host == b.host_id
+        es = _entries(cluster, sid)
+        vm_entry = [e for e in es if e.kind == Kind.VM][-1]
+        assert vm_entry.payload["vm"] != old_vm
+        assert vm_entry.payload["vm"] in {vm.id for vm in VMManager(b.paths).list()}
+        assert [e.payload["content"] for e in es if e.kind == Kind.USER] == ["line-0", "line-1"]
+        turn2 = [e for e in effective(es) if e.turn == 2]
+        assert [e.kind for e in turn2 if e.kind in (Kind.TOOL_CALL, Kind.TOOL_RESULT)] == [
+            Kind.TOOL_CALL,
+            Kind.TOOL_RESULT,
+        ]  # the interrupted call superseded, the replayed one kept: once
+        # the journal has turn 2's line once (the VM came back from turn 1's checkpoint)
+        r = _send(b.url, sid, "read")
+        assert r.status_code == 200, r.text
+        assert r.json()["answer"] == "journal: line-0\nline-1"
+        # the background service, started on A in turn 1, counts on B
+        mgr_b = VMManager(b.paths)
+
+        def count() -> int:
+            with mgr_b.client(vm_entry.payload["vm"]) as c:
+                return int(c.exec(["cat", "/root/counter"]).stdout.decode().strip() or 0)
+
+        first = count()
+        _wait(lambda: count() > first, "the counter to go on on B", timeout=60)
+        # A comes back: it removes its stale VM and leaves the session to B
+        assert old_vm in {vm.id for vm in VMManager(a.paths).list()}
+        a.start()
+        _wait(
+            lambda: old_vm not in {vm.id for vm in VMManager(a.paths).list()},
+            "A to remove its stale VM",
+            timeout=60,
+        )
+        with cluster.log() as lg:
+            assert lg.lease(sid).host == b.host_id
+        httpx.delete(f"{b.url}/v1/sessions/{sid}", timeout=120)
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop()
+
+
+def test_a_paused_host_is_fenced_after_c_takes_over(cluster: Cluster) -> None:
+    b = cluster.b.start(failover=False)
+    try:
+        sid = _create(b.url, COUNTER, "paused")
+        assert _send(b.url, sid, "line-0").status_code == 200
+        sender, out = _in_flight(b.url, sid, "line-1")
+        _wait(lambda: _tool_call_of_turn(cluster, sid, 2), "B's slow tool call")
+        b.send_signal(signal.SIGSTOP)  # paused, not dead: its turn is still in flight
+        try:
+            with cluster.log() as lg:
+                _wait(lambda: lg.lease(sid).expires_at < lg.now(), "B's lease to expire", 60)
+            cli = subprocess.run(
+                [*TORPOR, "session", "recover", "--anywhere", "--json"],
+                env=cluster.c_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            b.send_signal(signal.SIGCONT)
+        assert cli.returncode == 0, cli.stderr
+        rows = [json.loads(line) for line in cli.stdout.splitlines()]
+        mine = [r for r in rows if r["session_id"] == sid]
+        assert len(mine) == 1 and mine[0]["outcome"] == "recovered", rows
+        assert mine[0]["from_host"] == b.host_id
+        sender.join(120)
+        assert not sender.is_alive()
+        # B's turn resumed after the takeover: its next write was refused by the fence
+        assert "r" in out and out["r"].status_code == 409, out
+        es = _entries(cluster, sid)
+        turn2 = [e for e in effective(es) if e.turn == 2]
+        assert [e.kind for e in turn2 if e.kind in (Kind.TOOL_RESULT, Kind.CHECKPOINT)] == [
+            Kind.TOOL_RESULT,
+            Kind.CHECKPOINT,
+        ]  # C's replay, once; nothing B wrote after the takeover
+        assert [e.payload["content"] for e in es if e.kind == Kind.USER] == ["line-0", "line-1"]
+    finally:
+        b.send_signal(signal.SIGCONT)
+        b.stop()
