@@ -53,9 +53,9 @@ def image_names(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
 
 def snapshot_names(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
     with contextlib.suppress(Exception):
-        from torpor.store import ChunkStore
+        from torpor.store.home import home_store
 
-        store = ChunkStore(_paths().store)
+        store = home_store(_paths())  # with a bucket: its snapshots, any host's
         try:
             good, _bad = store.scan()
         finally:

@@ -50,6 +50,31 @@ def _paths() -> Paths:
     return Paths.default()
 
 
+STORE_HELP = (
+    "Where snapshots live: s3://BUCKET/PREFIX keeps them in an S3-compatible bucket, "
+    "with this home's store folder as a cache (endpoint and credentials: the AWS "
+    "configuration, e.g. AWS_ENDPOINT_URL, AWS_PROFILE); 'local' = the folder alone. "
+    "Wins over TORPOR_STORE; the VMs and helpers this command starts use it too."
+)
+DURABILITY_HELP = (
+    "With a bucket, when a checkpoint counts as taken: 'bucket' (default) once it is in "
+    "the bucket; 'local' once written here, uploaded behind (a turn is acknowledged with "
+    "its upload pending). Wins over TORPOR_DURABILITY."
+)
+
+
+def apply_store_options(store_url: str | None, durability: str | None) -> None:
+    """``--store`` / ``--durability``: checked, then set in this process's environment
+    (TORPOR_STORE / TORPOR_DURABILITY), which every store open and every process
+    torpor starts (the VM's shim, the idle watcher) reads (torpor.store.home)."""
+    from torpor.store.home import check_durability, check_store_url
+
+    if store_url is not None:
+        os.environ["TORPOR_STORE"] = check_store_url(store_url.strip()) or "local"
+    if durability is not None:
+        os.environ["TORPOR_DURABILITY"] = check_durability(durability)
+
+
 def _manager():  # imported lazily: `torpor --help` must not need QEMU or the image store
     from torpor.vmm.manager import VMManager
 
@@ -124,7 +149,15 @@ def human_size(n: float) -> str:
     help="Accept TCG, which is no security boundary, where a use may serve several "
     "tenants (= TORPOR_ALLOW_TCG=1).",
 )
-def cli(debug: bool, no_jail: bool = False, allow_tcg: bool = False) -> None:
+@click.option("--store", "store_url", metavar="URL", help=STORE_HELP)
+@click.option("--durability", type=click.Choice(["bucket", "local"]), help=DURABILITY_HELP)
+def cli(
+    debug: bool,
+    no_jail: bool = False,
+    allow_tcg: bool = False,
+    store_url: str | None = None,
+    durability: str | None = None,
+) -> None:
     """torpor runs OCI images in QEMU microVMs, Docker-style.
 
     \b
@@ -144,6 +177,7 @@ def cli(debug: bool, no_jail: bool = False, allow_tcg: bool = False) -> None:
         os.environ["TORPOR_JAIL"] = "0"
     if allow_tcg:
         os.environ["TORPOR_ALLOW_TCG"] = "1"
+    apply_store_options(store_url, durability)
     if debug:
         import logging
 
@@ -201,8 +235,28 @@ def info() -> None:
     rows.append(
         ("multi-tenant TCG", "allowed (TORPOR_ALLOW_TCG)" if jail.tcg_allowed() else "refused")
     )
-    for k, v in rows:
-        out_console.print(f"[bold]{k:14}[/bold] {v}")
+    rows.append(("store", _store_summary(paths)))
+    for k, v in rows:  # soft_wrap: a long value (paths, a URL) stays on one line
+        out_console.print(f"[bold]{k:14}[/bold] {v}", soft_wrap=True)
+
+
+def _store_summary(paths: Paths) -> str:
+    """``info``'s store line: the folder alone, or bucket + endpoint, durability and the
+    cache's size and bound (from the configuration: no request to the bucket)."""
+    from torpor.store.home import store_info
+
+    try:
+        s = store_info(paths.root)
+    except TorporError as e:
+        return f"misconfigured: {e}"
+    used = human_size(s.cache_bytes)
+    if s.kind == "local":
+        return f"local folder {paths.store} ({used} of chunks; no bucket: --store / TORPOR_STORE)"
+    cap = human_size(s.cache_max) if s.cache_max is not None else "unbounded (TORPOR_CACHE_MAX)"
+    return (
+        f"bucket {s.url} at {s.endpoint}, durability {s.durability}; "
+        f"cache {paths.store}: {used} of {cap}"
+    )
 
 
 @contextlib.contextmanager
@@ -1078,11 +1132,11 @@ class _DefaultGroup(click.Group):
 
 
 def _store() -> Any:
-    from torpor.store import ChunkStore
+    """The home's store as every command sees it: with a bucket (--store /
+    TORPOR_STORE) the bucket's snapshots, any host's, not just this cache."""
+    from torpor.store.home import home_store
 
-    paths = _paths().ensure()
-    paths.store.mkdir(parents=True, exist_ok=True)
-    return ChunkStore(paths.store)
+    return home_store(_paths().ensure())
 
 
 def _store_io(f: Any) -> Any:
@@ -1109,7 +1163,9 @@ def snapshot() -> None:
     \b
     torpor snapshot box --tag after-install   # VM keeps running; prints the snapshot id
     torpor snapshot box --stop                # hibernate: snapshot, then free CPU and RAM
-    torpor snapshot inspect SNAP ; torpor snapshot rm SNAP
+    torpor snapshot ls ; torpor snapshot inspect SNAP ; torpor snapshot rm SNAP
+    With a bucket (--store s3://… / TORPOR_STORE) these see the bucket's snapshots,
+    whichever host took them; `rm` removes a snapshot on every host.
     """
 
 
@@ -1168,7 +1224,10 @@ def snapshot_inspect(snap: str) -> None:
             step="snapshot inspect",
             path=e.path,
         ) from e
-    click.echo(json.dumps(_snap_row(m), indent=2, default=str))
+    from torpor.store.home import where
+
+    # where it is: the bucket (upload pending?) and how much of it this cache holds
+    click.echo(json.dumps({**_snap_row(m), "location": where(store, m)}, indent=2, default=str))
 
 
 @snapshot.command(name="rm", context_settings=CONTEXT)
@@ -1230,6 +1289,9 @@ def snapshots(vm: str | None, fmt: str | None) -> None:
             markup=True,
             highlight=False,
         )
+
+
+snapshot.add_command(snapshots, name="ls")  # `torpor snapshot ls` = `torpor snapshots`
 
 
 @cli.command(context_settings=CONTEXT)
@@ -1315,19 +1377,48 @@ def fork(
     show_default=True,
     help="Keep chunks younger than this (seconds), whatever references them.",
 )
+@click.option(
+    "--dry-run", is_flag=True, help="List what would be deleted (and condemned); change nothing."
+)
 @_store_io
-def gc(grace: int) -> None:
+def gc(grace: int, dry_run: bool) -> None:
     """Delete chunks no snapshot references (safe while snapshots are being taken),
-    and the caches of removed snapshots."""
-    from torpor.snapshot.core import gc as do_gc
+    and the caches of removed snapshots.
 
-    _store().close()  # the same checks and errors as the other snapshot commands
-    r = do_gc(_manager(), grace)
+    With a bucket (--store / TORPOR_STORE) this also collects the bucket, from every
+    host's snapshots: an unreferenced pack older than --grace is first condemned, and
+    deleted by a later gc if still unreferenced a grace period after (docs/deploy.md).
+    """
+    from torpor.snapshot.core import gc as do_gc
+    from torpor.store.home import store_url
+
+    store = _store()  # the same checks and errors as the other snapshot commands
+    if dry_run:
+        try:
+            r = store.gc(grace_seconds=grace, dry_run=True)
+        finally:
+            store.close()
+        for h in r.chunks_doomed:
+            click.echo(f"would delete chunk {h}")
+        for obj in r.bucket_deleted:
+            click.echo(f"would delete {obj} (bucket)")
+        for obj in r.bucket_condemned:
+            click.echo(f"would condemn {obj} (bucket; deleted by a gc after the grace period)")
+    else:
+        store.close()
+        r = do_gc(_manager(), grace)
+    verb = "would delete" if dry_run else "deleted"
     click.echo(
-        f"deleted {r.chunks_deleted} chunks ({human_size(r.bytes_freed)}), kept "
+        f"{verb} {r.chunks_deleted} chunks ({human_size(r.bytes_freed)}), kept "
         f"{r.chunks_kept} (+{r.chunks_kept_young} unreferenced but young or leased), "
         f"{r.leases_live} writers in flight"
     )
+    if store_url(_paths().root) is not None:
+        click.echo(
+            f"bucket: {verb} {len(r.bucket_deleted)} objects "
+            f"({human_size(r.bucket_bytes_freed)}), condemned {len(r.bucket_condemned)}, "
+            f"kept {r.packs_kept} packs (+{r.packs_kept_young} young)"
+        )
 
 
 @cli.command(context_settings=CONTEXT)

@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from torpor.cli.main import CONTEXT, _fail, _paths
+from torpor.cli.main import (
+    CONTEXT,
+    DURABILITY_HELP,
+    STORE_HELP,
+    _fail,
+    _paths,
+    apply_store_options,
+)
 from torpor.errors import TorporError, UsageError
 
 
@@ -48,6 +55,8 @@ def is_loopback(host: str) -> bool:
 @click.option(
     "--max-upload", default=8 << 30, show_default=True, help="Largest upload (files, images)."
 )
+@click.option("--store", "store_url", metavar="URL", help=STORE_HELP)
+@click.option("--durability", type=click.Choice(["bucket", "local"]), help=DURABILITY_HELP)
 @click.option("--rate", default=50.0, show_default=True, help="Requests/s per token, sustained.")
 @click.option("--burst", default=200, show_default=True, help="Requests per token in a burst.")
 @click.option("--log-level", default="info", show_default=True)
@@ -65,6 +74,8 @@ def serve(
     ssl_keyfile: str | None,
     max_body: int,
     max_upload: int,
+    store_url: str | None,
+    durability: str | None,
     rate: float,
     burst: int,
     log_level: str,
@@ -88,7 +99,11 @@ def serve(
 
     try:
         host, port = _split_listen(listen)
+        apply_store_options(store_url, durability)  # every tenant's store, and its VMs'
         paths = _paths()
+        from torpor.store.home import home_store
+
+        home_store(paths).close()  # a bucket unreachable or with another key: say so now
         if not is_loopback(host) and not TokenStore(paths).configured():
             raise UsageError(
                 f"refusing to serve on {host} without API tokens: anyone who can reach it "

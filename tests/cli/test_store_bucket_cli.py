@@ -1,0 +1,107 @@
+"""The CLI with snapshots in a bucket: every store command sees the bucket, not the cache.
+
+Two homes on one machine stand for two hosts sharing a bucket (real SeaweedFS) and
+one store key.  Home A (the test session's home, which has the image) snapshots a
+VM through ``torpor --store ...`` with a tiny cache bound, so its cache is evicted
+right after the commit; home B has never seen the snapshot and has an empty cache.
+One VM boot in all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import torpor_cli
+from torpor.paths import Paths
+
+pytestmark = pytest.mark.vm
+
+
+def _cli(*args: str, home: Path, env: dict[str, str]) -> str:
+    r = torpor_cli(*args, env={**env, "TORPOR_HOME": str(home)})
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    assert b"Traceback" not in r.stderr
+    return r.stdout.decode()
+
+
+def _keys(s3_server, bucket: str) -> set[str]:
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def _ids(out: str) -> set[str]:
+    return {row["id"] for row in json.loads(out)}
+
+
+def test_store_commands_see_the_bucket_from_another_home(
+    vms,
+    tools_image,
+    paths,
+    tmp_path,
+    s3_server,
+    bucket,
+) -> None:
+    url = f"s3://{bucket}/torpor"
+    env = {k: v for k, v in s3_server.env(bucket, "torpor").items() if k.startswith("AWS_")}
+    # the option wins over the environment: this bucket does not exist
+    env |= {"TORPOR_STORE": "s3://no-such-bucket-here/x", "TORPOR_CACHE_MAX": "1"}
+    vm = vms.run(tools_image, "sleep", "infinity", name="bucket-cli")
+    a = paths.root
+    snap = _cli("--store", url, "snapshot", vm.name, "--tag", "bucket-cli", home=a, env=env)
+    snap = snap.strip()
+    m = json.loads(_cli("--store", url, "snapshot", "inspect", snap, home=a, env=env))
+    loc = m["location"]
+    assert loc["store"] == "bucket" and loc["in_bucket"] and not loc["upload_pending"]
+    # TORPOR_CACHE_MAX=1: the commit evicted what the bucket holds from A's cache
+    assert loc["cached_chunks"] < loc["chunks"]
+    assert "ok" in _cli("--store", url, "verify", home=a, env=env).splitlines()[-1]
+
+    b = Paths(tmp_path / "host-b").ensure()
+    b.store.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(paths.store / "key", b.store / "key")  # one key per deployment
+    on_b = {"home": b.root, "env": env}
+    assert snap in _ids(_cli("--store", url, "snapshot", "ls", "--format", "json", **on_b))
+    got = json.loads(_cli("--store", url, "snapshot", "inspect", "bucket-cli", **on_b))
+    assert got["id"] == snap and got["vm"] == "bucket-cli"
+    assert got["location"]["in_bucket"] and got["location"]["cached_chunks"] == 0
+    # B's cache holds none of its chunks: absent from a cache is not damage
+    out = _cli("--store", url, "verify", **on_b)
+    assert out.splitlines()[-1] == "ok" and "missing" not in out
+    # what verify said before it opened the bucket: the cache alone lacks every chunk
+    cache_only = torpor_cli("--store", "local", "verify", env={"TORPOR_HOME": str(b.root)})
+    assert cache_only.returncode == 10 and b"missing chunk" in cache_only.stdout
+
+    assert _cli("--store", url, "snapshot", "rm", snap, **on_b).strip() == snap
+    # gc --dry-run lists what would go (the removed snapshot's objects) and deletes nothing
+    before = _keys(s3_server, bucket)
+    dry = _cli("--store", url, "gc", "--dry-run", "--grace", "0", **on_b)
+    assert f"would delete snapshots/{snap}.manifest (bucket)" in dry, dry
+    assert _keys(s3_server, bucket) == before
+    # removed on B: gone on A too (a tombstone in the bucket)
+    assert snap not in _ids(_cli("--store", url, "snapshots", "--format", "json", home=a, env=env))
+    gone = torpor_cli(
+        "--store", url, "snapshot", "inspect", snap, env={**env, "TORPOR_HOME": str(a)}
+    )
+    assert gone.returncode != 0 and b"Traceback" not in gone.stderr
+
+
+def test_info_names_the_store(tmp_path) -> None:
+    env = {"TORPOR_HOME": str(tmp_path / "h"), "TORPOR_CACHE_MAX": "2G"}
+    r = torpor_cli("--store", "s3://some-bucket/pre", "--durability", "local", "info", env=env)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.decode().splitlines() if ln.startswith("store"))
+    assert "s3://some-bucket/pre" in line and "durability local" in line and "2.15GB" in line
+    r = torpor_cli("info", env={**env, "TORPOR_STORE": ""})
+    assert "local folder" in r.stdout.decode()
+
+
+@pytest.mark.parametrize(
+    "args", [("--store", "ftp://x/y"), ("--store", "s3://b/../x"), ("--durability", "maybe")]
+)
+def test_bad_store_options_are_usage_errors(args: tuple[str, ...], tmp_path) -> None:
+    r = torpor_cli(*args, "snapshots", env={"TORPOR_HOME": str(tmp_path / "h")})
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
