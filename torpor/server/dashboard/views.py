@@ -230,6 +230,7 @@ def _item_data(e: Entry) -> tuple[str, dict[str, Any]] | None:
             "stored": _num(p.get("stored_bytes")) or 0,
             "pause_ms": _num(p.get("pause_ms")),
             "durable_ms": _num(p.get("durable_ms")),
+            "durability": _s(p.get("durability")),  # bucket / local, upload pending / local
         }
     if k is Kind.CUSTOM:
         return "other", {"title": _s(p.get("type")) or "custom", "text": clip(_s(p.get("data")))}
@@ -421,9 +422,9 @@ def _checkpoint_index(
 
 def lineage(paths: Paths) -> dict[str, Any]:
     """The snapshot tree (parents, children, forks, sizes) and the session fork tree."""
-    from torpor.store import ChunkStore
+    from torpor.store.home import home_store
 
-    store = ChunkStore(paths.store)
+    store = home_store(paths)  # with a bucket: the bucket's snapshots, not the cache's
     good, bad = store.scan()
     used, forked = _checkpoint_index(paths)
     nodes: dict[str, dict[str, Any]] = {}

@@ -36,10 +36,11 @@ router = APIRouter(tags=["snapshots"])
 
 
 def _store(paths: Paths) -> Any:
-    from torpor.store import ChunkStore
+    """The tenant's store as the CLI sees it: with a bucket, its snapshots (any
+    host's) under the namespace's prefix (torpor.store.home)."""
+    from torpor.store.home import home_store
 
-    paths.store.mkdir(parents=True, exist_ok=True)
-    return ChunkStore(paths.store)
+    return home_store(paths)
 
 
 def _row(m: Any) -> SnapshotOut:
