@@ -432,14 +432,24 @@ def _store_root(src: Path, meta: dict[str, Any]) -> Path | None:
 def _check_ram_copy(dst: Path, snapshot_id: str, store_root: Path | None) -> list[int]:
     """Offsets of the chunks of ``dst`` that differ from the snapshot's memory
     artifact ([0] if the manifest cannot be had: fail closed)."""
-    from torpor.errors import TorporError
+    from torpor.errors import NotFoundError, TorporError
     from torpor.store import ChunkStore
+    from torpor.store.home import home_store
 
     if store_root is None:
         return [0]
     try:
-        store = ChunkStore(store_root)
-        mem = store.get(snapshot_id).artifacts["memory"]
+        # the manifest only (the check hashes dst): the restore that started this shim
+        # has put it in the home's store folder, so the folder is opened first; with a
+        # bucket that folder is a cache, and the bucket (TORPOR_STORE, in the
+        # environment the shim inherits from the torpor that started it) has the rest
+        store: ChunkStore = ChunkStore(store_root)
+        try:
+            m = store.get(snapshot_id)
+        except NotFoundError:
+            store = home_store(store_root.parent)
+            m = store.get(snapshot_id)
+        mem = m.artifacts["memory"]
         return [i * mem.chunk_size for i in store.check_file(mem, dst)]
     except (TorporError, KeyError, OSError):
         return [0]
