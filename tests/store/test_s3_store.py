@@ -6,13 +6,13 @@ share the bucket and the store key.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import threading
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 from tests.store.conftest import KiB, same_content
@@ -27,7 +27,13 @@ from torpor.errors import (
 )
 from torpor.store import ChunkStore
 from torpor.store.backend import S3Backend
-from torpor.store.tiered import TieredStore, open_store, parse_size, wait_uploads
+from torpor.store.tiered import (
+    TieredStore,
+    decode_index,
+    open_store,
+    parse_size,
+    wait_uploads,
+)
 
 CS = 64 * KiB
 # file times come from the kernel's coarse clock (a jiffy, up to 10 ms): uses that must
@@ -92,10 +98,14 @@ def test_round_trip_through_the_bucket_on_a_second_host(s3_env, bucket, tmp_path
         m = a.commit({"memory": art}, meta={"tag": "first"})
         st = a.last_commit
     assert st is not None and st.durability == "bucket" and st.bucket_ms is not None
-    assert st.chunks_uploaded == len(art.stored)
+    assert st.chunks_uploaded == len(art.stored) and st.packs_uploaded == 1
     keys = objects(s3_env, bucket)
     assert f"torpor/snapshots/{m.id}.manifest" in keys
-    assert all(f"torpor/chunks/{h[:2]}/{h}" in keys for h in art.stored)
+    assert f"torpor/snapshots/{m.id}.index" in keys
+    packs = [k for k in keys if k.startswith("torpor/packs/")]
+    assert len(packs) == 1  # every chunk in one pack, named by its content
+    assert packs[0].endswith(f"/{blake3.blake3(keys[packs[0]]).hexdigest()}.pack")
+    assert not [k for k in keys if k.startswith("torpor/chunks/")]
 
     b_root = home(tmp_path, "b", key_from=a_root)  # another host: empty cache
     with tiered(b_root, bucket) as b:
@@ -123,7 +133,11 @@ def test_an_incremental_snapshot_uploads_only_new_chunks(s3_env, bucket, tmp_pat
             f.write(b"x" * 4096)
         art2, _ = a.put_file(src, chunk_size=CS, parent=art)
         a.commit({"memory": art2}, parent=m1.id)
-        assert a.last_commit.chunks_uploaded == 1
+        st = a.last_commit
+        assert st.chunks_uploaded == 1 and st.packs_uploaded == 1
+        # one pack, the index, the gc check (condemned/ and the parent), the manifest
+        assert st.requests <= 5
+        assert st.bytes_uploaded < CS + 4096
 
 
 def test_existing_chunk_objects_are_never_reuploaded_or_replaced(
@@ -133,22 +147,24 @@ def test_existing_chunk_objects_are_never_reuploaded_or_replaced(
     src = rand_file(tmp_path / "mem", 8 * CS, 3)
     with tiered(a_root, bucket) as a:
         art, _ = a.put_file(src, chunk_size=CS)
-        a.commit({"memory": art})
+        m = a.commit({"memory": art})
     before = {
         o["Key"]: o["ETag"]
         for o in s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]
     }
-    # another host stores the same bytes: every chunk is found in the bucket
+    # another host (empty cache) stores the same bytes on top of that snapshot: every
+    # chunk is found through the parent's index, none is sent again
     c_root = home(tmp_path, "c", key_from=a_root)
     with tiered(c_root, bucket) as c:
-        art_c, _ = c.put_file(src, chunk_size=CS)
-        c.commit({"memory": art_c}, meta={"host": "c"})
-        assert c.last_commit.chunks_uploaded == 0
+        m = c.get(m.id)
+        art_c, _ = c.put_file(src, chunk_size=CS, parent=m.artifacts["memory"])
+        c.commit({"memory": art_c}, parent=m.id, meta={"host": "c"})
+        assert c.last_commit.chunks_uploaded == 0 and c.last_commit.packs_uploaded == 0
         up = c.last_commit.bytes_uploaded
-        assert up < 2048  # the manifest only
-        # a conditional put of other bytes under a chunk's name is refused
-        h = sorted(art.stored)[0]
-        assert c.remote.put(f"chunks/{h[:2]}/{h}", b"other bytes", if_absent=True) is False
+        assert up < 4096  # the manifest and the index only
+        # a conditional put of other bytes under a pack's name is refused
+        pack = next(k for k in before if "/packs/" in k).split("/", 1)[1]
+        assert c.remote.put(pack, b"other bytes", if_absent=True) is False
     after = {
         o["Key"]: o["ETag"]
         for o in s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]
@@ -163,24 +179,30 @@ def test_a_chunk_corrupted_in_the_bucket_is_refused(s3_env, bucket, tmp_path: Pa
         art, _ = a.put_file(src, chunk_size=CS)
         m = a.commit({"memory": art})
     victim = sorted(art.stored)[2]
-    key = f"torpor/chunks/{victim[:2]}/{victim}"
     c = s3_env.client()
+    loc = decode_index(
+        a_root.joinpath("key").read_bytes(),
+        c.get_object(Bucket=bucket, Key=f"torpor/snapshots/{m.id}.index")["Body"].read(),
+        snap_id=m.id, source="test",
+    )[victim]  # fmt: skip
+    key = f"torpor/packs/{loc.pack[:2]}/{loc.pack}.pack"
     good = c.get_object(Bucket=bucket, Key=key)["Body"].read()
-    # another valid zstd frame, other content: decompresses, but to the wrong hash
-    from torpor.store.chunks import compress_chunk
-
-    c.put_object(Bucket=bucket, Key=key, Body=compress_chunk(os.urandom(CS)))
+    # one byte of the victim's frame flipped (in place: the pack keeps its name)
+    bad = bytearray(good)
+    bad[loc.offset + loc.length // 2] ^= 0x01
+    c.put_object(Bucket=bucket, Key=key, Body=bytes(bad))
     b_root = home(tmp_path, "b", key_from=a_root)
     with tiered(b_root, bucket) as b:
         with pytest.raises(ChunkCorruptError) as e:
             b.materialize(b.get(m.id).artifacts["memory"], tmp_path / "out")
-        assert victim in e.value.corrupt
+        assert e.value.corrupt == (victim,)  # the others in the pack are fine
         assert victim not in local_chunks(b)  # refused, not cached
+        assert len(local_chunks(b)) == len(art.stored) - 1
         assert not (tmp_path / "out").exists()
-        # a truncated frame too
-        c.put_object(Bucket=bucket, Key=key, Body=good[: len(good) // 2])
+        # a pack truncated in the middle of a frame too
+        c.put_object(Bucket=bucket, Key=key, Body=good[: loc.offset + loc.length // 2])
         with pytest.raises(ChunkCorruptError):
-            b.read_range(b.get(m.id).artifacts["memory"], 2 * CS, 10)
+            b.read_range(b.get(m.id).artifacts["memory"], art.chunks.index(victim) * CS, 10)
 
 
 def test_a_manifest_tampered_in_the_bucket_is_refused(s3_env, bucket, tmp_path: Path):
@@ -312,10 +334,11 @@ def test_verify_counts_evicted_chunks_as_present_in_the_bucket(s3_env, bucket, t
         a.evict(0)
         assert local_chunks(a) == set()
         assert a.verify().ok
-        victim = sorted(art.stored)[0]
-        s3_env.client().delete_object(Bucket=bucket, Key=f"torpor/chunks/{victim[:2]}/{victim}")
+        (pack,) = [k for k in objects(s3_env, bucket) if k.startswith("torpor/packs/")]
+        s3_env.client().delete_object(Bucket=bucket, Key=pack)
         r = a.verify()
-        assert r.missing == (victim,) and r.affected == {m.id: (victim,)}
+        every = tuple(sorted(art.stored))  # all in that one pack
+        assert r.missing == every and r.affected == {m.id: every}
 
 
 def test_durability_local_acknowledges_first_and_uploads_behind(

@@ -5,10 +5,16 @@ Role: a :class:`Backend` stores named, immutable objects (``get`` / ``put`` /
 object store, through ``boto3`` (the ``s3`` extra).  The store layout inside the
 bucket mirrors the local folder under the configured prefix::
 
-    <prefix>/FORMAT                    "torpor-store 1" + the key id (see tiered)
-    <prefix>/chunks/<aa>/<hash>        one frame, exactly the local chunk file's bytes
+    <prefix>/FORMAT                    "torpor-store 2" + the key id (see tiered)
+    <prefix>/packs/<aa>/<hash>.pack    a checkpoint's new chunk frames, concatenated;
+                                       <hash> = BLAKE3 of the whole pack object
+    <prefix>/snapshots/<id>.index      where each chunk of <id> is (pack, offset, length)
     <prefix>/snapshots/<id>.manifest   exactly the local manifest file's bytes
-    <prefix>/snapshots/<id>.removed    tombstone (empty)
+    <prefix>/snapshots/<id>.removed    tombstone (MAC of the id)
+    <prefix>/condemned/<hash>          gc: the pack <hash> was found unreferenced
+    <prefix>/gc/lock                   gc: one gc at a time across hosts
+
+(The formats of packs, indexes and the gc rule are in :mod:`torpor.store.tiered`.)
 
 Invariants:
 
@@ -33,6 +39,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
@@ -45,6 +53,17 @@ from torpor.errors import (
 )
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A listed object: name (relative to the store), size, last-modified time (the
+    server's clock, seconds since the epoch)."""
+
+    name: str
+    size: int
+    mtime: float
+
 
 # Our own retries wrap botocore's (which already retries throttling, 5xx and
 # connection errors a few times): a store upload that fails after both is an error
@@ -71,10 +90,20 @@ class Backend(Protocol):
         """Store ``data``; with ``if_absent`` only if absent.  False if it existed."""
         ...
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of the object (short if it is shorter),
+        or None if there is no such object."""
+        ...
+
     def exists(self, name: str) -> bool: ...
 
     def list(self, prefix: str) -> list[str]:
         """Names under ``prefix`` (complete: paged through)."""
+        ...
+
+    def list_info(self, prefix: str) -> tuple[list[ObjectInfo], float]:
+        """Objects under ``prefix`` with sizes and times, and the server's "now" (its
+        clock, as the object times are: gc's grace periods are measured on it)."""
         ...
 
     def delete(self, name: str) -> None: ...
@@ -236,6 +265,32 @@ class S3Backend:
             self.bytes_down += len(data)
         return data
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        if length <= 0:
+            return b""
+
+        def fetch() -> bytes | None:
+            try:
+                r = self.client.get_object(
+                    Bucket=self.bucket, Key=self._key(name),
+                    Range=f"bytes={offset}-{offset + length - 1}",
+                )  # fmt: skip
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code in ("NoSuchKey", "404"):
+                    return None
+                if code == "InvalidRange":  # past the end: the object is shorter
+                    return b""
+                raise
+            return r["Body"].read(length + 1)  # (a server ignoring Range: bounded read)
+
+        data = self._call("download", name, fetch)
+        if data is not None:
+            self.bytes_down += len(data)
+        return data
+
     def put(self, name: str, data: bytes, *, if_absent: bool = False) -> bool:
         from botocore.exceptions import ClientError
 
@@ -284,6 +339,27 @@ class S3Backend:
                 self.requests += n > 0  # (the first page is counted by _call)
                 out.extend(o["Key"][cut:] for o in page.get("Contents", ()))
             return out
+
+        return self._call("list", prefix, page_all)
+
+    def list_info(self, prefix: str) -> tuple[list[ObjectInfo], float]:
+        full = self._key(prefix)
+        cut = len(self.prefix) + 1 if self.prefix else 0
+
+        def page_all() -> tuple[list[ObjectInfo], float]:
+            out: list[ObjectInfo] = []
+            now = 0.0
+            pager = self.client.get_paginator("list_objects_v2")
+            for n, page in enumerate(pager.paginate(Bucket=self.bucket, Prefix=full)):
+                self.requests += n > 0
+                if n == 0:
+                    date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+                    now = parsedate_to_datetime(date).timestamp() if date else time.time()
+                out.extend(
+                    ObjectInfo(o["Key"][cut:], int(o.get("Size", 0)), o["LastModified"].timestamp())
+                    for o in page.get("Contents", ())
+                )
+            return out, now
 
         return self._call("list", prefix, page_all)
 

@@ -169,6 +169,16 @@ class GcReport:
     leases_live: int
     leases_stale_removed: int
     manifests_unreadable: tuple[str, ...] = ()
+    dry_run: bool = False  # nothing was deleted: the counts and lists say what would go
+    chunks_doomed: tuple[str, ...] = ()  # local chunks deleted (dry run: that would be)
+    # a bucket store (TieredStore) also collects the bucket: objects deleted (packs,
+    # indexes and manifests of removed snapshots, condemned markers) and packs newly
+    # condemned (deleted by a later gc if still unreferenced after the grace period)
+    bucket_deleted: tuple[str, ...] = ()
+    bucket_condemned: tuple[str, ...] = ()
+    bucket_bytes_freed: int = 0
+    packs_kept: int = 0
+    packs_kept_young: int = 0
 
 
 _pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
@@ -1070,17 +1080,20 @@ class ChunkStore:
             affected=affected,
         )
 
-    def gc(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> GcReport:
+    def gc(
+        self, grace_seconds: float = DEFAULT_GRACE_SECONDS, *, dry_run: bool = False
+    ) -> GcReport:
         """Delete chunks no manifest names, except young ones (see module doc).
 
         A manifest that fails to load cannot be trusted, but its chunks are kept
         anyway (every 64-hex token in it counts as referenced): gc never turns a
-        damaged manifest into lost data.
+        damaged manifest into lost data.  ``dry_run`` deletes nothing and reports
+        what would go (``chunks_doomed``).
         """
         if grace_seconds < 0:
             raise UsageError("grace_seconds must be >= 0")
         try:
-            return self._gc(grace_seconds)
+            return self._gc(grace_seconds, dry_run)
         except OSError as e:
             raise _io_error(e, "gc", self.root) from e
 
@@ -1107,11 +1120,11 @@ class ChunkStore:
 
         return sorted(doomed, key=lambda d: -depth(d[0].name))
 
-    def _gc(self, grace_seconds: float) -> GcReport:
+    def _gc(self, grace_seconds: float, dry_run: bool = False) -> GcReport:
         with self._gc_lock(shared=False):
             # removed snapshots' manifests put back (copied in) stay removed: drop them
             _, removed = self._scan_names()
-            for i in removed:
+            for i in removed if not dry_run else ():
                 with contextlib.suppress(FileNotFoundError):
                     self._manifest_path(i).unlink()
             now_ns = time.time_ns()
@@ -1122,7 +1135,8 @@ class ChunkStore:
                     live += 1
                     cutoff = min(cutoff, lease.mtime_ns)
                 else:
-                    release_lease(lease.path)
+                    if not dry_run:
+                        release_lease(lease.path)
                     stale += 1
             referenced: set[str] = set()
             unreadable: list[str] = []
@@ -1168,13 +1182,20 @@ class ChunkStore:
                 if not todo:
                     break
             kept = len(keep)
+            gone: list[str] = []
             for p, size in self._deltas_first(doomed):
                 if blind or p.name in needed:
                     kept += 1
                     continue
+                if dry_run:
+                    gone.append(p.name)
+                    deleted += 1
+                    freed += size
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     failpoints.hit("store.gc_unlink")
                     p.unlink()
+                    gone.append(p.name)
                     deleted += 1
                     freed += size
             temps = 0
@@ -1186,7 +1207,8 @@ class ChunkStore:
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         if p.stat().st_mtime_ns < cutoff:
-                            p.unlink()
+                            if not dry_run:
+                                p.unlink()
                             temps += 1
         return GcReport(
             chunks_deleted=deleted,
@@ -1197,4 +1219,6 @@ class ChunkStore:
             leases_live=live,
             leases_stale_removed=stale,
             manifests_unreadable=tuple(unreadable),
+            dry_run=dry_run,
+            chunks_doomed=tuple(gone),
         )

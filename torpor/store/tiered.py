@@ -5,56 +5,97 @@ same local folder layout, same crash- and gc-safety locally) that also keeps eve
 committed snapshot in a :class:`~torpor.store.backend.Backend` (S3).  It is chosen
 with ``TORPOR_STORE=s3://bucket/prefix`` (or ``open_store(..., store=...)``); with
 nothing configured :func:`open_store` returns a plain ``ChunkStore`` and nothing
-here runs.  The bucket layout is in :mod:`torpor.store.backend`.
+here runs.  The bucket layout is in :mod:`torpor.store.backend` (format 2).
+
+Packs and indexes (a checkpoint costs a handful of requests, not one per chunk):
+
+- A **pack** ``packs/<aa>/<hash>.pack`` is ``torpor-pack 1\n`` + 16 random bytes +
+  chunk frames (each exactly the local chunk file's bytes: plain or delta),
+  concatenated; ``<hash>`` is the BLAKE3 of the whole object.  A checkpoint's new
+  chunks go into one pack, or several of about ``PACK_BYTES`` each, sealed and
+  uploaded while ``put_file`` is still chunking.  The random bytes make every pack
+  a new name: a pack is uploaded once with ``If-None-Match: *`` and never replaced.
+- A snapshot's **index** ``snapshots/<id>.index`` says where *every* chunk it needs
+  is — its own and its parents', and every delta's base (pack, offset, length,
+  base) — so a cold restore reads one small object, then the packs in ranged GETs
+  coalesced over adjacent frames (gaps up to ``COALESCE_GAP``), in parallel.  It is
+  ``torpor-index 1`` / ``hmac-sha256 <mac over the id and body>`` / zstd(JSON):
+  a truncated, damaged or foreign index is refused (ManifestAuthError /
+  ManifestError naming it) before anything in it is used.
+- A checkpoint's chunks are located through its parent's index (deduplication is
+  against the parent and within the checkpoint: identical chunks of unrelated
+  snapshots are stored twice), the rest are packed from the local frames.
 
 Invariants:
 
-- **Immutable, content-addressed objects.**  A chunk object holds exactly the bytes
-  of the local chunk file (one frame, plain or delta) and is uploaded with
-  ``If-None-Match: *``: an existing object is never replaced.  A delta is uploaded
-  only after its base.
-- **Nothing half-listed.**  With ``durability="bucket"`` (the default) chunk uploads
-  start as ``put_file`` writes them; a commit waits for those, uploads every other
-  chunk the manifest names that the bucket is not known to hold (the parent's
-  chunks and their delta bases are, when the parent is in the bucket; any other is
-  checked with a HEAD) with every delta's base before it, then the manifest, and
-  only then writes the local manifest: if the bucket fails, the
-  commit raises a :class:`~torpor.errors.RemoteStoreError` and no manifest is listed
-  anywhere; committing the same artifacts again later succeeds.  With
-  ``durability="local"`` (``TORPOR_DURABILITY=local``) the commit returns at the
-  local durable point and a background uploader sends it (same order); a
-  ``pending/<id>`` marker survives crashes and the next store opened on this home
-  resumes the upload.  :attr:`TieredStore.last_commit` says which happened and how
-  long each took.
-- **Every download is checked** exactly as a local read is: a chunk's frame must
+- **Nothing half-listed.**  Order of a commit: packs, index, the gc check below,
+  manifest; only then the local manifest.  If the bucket fails, the commit raises a
+  :class:`~torpor.errors.RemoteStoreError` and no manifest is listed anywhere;
+  committing the same artifacts again later succeeds.  With ``durability="local"``
+  (``TORPOR_DURABILITY=local``) the commit returns at the local durable point and a
+  background uploader sends it (same order); a ``pending/<id>`` marker survives
+  crashes and the next store opened on this home resumes the upload.
+  :attr:`TieredStore.last_commit` says which happened and how long each took.
+- **Every download is checked** as a local read is: a frame cut from a pack must
   decompress (through its base, fetched and checked too) to bytes whose BLAKE3 is
-  its name before it is returned or cached; a manifest's MAC is checked before it is
-  cached or parsed; a tombstone counts only if its MAC (over its id) verifies.  A bad
+  its name before it is returned or cached; manifests and indexes are MAC-checked
+  before use; a tombstone counts only if its MAC (over its id) verifies.  A bad
   object is refused (ChunkCorruptError / ManifestAuthError), never cached.
 - **The cache is bounded** (``TORPOR_CACHE_MAX``, e.g. ``10G``; LRU by bytes: reads
   touch a chunk's mtime).  Eviction removes only chunks the bucket holds: never one
   named by a local manifest that is not in the bucket (``remote/<id>`` marks those
   that are), never one younger than the oldest live lease — writers hold one while
-  they write, readers (:meth:`TieredStore.pinned`) while they read, so what a
-  running read has touched stays.  A chunk evicted anyway between a reader's check
-  and its open (a dead reader's lease, a clock step) is fetched again: eviction
-  never makes a read fail.
-- **One key per deployment.**  Manifests are MACed with the home's ``store/key``;
-  every host sharing a bucket must have the same key file.  The bucket's
-  ``FORMAT`` object records the key's id (an HMAC of a constant), so a host with a
-  different key gets a clear error at open, not MAC failures later.
+  they write, readers (:meth:`TieredStore.pinned`) while they read.  A chunk evicted
+  anyway between a reader's check and its open is fetched again.
+- **One key per deployment.**  Manifests, indexes and tombstones are MACed with the
+  home's ``store/key``; every host sharing a bucket must have the same key file.
+  The bucket's ``FORMAT`` object records the key's id, so a host with a different
+  key gets a clear error at open.  A format-1 bucket (one object per chunk, older
+  torpor) is refused at open with a clear error (no migration).
+
+Garbage collection across hosts (:meth:`TieredStore.gc`; the rule, as restic and
+kopia document theirs):
+
+- **Live** = every manifest in the bucket, any host's, without an authentic
+  tombstone (tags live in manifests; there is no other pin).  A pack is referenced
+  if a live snapshot's index names it; a partly garbage pack is kept whole (no
+  repacking).  An index that cannot be read makes that gc delete no pack.
+- **Two phases.**  A pack unreferenced and older than the grace period (object times
+  and "now" both from the server's clock) is first *condemned*: an empty object
+  ``condemned/<pack>``.  A later gc deletes it only if it is still unreferenced and
+  its marker is older than the grace period; a gc that finds a condemned pack
+  referenced again removes the marker.  One gc at a time: ``gc/lock`` (taken with
+  ``If-None-Match: *``; expires after ``GC_LOCK_TTL``).
+- **A committer never names a condemned pack.**  Just before writing its manifest
+  (after its packs and index), a commit lists ``condemned/`` and checks that the
+  parent whose index lent it locations is still live (manifest there, no
+  tombstone); chunks in a condemned pack, or lent by a removed parent, are packed
+  again from the local cache (a condemned pack is still readable) and the index
+  rewritten, then checked again.  So a pack a manifest names was not condemned when
+  that manifest's check ran: a marker made later is older than the grace period
+  only after the manifest is listed (a check and one PUT take far less than the
+  grace period: the default 15 min; tests use seconds on loopback), and the gc that
+  would delete it lists that manifest first.  Uploads in flight are protected by
+  the grace period alone (they are not condemned while young); a commit slower than
+  the grace period finds its own packs condemned and packs those chunks again.
+- Indexes and manifests of tombstoned snapshots are deleted (the tombstone stays);
+  an index with no manifest older than the grace period (a failed commit) too.
+  ``dry_run`` lists what would be deleted and condemned, and changes nothing.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import os
 import queue
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -62,12 +103,20 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import zstandard
 
 from torpor import fsutil
-from torpor.errors import NotFoundError, RemoteStoreError, UsageError
+from torpor.errors import ConflictError, NotFoundError, RemoteStoreError, UsageError
 from torpor.store import chunks as ck
-from torpor.store.backend import Backend, S3Backend
-from torpor.store.errors import ChunkMissingError, ManifestAuthError, StoreError, chunk_error
+from torpor.store.backend import Backend, ObjectInfo, S3Backend
+from torpor.store.errors import (
+    ChunkMissingError,
+    ManifestAuthError,
+    ManifestError,
+    StoreError,
+)
 from torpor.store.lease import create_lease, read_leases, release_lease
 from torpor.store.manifest import (
     KIND_VM_SNAPSHOT,
@@ -77,18 +126,45 @@ from torpor.store.manifest import (
     decode_manifest,
     encode_manifest,
 )
-from torpor.store.store import MAX_DELTA_DEPTH, ChunkStore, VerifyReport
+from torpor.store.store import (
+    DEFAULT_GRACE_SECONDS,
+    MAX_DELTA_DEPTH,
+    ChunkStore,
+    GcReport,
+    VerifyReport,
+)
 
 log = logging.getLogger("torpor.store")
 
 DURABILITIES = ("bucket", "local")
 NET_THREADS = 16  # parallel requests: latency-bound, not CPU-bound
 FORMAT_OBJECT = "FORMAT"
+FORMAT_MAGIC = b"torpor-store 2\n"
+OLD_FORMAT_MAGIC = b"torpor-store 1\n"
 TOMBSTONE_MAGIC = b"torpor-tombstone 1\n"
+PACK_MAGIC = b"torpor-pack 1\n"
+PACK_NONCE = 16
+PACK_HEADER_LEN = len(PACK_MAGIC) + PACK_NONCE
+INDEX_MAGIC = b"torpor-index 1\n"
+# A pack is sealed (and its upload started) once it holds this much: big enough that
+# a turn is one PUT, small enough that a first checkpoint's upload overlaps its put.
+PACK_BYTES = 16 << 20
+# Cold restore: adjacent wanted frames of a pack are fetched in one ranged GET when
+# the bytes between them are at most COALESCE_GAP (fetched and thrown away), and one
+# GET covers at most RANGE_BYTES (so a big restore still runs in parallel).
+COALESCE_GAP = 32 << 10
+RANGE_BYTES = 4 << 20
+MAX_INDEX_BYTES = 512 << 20  # decompressed: ~100 bytes a chunk
+GC_LOCK_OBJECT = "gc/lock"
+GC_LOCK_TTL = 3600.0  # a gc lock older than this is a dead gc's: taken over
+CLOCK_SLACK = 1.0  # object times have a resolution of one second
+SYNC_AGAIN_S = 5.0  # a chunk no index locates lists the bucket's snapshots at most this often
+COMMIT_CHECK_WINDOW = 60.0  # logged when a commit's check -> manifest took longer
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _checked_formats: set[tuple[str, str]] = set()  # (bucket url, key id) checked this process
 _checked_lock = threading.Lock()
+_PACK_NAME_RE = re.compile(r"^packs/([0-9a-f]{2})/([0-9a-f]{64})\.pack$")
 
 
 def parse_size(text: str) -> int:
@@ -109,17 +185,192 @@ def tombstone_bytes(key: bytes, snap_id: str) -> bytes:
     return TOMBSTONE_MAGIC + f"hmac-sha256 {mac}\n".encode()
 
 
+# -- packs and indexes --------------------------------------------------------------
+
+
+class Loc(NamedTuple):
+    """Where a chunk's frame is in the bucket."""
+
+    pack: str  # the pack's hash
+    offset: int
+    length: int
+    base: str | None  # the chunk a delta frame needs (None: plain)
+
+
+def pack_object(name: str) -> str:
+    return f"packs/{name[:2]}/{name}.pack"
+
+
+def index_object(snap_id: str) -> str:
+    return f"snapshots/{snap_id}.index"
+
+
+def build_pack(items: Iterable[tuple[str, bytes]]) -> tuple[str, bytes, dict[str, Loc]]:
+    """(name, bytes, locations) of a pack holding ``items`` (hash, frame)."""
+    parts = [PACK_MAGIC, os.urandom(PACK_NONCE)]
+    off = PACK_HEADER_LEN
+    rel: dict[str, tuple[int, int, str | None]] = {}
+    for h, frame in items:
+        rel[h] = (off, len(frame), ck.delta_base(frame))
+        parts.append(frame)
+        off += len(frame)
+    data = b"".join(parts)
+    name = ck.hash_bytes(data)
+    return name, data, {h: Loc(name, o, n, b) for h, (o, n, b) in rel.items()}
+
+
+def _index_mac(key: bytes, snap_id: str, body: bytes) -> str:
+    return hmac.new(
+        key, b"torpor-index " + snap_id.encode() + b"\n" + body, hashlib.sha256
+    ).hexdigest()
+
+
+def encode_index(key: bytes, snap_id: str, locs: Mapping[str, Loc]) -> bytes:
+    packs = sorted({loc.pack for loc in locs.values()})
+    at = {p: i for i, p in enumerate(packs)}
+    doc = {
+        "snapshot": snap_id,
+        "packs": packs,
+        "chunks": [[h, at[v.pack], v.offset, v.length, v.base] for h, v in sorted(locs.items())],
+    }
+    body = zstandard.ZstdCompressor(level=3).compress(
+        json.dumps(doc, separators=(",", ":")).encode()
+    )
+    return INDEX_MAGIC + f"hmac-sha256 {_index_mac(key, snap_id, body)}\n".encode() + body
+
+
+def decode_index(key: bytes, data: bytes, *, snap_id: str, source: object) -> dict[str, Loc]:
+    """The locations in an index, after its MAC (bound to ``snap_id``) verified."""
+    step = "read index"
+    if not data.startswith(INDEX_MAGIC):
+        raise ManifestError(f"not a torpor index: {source}", step=step, path=source)
+    line, sep, body = data[len(INDEX_MAGIC) :].partition(b"\n")
+    if not sep or not line.startswith(b"hmac-sha256 "):
+        raise ManifestError(f"index truncated: {source}", step=step, path=source)
+    if not hmac.compare_digest(line[12:], _index_mac(key, snap_id, body).encode()):
+        raise ManifestAuthError(
+            f"the index of snapshot {snap_id[:12]} does not verify (damaged, truncated, or "
+            f"not signed with this store's key): {source}",
+            step=step,
+            path=source,
+        )
+    try:
+        doc = json.loads(
+            zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_INDEX_BYTES)
+        )
+        packs = doc["packs"]
+        if doc["snapshot"] != snap_id or not all(ck.is_chunk_hash(p) for p in packs):
+            raise ValueError("wrong snapshot or pack name")
+        out: dict[str, Loc] = {}
+        for h, pi, off, n, base in doc["chunks"]:
+            if not (
+                ck.is_chunk_hash(h)
+                and type(pi) is int
+                and type(off) is int
+                and type(n) is int
+                and 0 <= pi < len(packs)
+                and off >= PACK_HEADER_LEN
+                and 0 < n <= 2 * ck.MAX_CHUNK_SIZE
+                and (base is None or ck.is_chunk_hash(base))
+            ):
+                raise ValueError(f"bad entry for {str(h)[:64]!r}")
+            out[h] = Loc(packs[pi], off, n, base)
+    except (zstandard.ZstdError, ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"malformed index {source}: {e}", step=step, path=source) from e
+    return out
+
+
+class _Packer:
+    """A writer's pack buffer: frames in, packs of about ``PACK_BYTES`` out, each
+    uploaded as soon as it is sealed (the put goes on meanwhile)."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+        self.lock = threading.Lock()
+        self.items: list[tuple[str, bytes]] = []
+        self.size = 0
+        self.seen: set[str] = set()
+        self.sent: list[tuple[Future[bool], dict[str, Loc]]] = []
+
+    def add(self, h: str, frame: bytes) -> None:
+        with self.lock:
+            if h in self.seen:
+                return
+            self.seen.add(h)
+            self.items.append((h, frame))
+            self.size += len(frame)
+            if self.size < PACK_BYTES:
+                return
+            items, self.items, self.size = self.items, [], 0
+        self._send(items)
+
+    def _send(self, items: list[tuple[str, bytes]]) -> None:
+        name, data, locs = build_pack(items)
+        remote = self.store.remote
+        fut = self.store._net().submit(remote.put, pack_object(name), data, if_absent=True)
+        with self.lock:
+            self.sent.append((fut, locs))
+
+    def finish(self) -> dict[str, Loc]:
+        """Send what is buffered, wait for every pack; the locations of those that
+        made it (a failed pack's chunks are packed again by the commit)."""
+        with self.lock:
+            items, self.items, self.size = self.items, [], 0
+        if items:
+            self._send(items)
+        with self.lock:
+            sent = list(self.sent)
+        out: dict[str, Loc] = {}
+        for fut, locs in sent:
+            try:
+                fut.result()
+            except StoreError:
+                continue
+            out.update(locs)
+        with self.lock:  # (what failed is dropped: the commit packs it again)
+            self.sent = [(f, locs) for f, locs in self.sent if not f.exception()]
+        return out
+
+
+def _coalesce(want: Mapping[str, Loc]) -> list[tuple[str, int, int, list[str]]]:
+    """Ranged reads (pack, start, end, chunks) covering ``want``: adjacent frames of a
+    pack share one read when the gap is at most COALESCE_GAP (up to RANGE_BYTES)."""
+    by_pack: dict[str, list[str]] = {}
+    for h, loc in want.items():
+        by_pack.setdefault(loc.pack, []).append(h)
+    out: list[tuple[str, int, int, list[str]]] = []
+    for pack, hs in sorted(by_pack.items()):
+        hs.sort(key=lambda h: want[h].offset)
+        cur: list[str] = []
+        start = end = 0
+        for h in hs:
+            loc = want[h]
+            if cur and (
+                loc.offset - end > COALESCE_GAP or loc.offset + loc.length - start > RANGE_BYTES
+            ):
+                out.append((pack, start, end, cur))
+                cur = []
+            if not cur:
+                start = loc.offset
+            cur.append(h)
+            end = max(end, loc.offset + loc.length)
+        if cur:
+            out.append((pack, start, end, cur))
+    return out
+
+
 @dataclass(frozen=True)
 class CommitStats:
     """How the last :meth:`TieredStore.commit` became durable."""
 
     durability: str  # "bucket": in the bucket when commit returned; "local": uploaded behind
     local_ms: float  # the local commit (manifest written and fsynced)
-    bucket_ms: float | None  # chunk + manifest upload; None while it runs behind
+    bucket_ms: float | None  # packs + index + check + manifest; None while it runs behind
     chunks_uploaded: int = 0
     bytes_uploaded: int = 0
     requests: int = 0
     upload_pending: bool = False
+    packs_uploaded: int = 0
 
     def timings(self) -> dict[str, float]:
         """As numbers for a snapshot's timings (``bucket_ms`` -1: still uploading)."""
@@ -130,6 +381,7 @@ class CommitStats:
             "upload_chunks": float(self.chunks_uploaded),
             "upload_bytes": float(self.bytes_uploaded),
             "upload_requests": float(self.requests),
+            "upload_packs": float(self.packs_uploaded),
         }
 
 
@@ -176,12 +428,17 @@ class TieredStore(ChunkStore):
         super().__init__(root, level=level, threads=threads)
         self.remote_dir = self.root / "remote"
         self.pending_dir = self.root / "pending"
-        self.remote_dir.mkdir(exist_ok=True)
-        self.pending_dir.mkdir(exist_ok=True)
+        self.indexes_dir = self.root / "indexes"
+        for d in (self.remote_dir, self.pending_dir, self.indexes_dir):
+            d.mkdir(exist_ok=True)
         self._written: set[str] = set()  # chunks this writer wrote (trusted for upload)
         self._pending_trusted: dict[str, set[str]] = {}  # same, for commits sent behind
-        self._prev_of: dict[str, str] = {}  # chunk -> the parent's chunk its delta used
-        self._early: dict[str, Future[bool]] = {}  # uploads started by _write_chunk
+        self._packer: _Packer | None = None  # packs being sealed/sent by this writer
+        self._locs: dict[str, Loc] = {}  # chunk -> where, from the indexes loaded
+        self._indexed: set[str] = set()  # snapshots whose index is in _locs
+        self._mchunks: dict[str, frozenset[str]] = {}  # (local manifests' chunks, cached)
+        self._loc_lock = threading.RLock()
+        self._synced_at = -SYNC_AGAIN_S  # when _locate last listed the bucket
         self._acct = (0, 0)  # (requests, bytes up) when the last commit ended
         self.last_commit: CommitStats | None = None
         self.remote_bad: list[tuple[str, StoreError]] = []  # bucket manifests refused
@@ -196,21 +453,29 @@ class TieredStore(ChunkStore):
         return self.remote.describe()
 
     def _check_format(self) -> None:
-        """The bucket's FORMAT names our key's id (created by the first writer)."""
+        """The bucket's FORMAT names format 2 and our key's id (created by the first
+        writer)."""
         kid = key_id(self._key)
         tag = (self.remote.describe(), kid)
         with _checked_lock:
             if tag in _checked_formats:
                 return
-        want = b"torpor-store 1\nkey-id " + kid.encode() + b"\n"
+        want = FORMAT_MAGIC + b"key-id " + kid.encode() + b"\n"
         got = self.remote.get(FORMAT_OBJECT)
         if got is None and self.remote.put(FORMAT_OBJECT, want, if_absent=True):
             got = want
         elif got is None:
             got = self.remote.get(FORMAT_OBJECT) or b""
-        if not got.startswith(b"torpor-store 1\n"):
+        if got.startswith(OLD_FORMAT_MAGIC):
             raise StoreError(
-                f"{self.describe()} holds {got[:40]!r}, not a torpor store (format 1)",
+                f"{self.describe()} holds a format-1 torpor store (one object per chunk, "
+                "written by an older torpor); this torpor reads and writes format 2 (packs) "
+                "and does not convert: use another bucket or prefix",
+                step="open store",
+            )
+        if not got.startswith(FORMAT_MAGIC):
+            raise StoreError(
+                f"{self.describe()} holds {got[:40]!r}, not a torpor store (format 2)",
                 step="open store",
             )
         if got != want:
@@ -222,10 +487,6 @@ class TieredStore(ChunkStore):
             )
         with _checked_lock:
             _checked_formats.add(tag)
-
-    @staticmethod
-    def _obj_chunk(h: str) -> str:
-        return f"chunks/{h[:2]}/{h}"
 
     @staticmethod
     def _obj_manifest(snap_id: str) -> str:
@@ -242,6 +503,85 @@ class TieredStore(ChunkStore):
     def _mark_remote(self, snap_id: str) -> None:
         fsutil.atomic_write_bytes(self.remote_dir / snap_id, b"")
 
+    # -- indexes -----------------------------------------------------------------
+
+    def _index_path(self, snap_id: str) -> Path:
+        return self.indexes_dir / f"{snap_id}.index"
+
+    def _load_index(self, snap_id: str, *, fetch: bool = True) -> dict[str, Loc]:
+        """``snap_id``'s chunk locations (the cached index, else the bucket's, cached
+        after its MAC verified).  ManifestError / ManifestAuthError if it is missing
+        from the bucket or does not verify."""
+        path = self._index_path(snap_id)
+        try:
+            data = path.read_bytes()
+            src: object = path
+        except FileNotFoundError:
+            if not fetch:
+                return {}
+            obj = index_object(snap_id)
+            src = f"{self.describe()}/{obj}"
+            got = self.remote.get(obj)
+            if got is None:
+                raise ManifestError(
+                    f"snapshot {snap_id[:12]} has no index in the bucket ({src}): its "
+                    "chunks cannot be located (damaged or deleted bucket)",
+                    step="read index",
+                    path=src,
+                ) from None
+            data = got
+            locs = decode_index(self._key, data, snap_id=snap_id, source=src)
+            fsutil.atomic_write_bytes(path, data, mode=0o600)
+        else:
+            locs = decode_index(self._key, data, snap_id=snap_id, source=src)
+        with self._loc_lock:
+            self._locs.update(locs)
+            self._indexed.add(snap_id)
+        return locs
+
+    def _locate(self, h: str) -> Loc | None:
+        """Where chunk ``h`` is in the bucket: from the indexes loaded, else the cached
+        ones, else the index of a (local) manifest naming it.  None if no index says;
+        an index that does not verify raises."""
+        loc = self._locs.get(h)
+        if loc is not None:
+            return loc
+        with self._loc_lock:
+            if h in self._locs:
+                return self._locs[h]
+            for p in self.indexes_dir.glob("*.index"):
+                i = p.name[: -len(".index")]
+                if i not in self._indexed and ck.is_chunk_hash(i) and not self.is_removed(i):
+                    with contextlib.suppress(StoreError):
+                        self._load_index(i, fetch=False)
+            if h in self._locs:
+                return self._locs[h]
+            failed: list[StoreError] = []
+            if time.monotonic() - self._synced_at > SYNC_AGAIN_S:
+                # a snapshot this home has not listed yet (another host's) may name it
+                self._synced_at = time.monotonic()
+                self._sync_listing()
+            for i in self._local_ids():
+                if i in self._indexed or not self._is_remote(i):
+                    continue
+                if i not in self._mchunks:
+                    try:
+                        self._mchunks[i] = super().load(self._manifest_path(i)).chunks
+                    except (StoreError, NotFoundError):
+                        self._mchunks[i] = frozenset()
+                if h not in self._mchunks[i]:
+                    continue
+                try:
+                    self._load_index(i)
+                except StoreError as e:
+                    failed.append(e)
+                    continue
+                if h in self._locs:
+                    return self._locs[h]
+            if failed:
+                raise failed[0]
+        return None
+
     # -- reads: local first, then the bucket ----------------------------------
 
     def _read_chunk(self, h: str, length: int | None, *, depth: int = 0) -> bytes | str:
@@ -257,10 +597,16 @@ class TieredStore(ChunkStore):
         return self._fetch(h, length, depth)
 
     def _fetch(self, h: str, length: int | None, depth: int = 0) -> bytes | str:
-        """Download chunk ``h``, check it (through its base), cache it; or say why not."""
-        frame = self.remote.get(self._obj_chunk(h))
+        """Download chunk ``h`` (a ranged GET of its pack), check it (through its
+        base), cache it; or say why not."""
+        loc = self._locate(h)
+        if loc is None:
+            return "missing"
+        frame = self.remote.get_range(pack_object(loc.pack), loc.offset, loc.length)
         if frame is None:
             return "missing"
+        if len(frame) != loc.length:
+            return "corrupt"  # a truncated (or grown) pack
         data = self._check_frame(h, frame, length, depth)
         if isinstance(data, bytes):
             self._cache_frame(h, frame)
@@ -285,10 +631,64 @@ class TieredStore(ChunkStore):
                     os.unlink(tmp)
 
     def _prefetch(self, hashes: Iterable[str]) -> None:
-        """Fetch the chunks of ``hashes`` not in the cache, in parallel (cold restore)."""
-        absent = [h for h in hashes if not os.path.exists(self._cpath(h))]
-        if absent:
-            list(self._net().map(lambda h: self._read_chunk(h, None), absent))
+        """Fetch the chunks of ``hashes`` not in the cache, and the bases of those that
+        are deltas, in coalesced ranged GETs, in parallel (cold restore).  A frame that
+        fails its check is not cached (the read that follows reports it)."""
+        todo = [h for h in hashes if not os.path.exists(self._cpath(h))]
+        want: dict[str, Loc] = {}
+        for _ in range(MAX_DELTA_DEPTH + 1):
+            nxt = []
+            for h in todo:
+                if h in want:
+                    continue
+                loc = self._locate(h)
+                if loc is None:
+                    continue  # (the read reports it missing)
+                want[h] = loc
+                if loc.base and loc.base not in want and not os.path.exists(self._cpath(loc.base)):
+                    nxt.append(loc.base)
+            todo = nxt
+            if not todo:
+                break
+        if not want:
+            return
+
+        def check(h: str, frame: bytes) -> None:
+            if isinstance(self._check_frame(h, frame, None, 0), bytes):
+                self._cache_frame(h, frame)
+
+        def one(r: tuple[str, int, int, list[str]]) -> list[tuple[str, bytes]]:
+            pack, start, end, members = r
+            data = self.remote.get_range(pack_object(pack), start, end - start)
+            if data is None:
+                return []
+            later = []
+            for h in members:
+                loc = want[h]
+                frame = data[loc.offset - start : loc.offset - start + loc.length]
+                if len(frame) != loc.length:
+                    continue
+                if loc.base is None:
+                    check(h, frame)  # plain: checked and cached in this thread
+                else:
+                    later.append((h, frame))  # a delta: once its base is cached
+            return later
+
+        deltas: list[tuple[str, bytes]] = []
+        for later in self._net().map(one, _coalesce(want)):
+            deltas.extend(later)
+
+        def depth(h: str) -> int:
+            d, cur = 0, want[h].base
+            while cur in want and d <= MAX_DELTA_DEPTH:
+                d, cur = d + 1, want[cur].base
+            return d
+
+        levels: dict[int, list[tuple[str, bytes]]] = {}
+        for h, frame in deltas:
+            levels.setdefault(depth(h), []).append((h, frame))
+        for d in sorted(levels):
+            list(self._executor().map(lambda hf: check(*hf), levels[d]))
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -316,9 +716,10 @@ class TieredStore(ChunkStore):
 
     # -- manifests ------------------------------------------------------------
 
-    def _fetch_manifest(self, snap_id: str) -> bool:
-        """Download, authenticate and cache ``snap_id``'s manifest; False if the bucket
-        has none.  ManifestError / ManifestAuthError if it does not verify."""
+    def _fetch_manifest(self, snap_id: str, *, index: bool = False) -> bool:
+        """Download, authenticate and cache ``snap_id``'s manifest (and, with ``index``,
+        try its index too); False if the bucket has none.  ManifestError /
+        ManifestAuthError if it does not verify."""
         data = self.remote.get(self._obj_manifest(snap_id))
         if data is None:
             return False
@@ -326,6 +727,9 @@ class TieredStore(ChunkStore):
         decode_manifest(self._key, data, source=src, expect_id=snap_id)
         fsutil.atomic_write_bytes(self._manifest_path(snap_id), data, mode=0o600)
         self._mark_remote(snap_id)
+        if index:  # (a bad one is reported by the read that needs it)
+            with contextlib.suppress(StoreError):
+                self._load_index(snap_id)
         return True
 
     def load(self, path: Path) -> Manifest:
@@ -338,8 +742,17 @@ class TieredStore(ChunkStore):
             and not path.exists()
             and not self.is_removed(stem)
         ):
-            self._fetch_manifest(stem)
+            self._fetch_manifest(stem, index=True)
         return super().load(path)
+
+    def _sync_tombstones(self, tombs: Iterable[str]) -> None:
+        """Record the bucket's authentic tombstones locally (forged ones are ignored)."""
+        for i in sorted(tombs):
+            if self.is_removed(i):
+                continue
+            body = self.remote.get(f"snapshots/{i}.removed")
+            if body is not None and hmac.compare_digest(body, tombstone_bytes(self._key, i)):
+                fsutil.atomic_write_bytes(self._tombstone_path(i), b"")
 
     def _sync_listing(self) -> None:
         """Bring the bucket's manifests and (authentic) tombstones into the cache."""
@@ -351,12 +764,7 @@ class TieredStore(ChunkStore):
                 manifests.add(base[:-9])
             elif base.endswith(".removed") and ck.is_chunk_hash(base[:-8]):
                 tombs.add(base[:-8])
-        for i in sorted(tombs):
-            if self.is_removed(i):
-                continue
-            body = self.remote.get(f"snapshots/{i}.removed")
-            if body is not None and hmac.compare_digest(body, tombstone_bytes(self._key, i)):
-                fsutil.atomic_write_bytes(self._tombstone_path(i), b"")
+        self._sync_tombstones(tombs)
         todo = [i for i in sorted(manifests) if not self._manifest_path(i).exists()]
         todo = [i for i in todo if not self.is_removed(i)]
         bad: list[tuple[str, StoreError]] = []
@@ -398,24 +806,39 @@ class TieredStore(ChunkStore):
 
     # -- writes ---------------------------------------------------------------
 
+    def put_file(self, path: Path, *, parent: Artifact | None = None, **kw: Any) -> Any:
+        if parent is not None and self.durability == "bucket":
+            # the parent's chunks need not be sent again: load its index now (if
+            # this home has not yet), so the chunks written again are known located
+            first = next(iter(sorted(parent.stored)), None)
+            if first is not None and first not in self._locs:
+                with contextlib.suppress(StoreError):
+                    self._locate(first)
+        return super().put_file(path, parent=parent, **kw)
+
     def _write_chunk(
         self, h: str, data: memoryview | bytes, prev: str | None = None
     ) -> tuple[int, float]:
         out = super()._write_chunk(h, data, prev)
         self._written.add(h)
-        if prev is not None:
-            self._prev_of[h] = prev
-        if self.durability == "bucket":
-            # start the upload now: the network overlaps the rest of the put (commit
-            # waits for it, and still uploads every base first, see _upload)
-            self._early[h] = self._net().submit(self._upload_chunk, h, True)
+        if self.durability == "bucket" and h not in self._locs:
+            # (a chunk an index locates, e.g. a parent's evicted from the cache and
+            # written again, is not sent again: the commit finds it there)
+            # into the pack being filled: a full pack is uploaded at once, so the
+            # network overlaps the rest of the put (commit sends the remainder)
+            with open(self._cpath(h), "rb") as f:
+                frame = f.read()
+            if self._packer is None:
+                with self._loc_lock:
+                    if self._packer is None:
+                        self._packer = _Packer(self)
+            self._packer.add(h, frame)
         return out
 
     def _drop_lease(self) -> None:
         super()._drop_lease()
         self._written = set()
-        self._prev_of = {}
-        self._early = {}
+        self._packer = None
 
     def commit(
         self,
@@ -437,7 +860,7 @@ class TieredStore(ChunkStore):
         )  # fmt: skip
         if parent is not None and not self._manifest_path(parent).exists():
             with contextlib.suppress(StoreError):
-                self._fetch_manifest(parent)
+                self._fetch_manifest(parent, index=True)
         r0, u0 = self._acct  # since the last commit: the uploads a put started count too
         self._acct = (self.remote.requests, self.remote.bytes_up)
         if self.durability == "local":
@@ -459,10 +882,8 @@ class TieredStore(ChunkStore):
                     artifact=name, missing=missing, step="commit", path=self.root
                 )
         t0 = time.perf_counter()
-        n = self._upload(
-            m, encode_manifest(self._key, body), trusted=self._written, prev_of=self._prev_of,
-            early=self._early,
-        )  # fmt: skip
+        packed = self._packer.finish() if self._packer is not None else {}
+        n, npacks = self._upload(m, encode_manifest(self._key, body), self._written, packed)
         bucket_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         out = super().commit(artifacts, parent=parent, kind=kind, meta=meta, created=m.created)
@@ -471,7 +892,7 @@ class TieredStore(ChunkStore):
         self.last_commit = CommitStats(
             "bucket", local_ms, bucket_ms, chunks_uploaded=n,
             bytes_uploaded=self.remote.bytes_up - u0,
-            requests=self.remote.requests - r0,
+            requests=self.remote.requests - r0, packs_uploaded=npacks,
         )  # fmt: skip
         self._acct = (self.remote.requests, self.remote.bytes_up)
         self.maybe_evict()
@@ -480,87 +901,139 @@ class TieredStore(ChunkStore):
     def last_commit_timings(self) -> dict[str, float]:
         return self.last_commit.timings() if self.last_commit is not None else {}
 
-    def _vouched(self, m: Manifest) -> frozenset[str]:
-        """Chunks the bucket is known to hold: the parent's, if the parent is there."""
+    def _parent_locs(self, m: Manifest) -> dict[str, Loc]:
+        """Where the parent's chunks (and their bases) are, if the parent is in the
+        bucket and its index reads; else nothing (every chunk is packed again)."""
         if m.parent is None or not self._is_remote(m.parent):
-            return frozenset()
+            return {}
         try:
-            return super().load(self._manifest_path(m.parent)).chunks
-        except (StoreError, NotFoundError):
-            return frozenset()
+            return dict(self._load_index(m.parent))
+        except (StoreError, OSError):
+            return {}
+
+    def _frame_for_upload(self, h: str, trusted: set[str]) -> bytes:
+        """Chunk ``h``'s frame from the cache, checked unless this writer wrote it; else
+        fetched (from a pack an index names, condemned ones included)."""
+        for attempt in range(2):
+            try:
+                with open(self._cpath(h), "rb") as f:
+                    frame = f.read()
+            except FileNotFoundError:
+                frame = None
+            if frame is not None and (
+                h in trusted or isinstance(self._check_frame(h, frame, None, 0), bytes)
+            ):
+                return frame
+            if attempt == 0 and not isinstance(self._fetch(h, None), bytes):
+                break
+        raise ChunkMissingError(
+            artifact="upload", missing=[h], step="upload", path=self.root
+        )  # fmt: skip
+
+    def _close_over(
+        self, m: Manifest, located: Mapping[str, Loc], lent: Mapping[str, Loc], trusted: set[str]
+    ) -> tuple[dict[str, Loc], dict[str, bytes]]:
+        """Every chunk ``m`` needs (its chunks, and every delta's bases) -> where it is
+        (``located``: packed by this commit; ``lent``: the parent's index), and the
+        frames of those that are nowhere yet (to be packed)."""
+        locs: dict[str, Loc] = {}
+        extra: dict[str, bytes] = {}
+        todo = sorted(m.chunks)
+        for _ in range(MAX_DELTA_DEPTH + 2):
+            nxt: list[str] = []
+            for h in todo:
+                if h in locs or h in extra:
+                    continue
+                loc = located.get(h) or lent.get(h)
+                if loc is not None:
+                    locs[h] = loc
+                    base = loc.base
+                else:
+                    extra[h] = self._frame_for_upload(h, trusted)
+                    base = ck.delta_base(extra[h])
+                if base is not None:
+                    nxt.append(base)
+            todo = nxt
+            if not todo:
+                break
+        return locs, extra
+
+    def _send_packs(self, frames: Mapping[str, bytes]) -> tuple[dict[str, Loc], int]:
+        """Pack ``frames`` (about PACK_BYTES a pack), upload them in parallel, wait."""
+        groups: list[list[tuple[str, bytes]]] = [[]]
+        size = 0
+        for h in sorted(frames):
+            if size >= PACK_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append((h, frames[h]))
+            size += len(frames[h])
+        built = [build_pack(g) for g in groups if g]
+        list(
+            self._net().map(
+                lambda b: self.remote.put(pack_object(b[0]), b[1], if_absent=True), built
+            )
+        )
+        out: dict[str, Loc] = {}
+        for _, _, locs in built:
+            out.update(locs)
+        return out, len(built)
+
+    def _condemned(self) -> set[str]:
+        return {n.rsplit("/", 1)[-1] for n in self.remote.list("condemned/")}
+
+    def _snapshot_live(self, snap_id: str) -> bool:
+        """The bucket lists ``snap_id``'s manifest and no tombstone for it."""
+        names = set(self.remote.list(f"snapshots/{snap_id}."))
+        return self._obj_manifest(snap_id) in names and f"snapshots/{snap_id}.removed" not in names
 
     def _upload(
-        self,
-        m: Manifest,
-        manifest_bytes: bytes,
-        trusted: set[str],
-        prev_of: Mapping[str, str] | None = None,
-        early: dict[str, Future[bool]] | None = None,
-    ) -> int:
-        """Chunks (bases first), then the manifest, into the bucket; chunks uploaded.
-
-        The bucket holds a chunk's base whenever it holds a manifest naming the chunk
-        (every manifest goes up after its chunks and their bases), so the parent's
-        chunks, and the bases of its chunks, need no request: a delta written against
-        the parent's chunk ``prev`` (``prev_of``) has ``prev`` or ``prev``'s base as base.
-        """
-        vouched = self._vouched(m)
-        prev_of = prev_of or {}
-        todo = set(m.chunks) - vouched
-        # a delta needs its base in the bucket first; bases outside ``todo`` are checked
-        base_of: dict[str, str | None] = {}
-        frontier = sorted(h for h in todo if prev_of.get(h) not in vouched)
-        for _ in range(MAX_DELTA_DEPTH + 1):
-            bases = dict(zip(frontier, self._executor().map(self._base_of, frontier), strict=True))
-            base_of |= bases
-            frontier = sorted({b for b in bases.values() if b} - vouched - todo)
-            todo |= set(frontier)
-            if not frontier:
+        self, m: Manifest, manifest_bytes: bytes, trusted: set[str], packed: Mapping[str, Loc]
+    ) -> tuple[int, int]:
+        """Packs, index, the gc check, manifest (module doc); (chunks, packs) uploaded."""
+        lent = self._parent_locs(m)
+        located = dict(packed)
+        chunks, packs = len(packed), len({v.pack for v in packed.values()})
+        for _ in range(4):
+            locs, extra = self._close_over(m, located, lent, trusted)
+            if extra:
+                new, n = self._send_packs(extra)
+                located |= new
+                locs |= new
+                chunks, packs = chunks + len(new), packs + n
+            index = encode_index(self._key, m.id, locs)
+            self.remote.put(index_object(m.id), index)  # (no manifest names it yet)
+            t_check = time.monotonic()
+            condemned = self._condemned()
+            ours = {v.pack for v in located.values()}
+            borrowed = {v.pack for v in locs.values()} - ours
+            live = not borrowed or m.parent is None or self._snapshot_live(m.parent)
+            bad = {v.pack for v in locs.values()} & condemned
+            if live and not bad:
                 break
-
-        def depth(h: str) -> int:
-            d, cur = 0, base_of.get(h)
-            while cur and d <= MAX_DELTA_DEPTH:
-                d, cur = d + 1, base_of.get(cur)
-            return d
-
-        uploaded = 0
-        for h, fut in list((early or {}).items()):
-            if h not in todo:
-                continue
-            try:
-                uploaded += fut.result()
-            except StoreError:
-                continue  # failed early: tried again below (and raised if it fails again)
-            todo.discard(h)
-            if early is not None:
-                early.pop(h, None)
-        waves: dict[int, list[str]] = {}
-        for h in todo:
-            waves.setdefault(depth(h), []).append(h)
-        for d in sorted(waves, reverse=True):  # deepest = plain bases first
-            for wrote in self._net().map(lambda h: self._upload_chunk(h, h in trusted), waves[d]):
-                uploaded += wrote
+            log.info(
+                "commit %s: %s; packing those chunks again", m.id[:12],
+                "its parent was removed" if not live else f"{len(bad)} pack(s) condemned by gc",
+            )  # fmt: skip
+            lent = {} if not live else {h: v for h, v in lent.items() if v.pack not in bad}
+            located = {h: v for h, v in located.items() if v.pack not in bad}
+        else:
+            raise RemoteStoreError(
+                f"{self.describe()}: the packs of snapshot {m.id[:12]} kept being condemned "
+                "by gc while it was committed (is gc running with a grace period of ~0?)",
+                step="upload",
+            )
         self.remote.put(self._obj_manifest(m.id), manifest_bytes, if_absent=True)
-        return uploaded
-
-    def _upload_chunk(self, h: str, trusted: bool) -> bool:
-        """Upload chunk ``h``'s local frame unless the bucket has it (never overwrites)."""
-        if not trusted and self.remote.exists(self._obj_chunk(h)):
-            return False
-        if not trusted:  # a chunk this writer did not write: check it before sharing it
-            got = ChunkStore._read_chunk(self, h, None)
-            if not isinstance(got, bytes):
-                raise chunk_error(
-                    artifact="upload", missing=[h] if got == "missing" else [],
-                    corrupt=[h] if got == "corrupt" else [], step="upload", path=self.root,
-                )  # fmt: skip
-        try:
-            with open(self._cpath(h), "rb") as f:
-                frame = f.read()
-        except FileNotFoundError:
-            raise ChunkMissingError(artifact="upload", missing=[h], step="upload") from None
-        return self.remote.put(self._obj_chunk(h), frame, if_absent=True)
+        if time.monotonic() - t_check > COMMIT_CHECK_WINDOW:
+            log.warning(
+                "commit %s: %.0f s between the gc check and the manifest; a gc grace period "
+                "must be longer than that", m.id[:12], time.monotonic() - t_check,
+            )  # fmt: skip
+        fsutil.atomic_write_bytes(self._index_path(m.id), index, mode=0o600)
+        with self._loc_lock:
+            self._locs.update(locs)
+            self._indexed.add(m.id)
+        return chunks, packs
 
     def upload_pending(self) -> list[str]:
         """Upload every locally committed snapshot marked pending; the ids uploaded."""
@@ -574,7 +1047,7 @@ class TieredStore(ChunkStore):
                 p.unlink(missing_ok=True)  # removed or damaged meanwhile: nothing to send
                 continue
             with self.pinned():
-                self._upload(m, data, trusted=self._pending_trusted.pop(snap_id, set()))
+                self._upload(m, data, self._pending_trusted.pop(snap_id, set()), {})
             self._mark_remote(snap_id)
             p.unlink(missing_ok=True)
             done.append(snap_id)
@@ -582,19 +1055,25 @@ class TieredStore(ChunkStore):
 
     def verify(self) -> VerifyReport:
         """:meth:`ChunkStore.verify` of the cache; a chunk absent from the cache (evicted,
-        never fetched) counts as missing only if the bucket lacks it too."""
+        never fetched) counts as missing only if no index locates it in a pack the
+        bucket holds."""
         r = super().verify()
         if not r.missing:
             return r
-        gone = {
-            h
-            for h, there in zip(
-                r.missing,
-                self._net().map(lambda h: self.remote.exists(self._obj_chunk(h)), r.missing),
-                strict=True,
-            )
-            if not there
-        }
+        packs = set()
+        for n in self.remote.list("packs/"):
+            mt = _PACK_NAME_RE.match(n)
+            if mt:
+                packs.add(mt.group(2))
+
+        def there(h: str) -> bool:
+            try:
+                loc = self._locate(h)
+            except StoreError:
+                return False
+            return loc is not None and loc.pack in packs
+
+        gone = {h for h in r.missing if not there(h)}
         corrupt = set(r.corrupt)
         affected = {
             i: tuple(h for h in hs if h in gone or h in corrupt) for i, hs in r.affected.items()
@@ -608,6 +1087,165 @@ class TieredStore(ChunkStore):
             stray=r.stray,
             bad_manifests=r.bad_manifests,
             affected={i: hs for i, hs in affected.items() if hs},
+        )
+
+    # -- gc across hosts (module doc: the rule) ------------------------------------
+
+    def gc(
+        self, grace_seconds: float = DEFAULT_GRACE_SECONDS, *, dry_run: bool = False
+    ) -> GcReport:
+        """The cache's gc (:meth:`ChunkStore.gc`), then the bucket's: condemn
+        unreferenced packs older than ``grace_seconds``, delete those condemned more
+        than ``grace_seconds`` ago and still unreferenced, and the indexes and
+        manifests of removed snapshots.  ``dry_run`` changes nothing and reports
+        what would go.  ConflictError if another host's gc holds the bucket's lock.
+        """
+        if grace_seconds < 0:
+            raise UsageError("grace_seconds must be >= 0")
+        local = super().gc(grace_seconds, dry_run=dry_run)
+        if dry_run:
+            return self._gc_bucket(local, grace_seconds, dry_run=True)
+        self._take_gc_lock()
+        try:
+            return self._gc_bucket(local, grace_seconds, dry_run=False)
+        finally:
+            with contextlib.suppress(RemoteStoreError):
+                self.remote.delete(GC_LOCK_OBJECT)
+
+    def _take_gc_lock(self) -> None:
+        body = f"{socket.gethostname()} pid {os.getpid()}\n".encode()
+        for _ in range(2):
+            if self.remote.put(GC_LOCK_OBJECT, body, if_absent=True):
+                return
+            infos, now = self.remote.list_info("gc/")
+            held = [o for o in infos if o.name == GC_LOCK_OBJECT]
+            if held and now - held[0].mtime < GC_LOCK_TTL:
+                who = (self.remote.get(GC_LOCK_OBJECT) or b"?").decode(errors="replace")
+                who = "".join(c for c in who if c.isprintable())[:80]
+                raise ConflictError(
+                    f"another gc is running on {self.describe()} ({GC_LOCK_OBJECT}: {who}, "
+                    f"taken {now - held[0].mtime:.0f} s ago): try again later (a dead "
+                    f"gc's lock is taken over {GC_LOCK_TTL:.0f} s after it was taken)",
+                    step="gc",
+                )
+            with contextlib.suppress(RemoteStoreError):
+                self.remote.delete(GC_LOCK_OBJECT)  # expired: its gc died
+        raise ConflictError(f"cannot take {GC_LOCK_OBJECT} on {self.describe()}", step="gc")
+
+    def _gc_bucket(self, local: GcReport, grace: float, *, dry_run: bool) -> GcReport:
+        t_start = time.monotonic()
+        # markers first, then packs, then the snapshots (the mark): a manifest listed
+        # after a marker was is seen by this run (module doc)
+        marks, now1 = self.remote.list_info("condemned/")
+        packs, now2 = self.remote.list_info("packs/")
+        snaps, now3 = self.remote.list_info("snapshots/")
+        now = min(now1, now2, now3)
+
+        def age(o: ObjectInfo) -> float:
+            return now - o.mtime - CLOCK_SLACK
+
+        manifests: dict[str, ObjectInfo] = {}
+        indexes: dict[str, ObjectInfo] = {}
+        tombs: set[str] = set()
+        for o in snaps:
+            stem, _, ext = o.name[len("snapshots/") :].partition(".")
+            if not ck.is_chunk_hash(stem):
+                continue
+            if ext == "manifest":
+                manifests[stem] = o
+            elif ext == "index":
+                indexes[stem] = o
+            elif ext == "removed":
+                tombs.add(stem)
+        self._sync_tombstones(tombs)
+        removed = {i for i in tombs if self.is_removed(i)}
+        live = sorted(set(manifests) - removed)
+        referenced: set[str] = set()
+        unreadable: list[str] = []
+
+        def mark(i: str) -> tuple[str, set[str] | None]:
+            try:
+                return i, {v.pack for v in self._load_index(i).values()}
+            except StoreError:
+                return i, None
+
+        for i, got in self._net().map(mark, live):
+            if got is None:
+                unreadable.append(f"{i}.index")
+            else:
+                referenced |= got
+        blind = bool(unreadable)  # what an unreadable index names is unknowable
+
+        marked = {o.name[len("condemned/") :]: o for o in marks}
+        pack_info: dict[str, ObjectInfo] = {}
+        for o in packs:
+            mt = _PACK_NAME_RE.match(o.name)
+            if mt and mt.group(1) == mt.group(2)[:2]:
+                pack_info[mt.group(2)] = o
+        delete: list[str] = []
+        condemn: list[str] = []
+        unmark: list[str] = []
+        kept = young = 0
+        freed = 0
+        for name, o in sorted(pack_info.items()):
+            mk = marked.get(name)
+            if name in referenced:
+                kept += 1
+                if mk is not None:
+                    unmark.append(f"condemned/{name}")
+            elif age(o) < grace:
+                young += 1
+            elif blind:
+                kept += 1
+            elif mk is None:
+                condemn.append(name)
+                kept += 1
+            elif age(mk) >= grace:
+                delete.append(pack_object(name))
+                freed += o.size
+            else:
+                kept += 1  # condemned, not long enough
+        stale_marks = [
+            f"condemned/{n}" for n, mk in sorted(marked.items())
+            if n not in pack_info and age(mk) >= grace
+        ]  # fmt: skip
+        dead_meta = [self._obj_manifest(i) for i in sorted(removed) if i in manifests]
+        dead_meta += [index_object(i) for i in sorted(removed) if i in indexes]
+        dead_meta += [
+            index_object(i) for i, o in sorted(indexes.items())
+            if i not in manifests and i not in removed and age(o) >= grace
+        ]  # fmt: skip
+        gone = [*delete, *dead_meta, *stale_marks]
+        if time.monotonic() - t_start > GC_LOCK_TTL / 2:
+            raise RemoteStoreError(
+                f"gc of {self.describe()} took too long to act safely on its listing; "
+                "nothing was deleted",
+                step="gc",
+            )
+        if not dry_run:
+            for name in condemn:
+                self.remote.put(f"condemned/{name}", b"", if_absent=True)
+
+            def drop(obj: str) -> None:
+                self.remote.delete(obj)
+                mt = _PACK_NAME_RE.match(obj)
+                if mt:  # the pack first, then its marker: never a pack without one
+                    self.remote.delete(f"condemned/{mt.group(2)}")
+
+            list(self._net().map(drop, gone))
+            for obj in unmark:
+                self.remote.delete(obj)
+            for i in removed:
+                with contextlib.suppress(FileNotFoundError):
+                    self._index_path(i).unlink()
+        return dataclasses.replace(
+            local,
+            manifests_unreadable=(*local.manifests_unreadable, *unreadable),
+            bucket_deleted=tuple(gone),
+            bucket_condemned=tuple(pack_object(n) for n in condemn),
+            bucket_bytes_freed=freed,
+            packs_kept=kept,
+            packs_kept_young=young,
         )
 
     # -- the bounded cache ---------------------------------------------------------
