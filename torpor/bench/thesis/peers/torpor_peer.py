@@ -51,6 +51,30 @@ def _tick_cmd(turn: int) -> str:
     )
 
 
+#: Environment: build all but the last K turns of a session in bulk (see _prefill).
+PREFILL_ENV = "TORPOR_THESIS_PREFILL"
+
+
+def prefill_turns(turns: int) -> int:
+    """How many of ``turns`` to build in bulk: all but the last K when
+    ``$TORPOR_THESIS_PREFILL`` = K is set (and leaves at least one bulk turn)."""
+    raw = os.environ.get(PREFILL_ENV, "")
+    if not raw.isdigit():
+        return 0
+    return max(turns - int(raw), 0)
+
+
+def _bulk_ticks(first: int, end: int) -> str:
+    """Turns first..end-1 of the journal and the background counter, in one guest shell
+    loop (what each turn's tick does, without a host round trip per turn)."""
+    d = VM_DIR
+    return (
+        f"cd {d}; p=$(cat bg.pid); t={first}; while [ $t -lt {end} ]; do "
+        "echo $t >> ws/journal; read b < counter; kill -USR1 $p; "
+        'while read c < counter; [ "$c" = "$b" ]; do :; done; t=$((t+1)); done; echo ok'
+    )
+
+
 INSPECT_CMD = (
     f"cd {VM_DIR}/ws && sha256sum * 2>/dev/null; echo ---; cat journal; echo ---; "
     f"p=$(cat {VM_DIR}/bg.pid); kill -0 $p 2>/dev/null && echo alive || echo dead; "
@@ -98,8 +122,29 @@ class TorporPeer(System):
 
     # -- worker side ---------------------------------------------------------------
 
+    @staticmethod
+    def _first_step(w: Workload, turn: int) -> Any:
+        """A turn's first model step: M bytes of text, k writes and one tick."""
+        from torpor.model import ModelResponse, ToolCall
+
+        calls = [
+            ToolCall(
+                f"call_{turn}_{i}",
+                "write_file",
+                {
+                    "path": f"{VM_DIR}/ws/{w.tool_path(turn, i)}",
+                    "content": w.tool_content(turn, i),
+                },
+            )
+            for i in range(w.tools)
+        ]
+        calls.append(
+            ToolCall(f"call_{turn}_tick", "shell", {"cmd": _tick_cmd(turn), "timeout": 30})
+        )
+        return ModelResponse(text=w.model_text(turn), tool_calls=tuple(calls))
+
     def _model(self, w: Workload, env: HostEnv) -> Any:
-        from torpor.model import ModelResponse, ScriptedModel, ToolCall
+        from torpor.model import ModelResponse, ScriptedModel
 
         def step(turn: int, index: int, messages: Any) -> ModelResponse:
             if env.recovering:
@@ -107,21 +152,7 @@ class TorporPeer(System):
                 env.rec.once("rerun", turn=turn)
                 env.rec.once("next", turn=turn)
             if index == 0:
-                calls = [
-                    ToolCall(
-                        f"call_{turn}_{i}",
-                        "write_file",
-                        {
-                            "path": f"{VM_DIR}/ws/{w.tool_path(turn, i)}",
-                            "content": w.tool_content(turn, i),
-                        },
-                    )
-                    for i in range(w.tools)
-                ]
-                calls.append(
-                    ToolCall(f"call_{turn}_tick", "shell", {"cmd": _tick_cmd(turn), "timeout": 30})
-                )
-                return ModelResponse(text=w.model_text(turn), tool_calls=tuple(calls))
+                return self._first_step(w, turn)
             if turn == env.crash_turn and (env.dir / "crash.armed").exists():
                 env.rec("crash", turn=turn)
                 import time
@@ -149,7 +180,13 @@ class TorporPeer(System):
             s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
             state_file.write_text(s.id)
             env.rec("ready")
-            start = 0
+            start = prefill_turns(w.turns)
+            if start:
+                import time
+
+                t0 = time.monotonic()
+                self._prefill(s, w, start)
+                env.rec("prefill", turns=start, s=round(time.monotonic() - t0, 1))
         try:
             for t in range(start, w.turns):
                 env.turn_started(t)  # the whole send(): log reads and checkpoint included
@@ -160,6 +197,82 @@ class TorporPeer(System):
             return h
         finally:
             s.close()
+
+    def _prefill(self, s: Any, w: Workload, n: int) -> None:
+        """Turns 0..n-1 built in bulk, for long sessions (N = 10,000 would take about an
+        hour turn by turn under TCG): the log gets exactly the entries the built-in
+        loop writes for each turn (user, model request/response, tool calls and
+        results, final answer; the same payload shapes, MAC-chained by the log's own
+        append, 1000 turns per transaction), the VM gets the effects of those turns
+        (the workspace files as the last writes left them, turn 0's tick starting the
+        background process, then one guest loop appending the journal and advancing
+        the counter once per turn), and one checkpoint covers them all.  What differs
+        from a session built turn by turn: one checkpoint (and snapshot) for the
+        prefix instead of one per turn, so fewer checkpoints in the state and less
+        stored; the log's length and content, the VM's state and every check are
+        the same."""
+        from torpor.context import Kind
+        from torpor.context.model import encode_json
+        from torpor.model import ModelResponse
+        from torpor.session.tools import ToolResult, run_tool
+        from torpor.vmm.manager import VMManager
+
+        last: dict[str, str] = {}
+        for t in range(n):
+            for i in range(w.tools):
+                last[w.tool_path(t, i)] = w.tool_content(t, i)
+        with VMManager(s.paths).client(s.vm()) as c:
+            for path, content in sorted(last.items()):
+                r = run_tool(
+                    c, "prefill", "write_file", {"path": f"{VM_DIR}/ws/{path}", "content": content}
+                )
+                assert not r.is_error, r.content
+            r = run_tool(c, "prefill", "shell", {"cmd": _tick_cmd(0), "timeout": 30})
+            assert not r.is_error, r.content
+            if n > 1:
+                out = c.exec(["sh", "-c", _bulk_ticks(1, n)], timeout=3600)
+                assert out.stdout.decode().strip().endswith("ok"), out
+        lg, sid, name = s._log, s.id, s.model.name
+        msgs = 1  # the system message
+
+        def rows(t: int) -> list[tuple[Kind, dict[str, Any]]]:
+            nonlocal msgs
+            first = self._first_step(w, t)
+            out: list[tuple[Kind, dict[str, Any]]] = [(Kind.USER, {"content": w.user_text(t)})]
+            msgs += 1
+            out.append((Kind.MODEL_REQUEST, {"model": name, "step": 0, "messages": msgs}))
+            out.append((Kind.MODEL_RESPONSE, first.to_json()))
+            msgs += 1
+            for i, call in enumerate(first.tool_calls):
+                out.append(
+                    (
+                        Kind.TOOL_CALL,
+                        {"id": call.id, "name": call.name, "arguments": call.arguments},
+                    )
+                )
+                if i < w.tools:
+                    size = len(w.tool_content(t, i).encode())
+                    res = ToolResult(
+                        call.id, call.name, f"wrote {size} bytes to {call.arguments['path']}"
+                    )
+                else:
+                    res = ToolResult(call.id, call.name, f"tick {t} ok\n", exit_code=0)
+                out.append((Kind.TOOL_RESULT, res.to_json()))
+                msgs += 1
+            out.append((Kind.MODEL_REQUEST, {"model": name, "step": 1, "messages": msgs}))
+            out.append(
+                (Kind.MODEL_RESPONSE, ModelResponse(text=f"done {t}", tool_calls=()).to_json())
+            )
+            msgs += 1
+            return out
+
+        for lo in range(0, n, 1000):
+            with lg._tx("append", write=True) as tx:
+                for t in range(lo, min(lo + 1000, n)):
+                    for kind, payload in rows(t):
+                        text, size = encode_json(payload, kind.value)
+                        lg._append(tx, sid, kind, text, size, t + 1, None)
+        s.checkpoint(reason="turn")
 
     @staticmethod
     def _hash(w: Workload, s: Any) -> str:
