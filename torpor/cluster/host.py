@@ -15,26 +15,52 @@ Invariants:
   changes afterwards, so a restarted process is the same host and finds its leases.
 - A damaged ``host-id`` file is an error, not silently replaced: replacing it would
   make this home a new host and orphan its leases.
+
+Heartbeats (:class:`Heartbeat`): while a process holds leases (a :class:`Session`
+that claimed one), a daemon thread renews them every ttl/3 through
+``ContextLog.heartbeat`` on a connection of its own.  When the last holder lets go
+(or the process exits) the thread stops, and the host's leases expire ttl later
+unless another process of the same host (``torpor serve``) heartbeats: leases belong
+to the host, not to a process.  A failed heartbeat is logged and retried at the next
+beat; the leases then may lapse, which fenced writes notice (they never trust it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
 import socket
 import tempfile
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
-from torpor.context.model import HOST_RE, check_host
-from torpor.errors import UsageError
+from torpor.context.model import HOST_RE, check_host, check_ttl
+from torpor.errors import TorporError, UsageError
 from torpor.fsutil import fsync_dir
 from torpor.paths import Paths
 
-__all__ = ["ENV_HOST_ID", "HOST_FILE", "host_id"]
+if TYPE_CHECKING:
+    from torpor.context.log import ContextLog
+
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "ENV_HOST_ID",
+    "ENV_LEASE_TTL",
+    "HOST_FILE",
+    "Heartbeat",
+    "host_id",
+    "lease_ttl",
+]
 
 ENV_HOST_ID = "TORPOR_HOST_ID"
+ENV_LEASE_TTL = "TORPOR_LEASE_TTL"
+DEFAULT_LEASE_TTL = 10.0
 HOST_FILE = "host-id"
+log = logging.getLogger("torpor.cluster")
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
@@ -86,3 +112,100 @@ def _new_id() -> str:
     if not name[0].isalnum():
         name = "h" + name
     return f"{name}-{secrets.token_hex(4)}"
+
+
+def lease_ttl() -> float:
+    """``$TORPOR_LEASE_TTL`` seconds (default 10): how long a lease outlives its last
+    heartbeat, so how long a dead host's sessions wait before another host may take
+    them.  A bad value is a UsageError."""
+    raw = os.environ.get(ENV_LEASE_TTL)
+    if not raw:
+        return DEFAULT_LEASE_TTL
+    try:
+        return check_ttl(float(raw))
+    except (ValueError, UsageError):
+        raise UsageError(
+            f"{ENV_LEASE_TTL}={raw!r:.40}: a number of seconds > 0 (at most a day)"
+        ) from None
+
+
+class Heartbeat:
+    """One daemon thread per process, log and host renewing that host's leases while
+    at least one holder is registered (see the module docstring)."""
+
+    _all: ClassVar[dict[tuple[str, str, float], Heartbeat]] = {}
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, key: tuple[str, str, float], opener: Callable[[], ContextLog]) -> None:
+        self.key = key
+        self.host, self.ttl = key[1], key[2]
+        self._opener = opener
+        self._holders: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.beats = 0  # successful heartbeats (for tests and diagnostics)
+
+    @classmethod
+    def hold(
+        cls,
+        holder: object,
+        *,
+        where: str,
+        host: str,
+        ttl: float,
+        opener: Callable[[], ContextLog],
+    ) -> Heartbeat:
+        """Register ``holder`` (kept by identity) for ``host``'s leases in the log
+        ``where`` names; starts the thread if it is not running."""
+        key = (where, host, ttl)
+        with cls._guard:
+            hb = cls._all.get(key)
+            if hb is None:
+                hb = cls._all[key] = Heartbeat(key, opener)
+            hb._holders.add(id(holder))
+            if hb._thread is None:
+                hb._stop.clear()
+                hb._thread = threading.Thread(
+                    target=hb._run, name=f"torpor-heartbeat-{host}", daemon=True
+                )
+                hb._thread.start()
+        return hb
+
+    def drop(self, holder: object) -> None:
+        """``holder`` holds no lease any more; the last one out stops the thread."""
+        with self._guard:
+            self._holders.discard(id(holder))
+            if not self._holders:
+                self._stop_locked()
+
+    def stop(self) -> None:
+        """Stop renewing now, whoever holds (a test simulating a host that froze)."""
+        with self._guard:
+            self._holders.clear()
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        self._stop.set()
+        self._thread = None
+        if self._all.get(self.key) is self:
+            del self._all[self.key]
+
+    def _run(self) -> None:
+        stop = self._stop
+        lg: ContextLog | None = None
+        info = {"pid": os.getpid(), "hostname": socket.gethostname()}
+        try:
+            while not stop.wait(self.ttl / 3):
+                try:
+                    if lg is None:
+                        lg = self._opener()
+                    if stop.is_set():
+                        break
+                    lg.heartbeat(self.host, info, self.ttl)
+                    self.beats += 1
+                except TorporError as e:  # the database is away: leases may lapse
+                    log.warning("heartbeat of host %s failed: %s", self.host, e)
+        finally:
+            if lg is not None:
+                with contextlib.suppress(TorporError):
+                    lg.close()

@@ -43,6 +43,15 @@ exactly these calls, so a user's loop gets the same guarantees:
   their effects.
 - One actor per session on a host: the session lock is held by every state-changing
   call and is re-entrant within one Session object on one thread.
+- One host per session: before it runs or changes the machine a Session claims the
+  session's lease in the log's database (:meth:`ContextLog.claim`, ttl
+  ``TORPOR_LEASE_TTL``, default 10 s), renewed by a heartbeat thread while held, and
+  every entry it appends carries ``fence=(host, epoch)``, so the database refuses it
+  once another host took the session over.  The checkpoint entry is fenced like any
+  other: a snapshot a stale host commits to the store (the store cannot be fenced) is
+  never named by the log, so no one restores it.  A Session that finds its lease
+  taken over refuses every further call (FencedError); reopen the session to drive
+  it again.  ``hibernate`` releases the lease: a hibernated session belongs to no host.
 """
 
 from __future__ import annotations
@@ -59,17 +68,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torpor.cluster.host import Heartbeat, host_id, lease_ttl
 from torpor.context import (
     ChainError,
     ContextLog,
     Entry,
     Kind,
+    Lease,
     SessionRecord,
     effective,
     open_log,
     superseded,
 )
-from torpor.errors import ConflictError, NotFoundError, TorporError, UsageError
+from torpor.errors import (
+    ConflictError,
+    FencedError,
+    LeaseHeldError,
+    NotFoundError,
+    TorporError,
+    UsageError,
+)
 from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
@@ -523,6 +541,12 @@ class Session:
                 f"(it has: {', '.join(sorted(n for n in declared if n)) or 'none'})"
             )
         self._lock_owner: int | None = None
+        # the lease this object holds (None: none), its host id and heartbeat, and
+        # once it found the session taken over, the error every call raises
+        self._lease: Lease | None = None
+        self._host: str | None = None
+        self._beat: Heartbeat | None = None
+        self._fenced: FencedError | None = None
         self._turn_seen, self._turn_scan = 0, 0  # see _turns()
         self._owns_log = owns_log  # sessions from list() share one connection
         self.paths = paths
@@ -589,6 +613,7 @@ class Session:
         record = log.create_session(name, meta)
         s = cls(record, log, paths, model=model_obj, dsn=dsn, on_event=on_event, tools=custom)
         with s._locked():
+            s._claim()
             try:
                 req = RunRequest(
                     image=image_id,
@@ -655,6 +680,9 @@ class Session:
         return [cls(r, log, paths, dsn=dsn, owns_log=i == 0) for i, r in enumerate(records)]
 
     def close(self) -> None:
+        if self._beat is not None:  # the lease stays ours until it expires (or serve renews)
+            self._beat.drop(self)
+            self._beat = None
         if self._owns_log:
             self._log.close()
 
@@ -979,6 +1007,7 @@ class Session:
             )
         ck = self._checkpoint(vm.id, turn=st.turns, reason="hibernate", stop=True)
         self._append(Kind.HIBERNATE, {"vm": vm.id, "snapshot": ck.snapshot}, turn=st.turns)
+        self._release_lease()  # hibernated: no host's; it wakes wherever it is opened
         return ck
 
     def wake(self) -> VM:
@@ -1067,6 +1096,7 @@ class Session:
         """
         with self._locked():
             self._log.get_session(self.id)  # NotFoundError if removed meanwhile
+            lease = self._claim()  # LeaseHeldError while another host runs it
             ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
             ids -= self._forks_vms()  # forks restored before 'torpor.*' labels stopped being copied
             try:
@@ -1078,7 +1108,8 @@ class Session:
             for vm_id in ids:
                 with contextlib.suppress(NotFoundError):
                     self._mgr.remove(vm_id, force=True)
-            self._log.remove_session(self.id, reason)
+            self._log.remove_session(self.id, reason, fence=(self._host_id(), lease.epoch))
+            self._release_lease(in_log=False)  # remove_session released it
             self.record = self._log.get_session(self.id, include_removed=True)
         return release_snapshots(self._log, self._mgr)
 
@@ -1128,7 +1159,10 @@ class Session:
                 if older_than is not None and now - s.last_active() < older_than:
                     continue
                 if not dry_run:
-                    s.remove(reason="pruned")
+                    try:
+                        s.remove(reason="pruned")
+                    except LeaseHeldError:
+                        continue  # another host runs it (its VM is not here to see)
                 out.append((s.id, s.name, status))
         finally:
             for s in sessions:
@@ -1154,10 +1188,92 @@ class Session:
         return self._turn_seen
 
     def _append(self, kind: Kind, payload: dict[str, Any], *, turn: int, key: str | None = None):
-        entry = self._log.append(self.id, kind, _no_nul(payload), turn=turn, key=key)
+        payload = _no_nul(payload)
+        lease = self._lease or self._claim()
+        try:
+            entry = self._log.append(
+                self.id, kind, payload, turn=turn, key=key, fence=(self._host_id(), lease.epoch)
+            )
+        except FencedError:
+            # lapsed (a late heartbeat) or released by this host: the same tenure goes on
+            # and the append is retried; taken over: _claim raises, nothing was written
+            lease = self._claim()
+            entry = self._log.append(
+                self.id, kind, payload, turn=turn, key=key, fence=(self._host_id(), lease.epoch)
+            )
         if self.on_event is not None:
             self.on_event(entry)
         return entry
+
+    def _host_id(self) -> str:
+        if self._host is None:
+            self._host = host_id(self.paths)
+        return self._host
+
+    def _claim(self) -> Lease:
+        """Claim (or renew) the session's lease for this host before touching the machine.
+
+        Another live host holding it: LeaseHeldError, or FencedError if this object
+        held it before (it was taken over).  Claimed again after another host held it
+        in between (epoch more than one past ours: one is a release by this host, as
+        a hibernation in another process of it): this object's view of the machine
+        is stale, so it gives the lease back and refuses this and every later call."""
+        if self._fenced is not None:
+            raise FencedError(
+                self._fenced.message,
+                session_id=self.id,
+                host=self._fenced.host,
+                epoch=self._fenced.epoch,
+                holder=self._fenced.holder,
+                holder_epoch=self._fenced.holder_epoch,
+            )
+        host, held = self._host_id(), self._lease
+        try:
+            lease = self._log.claim(self.id, host, lease_ttl())
+        except LeaseHeldError as e:
+            if held is not None:
+                self._go_stale(held, e.holder, e.epoch)
+            raise
+        if held is not None and lease.epoch > held.epoch + 1:
+            with contextlib.suppress(TorporError):
+                self._log.release(self.id, host, lease.epoch)
+            self._go_stale(held, None, lease.epoch - 1)
+        self._lease = lease
+        if self._beat is None:
+            self._beat = Heartbeat.hold(
+                self,
+                where=f"{self._dsn or ''}|{self.paths.root}",
+                host=host,
+                ttl=lease_ttl(),
+                opener=lambda: open_log(self._dsn, paths=self.paths),
+            )
+        return lease
+
+    def _go_stale(self, held: Lease, holder: str | None, epoch: int) -> None:
+        self._lease = None
+        if self._beat is not None:
+            self._beat.drop(self)
+            self._beat = None
+        by = f"host {holder}" if holder else "another host"
+        self._fenced = FencedError(
+            f"session {self.name} was taken over by {by} (epoch {epoch}) while this host"
+            f" ({held.host}) held it at epoch {held.epoch}: this Session refuses every"
+            " further call (its VM here is stale); open the session again to drive it",
+            session_id=self.id,
+            host=str(held.host),
+            epoch=held.epoch,
+            holder=holder,
+            holder_epoch=epoch,
+        )
+        raise self._fenced
+
+    def _release_lease(self, *, in_log: bool = True) -> None:
+        lease, self._lease = self._lease, None
+        if in_log and lease is not None:
+            self._log.release(self.id, self._host_id(), lease.epoch)
+        if self._beat is not None:
+            self._beat.drop(self)
+            self._beat = None
 
     @contextlib.contextmanager
     def _locked(self, wait: bool = True) -> Iterator[None]:
@@ -1211,6 +1327,7 @@ class Session:
 
     def _ensure_running(self, st: SessionState) -> VM:
         """The session's VM, running: as it is, resumed in place, or restored."""
+        self._claim()  # before the VM is used: a host that lost the session stops here
         if st.vm_id is not None:
             try:
                 vm = self._mgr.get(st.vm_id)
@@ -1238,6 +1355,7 @@ class Session:
 
     def _restore_vm(self, ck: Checkpoint, *, reason: str) -> VM:
         """A new VM for this session from checkpoint ``ck`` (the old one is removed)."""
+        self._claim()
         st = self.state()
         if st.vm_id is not None:
             with contextlib.suppress(NotFoundError):
@@ -1347,6 +1465,7 @@ class Session:
             )
 
     def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
+        self._claim()  # the entry below is fenced too: a snapshot taken meanwhile stays unnamed
         upto = self._log.last_seq(self.id)
         res = snapshot(self._mgr, vm_id, tag=f"session {self.name} turn {turn}", stop=stop)
         entry = self._append(

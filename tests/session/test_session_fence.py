@@ -1,0 +1,111 @@
+"""One host per session: leases and fenced writes through real Sessions and a real VM.
+
+Two "hosts" here are two Session objects on one home (so one store folder and one
+VM manager) with different ``TORPOR_HOST_ID``s, sharing a PostgreSQL log: enough to
+show that the database, not the local lock, decides who may write.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from torpor.context import Kind
+from torpor.errors import FencedError, LeaseHeldError
+from torpor.session import Session
+
+pytestmark = pytest.mark.vm
+
+TTL = "4"  # long enough that a loaded machine never misses a renewal
+
+
+def _wait_expired(s: Session) -> None:
+    """Until the session's lease is past its expiry on the database's clock."""
+    lease = s._log.lease(s.id)
+    assert lease is not None
+    end = time.monotonic() + 30
+    while s._log.now() <= lease.expires_at:
+        assert time.monotonic() < end
+        time.sleep(0.05)
+
+
+def test_a_stale_host_is_fenced_after_a_takeover(
+    pg_dsn: str, paths, tools_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORPOR_LEASE_TTL", TTL)
+    monkeypatch.setenv("TORPOR_HOST_ID", "host-a")
+    a = Session.create(tools_image, "scripted:demo", name="fence-a", paths=paths, dsn=pg_dsn)
+    b = c = None
+    try:
+        lease = a._log.lease(a.id)
+        assert lease is not None and (lease.host, lease.epoch) == ("host-a", 1)
+        a.append("app.note", {"by": "a", "n": 1})
+        assert a._beat is not None  # renewing: a stays the holder however long this takes
+
+        monkeypatch.setenv("TORPOR_HOST_ID", "host-b")
+        b = Session.open(a.id, paths=paths, dsn=pg_dsn)
+        before = b.entries()[-1].seq
+        with pytest.raises(LeaseHeldError, match="host-a") as held:
+            b.append("app.note", {"by": "b"})
+        assert held.value.holder == "host-a"
+        with pytest.raises(LeaseHeldError):
+            b.checkpoint("b tries")
+        with pytest.raises(LeaseHeldError):
+            b.send("b tries")
+        assert b.entries()[-1].seq == before  # b wrote nothing, touched no VM
+
+        # host a freezes: its heartbeat stops, its lease runs out, b takes over
+        a._beat.stop()
+        _wait_expired(a)
+        taken = b.append("app.note", {"by": "b", "n": 1})
+        lease = b._log.lease(b.id)
+        assert lease is not None and (lease.host, lease.epoch) == ("host-b", 2)
+        b.send("b drives it now")  # a whole turn in the VM, checkpointed, all fenced
+        assert b.state().turns == 1 and b.status() == "running"
+
+        # a wakes up: every write and every use of the machine is refused
+        n_checkpoints = len(b.checkpoints)
+        with pytest.raises(FencedError, match="host-b") as fenced:
+            a.append("app.note", {"by": "a", "n": 2})
+        assert (fenced.value.holder, fenced.value.holder_epoch) == ("host-b", 2)
+        for call in (
+            lambda: a.checkpoint("a is back"),
+            lambda: a.send("a is back"),
+            lambda: a.sandbox,
+            lambda: a.hibernate(),
+            lambda: a.append("app.note", {"by": "a", "n": 3}),
+        ):
+            with pytest.raises(FencedError, match="refuses every further call"):
+                call()
+        after = b.entries(after=taken.seq - 1)
+        assert all(e.payload.get("data", {}).get("by") != "a" for e in after)
+        assert len(b.checkpoints) == n_checkpoints  # a committed no checkpoint entry
+
+        # hibernating releases the lease: the session belongs to no host and wakes
+        # wherever it is opened next (here: host a again, a new tenure)
+        b.hibernate()
+        freed = b._log.lease(b.id)
+        assert freed is not None and freed.host is None
+        monkeypatch.setenv("TORPOR_HOST_ID", "host-a")
+        c = Session.open(a.id, paths=paths, dsn=pg_dsn)
+        c.wake()
+        lease = c._log.lease(c.id)
+        assert lease is not None and (lease.host, lease.epoch) == ("host-a", 3)
+        assert c.entries()[-1].kind in (Kind.RESUME, Kind.VM)
+        with pytest.raises(LeaseHeldError):  # b let go; it is host a's now
+            b.append("app.note", {"by": "b", "n": 2})
+    finally:
+        for x in (a, b, c):
+            if x is not None:
+                x.close()
+        _remove_as_holder(a.id, paths, pg_dsn, monkeypatch)
+
+
+def _remove_as_holder(sid: str, paths, dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Session.open(sid, paths=paths, dsn=dsn) as probe:
+        lease = probe._log.lease(sid)
+    if lease is not None and lease.host is not None:
+        monkeypatch.setenv("TORPOR_HOST_ID", lease.host)
+    with Session.open(sid, paths=paths, dsn=dsn) as s:
+        s.remove()
