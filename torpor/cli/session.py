@@ -22,7 +22,7 @@ from torpor.cli.format import FORMAT_HELP, emit
 from torpor.cli.term import markup_safe
 from torpor.errors import UsageError
 from torpor.paths import Paths
-from torpor.session.text import describe, human_size
+from torpor.session.text import describe, durability_text, human_size
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -36,6 +36,9 @@ def parse_duration(text: str) -> float:
         raise UsageError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 7d, 0 for never)")
     unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
     return float(m.group(1)) * unit
+
+
+DURABILITY_KEYS = ("durability", "commit_local_ms", "commit_bucket_ms")  # checkpoint entry
 
 
 def _open(ctx: click.Context, ref: str, **kw: Any) -> Any:
@@ -305,7 +308,13 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     with _open(ctx, ref) as s:
         row = _session_row(s)
         cks = s.checkpoints
-        row["checkpoint_list"] = [c.__dict__ for c in cks]
+        # how each was durable (bucket / local, upload pending / local) is in its entry
+        durable = {
+            e.seq: {k: e.payload.get(k) for k in DURABILITY_KEYS}
+            for e in s.log()
+            if e.kind.value == "checkpoint"
+        }
+        row["checkpoint_list"] = [{**c.__dict__, **durable.get(c.seq, {})} for c in cks]
         if as_json:
             click.echo(json.dumps(row, indent=2))
             return
@@ -316,7 +325,8 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         own = human_size(row["log_bytes"])
         out_console.print(f"{'log':>12}: {own} in this session's own entries")
         t = Table(title="checkpoints", header_style="bold")
-        for col in ("SEQ", "TURN", "REASON", "SNAPSHOT", "STORED", "PAUSED", "DURABLE"):
+        cols = ("SEQ", "TURN", "REASON", "SNAPSHOT", "STORED", "PAUSED", "DURABLE", "WHERE")
+        for col in cols:
             t.add_column(col)
         for c in cks:
             t.add_row(
@@ -327,6 +337,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
                 human_size(c.stored_bytes),
                 f"{c.pause_ms:.0f} ms",
                 f"{c.durable_ms:.0f} ms",
+                durability_text(durable.get(c.seq, {})).strip(" ()") or "-",
             )
         out_console.print(t)
 

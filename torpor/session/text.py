@@ -11,6 +11,20 @@ def _short(payload: dict[str, Any], limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def durability_text(p: dict[str, Any]) -> str:
+    """``" (bucket: local 12 ms, bucket 80 ms)"``: how a checkpoint was durable, as its
+    entry records it (torpor.store.home.durability_fields); "" for entries without."""
+    how = p.get("durability")
+    if not isinstance(how, str):
+        return ""
+    parts = []
+    for key, label in (("commit_local_ms", "local"), ("commit_bucket_ms", "bucket")):
+        ms = p.get(key)
+        if isinstance(ms, int | float):
+            parts.append(f"{label} {ms:.0f} ms")
+    return f" ({how}{': ' + ', '.join(parts) if parts else ''})"
+
+
 def describe(e: Any) -> str:
     """One human line for a log entry."""
     p = e.payload
@@ -37,7 +51,7 @@ def describe(e: Any) -> str:
         return (
             f"checkpoint {p['snapshot'][:12]} ({p.get('reason', '')}): "
             f"{human_size(p.get('stored_bytes', 0))} stored, paused {p.get('pause_ms', 0):.0f} ms, "
-            f"durable {p.get('durable_ms', 0):.0f} ms"
+            f"durable {p.get('durable_ms', 0):.0f} ms{durability_text(p)}"
         )
     if k == "vm":
         how = p.get("reason", "")
