@@ -25,7 +25,9 @@ import httpx
 import pytest
 
 from tests.cluster.conftest import Cluster
-from torpor.context import Kind, effective
+from torpor.bench.cluster import _env, free_port
+from torpor.cluster.host import host_id
+from torpor.context import Kind, effective, open_log
 from torpor.vmm.manager import VMManager
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -136,6 +138,27 @@ def _in_flight(url: str, sid: str, text: str) -> tuple[threading.Thread, dict[st
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
+
+
+def _bucket_manifests(cluster: Cluster) -> set[str]:
+    """The snapshot manifests listed in the bucket (their ids)."""
+    import boto3
+
+    bucket, _, prefix = cluster.env["TORPOR_STORE"].removeprefix("s3://").partition("/")
+    c = boto3.client(
+        "s3",
+        endpoint_url=cluster.env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=cluster.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=cluster.env["AWS_SECRET_ACCESS_KEY"],
+        region_name=cluster.env["AWS_DEFAULT_REGION"],
+    )
+    out = set()
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            name = o["Key"].rsplit("/", 1)[1]
+            if name.endswith(".manifest"):
+                out.add(name.removesuffix(".manifest"))
+    return out
 
 
 def _tool_call_of_turn(cluster: Cluster, sid: str, turn: int) -> bool:
@@ -263,3 +286,107 @@ def test_a_paused_host_is_fenced_after_c_takes_over(cluster: Cluster) -> None:
     finally:
         b.send_signal(signal.SIGCONT)
         b.stop()
+
+
+def test_two_hosts_racing_for_a_dead_hosts_session_one_wins(cluster: Cluster, tmp_path) -> None:
+    """A session whose host is gone (the CLI process that made it exited, so nothing
+    heartbeats its lease) is taken by exactly one of two hosts passing at once; a
+    session with custom tools (code not in the log) is left alone, with the reason."""
+    from torpor.cluster.failover import HELD, RESTORED, SKIPPED, failover_once
+
+    script = tmp_path / "notes.json"
+    script.write_text(json.dumps(NOTES))
+    model = f"scripted:{script}"
+    create = ("session", "create", "--image", "tools:latest", "-q", "--model", model)
+    made = subprocess.run(
+        [*TORPOR, *create, "--name", "racer"],
+        env={**cluster.env, "TORPOR_HOME": str(cluster.a.paths.root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.strip()
+    with cluster.log() as lg:
+        tooly = lg.create_session("tooly", {"tools": [{"name": "lookup", "where": "host"}]}).id
+        lg.claim(tooly, cluster.a.host_id, 1.0)
+        _wait(
+            lambda: {ls.session_id for ls in lg.expired_leases()} >= {sid, tooly},
+            "both leases to expire",
+            60,
+        )
+    results: dict[str, Any] = {}
+
+    def pass_on(name: str, home: Any) -> None:
+        with open_log(cluster.dsn, paths=home) as lg:
+            results[name] = failover_once(home, lg, dsn=cluster.dsn)
+
+    with cluster.as_c():
+        threads = [
+            threading.Thread(target=pass_on, args=(n, h))
+            for n, h in (("b", cluster.b.paths), ("c", cluster.c))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    by_session: dict[str, list[str]] = {}
+    for rows in results.values():
+        for r in rows:
+            by_session.setdefault(r.session_id, []).append(r.outcome)
+    assert sorted(by_session[sid]) in ([RESTORED], [HELD, RESTORED]), results
+    assert set(by_session[tooly]) == {SKIPPED}, results
+    assert all(
+        "custom tool" in r.detail
+        for rows in results.values()
+        for r in rows
+        if r.session_id == tooly
+    )
+    winner = next(
+        n
+        for n, rows in results.items()
+        for r in rows
+        if r.session_id == sid and r.outcome == RESTORED
+    )
+    win_home = cluster.b.paths if winner == "b" else cluster.c
+    with cluster.log() as lg:
+        assert lg.lease(sid).host == host_id(win_home)
+    last_vm = [e for e in _entries(cluster, sid) if e.kind == Kind.VM][-1].payload["vm"]
+    assert last_vm in {vm.id for vm in VMManager(win_home).list()}
+    with cluster.as_c():
+        mgr = VMManager(win_home)
+        with mgr.client(last_vm) as c:
+            assert c.exec(["cat", "/proc/uptime"]).code == 0
+
+
+def test_bucket_unreachable_during_a_turns_checkpoint(cluster: Cluster, tmp_path, monkeypatch):
+    """The bucket goes away between two turns: the turn's checkpoint fails with a clear
+    error, the log does not call the turn checkpointed, the bucket lists no snapshot the
+    log does not name; once the bucket is back, recover() checkpoints the turn."""
+    from torpor.errors import TorporError
+    from torpor.session import Session
+
+    monkeypatch.setattr("torpor.store.backend.BACKOFF_S", 0.01)
+    script = tmp_path / "notes.json"
+    script.write_text(json.dumps(NOTES))
+    with cluster.as_c():
+        s = Session.create(
+            "tools:latest", f"scripted:{script}", name="cut-off", paths=cluster.c, dsn=cluster.dsn
+        )
+        try:
+            assert s.send("one") == "notes: one"
+            cps = len(s.checkpoints)
+            listed = _bucket_manifests(cluster)
+            assert {c.snapshot for c in s.checkpoints} <= listed
+            dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+            with _env({"AWS_ENDPOINT_URL": dead}), pytest.raises(TorporError) as e:
+                s.send("two")
+            assert dead in str(e.value), e.value  # names what it could not reach
+            assert len(s.checkpoints) == cps and s.status() == "interrupted"
+            assert _bucket_manifests(cluster) == listed  # nothing half-listed
+            assert s.recover() == "notes: one\ntwo"  # the turn replayed on the last checkpoint
+            assert len(s.checkpoints) == cps + 1
+            assert s.checkpoints[-1].snapshot in _bucket_manifests(cluster)
+        finally:
+            s.remove()
+            s.close()
