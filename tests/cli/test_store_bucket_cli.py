@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,42 @@ def test_info_names_the_store(tmp_path) -> None:
 def test_bad_store_options_are_usage_errors(args: tuple[str, ...], tmp_path) -> None:
     r = torpor_cli(*args, "snapshots", env={"TORPOR_HOME": str(tmp_path / "h")})
     assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
+
+
+def test_store_option_reaches_the_idle_watcher(tools_image, tmp_path, s3_server, bucket) -> None:
+    """``--store`` on the command that arms a session's idle watcher reaches the
+    watcher (a separate process): its hibernation checkpoint goes to the bucket.  The
+    turn's tool output holds rich markup, which the progress lines print literally."""
+    url = f"s3://{bucket}/torpor"
+    env = {k: v for k, v in s3_server.env(bucket, "torpor").items() if k.startswith("AWS_")}
+    env["TORPOR_STORE"] = ""  # the option alone names the bucket
+    script = tmp_path / "script.json"
+    step = {"tool_calls": [{"name": "shell", "arguments": {"cmd": "echo '[/x] [bold]b'"}}]}
+    script.write_text(json.dumps({"version": 1, "turns": [{"steps": [step, {"text": "done"}]}]}))
+    dsn = str(tmp_path / "ctx.db")
+    run = ("--store", url, "session", "--dsn", dsn)
+    model = f"scripted:{script}"
+    made = torpor_cli(
+        *run, "create", "--image", tools_image, "--model", model, "--idle", "3s", "-q", env=env
+    )
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.decode().strip()
+    try:
+        sent = torpor_cli(*run, "send", sid, "go", env=env)
+        assert sent.returncode == 0 and b"Traceback" not in sent.stderr, sent.stderr
+        assert sent.stdout.decode().strip() == "done"
+        assert b"[/x] [bold]b" in sent.stderr  # printed as text, not taken as markup
+        # the send armed the idle watcher (--idle at create, below): it hibernates
+        shown: dict = {}
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            r = torpor_cli(*run, "show", sid, "--json", env=env)
+            assert r.returncode == 0, r.stderr
+            shown = json.loads(r.stdout)
+            if shown["status"] == "hibernated":
+                break
+            time.sleep(0.5)
+        last = shown["checkpoint_list"][-1]
+        assert last["reason"] == "hibernate" and last["durability"] == "bucket", last
+    finally:
+        torpor_cli(*run, "rm", sid, env=env)

@@ -60,7 +60,8 @@ def _entry_json(e: Any) -> dict[str, Any]:
 
 def _progress(e: Any) -> None:
     if e.kind.value in ("tool_call", "tool_result", "checkpoint", "vm", "resume", "supersede"):
-        err_console.print(f"[dim]  {e.seq:>4} {describe(e)}[/dim]", markup=True)
+        # describe() quotes guest output (tool results): never taken as markup
+        err_console.print(f"[dim]  {e.seq:>4} {markup_safe(describe(e))}[/dim]", markup=True)
 
 
 @click.group(context_settings=CONTEXT)
