@@ -263,6 +263,10 @@ def _phases(events: list[dict[str, Any]], pid: int, t_kill: float) -> dict[str, 
     bg = mine.get("bg_restarted")
     out["env_restore_ms"] = bg["ms"] if bg else (mine.get("restored", {}).get("env_ms"))
     out["rerun_seen"] = "rerun" in mine
+    # a system's own breakdown of its recovery (events named x_*), kept as sent
+    for name, e in mine.items():
+        if name.startswith("x_"):
+            out[name[2:]] = {k: v for k, v in e.items() if k not in ("ev", "pid", "t")}
     return out
 
 

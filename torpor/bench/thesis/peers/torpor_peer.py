@@ -171,11 +171,25 @@ class TorporPeer(System):
         model = self._model(w, env)
         state_file = spec.dir / "torpor-session"
         if spec.recovering:
+            import time
+
             s = Session.open(state_file.read_text(), paths=paths, model=model)
             env.rec("ready")
             env.rec("enter", rchar=io_read_bytes())
+            t0 = time.monotonic()
+            s.state()  # the log: its state record and the entries after it (recover() reuses it)
+            log_ms = (time.monotonic() - t0) * 1000
+            record = s._record_status  # how the log was read: "used (seq …)", "missing; …"
             s.recover()
-            start = s.stats()["turns"]
+            st = s.stats()
+            start = st["turns"]
+            restore = [e for e in s._read() if e.kind.value == "vm"]  # entries after the record
+            env.rec(
+                "x_detail",
+                log_ms=round(log_ms, 1),
+                record=record,
+                restore_ms=restore[-1].payload.get("ms") if restore else None,
+            )
         else:
             s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
             state_file.write_text(s.id)
@@ -324,9 +338,36 @@ class TorporPeer(System):
     # -- harness side --------------------------------------------------------------
 
     def kill_extra(self, spec: RunSpec) -> None:
-        """kill -9 every process still running for this run's VM(s): the QEMU and its
-        shim were started by the worker but may sit in their own sessions."""
-        marker = spec.conn["home"].encode()
+        """kill -9 every VM's shim and QEMU (pids from each VM's state.json; QEMU also by
+        its command line): the VM dies with the worker.  The home's zygote (a pre-started
+        shim fork server, :mod:`torpor.vmm.zygote`) is host infrastructure holding no
+        session state, like the host's Restate or PostgreSQL server for the peers, and
+        survives, as it would the crash of a worker on a host that stays up."""
+        from torpor.vmm.state import alive, load_state
+
+        home = Path(spec.conn["home"])
+        vms = home / "vms"
+        for d in vms.iterdir() if vms.is_dir() else ():
+            with contextlib.suppress(Exception):
+                st = load_state(d)
+                for pid, start in ((st.shim_pid, st.shim_start), (st.qemu_pid, st.qemu_start)):
+                    if pid and alive(pid, start):
+                        os.kill(pid, signal.SIGKILL)
+        marker = str(home).encode()
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                cmd = (d / "cmdline").read_bytes()
+                if marker in cmd and b"qemu-system" in cmd:
+                    os.kill(int(d.name), signal.SIGKILL)
+
+    def teardown(self) -> None:
+        """The zygote (left alive by kill_extra) ends with the sweep."""
+        home = getattr(self, "home", None)
+        if home is None:
+            return
+        marker = str(home).encode()
         for d in Path("/proc").iterdir():
             if not d.name.isdigit() or int(d.name) == os.getpid():
                 continue
