@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,22 @@ def test_snapshot_restores_on_hosts_without_its_base(
     # no VM of B needs the base any more: gc removes it
     core.gc(mgr_b, grace_seconds=0)
     assert not disk.exists()
+
+    # host E: concurrent restores of one base: one materializes, the other waits for
+    # it; neither ever sees a partial base (materialize only, no VM: no boot needed)
+    mgr_e = _home(tmp_path, "host-e", paths)
+    with ThreadPoolExecutor(2) as ex, core._store(mgr_e) as store_e:
+        got = list(
+            ex.map(
+                lambda _: bases.find_base(mgr_e, digest, base_m.meta["image_id"], store_e, base_id),
+                range(2),
+            )
+        )
+        assert got[0] == got[1] == mgr_e.paths.images / bases.BASES / digest / "rootfs.ext4"
+        assert store_e.check_file(base_m.artifacts["disk"], got[0]) == []
+    left = [p.name for p in (mgr_e.paths.images / bases.BASES).iterdir()]
+    assert digest in left and not [n for n in left if n.startswith(".tmp")]
+    assert got[0].stat().st_mode & 0o777 == 0o400  # read-only, like an image's disk
 
     # host C built tools:latest itself: same image id, other bytes.  It must use the
     # stored base, not its own build

@@ -281,14 +281,13 @@ def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         candidates.append(str(read_json(disk.parent / SOURCE)["manifest"]))
     for mid in candidates:
+        # written by this home after a commit or a checked materialization: only its
+        # presence is checked (a whole id: a file test, no manifest decode per snapshot)
         if not ck.is_chunk_hash(mid):
             continue
-        try:
-            m = store.get(mid)
-        except NotFoundError:
-            continue
-        if m.kind == KIND_IMAGE_BASE and m.meta.get("digest") == digest:
-            return BaseRef(digest, m.id)
+        with contextlib.suppress(NotFoundError):
+            if store.resolve_id(mid) == mid:
+                return BaseRef(digest, mid)
     arts: dict[str, Artifact] = {}
     stored = 0
     for name, f in (("disk", disk), ("image", disk.parent / IMAGE_JSON)):
