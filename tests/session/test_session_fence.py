@@ -7,13 +7,18 @@ show that the database, not the local lock, decides who may write.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import pytest
 
 from torpor.context import Kind
-from torpor.errors import FencedError, LeaseHeldError
+from torpor.errors import FencedError, LeaseHeldError, NotFoundError
+from torpor.paths import Paths
 from torpor.session import Session
+from torpor.vmm.manager import VMManager
+from torpor.vmm.state import Status
 
 pytestmark = pytest.mark.vm
 
@@ -109,3 +114,51 @@ def _remove_as_holder(sid: str, paths, dsn: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv("TORPOR_HOST_ID", lease.host)
     with Session.open(sid, paths=paths, dsn=dsn) as s:
         s.remove()
+
+
+def _second_home(tmp_path: Path, paths: Paths) -> Paths:
+    """Another host on this machine: its own home (VMs, locks, caches, host id) over
+    the first home's store, images and guest kernel (symlinks), so it can restore the
+    first home's checkpoints as a host sharing a bucket would."""
+    home = tmp_path / "host-b"
+    home.mkdir()
+    for part in ("store", "images", "guest"):
+        (home / part).symlink_to(paths.root / part)
+    return Paths(home).ensure()
+
+
+def test_a_stale_host_kills_its_own_vm_once_another_host_runs_the_session(
+    pg_dsn: str, paths, tools_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORPOR_LEASE_TTL", TTL)
+    monkeypatch.setenv("TORPOR_HOST_ID", "host-a")
+    a = Session.create(tools_image, "scripted:demo", name="fence-k", paths=paths, dsn=pg_dsn)
+    home_b = _second_home(tmp_path, paths)
+    b = None
+    try:
+        vm_a = a.vm()
+        assert vm_a is not None and vm_a.state.status == Status.RUNNING
+        assert a._beat is not None
+        a._beat.stop()
+        _wait_expired(a)
+
+        monkeypatch.setenv("TORPOR_HOST_ID", "host-b")
+        b = Session.open(a.id, paths=home_b, dsn=pg_dsn)
+        b.wake()  # no VM of this session on host b: restored from the last checkpoint
+        vm_b = b.vm()
+        assert vm_b is not None and vm_b.id != vm_a.id and vm_b.state.status == Status.RUNNING
+        assert b.entries()[-1].kind is Kind.VM
+
+        with pytest.raises(FencedError, match="was killed") as fenced:
+            a.checkpoint("a is back")
+        assert fenced.value.holder == "host-b"
+        assert VMManager(paths).get(vm_a.id).state.status != Status.RUNNING
+        assert VMManager(home_b).get(vm_b.id).state.status == Status.RUNNING  # untouched
+        assert [c.reason for c in b.checkpoints] == ["create"]
+    finally:
+        with contextlib.suppress(NotFoundError):
+            VMManager(paths).remove(vm_a.id, force=True)
+        if b is not None:
+            b.remove()
+            b.close()
+        a.close()

@@ -912,6 +912,7 @@ class Session:
                 raise SessionError(f"session {self.name} never finished starting (no checkpoint 0)")
             if st.hibernated and all(e.kind is Kind.HIBERNATE for e in self.log(after=ck.seq)):
                 return ck
+            self._claim()  # before judging the VM: another host's is not "gone"
             if self._live_vm(st) is None and not self._vm_hibernated(st):
                 # restoring here would silently drop the work logged since the last
                 # checkpoint: the caller decides, through recover()
@@ -998,6 +999,7 @@ class Session:
             )
         if st.hibernated and st.last_checkpoint is not None:
             return st.last_checkpoint
+        self._claim()  # before judging the VM: another host's is not "gone"
         vm = self._live_vm(st)
         if vm is None and self._vm_hibernated(st):
             vm = self._ensure_running(st)  # hibernated through s.sandbox: the log did not say
@@ -1255,10 +1257,12 @@ class Session:
             self._beat.drop(self)
             self._beat = None
         by = f"host {holder}" if holder else "another host"
+        stopped = self._kill_stale_vms()
+        gone = f" (its VM {', '.join(stopped)} here was killed)" if stopped else ""
         self._fenced = FencedError(
             f"session {self.name} was taken over by {by} (epoch {epoch}) while this host"
             f" ({held.host}) held it at epoch {held.epoch}: this Session refuses every"
-            " further call (its VM here is stale); open the session again to drive it",
+            f" further call{gone}; open the session again to drive it",
             session_id=self.id,
             host=str(held.host),
             epoch=held.epoch,
@@ -1266,6 +1270,29 @@ class Session:
             holder_epoch=epoch,
         )
         raise self._fenced
+
+    def _kill_stale_vms(self) -> list[str]:
+        """After a takeover: kill this home's running VMs that the log named for this
+        session but names no more (the new holder runs its own): what they do now is
+        no part of the session.  The VM the log names now is left alone (a new holder
+        on this same home drives it).  Best effort: the fence holds either way."""
+        killed: list[str] = []
+        try:
+            now = self.state().vm_id
+            for e in self._log.own_entries(self.id, Kind.VM):
+                vm_id = e.payload.get("vm")
+                if not isinstance(vm_id, str) or vm_id == now or vm_id in killed:
+                    continue
+                try:
+                    vm = self._mgr.get(vm_id)
+                except (NotFoundError, UsageError):
+                    continue
+                if vm.state.status.active:
+                    self._mgr.kill(vm.id)
+                    killed.append(vm.name or vm.id)
+        except TorporError:
+            pass
+        return killed
 
     def _release_lease(self, *, in_log: bool = True) -> None:
         lease, self._lease = self._lease, None
