@@ -10,6 +10,8 @@ On disk (under :class:`~torpor.paths.Paths`)::
     images/<id>/rootfs.ext4    the read-only base disk (mode 0444, sparse)
     images/<id>/image.json     {"schema_version": 1, ...} - metadata, written once
     images/refs.json           {"schema_version": 1, "refs": {canonical ref: id}}
+    images/.bases/             snapshots' base disks by content digest (not images:
+                               never listed or removed here; torpor.snapshot.base)
     tmp/image-<pid>-<rand>/    staging for one build or removal (flock-ed by its owner)
     locks/images.lock          serialises refs.json and moves into images/
 
