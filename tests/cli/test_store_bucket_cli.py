@@ -76,6 +76,14 @@ def test_store_commands_see_the_bucket_from_another_home(
     cache_only = torpor_cli("--store", "local", "verify", env={"TORPOR_HOME": str(b.root)})
     assert cache_only.returncode == 10 and b"missing chunk" in cache_only.stdout
 
+    # an object the bucket lost is damage
+    client = s3_server.client()
+    for k in _keys(s3_server, bucket):
+        if k.startswith("torpor/packs/"):
+            client.delete_object(Bucket=bucket, Key=k)
+    lost = torpor_cli("--store", url, "verify", env={**env, "TORPOR_HOME": str(b.root)})
+    assert lost.returncode == 10 and f"snapshot {snap[:12]} is damaged".encode() in lost.stdout
+
     assert _cli("--store", url, "snapshot", "rm", snap, **on_b).strip() == snap
     # gc --dry-run lists what would go (the removed snapshot's objects) and deletes nothing
     before = _keys(s3_server, bucket)
