@@ -67,12 +67,12 @@ def apply_store_options(store_url: str | None, durability: str | None) -> None:
     """``--store`` / ``--durability``: checked, then set in this process's environment
     (TORPOR_STORE / TORPOR_DURABILITY), which every store open and every process
     torpor starts (the VM's shim, the idle watcher) reads (torpor.store.home)."""
-    from torpor.store.home import check_durability, check_store_url
+    if store_url is not None:  # (imported only then: `ps` and `exec` stay small)
+        from torpor.store.home import check_store_url
 
-    if store_url is not None:
         os.environ["TORPOR_STORE"] = check_store_url(store_url.strip()) or "local"
-    if durability is not None:
-        os.environ["TORPOR_DURABILITY"] = check_durability(durability)
+    if durability is not None:  # a click.Choice: one of bucket / local
+        os.environ["TORPOR_DURABILITY"] = durability
 
 
 def _manager():  # imported lazily: `torpor --help` must not need QEMU or the image store
