@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.context.conftest import REPO, Backend
-from torpor.cluster.host import ENV_HOST_ID, HOST_FILE, host_id
+from torpor.cluster.host import ENV_HOST_ID, HOST_FILE, Heartbeat, host_id
 from torpor.context import ContextLog, Kind, Lease
 from torpor.errors import ConflictError, FencedError, LeaseHeldError, NotFoundError, UsageError
 from torpor.paths import Paths
@@ -273,3 +273,32 @@ def test_host_id_is_made_once_per_home(tmp_path: os.PathLike[str], monkeypatch) 
     f.write_text("../../etc\n")
     with pytest.raises(UsageError, match="not a host id"):
         host_id(a)
+
+
+def test_the_heartbeat_thread_renews_while_held_and_stops_when_dropped(
+    backend: Backend, log: ContextLog
+) -> None:
+    s = log.create_session("beating")
+    first = log.claim(s.id, "host-hb", TTL)
+    holder = object()
+    hb = Heartbeat.hold(holder, where=backend.dsn, host="host-hb", ttl=TTL, opener=backend.open)
+    try:
+        assert (
+            Heartbeat.hold(holder, where=backend.dsn, host="host-hb", ttl=TTL, opener=backend.open)
+            is hb
+        )  # one thread per log and host
+        end = time.monotonic() + 30
+        while log.now() < first.expires_at + 2 * TTL:  # well past the claim's own expiry
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        held = log.lease(s.id)
+        assert held is not None and held.host == "host-hb" and held.expires_at > log.now()
+        assert hb.beats >= 2
+    finally:
+        hb.drop(holder)
+    end = time.monotonic() + 30
+    while not log.expired_leases():  # nobody renews it any more (a beat in flight may land)
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    assert [x.session_id for x in log.expired_leases()] == [s.id]
+    assert {h.id for h in log.hosts()} == {"host-hb"}

@@ -1242,12 +1242,13 @@ class Session:
             self._go_stale(held, None, lease.epoch - 1)
         self._lease = lease
         if self._beat is None:
+            dsn, paths = self._dsn, self.paths  # not self: the thread must not keep it alive
             self._beat = Heartbeat.hold(
                 self,
-                where=f"{self._dsn or ''}|{self.paths.root}",
+                where=f"{dsn or ''}|{paths.root}",
                 host=host,
                 ttl=lease_ttl(),
-                opener=lambda: open_log(self._dsn, paths=self.paths),
+                opener=lambda: open_log(dsn, paths=paths),
             )
         return lease
 
