@@ -17,6 +17,9 @@ Tables (types shown for SQLite / PostgreSQL)::
                      PRIMARY KEY (session_id, seq), UNIQUE (session_id, key)
     torpor_removed   session_id text PK FK, removed_at real/double,
                      seq integer/bigint (the tombstone entry)
+    torpor_state, torpor_state_parts   state records (torpor.session.record): a
+                     cache of a session's fold at a checkpoint, created IF NOT EXISTS
+                     on first use, plain tables (rewritten in place, not versioned)
     torpor_hosts     id text PK, info text(JSON)/jsonb, started_at, heartbeat_at,
                      ttl real/double                    (mutable: one row per host)
     torpor_leases    session_id text PK FK, host text NULL (NULL: released),
