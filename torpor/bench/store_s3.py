@@ -14,7 +14,7 @@ the numbers are the store's and the bucket's, not TCG's):
    (acknowledged at the local commit; the upload runs behind and its completion time
    is measured too);
 3. per checkpoint: time to the durable point (put + commit), the commit's local and
-   bucket parts, bytes and requests sent to the bucket;
+   bucket parts, bytes, requests and packs sent to the bucket;
 4. a cold restore of the last snapshot on another home (empty cache, same key):
    time, bytes fetched and requests, and bytes fetched / the snapshot's stored bytes
    (its chunks' frames, bases of deltas included, plus its manifest).
@@ -214,6 +214,7 @@ def run_store_s3_bench(
                         "upload_bytes": lc.bytes_uploaded,
                         "upload_requests": lc.requests,
                         "upload_chunks": lc.chunks_uploaded,
+                        "upload_packs": lc.packs_uploaded,
                     }
                 rows.append(row)
                 parent_art, parent_id = art, m.id
@@ -240,6 +241,7 @@ def run_store_s3_bench(
                     "turn_commit_bucket_ms": col(rest, "commit_bucket_ms"),
                     "turn_upload_bytes": col(rest, "upload_bytes"),
                     "turn_upload_requests": col(rest, "upload_requests"),
+                    "turn_upload_packs": col(rest, "upload_packs"),
                 }
             if behind_ms is not None:
                 out |= {
@@ -321,6 +323,18 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     t.add_row("turn stored bytes p50 / p95", *(cell(x, "turn_stored_bytes") for x in modes))
     t.add_row("turn upload bytes p50 / p95", "-", cell("bucket", "turn_upload_bytes"), "-")
     t.add_row("turn requests p50 / p95", "-", cell("bucket", "turn_upload_requests"), "-")
+    t.add_row("turn packs p50 / p95", "-", cell("bucket", "turn_upload_packs"), "-")
+    fb = m["bucket"]["first"]
+    t.add_row(
+        "first checkpoint requests / packs", "-",
+        f"{fb.get('upload_requests', 0):.0f} / {fb.get('upload_packs', 0):.0f}", "-",
+    )  # fmt: skip
+    ratio = (
+        m["bucket"]["turn_durable_ms"]["p50"] / m["local"]["turn_durable_ms"]["p50"]
+        if m["local"]["turn_durable_ms"].get("p50")
+        else float("nan")
+    )
+    t.add_row("turn durable p50, bucket / local", "1", f"{ratio:.2f}", "-")
     t.add_row(
         "all uploaded after (ms)", "-", "-",
         cell("bucket-durability-local", "all_uploaded_after_ms"),
