@@ -168,7 +168,7 @@ def test_snapshot_restores_on_hosts_without_its_base(
 
     # host C built tools:latest itself: same image id, other bytes.  It must use the
     # stored base, not its own build
-    mgr_c = _home(tmp_path, "host-c", paths)
+    mgr_c = _home(tmp_path, "host-c", paths, own_guest=True)
     own = _build_here(mgr_c.paths, ImageStore(paths).get(tools_image), paths)
     assert own.id == VMConfig.from_json(json.loads(meta["vm"])).image_id
     assert bases.disk_digest(mgr_c.paths, own.disk_path) != digest
@@ -183,18 +183,26 @@ def test_snapshot_restores_on_hosts_without_its_base(
         # rmi of this host's own build leaves the stored base the VM runs on
         ImageStore(mgr_c.paths).remove("tools:latest", force=True)
         assert disk_c.exists()
+        # C installs another kernel while the VM runs: a snapshot names the kernel the
+        # VM booted (in its RAM), not the new one; its base is not uploaded again
+        want = meta["kernel_digest"]
+        old = bases.kernel_file(mgr_c.paths)
+        newer = mgr_c.paths.guest / "kernels" / "99.0.0-other-cloud-amd64"
+        shutil.copytree(old.parent, newer)
+        with open(newer / old.name, "ab") as f:
+            f.write(b"\0")  # another build of the kernel
+        assert bases.kernel_file(mgr_c.paths) == newer / old.name
+        have = bases.file_digest(mgr_c.paths, newer / old.name)
+        assert have != want
+        res_c = snapshot(mgr_c, moved_c.id, tag="travel-c")
+        assert res_c.manifest.meta["kernel_digest"] == want
+        assert res_c.manifest.meta["base_manifest"] == base_id
+        assert res_c.timings["base_upload_bytes"] == 0
     finally:
         mgr_c.remove(moved_c.id, force=True)
-
-    # host D boots another kernel: a clear error naming both digests, before QEMU
-    mgr_d = _home(tmp_path, "host-d", paths, own_guest=True)
-    kernel_file = bases.kernel_file(mgr_d.paths)
-    want = meta["kernel_digest"]
-    with open(kernel_file, "ab") as f:
-        f.write(b"\0")  # another build of the kernel
-    have = bases.file_digest(mgr_d.paths, kernel_file)
-    assert have != want
+    # ...and restoring it now, with the other kernel: a clear error naming both
+    # digests, before anything is made or QEMU starts
     with pytest.raises(GuestError) as e:
-        restore(mgr_d, "travel", name="d-moved")
+        restore(mgr_c, "travel-c", name="c-again")
     assert want in str(e.value) and have in str(e.value)
-    assert mgr_d.list() == []
+    assert mgr_c.list() == []

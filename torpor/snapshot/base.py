@@ -43,7 +43,7 @@ and wakes look it up by digest again.  ``images/.bases`` lies inside ``images/``
 than the gc grace period (a restore making a VM over it meanwhile is younger).
 
 Kernel and agent: a snapshot records ``kernel_digest`` (BLAKE3 of the kernel file
-QEMU boots, as this host has it now) and ``agent_protocol``.  :func:`check_guest`
+the VM's QEMU was started with) and ``agent_protocol``.  :func:`check_guest`
 runs before anything of a restore or wake is made: a restored RAM image needs the
 exact kernel it was taken with, so another kernel is a GuestError naming both
 digests; an agent protocol this host cannot speak is a GuestError too.  The
@@ -186,12 +186,31 @@ def kernel_file(paths: Paths) -> Path:
     return installed_kernel(paths).boot_image
 
 
-def guest_meta(paths: Paths) -> dict[str, str]:
-    """What a snapshot records about the guest side this host runs."""
+def running_kernel(vm: VM) -> Path | None:
+    """The kernel file ``vm``'s QEMU was started with (its ``-kernel`` argument), or
+    None if that cannot be read (QEMU gone, another argv)."""
+    from torpor.vmm.state import alive
+
+    if not alive(vm.state.qemu_pid, vm.state.qemu_start):
+        return None
+    try:
+        with open(f"/proc/{vm.state.qemu_pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        kernel = Path(os.fsdecode(argv[argv.index(b"-kernel") + 1]))
+    except (OSError, ValueError, IndexError):
+        return None
+    return kernel if kernel.is_absolute() and kernel.is_file() else None
+
+
+def guest_meta(paths: Paths, vm: VM | None = None) -> dict[str, str]:
+    """What a snapshot of ``vm`` records about its guest side: the kernel its QEMU
+    booted (a kernel installed since then is not the one in its RAM), else this
+    host's current one; the agent protocol."""
     from torpor.agent.protocol import PROTOCOL_VERSION
 
+    kernel = (running_kernel(vm) if vm is not None else None) or kernel_file(paths)
     return {
-        "kernel_digest": file_digest(paths, kernel_file(paths)),
+        "kernel_digest": file_digest(paths, kernel),
         "agent_protocol": str(PROTOCOL_VERSION),
     }
 

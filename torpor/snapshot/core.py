@@ -239,7 +239,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         # the base first (once per base with a bucket store): never a durable snapshot
         # whose base is not stored; before the pause, which it does not lengthen
         base_ref = bases.ensure_stored(mgr, store, vm)
-        guest = bases.guest_meta(mgr.paths)
+        guest = bases.guest_meta(mgr.paths, vm)
         t["base_ms"] = (time.perf_counter() - t0) * 1000
         t["base_upload_bytes"] = float(base_ref.uploaded_bytes)
         t0 = time.perf_counter()
