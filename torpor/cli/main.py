@@ -170,7 +170,8 @@ def cli(
       torpor ps ; torpor logs box ; torpor stop box ; torpor rm box
 
     State lives in $TORPOR_HOME (default /var/lib/torpor as root,
-    ~/.local/share/torpor otherwise).
+    ~/.local/share/torpor otherwise).  Snapshots can live in an S3 bucket shared by
+    several hosts: --store s3://BUCKET/PREFIX (docs/deploy.md; `torpor info` shows it).
     """
     # through the environment: the VM's shim (forked by a zygote, or spawned) reads them
     if no_jail:
@@ -212,7 +213,7 @@ def setup(kernel_deb: Path | None) -> None:
 
 @cli.command(context_settings=CONTEXT)
 def info() -> None:
-    """Show where state lives, the guest kernel and the accelerator."""
+    """Show where state lives, the guest kernel, the accelerator and the snapshot store."""
     from torpor.guest.kernel import installed_kernel
     from torpor.vmm import boot, qemu
 
