@@ -241,6 +241,13 @@ def test_kill9_mid_turn_b_takes_over_and_a_restarted_lets_go(cluster: Cluster) -
         )
         with cluster.log() as lg:
             assert lg.lease(sid).host == b.host_id
+        listed = subprocess.run(
+            [*TORPOR, "hosts", "--json"], env=cluster.c_env(), capture_output=True, text=True
+        )
+        assert listed.returncode == 0, listed.stderr
+        rows = {r["id"]: r for r in json.loads(listed.stdout)}
+        assert rows[b.host_id]["alive"] and "survivor" in rows[b.host_id]["sessions"]
+        assert rows[a.host_id]["alive"] and "survivor" not in rows[a.host_id]["sessions"]
         httpx.delete(f"{b.url}/v1/sessions/{sid}", timeout=120)
     finally:
         a.stop(signal.SIGKILL)

@@ -154,9 +154,15 @@ def _start_failover(paths: Any, wanted: bool | None) -> Any:
     if not wanted:
         return None
     from torpor.cluster.failover import Failover, this_host
-    from torpor.server.tenancy import namespace_paths, namespaces
+    from torpor.server.routes.metrics import observer
+    from torpor.server.tenancy import DEFAULT, namespace_paths, namespaces
 
-    loop = Failover(lambda: [namespace_paths(paths, ns) for ns in namespaces(paths)])
+    def metrics_hook(p: Any) -> Any:  # restores and checkpoints it makes count in /metrics
+        return observer(DEFAULT if p.root == paths.root else p.root.name)
+
+    loop = Failover(
+        lambda: [namespace_paths(paths, ns) for ns in namespaces(paths)], on_event=metrics_hook
+    )
     loop.start()
     click.echo(f"torpor: failover on (lease TTL {loop.ttl:g}s, host {this_host(paths)})", err=True)
     return loop

@@ -319,6 +319,7 @@ class Failover(threading.Thread):
         interval: float | None = None,
         reap_every: float = 30.0,
         on_result: Callable[[Paths, Outcome], None] | None = None,
+        on_event: Callable[[Paths], Callable[[Any], None] | None] | None = None,
     ) -> None:
         super().__init__(name="torpor-failover", daemon=True)
         self.homes = homes
@@ -328,6 +329,7 @@ class Failover(threading.Thread):
         self.interval = interval if interval is not None else min(1.0, self.ttl / 4)
         self.reap_every = reap_every
         self.on_result = on_result
+        self.on_event = on_event  # per home: the hook of the sessions it brings back
         self.results: list[tuple[str, Outcome]] = []  # (home root, outcome), newest last
         self._stop = threading.Event()
         self._logs: dict[str, ContextLog] = {}
@@ -365,7 +367,8 @@ class Failover(threading.Thread):
             ctx_log = self._log(paths)
             if reap:
                 reap_stale(paths, ctx_log)
-            for res in failover_once(paths, ctx_log, dsn=self.dsn, ttl=self.ttl):
+            hook = self.on_event(paths) if self.on_event is not None else None
+            for res in failover_once(paths, ctx_log, dsn=self.dsn, ttl=self.ttl, on_event=hook):
                 self.results.append((str(paths.root), res))
                 del self.results[:-1000]
                 if self.on_result is not None:
