@@ -65,7 +65,12 @@ def test_store_commands_see_the_bucket_from_another_home(
     b.store.mkdir(parents=True, exist_ok=True)
     shutil.copy2(paths.store / "key", b.store / "key")  # one key per deployment
     on_b = {"home": b.root, "env": env}
-    assert snap in _ids(_cli("--store", url, "snapshot", "ls", "--format", "json", **on_b))
+    rows = json.loads(_cli("--store", url, "snapshot", "ls", "--format", "json", **on_b))
+    assert snap in {r["id"] for r in rows}
+    # the VM's base disk travels as a manifest of its own: listed, and named as such
+    bases = [r for r in rows if r["kind"] == "image-base"]
+    assert all(r["Tag"] == "(image-base)" for r in bases)
+    assert {r["kind"] for r in rows if r["id"] == snap} == {"vm-snapshot"}
     got = json.loads(_cli("--store", url, "snapshot", "inspect", "bucket-cli", **on_b))
     assert got["id"] == snap and got["vm"] == "bucket-cli"
     assert got["location"]["in_bucket"] and got["location"]["cached_chunks"] == 0

@@ -1199,6 +1199,7 @@ def _snap_row(m: Any) -> dict[str, Any]:
         "id": m.id,
         "parent": m.parent,
         "created": m.created,
+        "kind": m.kind,  # vm-snapshot; image-base: a base disk kept for other hosts
         "tag": m.meta.get("tag", ""),
         "vm": cfg.get("name", ""),
         "image": cfg.get("image_ref", ""),
@@ -1272,16 +1273,17 @@ def snapshots(vm: str | None, fmt: str | None) -> None:
         r["Created"] = str(r["created"])[:19]
         r["Memory"] = human_size(r["sizes"].get("memory", 0))
         r["Disk"] = human_size(r["sizes"].get("disk", 0))
+        r["Tag"] = r["tag"] or ("" if r["kind"] == "vm-snapshot" else f"({r['kind']})")
     for snap_id, e in bad if not vm else ():
         rows.append(
             {
                 **dict.fromkeys(("ShortParent", "vm", "Created", "Memory", "Disk"), "?"),
-                **{"id": snap_id, "ShortID": snap_id[:12], "tag": "DAMAGED"},
+                **{"id": snap_id, "ShortID": snap_id[:12], "tag": "DAMAGED", "Tag": "DAMAGED"},
                 "damaged": e.message,
             }
         )
     cols = ("SNAPSHOT", "PARENT", "VM", "TAG", "CREATED", "MEMORY", "DISK")
-    keys = ("ShortID", "ShortParent", "vm", "tag", "Created", "Memory", "Disk")
+    keys = ("ShortID", "ShortParent", "vm", "Tag", "Created", "Memory", "Disk")
     fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
     for snap_id, e in bad:
         err_console.print(
