@@ -146,9 +146,13 @@ def test_snapshot_restores_on_hosts_without_its_base(
         assert [i.id for i in mgr_b.images.list()] == []  # the base cache is hidden
     finally:
         mgr_b.remove(moved.id, force=True)
-    # no VM of B needs the base any more: gc removes it
+    # no VM of B needs the base any more: gc removes it, and what a materializer
+    # killed mid-way left (its folder, its lock free)
+    left = mgr_b.paths.images / bases.BASES / f".tmp-{digest}-4194999"
+    (left / "rootfs.ext4").parent.mkdir()
+    (left / "rootfs.ext4").write_bytes(b"partial")
     core.gc(mgr_b, grace_seconds=0)
-    assert not disk.exists()
+    assert not disk.exists() and not left.exists()
 
     # host E: concurrent restores of one base: one materializes, the other waits for
     # it; neither ever sees a partial base (materialize only, no VM: no boot needed)

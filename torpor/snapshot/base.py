@@ -85,6 +85,7 @@ KIND_IMAGE_BASE = "image-base"
 BASE_CREATED = "1970-01-01T00:00:00.000000Z"  # fixed: the same base is the same manifest
 DISK = "rootfs.ext4"
 IMAGE_JSON = "image.json"
+MAX_IMAGE_JSON = 16 << 20  # a stored image.json larger than this is refused
 SOURCE = "base.json"  # {"manifest", "image_id"}: where a materialized base came from
 
 _memo: dict[tuple[Any, ...], str] = {}
@@ -390,6 +391,7 @@ def _materialize(mgr: VMManager, store: ChunkStore, digest: str, manifest_id: st
             or m.meta.get("digest") != digest
             or "disk" not in m.artifacts
             or artifact_digest(m.artifacts["disk"]) != digest
+            or ("image" in m.artifacts and m.artifacts["image"].size > MAX_IMAGE_JSON)
         ):
             raise StoreError(
                 f"store manifest {manifest_id[:12]} is not the base disk {digest[:16]}",
@@ -454,6 +456,14 @@ def prune(mgr: VMManager, grace_seconds: float) -> list[str]:
         return []
     gone: list[str] = []
     for d in sorted(root.iterdir()):
+        if d.name.startswith(".tmp-"):
+            # a materializer holds its digest's lock while its folder exists: if the
+            # lock is free, the folder is what a killed one left
+            digest = d.name.split("-")[1]
+            lock = mgr.paths.locks / f"base-{digest}.lock"
+            with contextlib.suppress(OSError), locked(lock, wait=False):
+                shutil.rmtree(d, ignore_errors=True)
+            continue
         if not ck.is_chunk_hash(d.name):
             continue
         with locked(mgr.paths.locks / f"base-{d.name}.lock"):
