@@ -158,3 +158,16 @@ def test_store_option_reaches_the_idle_watcher(tools_image, tmp_path, s3_server,
         assert last["reason"] == "hibernate" and last["durability"] == "bucket", last
     finally:
         torpor_cli(*run, "rm", sid, env=env)
+
+
+def test_serve_checks_its_store_before_serving(tmp_path, s3_server) -> None:
+    """``torpor serve --store`` opens the store first: a bucket that does not exist is
+    a clear error at start, not a failure at the first snapshot."""
+    env = {k: v for k, v in s3_server.env("x").items() if k.startswith("AWS_")}
+    env["TORPOR_HOME"] = str(tmp_path / "h")
+    args = ("serve", "--listen", "127.0.0.1:1", "--store")
+    r = torpor_cli(*args, "s3://no-such-bucket-for-serve/p", env=env, timeout=120)
+    assert r.returncode == 10 and b"Traceback" not in r.stderr, r.stderr
+    assert b"no-such-bucket-for-serve" in r.stderr
+    r = torpor_cli(*args, "ftp://x", env=env, timeout=60)
+    assert r.returncode == 2 and b"s3://bucket/prefix" in r.stderr, r.stderr
