@@ -63,7 +63,7 @@ def test_snapshot_to_the_bucket_restores_on_another_home(
     moved = restore(mgr2, "s3-vm", name="s3-moved")  # by tag: found in the bucket's listing
     try:
         fetched = {p.name for p in (new.store / "chunks").glob("*/*")}
-        assert fetched and fetched <= keys_chunks(keys)
+        assert fetched and fetched <= indexed_chunks(s3_server, bucket, paths, snap, keys)
         with mgr2.client(moved) as c:
             assert c.exec(["cat", "/root/where.txt"]).stdout == b"from-the-bucket\n"
         assert _keeps_counting(mgr2, moved)
@@ -71,5 +71,12 @@ def test_snapshot_to_the_bucket_restores_on_another_home(
         mgr2.remove(moved.id, force=True)
 
 
-def keys_chunks(keys: set[str]) -> set[str]:
-    return {k.rsplit("/", 1)[1] for k in keys if k.startswith("torpor/chunks/")}
+def indexed_chunks(s3_server, bucket: str, paths: Paths, snap: str, keys: set[str]) -> set[str]:
+    """The chunks the snapshot's index locates in a pack the bucket holds."""
+    from torpor.store.tiered import decode_index, pack_object
+
+    body = s3_server.client().get_object(Bucket=bucket, Key=f"torpor/snapshots/{snap}.index")
+    locs = decode_index(
+        (paths.store / "key").read_bytes(), body["Body"].read(), snap_id=snap, source="test"
+    )
+    return {h for h, loc in locs.items() if f"torpor/{pack_object(loc.pack)}" in keys}

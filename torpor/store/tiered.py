@@ -21,7 +21,9 @@ Packs and indexes (a checkpoint costs a handful of requests, not one per chunk):
   coalesced over adjacent frames (gaps up to ``COALESCE_GAP``), in parallel.  It is
   ``torpor-index 1`` / ``hmac-sha256 <mac over the id and body>`` / zstd(JSON):
   a truncated, damaged or foreign index is refused (ManifestAuthError /
-  ManifestError naming it) before anything in it is used.
+  ManifestError naming it) before anything in it is used.  An index never changes
+  once its manifest is in the bucket (a retried commit that finds both keeps them),
+  so hosts may cache it.
 - A checkpoint's chunks are located through its parent's index (deduplication is
   against the parent and within the checkpoint: identical chunks of unrelated
   snapshots are stored twice), the rest are packed from the local frames.
@@ -994,6 +996,7 @@ class TieredStore(ChunkStore):
         lent = self._parent_locs(m)
         located = dict(packed)
         chunks, packs = len(packed), len({v.pack for v in packed.values()})
+        put_before = False
         for _ in range(4):
             locs, extra = self._close_over(m, located, lent, trusted)
             if extra:
@@ -1002,7 +1005,17 @@ class TieredStore(ChunkStore):
                 locs |= new
                 chunks, packs = chunks + len(new), packs + n
             index = encode_index(self._key, m.id, locs)
-            self.remote.put(index_object(m.id), index)  # (no manifest names it yet)
+            if not self.remote.put(index_object(m.id), index, if_absent=not put_before):
+                # an earlier try of this commit (an error, a crash) left an index: if
+                # its manifest made it too, that index is the truth (hosts may have
+                # read it: it never changes once a manifest names it); if not, no
+                # host reads it, and ours replaces it
+                if self.remote.exists(self._obj_manifest(m.id)):
+                    self._index_path(m.id).unlink(missing_ok=True)
+                    self._load_index(m.id)
+                    return chunks, packs
+                self.remote.put(index_object(m.id), index)
+            put_before = True
             t_check = time.monotonic()
             condemned = self._condemned()
             ours = {v.pack for v in located.values()}
