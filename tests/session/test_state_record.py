@@ -279,11 +279,11 @@ def test_sealed_segments_are_checked(log: Any, paths: Paths) -> None:
     for _ in range(5):
         w.full_turn(text=big)
     s = _assert_same_as_full_fold(log, w.sid, paths)
-    assert s._rec.segs, "the conversation should have sealed segments"
+    assert s._rec.msegs, "the conversation should have sealed segments"
     (head,) = _sql(log, "SELECT body FROM torpor_state WHERE session_id = ?", w.sid)[0]
     assert len(bytes(head)) < 2 * SEGMENT_BYTES
     assert _open(log, w.sid, paths).stats()["state_record"].startswith("used")
-    d = s._rec.segs[0][0]
+    d = s._rec.msegs[0][0]
     _sql(
         log,
         "UPDATE torpor_state_parts SET body = ? WHERE session_id = ? AND digest = ?",

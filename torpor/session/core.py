@@ -92,7 +92,7 @@ from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
 from torpor.paths import Paths
-from torpor.session.record import Writer
+from torpor.session.record import RecordRefused, Writer
 from torpor.session.record import load as load_record
 from torpor.session.record import save as save_record
 from torpor.session.tools import Tool, check_tools, run_custom, run_tool
@@ -297,19 +297,32 @@ class LogView:
     :meth:`seed` starts the view from a state record (:mod:`torpor.session.record`):
     the fold through seq ``S``; the entries passed in are then only those after
     ``S``, and where a full refold would be needed the view raises :class:`_Stale`.
+    The record's messages may arrive later (``pending``, decoded in the background):
+    :meth:`state` never needs them; :meth:`messages` and settling wait for them.
     """
 
     def __init__(self, owner: str | None) -> None:
         self.owner = owner
         self.based = False
+        self._pending: Callable[[], list[dict[str, Any]]] | None = None
         self._reset()
 
-    def seed(self, fold: _Fold, seq: int) -> None:
-        """Start from ``fold``, the fold of the log through entry ``seq``."""
+    def seed(
+        self, fold: _Fold, seq: int, pending: Callable[[], list[dict[str, Any]]] | None = None
+    ) -> None:
+        """Start from ``fold``, the fold of the log through entry ``seq``; with
+        ``pending``, its messages are what ``pending()`` returns."""
         self._settled, self._n, self._seq, self.based = fold, 0, seq, True
+        self._pending = pending
+
+    def _resolve(self) -> None:
+        if self._pending is not None:
+            self._settled.msgs = self._pending()  # RecordRefused: the caller reads the log
+            self._pending = None
 
     def settled(self) -> tuple[_Fold, int]:
         """The settled fold and the seq it runs through (0: nothing settled)."""
+        self._resolve()
         return self._settled, self._seq
 
     def _reset(self) -> None:
@@ -331,6 +344,7 @@ class LogView:
         # settle up to the tail's last checkpoint, unless a later marker reaches back
         cut = max((i for i, e in enumerate(tail) if e.kind is Kind.CHECKPOINT), default=-1)
         if cut >= 0 and not any(s <= tail[cut].seq for s in superseded(tail[cut + 1 :])):
+            self._resolve()  # settled messages are appended to: they must be all there
             head, tail = tail[: cut + 1], tail[cut + 1 :]
             self._settled.add(
                 (e for e in head if e.kind is not Kind.SUPERSEDE and e.seq not in gone),
@@ -347,6 +361,7 @@ class LogView:
         return self._fold(entries).state(last)
 
     def messages(self, entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
+        self._resolve()
         return self._fold(entries).messages(system)
 
 
@@ -737,7 +752,7 @@ class Session:
         self._record_status = got.status
         if got.fold is not None and got.writer is not None:
             self._base_seq = got.seq
-            self._view.seed(got.fold, got.seq)
+            self._view.seed(got.fold, got.seq, got.pending)
             u = got.fold.last_user
             self._turn_seen = u.turn if u is not None else 0
             self._rec = got.writer
@@ -747,9 +762,10 @@ class Session:
             if self._record_status.startswith("written"):
                 self._record_status = f"{got.status}; {self._record_status}"
 
-    def _drop_record(self) -> None:
-        """Forget the state record and read the whole log (a marker reached back)."""
-        self._record_status = f"stale (seq {self._base_seq}): the whole log was read"
+    def _drop_record(self, why: str = "") -> None:
+        """Forget the state record and read the whole log (a marker reached back, or
+        the record's conversation failed its check)."""
+        self._record_status = why or f"stale (seq {self._base_seq}): the whole log was read"
         self._base_seq, self._cache = 0, []
         self._view = LogView(owner=self.id)
         self._turn_seen, self._turn_scan = 0, 0
@@ -761,14 +777,21 @@ class Session:
             return fn(self._view, self._read())
         except _Stale:
             self._drop_record()
-            return fn(self._view, self._read())
+        except RecordRefused as e:  # found while its conversation was decoded
+            self._drop_record(f"refused: {e}")
+            out = fn(self._view, self._read())
+            self._save_record()
+            if self._record_status.startswith("written"):
+                self._record_status = f"refused: {e}; {self._record_status}"
+            return out
+        return fn(self._view, self._read())
 
     def _save_record(self) -> None:
         """Write the state record at the last settled checkpoint (a cache: a failure
         leaves the log the only source, as it always is)."""
         try:
             self._folded(LogView.state)  # settles through the last checkpoint
-            fold, seq = self._view.settled()
+            fold, seq = self._folded(lambda view, _: view.settled())
             if seq == 0 or seq <= self._rec.seq:  # nothing settled, or written already
                 return
             chain = next((e.chain for e in reversed(self._cache) if e.seq == seq), b"")

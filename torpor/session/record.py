@@ -15,13 +15,19 @@ an older torpor ignores)::
     torpor_state        session_id PK, seq, body (the head), mac
     torpor_state_parts  (session_id, digest) PK, body   -- sealed segments
 
-The head is JSON: ``{v, sid, seq, vm_id, hibernated, turns, last_user, segs, msgs,
-cks}``.  ``segs`` lists sealed segments as ``[blake2b-256 hex, n messages, n
-checkpoints]`` in order; ``msgs``/``cks`` are what came after the last segment.  A
-segment (``{"msgs": [...], "cks": [...]}``) is sealed once its JSON reaches
-:data:`SEGMENT_BYTES` and is never written again (content-addressed), so a
-checkpoint rewrites only the head — at most about one segment's worth of bytes, not
-the whole conversation.
+The head is JSON: ``{v, sid, seq, vm_id, hibernated, turns, last_user, msegs, csegs,
+msgs, cks}``.  ``msegs``/``csegs`` list the sealed segments of messages and of
+checkpoints as ``[BLAKE3 hex, count]`` in order; ``msgs``/``cks`` are what came after
+the last sealed one.  A segment (a JSON list) is sealed once its JSON reaches
+:data:`SEGMENT_BYTES` and is never written again (content-addressed), so a checkpoint
+rewrites only the head — at most about one segment's worth of bytes, not the whole
+conversation.
+
+Opening checks the head and the checkpoint segments at once; the conversation's
+segments are checked and decoded by a background thread (:attr:`Loaded.pending`),
+which overlaps a recovery's VM restore: the state (which VM, which checkpoint, is a
+turn pending) never waits for the conversation, only ``messages()`` does.  A segment
+that fails then makes the session read its whole log and write a new record.
 
 Invariants (what a reader checks before it uses a record):
 
@@ -33,7 +39,7 @@ Invariants (what a reader checks before it uses a record):
   from a log whose entry ``seq`` is not the one it was computed over (a rewritten or
   replaced log) is refused.
 - The head's ``sid`` and ``seq`` equal the row's; every segment it names exists and
-  hashes to its digest, with the stated counts.
+  hashes to its digest, with the stated count (messages: before they are used).
 - Entries after ``seq`` are read with ``ContextLog.entries(after=seq)``, which checks
   them against entry ``seq``'s stored chain value: the record anchors the chain.
 
@@ -47,9 +53,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import orjson
 
 from torpor.context import ChainError, Entry, Kind
@@ -58,10 +67,14 @@ if TYPE_CHECKING:
     from torpor.context import ContextLog
     from torpor.session.core import _Fold
 
-FORMAT = 1
+FORMAT = 2
 #: A segment is sealed once the unsealed tail's JSON is at least this long.
 SEGMENT_BYTES = 256 * 1024
 _DOMAIN = b"torpor-state-v1"
+
+
+class RecordRefused(Exception):
+    """A record's conversation failed its check while it was decoded (after open)."""
 
 
 def state_key(log: ContextLog) -> bytes | None:
@@ -76,7 +89,9 @@ def record_mac(key: bytes, sid: str, seq: int, chain: bytes, head: bytes) -> byt
 
 
 def _digest(body: bytes) -> str:
-    return hashlib.blake2b(body, digest_size=32).hexdigest()
+    # BLAKE3: several times faster than BLAKE2b on a long conversation, and it releases
+    # the GIL, so the background decode overlaps the VM restore better
+    return blake3.blake3(body, max_threads=blake3.blake3.AUTO).hexdigest()
 
 
 def _ck_list(c: Any) -> list[Any]:
@@ -106,23 +121,38 @@ class Writer:
     sealing again after a reset only re-inserts identical rows)."""
 
     fold: Any = None
-    segs: list[list[Any]] = field(default_factory=list)
+    msegs: list[list[Any]] = field(default_factory=list)  # [digest, n messages]
+    csegs: list[list[Any]] = field(default_factory=list)  # [digest, n checkpoints]
     n_msgs: int = 0
     n_cks: int = 0
     seq: int = 0  # the last record written or read
 
     def reset(self, fold: Any) -> None:
-        self.fold, self.segs, self.n_msgs, self.n_cks = fold, [], 0, 0
+        self.fold, self.msegs, self.csegs, self.n_msgs, self.n_cks = fold, [], [], 0, 0
 
 
 @dataclass
 class Loaded:
-    """The outcome of :func:`load`: a fold at ``seq``, or why there is none."""
+    """The outcome of :func:`load`: a fold at ``seq`` whose messages ``pending()``
+    returns (decoded and checked in the background; RecordRefused if a segment fails),
+    or why there is none."""
 
     fold: _Fold | None
     seq: int
     status: str  # "used", "missing", "refused: …", "unavailable"
     writer: Writer | None = None
+    pending: Callable[[], list[dict[str, Any]]] | None = None
+
+
+def _seal(items: list[Any], segs: list[list[Any]], parts: dict[str, bytes]) -> list[Any]:
+    """Seal ``items`` as a segment if their JSON is long enough; what stays in the head."""
+    body = orjson.dumps(items)
+    if len(body) < SEGMENT_BYTES:
+        return items
+    d = _digest(body)
+    parts[d] = body
+    segs.append([d, len(items)])
+    return []
 
 
 def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writer) -> bool:
@@ -136,16 +166,10 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
         w.reset(fold)
     parts: dict[str, bytes] = {}
     try:
-        tail_m = fold.msgs[w.n_msgs :]
-        tail_c = [_ck_list(c) for c in fold.checkpoints[w.n_cks :]]
-        tail = orjson.dumps({"msgs": tail_m, "cks": tail_c})
-        if len(tail) >= SEGMENT_BYTES:
-            d = _digest(tail)
-            parts[d] = tail
-            w.segs.append([d, len(tail_m), len(tail_c)])
-            w.n_msgs += len(tail_m)
-            w.n_cks += len(tail_c)
-            tail_m, tail_c = [], []
+        n_m, n_c = len(fold.msgs), len(fold.checkpoints)
+        tail_m = _seal(fold.msgs[w.n_msgs :], w.msegs, parts)
+        tail_c = _seal([_ck_list(c) for c in fold.checkpoints[w.n_cks :]], w.csegs, parts)
+        w.n_msgs, w.n_cks = n_m - len(tail_m), n_c - len(tail_c)
         head = orjson.dumps(
             {
                 "v": FORMAT,
@@ -155,7 +179,8 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
                 "hibernated": fold.hibernated,
                 "turns": fold.turns,
                 "last_user": _entry_dict(fold.last_user),
-                "segs": w.segs,
+                "msegs": w.msegs,
+                "csegs": w.csegs,
                 "msgs": tail_m,
                 "cks": tail_c,
             }
@@ -168,8 +193,26 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
     return True
 
 
+def _segments(segs: list[list[Any]], parts: dict[str, bytes]) -> list[Any]:
+    out: list[Any] = []
+    for d, n in segs:
+        body = parts.get(d)
+        if body is None or _digest(body) != d:
+            raise RecordRefused(f"segment {d[:12]} is missing or altered")
+        items = orjson.loads(body)
+        if not isinstance(items, list) or len(items) != n:
+            raise RecordRefused(f"segment {d[:12]} has the wrong length")
+        out += items
+    return out
+
+
 def load(log: ContextLog, sid: str) -> Loaded:
-    """The verified record of ``sid``, or why it cannot be used (see the module doc)."""
+    """The verified record of ``sid``, or why it cannot be used (see the module doc).
+
+    The head (state, checkpoints) is checked and decoded here; the conversation's
+    segments are checked and decoded by a background thread, so that work overlaps
+    what a recovery does next (restoring the VM) and is waited for only when the
+    messages are first needed."""
     from torpor.session.core import Checkpoint, _Fold
 
     key = state_key(log)
@@ -196,24 +239,10 @@ def load(log: ContextLog, sid: str) -> Loaded:
         if h["v"] != FORMAT or h["sid"] != sid or h["seq"] != seq:
             return Loaded(None, 0, "refused: its header names another session, seq or format")
         f = _Fold()
-        w = Writer()
-        msgs: list[dict[str, Any]] = []
-        cks: list[list[Any]] = []
-        for d, nm, nc in h["segs"]:
-            body = parts.get(d)
-            if body is None or _digest(body) != d:
-                return Loaded(None, 0, f"refused: segment {d[:12]} is missing or altered")
-            seg = orjson.loads(body)
-            if len(seg["msgs"]) != nm or len(seg["cks"]) != nc:
-                return Loaded(None, 0, f"refused: segment {d[:12]} has the wrong length")
-            msgs += seg["msgs"]
-            cks += seg["cks"]
-            w.segs.append([d, nm, nc])
-            w.n_msgs += nm
-            w.n_cks += nc
-        msgs += h["msgs"]
-        cks += h["cks"]
-        f.msgs = msgs
+        w = Writer(msegs=[list(x) for x in h["msegs"]], csegs=[list(x) for x in h["csegs"]])
+        w.n_msgs = sum(n for _, n in w.msegs)
+        w.n_cks = sum(n for _, n in w.csegs)
+        cks = _segments(w.csegs, parts) + h["cks"]
         f.checkpoints = [Checkpoint(*c) for c in cks]
         f.vm_id = h["vm_id"]
         f.hibernated = bool(h["hibernated"])
@@ -230,7 +259,29 @@ def load(log: ContextLog, sid: str) -> Loaded:
                 u["turn"],
                 bytes.fromhex(u["chain"]),
             )
+        tail_msgs = h["msgs"]
+        if not isinstance(tail_msgs, list):
+            raise TypeError("msgs")
+    except RecordRefused as e:
+        return Loaded(None, 0, f"refused: {e}")
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
         return Loaded(None, 0, f"refused: malformed ({type(e).__name__})")
+    box: list[Any] = []
+
+    def decode() -> None:
+        try:
+            box.append(_segments(w.msegs, parts) + tail_msgs)
+        except (RecordRefused, TypeError, ValueError, orjson.JSONDecodeError) as e:
+            box.append(RecordRefused(str(e)))
+
+    worker = threading.Thread(target=decode, name=f"torpor-record-{sid[:8]}", daemon=True)
+    worker.start()
+
+    def pending() -> list[dict[str, Any]]:
+        worker.join()
+        if isinstance(box[0], RecordRefused):
+            raise box[0]
+        return box[0]  # type: ignore[no-any-return]
+
     w.fold, w.seq = f, seq
-    return Loaded(f, seq, "used", w)
+    return Loaded(f, seq, "used", w, pending)
