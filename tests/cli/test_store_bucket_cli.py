@@ -171,3 +171,49 @@ def test_serve_checks_its_store_before_serving(tmp_path, s3_server) -> None:
     assert b"no-such-bucket-for-serve" in r.stderr
     r = torpor_cli(*args, "ftp://x", env=env, timeout=60)
     assert r.returncode == 2 and b"s3://bucket/prefix" in r.stderr, r.stderr
+
+
+def _complete(*words: str, env: dict[str, str]) -> list[str]:
+    line = ["torpor", *words]
+    r = torpor_cli(
+        env={
+            **env,
+            "_TORPOR_COMPLETE": "bash_complete",
+            "COMP_WORDS": " ".join(line),
+            "COMP_CWORD": str(len(line) - 1),
+        }
+    )
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    return [ln.split(",", 1)[1] for ln in r.stdout.decode().splitlines() if "," in ln]
+
+
+def test_completion_offers_the_buckets_snapshots(tmp_path, s3_server, bucket, monkeypatch) -> None:
+    from torpor.store.home import home_store
+
+    url = f"s3://{bucket}/torpor"
+    for k, v in s3_server.env(bucket, "torpor").items():
+        monkeypatch.setenv(k, v)
+    a = Paths(tmp_path / "a").ensure()
+    src = tmp_path / "f"
+    src.write_bytes(b"x" * 100_000)
+    store = home_store(a)
+    try:
+        art, _ = store.put_file(src)
+        snap = store.commit({"memory": art}, meta={"tag": "cmpl-bucket"}).id
+    finally:
+        store.close()
+    homes = []
+    for name in ("b", "c"):
+        h = Paths(tmp_path / name).ensure()
+        h.store.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(a.store / "key", h.store / "key")
+        homes.append(h)
+    env = {"TORPOR_HOME": str(homes[0].root)}
+    assert "cmpl-bucket" in _complete("restore", "cmpl", env=env)  # TORPOR_STORE
+    # the bucket unreachable: what this host's cache holds, without hanging
+    down = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    assert snap[:12] in _complete("snapshot", "rm", snap[:6], env=down)
+    # --store on the command line counts too (no TORPOR_STORE)
+    env = {"TORPOR_HOME": str(homes[1].root), "TORPOR_STORE": ""}
+    assert _complete("restore", "cmpl", env=env) == []
+    assert "cmpl-bucket" in _complete("--store", url, "restore", "cmpl", env=env)

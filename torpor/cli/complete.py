@@ -51,15 +51,49 @@ def image_names(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
     return []
 
 
+def _snapshots(ctx: Any) -> list[Any]:
+    """The home's snapshots as every command sees them (with a bucket: its listing,
+    any host's), or, if the bucket does not answer within :data:`BUCKET_WAIT`, those
+    this host's cache holds: a <Tab> never hangs on a slow or unreachable bucket."""
+    import os
+    import threading
+
+    from torpor.store import ChunkStore
+    from torpor.store.home import home_store
+
+    params = (ctx.find_root().params or {}) if ctx is not None else {}
+    if params.get("store_url"):  # `torpor --store URL restore <Tab>`: callbacks do not run
+        os.environ["TORPOR_STORE"] = str(params["store_url"])
+    # opening the bucket store resumes this home's pending uploads: never wait for them
+    os.environ["TORPOR_UPLOAD_EXIT_WAIT"] = "0"
+    found: list[Any] = []
+
+    def listing() -> None:
+        with contextlib.suppress(Exception):
+            store = home_store(_paths())
+            try:
+                found.append(store.scan()[0])
+            finally:
+                store.close()
+
+    t = threading.Thread(target=listing, daemon=True)
+    t.start()
+    t.join(BUCKET_WAIT)
+    if found:
+        return list(found[0])
+    store = ChunkStore(_paths().store)  # the cache: every manifest this host has seen
+    try:
+        return store.scan()[0]
+    finally:
+        store.close()
+
+
+BUCKET_WAIT = 3.0  # seconds a completion waits for the bucket's listing
+
+
 def snapshot_names(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
     with contextlib.suppress(Exception):
-        from torpor.store.home import home_store
-
-        store = home_store(_paths())  # with a bucket: its snapshots, any host's
-        try:
-            good, _bad = store.scan()
-        finally:
-            store.close()
+        good = _snapshots(ctx)
         names = []
         for m in good:  # a tag works wherever a snapshot id does
             if m.meta.get("tag"):
