@@ -270,6 +270,9 @@ def test_host_id_is_made_once_per_home(tmp_path: os.PathLike[str], monkeypatch) 
     with pytest.raises(UsageError, match=ENV_HOST_ID):
         host_id(a)
     monkeypatch.delenv(ENV_HOST_ID)
+    from torpor.server.tenancy import namespace_paths
+
+    assert host_id(namespace_paths(a, "team-1")) == ida  # a server's namespaces: its host
     f.write_text("../../etc\n")
     with pytest.raises(UsageError, match="not a host id"):
         host_id(a)

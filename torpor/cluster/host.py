@@ -13,6 +13,8 @@ Invariants:
   make it, both end with the one that was written first: the file is created with
   ``O_EXCL`` semantics through a hard link of a fully written temp file).  It never
   changes afterwards, so a restarted process is the same host and finds its leases.
+- The namespace homes of one ``torpor serve`` (``HOME/namespaces/<ns>``, marked by
+  their ``namespace`` file) are that server's host: they use ``HOME/host-id``.
 - A damaged ``host-id`` file is an error, not silently replaced: replacing it would
   make this home a new host and orphan its leases.
 
@@ -38,6 +40,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+from torpor.context.dsn import NAMESPACE_FILE
 from torpor.context.model import HOST_RE, check_host, check_ttl
 from torpor.errors import TorporError, UsageError
 from torpor.fsutil import fsync_dir
@@ -72,14 +75,17 @@ def host_id(paths: Paths) -> str:
             return check_host(env)
         except UsageError as e:
             raise UsageError(f"{ENV_HOST_ID}: {e.message}") from None
-    path = paths.root / HOST_FILE
+    root = paths.root
+    if (root / NAMESPACE_FILE).is_file() and root.parent.name == "namespaces":
+        root = root.parent.parent  # a server's namespace home: the server's host
+    path = root / HOST_FILE
     try:
         return _read(path)
     except FileNotFoundError:
         pass
     made = _new_id()
-    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{HOST_FILE}.", suffix=".tmp", dir=paths.root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{HOST_FILE}.", suffix=".tmp", dir=root)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(made + "\n")
@@ -88,7 +94,7 @@ def host_id(paths: Paths) -> str:
         os.chmod(tmp, 0o600)
         with contextlib.suppress(FileExistsError):  # another process made it first: theirs
             os.link(tmp, path)
-            fsync_dir(paths.root)
+            fsync_dir(root)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
