@@ -389,3 +389,19 @@ def test_recovery_with_a_forged_record_reads_the_log_and_rewrites_it(
     finally:
         s.remove()
         s.close()
+
+
+def test_a_record_folded_anew_drops_the_old_segments(log: Any, paths: Paths) -> None:
+    w = _new(log)
+    w.start()
+    for _ in range(4):
+        w.full_turn(text="y" * (SEGMENT_BYTES // 3))
+    _assert_same_as_full_fold(log, w.sid, paths)
+    (old,) = _sql(log, "SELECT digest FROM torpor_state_parts WHERE session_id = ?", w.sid)[0]
+    w.full_turn()
+    _sql(log, "UPDATE torpor_state SET mac = ? WHERE session_id = ?", bytes(32), w.sid)
+    _refused_then_rewritten(log, w.sid, paths, "its MAC does not match")
+    left = {
+        d for (d,) in _sql(log, "SELECT digest FROM torpor_state_parts WHERE session_id = ?", w.sid)
+    }
+    assert old not in left and left

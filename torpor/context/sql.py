@@ -916,12 +916,30 @@ class SQLContextLog(ContextLog):
         return seq, bytes(row[1]), bytes(row[2]), chain, parts
 
     def state_put(
-        self, session_id: str, seq: int, head: bytes, mac: bytes, parts: dict[str, bytes]
+        self,
+        session_id: str,
+        seq: int,
+        head: bytes,
+        mac: bytes,
+        parts: dict[str, bytes],
+        keep: list[str] | None = None,
     ) -> None:
-        """Replace ``session_id``'s record head; add sealed segments (content-addressed)."""
+        """Replace ``session_id``'s record head; add sealed segments (content-addressed);
+        with ``keep``, drop the session's segments not in it (a record folded anew)."""
         if not self._state_tables():
             return
         with self._tx("write state record", write=True) as tx:
+            if keep is not None:
+                rows = tx.all(
+                    "SELECT digest FROM torpor_state_parts WHERE session_id = ?", session_id
+                )
+                for (d,) in rows:
+                    if d not in keep and d not in parts:
+                        tx.run(
+                            "DELETE FROM torpor_state_parts WHERE session_id = ? AND digest = ?",
+                            session_id,
+                            d,
+                        )
             for d, body in parts.items():
                 tx.run(
                     "INSERT INTO torpor_state_parts (session_id, digest, body) VALUES (?, ?, ?)"

@@ -162,7 +162,8 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
     key = state_key(log)
     if key is None or len(chain) != 32:
         return False
-    if w.fold is not fold:
+    fresh = w.fold is not fold
+    if fresh:
         w.reset(fold)
     parts: dict[str, bytes] = {}
     try:
@@ -188,7 +189,9 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
     except (TypeError, orjson.JSONEncodeError):
         w.reset(None)
         return False
-    log.state_put(sid, seq, head, record_mac(key, sid, seq, chain, head), parts)  # type: ignore[attr-defined]
+    keep = [d for d, _ in w.msegs + w.csegs] if fresh else None  # a new fold: drop the old
+    mac = record_mac(key, sid, seq, chain, head)
+    log.state_put(sid, seq, head, mac, parts, keep)  # type: ignore[attr-defined]
     w.seq = seq
     return True
 
