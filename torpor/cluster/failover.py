@@ -41,19 +41,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torpor import __version__
+from torpor.cluster.host import Heartbeat, host_id, lease_ttl
 from torpor.context import ContextLog, Kind, open_log
-from torpor.errors import ConflictError, LeaseHeldError, NotFoundError, UsageError
+from torpor.errors import ConflictError, LeaseHeldError, NotFoundError
 from torpor.paths import Paths
 
 log = logging.getLogger("torpor.cluster")
-
-ENV_TTL = "TORPOR_LEASE_TTL"
-DEFAULT_TTL = 10.0
 
 #: outcomes of one session in a pass
 RECOVERED = "recovered"  # an interrupted turn replayed here
@@ -64,25 +62,8 @@ HELD = "held"  # another live host holds it (it won the race, or it never died)
 FAILED = "failed"
 
 
-def lease_ttl() -> float:
-    """``TORPOR_LEASE_TTL`` seconds (default 10): how long a silent host keeps its
-    sessions before another host may take them."""
-    raw = os.environ.get(ENV_TTL, "")
-    if not raw:
-        return DEFAULT_TTL
-    try:
-        ttl = float(raw)
-    except ValueError:
-        raise UsageError(f"{ENV_TTL}={raw!r}: expected seconds, e.g. 10") from None
-    if not 0.5 <= ttl <= 3600:
-        raise UsageError(f"{ENV_TTL}={raw!r}: expected 0.5 to 3600 seconds")
-    return ttl
-
-
 def this_host(paths: Paths) -> str:
     """The host id sessions of ``paths`` claim their leases with."""
-    from torpor.cluster.host import host_id
-
     return host_id(paths)
 
 
@@ -137,7 +118,7 @@ def failover_once(
             lease = ctx_log.lease(rec.id)
             targets.append((rec.id, lease.host if lease is not None else None))
     out = []
-    with _Heartbeat(ctx_log, host, ttl) if heartbeat else contextlib.nullcontext():
+    with _heartbeating(paths, dsn, host, ttl) if heartbeat else contextlib.nullcontext():
         for sid, holder in targets:
             out.append(
                 _logged(
@@ -163,30 +144,23 @@ def _logged(res: Outcome) -> Outcome:
     return res
 
 
-class _Heartbeat:
-    """Heartbeats for ``host`` every ttl/3 while a pass runs: a restore and a replayed
-    turn can take longer than the TTL, and the leases claimed meanwhile must stay this
-    host's (a lease that lapsed mid-recovery would be taken by the next host)."""
-
-    def __init__(self, ctx_log: ContextLog, host: str, ttl: float) -> None:
-        self.ctx_log, self.host, self.ttl = ctx_log, host, ttl
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="torpor-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.ctx_log.heartbeat(self.host, host_info(), self.ttl)
-            except Exception as e:  # the next beat tries again; the pass goes on
-                log.warning("failover: heartbeat failed: %s", e)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+@contextlib.contextmanager
+def _heartbeating(paths: Paths, dsn: str | None, host: str, ttl: float) -> Iterator[None]:
+    """This host's leases renewed every ttl/3 while a pass runs (the process's one
+    heartbeat thread, shared with its Sessions): a restore and a replayed turn can take
+    longer than the TTL, and a lease claimed meanwhile must stay this host's."""
+    token = object()
+    beat = Heartbeat.hold(
+        token,
+        where=f"{dsn or ''}|{paths.root}",
+        host=host,
+        ttl=ttl,
+        opener=lambda: open_log(dsn, paths=paths),
+    )
+    try:
+        yield
+    finally:
+        beat.drop(token)
 
 
 def _take_over(
