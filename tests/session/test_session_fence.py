@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import torpor_cli
 from torpor.context import Kind
 from torpor.errors import FencedError, LeaseHeldError, NotFoundError
 from torpor.paths import Paths
@@ -58,6 +59,10 @@ def test_a_stale_host_is_fenced_after_a_takeover(
             b.checkpoint("b tries")
         with pytest.raises(LeaseHeldError):
             b.send("b tries")
+        # the CLI on host b: a clear conflict (exit code 4) naming the holder
+        r = torpor_cli("session", "send", "fence-a", "b tries", env={"TORPOR_CONTEXT_DSN": pg_dsn})
+        assert r.returncode == LeaseHeldError.exit_code == 4, r.stderr
+        assert b"host-a" in r.stderr and b"Traceback" not in r.stderr
         assert b.entries()[-1].seq == before  # b wrote nothing, touched no VM
 
         # host a freezes: its heartbeat stops, its lease runs out, b takes over
