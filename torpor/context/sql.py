@@ -891,11 +891,9 @@ class SQLContextLog(ContextLog):
         so a record's MAC can never stand in for an entry's."""
         return hashlib.blake2b(b"torpor state record key v1", key=self._key).digest()[:32]
 
-    def state_get(
-        self, session_id: str
-    ) -> tuple[int, bytes, bytes, bytes | None, dict[str, bytes]] | None:
-        """``(seq, head, mac, chain of visible entry seq or None, {digest: segment})``
-        of ``session_id``'s record, read in one transaction; None: no record."""
+    def state_get(self, session_id: str) -> tuple[int, bytes, bytes, bytes | None] | None:
+        """``(seq, head, mac, chain of visible entry seq or None)`` of ``session_id``'s
+        record, read in one transaction; None: no record."""
         if not self._state_tables():
             return None
         with self._tx("read state record") as tx:
@@ -907,13 +905,25 @@ class SQLContextLog(ContextLog):
                 chain: bytes | None = self._chain_at(tx, session_id, seq)
             except ChainError:
                 chain = None
-            parts = {
-                d: bytes(b)
+        return seq, bytes(row[1]), bytes(row[2]), chain
+
+    def state_parts(self, session_id: str, digests: list[str]) -> dict[str, bytes]:
+        """The sealed segments ``digests`` of ``session_id``'s record that exist."""
+        out: dict[str, bytes] = {}
+        if not digests or not self._state_tables():
+            return out
+        with self._tx("read state record") as tx:
+            for i in range(0, len(digests), 100):
+                some = digests[i : i + 100]
+                marks = ", ".join("?" * len(some))
                 for d, b in tx.all(
-                    "SELECT digest, body FROM torpor_state_parts WHERE session_id = ?", session_id
-                )
-            }
-        return seq, bytes(row[1]), bytes(row[2]), chain, parts
+                    "SELECT digest, body FROM torpor_state_parts WHERE session_id = ?"
+                    f" AND digest IN ({marks})",
+                    session_id,
+                    *some,
+                ):
+                    out[d] = bytes(b)
+        return out
 
     def state_put(
         self,

@@ -145,13 +145,21 @@ class Loaded:
 
 
 def _seal(items: list[Any], segs: list[list[Any]], parts: dict[str, bytes]) -> list[Any]:
-    """Seal ``items`` as a segment if their JSON is long enough; what stays in the head."""
+    """Seal ``items`` as segments of about :data:`SEGMENT_BYTES` if their JSON is at
+    least that long (a whole log folded at once gives many); what stays in the head.
+    Small segments keep each decode step short: the background decode takes the GIL
+    one segment at a time, never for the whole conversation."""
     body = orjson.dumps(items)
     if len(body) < SEGMENT_BYTES:
         return items
-    d = _digest(body)
-    parts[d] = body
-    segs.append([d, len(items)])
+    k = -(-len(body) // SEGMENT_BYTES)
+    step = -(-len(items) // k)
+    for i in range(0, len(items), step):
+        chunk = items[i : i + step]
+        b = body if k == 1 else orjson.dumps(chunk)
+        d = _digest(b)
+        parts[d] = b
+        segs.append([d, len(chunk)])
     return []
 
 
@@ -227,7 +235,7 @@ def load(log: ContextLog, sid: str) -> Loaded:
         return Loaded(None, 0, f"refused: {e}")
     if got is None:
         return Loaded(None, 0, "missing")
-    seq, head, mac, chain, parts = got
+    seq, head, mac, chain = got
     if chain is None:
         return Loaded(None, 0, f"refused: the log has no entry {seq}")
     if not hmac.compare_digest(mac, record_mac(key, sid, seq, chain, head)):
@@ -245,7 +253,8 @@ def load(log: ContextLog, sid: str) -> Loaded:
         w = Writer(msegs=[list(x) for x in h["msegs"]], csegs=[list(x) for x in h["csegs"]])
         w.n_msgs = sum(n for _, n in w.msegs)
         w.n_cks = sum(n for _, n in w.csegs)
-        cks = _segments(w.csegs, parts) + h["cks"]
+        cparts = log.state_parts(sid, [d for d, _ in w.csegs])  # type: ignore[attr-defined]
+        cks = _segments(w.csegs, cparts) + h["cks"]
         f.checkpoints = [Checkpoint(*c) for c in cks]
         f.vm_id = h["vm_id"]
         f.hibernated = bool(h["hibernated"])
@@ -273,9 +282,16 @@ def load(log: ContextLog, sid: str) -> Loaded:
 
     def decode() -> None:
         try:
-            box.append(_segments(w.msegs, parts) + tail_msgs)
+            msgs: list[Any] = []
+            for seg in w.msegs:  # one short read per segment: the session's own
+                # database calls (a recovery's appends) interleave instead of waiting
+                part = log.state_parts(sid, [seg[0]])  # type: ignore[attr-defined]
+                msgs += _segments([seg], part)
+            box.append(msgs + tail_msgs)
         except (RecordRefused, TypeError, ValueError, orjson.JSONDecodeError) as e:
             box.append(RecordRefused(str(e)))
+        except Exception as e:  # the database failed: the log answers instead
+            box.append(RecordRefused(f"its segments could not be read ({type(e).__name__})"))
 
     worker = threading.Thread(target=decode, name=f"torpor-record-{sid[:8]}", daemon=True)
     worker.start()
