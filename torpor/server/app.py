@@ -25,6 +25,7 @@ from torpor.server.tokens import TokenStore
 
 ROUTERS = (
     "torpor.server.routes.system",
+    "torpor.server.routes.hosts",
     "torpor.server.routes.metrics",
     "torpor.server.routes.sessions",
     "torpor.server.routes.sandboxes",
