@@ -405,3 +405,26 @@ def test_a_record_folded_anew_drops_the_old_segments(log: Any, paths: Paths) -> 
         d for (d,) in _sql(log, "SELECT digest FROM torpor_state_parts WHERE session_id = ?", w.sid)
     }
     assert old not in left and left
+
+
+def test_idempotency_keys_before_the_record_are_still_found(log: Any, paths: Paths) -> None:
+    """send(key=) looks the key up: in the entries after the record, else through the
+    database (the entries the record stands for are not read for a new key)."""
+    w = _new(log)
+    w.start()
+    w.turn += 1
+    log.append(w.sid, Kind.USER, {"content": "keyed"}, turn=w.turn, key="k-early")
+    w.add(Kind.MODEL_RESPONSE, {"text": "early answer"})
+    w.checkpoint()
+    w.full_turn()
+    _assert_same_as_full_fold(log, w.sid, paths)  # writes the record
+    w.turn += 1
+    log.append(w.sid, Kind.USER, {"content": "late"}, turn=w.turn, key="k-late")
+    s = _open(log, w.sid, paths)
+    assert s.stats()["state_record"].startswith("used")
+    assert s._key_used("k-early") and s._key_used("k-late")
+    assert not s._key_used("k-new")
+    assert all(e.key != "k-early" for e in s._cache)  # found without reading it
+    f = _new(log, parent=(w.sid, w.lg.last_seq(w.sid)))
+    child = _open(log, f.sid, paths)
+    assert child._key_used("k-early") and not child._key_used("k-new")
