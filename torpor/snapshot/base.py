@@ -286,6 +286,23 @@ def _store_key(store: ChunkStore) -> str:
     return str(getattr(store, "describe", lambda: store.root)())
 
 
+def _present(store: ChunkStore, mid: str) -> bool:
+    """Whether manifest ``mid`` is in the store (not removed).  Not ``resolve_id``:
+    for an id not cached here that lists the whole bucket; ``load`` fetches just it."""
+    if store.is_removed(mid):
+        return False
+    path = store.snapshots_dir / f"{mid}.manifest"
+    if path.exists():
+        return True
+    try:
+        store.load(path)
+    except StoreError:
+        return False  # damaged or foreign: store the base again (a new manifest)
+    except NotFoundError:
+        return False
+    return True
+
+
 def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
     """The base of ``vm`` by digest; with a bucket store, also put into the store
     once (see module doc).  Call before the snapshot's own ``put_file``s: the base is
@@ -296,18 +313,14 @@ def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
         return BaseRef(digest, "")
     rec_path = _known_path(mgr.paths, "stored", f"{_store_key(store)}\0{digest}\0{disk}")
     candidates: list[str] = []
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        candidates.append(str(read_json(rec_path)["manifest"]))
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        candidates.append(str(read_json(disk.parent / SOURCE)["manifest"]))
+    for rec in (rec_path, disk.parent / SOURCE):
+        with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+            candidates.append(str(read_json(rec)["manifest"]))
     for mid in candidates:
         # written by this home after a commit or a checked materialization: only its
-        # presence is checked (a whole id: a file test, no manifest decode per snapshot)
-        if not ck.is_chunk_hash(mid):
-            continue
-        with contextlib.suppress(NotFoundError):
-            if store.resolve_id(mid) == mid:
-                return BaseRef(digest, mid)
+        # presence is checked (a file test, no manifest decode per snapshot), or one GET
+        if ck.is_chunk_hash(mid) and _present(store, mid):
+            return BaseRef(digest, mid)
     arts: dict[str, Artifact] = {}
     stored = 0
     for name, f in (("disk", disk), ("image", disk.parent / IMAGE_JSON)):
