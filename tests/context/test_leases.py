@@ -63,6 +63,10 @@ def test_claim_extend_takeover_release_epochs(log: ContextLog) -> None:
     # after a release the holder changes even when the same host claims again
     assert log.claim(s.id, "host-b", TTL).epoch == 3
     assert log.claim(s.id, "host-b", TTL).epoch == 3
+    # who held each tenure (the extensions and the lapsed re-claim were no new tenure)
+    assert log.tenures(s.id) == [(1, "host-a"), (2, "host-b"), (3, "host-b")]
+    assert log.tenures(s.id, 1) == [(2, "host-b"), (3, "host-b")]
+    assert log.tenures(s.id, 3) == []
 
 
 def test_an_expired_lease_reclaimed_by_its_holder_keeps_its_epoch(log: ContextLog) -> None:
@@ -250,6 +254,7 @@ def test_concurrent_claims_from_processes_exactly_one_wins(backend: Backend) -> 
 def test_leases_work_on_a_database_made_before_they_existed(backend: Backend) -> None:
     with backend.open() as log:
         sid = log.create_session("old").id
+    backend.sql("DROP TABLE torpor_tenures")
     backend.sql("DROP TABLE torpor_leases")
     backend.sql("DROP TABLE torpor_hosts")
     with backend.open() as log:  # reopening adds the tables; the schema version is unchanged

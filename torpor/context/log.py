@@ -166,6 +166,12 @@ class ContextLog(ABC):
         it did.  The next claim, by any host, gets epoch + 1."""
 
     @abstractmethod
+    def tenures(self, session_id: str, after: int = 0) -> list[tuple[int, str]]:
+        """``(epoch, host)`` of every tenure of the session's lease with epoch >
+        ``after``, oldest first: who held it since a given epoch (a release ends a
+        tenure; the next claim starts one)."""
+
+    @abstractmethod
     def lease(self, session_id: str) -> Lease | None:
         """The session's lease as stored (None: never claimed); may be expired."""
 

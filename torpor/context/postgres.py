@@ -109,6 +109,12 @@ DDL_LEASES = [
         expires_at double precision NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS torpor_leases_host ON torpor_leases (host)",
+    """CREATE TABLE IF NOT EXISTS torpor_tenures (
+        session_id text NOT NULL REFERENCES torpor_sessions (id),
+        epoch bigint NOT NULL,
+        host text NOT NULL,
+        PRIMARY KEY (session_id, epoch)
+    )""",
 ]
 
 
@@ -233,7 +239,7 @@ class PostgresContextLog(SQLContextLog):
                 )
             elif found == 1:
                 self._migrate_1_to_2(conn)
-            if conn.execute("SELECT to_regclass('torpor_leases')").fetchone() in (None, (None,)):
+            if conn.execute("SELECT to_regclass('torpor_tenures')").fetchone() in (None, (None,)):
                 for stmt in DDL_LEASES:
                     conn.execute(stmt)
 

@@ -98,6 +98,12 @@ DDL_LEASES = [
         expires_at REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS torpor_leases_host ON torpor_leases (host)",
+    """CREATE TABLE IF NOT EXISTS torpor_tenures (
+        session_id TEXT NOT NULL REFERENCES torpor_sessions (id),
+        epoch INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        PRIMARY KEY (session_id, epoch)
+    )""",
 ]
 
 
