@@ -24,6 +24,8 @@ Tables (types shown for SQLite / PostgreSQL)::
                      ttl real/double                    (mutable: one row per host)
     torpor_leases    session_id text PK FK, host text NULL (NULL: released),
                      epoch integer/bigint, expires_at real/double        (mutable)
+    torpor_tenures   session_id text FK, epoch, host text: who held each epoch
+                     PRIMARY KEY (session_id, epoch)       (one row per new holder)
 
 Every data table carries triggers that refuse UPDATE and DELETE.  The host and
 lease tables are not the log but coordination state beside it: they are updated
@@ -144,6 +146,7 @@ INSERT_ENTRY = (
 )
 INSERT_SESSION = f"INSERT INTO torpor_sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 LEASE_SELECT = "SELECT session_id, host, epoch, expires_at FROM torpor_leases"
+INSERT_TENURE = "INSERT INTO torpor_tenures (session_id, epoch, host) VALUES (?, ?, ?)"
 # a heartbeat: a host seen again after its last heartbeat expired starts a new stretch
 UPSERT_HOST = (
     "INSERT INTO torpor_hosts (id, info, started_at, heartbeat_at, ttl) VALUES (?, ?, ?, ?, ?)"
@@ -807,6 +810,7 @@ class SQLContextLog(ContextLog):
                     lease.epoch,
                     lease.expires_at,
                 )
+                tx.run(INSERT_TENURE, srow[0], lease.epoch, host)
                 return lease
             holder, epoch, expires = row[1], int(row[2]), float(row[3])
             if holder != host:
@@ -821,6 +825,7 @@ class SQLContextLog(ContextLog):
                         seconds_left=expires - now,
                     )
                 epoch += 1  # a new tenure: every write fenced with the old epoch is stale
+                tx.run(INSERT_TENURE, srow[0], epoch, host)
             lease = Lease(srow[0], host, epoch, now + ttl)
             tx.run(
                 "UPDATE torpor_leases SET host = ?, epoch = ?, expires_at = ? WHERE session_id = ?",
@@ -840,6 +845,19 @@ class SQLContextLog(ContextLog):
                 return False
             tx.run("UPDATE torpor_leases SET host = NULL WHERE session_id = ?", srow[0])
             return True
+
+    def tenures(self, session_id: str, after: int = 0) -> list[tuple[int, str]]:
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise UsageError(f"after must be an epoch >= 0, not {after!r}")
+        with self._tx("read session tenures") as tx:
+            srow = self._session_row(tx, session_id)
+            rows = tx.all(
+                "SELECT epoch, host FROM torpor_tenures WHERE session_id = ? AND epoch > ?"
+                " ORDER BY epoch",
+                srow[0],
+                after,
+            )
+        return [(int(r[0]), r[1]) for r in rows]
 
     def lease(self, session_id: str) -> Lease | None:
         with self._tx("read session lease") as tx:

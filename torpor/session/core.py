@@ -1250,10 +1250,11 @@ class Session:
         """Claim (or renew) the session's lease for this host before touching the machine.
 
         Another live host holding it: LeaseHeldError, or FencedError if this object
-        held it before (it was taken over).  Claimed again after another host held it
-        in between (epoch more than one past ours: one is a release by this host, as
-        a hibernation in another process of it): this object's view of the machine
-        is stale, so it gives the lease back and refuses this and every later call."""
+        held it before (it was taken over).  Claimed again at a newer epoch: if another
+        host held a tenure in between (``ContextLog.tenures``) this object's view of
+        the machine is stale, so it gives the lease back and refuses this and every
+        later call; tenures of this same host only (another process of it hibernated
+        and woke the session) are no takeover."""
         if self._fenced is not None:
             raise FencedError(
                 self._fenced.message,
@@ -1270,10 +1271,12 @@ class Session:
             if held is not None:
                 self._go_stale(held, e.holder, e.epoch)
             raise
-        if held is not None and lease.epoch > held.epoch + 1:
-            with contextlib.suppress(TorporError):
-                self._log.release(self.id, host, lease.epoch)
-            self._go_stale(held, None, lease.epoch - 1)
+        if held is not None and lease.epoch != held.epoch:
+            others = [t for t in self._log.tenures(self.id, held.epoch) if t[1] != host]
+            if others:
+                with contextlib.suppress(TorporError):
+                    self._log.release(self.id, host, lease.epoch)
+                self._go_stale(held, others[-1][1], others[-1][0])
         self._lease = lease
         if self._beat is None:
             dsn, paths = self._dsn, self.paths  # not self: the thread must not keep it alive
