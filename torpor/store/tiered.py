@@ -439,6 +439,7 @@ class TieredStore(ChunkStore):
         self._locs: dict[str, Loc] = {}  # chunk -> where, from the indexes loaded
         self._indexed: set[str] = set()  # snapshots whose index is in _locs
         self._mchunks: dict[str, frozenset[str]] = {}  # (local manifests' chunks, cached)
+        self._owners: dict[int, tuple[str, Artifact]] = {}  # id(artifact) -> (snapshot, it)
         self._loc_lock = threading.RLock()
         self._synced_at = -SYNC_AGAIN_S  # when _locate last listed the bucket
         self._acct = (0, 0)  # (requests, bytes up) when the last commit ended
@@ -510,7 +511,9 @@ class TieredStore(ChunkStore):
     def _index_path(self, snap_id: str) -> Path:
         return self.indexes_dir / f"{snap_id}.index"
 
-    def _load_index(self, snap_id: str, *, fetch: bool = True) -> dict[str, Loc]:
+    def _load_index(
+        self, snap_id: str, *, fetch: bool = True, remember: bool = True
+    ) -> dict[str, Loc]:
         """``snap_id``'s chunk locations (the cached index, else the bucket's, cached
         after its MAC verified).  ManifestError / ManifestAuthError if it is missing
         from the bucket or does not verify."""
@@ -536,9 +539,10 @@ class TieredStore(ChunkStore):
             fsutil.atomic_write_bytes(path, data, mode=0o600)
         else:
             locs = decode_index(self._key, data, snap_id=snap_id, source=src)
-        with self._loc_lock:
-            self._locs.update(locs)
-            self._indexed.add(snap_id)
+        if remember:  # (gc reads every index: it keeps only their pack names)
+            with self._loc_lock:
+                self._locs.update(locs)
+                self._indexed.add(snap_id)
         return locs
 
     def _locate(self, h: str) -> Loc | None:
@@ -745,7 +749,13 @@ class TieredStore(ChunkStore):
             and not self.is_removed(stem)
         ):
             self._fetch_manifest(stem, index=True)
-        return super().load(path)
+        m = super().load(path)
+        with self._loc_lock:  # which snapshot an artifact passed to put_file is from
+            for a in m.artifacts.values():
+                self._owners[id(a)] = (m.id, a)
+            while len(self._owners) > 64:
+                self._owners.pop(next(iter(self._owners)))
+        return m
 
     def _sync_tombstones(self, tombs: Iterable[str]) -> None:
         """Record the bucket's authentic tombstones locally (forged ones are ignored)."""
@@ -809,13 +819,19 @@ class TieredStore(ChunkStore):
     # -- writes ---------------------------------------------------------------
 
     def put_file(self, path: Path, *, parent: Artifact | None = None, **kw: Any) -> Any:
-        if parent is not None and self.durability == "bucket":
-            # the parent's chunks need not be sent again: load its index now (if
-            # this home has not yet), so the chunks written again are known located
-            first = next(iter(sorted(parent.stored)), None)
-            if first is not None and first not in self._locs:
-                with contextlib.suppress(StoreError):
-                    self._locate(first)
+        owner = self._owners.get(id(parent)) if parent is not None else None
+        if (
+            owner is not None
+            and owner[1] is parent
+            and self.durability == "bucket"
+            and owner[0] not in self._indexed
+            and self._is_remote(owner[0])
+        ):
+            # the parent's chunks need not be sent again: load its index now (the
+            # cached copy: one small file), so those written again (evicted from the
+            # cache meanwhile) are known to be in the bucket
+            with contextlib.suppress(StoreError):
+                self._load_index(owner[0])
         return super().put_file(path, parent=parent, **kw)
 
     def _write_chunk(
@@ -1178,7 +1194,7 @@ class TieredStore(ChunkStore):
 
         def mark(i: str) -> tuple[str, set[str] | None]:
             try:
-                return i, {v.pack for v in self._load_index(i).values()}
+                return i, {v.pack for v in self._load_index(i, remember=False).values()}
             except StoreError:
                 return i, None
 
