@@ -399,3 +399,31 @@ def test_bucket_unreachable_during_a_turns_checkpoint(cluster: Cluster, tmp_path
         finally:
             s.remove()
             s.close()
+
+
+def test_the_loop_skips_a_session_it_cannot_run_and_backs_off(cluster: Cluster) -> None:
+    """No VM: a session with custom tools whose host died is skipped, with the reason,
+    on the loop's first pass, then looked at again only after 2, 4, 8... passes (not a
+    log line and a database round trip every pass)."""
+    from torpor.cluster.failover import SKIPPED, Failover
+    from torpor.server.tenancy import namespace_paths
+
+    home = namespace_paths(cluster.c, "loop")  # a schema of its own: only this session
+    with open_log(cluster.dsn, paths=home) as lg:
+        sid = lg.create_session("tooly", {"tools": [{"name": "lookup", "where": "host"}]}).id
+        lg.claim(sid, "gone-host", 1.0)
+        _wait(lambda: sid in {ls.session_id for ls in lg.expired_leases()}, "expiry", 60)
+    loop = Failover(lambda: [home], dsn=cluster.dsn, ttl=3.0, interval=0.02)
+    with cluster.as_c():
+        loop.start()
+        try:
+            _wait(lambda: loop.passes >= 10, "ten passes", 120)
+        finally:
+            loop.stop()
+    looks = [r for _, r in loop.results if r.session_id == sid]
+    assert looks and all(r.outcome == SKIPPED and "custom tool" in r.detail for r in looks)
+    assert looks[0].from_host == "gone-host"
+    last = loop.passes - 1  # the last pass may have stopped before reaching the home
+    expected = [k for k in (0, 2, 6, 14, 30, 62, 126, 254) if k <= last]
+    assert len(looks) in (len(expected), len(expected) - 1), (len(looks), loop.passes)
+    assert len(looks) < loop.passes / 2

@@ -41,7 +41,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,6 +93,7 @@ def failover_once(
     *,
     dsn: str | None = None,
     sessions: Sequence[str] | None = None,
+    exclude: Collection[str] = (),
     host: str | None = None,
     ttl: float | None = None,
     heartbeat: bool = True,
@@ -110,7 +111,11 @@ def failover_once(
     if heartbeat:
         ctx_log.heartbeat(host, host_info(), ttl)
     if sessions is None:
-        targets = [(ls.session_id, ls.host) for ls in ctx_log.expired_leases()]
+        targets = [
+            (ls.session_id, ls.host)
+            for ls in ctx_log.expired_leases()
+            if ls.session_id not in exclude
+        ]
     else:
         targets = []
         for ref in sessions:
@@ -305,11 +310,15 @@ class Failover(threading.Thread):
         self.on_result = on_result
         self.on_event = on_event  # per home: the hook of the sessions it brings back
         self.results: list[tuple[str, Outcome]] = []  # (home root, outcome), newest last
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._logs: dict[str, ContextLog] = {}
+        # a session skipped or failed is looked at again only after a growing number of
+        # passes (2, 4, 8, ... up to ~5 min): not a restore attempt and a log line each
+        self._backoff: dict[tuple[str, str], tuple[int, int]] = {}
+        self.passes = 0  # loop iterations done
 
     def stop(self, timeout: float | None = 10) -> None:
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout)
 
@@ -322,15 +331,16 @@ class Failover(threading.Thread):
     def run(self) -> None:
         last_reap = float("-inf")
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 reap = time.monotonic() - last_reap >= self.reap_every
                 for paths in list(self.homes()):
-                    if self._stop.is_set():
+                    if self._halt.is_set():
                         break
                     self._pass(paths, reap)
                 if reap:
                     last_reap = time.monotonic()
-                self._stop.wait(self.interval)
+                self.passes += 1
+                self._halt.wait(self.interval)
         finally:
             for lg in self._logs.values():
                 with contextlib.suppress(Exception):
@@ -342,8 +352,21 @@ class Failover(threading.Thread):
             if reap:
                 reap_stale(paths, ctx_log)
             hook = self.on_event(paths) if self.on_event is not None else None
-            for res in failover_once(paths, ctx_log, dsn=self.dsn, ttl=self.ttl, on_event=hook):
-                self.results.append((str(paths.root), res))
+            root = str(paths.root)
+            waiting = {
+                sid for (r, sid), (_, at) in self._backoff.items() if r == root and at > self.passes
+            }
+            for res in failover_once(
+                paths, ctx_log, dsn=self.dsn, ttl=self.ttl, on_event=hook, exclude=waiting
+            ):
+                key = (root, res.session_id)
+                if res.outcome in (SKIPPED, FAILED):
+                    n = self._backoff.get(key, (0, 0))[0] + 1
+                    cap = max(1, int(300 / max(self.interval, 0.01)))
+                    self._backoff[key] = (n, self.passes + min(2**n, cap))
+                else:
+                    self._backoff.pop(key, None)
+                self.results.append((root, res))
                 del self.results[:-1000]
                 if self.on_result is not None:
                     self.on_result(paths, res)
