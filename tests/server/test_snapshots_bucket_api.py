@@ -13,15 +13,11 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from tests.store import conftest as store_fixtures
 from torpor.paths import Paths
 from torpor.server.app import create_app
 from torpor.server.deps import Config
 from torpor.server.tokens import TokenStore
 from torpor.store.home import home_store
-
-s3_server = store_fixtures.s3_server  # the real SeaweedFS of tests/store
-bucket = store_fixtures.bucket
 
 
 def _store_one(home: Paths, src: Path) -> str:

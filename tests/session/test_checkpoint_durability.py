@@ -12,14 +12,10 @@ import json
 import pytest
 
 from tests.conftest import torpor_cli
-from tests.store import conftest as store_fixtures
 from torpor.session import Session
 from torpor.store.tiered import wait_uploads
 
 pytestmark = pytest.mark.vm
-
-s3_server = store_fixtures.s3_server  # the real SeaweedFS of tests/store
-bucket = store_fixtures.bucket
 
 
 def _payload(s: Session, seq: int) -> dict:
