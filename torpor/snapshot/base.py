@@ -153,7 +153,7 @@ def _cached(paths: Paths, what: str, path: Path, compute: Callable[[Path], str])
     if got is not None:
         return got
     rec_path = _known_path(paths, what, real)
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         rec = read_json(rec_path)
         if rec.get("stat") == list(key[2:]) and ck.is_chunk_hash(rec.get("digest")):
             _memo[key] = rec["digest"]
@@ -176,8 +176,11 @@ def disk_digest(paths: Paths, disk: Path) -> str:
 
 
 def file_digest(paths: Paths, path: Path) -> str:
-    """BLAKE3 of a file's bytes (cached like :func:`disk_digest`)."""
-    return _cached(paths, "file", path, _blake3_file)
+    """BLAKE3 of a guest file's bytes (the kernel; cached like :func:`disk_digest`)."""
+    try:
+        return _cached(paths, "file", path, _blake3_file)
+    except OSError as e:
+        raise GuestError(f"cannot read {path}: {e.strerror or e}", step="guest digest") from e
 
 
 def kernel_file(paths: Paths) -> Path:
@@ -382,8 +385,9 @@ def find_base(
     if store is None or not manifest_id:
         raise NotFoundError(
             f"this host has no base disk with digest {digest[:16]} (image "
-            f"{image_id[:12] or '?'}) and the snapshot names none in the store: pull "
-            "the image from a store that holds it",
+            f"{image_id[:12] or '?'}), and the snapshot names no stored copy (it was "
+            "taken without a bucket store): copy that image's rootfs.ext4 here, or "
+            "take the snapshot with TORPOR_STORE=s3://... so its base travels with it",
             step="restore base",
         )
     return _materialize(mgr, store, digest, manifest_id)
@@ -398,7 +402,10 @@ def _materialize(mgr: VMManager, store: ChunkStore, digest: str, manifest_id: st
             return dest / DISK  # another restore made it while we waited
         for old in root.glob(f".tmp-{digest}-*"):  # a dead materializer's (we hold the lock)
             shutil.rmtree(old, ignore_errors=True)
-        m = store.get(manifest_id)
+        if not ck.is_chunk_hash(manifest_id):
+            raise StoreError(f"bad base manifest id {manifest_id!r}", step="restore base")
+        # load, not get: for an id not cached here get lists the whole bucket
+        m = store.load(store.snapshots_dir / f"{manifest_id}.manifest")
         if (
             m.kind != KIND_IMAGE_BASE
             or m.meta.get("digest") != digest
