@@ -947,6 +947,7 @@ class Session:
             if st.hibernated and all(e.kind is Kind.HIBERNATE for e in self.log(after=ck.seq)):
                 return ck
             self._claim()  # before judging the VM: another host's is not "gone"
+            st = self.state()  # as of the claim: nobody else writes from here on
             if self._live_vm(st) is None and not self._vm_hibernated(st):
                 # restoring here would silently drop the work logged since the last
                 # checkpoint: the caller decides, through recover()
@@ -1034,6 +1035,10 @@ class Session:
         if st.hibernated and st.last_checkpoint is not None:
             return st.last_checkpoint
         self._claim()  # before judging the VM: another host's is not "gone"
+        st = self.state()  # as of the claim: nobody else writes from here on
+        if st.hibernated and st.last_checkpoint is not None:  # meanwhile, elsewhere
+            self._release_lease()
+            return st.last_checkpoint
         vm = self._live_vm(st)
         if vm is None and self._vm_hibernated(st):
             vm = self._ensure_running(st)  # hibernated through s.sandbox: the log did not say
@@ -1393,6 +1398,7 @@ class Session:
     def _ensure_running(self, st: SessionState) -> VM:
         """The session's VM, running: as it is, resumed in place, or restored."""
         self._claim()  # before the VM is used: a host that lost the session stops here
+        st = self.state()  # as of the claim: what another host did before it counts
         if st.vm_id is not None:
             try:
                 vm = self._mgr.get(st.vm_id)
