@@ -710,6 +710,7 @@ class TieredStore(ChunkStore):
         self, artifact: Artifact, dest: Path, *, name: str | None = None, durable: bool = True
     ) -> None:
         with self.pinned():
+            self._index_of(artifact)
             self._prefetch(sorted(artifact.stored))
             super().materialize(artifact, dest, name=name, durable=durable)
         self.maybe_evict()
@@ -718,6 +719,7 @@ class TieredStore(ChunkStore):
         self, artifact: Artifact, offset: int, length: int, *, name: str | None = None
     ) -> bytes:
         with self.pinned():
+            self._index_of(artifact)
             return super().read_range(artifact, offset, length, name=name)
 
     # -- manifests ------------------------------------------------------------
@@ -818,20 +820,25 @@ class TieredStore(ChunkStore):
 
     # -- writes ---------------------------------------------------------------
 
-    def put_file(self, path: Path, *, parent: Artifact | None = None, **kw: Any) -> Any:
-        owner = self._owners.get(id(parent)) if parent is not None else None
+    def _index_of(self, artifact: Artifact | None) -> None:
+        """Load the index of the snapshot ``artifact`` was loaded from (:meth:`load`
+        remembers), if it is in the bucket: the cached copy (one small file) or the
+        bucket's.  Errors are left to the read that needs a location."""
+        owner = self._owners.get(id(artifact)) if artifact is not None else None
         if (
             owner is not None
-            and owner[1] is parent
-            and self.durability == "bucket"
+            and owner[1] is artifact
             and owner[0] not in self._indexed
             and self._is_remote(owner[0])
         ):
-            # the parent's chunks need not be sent again: load its index now (the
-            # cached copy: one small file), so those written again (evicted from the
-            # cache meanwhile) are known to be in the bucket
             with contextlib.suppress(StoreError):
                 self._load_index(owner[0])
+
+    def put_file(self, path: Path, *, parent: Artifact | None = None, **kw: Any) -> Any:
+        if self.durability == "bucket":
+            # the parent's chunks need not be sent again: with its index loaded,
+            # those written again (evicted from the cache) are known to be there
+            self._index_of(parent)
         return super().put_file(path, parent=parent, **kw)
 
     def _write_chunk(
