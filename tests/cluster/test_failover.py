@@ -427,3 +427,36 @@ def test_the_loop_skips_a_session_it_cannot_run_and_backs_off(cluster: Cluster) 
     expected = [k for k in (0, 2, 6, 14, 30, 62, 126, 254) if k <= last]
     assert len(looks) in (len(expected), len(expected) - 1), (len(looks), loop.passes)
     assert len(looks) < loop.passes / 2
+
+
+def test_recover_anywhere_leaves_a_live_hosts_session_and_names_bad_input(
+    cluster: Cluster,
+) -> None:
+    """No VM: `session recover --anywhere S` of a session a live host holds says so and
+    changes nothing; an unknown session is exit code 3, no session at all (without
+    --anywhere) a usage error."""
+    from torpor.server.tenancy import namespace_paths
+
+    home = namespace_paths(cluster.c, "cli")
+    with open_log(cluster.dsn, paths=home) as lg:
+        sid = lg.create_session("held-one", {}).id
+        lease = lg.claim(sid, "busy-host", 300.0)
+    env = {**cluster.c_env(), "TORPOR_HOME": str(home.root)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TORPOR, "session", "recover", *args], env=env, capture_output=True, text=True
+        )
+
+    r = cli("--anywhere", "--json", "held-one")
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert row["outcome"] == "held" and "busy-host" in row["detail"], row
+    with open_log(cluster.dsn, paths=home) as lg:
+        assert lg.lease(sid) == lease  # untouched: same holder, same epoch
+        assert lg.entries(sid) == []
+    r = cli("--anywhere", "no-such-session")
+    assert r.returncode == 3 and "no-such-session" in r.stderr, r.stderr
+    r = cli()
+    assert r.returncode == 2 and "one session" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -186,6 +186,10 @@ def _take_over(
     except NotFoundError:
         return Outcome(sid, sid[:12], SKIPPED, "removed", holder)
     name = rec.name
+    lease = ctx_log.lease(sid)
+    if lease is not None and lease.host not in (None, host) and lease.expires_at > ctx_log.now():
+        left = lease.expires_at - ctx_log.now()
+        return Outcome(sid, name, HELD, f"held by {lease.host} (live, {left:.0f} s left)", holder)
     tools = [t.get("name") for t in rec.meta.get("tools") or () if isinstance(t, dict)]
     if tools:
         return Outcome(
