@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -89,6 +90,7 @@ MAX_IMAGE_JSON = 16 << 20  # a stored image.json larger than this is refused
 SOURCE = "base.json"  # {"manifest", "image_id"}: where a materialized base came from
 
 _memo: dict[tuple[Any, ...], str] = {}
+log = logging.getLogger("torpor.snapshot")
 
 
 def bases_dir(paths: Paths) -> Path:
@@ -309,8 +311,16 @@ def _present(store: ChunkStore, mid: str) -> bool:
 def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
     """The base of ``vm`` by digest; with a bucket store, also put into the store
     once (see module doc).  Call before the snapshot's own ``put_file``s: the base is
-    committed first, so a snapshot is never durable without its base."""
-    disk = vm_backing(mgr, vm)
+    committed first, so a snapshot is never durable without its base.
+
+    A VM whose base cannot be named (its overlay names no base disk of this home) is
+    still snapshotted, without a base: it restores only where its image id does.
+    """
+    try:
+        disk = vm_backing(mgr, vm)
+    except (StoreError, OSError) as e:
+        log.warning("VM %s: snapshot names no base disk: %s", vm.name, e)
+        return BaseRef(vm.config.base_digest, "")
     digest = _base_digest_of(mgr, disk)
     if not _is_tiered(store):
         return BaseRef(digest, "")
