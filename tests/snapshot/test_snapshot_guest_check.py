@@ -34,3 +34,24 @@ def test_an_agent_protocol_this_host_cannot_speak_is_refused(tmp_path: Path, mon
     with pytest.raises(GuestError, match=f"agent protocol '{other}'"):
         restore(mgr, m.id, name="never")
     assert mgr.list() == []
+
+
+def test_a_stored_base_disk_is_removed_only_with_force(tmp_path: Path, monkeypatch) -> None:
+    from torpor.errors import ConflictError
+    from torpor.snapshot import base as bases
+    from torpor.snapshot.core import remove_snapshot
+
+    monkeypatch.delenv("TORPOR_STORE", raising=False)
+    home = Paths(tmp_path / "home").ensure()
+    mgr = VMManager(home)
+    disk = tmp_path / "rootfs.ext4"
+    disk.write_bytes(b"ext4" * 4096)
+    with ChunkStore(home.store) as store:
+        art = store.put_file(disk)[0]
+        digest = bases.artifact_digest(art)
+        m = store.commit(
+            {"disk": art}, kind=bases.KIND_IMAGE_BASE, meta={"digest": digest, "image_id": ""}
+        )
+    with pytest.raises(ConflictError, match="stored base disk"):
+        remove_snapshot(mgr, m.id)
+    assert remove_snapshot(mgr, m.id, force=True) == m.id

@@ -543,13 +543,21 @@ def _verify_shadows(mgr: VMManager, store: ChunkStore) -> list[CacheCheck]:
 def remove_snapshot(mgr: VMManager, ref: str, force: bool = False) -> str:
     """Remove snapshot ``ref`` (id, prefix or tag) and its hot cache; returns its id.
 
-    ConflictError if other snapshots build on it or a hibernated VM waits on it
-    (unless ``force``); StoreError naming the path if the home is read-only.
+    ConflictError if other snapshots build on it, a hibernated VM waits on it, or it
+    is a stored base disk (snapshots restore over it on other hosts) (unless
+    ``force``); StoreError naming the path if the home is read-only.
     """
     store = _store(mgr)
     try:
         snap_id = store.resolve_id(ref)
         if not force:
+            with contextlib.suppress(NotFoundError, StoreError):  # damaged: removable
+                if store.get(snap_id).kind == bases.KIND_IMAGE_BASE:
+                    raise ConflictError(
+                        f"{snap_id[:12]} is a stored base disk: snapshots name it, and "
+                        "hosts without that image restore them over it; use force",
+                        step="remove snapshot",
+                    )
             waiting = [
                 v.name
                 for v in mgr.list()
