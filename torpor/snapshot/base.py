@@ -74,7 +74,7 @@ from torpor.errors import GuestError, NotFoundError, StoreError, TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir, locked, read_json
 from torpor.paths import Paths
 from torpor.store import chunks as ck
-from torpor.store.manifest import Artifact, Manifest
+from torpor.store.manifest import Artifact, Manifest, build_manifest
 
 if TYPE_CHECKING:
     from torpor.image.store import Image
@@ -344,13 +344,14 @@ def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
         raise StoreError(
             "the base disk changed while it was being stored", step="snapshot base", path=disk
         )
-    image_id = _image_id_of(disk)
-    m = store.commit(
-        arts,
-        kind=KIND_IMAGE_BASE,
-        meta={"digest": digest, "image_id": image_id},
-        created=BASE_CREATED,
+    meta = {"digest": digest, "image_id": _image_id_of(disk)}
+    created: str | None = BASE_CREATED
+    same, _ = build_manifest(
+        parent=None, kind=KIND_IMAGE_BASE, meta=meta, artifacts=arts, created=created
     )
+    if store.is_removed(same.id):
+        created = None  # that manifest was removed (force): a removed id never comes back
+    m = store.commit(arts, kind=KIND_IMAGE_BASE, meta=meta, created=created)
     with contextlib.suppress(OSError):
         rec_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_json(rec_path, {"manifest": m.id, "digest": digest})
