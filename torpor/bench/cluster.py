@@ -377,9 +377,11 @@ def run_cluster_bench(
 
             mgr = VMManager(cold)
             t0 = time.perf_counter()
-            vm = restore(mgr, last)
-            cold_ms = (time.perf_counter() - t0) * 1000
-            mgr.remove(vm.id, force=True)
+            try:
+                restore(mgr, last)
+                cold_ms = (time.perf_counter() - t0) * 1000
+            finally:
+                Host("cold", cold, base_env).remove_vms()
         got = _cache_chunks(cold)
         fetched = sum(n for h, n in got.items() if h in need)
         results["cold_restore"] = {
