@@ -14,6 +14,7 @@ processes, C is this process, all sharing one PostgreSQL log and one bucket.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -460,3 +461,20 @@ def test_recover_anywhere_leaves_a_live_hosts_session_and_names_bad_input(
     r = cli()
     assert r.returncode == 2 and "one session" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_cluster_refuses_a_log_hosts_cannot_share(tmp_path) -> None:
+    """No VM, nothing started: the bench needs a PostgreSQL DSN and sane counts."""
+    env = {k: v for k, v in os.environ.items() if k != "TORPOR_CONTEXT_DSN"}
+    for args, needle in (
+        (["--dsn", f"sqlite:///{tmp_path}/x.db"], "PostgreSQL"),
+        (["--dsn", "postgresql://nobody@/x", "--turns", "1"], "--turns"),
+    ):
+        r = subprocess.run(
+            [*TORPOR, "bench", "cluster", *args, "--json", str(tmp_path / "out.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out.json").exists()
