@@ -241,8 +241,10 @@ class TorporPeer(System):
                     c, "prefill", "write_file", {"path": f"{VM_DIR}/ws/{path}", "content": content}
                 )
                 assert not r.is_error, r.content
-            r = run_tool(c, "prefill", "shell", {"cmd": _tick_cmd(0), "timeout": 30})
-            assert not r.is_error, r.content
+            # turn 0's tick starts the background process (120 s: once, under a TCG host
+            # shared with other VM work, 30 s were not enough for it)
+            r = run_tool(c, "prefill", "shell", {"cmd": _tick_cmd(0), "timeout": 120})
+            assert not r.is_error, f"prefill tick 0: {r.content!r} (exit {r.exit_code})"
             if n > 1:
                 out = c.exec(["sh", "-c", _bulk_ticks(1, n)], timeout=3600)
                 assert out.stdout.decode().strip().endswith("ok"), out
