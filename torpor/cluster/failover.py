@@ -81,7 +81,7 @@ class Outcome:
     outcome: str  # RECOVERED / RESTORED / RECLAIMED / SKIPPED / HELD / FAILED
     detail: str = ""
     from_host: str | None = None  # the lease's holder before (None: free or unknown)
-    seconds: float = 0.0  # claim to running here
+    seconds: float = 0.0  # from opening the session to running here
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +123,8 @@ def failover_once(
             lease = ctx_log.lease(rec.id)
             targets.append((rec.id, lease.host if lease is not None else None))
     out = []
-    with _heartbeating(paths, dsn, host, ttl) if heartbeat else contextlib.nullcontext():
+    renew = heartbeat and bool(targets)  # (no thread for the many passes with nothing to do)
+    with _heartbeating(paths, dsn, host, ttl) if renew else contextlib.nullcontext():
         for sid, holder in targets:
             out.append(
                 _logged(
