@@ -35,7 +35,8 @@ With ``TORPOR_STORE=s3://bucket/prefix`` the folder is a bounded cache in front 
 bucket: :func:`torpor.store.tiered.open_store` returns a
 :class:`~torpor.store.tiered.TieredStore` (same API; packs and indexes, uploads,
 checked downloads, eviction, durability and the gc rule across hosts are described
-there; the object layout and the S3 client in :mod:`torpor.store.backend`).  Without it, ``open_store`` is exactly ``ChunkStore``.
+there; the object layout and the S3 client in :mod:`torpor.store.backend`).  Without
+it, ``open_store`` is exactly ``ChunkStore``.
 """
 
 from torpor.store.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
