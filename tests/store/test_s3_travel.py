@@ -10,23 +10,26 @@ local build of "the same" image.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.snapshot.counter import COUNTER, count
-from torpor.errors import ChunkCorruptError, GuestError
+from torpor.errors import ChunkCorruptError, GuestError, TorporError
 from torpor.image.ext4 import build_ext4
 from torpor.image.store import Image, ImageStore
 from torpor.paths import Paths
 from torpor.snapshot import base as bases
 from torpor.snapshot import core, restore, snapshot
+from torpor.store.store import load_key
 from torpor.vmm.manager import VMManager
 from torpor.vmm.qcow2 import qcow2_backing
 from torpor.vmm.state import VMConfig
@@ -34,10 +37,23 @@ from torpor.vmm.state import VMConfig
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
+@pytest.fixture
+def homes() -> Iterator[list[VMManager]]:
+    """Homes a test made: at its end, every VM still in one is removed (a restore
+    expected to fail that did not must not leave a QEMU behind)."""
+    made: list[VMManager] = []
+    yield made
+    for mgr in made:
+        for vm in mgr.list():
+            with contextlib.suppress(TorporError):
+                mgr.remove(vm.id, force=True)
+
+
 def _home(tmp_path: Path, name: str, paths: Paths, own_guest: bool = False) -> VMManager:
     """A new home with the deployment's store key and no images."""
     new = Paths(tmp_path / name).ensure()
     new.store.mkdir(parents=True, exist_ok=True)
+    load_key(paths.store)  # (made on first use)
     shutil.copy2(paths.store / "key", new.store / "key")  # one key per deployment
     shutil.rmtree(new.guest, ignore_errors=True)
     if own_guest:
@@ -83,7 +99,7 @@ def _objects(s3_server, bucket: str) -> set[str]:
 
 
 def test_snapshot_restores_on_hosts_without_its_base(
-    vms, tools_image, paths, tmp_path, s3_server, bucket, monkeypatch
+    vms, tools_image, paths, tmp_path, s3_server, bucket, monkeypatch, homes
 ) -> None:
     for k, v in s3_server.env(bucket, "torpor").items():
         monkeypatch.setenv(k, v)
@@ -123,6 +139,7 @@ def test_snapshot_restores_on_hosts_without_its_base(
     # host B: no image at all.  A tampered base chunk in the bucket is refused, and
     # nothing is left behind: no VM, no base
     mgr_b = _home(tmp_path, "host-b", paths)
+    homes.append(mgr_b)
     good = {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in base_data}
     for k, body in good.items():
         s3.put_object(Bucket=bucket, Key=k, Body=body[:-8] + b"tampered")
@@ -169,6 +186,7 @@ def test_snapshot_restores_on_hosts_without_its_base(
     # host E: concurrent restores of one base: one materializes, the other waits for
     # it; neither ever sees a partial base (materialize only, no VM: no boot needed)
     mgr_e = _home(tmp_path, "host-e", paths)
+    homes.append(mgr_e)
     with ThreadPoolExecutor(2) as ex, core._store(mgr_e) as store_e:
         got = list(
             ex.map(
@@ -185,6 +203,7 @@ def test_snapshot_restores_on_hosts_without_its_base(
     # host C built tools:latest itself: same image id, other bytes.  It must use the
     # stored base, not its own build
     mgr_c = _home(tmp_path, "host-c", paths, own_guest=True)
+    homes.append(mgr_c)
     own = _build_here(mgr_c.paths, ImageStore(paths).get(tools_image), paths)
     assert own.id == VMConfig.from_json(json.loads(meta["vm"])).image_id
     assert bases.disk_digest(mgr_c.paths, own.disk_path) != digest
