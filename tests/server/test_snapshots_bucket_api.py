@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from torpor.paths import Paths
 from torpor.server.app import create_app
-from torpor.server.deps import Config
+from torpor.server.deps import COOKIE, Config
 from torpor.server.tokens import TokenStore
 from torpor.store.home import home_store
 
@@ -50,6 +50,11 @@ def test_the_api_lists_shows_and_removes_snapshots_in_the_bucket(
     _, mine = tokens.create("default", name="b")
     _, theirs = tokens.create("team", name="team")
     app = create_app(Config(b, allow_tcg=True))
+    # the dashboard's snapshot tree (first: B's cache has never listed the bucket)
+    with TestClient(app, follow_redirects=False) as page:
+        page.cookies.set(COOKIE, mine)
+        html = page.get("/lineage")
+        assert html.status_code == 200 and f'id="snap-{snap[:12]}"' in html.text
     with TestClient(app, headers={"Authorization": f"Bearer {mine}"}) as api:
         items = api.get("/v1/snapshots").json()["items"]
         assert [i["id"] for i in items] == [snap] and items[0]["vm"] == "on-host-a"
