@@ -50,11 +50,6 @@ def test_the_api_lists_shows_and_removes_snapshots_in_the_bucket(
     _, mine = tokens.create("default", name="b")
     _, theirs = tokens.create("team", name="team")
     app = create_app(Config(b, allow_tcg=True))
-    # the dashboard's snapshot tree (first: B's cache has never listed the bucket)
-    with TestClient(app, follow_redirects=False) as page:
-        page.cookies.set(COOKIE, mine)
-        html = page.get("/lineage")
-        assert html.status_code == 200 and f'id="snap-{snap[:12]}"' in html.text
     with TestClient(app, headers={"Authorization": f"Bearer {mine}"}) as api:
         items = api.get("/v1/snapshots").json()["items"]
         assert [i["id"] for i in items] == [snap] and items[0]["vm"] == "on-host-a"
@@ -72,6 +67,16 @@ def test_the_api_lists_shows_and_removes_snapshots_in_the_bucket(
             own = _store_one(ns_home, src)
             assert [i["id"] for i in team.get("/v1/snapshots").json()["items"]] == [own]
         assert [i["id"] for i in api.get("/v1/snapshots").json()["items"]] == [snap]
+
+        # the dashboard's snapshot tree, on a host whose cache never listed the bucket
+        c = Paths(tmp_path / "host-c").ensure()
+        c.store.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(a.store / "key", c.store / "key")
+        _, on_c = TokenStore(c).create("default", name="c")
+        with TestClient(create_app(Config(c)), follow_redirects=False) as page:
+            page.cookies.set(COOKIE, on_c)
+            html = page.get("/lineage")
+            assert html.status_code == 200 and f'id="snap-{snap[:12]}"' in html.text
 
         assert api.delete(f"/v1/snapshots/{snap}").status_code == 204
     # removed through B's API: gone on A too (a tombstone in the bucket)
