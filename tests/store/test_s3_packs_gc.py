@@ -19,7 +19,7 @@ from tests.store.conftest import KiB, same_content
 from tests.store.test_s3_store import home, rand_file, tiered
 from torpor.errors import ConflictError, ManifestAuthError, ManifestError, StoreError
 from torpor.store import GcReport
-from torpor.store.tiered import TieredStore, decode_index, pack_object
+from torpor.store.tiered import TieredStore, decode_index, pack_object, wait_uploads
 
 CS = 64 * KiB
 GRACE = 1.0
@@ -266,3 +266,38 @@ def test_one_gc_at_a_time_across_hosts(s3_env, bucket, tmp_path: Path):
         assert a.gc(grace_seconds=GRACE, dry_run=True).dry_run  # a dry run needs no lock
         a.remote.delete("gc/lock")
         assert not a.gc(grace_seconds=GRACE).bucket_deleted
+
+
+def test_an_upload_resumed_after_its_manifest_made_it_keeps_the_buckets_index(
+    s3_env, bucket, tmp_path: Path
+):
+    """A crash between the manifest's PUT and the local "in the bucket" mark leaves the
+    commit pending; the resumed upload must not replace the index other hosts may
+    have read (a new index would name new packs, and gc on a host holding the old
+    one would condemn them)."""
+    root = home(tmp_path, "a")
+    src = rand_file(tmp_path / "mem", 6 * CS, 46)
+    with tiered(root, bucket, durability="local") as a:
+        art, _ = a.put_file(src, chunk_size=CS)
+        m = a.commit({"memory": art})
+        assert wait_uploads(timeout=60)
+    before = {k: v for k, v in etags(s3_env, bucket).items() if "/FORMAT" not in k}
+    (root / "pending" / m.id).write_bytes(b"")  # as if it crashed right after the PUT
+    (root / "remote" / m.id).unlink()
+    with tiered(root, bucket, durability="local") as again:
+        assert wait_uploads(timeout=60)
+        assert not list(again.pending_dir.iterdir()) and again._is_remote(m.id)
+    after = {k: v for k, v in etags(s3_env, bucket).items() if "/FORMAT" not in k}
+    assert after == before  # no new pack, the same index
+    with tiered(home(tmp_path, "b", key_from=root), bucket) as b:
+        b.materialize(b.get(m.id).artifacts["memory"], tmp_path / "out")
+    assert same_content(src, tmp_path / "out")
+
+
+def etags(srv, bucket: str) -> dict[str, str]:
+    c = srv.client()
+    return {
+        o["Key"]: o["ETag"]
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="torpor/")
+        for o in page.get("Contents", [])
+    }

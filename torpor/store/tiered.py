@@ -1083,7 +1083,12 @@ class TieredStore(ChunkStore):
                 p.unlink(missing_ok=True)  # removed or damaged meanwhile: nothing to send
                 continue
             with self.pinned():
-                self._upload(m, data, self._pending_trusted.pop(snap_id, set()), {})
+                if self.remote.exists(self._obj_manifest(snap_id)):
+                    # a crash after the manifest's PUT: it is there, with its index
+                    self._index_path(snap_id).unlink(missing_ok=True)
+                    self._load_index(snap_id)
+                else:
+                    self._upload(m, data, self._pending_trusted.pop(snap_id, set()), {})
             self._mark_remote(snap_id)
             p.unlink(missing_ok=True)
             done.append(snap_id)
