@@ -310,3 +310,44 @@ def test_the_heartbeat_thread_renews_while_held_and_stops_when_dropped(
         time.sleep(0.05)
     assert [x.session_id for x in log.expired_leases()] == [s.id]
     assert {h.id for h in log.hosts()} == {"host-hb"}
+
+
+def test_a_takeover_waits_for_an_append_already_past_its_fence_check(pg_dsn: str) -> None:
+    """The fence is checked and the entry inserted under the session's lock, which a
+    release and a claim take too: a takeover that starts while a fenced append is
+    between its check and its commit returns only after that append committed (the
+    entry was written by the holder of the time), never in between."""
+    import threading
+
+    pg = Backend("postgres", pg_dsn)
+    with pg.open() as writer, pg.open() as other:
+        sid = writer.create_session("racing").id
+        lease = writer.claim(sid, "host-w", 30)
+        # a slow insert: the append sits after its fence check, holding its locks
+        pg.sql(
+            "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$"
+        )
+        pg.sql(
+            "CREATE TRIGGER slow BEFORE INSERT ON torpor_entries FOR EACH ROW"
+            " EXECUTE FUNCTION slow_insert()"
+        )
+        got: list[object] = []
+        t = threading.Thread(
+            target=lambda: got.append(
+                writer.append(sid, Kind.TOOL_CALL, {"n": 1}, turn=1, fence=("host-w", 1))
+            )
+        )
+        t.start()
+        end = time.monotonic() + 30
+        while not pg.sql("SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'"):
+            assert time.monotonic() < end and t.is_alive()
+            time.sleep(0.01)
+        assert other.release(sid, "host-w", lease.epoch)
+        taken = other.claim(sid, "host-m", 30)
+        # the claim returned: the append it waited for is committed, in the log
+        assert [e.payload for e in other.entries(sid)] == [{"n": 1}]
+        t.join(30)
+        assert len(got) == 1 and taken.epoch == lease.epoch + 1
+        with pytest.raises(FencedError):
+            writer.append(sid, Kind.TOOL_CALL, {"n": 2}, turn=1, fence=("host-w", 1))
