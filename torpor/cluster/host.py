@@ -209,8 +209,12 @@ class Heartbeat:
                         break
                     lg.heartbeat(self.host, info, self.ttl)
                     self.beats += 1
-                except TorporError as e:  # the database is away: leases may lapse
+                except Exception as e:  # the database is away: leases may lapse; go on
                     log.warning("heartbeat of host %s failed: %s", self.host, e)
+                    if lg is not None and not isinstance(e, TorporError):
+                        with contextlib.suppress(Exception):
+                            lg.close()
+                        lg = None  # an unexpected failure: a fresh connection next time
         finally:
             if lg is not None:
                 with contextlib.suppress(TorporError):
