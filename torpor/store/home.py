@@ -40,12 +40,6 @@ if TYPE_CHECKING:
     from torpor.paths import Paths
     from torpor.store import ChunkStore, Manifest
 
-DURABILITY_HELP = (
-    "bucket: a checkpoint is acknowledged once it is in the bucket (default); "
-    "local: at the local write, uploaded behind"
-)
-
-
 def _namespace(root: Path) -> str | None:
     from torpor.context.dsn import NAMESPACE_FILE, namespace_schema
     from torpor.paths import Paths
