@@ -120,6 +120,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return u.netloc, prefix
 
 
+def _server_time(date: str | None) -> float:
+    """The server's clock from a response's ``Date`` header (ours if it has none or
+    it does not parse: a broken header must not fail a listing)."""
+    try:
+        return parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        return time.time()
+
+
 class S3Backend:
     """One bucket (and prefix) on an S3-compatible object store."""
 
@@ -354,7 +363,7 @@ class S3Backend:
                 self.requests += n > 0
                 if n == 0:
                     date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-                    now = parsedate_to_datetime(date).timestamp() if date else time.time()
+                    now = _server_time(date)
                 out.extend(
                     ObjectInfo(o["Key"][cut:], int(o.get("Size", 0)), o["LastModified"].timestamp())
                     for o in page.get("Contents", ())
