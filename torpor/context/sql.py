@@ -589,7 +589,11 @@ class SQLContextLog(ContextLog):
         fence: tuple[str, int] | None = None,
     ) -> Entry:
         srow = self._session_row(tx, session_id, lock=True, live=True)
-        if fence is not None:  # under the session lock: no claim can slip in before the insert
+        if fence is not None:
+            # under the session lock, so no claim slips in before the insert; and as a
+            # statement of its own, so (READ COMMITTED) it sees a claim that committed
+            # while this append waited for the lock — a join in the locking SELECT
+            # would read the lease as it was before the wait
             self._check_fence(tx, srow, fence)
         if key is not None:
             old = tx.one(
