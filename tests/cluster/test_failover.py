@@ -325,6 +325,19 @@ def test_two_hosts_racing_for_a_dead_hosts_session_one_wins(cluster: Cluster, tm
             "both leases to expire",
             60,
         )
+    # a standby may warm its cache with the session's last snapshot before it claims
+    from torpor.cluster.failover import prefetch
+    from torpor.store.home import home_store
+
+    with cluster.as_c(), cluster.log() as lg:
+        assert prefetch(cluster.c, lg, tooly) == 0  # no checkpoint: nothing to fetch
+        assert prefetch(cluster.c, lg, sid) > 0
+        snap = lg.own_entries(sid, Kind.CHECKPOINT)[-1].payload["snapshot"]
+        with home_store(cluster.c) as st:
+            need = set(st.get(snap).chunks)
+        cached = {p.name for p in (cluster.c.store / "chunks").glob("*/*")}
+        assert need and need <= cached
+        assert lg.lease(sid).host == cluster.a.host_id  # reads only: the lease untouched
     results: dict[str, Any] = {}
 
     def pass_on(name: str, home: Any) -> None:

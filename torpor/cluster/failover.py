@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from torpor import __version__
@@ -321,6 +322,9 @@ class Failover(threading.Thread):
         # passes (2, 4, 8, ... up to ~5 min): not a restore attempt and a log line each
         self._backoff: dict[tuple[str, str], tuple[int, int]] = {}
         self.passes = 0  # loop iterations done
+        # "<session id>@<lease epoch>" -> bytes warmed (-1: running)
+        self.prefetched: dict[str, int] = {}
+        self._warmer: Any = None  # one background prefetch at a time
 
     def stop(self, timeout: float | None = 10) -> None:
         self._halt.set()
@@ -351,6 +355,52 @@ class Failover(threading.Thread):
                 with contextlib.suppress(Exception):
                     lg.close()
 
+    def _head_start(self, paths: Paths, ctx_log: ContextLog) -> set[str]:
+        """Sessions of late hosts: the one host rendezvous hashing prefers for each
+        warms its cache with the session's last snapshot while the lease runs out, and
+        claims it first; the others leave it for a grace period (returned: skip now).
+        A host is late once it missed a heartbeat (they come every TTL/3; none for half
+        the TTL): a false alarm costs one download, a real one saves most of a cold
+        restore's wait."""
+        now, me = ctx_log.now(), this_host(paths)
+        late_after = self.ttl / 2
+        rows = ctx_log.hosts()
+        on_time = [h.id for h in rows if now - h.heartbeat_at <= late_after] + [me]
+        late = {h.id for h in rows if late_after < now - h.heartbeat_at <= 3 * self.ttl} - {me}
+        grace = max(1.0, 2 * self.interval)
+        skip = {
+            ls.session_id
+            for ls in ctx_log.expired_leases()
+            if now - ls.expires_at < grace and preferred(ls.session_id, on_time) != me
+        }
+        if not late or (self._warmer is not None and self._warmer.is_alive()):
+            return skip
+        for rec in ctx_log.list_sessions():
+            lease = ctx_log.lease(rec.id)
+            if lease is None or lease.host not in late or lease.expires_at <= now:
+                continue
+            tenure = f"{rec.id}@{lease.epoch}"  # a later failover needs a newer snapshot
+            if preferred(rec.id, on_time) == me and tenure not in self.prefetched:
+                self._warm(paths, rec.id, tenure)
+                break  # one at a time; the next pass looks again
+        return skip
+
+    def _warm(self, paths: Paths, sid: str, tenure: str) -> None:
+        def run() -> None:
+            try:
+                with open_log(self.dsn, paths=paths) as lg:
+                    self.prefetched[tenure] = prefetch(paths, lg, sid)
+                log.info("failover: prefetched session %s's last snapshot", sid)
+            except Exception as e:  # best effort: the restore fetches what is missing
+                self.prefetched[tenure] = 0
+                log.info("failover: prefetch of session %s failed: %s", sid, e)
+
+        self.prefetched[tenure] = -1  # (in progress)
+        while len(self.prefetched) > 1000:  # oldest first (dicts keep insertion order)
+            del self.prefetched[next(iter(self.prefetched))]
+        self._warmer = threading.Thread(target=run, name="torpor-prefetch", daemon=True)
+        self._warmer.start()
+
     def _pass(self, paths: Paths, reap: bool) -> None:
         try:
             ctx_log = self._log(paths)
@@ -361,6 +411,7 @@ class Failover(threading.Thread):
             waiting = {
                 sid for (r, sid), (_, at) in self._backoff.items() if r == root and at > self.passes
             }
+            waiting |= self._head_start(paths, ctx_log)
             for res in failover_once(
                 paths, ctx_log, dsn=self.dsn, ttl=self.ttl, on_event=hook, exclude=waiting
             ):
@@ -382,6 +433,51 @@ class Failover(threading.Thread):
             if bad is not None:
                 with contextlib.suppress(Exception):
                     bad.close()
+
+
+def preferred(session_id: str, hosts: Iterable[str]) -> str | None:
+    """The host that takes ``session_id`` over first among ``hosts`` (rendezvous
+    hashing: every host computes the same answer, and the sessions of a dead host
+    spread evenly over the others).  The others wait a grace period before claiming,
+    so the one that prefetched the session's snapshot is the one that restores it."""
+    import hashlib
+
+    def score(h: str) -> bytes:
+        return hashlib.blake2b(f"{h}\0{session_id}".encode(), digest_size=8).digest()
+
+    return max(hosts, key=score, default=None)
+
+
+def prefetch(paths: Paths, ctx_log: ContextLog, session_id: str) -> int:
+    """Warm this home's cache with the chunks of ``session_id``'s last checkpoint (its
+    snapshot in the bucket); returns the bytes of the artifacts read, 0 when there is
+    nothing to fetch (no bucket, no checkpoint).  Best effort, reads only: the restore
+    that may follow checks everything again, and a failure here changes nothing."""
+    import tempfile
+
+    from torpor.store.home import home_store
+    from torpor.store.tiered import TieredStore
+
+    cks = ctx_log.own_entries(session_id, Kind.CHECKPOINT)
+    if not cks:
+        return 0
+    snap = str(cks[-1].payload.get("snapshot") or "")
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    st = home_store(paths)
+    try:
+        if not snap or not isinstance(st, TieredStore):
+            return 0
+        m = st.get(snap)
+        n = 0
+        with tempfile.TemporaryDirectory(dir=paths.tmp) as tmp:
+            for name, art in m.artifacts.items():
+                dest = Path(tmp) / "a"
+                st.materialize(art, dest, name=name, durable=False)  # fetches into the cache
+                dest.unlink()
+                n += art.size
+        return n
+    finally:
+        st.close()
 
 
 def host_rows(ctx_log: ContextLog) -> list[dict[str, Any]]:
