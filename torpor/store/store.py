@@ -70,7 +70,8 @@ files and are kept.  A damaged manifest never stops listing or removal:
 :meth:`ChunkStore.remove` removes a damaged one by id or id prefix.
 
 Snapshot references (:meth:`ChunkStore.get`): a whole id, an id prefix, or a tag
-(``meta["tag"]``, matched exactly); a reference matching more than one snapshot is a
+(``meta["tag"]``, matched exactly; a reference shaped like a whole id is only an id,
+answered by one path check, never a listing); a reference matching more than one snapshot is a
 ConflictError listing the candidates.  I/O failures (a read-only or full disk) are
 StoreErrors naming the path, never bare OSErrors.
 """
@@ -783,13 +784,19 @@ class ChunkStore:
             raise UsageError("an empty snapshot reference")
         low = raw.lower()
         is_hex = all(c in "0123456789abcdef" for c in low)
-        whole = is_hex and len(low) == ck.HASH_HEX_LEN
-        if whole and self._manifest_path(low).exists() and not self.is_removed(low):
-            return [low], []  # a whole id: no listing (stores hold 1000s)
+        if is_hex and len(low) == ck.HASH_HEX_LEN:
+            # a whole id: a path check, no listing (stores hold 1000s, and ``session rm``
+            # looks up ids released long ago); so a tag shaped like a whole id is not
+            # looked up as a tag
+            return ([low] if self._whole_present(low) else []), []
         all_ids = self._manifest_ids()
         ids = [i for i in all_ids if i.startswith(low)] if is_hex else []
         tagged = [(i, t) for i, t in self._tags(all_ids) if t == raw]
         return ids, tagged
+
+    def _whole_present(self, snap_id: str) -> bool:
+        """Whether whole id ``snap_id`` has a manifest (damaged or not) and no tombstone."""
+        return self._manifest_path(snap_id).exists() and not self.is_removed(snap_id)
 
     def _tags(self, ids: Iterable[str]) -> Iterable[tuple[str, str]]:
         """(id, tag) of every snapshot that loads (only its authenticated meta is read)."""

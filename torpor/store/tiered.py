@@ -792,6 +792,20 @@ class TieredStore(ChunkStore):
         list(self._net().map(one, todo))
         self.remote_bad = sorted(bad, key=lambda b: b[0])
 
+    def _whole_present(self, snap_id: str) -> bool:
+        """Local first; else the bucket's tombstone and manifest by name (two GETs, no
+        listing of the whole bucket).  A manifest there that fails its check counts as
+        present, as in a listing, so ``get`` says why and ``remove`` can drop it."""
+        if self._manifest_path(snap_id).exists() or self.is_removed(snap_id):
+            return super()._whole_present(snap_id)
+        self._sync_tombstones([snap_id])
+        if self.is_removed(snap_id):
+            return False
+        try:
+            return self._fetch_manifest(snap_id, index=True)
+        except StoreError:
+            return True
+
     def _scan_names(self) -> tuple[list[str], set[str]]:
         """Local names after a sync; a bucket manifest that failed its check is listed
         too (as a damaged local one is), so ``get`` / ``scan`` report why it failed."""
