@@ -390,15 +390,41 @@ def _no_nul(value: Any) -> Any:
     return value
 
 
-def release_snapshots(log: ContextLog, mgr: VMManager) -> list[str]:
+def release_snapshots(
+    log: ContextLog, mgr: VMManager, session_id: str | None = None
+) -> list[str]:
     """Remove from the store the snapshots of removed sessions' checkpoints that no
     live session can still restore: every live session sees its ancestors'
     checkpoints up to its fork point, and those stay.  A snapshot another snapshot
     builds on, or a hibernated VM waits on, stays too (the store refuses).  Returns
-    the ids removed; ``torpor gc`` then reclaims their chunks."""
+    the ids removed; ``torpor gc`` then reclaims their chunks.
+
+    With ``session_id`` (the session just removed) only its lineage tree (the
+    sessions sharing its root ancestor) is looked at: only they can see its
+    checkpoints, and a snapshot kept earlier because a fork built on it is in the
+    same tree, so it is retried there.  Looking at every session ever removed made
+    each ``session rm`` cost as much as all the earlier ones together."""
     from torpor.snapshot.core import remove_snapshot
 
     everyone = {r.id: r for r in log.list_sessions(include_removed=True)}
+    if session_id is not None:
+        roots: dict[str, str] = {}
+
+        def root(sid: str) -> str:
+            path = []
+            while sid not in roots:
+                path.append(sid)
+                up = everyone[sid].parent_id
+                if up is None or up not in everyone or up in path:
+                    roots[sid] = sid
+                    break
+                sid = up
+            for p in path:
+                roots[p] = roots[sid]
+            return roots[sid]
+
+        top = root(session_id) if session_id in everyone else session_id
+        everyone = {i: r for i, r in everyone.items() if root(i) == top}
     own: dict[str, list[tuple[int, str]]] = {}
 
     def checkpoints(sid: str) -> list[tuple[int, str]]:
@@ -1152,7 +1178,7 @@ class Session:
             self._log.remove_session(self.id, reason, fence=(self._host_id(), lease.epoch))
             self._release_lease(in_log=False)  # remove_session released it
             self.record = self._log.get_session(self.id, include_removed=True)
-        return release_snapshots(self._log, self._mgr)
+        return release_snapshots(self._log, self._mgr, self.id)
 
     def _forks_vms(self) -> set[str]:
         """Every VM a live fork of this session (at any depth) has run in."""
