@@ -14,8 +14,11 @@
 - **Decoding**: JSON objects become the library's own dataclasses (SandboxInfo,
   CommandResult, Entry, Checkpoint, ...) by field name; unknown fields are ignored and
   missing ones keep their defaults, so a newer server does not break an older client.
-- **SSE**: :class:`SSEParser` turns lines into ``(event, data, id)`` per the
-  Server-Sent Events spec (``data`` lines joined, comments ignored).
+- **SSE**: :class:`SSELines` splits the body into lines (CRLF, LF or CR) and
+  :class:`SSEParser` turns lines into ``(event, data, id)`` per the Server-Sent Events
+  spec (``data`` lines joined, comments ignored).  A line, and an event's joined
+  data, hold at most :data:`MAX_SSE_LINE` bytes: past it, ProtocolError, so a hostile
+  or broken server cannot make the client hold an endless line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -182,12 +186,64 @@ class Event:
             raise E.ProtocolError(f"the server sent a malformed {self.event!r} event") from e
 
 
-class SSEParser:
-    """Feed lines (without their newline); yields complete events."""
+#: The longest SSE line, and event data, the client holds.  The server's largest event
+#: is a log entry: up to 8 MiB of JSON (MAX_APPEND_BYTES), which its ``json.dumps``
+#: (ASCII-only) may grow up to 6x (a control character becomes ``\u0001``).
+MAX_SSE_LINE = 64 << 20
+_EOL = re.compile(rb"\r\n|\r|\n")
 
-    def __init__(self) -> None:
+
+def _too_long(what: str, limit: int) -> E.ProtocolError:
+    return E.ProtocolError(
+        f"the server sent an event {what} longer than {limit >> 20} MiB "
+        "(a broken or hostile server); the stream was dropped"
+    )
+
+
+class SSELines:
+    """Feed the body's bytes as they arrive; get back complete lines (decoded UTF-8,
+    without their line end).  A line is never held past ``max_line`` bytes."""
+
+    def __init__(self, max_line: int = MAX_SSE_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._cr = False  # the last chunk ended in CR: an LF first in the next is its end
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if self._cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._cr = chunk[-1:] == b"\r"
+        out: list[str] = []
+        start = 0
+        for m in _EOL.finditer(chunk):
+            self._add(chunk[start : m.start()])
+            out.append(self._buf.decode("utf-8", "replace"))
+            self._buf.clear()
+            start = m.end()
+        self._add(chunk[start:])
+        return out
+
+    def _add(self, part: bytes) -> None:
+        if len(self._buf) + len(part) > self.max_line:
+            raise _too_long("line", self.max_line)
+        self._buf += part
+
+    def close(self) -> list[str]:
+        """The last line if the body did not end with a line end."""
+        rest = [self._buf.decode("utf-8", "replace")] if self._buf else []
+        self._buf.clear()
+        return rest
+
+
+class SSEParser:
+    """Feed lines (without their newline); yields complete events.  An event's data
+    (its ``data`` lines joined) is never held past ``max_data`` characters."""
+
+    def __init__(self, max_data: int = MAX_SSE_LINE) -> None:
+        self.max_data = max_data
         self._event = ""
         self._data: list[str] = []
+        self._size = 0
         self._id: str | None = None
         self.last_id: str | None = None
 
@@ -198,13 +254,16 @@ class SSEParser:
             ev = Event(self._event or "message", "\n".join(self._data), self._id)
             if self._id is not None:
                 self.last_id = self._id
-            self._event, self._data, self._id = "", [], None
+            self._event, self._data, self._id, self._size = "", [], None, 0
             return ev
         if line.startswith(":"):
             return None  # a comment (keep-alive)
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "data":
+            self._size += len(value) + 1
+            if self._size > self.max_data:
+                raise _too_long("data", self.max_data)
             self._data.append(value)
         elif field == "event":
             self._event = value

@@ -112,12 +112,15 @@ class AsyncTransport:
                 await resp.aread()
                 yield W.Event("json", resp.text, None)
                 return
-            parser = W.SSEParser()
-            try:
-                async for line in resp.aiter_lines():
-                    ev = parser.feed(line)
-                    if ev is not None:
-                        yield ev
+            parser, lines = W.SSEParser(), W.SSELines()
+            try:  # not aiter_lines(): it holds a line of any length
+                async for chunk in resp.aiter_bytes():
+                    for line in lines.feed(chunk):
+                        ev = parser.feed(line)
+                        if ev is not None:
+                            yield ev
+                for line in lines.close():
+                    parser.feed(line)
                 ev = parser.feed("")
                 if ev is not None:
                     yield ev

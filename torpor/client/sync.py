@@ -137,12 +137,15 @@ class Transport:
                 resp.read()
                 yield W.Event("json", resp.text, None)
                 return
-            parser = W.SSEParser()
-            try:
-                for line in resp.iter_lines():
-                    ev = parser.feed(line)
-                    if ev is not None:
-                        yield ev
+            parser, lines = W.SSEParser(), W.SSELines()
+            try:  # not iter_lines(): it holds a line of any length
+                for chunk in resp.iter_bytes():
+                    for line in lines.feed(chunk):
+                        ev = parser.feed(line)
+                        if ev is not None:
+                            yield ev
+                for line in lines.close():
+                    parser.feed(line)
                 ev = parser.feed("")
                 if ev is not None:
                     yield ev
