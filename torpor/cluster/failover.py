@@ -325,6 +325,7 @@ class Failover(threading.Thread):
         # "<session id>@<lease epoch>" -> bytes warmed (-1: running)
         self.prefetched: dict[str, int] = {}
         self._warmer: Any = None  # one background prefetch at a time
+        self._wake_in = float("inf")  # seconds until a late host's lease runs out
 
     def stop(self, timeout: float | None = 10) -> None:
         self._halt.set()
@@ -349,7 +350,8 @@ class Failover(threading.Thread):
                 if reap:
                     last_reap = time.monotonic()
                 self.passes += 1
-                self._halt.wait(self.interval)
+                wake, self._wake_in = self._wake_in, float("inf")
+                self._halt.wait(max(0.0, min(self.interval, wake)))
         finally:
             for lg in self._logs.values():
                 with contextlib.suppress(Exception):
@@ -373,16 +375,19 @@ class Failover(threading.Thread):
             for ls in ctx_log.expired_leases()
             if now - ls.expires_at < grace and preferred(ls.session_id, on_time) != me
         }
-        if not late or (self._warmer is not None and self._warmer.is_alive()):
+        if not late:
             return skip
         for rec in ctx_log.list_sessions():
             lease = ctx_log.lease(rec.id)
             if lease is None or lease.host not in late or lease.expires_at <= now:
                 continue
+            # look again right when it runs out, not up to a pass later
+            self._wake_in = min(self._wake_in, lease.expires_at - now + 0.05)
+            if self._warmer is not None and self._warmer.is_alive():
+                continue
             tenure = f"{rec.id}@{lease.epoch}"  # a later failover needs a newer snapshot
             if preferred(rec.id, on_time) == me and tenure not in self.prefetched:
-                self._warm(paths, rec.id, tenure)
-                break  # one at a time; the next pass looks again
+                self._warm(paths, rec.id, tenure)  # one at a time; the next pass looks again
         return skip
 
     def _warm(self, paths: Paths, sid: str, tenure: str) -> None:
