@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
 import random
 import shutil
@@ -405,22 +406,25 @@ def test_write_file_replaces_and_is_atomic(agent, tmp_path):
     client = agent.client
     seen = {}
 
-    class Source:
-        """Checks the target between chunks: the agent has had the first one."""
+    src = tmp_path.parent / f"{tmp_path.name}-src"
+    src.write_bytes(b"hello world")
 
-        def __init__(self) -> None:
-            self.calls = 0
+    class Source(io.FileIO):
+        """Checks the target between chunks: the agent has had the first one.  A
+        regular file, so it is streamed (any other source is spooled first)."""
 
-        def read(self, n: int) -> bytes:
+        calls = 0
+
+        def read(self, n: int = -1) -> bytes:
             self.calls += 1
             if self.calls == 2:
                 client.hello()  # a round trip: the first chunk has been processed
                 seen["content"] = path.read_bytes()
                 seen["names"] = sorted(p.name for p in tmp_path.iterdir())
-                return b" world"
-            return b"hello" if self.calls == 1 else b""
+            return super().read(n)
 
-    client.write_file(path, Source())  # type: ignore[arg-type]
+    with Source(src) as f:
+        client.write_file(path, f)  # type: ignore[arg-type]
     assert seen["content"] == b"old"
     assert len(seen["names"]) == 2  # "file" and the temporary sibling
     assert path.read_bytes() == b"hello world"

@@ -16,16 +16,24 @@ Design and invariants:
   :class:`AgentRequestError` (with ``errno``), a timeout names the request type,
   and losing the connection fails every waiting request.
 - Every frame is logged at DEBUG level on the ``torpor.agent`` logger.
+- A WRITE_FILE cannot be aborted once its first STDIN frame is sent (the protocol
+  has no cancel; the empty STDIN would rename the partial file over the target),
+  so a data source that could fail part-way (anything but bytes or a regular file)
+  is read whole into a host spool first: a source that raises leaves no upload
+  slot held in the guest (it has 32) and no temporary file.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import io
 import logging
 import os
 import queue
 import random
 import socket
+import stat as _stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -528,12 +536,15 @@ class AgentClient:
     ) -> None:
         """Write a whole file atomically (the guest renames a temporary file over it).
 
-        ``timeout`` is how long to wait for the reply once everything is sent.
+        ``timeout`` is how long to wait for the reply once everything is sent.  A
+        file-like ``data`` other than a regular file is read whole (into a spool,
+        on disk past 8 MiB) before anything is sent, so if it raises, its error
+        reaches the caller and the guest never saw the upload (see module doc).
         """
         p = os.fspath(path)
         payload = WriteFileRequest(p, mode, uid, gid).encode()
-        with self._call(T.WRITE_FILE, payload, p) as call:
-            for chunk in _chunks(data):
+        with _replayable(data) as source, self._call(T.WRITE_FILE, payload, p) as call:
+            for chunk in _chunks(source):
                 if call.has_reply():  # refused up front: stop streaming
                     break
                 self._send(Frame(T.STDIN, call.id, chunk))
@@ -600,6 +611,34 @@ class AgentClient:
     ) -> None:
         with self._call(request_type, payload, path) as call:
             call.expect(T.OK, _deadline(timeout))
+
+
+#: How much of a spooled WRITE_FILE source stays in memory (the rest goes to disk).
+SPOOL_IN_MEMORY = 8 << 20
+
+
+@contextmanager
+def _replayable(data: bytes | BinaryIO) -> Iterator[bytes | BinaryIO]:
+    """``data`` as a source that cannot fail part-way: bytes and regular files as
+    they are, anything else read whole into a spool (closed when the block ends)."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        yield data
+        return
+    # a plain open() of a regular file only: a wrapper with a file's fileno() (gzip,
+    # a tar member) can still fail part-way
+    raw = data.raw if isinstance(data, io.BufferedReader) else data
+    try:
+        regular = isinstance(raw, io.FileIO) and _stat.S_ISREG(os.fstat(raw.fileno()).st_mode)
+    except (OSError, ValueError):  # closed, or no fd (io.UnsupportedOperation)
+        regular = False
+    if regular:
+        yield data
+        return
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        while chunk := data.read(STDIN_CHUNK):
+            spool.write(chunk)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
 
 
 def _chunks(data: bytes | BinaryIO) -> Iterator[bytes]:
