@@ -4,7 +4,8 @@ The same methods as :class:`torpor.sandbox.pty.Pty` (``write``, ``read``,
 ``read_until``, ``resize``, ``wait``, ``close``, ``exit_code``), over
 ``GET /v1/sandboxes/{ref}/pty`` (docs/api.md): binary frames are terminal bytes both
 ways, a text frame ``{"resize": [cols, rows]}`` resizes, and the server ends with
-``{"exit": code}``.  Closing the WebSocket hangs the terminal up (SIGHUP), as closing
+``{"exit": code}``; its first frame is ``{"pid": N}``, the program's guest pid
+(``pid``, as on a local Pty).  Closing the WebSocket hangs the terminal up (SIGHUP), as closing
 a local Pty does.
 
 Invariants: every failure is a TorporError (a refused upgrade is mapped like any
@@ -83,6 +84,31 @@ def _control(text: str, exit_code: int | None) -> int | None:
     return exit_code
 
 
+#: How long a new terminal waits for the server's first frame (its ``{"pid"}``).
+FIRST_FRAME_TIMEOUT = 60.0
+
+
+def _pid_frame(text: str) -> int | None:
+    """The pid of the server's ``{"pid": N}`` frame; None for another text frame.  A
+    pid that is not a plausible guest pid is a ProtocolError (a hostile server)."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or "pid" not in d:
+        return None
+    pid = d["pid"]
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
+        raise E.ProtocolError(f"the server sent a terminal pid that is not a pid: {pid!r}")
+    return pid
+
+
+def _no_first_frame() -> E.AgentError:
+    return E.AgentError(
+        f"the server did not start the terminal within {FIRST_FRAME_TIMEOUT:g} s", step="pty"
+    )
+
+
 class RemotePty:
     """A program on a terminal in a sandbox on a server (what ``sb.pty()`` returns)."""
 
@@ -103,8 +129,30 @@ class RemotePty:
         self._pending = b""
         self._exit: int | None = None
         self._closed = False
-        self.pid = 0  # the route does not tell the guest pid
+        self.pid = 0  # until the server's first frame says
         self.cols, self.rows = cols, rows
+        try:
+            self._first_frame()
+        except BaseException:
+            self._ws.close()
+            raise
+
+    def _first_frame(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            msg = self._ws.recv(timeout=FIRST_FRAME_TIMEOUT)
+        except TimeoutError:
+            raise _no_first_frame() from None
+        except ConnectionClosed:
+            self._closed = True  # reads say so
+            return
+        if isinstance(msg, bytes):
+            self._pending = msg  # a server that sends no pid: output first
+        elif (pid := _pid_frame(msg)) is not None:
+            self.pid = pid
+        else:
+            self._control(msg)
 
     def __repr__(self) -> str:
         state = "running" if self._exit is None else f"exited {self._exit}"
@@ -235,7 +283,7 @@ class AsyncRemotePty:
         self._exit: int | None = None
         self._closed = False
         self._lock: Any = None
-        self.pid = 0
+        self.pid = 0  # until the server's first frame says (open())
         self.cols, self.rows = cols, rows
 
     @classmethod
@@ -254,7 +302,32 @@ class AsyncRemotePty:
             raise _refused(e) from e
         except (InvalidHandshake, OSError, TimeoutError) as e:
             raise W.unreachable(url, e) from e
-        return cls(ws, cols, rows)
+        p = cls(ws, cols, rows)
+        try:
+            await p._first_frame()
+        except BaseException:
+            await ws.close()
+            raise
+        return p
+
+    async def _first_frame(self) -> None:
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            msg = await asyncio.wait_for(self._ws.recv(), FIRST_FRAME_TIMEOUT)
+        except TimeoutError:
+            raise _no_first_frame() from None
+        except ConnectionClosed:
+            self._closed = True
+            return
+        if isinstance(msg, bytes):
+            self._pending = msg
+        elif (pid := _pid_frame(msg)) is not None:
+            self.pid = pid
+        else:
+            self._exit = _control(msg, self._exit)
 
     @property
     def exit_code(self) -> int | None:
