@@ -21,13 +21,23 @@ its leases expire after the TTL and :func:`failover_once` on any other host:
    message replayed: no side effect twice); with no open turn the VM is restored
    from the last checkpoint, so its background processes run on (``restored``).
 
+The loop (:class:`Failover`, run by ``torpor serve``) adds a head start: once a host
+misses a heartbeat, the one host that rendezvous hashing prefers for each of its
+sessions (:func:`preferred`, computed alike everywhere) warms its cache with the
+session's last snapshot (:func:`prefetch`, reads only) while the lease runs out,
+passes again right at the expiry and claims first; the other hosts skip the session
+for a grace period.  Skipped and failed sessions are looked at again after 2, 4, 8...
+passes.
+
 Invariants:
 
 - The database decides who runs a session; this module never writes an entry
   itself — every entry comes from :class:`Session`, fenced with the lease's epoch,
   so a host that was only paused can never write after the takeover.
 - One failing session never stops a pass: its outcome says ``failed: ...`` and the
-  lease expires again, so the next pass (here or elsewhere) retries it.
+  next passes (here, backing off, or elsewhere) try again.  The head start only
+  orders the claims; it never decides them: if the preferred host is gone too, the
+  others claim after the grace period.
 - A host that comes back stops its local VMs of sessions it no longer holds
   (:func:`reap_stale`): those sessions run elsewhere from a checkpoint, and anything
   such a VM did after that checkpoint is not part of the session any more.
