@@ -103,6 +103,10 @@ class ProcessInfo:
 
 #: At most this many processes are read by ``ps`` (one agent request each).
 MAX_PS = 4096
+#: /proc entries that are not processes (``self``, ``meminfo``, ...; about 60 on the
+#: guest kernel), which come first in its listing: ``ps`` reads at most MAX_PS plus
+#: these, so a guest with millions of pids (or a hostile agent) costs a bounded listing.
+PROC_OTHER_ENTRIES = 256
 
 # Background commands of every Sandbox object in this process, by (VM id, pid), with
 # the object that started them: any object for the same VM lists them
@@ -584,9 +588,11 @@ class Sandbox:
         What the guest's /proc says is only reported, never acted on.
         """
         from torpor.agent.client import AgentRequestError
+        from torpor.agent.files import list_dir_capped
 
         c = self._client()
-        pids = sorted(int(e.name) for e in c.list_dir("/proc") if e.name.isdecimal())
+        listing, _ = list_dir_capped(c, "/proc", MAX_PS + PROC_OTHER_ENTRIES)
+        pids = sorted(int(e.name) for e in listing if e.name.isdecimal())
         out = []
         for pid in pids[:MAX_PS]:
             if pid == 1:

@@ -10,6 +10,8 @@ Invariants:
 - A missing path is :class:`~torpor.errors.NotFoundError`; other refusals from the
   guest are :class:`~torpor.agent.client.AgentRequestError` (an AgentError).
 - ``read_stream`` yields the file chunk by chunk: a large file is never held whole.
+- ``list`` holds at most :data:`MAX_LIST_ENTRIES` entries: a bigger folder (or a
+  hostile guest's endless listing) is a GuestError, the request dropped at the cap.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from torpor.agent.client import AgentRequestError
-from torpor.errors import AgentError, NotFoundError, UsageError
+from torpor.errors import AgentError, GuestError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
     from torpor.sandbox.core import Sandbox
+
+#: Most entries ``list`` returns (each is a small object: ~100 MB of host memory).
+MAX_LIST_ENTRIES = 200_000
 
 
 @dataclass(frozen=True)
@@ -105,11 +110,18 @@ class Files:
 
     def list(self, path: str) -> list[EntryInfo]:
         """Entries of a folder (without . and ..), sorted by name."""
+        from torpor.agent.files import list_dir_capped
+
         p = _abs(path)
         try:
-            entries = self._sb._client().list_dir(p)
+            entries, cut = list_dir_capped(self._sb._client(), p, MAX_LIST_ENTRIES)
         except AgentRequestError as e:
             raise _not_found(e, p) from e
+        if cut:
+            raise GuestError(
+                f"{p} has more than {MAX_LIST_ENTRIES:,} entries: too many to list at once "
+                "(list part of it with exec, e.g. 'ls | head')"
+            )
         base = p.rstrip("/")
         return sorted(
             (
