@@ -248,6 +248,8 @@ def test_kill9_mid_turn_b_takes_over_and_a_restarted_lets_go(cluster: Cluster) -
         assert listed.returncode == 0, listed.stderr
         rows = {r["id"]: r for r in json.loads(listed.stdout)}
         assert rows[b.host_id]["alive"] and "survivor" in rows[b.host_id]["sessions"]
+        assert rows[b.host_id]["failover"]  # its torpor serve runs the loop
+        assert not any(h.endswith(":failover") for h in rows)  # (a column, not a host)
         assert rows[a.host_id]["alive"] and "survivor" not in rows[a.host_id]["sessions"]
         api = {r["id"]: r for r in httpx.get(f"{a.url}/v1/hosts", timeout=30).json()}
         assert api[b.host_id]["sessions"] == rows[b.host_id]["sessions"]  # the same, over HTTP

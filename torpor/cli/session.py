@@ -552,12 +552,13 @@ def hosts(dsn: str | None, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     t = Table(box=None, pad_edge=False)
-    for col in ("HOST", "ALIVE", "HEARTBEAT", "SESSIONS"):
+    for col in ("HOST", "ALIVE", "FAILOVER", "HEARTBEAT", "SESSIONS"):
         t.add_column(col)
     for r in rows:
         t.add_row(
             markup_safe(r["id"]),
             "yes" if r["alive"] else "no",
+            "on" if r["failover"] else "-",
             f"{r['heartbeat_age']:.1f}s ago",
             markup_safe(", ".join(r["sessions"]) or "-"),
         )

@@ -73,6 +73,11 @@ HELD = "held"  # another live host holds it (it won the race, or it never died)
 FAILED = "failed"
 
 
+#: suffix of the row a failover loop heartbeats beside its host's own (``<host>:failover``):
+#: only hosts running the loop are preferred takers, and ``torpor hosts`` shows which
+FAILOVER_MARK = ":failover"
+
+
 def this_host(paths: Paths) -> str:
     """The host id sessions of ``paths`` claim their leases with."""
     return host_id(paths)
@@ -375,10 +380,21 @@ class Failover(threading.Thread):
         the TTL): a false alarm costs one download, a real one saves most of a cold
         restore's wait."""
         now, me = ctx_log.now(), this_host(paths)
+        if len(me) + len(FAILOVER_MARK) <= 128:  # (a host id may be 128 long: then unmarked)
+            ctx_log.heartbeat(me + FAILOVER_MARK, {"role": "failover loop"}, self.ttl)
         late_after = self.ttl / 2
         rows = ctx_log.hosts()
-        on_time = [h.id for h in rows if now - h.heartbeat_at <= late_after] + [me]
-        late = {h.id for h in rows if late_after < now - h.heartbeat_at <= 3 * self.ttl} - {me}
+        on_time = [
+            h.id.removesuffix(FAILOVER_MARK)
+            for h in rows
+            if h.id.endswith(FAILOVER_MARK) and now - h.heartbeat_at <= late_after
+        ] + [me]  # hosts whose loop runs: a host without one would never claim
+        late = {
+            h.id
+            for h in rows
+            if not h.id.endswith(FAILOVER_MARK)
+            and late_after < now - h.heartbeat_at <= 3 * self.ttl
+        } - {me}
         grace = max(1.0, 2 * self.interval)
         skip = {
             ls.session_id
@@ -503,12 +519,19 @@ def host_rows(ctx_log: ContextLog) -> list[dict[str, Any]]:
         lease = ctx_log.lease(rec.id)
         if lease is not None and lease.host is not None:
             held.setdefault(lease.host, []).append(rec.name)
+    every = ctx_log.hosts()
+    loops = {
+        h.id.removesuffix(FAILOVER_MARK) for h in every if h.id.endswith(FAILOVER_MARK) and h.alive
+    }
     rows = []
-    for h in ctx_log.hosts():
+    for h in every:
+        if h.id.endswith(FAILOVER_MARK):
+            continue  # (shown as the failover column of its host)
         rows.append(
             {
                 "id": h.id,
                 "alive": h.alive,
+                "failover": h.id in loops,  # runs the failover loop (torpor serve)
                 "heartbeat_age": round(max(0.0, now - h.heartbeat_at), 1),
                 "started_at": h.started_at,
                 "sessions": sorted(held.get(h.id, [])),
