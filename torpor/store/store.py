@@ -106,6 +106,7 @@ from torpor.store.manifest import (
     build_manifest,
     decode_manifest,
     decode_meta,
+    decode_parent,
     encode_manifest,
     salvage_hashes,
 )
@@ -859,9 +860,10 @@ class ChunkStore:
             m = None  # damaged: nothing can build on what cannot be read
         if not force:
             children = []
-            for i in self._manifest_ids():
-                with contextlib.suppress(StoreError, NotFoundError):
-                    if self.load(self._manifest_path(i)).parent == snap_id:
+            for i in self._manifest_ids():  # each one's parent only, not its chunk list
+                p = self._manifest_path(i)
+                with contextlib.suppress(OSError, StoreError):
+                    if decode_parent(self._key, p.read_bytes(), source=p, expect_id=i) == snap_id:
                         children.append(i)
             if children:
                 raise ConflictError(
