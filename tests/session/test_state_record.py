@@ -291,6 +291,9 @@ def test_sealed_segments_are_checked(log: Any, paths: Paths) -> None:
         w.sid,
         d,
     )
+    lazy = _open(log, w.sid, paths)
+    lazy.state()  # the state alone never decodes (nor checks) the conversation
+    assert lazy.stats()["state_record"].startswith("used")
     _refused_then_rewritten(log, w.sid, paths, f"segment {d[:12]}")
 
 

@@ -305,6 +305,7 @@ class LogView:
         self.owner = owner
         self.based = False
         self._pending: Callable[[], list[dict[str, Any]]] | None = None
+        self.prefetch: Callable[[], None] = lambda: None  # see seed()
         self._reset()
 
     def seed(
@@ -314,6 +315,7 @@ class LogView:
         ``pending``, its messages are what ``pending()`` returns."""
         self._settled, self._n, self._seq, self.based = fold, 0, seq, True
         self._pending = pending
+        self.prefetch: Callable[[], None] = lambda: None
 
     def _resolve(self) -> None:
         if self._pending is not None:
@@ -779,6 +781,8 @@ class Session:
         if got.fold is not None and got.writer is not None:
             self._base_seq = got.seq
             self._view.seed(got.fold, got.seq, got.pending)
+            if got.prefetch is not None:
+                self._view.prefetch = got.prefetch
             u = got.fold.last_user
             self._turn_seen = u.turn if u is not None else 0
             self._rec = got.writer
@@ -1484,6 +1488,7 @@ class Session:
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
+        self._view.prefetch()  # the replay needs the conversation: decode it meanwhile
         self._restore_vm(ck, reason="recover")
         self._supersede_after(ck, st.pending.turn, "replayed")
         return self._run_turn(st.pending.turn)

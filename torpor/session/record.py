@@ -24,9 +24,11 @@ rewrites only the head — at most about one segment's worth of bytes, not the w
 conversation.
 
 Opening checks the head and the checkpoint segments at once; the conversation's
-segments are checked and decoded by a background thread (:attr:`Loaded.pending`),
-which overlaps a recovery's VM restore: the state (which VM, which checkpoint, is a
-turn pending) never waits for the conversation, only ``messages()`` does.  A segment
+segments are checked and decoded when first needed (:attr:`Loaded.pending`), or by a
+background thread once a caller knows it will need them (:attr:`Loaded.prefetch`: a
+recovery starts it before the VM restore, which it then overlaps).  The state (which
+VM, which checkpoint, is a turn pending) never waits for the conversation, and a
+caller that only asks for the state (a listing) never decodes it.  A segment
 that fails then makes the session read its whole log and write a new record.
 
 Invariants (what a reader checks before it uses a record):
@@ -142,6 +144,8 @@ class Loaded:
     status: str  # "used", "missing", "refused: …", "unavailable"
     writer: Writer | None = None
     pending: Callable[[], list[dict[str, Any]]] | None = None
+    #: start decoding the messages in the background (else the first pending() does)
+    prefetch: Callable[[], None] | None = None
 
 
 def _seal(items: list[Any], segs: list[list[Any]], parts: dict[str, bytes]) -> list[Any]:
@@ -294,13 +298,20 @@ def load(log: ContextLog, sid: str) -> Loaded:
             box.append(RecordRefused(f"its segments could not be read ({type(e).__name__})"))
 
     worker = threading.Thread(target=decode, name=f"torpor-record-{sid[:8]}", daemon=True)
-    worker.start()
+    started = threading.Lock()
+
+    def prefetch() -> None:
+        """Start decoding now (a caller about to need the messages: a recovery, a turn)."""
+        with started:
+            if worker.ident is None:
+                worker.start()
 
     def pending() -> list[dict[str, Any]]:
+        prefetch()
         worker.join()
         if isinstance(box[0], RecordRefused):
             raise box[0]
         return box[0]  # type: ignore[no-any-return]
 
     w.fold, w.seq = f, seq
-    return Loaded(f, seq, "used", w, pending)
+    return Loaded(f, seq, "used", w, pending, prefetch)
