@@ -602,6 +602,7 @@ class Session:
         # the state record (torpor.session.record): read on the first log access;
         # with one, the cache and the view start after its seq
         self._loaded, self._base_seq = False, 0
+        self._prefix: list[Entry] | None = None  # entries 1.._base_seq, once asked for
         self._rec, self._record_status = Writer(), "not read"
         self.on_event = on_event
 
@@ -757,8 +758,11 @@ class Session:
         only newer entries are fetched: a turn's many reads cost O(new entries).
         """
         entries = self._read()
-        if after < self._base_seq:  # what the state record stands for: read and checked now
-            return self._log.entries(self.id, after=after)
+        if after < self._base_seq:  # what the state record stands for: read (and
+            # chain-checked) once, on the first call that asks for it, then kept
+            if self._prefix is None:
+                self._prefix = self._log.entries(self.id, after=0, limit=self._base_seq)
+            return [e for e in self._prefix if e.seq > after] + entries
         if after <= 0:
             return list(entries)
         return [e for e in entries if e.seq > after]
@@ -807,7 +811,7 @@ class Session:
         """Forget the state record and read the whole log (a marker reached back, or
         the record's conversation failed its check)."""
         self._record_status = why or f"stale (seq {self._base_seq}): the whole log was read"
-        self._base_seq, self._cache = 0, []
+        self._base_seq, self._cache, self._prefix = 0, [], None
         self._view = LogView(owner=self.id)
         self._turn_seen, self._turn_scan = 0, 0
         self._rec = Writer()
