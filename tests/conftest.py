@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.pgserver import pg_admin_dsn, pg_dsn  # noqa: F401  (fixtures for every folder)
-from tests.store.conftest import bucket, s3_server  # noqa: F401  (one SeaweedFS, started on use)
+from tests.s3fixtures import bucket, s3_env, s3_server  # noqa: F401  (one SeaweedFS, on first use)
 from torpor.guest.kernel import find_kernels_dir
 from torpor.paths import Paths
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from tests.pgserver import _with_db
-from tests.store.conftest import s3_server  # noqa: F401  (one SeaweedFS for the session)
 from torpor.bench.cluster import Host, _env, make_home
 from torpor.context import ContextLog, open_log
 from torpor.paths import Paths
@@ -70,7 +69,7 @@ def cluster_db(pg_admin_dsn: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def cluster(
     cluster_db: str,
-    s3_server: Any,  # noqa: F811
+    s3_server: Any,
     paths: Paths,
     tools_image: str,
     tmp_path_factory: pytest.TempPathFactory,

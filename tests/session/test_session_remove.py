@@ -126,7 +126,7 @@ def test_prune_removes_ended_sessions_only(paths, tools_image, tmp_path) -> None
             s.close()
 
 
-def test_a_tampered_log_is_refused_by_log_and_recover(paths, tools_image, tmp_path) -> None:
+def test_a_tampered_log_is_refused_by_a_full_read_and_never_used(paths, tools_image, tmp_path) -> None:
     db = tmp_path / "ctx.db"
     env = {"TORPOR_CONTEXT_DSN": str(db)}
     s = Session.create(tools_image, "scripted:demo", name="t", paths=paths, dsn=str(db))
@@ -141,18 +141,27 @@ def test_a_tampered_log_is_refused_by_log_and_recover(paths, tools_image, tmp_pa
         )
         conn.commit()
         conn.close()
-        for cmd in (["log", "t"], ["recover", "t"], ["send", "t", "go on"]):
+        r = torpor_cli("session", "log", "t", env=env)  # reading the log checks every entry
+        assert r.returncode == ChainError.exit_code, r.stderr
+        assert f"at entry {user.seq}".encode() in r.stderr, r.stderr
+        assert b"rm -rf" not in r.stdout
+        # recover and send start from the checkpoint's MAC'd state record and read only
+        # the entries after it (docs/context-log.md): the edited entry is never used, so
+        # they go on with what was really said, and the model never sees the edit
+        for cmd in (["recover", "t"], ["send", "t", "go on"]):
             r = torpor_cli("session", *cmd, env=env)
-            assert r.returncode == ChainError.exit_code, (cmd, r.stderr)
-            assert f"at entry {user.seq}".encode() in r.stderr, r.stderr
+            assert r.returncode == 0, (cmd, r.stderr)
             assert b"rm -rf" not in r.stdout
-        r = torpor_cli("session", "ls", "--json", env=env)  # listed, not hiding the others
-        assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "broken", r.stderr
+        r = torpor_cli("session", "ls", "--json", env=env)  # listed (from its record)
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "t", r.stderr
         assert Session.prune(hibernated=True, dry_run=True, paths=paths, dsn=str(db)) == []
         r = torpor_cli("session", "verify", env=env)
         assert r.returncode == 11 and f"t: entry {user.seq}:".encode() in r.stdout, r.stdout
-        with Session.open("t", paths=paths, dsn=str(db)) as again, pytest.raises(ChainError):
-            again.recover()
+        with Session.open("t", paths=paths, dsn=str(db)) as again:
+            said = [m["content"] for m in again.messages() if m["role"] == "user"]
+            assert said == ["please set up the repo", "go on"], said
+            with pytest.raises(ChainError):
+                again.log()  # a full read still refuses the edited entry
         vm_id = s.vm().id
         r = torpor_cli("session", "rm", "t", env=env)  # an edited log can still be removed
         assert r.returncode == 0, r.stderr
