@@ -414,22 +414,6 @@ def recover(ctx: click.Context, refs: tuple[str, ...], anywhere: bool, as_json: 
             click.echo(answer)
 
 
-@session.command(context_settings=CONTEXT)
-@click.argument("ref", metavar="S", shell_complete=session_names)
-@click.option("--at", type=int, help="Checkpoint entry to fork at (default: the last one).")
-@click.option("--name", help="Name of the new session.")
-@click.pass_context
-def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None:
-    """A new session sharing S's log up to a checkpoint, with a VM forked from it."""
-    with _open(ctx, ref) as s:
-        child = s.fork(at=at, name=name)
-        err_console.print(
-            f"forked {s.name} at entry {child.record.parent_seq} into [bold]{child.name}[/bold]",
-            markup=True,
-        )
-        click.echo(child.id)
-
-
 def _recover_anywhere(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
     """One failover pass here (torpor.cluster.failover); exit 1 if a session failed."""
     from torpor.cluster.failover import FAILED, failover_once
@@ -449,6 +433,22 @@ def _recover_anywhere(ctx: click.Context, refs: tuple[str, ...], as_json: bool) 
         err_console.print("no session of a dead host to recover")
     if any(r.outcome == FAILED for r in results):
         sys.exit(1)
+
+
+@session.command(context_settings=CONTEXT)
+@click.argument("ref", metavar="S", shell_complete=session_names)
+@click.option("--at", type=int, help="Checkpoint entry to fork at (default: the last one).")
+@click.option("--name", help="Name of the new session.")
+@click.pass_context
+def fork(ctx: click.Context, ref: str, at: int | None, name: str | None) -> None:
+    """A new session sharing S's log up to a checkpoint, with a VM forked from it."""
+    with _open(ctx, ref) as s:
+        child = s.fork(at=at, name=name)
+        err_console.print(
+            f"forked {s.name} at entry {child.record.parent_seq} into [bold]{child.name}[/bold]",
+            markup=True,
+        )
+        click.echo(child.id)
 
 
 @session.command(context_settings=CONTEXT)
