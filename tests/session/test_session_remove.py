@@ -126,7 +126,9 @@ def test_prune_removes_ended_sessions_only(paths, tools_image, tmp_path) -> None
             s.close()
 
 
-def test_a_tampered_log_is_refused_by_a_full_read_and_never_used(paths, tools_image, tmp_path) -> None:
+def test_a_tampered_log_is_refused_by_a_full_read_and_never_used(
+    paths, tools_image, tmp_path
+) -> None:
     db = tmp_path / "ctx.db"
     env = {"TORPOR_CONTEXT_DSN": str(db)}
     s = Session.create(tools_image, "scripted:demo", name="t", paths=paths, dsn=str(db))

@@ -281,6 +281,24 @@ OTHER_STATUSES = ("created", "starting", "stopping", "exited", "dead")
 MAX_PAGE = 1000
 
 
+class SSEStream:
+    """Body bytes in, complete events out: :class:`SSELines` then :class:`SSEParser`
+    (so neither a line nor an event's data is ever held past its cap)."""
+
+    def __init__(self) -> None:
+        self._lines, self._parser = SSELines(), SSEParser()
+
+    def _events(self, lines: list[str]) -> list[Event]:
+        return [ev for line in lines if (ev := self._parser.feed(line)) is not None]
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        return self._events(self._lines.feed(chunk))
+
+    def close(self) -> list[Event]:
+        """What the end of the body completes (an event not followed by a blank line)."""
+        return self._events([*self._lines.close(), ""])
+
+
 def check_limit(limit: object) -> None:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise E.UsageError(f"limit must be an integer >= 1, not {limit!r}")

@@ -112,17 +112,12 @@ class AsyncTransport:
                 await resp.aread()
                 yield W.Event("json", resp.text, None)
                 return
-            parser, lines = W.SSEParser(), W.SSELines()
+            stream = W.SSEStream()
             try:  # not aiter_lines(): it holds a line of any length
                 async for chunk in resp.aiter_bytes():
-                    for line in lines.feed(chunk):
-                        ev = parser.feed(line)
-                        if ev is not None:
-                            yield ev
-                for line in lines.close():
-                    parser.feed(line)
-                ev = parser.feed("")
-                if ev is not None:
+                    for ev in stream.feed(chunk):
+                        yield ev
+                for ev in stream.close():
                     yield ev
             except httpx.TransportError as e:
                 raise W.unreachable(self.url, e) from e
