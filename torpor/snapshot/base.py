@@ -355,7 +355,11 @@ def ensure_stored(mgr: VMManager, store: ChunkStore, vm: VM) -> BaseRef:
     with contextlib.suppress(OSError):
         rec_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_json(rec_path, {"manifest": m.id, "digest": digest})
-    return BaseRef(digest, m.id, stored)
+    # what went to the bucket: the cache may already hold the chunks (stored = 0) when
+    # this home used another bucket before; uploaded behind (durability local): stored
+    last = getattr(store, "last_commit", None)
+    sent = last.bytes_uploaded if last is not None and last.durability == "bucket" else stored
+    return BaseRef(digest, m.id, sent)
 
 
 def _image_id_of(disk: Path) -> str:
