@@ -213,6 +213,7 @@ def test_kill9_mid_turn_b_takes_over_and_a_restarted_lets_go(cluster: Cluster) -
         vm_entry = [e for e in es if e.kind == Kind.VM][-1]
         assert vm_entry.payload["vm"] != old_vm
         assert vm_entry.payload["vm"] in {vm.id for vm in VMManager(b.paths).list()}
+        assert vm_entry.payload["reason"] == f"failover from {a.host_id}"  # the log says why
         assert [e.payload["content"] for e in es if e.kind == Kind.USER] == ["line-0", "line-1"]
         turn2 = [e for e in effective(es) if e.turn == 2]
         assert [e.kind for e in turn2 if e.kind in (Kind.TOOL_CALL, Kind.TOOL_RESULT)] == [

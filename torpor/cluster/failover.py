@@ -230,7 +230,7 @@ def _take_over(
                 ctx_log.claim(sid, host, ttl)  # exactly one host wins
             except LeaseHeldError as e:
                 return Outcome(sid, name, HELD, f"held by {e.holder}", holder)
-            answer = s.recover(wait=False)
+            answer = s.recover(wait=False, why=f"failover from {holder}" if holder else "failover")
             moved = s.state().vm_id != st.vm_id
     except LeaseHeldError as e:  # claimed by another host between our claim and the VM
         return Outcome(sid, name, HELD, f"held by {e.holder}", holder)

@@ -1096,7 +1096,9 @@ class Session:
         self._arm_idle()
         return vm
 
-    def recover(self, *, replay: bool = True, wait: bool = True) -> str | None:
+    def recover(
+        self, *, replay: bool = True, wait: bool = True, why: str | None = None
+    ) -> str | None:
         """Bring the session back after a crash; returns the replayed turn's answer.
 
         With no interrupted turn this only makes sure the VM runs (restoring the
@@ -1104,21 +1106,22 @@ class Session:
         a loop of one's own): restore the VM to the last checkpoint and supersede
         the work logged after it, but do not run torpor's loop; the turn stays open
         until the caller's next :meth:`checkpoint`.  ``wait=False``: ConflictError
-        at once if another actor holds the session (a turn running).
+        at once if another actor holds the session (a turn running).  ``why``: the
+        reason a new VM's ``vm`` entry gives (e.g. ``"failover from <host>"``).
         """
         with self._locked_or_busy(wait, "a recovery"):
             st = self.state()
             if st.pending is None:
-                self._ensure_running(st)
+                self._ensure_running(st, why=why)
                 return None
             if not replay:
                 ck = st.last_checkpoint
                 if ck is None:
                     raise SessionError(f"session {self.name} has no checkpoint to recover from")
-                self._restore_vm(ck, reason="recover")
+                self._restore_vm(ck, reason=why or "recover")
                 self._supersede_after(ck, st.pending.turn, "recover")
                 return None
-            answer = self._recover_locked(st)
+            answer = self._recover_locked(st, why=why)
         self._arm_idle()
         return answer
 
@@ -1429,7 +1432,7 @@ class Session:
         except NotFoundError:
             return False
 
-    def _ensure_running(self, st: SessionState) -> VM:
+    def _ensure_running(self, st: SessionState, why: str | None = None) -> VM:
         """The session's VM, running: as it is, resumed in place, or restored."""
         self._claim()  # before the VM is used: a host that lost the session stops here
         st = self.state()  # as of the claim: what another host did before it counts
@@ -1453,7 +1456,7 @@ class Session:
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no VM and no checkpoint to restore")
-        vm = self._restore_vm(ck, reason="vm lost")
+        vm = self._restore_vm(ck, reason=why or "vm lost")
         # a loop's work logged after the checkpoint is gone from the restored machine
         self._supersede_after(ck, st.turns, "vm lost")
         return vm
@@ -1486,14 +1489,14 @@ class Session:
         )
         return vm
 
-    def _recover_locked(self, st: SessionState) -> str:
+    def _recover_locked(self, st: SessionState, why: str | None = None) -> str:
         assert st.pending is not None
         self._check_tools_supplied()  # before the VM is touched
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
         self._view.prefetch()  # the replay needs the conversation: decode it meanwhile
-        self._restore_vm(ck, reason="recover")
+        self._restore_vm(ck, reason=why or "recover")
         self._supersede_after(ck, st.pending.turn, "replayed")
         return self._run_turn(st.pending.turn)
 
