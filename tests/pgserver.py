@@ -185,19 +185,26 @@ def _with_db(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname))
 
 
-@pytest.fixture
-def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
-    """A fresh, empty database on the session's server, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, prefix: str = "torpor_test") -> Iterator[str]:
+    """A new, empty database on ``admin_dsn``'s server (its DSN), dropped afterwards."""
     import psycopg
     from psycopg import sql
 
-    name = f"torpor_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as c:
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield _with_db(pg_admin_dsn, name)
+        yield _with_db(admin_dsn, name)
     finally:
-        with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
+        with psycopg.connect(admin_dsn, autocommit=True) as c:
             c.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped afterwards."""
+    with fresh_database(pg_admin_dsn) as dsn:
+        yield dsn

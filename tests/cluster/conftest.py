@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.pgserver import _with_db
+from tests.pgserver import fresh_database
 from torpor.bench.cluster import Host, _env, make_home
 from torpor.context import ContextLog, open_log
 from torpor.paths import Paths
@@ -51,19 +50,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster_db(pg_admin_dsn: str) -> Iterator[str]:
-    import psycopg
-    from psycopg import sql
-
-    name = f"torpor_cluster_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield _with_db(pg_admin_dsn, name)
-    finally:
-        with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
-            c.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with fresh_database(pg_admin_dsn, "torpor_cluster") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")
