@@ -329,124 +329,124 @@ def run_cluster_bench(
     weed: _Weed | None = None
     hosts: list[Host] = []
     aws = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in aws}
-    try:
-        if not store_url:
-            say("starting a private SeaweedFS on loopback")
-            weed = _Weed(work / "weed").start()  # (sets the AWS_* of this process)
-            store_url = "s3://torpor-bench/cluster-" + secrets.token_hex(4)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
-        base_env |= {
-            "TORPOR_CONTEXT_DSN": dsn,
-            "TORPOR_STORE": store_url,
-            "TORPOR_LEASE_TTL": f"{ttl:g}",
-            "TORPOR_ALLOW_TCG": "1",
-        }
-        # 1. checkpoints: local store vs bucket (one VM each, in this process)
-        results: dict[str, Any] = {}
-        local = make_home(work / "ck-local", source)
-        with _env({"TORPOR_STORE": "local", "TORPOR_HOME": str(local.root)}):
-            say(f"checkpoints, local store: {turns}")
-            rows_local, _ = _checkpoints(local, image, turns, say)
-        remote = make_home(work / "ck-bucket", source)
-        with _env({"TORPOR_STORE": store_url, "TORPOR_HOME": str(remote.root)}):
-            say(f"checkpoints, bucket: {turns}")
-            rows_bucket, last = _checkpoints(remote, image, turns, say)
-
-        def col(rows: list[dict[str, Any]], k: str) -> dict[str, float]:
-            return summary([float(r[k]) for r in rows[1:] if r.get(k) is not None])
-
-        results["checkpoints"] = {
-            mode: {
-                "first_durable_ms": rows[0]["durable_ms"],
-                "turn_durable_ms": col(rows, "durable_ms"),
-                "turn_pause_ms": col(rows, "pause_ms"),
-                "turn_stored_bytes": col(rows, "stored_bytes"),
-                "turn_upload_bytes": col(rows, "upload_bytes"),
-                "turn_upload_requests": col(rows, "upload_requests"),
+    # a private SeaweedFS sets this process's AWS_*: they are restored after
+    with _env({k: os.environ.get(k) for k in aws}):
+        try:
+            if not store_url:
+                say("starting a private SeaweedFS on loopback")
+                weed = _Weed(work / "weed").start()  # (sets the AWS_* of this process)
+                store_url = "s3://torpor-bench/cluster-" + secrets.token_hex(4)
+            base_env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
+            base_env |= {
+                "TORPOR_CONTEXT_DSN": dsn,
+                "TORPOR_STORE": store_url,
+                "TORPOR_LEASE_TTL": f"{ttl:g}",
+                "TORPOR_ALLOW_TCG": "1",
             }
-            for mode, rows in (("local", rows_local), ("bucket", rows_bucket))
-        }
-        # 2. cold restore of the last bucket snapshot on a fresh home
-        say("cold restore from the bucket on a fresh home")
-        cold = make_home(work / "cold", source)
-        stored, need = _snapshot_stored_bytes(remote, last)
-        with _env({"TORPOR_STORE": store_url, "TORPOR_HOME": str(cold.root)}):
-            from torpor.snapshot import restore
-            from torpor.vmm.manager import VMManager
+            # 1. checkpoints: local store vs bucket (one VM each, in this process)
+            results: dict[str, Any] = {}
+            local = make_home(work / "ck-local", source)
+            with _env({"TORPOR_STORE": "local", "TORPOR_HOME": str(local.root)}):
+                say(f"checkpoints, local store: {turns}")
+                rows_local, _ = _checkpoints(local, image, turns, say)
+            remote = make_home(work / "ck-bucket", source)
+            with _env({"TORPOR_STORE": store_url, "TORPOR_HOME": str(remote.root)}):
+                say(f"checkpoints, bucket: {turns}")
+                rows_bucket, last = _checkpoints(remote, image, turns, say)
 
-            mgr = VMManager(cold)
-            t0 = time.perf_counter()
-            try:
-                restore(mgr, last)
-                cold_ms = (time.perf_counter() - t0) * 1000
-            finally:
-                Host("cold", cold, base_env).remove_vms()
-        got = _cache_chunks(cold)
-        fetched = sum(n for h, n in got.items() if h in need)
-        results["cold_restore"] = {
-            "ms": cold_ms,
-            "bytes_fetched": fetched,
-            "bytes_fetched_other": sum(n for h, n in got.items() if h not in need),
-            "snapshot_stored_bytes": stored,
-            "fetched_over_stored": fetched / stored if stored else float("nan"),
-        }
-        # 3. failover rounds: kill -9 the holder, the next message answered elsewhere
-        say(f"failover: {rounds} rounds, lease TTL {ttl:g} s")
+            def col(rows: list[dict[str, Any]], k: str) -> dict[str, float]:
+                return summary([float(r[k]) for r in rows[1:] if r.get(k) is not None])
 
-        def new_host(i: int) -> Host:
-            h = Host(f"host-{i}", make_home(work / f"host-{i}", source), base_env)
-            hosts.append(h)
-            return h.start()
+            results["checkpoints"] = {
+                mode: {
+                    "first_durable_ms": rows[0]["durable_ms"],
+                    "turn_durable_ms": col(rows, "durable_ms"),
+                    "turn_pause_ms": col(rows, "pause_ms"),
+                    "turn_stored_bytes": col(rows, "stored_bytes"),
+                    "turn_upload_bytes": col(rows, "upload_bytes"),
+                    "turn_upload_requests": col(rows, "upload_requests"),
+                }
+                for mode, rows in (("local", rows_local), ("bucket", rows_bucket))
+            }
+            # 2. cold restore of the last bucket snapshot on a fresh home
+            say("cold restore from the bucket on a fresh home")
+            cold = make_home(work / "cold", source)
+            stored, need = _snapshot_stored_bytes(remote, last)
+            with _env({"TORPOR_STORE": store_url, "TORPOR_HOME": str(cold.root)}):
+                from torpor.snapshot import restore
+                from torpor.vmm.manager import VMManager
 
-        holder = new_host(0)
-        with httpx.Client(base_url=holder.url, timeout=300) as c:
-            r = c.post("/v1/sessions", json={"script": JOURNAL_SCRIPT, "name": "bench-failover"})
-            if r.status_code != 201:
-                raise RuntimeError(f"create: {r.status_code} {r.text[:500]}")
-            sid = r.json()["id"]
-            r = c.post(f"/v1/sessions/{sid}/messages", json={"text": "turn 0"})
-            if r.status_code != 200:
-                raise RuntimeError(f"turn 0: {r.status_code} {r.text[:500]}")
-        rows = []
-        for i in range(1, rounds + 1):
-            taker = new_host(i)  # cold: a home that never saw the session
-            row = _failover_round(holder, taker, sid, f"turn {i}", timeout=max(120, 10 * ttl))
-            say(f"  round {i}: {row['ms']:.0f} ms from the kill to the answer ({row['answer']})")
-            rows.append(row)
-            holder.remove_vms()
-            holder = taker
-        answers = [r["answer"] for r in rows]
-        results["failover"] = {
-            "ms": summary([r["ms"] for r in rows]),
-            "vm_logged_after_ms": summary([r["vm_logged_after_ms"] for r in rows]),
-            "restore_ms": summary([float(r["restore_ms"] or 0) for r in rows]),
-            "target_ms": (ttl + 2) * 1000,
-            "rounds": rows,
-            "journal_lines_last": answers[-1] if answers else None,
-        }
-        with contextlib.suppress(Exception), httpx.Client(base_url=holder.url, timeout=60) as c:
-            c.delete(f"/v1/sessions/{sid}")
-        return {
-            "bench": "cluster",
-            "machine": machine(),
-            "bucket": "private SeaweedFS on loopback" if weed else store_url,
-            "params": {"turns": turns, "rounds": rounds, "lease_ttl": ttl, "image": image},
-            **results,
-        }
-    finally:
-        for h in hosts:
-            h.stop(signal.SIGKILL)
-            h.kill_vms()
-            h.remove_vms()
-        if weed is not None:
-            weed.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        shutil.rmtree(work, ignore_errors=True)
+                mgr = VMManager(cold)
+                t0 = time.perf_counter()
+                try:
+                    restore(mgr, last)
+                    cold_ms = (time.perf_counter() - t0) * 1000
+                finally:
+                    Host("cold", cold, base_env).remove_vms()
+            got = _cache_chunks(cold)
+            fetched = sum(n for h, n in got.items() if h in need)
+            results["cold_restore"] = {
+                "ms": cold_ms,
+                "bytes_fetched": fetched,
+                "bytes_fetched_other": sum(n for h, n in got.items() if h not in need),
+                "snapshot_stored_bytes": stored,
+                "fetched_over_stored": fetched / stored if stored else float("nan"),
+            }
+            # 3. failover rounds: kill -9 the holder, the next message answered elsewhere
+            say(f"failover: {rounds} rounds, lease TTL {ttl:g} s")
+
+            def new_host(i: int) -> Host:
+                h = Host(f"host-{i}", make_home(work / f"host-{i}", source), base_env)
+                hosts.append(h)
+                return h.start()
+
+            holder = new_host(0)
+            with httpx.Client(base_url=holder.url, timeout=300) as c:
+                r = c.post(
+                    "/v1/sessions", json={"script": JOURNAL_SCRIPT, "name": "bench-failover"}
+                )
+                if r.status_code != 201:
+                    raise RuntimeError(f"create: {r.status_code} {r.text[:500]}")
+                sid = r.json()["id"]
+                r = c.post(f"/v1/sessions/{sid}/messages", json={"text": "turn 0"})
+                if r.status_code != 200:
+                    raise RuntimeError(f"turn 0: {r.status_code} {r.text[:500]}")
+            rows = []
+            for i in range(1, rounds + 1):
+                taker = new_host(i)  # cold: a home that never saw the session
+                row = _failover_round(holder, taker, sid, f"turn {i}", timeout=max(120, 10 * ttl))
+                say(
+                    f"  round {i}: {row['ms']:.0f} ms from the kill to the answer ({row['answer']})"
+                )
+                rows.append(row)
+                holder.remove_vms()
+                holder = taker
+            answers = [r["answer"] for r in rows]
+            results["failover"] = {
+                "ms": summary([r["ms"] for r in rows]),
+                "vm_logged_after_ms": summary([r["vm_logged_after_ms"] for r in rows]),
+                "restore_ms": summary([float(r["restore_ms"] or 0) for r in rows]),
+                "target_ms": (ttl + 2) * 1000,
+                "rounds": rows,
+                "journal_lines_last": answers[-1] if answers else None,
+            }
+            with contextlib.suppress(Exception), httpx.Client(base_url=holder.url, timeout=60) as c:
+                c.delete(f"/v1/sessions/{sid}")
+            return {
+                "bench": "cluster",
+                "machine": machine(),
+                "bucket": "private SeaweedFS on loopback" if weed else store_url,
+                "params": {"turns": turns, "rounds": rounds, "lease_ttl": ttl, "image": image},
+                **results,
+            }
+        finally:
+            for h in hosts:
+                h.stop(signal.SIGKILL)
+                h.kill_vms()
+                h.remove_vms()
+            if weed is not None:
+                weed.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def print_table(result: dict[str, Any], console: Any) -> None:
