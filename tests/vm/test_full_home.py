@@ -18,13 +18,25 @@ from tests.conftest import torpor_cli
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
 @pytest.fixture
 def full_home(paths, tools_image: str, tmp_path: Path) -> Iterator[Path]:
     """A home sharing the session's kernel and image, whose vms/ folder is full."""
     home = tmp_path / "home"
     (home / "guest").mkdir(parents=True)
-    shutil.copytree(paths.guest / "kernels", home / "guest" / "kernels", symlinks=True)
-    shutil.copytree(paths.images, home / "images", symlinks=True)
+    # hard links, not copies: copying the image's disk took ~40 s of the suite; torpor
+    # replaces files atomically (rename), so the shared inodes are never written
+    for src, dst in (
+        (paths.guest / "kernels", home / "guest" / "kernels"),
+        (paths.images, home / "images"),
+    ):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
     vms = home / "vms"
     vms.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(vms)], check=True)
