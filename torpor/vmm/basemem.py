@@ -1,0 +1,596 @@
+"""Snapshot *bases*: one sealed, immutable copy of a snapshot's guest RAM that many
+QEMUs map copy-on-write (``share=off``, ``MAP_PRIVATE``).
+
+Why: a restore used to copy the snapshot's RAM into each new VM's own RAM file
+(mapped ``share=on``); 16 forks of a 256 MiB guest held 16 copies.  With a base,
+every restore/fork of the same snapshot maps the same memory; a fork pays only for
+the pages it writes (and QEMU itself).  See docs/design/fast-forks.md (measured).
+
+What a base is: a memfd (tmpfs, ``MFD_ALLOW_SEALING``) of the snapshot's memory
+size, filled from the best source — the hibernation cache
+``cache/snapshots/<id>/memory``, a running VM's RAM shadow vouched for the snapshot
+(copied under its shared lock), or the store (every chunk hash-checked) — then
+**checked against the MAC-checked manifest's chunk hashes**, fully allocated
+(``fallocate``: zero pages too, so the QEMUs mapping it are never charged for base
+pages in their cgroups; the base's pages are charged once, to the process that
+filled it), and **sealed** (``F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL``).
+After sealing the kernel refuses every write (``pwrite``, shared-writable ``mmap``,
+truncation) to anyone holding it, a compromised QEMU included: a fork's writes land
+in its own private copy-on-write pages, never in the base or a sibling.  The content
+is checked once, before sealing; nothing can change it afterwards.
+
+QEMU gets the base as an inherited fd and ``mem-path=/proc/self/fd/N``, never a path
+in a folder: QEMU 7.2 creates an empty file when ``mem-path`` is missing, and the
+restore would "succeed" with zero RAM.
+
+Who holds it — a small **holder process per base** (``python -m
+torpor.vmm.basemem``, started detached by the first :func:`acquire`), not the zygote
+and not a registry of VMs:
+
+- the memfd must outlive the process that filled it (the CLI exits right after a
+  restore) so that the next restore/fork of the snapshot reuses it (same inode) and
+  pays no fill and no second copy;
+- each user (the restoring library call until its VM is started, then the VM's shim
+  for the VM's whole life) keeps one unix-socket connection to the holder: the
+  holder's reference count is its set of open connections, which the kernel closes
+  when a user dies, ``kill -9`` included — no pid-reuse games, no stale registry;
+- the holder exits when it has had no connection for :data:`IDLE_SECONDS`
+  (``TORPOR_BASE_IDLE``) — a sequence of start → remove keeps one base instead of
+  refilling it — or at once when its socket is unlinked (``rm``/``gc`` of the
+  snapshot: :func:`retire`; the home removed) and nobody is connected.  QEMUs keep
+  their mappings either way: the memory is freed by the kernel when the last
+  mapping and fd are gone, so a base never outlives its users by more than the idle
+  time and never disappears under a running VM;
+- the zygote (helper P's) serves shim start-up and is replaced whenever torpor's
+  sources change; tying guest memory to it would tie it to that life cycle.
+
+The holder imports nothing heavy and only passes the fd (SCM_RIGHTS) to whoever
+connects on ``locks/.base-<id>.sock`` (folder 0700, socket 0600, peer uid checked).
+A client checks what it receives: a memfd with all four seals, the snapshot's size,
+and the inode the holder announced.  Creation is serialized per snapshot by
+``locks/.base-<id>.lock``; the holder takes the same lock before it unlinks its
+socket, then serves whatever connected before the unlink, so no client is ever
+left with a dead holder.
+
+Fallback (:func:`available`): no memfd/sealing (old kernel), or ``TORPOR_RAM_BASE=0``
+→ restores copy RAM into a private ``share=on`` file as before.  A VM whose RAM is
+private can only be captured by the RAM-less capture (helper C's, in
+:mod:`torpor.vmm.capture`); the restore marks it ``"ram_private": true`` in
+``restore.json`` so the shim knows for the VM's whole life.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torpor.paths import Paths
+    from torpor.store import ChunkStore, Manifest
+
+IDLE_SECONDS = 30.0
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+HEADER_MAX = 4096  # the holder's JSON header (one datagram-sized read)
+
+
+class BaseUnavailable(Exception):
+    """No base can be had here (no memfd/sealing, disabled): use the copy path."""
+
+
+@dataclass
+class Base:
+    """One user's reference to a sealed base.  ``fd`` is a read-only-by-seal memfd;
+    close() (or the process ending) drops the reference."""
+
+    fd: int
+    size: int
+    snapshot: str
+    ino: int
+    source: str  # "holder" (reused), "cache", "shadow" or "store" (filled now)
+    timings: dict[str, float] = field(default_factory=dict)
+    _conn: socket.socket | None = None
+
+    @property
+    def mem_path(self) -> str:
+        """What QEMU's ``mem-path`` names, in a process that inherited ``fd``."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Base:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _key(snapshot: str) -> str:
+    if not snapshot or not all(c in "0123456789abcdef" for c in snapshot):
+        raise ValueError(f"not a snapshot id: {snapshot!r}")
+    return snapshot[:32]
+
+
+def sock_path(paths: Paths, snapshot: str) -> Path:
+    return paths.locks / f".base-{_key(snapshot)}.sock"
+
+
+def lock_path(paths: Paths, snapshot: str) -> Path:
+    return paths.locks / f".base-{_key(snapshot)}.lock"
+
+
+def wanted() -> tuple[bool, str]:
+    """Whether restores should map a shared base (else they copy RAM), and why not."""
+    v = os.environ.get("TORPOR_RAM_BASE", "").strip().lower()
+    if v in ("0", "off", "no", "false", "copy"):
+        return False, "TORPOR_RAM_BASE=0"
+    return available()
+
+
+_AVAILABLE: tuple[bool, str] | None = None
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if this kernel gives sealable memfds, else (False, why)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            fd = os.memfd_create("torpor-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+                ok = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+                _AVAILABLE = (ok, "" if ok else "memfd seals not applied")
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError) as e:
+            _AVAILABLE = (False, f"no sealable memfd here: {e}")
+    return _AVAILABLE
+
+
+def check_sealed(fd: int, size: int) -> None:
+    """Raise BaseUnavailable unless ``fd`` is a fully sealed memfd of ``size`` bytes."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        st = os.fstat(fd)
+    except OSError as e:
+        raise BaseUnavailable(f"not a sealed memfd: {e}") from e
+    if seals & SEALS != SEALS or st.st_size != size:
+        raise BaseUnavailable(f"base not sealed/size wrong (seals {seals:#x}, size {st.st_size})")
+
+
+# -- clients ---------------------------------------------------------------------------
+
+
+def connect(paths: Paths, snapshot: str, size: int, ino: int | None = None) -> Base:
+    """A new reference to the running holder of ``snapshot``'s base.
+
+    Raises BaseUnavailable if there is none (or what it hands over is not a sealed
+    memfd of ``size`` bytes, or not inode ``ino`` when given)."""
+    from torpor.vmm.sockets import connect_unix
+
+    path = sock_path(paths, snapshot)
+    try:
+        s = connect_unix(path, timeout=10.0)
+    except OSError as e:
+        raise BaseUnavailable(f"no holder for base {snapshot[:12]}: {e}") from e
+    fds: list[int] = []
+    try:
+        s.settimeout(10.0)
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        _pid, uid, _gid = array.array("i", creds)
+        if uid != os.getuid():
+            raise BaseUnavailable(f"the holder socket {path} belongs to uid {uid}")
+        msg, fds, _flags, _addr = socket.recv_fds(s, HEADER_MAX, 1)
+        if not msg or len(fds) != 1:
+            raise BaseUnavailable(f"the holder of base {snapshot[:12]} is going away")
+        head = json.loads(msg)
+        fd = fds.pop()
+        try:
+            check_sealed(fd, size)
+            st = os.fstat(fd)
+            if head.get("snapshot") != snapshot or st.st_ino != head.get("ino"):
+                raise BaseUnavailable("the holder's fd is not the base it announced")
+            if ino is not None and st.st_ino != ino:
+                raise BaseUnavailable(f"base {snapshot[:12]} was replaced (inode changed)")
+            os.set_inheritable(fd, False)
+        except BaseException:
+            os.close(fd)
+            raise
+        s.settimeout(None)
+        return Base(fd, size, snapshot, st.st_ino, "holder", _conn=s)
+    except (OSError, ValueError) as e:
+        s.close()
+        raise BaseUnavailable(f"holder of base {snapshot[:12]}: {e}") from e
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def acquire(paths: Paths, store: ChunkStore, manifest: Manifest, *, cold: bool = False) -> Base:
+    """A reference to the sealed base of ``manifest``'s memory: the running holder's if
+    there is one, else a new base filled from the best source and a holder started.
+
+    ``cold`` fills only from the store.  A cache file or shadow whose content does
+    not match the manifest is never used (the cache file is dropped, the shadow
+    unvouched) and the store fills the base instead.  Raises BaseUnavailable (no
+    sealable memfd here, or the memory size does not fit), StoreError (the store
+    cannot provide the memory)."""
+    ok, why = available()
+    if not ok:
+        raise BaseUnavailable(why)
+    from torpor.fsutil import locked
+
+    mem = manifest.artifacts["memory"]
+    with locked(lock_path(paths, manifest.id)):
+        with contextlib.suppress(BaseUnavailable):
+            return connect(paths, manifest.id, mem.size)
+        fd, source, t = _fill(paths, store, manifest, cold)
+        try:
+            _start_holder(paths, manifest.id, fd)
+        finally:
+            os.close(fd)
+        b = connect(paths, manifest.id, mem.size)
+    b.source, b.timings = source, t
+    return b
+
+
+def retire(paths: Paths, snapshot: str) -> None:
+    """No new users for ``snapshot``'s base (the snapshot is removed): unlink the
+    holder's socket; the holder exits once its current users are gone."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        sock_path(paths, snapshot).unlink()
+
+
+def holders(paths: Paths) -> list[dict[str, Any]]:
+    """The bases this home's holders serve now (for tests, benches, ``inspect``)."""
+    out = []
+    for p in sorted(paths.locks.glob(".base-*.sock")) if paths.locks.is_dir() else ():
+        snap = p.name[len(".base-") : -len(".sock")]
+        try:
+            s = _peek(p)
+        except OSError:
+            continue
+        out.append({"snapshot": snap, **s})
+    return out
+
+
+def _peek(p: Path) -> dict[str, Any]:
+    from torpor.vmm.sockets import connect_unix
+
+    s = connect_unix(p, timeout=5.0)
+    try:
+        s.settimeout(5.0)
+        msg, fds, _f, _a = socket.recv_fds(s, HEADER_MAX, 1)
+        for fd in fds:
+            os.close(fd)
+        return dict(json.loads(msg)) if msg else {}
+    finally:
+        s.close()
+
+
+# -- filling ---------------------------------------------------------------------------
+
+
+def find_shadow(paths: Paths, snap_id: str) -> Path | None:
+    """A running VM's RAM shadow of this home vouched for ``snap_id`` (see
+    :mod:`torpor.vmm.capture`), or None."""
+    from torpor.vmm.capture import read_meta
+    from torpor.vmm.layout import home_ram_dir
+
+    root = home_ram_dir(paths.root)
+    if root is None:
+        return None
+    for meta in root.glob("*.shadow.json"):
+        if read_meta(meta).get("snapshot") == snap_id:
+            shadow = meta.with_name(meta.name[: -len(".json")])
+            if shadow.exists():
+                return shadow
+    return None
+
+
+def _fill(
+    paths: Paths, store: ChunkStore, manifest: Manifest, cold: bool
+) -> tuple[int, str, dict[str, float]]:
+    """(sealed memfd, source, timings): filled, checked, allocated, sealed."""
+    from torpor.errors import VMError
+    from torpor.fsutil import locked
+    from torpor.vmm.capture import read_meta, sparse_copy, unvouch_shadow
+
+    mem = manifest.artifacts["memory"]
+    t: dict[str, float] = {}
+    cache = paths.snapshot_cache / manifest.id / "memory"
+    sources: list[tuple[str, Path | None]] = []
+    if not cold:
+        if cache.exists():
+            sources.append(("cache", cache))
+        shadow = find_shadow(paths, manifest.id)
+        if shadow is not None:
+            sources.append(("shadow", shadow))
+    sources.append(("store", None))
+    for source, src in sources:
+        fd = os.memfd_create(
+            f"torpor-base-{manifest.id[:12]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
+        try:
+            os.ftruncate(fd, mem.size)
+            me = Path(f"/proc/self/fd/{fd}")
+            t0 = time.perf_counter()
+            if source == "cache":
+                assert src is not None
+                sparse_copy(src, me, into_existing=True)
+            elif source == "shadow":
+                assert src is not None
+                meta = src.with_name(src.name + ".json")
+                with locked(src.with_name(src.name + ".lock"), shared=True):
+                    if read_meta(meta).get("snapshot") != manifest.id:
+                        os.close(fd)
+                        continue  # its VM captured again meanwhile
+                    sparse_copy(src, me, into_existing=True)
+            else:
+                _from_store(paths, store, mem, fd)
+            t["fill_ms"] = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            bad = store.check_file(mem, me)
+            t["check_ms"] = (time.perf_counter() - t1) * 1000
+            if bad:
+                os.close(fd)
+                msg = (
+                    f"the {source} memory of snapshot {manifest.id[:12]} does not match its "
+                    f"manifest ({len(bad)} chunks differ, first at offset "
+                    f"{bad[0] * mem.chunk_size}); not used"
+                )
+                if source == "store":
+                    raise VMError(msg, step="restore: base")
+                import logging
+
+                logging.getLogger("torpor.snapshot").warning("%s", msg)
+                if source == "cache":
+                    with contextlib.suppress(OSError):
+                        cache.unlink()
+                elif src is not None:
+                    unvouch_shadow(src, manifest.id)
+                continue
+            t2 = time.perf_counter()
+            # every page allocated here (zeros too): QEMUs mapping it never fault a
+            # base page into their own cgroup
+            os.posix_fallocate(fd, 0, mem.size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            check_sealed(fd, mem.size)
+            t["seal_ms"] = (time.perf_counter() - t2) * 1000
+            return fd, source, t
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    raise AssertionError("unreachable: the store source either fills or raises")
+
+
+def _from_store(paths: Paths, store: ChunkStore, mem: Any, fd: int) -> None:
+    """The store's chunks (hash-checked by materialize) into the memfd, through a
+    private temporary file on the home's RAM folder (or its tmp folder)."""
+    import tempfile
+
+    from torpor.vmm.capture import sparse_copy
+    from torpor.vmm.layout import home_ram_dir
+
+    root = home_ram_dir(paths.root) or paths.tmp
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".base-", dir=root) as d:
+        tmp = Path(d) / "memory"
+        store.materialize(mem, tmp, name="memory", durable=False)
+        sparse_copy(tmp, Path(f"/proc/self/fd/{fd}"), into_existing=True)
+
+
+# -- the holder ------------------------------------------------------------------------
+
+
+def _start_holder(paths: Paths, snapshot: str, mem_fd: int) -> None:
+    """Bind the holder's socket (so it exists before the creation lock is released),
+    then start the detached holder with the memfd and the listening socket."""
+    path = sock_path(paths, snapshot)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".base-tmp-{os.getpid()}-{time.monotonic_ns() % 10**9}.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        srv.bind(f"/proc/self/fd/{dirfd}/{tmp.name}")
+        srv.listen(64)
+        os.replace(tmp, path)  # a dead holder's stale socket is replaced
+        ino = os.stat(path).st_ino
+        idle = os.environ.get("TORPOR_BASE_IDLE") or str(IDLE_SECONDS)
+        argv = [
+            sys.executable, "-m", "torpor.vmm.basemem",
+            "--sock-fd", str(srv.fileno()), "--mem-fd", str(mem_fd),
+            "--sock", str(path), "--sock-ino", str(ino),
+            "--lock", str(lock_path(paths, snapshot)),
+            "--snapshot", snapshot, "--idle", idle,
+        ]  # fmt: skip
+        log = paths.root / "logs"
+        out = subprocess.DEVNULL
+        with contextlib.suppress(OSError):
+            log.mkdir(mode=0o700, exist_ok=True)
+            out = os.open(log / "basemem.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            p = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(srv.fileno(), mem_fd),
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            if isinstance(out, int) and out >= 0:
+                os.close(out)
+        # the holder double-forks nothing: reap it off the path when it exits one day
+        import threading
+
+        threading.Thread(target=p.wait, daemon=True).start()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    finally:
+        os.umask(old)
+        os.close(dirfd)
+        srv.close()
+
+
+def _serve(args: Any) -> int:
+    """The holder's loop: hand the memfd to every client, count open connections."""
+    srv = socket.socket(fileno=args.sock_fd)
+    mem_fd = args.mem_fd
+    st = os.fstat(mem_fd)
+    head = json.dumps(
+        {"snapshot": args.snapshot, "ino": st.st_ino, "size": st.st_size, "pid": os.getpid()}
+    ).encode()
+    path = Path(args.sock)
+    clients: dict[int, socket.socket] = {}
+    poll = select.poll()
+    poll.register(srv.fileno(), select.POLLIN)
+    last_used = time.monotonic()
+    published = True
+
+    def mine() -> bool:
+        try:
+            return os.stat(path).st_ino == args.sock_ino
+        except OSError:
+            return False
+
+    def accept_one() -> None:
+        c, _ = srv.accept()
+        try:
+            creds = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if array.array("i", creds)[1] not in (0, os.getuid()):
+                c.close()
+                return
+            socket.send_fds(c, [head], [mem_fd])
+        except OSError:
+            c.close()
+            return
+        clients[c.fileno()] = c
+        poll.register(c.fileno(), select.POLLIN | select.POLLHUP)
+
+    while True:
+        for fd, _ev in poll.poll(1000):
+            if fd == srv.fileno():
+                with contextlib.suppress(OSError):
+                    accept_one()
+                continue
+            c = clients.get(fd)
+            if c is None:
+                continue
+            try:
+                data = c.recv(64)
+            except OSError:
+                data = b""
+            if not data:  # the user closed its reference (or died)
+                poll.unregister(fd)
+                clients.pop(fd).close()
+        now = time.monotonic()
+        if clients:
+            last_used = now
+            continue
+        if published and not mine():
+            published = False  # retired (rm, gc) or replaced: no new users will come
+        if published and now - last_used < args.idle:
+            continue
+        # going away: under the creation lock, unpublish, then serve anyone who
+        # connected before the unlink; exit when nobody is left
+        try:
+            lock_fd = os.open(args.lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            lock_fd = -1
+        try:
+            if lock_fd >= 0:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # someone is acquiring this base right now: stay
+            if published and mine():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            published = False
+            srv.setblocking(False)
+            while True:
+                try:
+                    accept_one()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+            poll.unregister(srv.fileno())
+            srv.close()
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+        return _drain(clients, poll)
+
+
+def _drain(clients: dict[int, socket.socket], poll: select.poll) -> int:
+    """Unpublished: wait for the last users to leave, then exit."""
+    while clients:
+        for fd, _ev in poll.poll(1000):
+            c = clients.get(fd)
+            if c is None:
+                continue
+            try:
+                data = c.recv(64)
+            except OSError:
+                data = b""
+            if not data:
+                poll.unregister(fd)
+                clients.pop(fd).close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="torpor-basemem")
+    ap.add_argument("--sock-fd", type=int, required=True)
+    ap.add_argument("--mem-fd", type=int, required=True)
+    ap.add_argument("--sock", required=True)
+    ap.add_argument("--sock-ino", type=int, required=True)
+    ap.add_argument("--lock", required=True)
+    ap.add_argument("--snapshot", required=True)
+    ap.add_argument("--idle", type=float, default=IDLE_SECONDS)
+    args = ap.parse_args(argv)
+    with contextlib.suppress(OSError):
+        os.chdir("/")
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            print(f"basemem: bad fds: {e}", file=sys.stderr)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
