@@ -1,0 +1,244 @@
+"""``torpor bench restore``: restore next to boot, through the CLI and the library.
+
+Rows (issue 13 §2), all of one image and one 256 MiB guest, measured in one run:
+
+- ``cli run``: a fresh ``torpor run -d`` process, wall time until it exits (the agent
+  answered and the main command started); the VM is removed afterwards, untimed.
+- ``cli restore``: a fresh ``torpor restore SNAP`` process, wall time until it exits
+  (the restored agent answered); removed afterwards, untimed.
+- ``library restore → ready``: :func:`torpor.snapshot.restore` in this warm process,
+  returning once the restored guest's agent answered HELLO (clock and entropy set).
+- ``library restore → first exec``: the same plus one ``exec true``.  Under TCG the
+  first exec after a restore pays for translating the code it runs afresh (the new
+  QEMU starts with an empty translation cache), so this row is the honest "usable".
+- ``library restore, cold``: from the compressed store only (no cache, no shadow).
+
+The snapshot is taken of a running VM that keeps running, so a hot restore reads that
+VM's RAM shadow (or, with a pool or shared base, whatever the restore path uses now).
+CLI processes run with Python's bytecode cache on, in a private
+``PYTHONPYCACHEPREFIX``, as an installed package would (see :mod:`torpor.bench.cli`).
+Every number is noisy on a shared 2-core host: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torpor.bench.cli import _loadavg, _torpor
+from torpor.bench.stats import machine, summary
+from torpor.errors import TorporError
+from torpor.paths import Paths
+
+TARGETS = {"cli_ratio": 10.0, "lib_ready_ms": 50.0, "cold_ms": 300.0}
+
+
+def _cli(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+    t = time.perf_counter()
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
+    ms = (time.perf_counter() - t) * 1000
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-500:]!r}")
+    return ms, r.stdout.strip().splitlines()[-1].split()[-1]
+
+
+def run_restore_bench(
+    paths: Paths,
+    image: str,
+    runs: int = 10,
+    memory_mib: int = 256,
+    cold: bool = True,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    from torpor.snapshot import restore, snapshot
+    from torpor.vmm.manager import RunRequest, VMManager
+
+    mgr = VMManager(paths)
+    cli = _torpor()
+    res: dict[str, list[float]] = {
+        k: [] for k in ("cli_run", "cli_restore", "lib_ready", "lib_exec", "lib_first_exec", "cold")
+    }
+    made: list[str] = []
+
+    def rm(ref: str) -> None:
+        with contextlib.suppress(TorporError):
+            mgr.remove(ref, force=True)
+
+    src = mgr.run(
+        RunRequest(
+            image=image,
+            command=("sleep", "infinity"),
+            memory_mib=memory_mib,
+            network=False,
+            name=f"bench-restore-{os.getpid()}",
+        )
+    )
+    made.append(src.id)
+    accel = src.state.accel
+    try:
+        snap = snapshot(mgr, src.id).manifest.id
+        with tempfile.TemporaryDirectory(prefix="torpor-bench-pyc-") as pyc:
+            env = dict(os.environ)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = pyc
+            run_argv = [
+                *cli,
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "-m",
+                f"{memory_mib}m",
+                image,
+                "sleep",
+                "infinity",
+            ]
+            for i in range(runs + 1):  # the first of each: warm-up (bytecode, caches)
+                ms, vm_id = _cli(run_argv, env)
+                rm(vm_id)
+                if i:
+                    res["cli_run"].append(ms)
+                ms, vm_id = _cli([*cli, "restore", snap], env)
+                rm(vm_id)
+                if i:
+                    res["cli_restore"].append(ms)
+                t = time.perf_counter()
+                vm = restore(mgr, snap)
+                ready = (time.perf_counter() - t) * 1000
+                with mgr.client(vm) as c:
+                    if c.exec(["true"]).status.code != 0:
+                        raise RuntimeError("exec true failed in a restored VM")
+                exec_total = (time.perf_counter() - t) * 1000
+                rm(vm.id)
+                if i:
+                    res["lib_ready"].append(ready)
+                    res["lib_exec"].append(exec_total)
+                    res["lib_first_exec"].append(exec_total - ready)
+                if cold and i:
+                    t = time.perf_counter()
+                    vm = restore(mgr, snap, cold=True)
+                    res["cold"].append((time.perf_counter() - t) * 1000)
+                    rm(vm.id)
+                if i:
+                    progress(
+                        f"{i}/{runs}: cli run {res['cli_run'][-1]:.0f} ms, cli restore "
+                        f"{res['cli_restore'][-1]:.0f} ms, library ready {ready:.0f} ms, "
+                        f"first exec {exec_total - ready:.0f} ms"
+                    )
+    finally:
+        for v in made:
+            rm(v)
+    out = {k: summary(v) for k, v in res.items() if v}
+    if "cli_run" in out and "cli_restore" in out:
+        out["cli_ratio"] = {"p50": out["cli_run"]["p50"] / out["cli_restore"]["p50"]}
+    return {
+        "benchmark": "restore",
+        "accel": accel,
+        "machine": machine(),
+        "load_avg": _loadavg(),
+        "image": image,
+        "guest_mib": memory_mib,
+        "runs": runs,
+        "pool": os.environ.get("TORPOR_POOL", ""),
+        "results": out,
+        "targets": TARGETS,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(r: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    res = r["results"]
+    load = " ".join(f"{x:.1f}" for x in r.get("load_avg", []))
+    t = Table(
+        title=f"torpor bench restore — {r['guest_mib']} MiB guest, accelerator {r['accel']}, "
+        f"{r['runs']} runs, load {load}",
+        header_style="bold",
+    )
+    for col in ("row", "p50", "p95", "min", "n", "target"):
+        t.add_column(col, justify="left" if col == "row" else "right")
+    rows = [
+        ("CLI: torpor run -d (to agent ready)", "cli_run", ""),
+        (
+            "CLI: torpor restore (to agent ready)",
+            "cli_restore",
+            f"≤ run / {r['targets']['cli_ratio']:g}",
+        ),
+        (
+            "library: hot restore → agent ready",
+            "lib_ready",
+            f"≤ {r['targets']['lib_ready_ms']:g} ms",
+        ),
+        ("library: first exec after it", "lib_first_exec", ""),
+        ("library: hot restore → first exec done", "lib_exec", ""),
+        ("library: cold restore → agent ready", "cold", f"≤ {r['targets']['cold_ms']:g} ms"),
+    ]
+    for label, key, target in rows:
+        if key not in res:
+            continue
+        s = res[key]
+        t.add_row(
+            label,
+            f"{s['p50']:.0f} ms",
+            f"{s['p95']:.0f} ms",
+            f"{s['min']:.0f} ms",
+            str(s["n"]),
+            target,
+        )
+    if "cli_ratio" in res:
+        t.add_row(
+            "run / restore (CLI, p50)",
+            f"{res['cli_ratio']['p50']:.1f}x",
+            "",
+            "",
+            "",
+            f"≥ {r['targets']['cli_ratio']:g}x",
+        )
+    if not console.is_terminal:
+        from rich.console import Console
+
+        console = Console(width=200, highlight=False)
+    console.print(t)
+
+
+def main_command() -> Any:
+    import click
+
+    from torpor.cli.main import CONTEXT
+
+    @click.command(name="restore", context_settings=CONTEXT)
+    @click.option("--image", default="tools:latest", show_default=True)
+    @click.option("--runs", default=10, show_default=True, help="Timed runs of each row.")
+    @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
+    @click.option("--no-cold", is_flag=True, help="Skip the cold-restore row.")
+    @click.option(
+        "--json", "json_out", type=click.Path(path_type=Path),
+        default=Path("bench-results/restore.json"), show_default=True,
+    )  # fmt: skip
+    def restore_cmd(image: str, runs: int, memory_mib: int, no_cold: bool, json_out: Path) -> None:
+        """CLI run vs CLI restore, library hot restore to ready and to first exec, cold."""
+        from torpor.cli.main import _bench_output, _fail, err_console
+        from torpor.errors import UsageError
+
+        try:
+            if runs < 1:
+                raise UsageError("--runs must be at least 1")
+            result = run_restore_bench(
+                Paths.default().ensure(), image, runs=runs, memory_mib=memory_mib,
+                cold=not no_cold, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+            )  # fmt: skip
+        except TorporError as e:
+            _fail(e)
+        _bench_output(result, json_out, print_table)
+
+    return restore_cmd
+
+
+restore_cmd = main_command()

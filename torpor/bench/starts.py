@@ -1,0 +1,241 @@
+"""``torpor bench starts``: VM starts per minute per core, from one snapshot.
+
+``N`` workers (threads of this process, each driving its own VMs through the
+library) loop for ``duration`` seconds: restore the snapshot → ``exec true`` answers
+→ remove the VM (QEMU killed, folder gone).  A *start* counts when its VM answered
+the exec; the rate is completed cycles over the measured time, per minute and per
+core (``os.cpu_count()``), next to the cycle time's p50/p95 (issue 13 §4: target
+≥ 300 starts per minute per core, Firecracker's design figure).
+
+Host memory per running fork is sampled once a second over the VMs alive at that
+moment: QEMU's anonymous PSS (its heap, TCG buffers and the guest pages it wrote
+copy-on-write) + QEMU's shared-memory PSS or the allocated size of its own RAM file,
+whichever is larger (a RAM file copied per VM is memory even where the guest did not
+touch it yet) + the shim's PSS.  A base shared by all forks is counted once, apart
+(``shared_bytes``: sealed bases and pooled files this home holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torpor.bench.cli import _loadavg
+from torpor.bench.stats import machine, summary
+from torpor.errors import TorporError
+from torpor.paths import Paths
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                out[parts[0][:-1]] = int(parts[1]) * 1024
+    return out
+
+
+def fork_memory(qemu_pid: int, shim_pid: int, ram: Path) -> int:
+    """Host memory one running VM holds on its own (see the module docstring)."""
+    q = _rollup(qemu_pid)
+    s = _rollup(shim_pid)
+    try:
+        ram_alloc = ram.stat().st_blocks * 512
+    except OSError:
+        ram_alloc = 0
+    return q.get("Pss_Anon", 0) + max(q.get("Pss_Shmem", 0), ram_alloc) + s.get("Pss", 0)
+
+
+def run_starts_bench(
+    paths: Paths,
+    image: str,
+    workers: int = 2,
+    duration: float = 60.0,
+    memory_mib: int = 256,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    from torpor.snapshot import restore, snapshot
+    from torpor.vmm.manager import RunRequest, VMManager
+
+    mgr = VMManager(paths)
+    src = mgr.run(
+        RunRequest(
+            image=image,
+            command=("sleep", "infinity"),
+            memory_mib=memory_mib,
+            network=False,
+            name=f"bench-starts-{os.getpid()}",
+        )
+    )
+    accel = src.state.accel
+    cycles: list[float] = []
+    errors: list[str] = []
+    running: dict[str, Any] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    mem_samples: list[float] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            vm = None
+            try:
+                vm = restore(mgr, snap)
+                with lock:
+                    running[vm.id] = vm
+                with mgr.client(vm) as c:
+                    if c.exec(["true"]).status.code != 0:
+                        raise RuntimeError("exec true failed")
+            except (TorporError, RuntimeError, OSError) as e:
+                errors.append(str(e)[:300])
+                if len(errors) > 20:
+                    stop.set()
+            else:
+                with lock:
+                    if not stop.is_set():
+                        cycles.append((time.perf_counter() - t) * 1000)
+            finally:
+                if vm is not None:
+                    with lock:
+                        running.pop(vm.id, None)
+                    with contextlib.suppress(TorporError):
+                        mgr.remove(vm.id, force=True)
+
+    try:
+        snap = snapshot(mgr, src.id).manifest.id
+        # one warm-up cycle: the zygote and any pool start, bytecode, caches
+        with contextlib.suppress(TorporError):
+            mgr.remove(restore(mgr, snap).id, force=True)
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        next_report = t0 + 10
+        while time.perf_counter() - t0 < duration and not stop.is_set():
+            time.sleep(1.0)
+            with lock:
+                vms = list(running.values())
+            for vm in vms:
+                st = vm.state
+                if st.qemu_pid and st.shim_pid:
+                    m = fork_memory(st.qemu_pid, st.shim_pid, vm.files.ram)
+                    if m:
+                        mem_samples.append(m)
+            if time.perf_counter() >= next_report:
+                next_report += 10
+                el = time.perf_counter() - t0
+                progress(f"{el:.0f} s: {len(cycles)} starts ({len(cycles) / el * 60:.0f}/min)")
+        with lock:
+            stop.set()
+            elapsed = time.perf_counter() - t0
+            done = len(cycles)
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        stop.set()
+        with contextlib.suppress(TorporError):
+            mgr.remove(src.id, force=True)
+    cores = os.cpu_count() or 1
+    per_min = done / elapsed * 60 if elapsed else 0.0
+    return {
+        "benchmark": "starts",
+        "accel": accel,
+        "machine": machine(),
+        "load_avg": _loadavg(),
+        "image": image,
+        "guest_mib": memory_mib,
+        "workers": workers,
+        "duration_s": round(elapsed, 1),
+        "pool": os.environ.get("TORPOR_POOL", ""),
+        "results": {
+            "starts": done,
+            "starts_per_min": per_min,
+            "starts_per_min_per_core": per_min / cores,
+            "cycle_ms": summary(cycles),
+            "fork_memory_bytes": summary(mem_samples),
+            "errors": len(errors),
+        },
+        "errors": errors[:5],
+        "targets": {"starts_per_min_per_core": 300},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(r: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    res = r["results"]
+    load = " ".join(f"{x:.1f}" for x in r.get("load_avg", []))
+    t = Table(
+        title=f"torpor bench starts — {r['guest_mib']} MiB guest, accelerator {r['accel']}, "
+        f"{r['workers']} workers, {r['duration_s']} s, load {load}",
+        header_style="bold",
+    )
+    for col in ("metric", "value", "target"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    cyc, mem = res["cycle_ms"], res["fork_memory_bytes"]
+    t.add_row("starts (restore → exec answered → removed)", str(res["starts"]), "")
+    t.add_row("starts per minute", f"{res['starts_per_min']:.0f}", "")
+    t.add_row(
+        "starts per minute per core",
+        f"{res['starts_per_min_per_core']:.0f}",
+        f"≥ {r['targets']['starts_per_min_per_core']}",
+    )
+    if cyc["n"]:
+        t.add_row("cycle p50 / p95", f"{cyc['p50']:.0f} / {cyc['p95']:.0f} ms", "")
+    if mem["n"]:
+        t.add_row(
+            "host memory per running fork p50 / p95",
+            f"{mem['p50'] / 2**20:.0f} / {mem['p95'] / 2**20:.0f} MiB",
+            "",
+        )
+    t.add_row("failed cycles", str(res["errors"]), "0")
+    if not console.is_terminal:
+        from rich.console import Console
+
+        console = Console(width=200, highlight=False)
+    console.print(t)
+
+
+def main_command() -> Any:
+    import click
+
+    from torpor.cli.main import CONTEXT
+
+    @click.command(name="starts", context_settings=CONTEXT)
+    @click.option("--image", default="tools:latest", show_default=True)
+    @click.option("--workers", "-n", default=2, show_default=True, help="Parallel loops.")
+    @click.option("--duration", default=60.0, show_default=True, help="Seconds to sustain.")
+    @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
+    @click.option(
+        "--json", "json_out", type=click.Path(path_type=Path),
+        default=Path("bench-results/starts.json"), show_default=True,
+    )  # fmt: skip
+    def starts_cmd(
+        image: str, workers: int, duration: float, memory_mib: int, json_out: Path
+    ) -> None:
+        """Starts per minute per core: N loops of restore → exec answered → remove."""
+        from torpor.cli.main import _bench_output, _fail, err_console
+        from torpor.errors import UsageError
+
+        try:
+            if workers < 1 or duration <= 0:
+                raise UsageError("--workers must be >= 1 and --duration > 0")
+            result = run_starts_bench(
+                Paths.default().ensure(), image, workers=workers, duration=duration,
+                memory_mib=memory_mib, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+            )  # fmt: skip
+        except TorporError as e:
+            _fail(e)
+        _bench_output(result, json_out, print_table)
+
+    return starts_cmd
+
+
+starts_cmd = main_command()
