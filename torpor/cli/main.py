@@ -1542,6 +1542,8 @@ def system_prune(force: bool, grace: int) -> None:
         "serve": "torpor.bench.serve:serve",
         "store-s3": "torpor.bench.store_s3:store_s3",
         "cluster": "torpor.bench.cluster:cluster",
+        "restore": "torpor.bench.restore:restore_cmd",
+        "starts": "torpor.bench.starts:starts_cmd",
     },
 )
 def bench() -> None:
