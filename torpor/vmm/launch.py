@@ -54,6 +54,9 @@ class Prelaunch:
     ram_copy: concurrent.futures.Future[int] | None  # the RAM copy, when restoring
     prep_ms: float = 0.0  # from the start of prelaunch to QEMU's spawn
     spec_ms: float = 0.0  # of which: machine_spec_for (kernel, initramfs, accelerator)
+    # guest RAM mapped share=off (copy-on-write over a base): the RAM file never shows
+    # the guest's writes, so only the RAM-less capture may snapshot this VM
+    ram_private: bool = False
 
 
 def _copy_job(files: VMFiles, info: dict[str, Any]) -> concurrent.futures.Future[int] | None:
@@ -107,6 +110,8 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     if restore_file.exists():
         info = json.loads(restore_file.read_text())
         spec = dataclasses.replace(spec, incoming=True)
+        if info.get("ram_private"):  # the restore's contract: RAM mapped private
+            spec = dataclasses.replace(spec, ram_shared=False)
         ram_copy = _copy_job(files, info)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -142,6 +147,7 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
         ram_copy,
         prep_ms=(t0 - t_start) * 1000,
         spec_ms=(t_spec - t_start) * 1000,
+        ram_private=not spec.ram_shared,
     )
 
 

@@ -176,6 +176,9 @@ class Shim:
         self.paused_for: Client | None = None  # the client holding the guest paused
         self.shadow_init: asyncio.Future[None] | None = None
         self.restored_info: dict[str, Any] | None = None
+        # guest RAM mapped share=off (set at launch from Prelaunch, for QEMU's whole
+        # life): its RAM file never shows the guest's writes — never captured from it
+        self.ram_private = False
         self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
         self.io_error = ""  # why QEMU holds the guest paused (a full disk), or ""
         from torpor.vmm.logfile import LogLimits
@@ -503,6 +506,14 @@ class Shim:
         if self.stopping or self.qemu_exited.is_set() or self.state.status != Status.RUNNING:
             error(errno.ESHUTDOWN, f"VM is {self.state.status}")
             return
+        if self.ram_private:
+            # its RAM file is the unchanged base: a capture from it would be stale
+            error(
+                errno.EOPNOTSUPP,
+                f"VM {self.cfg.name}'s guest RAM is mapped private (share=off); "
+                "it cannot be captured from its RAM file",
+            )
+            return
         keep = bool(req.get("keep_paused"))
         self.capturing = True
         log.info("capture: requested (keep_paused=%s)", keep)
@@ -581,8 +592,12 @@ class Shim:
         if self.pre is None:  # started as `python -m torpor.vmm.shim`: spawn QEMU here
             self.pre = prelaunch(self.paths, self.cfg, self.files)
         pre = self.pre
+        self.ram_private = bool(pre.ram_private)
         log.info(
-            "QEMU spawned %.0f ms into the start (machine spec %.0f ms)", pre.prep_ms, pre.spec_ms
+            "QEMU spawned %.0f ms into the start (machine spec %.0f ms)%s",
+            pre.prep_ms,
+            pre.spec_ms,
+            "; guest RAM private (share=off)" if self.ram_private else "",
         )
         self.proc = AdoptedProcess(pre.popen)
         accel, t0 = pre.accel, pre.t0
@@ -696,10 +711,26 @@ class Shim:
         so the VM's first capture is already incremental.  Runs in the background."""
         from torpor.vmm.capture import copy_shadow_of, sparse_copy, write_meta
 
+        if info.get("lazy"):  # read through the lazy RAM file: the rest streams in
+            from torpor.vmm.lazymem import fill_shadow
+
+            job_args = (self.files.ram, self.files.shadow, self.files.shadow_meta)
+            self.shadow_init = asyncio.ensure_future(
+                asyncio.to_thread(fill_shadow, *job_args, str(info["snapshot"]))
+            )
+            return
         src = info.get("ram_from")
         if not src or info.get("shadow_ready"):
             return
         src_path = self.files.dir / src
+        if self.ram_private:
+            # no full copy per VM: a private VM's captures read what it wrote from
+            # QEMU itself (the point of mapping RAM private is not to copy it)
+            if not info.get("ram_snapshot") or src_path.parent == self.files.dir:
+                from torpor.vmm.capture import remove_shadow
+
+                remove_shadow(src_path)  # a one-shot source of this VM (ram.src)
+            return
         snap = info["snapshot"]
         locked_snap = info.get("ram_snapshot")
         shadow, meta = self.files.shadow, self.files.shadow_meta
@@ -1011,6 +1042,9 @@ class Shim:
         return 0
 
     def cleanup(self) -> None:
+        lazy = getattr(self.pre, "lazy", None)
+        if lazy is not None:  # a lazy restore's FUSE server: unmount the RAM file first
+            lazy.stop()
         for p in (
             self.files.ctl_sock,
             self.files.qmp_sock,
