@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torpor import failpoints
 from torpor.cluster.host import Heartbeat, host_id, lease_ttl
 from torpor.context import (
     ChainError,
@@ -96,6 +97,7 @@ from torpor.session.record import RecordRefused, Writer
 from torpor.session.record import load as load_record
 from torpor.session.record import save as save_record
 from torpor.session.tools import Tool, check_tools, run_custom, run_tool
+from torpor.snapshot import journal
 from torpor.snapshot.core import restore, snapshot
 from torpor.store.home import durability_fields
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
@@ -1189,6 +1191,7 @@ class Session:
             self._log.remove_session(self.id, reason, fence=(self._host_id(), lease.epoch))
             self._release_lease(in_log=False)  # remove_session released it
             self.record = self._log.get_session(self.id, include_removed=True)
+        journal.finish_all(self.paths)  # a journaled checkpoint is released like the rest
         return release_snapshots(self._log, self._mgr, self.id)
 
     def _forks_vms(self) -> set[str]:
@@ -1576,7 +1579,13 @@ class Session:
     def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
         self._claim()  # the entry below is fenced too: a snapshot taken meanwhile stays unnamed
         upto = self._log.last_seq(self.id)
-        res = snapshot(self._mgr, vm_id, tag=f"session {self.name} turn {turn}", stop=stop)
+        tag = f"session {self.name} turn {turn}"
+        # the fast path: durable once the capture is journaled, stored behind (see
+        # torpor.snapshot.journal; None: a first snapshot, a bucket store, ...)
+        res = None if stop else journal.fast_snapshot(self._mgr, vm_id, tag=tag)
+        journaled = res is not None
+        if res is None:
+            res = snapshot(self._mgr, vm_id, tag=tag, stop=stop)
         entry = self._append(
             Kind.CHECKPOINT,
             {
@@ -1590,10 +1599,14 @@ class Session:
                 "durable_ms": round(res.durable_ms, 1),
                 # with a bucket: acknowledged in it, or locally with the upload pending
                 **durability_fields(res.timings),
+                # journaled: durable in this home's checkpoint journal, stored behind
+                # (stored_bytes is then what the journal holds, uncompressed)
+                **({"journal": True} if journaled else {}),
             },
             turn=turn,
         )
         self._save_record()  # after the checkpoint entry: the record is at its seq
+        failpoints.hit("session.checkpoint_logged")
         return Checkpoint.from_entry(entry)
 
     def _arm_idle(self) -> None:

@@ -71,6 +71,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torpor.agent.client import AgentClient, AgentRequestError
 from torpor.errors import (
@@ -84,6 +85,7 @@ from torpor.errors import (
 )
 from torpor.fsutil import atomic_write_bytes, locked
 from torpor.snapshot import base as bases
+from torpor.snapshot import journal
 from torpor.store import ChunkMissingError, ChunkStore, GcReport, Manifest
 from torpor.store.errors import io_error
 from torpor.vmm.capture import (
@@ -201,6 +203,52 @@ def _capture(c: AgentClient, stage: Path, keep_paused: bool) -> dict[str, float]
     return json.loads(reply.payload or b"{}")
 
 
+def _capture_checked(c: AgentClient, stage: Path, vm: VM, keep_paused: bool) -> dict[str, Any]:
+    """The shim's capture (the pause window) with its failures as torpor errors."""
+    try:
+        if os.environ.get("TORPOR_TEST_CRASH") == "capture-sent":
+            threading.Timer(0.002, _crash_point, ("capture-sent",)).start()
+        cap = _capture(c, stage, keep_paused=keep_paused)
+    except AgentRequestError as e:
+        if e.errno == errno.EBUSY:
+            raise ConflictError(str(e), step="snapshot") from e
+        if e.errno == errno.ENOSPC:
+            raise StoreError(
+                f"no space left for the snapshot's staging copy: {e.remote_message}",
+                step="snapshot: copy RAM and disk",
+                path=stage,
+            ) from e
+        raise VMError(
+            f"capture of VM {vm.name} failed: {e.remote_message}", step="snapshot: pause"
+        ) from e
+    except AgentError as e:
+        # no answer: the shim went away (QEMU, and so the VM, ended mid-capture) or
+        # is stuck; its log says which step it reached
+        raise VMError(
+            f"capture of VM {vm.name} failed: no answer from its shim ({e}); "
+            f"the shim's log ends with:\n{_log_tail(vm)}",
+            step="snapshot: pause",
+        ) from e
+    return cap
+
+
+def _snapshot_meta(
+    vm: VM, base_ref: bases.BaseRef, guest: dict[str, str], tag: str | None
+) -> dict[str, str]:
+    """A VM snapshot's manifest meta (its config, base disk, guest, source)."""
+    cfg = dataclasses.replace(vm.config, base_digest=base_ref.digest)
+    return {
+        "vm": json.dumps(cfg.to_json()),
+        "base_digest": base_ref.digest,
+        "base_manifest": base_ref.manifest,
+        **guest,
+        "main_id": str(vm.state.main_id),
+        "accel": vm.state.accel,
+        "source_vm": vm.id,
+        "tag": tag or "",
+    }
+
+
 def snapshot(
     mgr: VMManager, ref: str, tag: str | None = None, stop: bool = False
 ) -> SnapshotResult:
@@ -230,6 +278,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
     parent: Manifest | None = None
     last = last_snapshot(vm)
     if last:
+        journal.finish(mgr.paths, last)  # a checkpoint still journaled: stored first
         with contextlib.suppress(TorporError):
             parent = store.get(last)
     stage = _stage_dir(mgr)
@@ -245,30 +294,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         t["base_upload_bytes"] = float(base_ref.uploaded_bytes)
         c.sync()
         t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000 - t["base_ms"]
-        try:
-            if os.environ.get("TORPOR_TEST_CRASH") == "capture-sent":
-                threading.Timer(0.002, _crash_point, ("capture-sent",)).start()
-            cap = _capture(c, stage, keep_paused=stop)
-        except AgentRequestError as e:
-            if e.errno == errno.EBUSY:
-                raise ConflictError(str(e), step="snapshot") from e
-            if e.errno == errno.ENOSPC:
-                raise StoreError(
-                    f"no space left for the snapshot's staging copy: {e.remote_message}",
-                    step="snapshot: copy RAM and disk",
-                    path=stage,
-                ) from e
-            raise VMError(
-                f"capture of VM {vm.name} failed: {e.remote_message}", step="snapshot: pause"
-            ) from e
-        except AgentError as e:
-            # no answer: the shim went away (QEMU, and so the VM, ended mid-capture) or
-            # is stuck; its log says which step it reached
-            raise VMError(
-                f"capture of VM {vm.name} failed: no answer from its shim ({e}); "
-                f"the shim's log ends with:\n{_log_tail(vm)}",
-                step="snapshot: pause",
-            ) from e
+        cap = _capture_checked(c, stage, vm, keep_paused=stop)
         pause_ms = float(cap.pop("pause_ms"))
         shadow = Path(cap.pop("shadow"))
         changed = cap.pop("changed")
@@ -307,17 +333,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             t[f"{name}_compress_s"] = stats.seconds_compressing
             if name == "memory":
                 _crash_point("memory-stored")
-        cfg = dataclasses.replace(vm.config, base_digest=base_ref.digest)
-        meta = {
-            "vm": json.dumps(cfg.to_json()),
-            "base_digest": base_ref.digest,
-            "base_manifest": base_ref.manifest,
-            **guest,
-            "main_id": str(vm.state.main_id),
-            "accel": vm.state.accel,
-            "source_vm": vm.id,
-            "tag": tag or "",
-        }
+        meta = _snapshot_meta(vm, base_ref, guest, tag)
         _crash_point("before-commit")
         t2 = time.perf_counter()
         manifest = store.commit(arts, parent=parent.id if parent else None, meta=meta)
@@ -604,6 +620,7 @@ def restore(
     only ``ports`` (the source may still hold its own: see RunRequest.from_config)."""
     if name is not None and not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}")
+    journal.finish(mgr.paths, snap)  # a checkpoint still journaled: stored first
     store = _store(mgr)
     manifest = store.get(snap)
     if set(ARTIFACTS) - set(manifest.artifacts):
@@ -680,6 +697,7 @@ def fork(
         raise UsageError("a fork needs a count of at least 1")
     if ports and count > 1:
         raise UsageError("one host port cannot serve several forks: use -p with -n 1")
+    journal.finish(mgr.paths, snap)  # a checkpoint still journaled: stored first
     snap = _store(mgr).resolve_id(snap)  # once: a tag lookup reads every manifest
     names = [f"{name_prefix}-{i}" if name_prefix else None for i in range(1, count + 1)]
     made: list[VM] = []

@@ -1,0 +1,526 @@
+"""The checkpoint journal: a turn's capture durable in one write, stored behind.
+
+Role: :func:`fast_snapshot` is a session checkpoint's snapshot with the store's slow
+part (compressing chunks, one file and fsync per chunk, the manifest) taken off the
+turn's critical path.  On the path: the guest agent's sync, the pause window (the
+shim's capture, exactly as in :func:`torpor.snapshot.core.snapshot`), then BLAKE3 of
+the chunks the capture may have changed — memory: the chunks the shim saw change since
+the parent snapshot; disk overlay and device state: every chunk — so the new
+snapshot's manifest, and with it its **id**, is known before anything is stored.
+The chunks that differ from the parent's, with what is needed to rebuild the
+manifest, are written to one file ``$TORPOR_HOME/journal/<id>.journal`` (0600):
+written, ``fdatasync``, renamed into place, folder fsync'd.  That is the *durable
+point*: the caller may name ``<id>`` in a checkpoint entry and acknowledge the turn.
+A thread of this process then commits the journal into the store (the store's own
+commit protocol; the manifest gets the same id) and removes it.
+
+Invariants:
+
+- **A snapshot id named by the log is restorable.**  Its manifest is in the store,
+  or its journal is complete on this home's disk: every reader that needs the
+  snapshot finishes the journal first (:func:`finish`: :func:`torpor.snapshot.core.
+  restore`, the VM's next snapshot, which needs it as its parent, and
+  ``Session.remove``).  Finishing is idempotent and serialised by a lock per
+  journal; a journal whose manifest is already stored is just removed.
+- **A journal is trusted no more than the store.**  Its chunks are rebuilt into
+  files and stored by :meth:`ChunkStore.put_file`, which hashes them again; the
+  manifest is committed from the rebuilt artifacts and must come out with the id
+  the journal is named by (BLAKE3 over every chunk hash), else the commit is
+  refused (StoreError) and the journal kept.  A torn journal (a crash before the
+  rename) has no final name and is never used; its temp file is reaped.
+- **Only a parent that is committed.**  The memory part is a delta against the
+  parent snapshot (the one the VM's shadow equals), so the fast path runs only when
+  that parent's manifest is in the store (its pending journal is finished first) and
+  the store is the home's own folder.  With a bucket (``TORPOR_STORE=s3://...``)
+  every checkpoint takes the synchronous path: ``--durability bucket`` acknowledges
+  a turn only once its snapshot is in the bucket, and a journal on one host's disk
+  is not that.  :func:`fast_snapshot` returns None whenever it does not apply, and
+  the caller takes :func:`torpor.snapshot.core.snapshot`.
+- **The journal never writes the log.**  Only the caller's fenced ``checkpoint``
+  entry names the snapshot; a host that lost the session's lease commits its
+  journal into the store as an unreferenced snapshot, which nothing restores.
+
+Failpoints (``torpor.failpoints``): ``journal.write`` (data written, before
+``fdatasync`` and the rename: the torn case), ``journal.durable`` (renamed and
+fsync'd, before the caller logs anything), ``journal.commit`` (the background
+commit, before it reads the journal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from torpor import failpoints
+from torpor.errors import ConflictError, NotFoundError, StoreError, TorporError
+from torpor.fsutil import fsync_dir, locked
+from torpor.paths import Paths
+from torpor.store import ChunkStore, Manifest
+from torpor.store import chunks as ck
+from torpor.store.manifest import KIND_VM_SNAPSHOT, Artifact, build_manifest, now_iso
+from torpor.vmm.capture import read_meta, vouch_for_shadow
+from torpor.vmm.manager import VM, VMManager
+from torpor.vmm.state import Status
+
+log = logging.getLogger("torpor.journal")
+
+MAGIC = b"torpor-journal 1\n"
+#: Largest journal header (JSON) read back: chunk index lists of a few GiB of RAM.
+MAX_HEADER = 64 << 20
+#: A journal not being committed by a thread of this process and older than this
+#: is a crashed writer's: the next fast snapshot on this home finishes it.
+ORPHAN_AGE = 10.0
+
+_threads: dict[str, threading.Thread] = {}  # snapshot id -> this process's committer
+# snapshot id -> its manifest, while this process commits it: the VM's next journal
+# builds on it without waiting (its commit then waits for this one's: see _commit)
+_manifests: dict[str, Manifest] = {}
+_threads_lock = threading.Lock()
+
+
+def journal_dir(paths: Paths) -> Path:
+    return paths.root / "journal"
+
+
+def journal_path(paths: Paths, snap_id: str) -> Path:
+    return journal_dir(paths) / f"{snap_id}.journal"
+
+
+def pending(paths: Paths, snap_id: str) -> bool:
+    """Whether ``snap_id`` exists only as a journal on this home (not yet stored)."""
+    return ck.is_chunk_hash(snap_id) and journal_path(paths, snap_id).exists()
+
+
+# -- the fast path ------------------------------------------------------------------
+
+
+def _delta(
+    fd: int, parent: Artifact, candidates: set[int] | None
+) -> tuple[Artifact, list[int], list[bytes]]:
+    """The artifact of the file ``fd`` next to its parent's, hashing only the chunk
+    indexes in ``candidates`` (all with None) and those whose span changed; returns
+    it with the indexes that differ from the parent's and their data (b"" if zero)."""
+    size = os.fstat(fd).st_size
+    cs = parent.chunk_size
+    n = ck.chunk_count(size, cs)
+    check = set(range(n)) if candidates is None else {i for i in candidates if i < n}
+    if size != parent.size:  # only then can a chunk cover other bytes than the parent's
+        check |= {i for i in range(n) if i >= len(parent.chunks) or _moved(parent, i, size)}
+    order = sorted(check)
+
+    def one(i: int) -> tuple[str | None, bytes]:
+        off, ln = ck.chunk_span(i, size, cs)
+        data = os.pread(fd, ln, off)
+        if len(data) != ln:
+            raise StoreError(f"short read of a captured file at {off}", step="journal")
+        h = ck.hash_bytes(data)
+        return (None, b"") if h == ck.zero_hash(ln) else (h, data)
+
+    # BLAKE3 releases the GIL; a turn changes ~100 chunks, for which a pool costs more
+    got = list(_pool().map(one, order)) if len(order) > 256 else [one(i) for i in order]
+    chunks = [parent.chunks[i] if i < len(parent.chunks) else None for i in range(n)]
+    changed: list[int] = []
+    datas: list[bytes] = []
+    for i, (h, data) in zip(order, got, strict=True):
+        if i >= len(parent.chunks) or _moved(parent, i, size) or parent.chunks[i] != h:
+            changed.append(i)
+            datas.append(data)
+        chunks[i] = h
+    return Artifact(size, cs, tuple(chunks)), changed, datas
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _threads_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1)), "journal-hash")
+        return _executor
+
+
+def _moved(parent: Artifact, i: int, size: int) -> bool:
+    """Whether chunk ``i`` covers other bytes than the parent's (the file's size changed)."""
+    return parent.span(i) != ck.chunk_span(i, size, parent.chunk_size)
+
+
+def _write(paths: Paths, header: dict[str, Any], blobs: list[bytes]) -> int:
+    """Write the journal durably: temp file, data, fdatasync, rename, folder fsync."""
+    d = journal_dir(paths)
+    if not d.is_dir():
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsync_dir(d.parent)
+    _reap_temps(d)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    final = d / f"{header['id']}.journal"
+    tmp = d / f".{header['id']}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        total = 0
+        parts = [MAGIC, len(head).to_bytes(8, "big"), head, *blobs]
+        for p in parts:
+            view = memoryview(p)
+            while view:
+                k = os.write(fd, view)
+                view = view[k:]
+                total += k
+        failpoints.hit("journal.write")
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    os.rename(tmp, final)
+    fsync_dir(d)
+    return total
+
+
+def _reap_temps(d: Path) -> None:
+    """Torn journals (a writer killed before its rename) whose writer is gone."""
+    for t in d.glob(".*.tmp"):
+        try:
+            pid = int(t.name.split(".")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                t.unlink()
+
+
+def fast_snapshot(mgr: VMManager, ref: str, tag: str | None = None) -> Any:
+    """Snapshot the running VM ``ref`` durable as a journal; its store commit runs
+    behind in a thread.  Returns a :class:`torpor.snapshot.core.SnapshotResult`
+    whose manifest is the one the commit will store, or None when the fast path does
+    not apply (no committed parent the VM's shadow equals, a bucket store): then
+    call :func:`torpor.snapshot.core.snapshot`.  Errors as ``snapshot``'s."""
+    from torpor.snapshot import core
+    from torpor.store.tiered import TieredStore
+
+    vm = mgr.get(ref)
+    if vm.state.status != Status.RUNNING:
+        raise ConflictError(
+            f"VM {vm.name} is not running ({vm.state.status}); only a running VM can be snapshotted"
+        )
+    _finish_orphans(mgr.paths)
+    with locked(mgr.paths.locks / f"snap-{vm.id}.lock"):
+        vm = mgr.get(vm.id)
+        if vm.state.status != Status.RUNNING:
+            raise ConflictError(f"VM {vm.name} is not running ({vm.state.status})")
+        last = core.last_snapshot(vm)
+        if not last:
+            return None
+        store = core._store(mgr)
+        try:
+            if isinstance(store, TieredStore):
+                return None
+            with _threads_lock:
+                parent = _manifests.get(last)  # still being committed by this process
+            if parent is None:
+                finish(mgr.paths, last)  # a journal a crashed process left: stored first
+                try:
+                    parent = store.get(last)
+                except TorporError:
+                    return None
+            if set(core.ARTIFACTS) - set(parent.artifacts):
+                return None
+            if read_meta(vm.files.shadow_meta).get("snapshot") != parent.id:
+                return None  # the shadow is not that snapshot: the capture sees no delta
+            return _fast(mgr, vm, store, parent, tag)
+        finally:
+            store.close()
+
+
+def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str | None) -> Any:
+    from torpor.snapshot import base as bases
+    from torpor.snapshot import core
+
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stage = core._stage_dir(mgr)
+    handed_off = False
+    c = mgr.client(vm, timeout=30)
+    try:
+        tb = time.perf_counter()
+        base_ref = bases.ensure_stored(mgr, store, vm)
+        guest = bases.guest_meta(mgr.paths, vm)
+        t["base_ms"] = (time.perf_counter() - tb) * 1000
+        c.sync()
+        t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000 - t["base_ms"]
+        cap = core._capture_checked(c, stage, vm, keep_paused=False)
+        pause_ms = float(cap.pop("pause_ms"))
+        shadow = Path(cap.pop("shadow"))
+        changed = cap.pop("changed")
+        base = cap.pop("base_snapshot")
+        capture_id = cap.pop("capture")
+        mem_chunk = int(cap.pop("chunk_size"))
+        t.update(cap)
+        t1 = time.perf_counter()
+        pm = parent.artifacts["memory"]
+        usable = changed is not None and base == parent.id and pm.chunk_size == mem_chunk
+        t["memory_dirty_path"] = float(usable)
+        arts: dict[str, Artifact] = {}
+        header_arts: dict[str, Any] = {}
+        blobs: list[bytes] = []
+        for name in core.ARTIFACTS:
+            path = shadow if name == "memory" else stage / name
+            pa = parent.artifacts[name]
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                cand = set(changed) if name == "memory" and usable else None
+                if name == "memory" and cand is None:
+                    size = os.fstat(fd).st_size
+                    cand = ck.chunks_with_data(ck.data_extents(fd, size), pa.chunk_size)
+                    # a chunk the parent had and the file no longer holds is zero now
+                    cand |= {i for i, h in enumerate(pa.chunks) if h is not None}
+                art, idx, datas = _delta(fd, pa, cand)
+            finally:
+                os.close(fd)
+            arts[name] = art
+            header_arts[name] = {
+                "size": art.size,
+                "chunk_size": art.chunk_size,
+                "changed": idx,
+                "lengths": [len(b) for b in datas],
+            }
+            blobs += datas
+        t["hash_ms"] = (time.perf_counter() - t1) * 1000
+        meta = core._snapshot_meta(vm, base_ref, guest, tag)
+        created = now_iso()
+        manifest, _ = build_manifest(
+            parent=parent.id, kind=KIND_VM_SNAPSHOT, meta=meta, artifacts=arts, created=created
+        )
+        header = {
+            "id": manifest.id,
+            "parent": parent.id,
+            "created": created,
+            "kind": KIND_VM_SNAPSHOT,
+            "meta": meta,
+            "vm": vm.id,
+            "artifacts": header_arts,
+        }
+        t2 = time.perf_counter()
+        nbytes = _write(mgr.paths, header, blobs)
+        t["journal_ms"] = (time.perf_counter() - t2) * 1000
+        t["commit_ms"] = t["journal_ms"]  # the local durable point (commit_local_ms)
+        t["journal_bytes"] = float(nbytes)
+        durable_ms = (time.perf_counter() - t0) * 1000
+        failpoints.hit("journal.durable")
+        # the shadow equals the journaled snapshot; the VM's next snapshot (which
+        # builds on it) finishes the journal first
+        vouch_for_shadow(shadow, capture_id, manifest.id)
+        core.set_last_snapshot(vm, manifest.id)
+        _start(mgr, manifest, stage, parent, vm.id)
+        handed_off = True
+        t["store_ms"] = 0.0
+        return core.SnapshotResult(
+            manifest, pause_ms, durable_ms, nbytes, sum(len(b) > 0 for b in blobs), t
+        )
+    except OSError as e:
+        raise StoreError(f"snapshot of {vm.name} failed: {e}", step="journal", path=stage) from e
+    finally:
+        c.close()
+        if not handed_off:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+# -- committing a journal into the store --------------------------------------------
+
+
+def _start(mgr: VMManager, manifest: Manifest, stage: Path, parent: Manifest, vm_id: str) -> None:
+    snap_id = manifest.id
+
+    def run() -> None:
+        try:
+            m = finish(mgr.paths, snap_id)
+            if m is not None:  # the staged disk and device state become the hot cache
+                from torpor.snapshot import core
+
+                try:
+                    core._keep_in_cache(mgr, stage, m, parent, vm_id)
+                except OSError as e:
+                    log.warning("snapshot %s: hot cache not kept: %s", snap_id[:12], e)
+        except Exception as e:  # kept on disk: the next reader finishes it
+            log.warning("journal %s: background commit failed: %s", snap_id[:12], e)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            with _threads_lock:
+                if _threads.get(snap_id) is threading.current_thread():
+                    del _threads[snap_id]
+                    _manifests.pop(snap_id, None)
+
+    th = threading.Thread(target=run, name=f"journal-{snap_id[:12]}", daemon=False)
+    with _threads_lock:
+        _threads[snap_id] = th
+        _manifests[snap_id] = manifest
+    th.start()
+
+
+def wait(snap_id: str) -> None:
+    """Wait for this process's background commit of ``snap_id`` (if any)."""
+    with _threads_lock:
+        th = _threads.get(snap_id)
+    if th is not None and th is not threading.current_thread():
+        th.join()
+
+
+def wait_all() -> None:
+    """Wait for every background commit of this process."""
+    with _threads_lock:
+        ths = list(_threads.values())
+    for th in ths:
+        if th is not threading.current_thread():
+            th.join()
+
+
+def finish(paths: Paths, snap_id: str) -> Manifest | None:
+    """Make sure ``snap_id``'s journal (if it has one here) is committed into the
+    store and removed; returns the committed manifest, or None if there was no
+    journal.  StoreError if the journal cannot be committed (it is kept)."""
+    if not pending(paths, snap_id):
+        return None
+    wait(snap_id)
+    path = journal_path(paths, snap_id)
+    with locked(paths.locks / f"journal-{snap_id}.lock"):
+        if not path.exists():
+            return None  # another actor finished it
+        return _commit(paths, snap_id, path)
+
+
+def finish_all(paths: Paths) -> list[str]:
+    """Finish every journal of this home (e.g. before snapshots are released)."""
+    wait_all()
+    d = journal_dir(paths)
+    done: list[str] = []
+    for j in sorted(d.glob("*.journal")) if d.is_dir() else ():
+        snap_id = j.name[: -len(".journal")]
+        if finish(paths, snap_id) is not None:
+            done.append(snap_id)
+    return done
+
+
+def _finish_orphans(paths: Paths) -> None:
+    """Journals left by a process that died before its commit: finished here, so
+    none waits forever for a reader (a crash before the log named one leaves an
+    unreferenced snapshot, as a crash after a synchronous commit would)."""
+    d = journal_dir(paths)
+    if not d.is_dir():
+        return
+    now = time.time()
+    for j in d.glob("*.journal"):
+        snap_id = j.name[: -len(".journal")]
+        with _threads_lock:
+            ours = snap_id in _threads
+        try:
+            old = now - j.stat().st_mtime > ORPHAN_AGE
+        except FileNotFoundError:
+            continue
+        if not ours and old:
+            try:
+                finish(paths, snap_id)
+            except TorporError as e:
+                log.warning("journal %s: not committed: %s", snap_id[:12], e)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+    data = path.read_bytes()
+    bad = StoreError(f"journal {path.name} is damaged", step="journal", path=path)
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+        raise bad
+    n = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 8], "big")
+    start = len(MAGIC) + 8
+    if n > MAX_HEADER or start + n > len(data):
+        raise bad
+    try:
+        header = json.loads(data[start : start + n])
+    except ValueError as e:
+        raise bad from e
+    if not isinstance(header, dict):
+        raise bad
+    return header, data[start + n :]
+
+
+def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
+    from torpor.snapshot import core
+
+    failpoints.hit("journal.commit")
+    store = core._store(VMManager(paths))
+    work = Path(tempfile.mkdtemp(prefix="journal-", dir=paths.tmp))
+    try:
+        with contextlib.suppress(NotFoundError):
+            m = store.get(snap_id)
+            if m.id == snap_id:  # committed before (a crash after the commit)
+                _unlink(path)
+                return m
+        header, blob = _read(path)
+        if header.get("id") != snap_id:
+            raise StoreError(f"journal {path.name} names {header.get('id')!r}", step="journal")
+        parent_id = str(header.get("parent"))
+        if parent_id != snap_id:
+            finish(paths, parent_id)  # a journaled parent is stored first (older: no cycle)
+        parent = store.get(parent_id)
+        arts: dict[str, Artifact] = {}
+        pos = 0
+        try:
+            items = dict(header["artifacts"]).items()
+            for name, a in items:
+                size, cs = int(a["size"]), int(a["chunk_size"])
+                idx, lens = [int(i) for i in a["changed"]], [int(x) for x in a["lengths"]]
+                if len(idx) != len(lens) or size < 0 or not set(core.ARTIFACTS) >= {name}:
+                    raise ValueError("bad artifact entry")
+                f = work / name
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                    for i, ln in zip(idx, lens, strict=True):
+                        if not 0 <= i < ck.chunk_count(size, cs):
+                            raise ValueError(f"chunk {i} out of range")
+                        off, want = ck.chunk_span(i, size, cs)
+                        if ln not in (0, want) or pos + ln > len(blob):
+                            raise ValueError("chunk out of range")
+                        if ln:
+                            os.pwrite(fd, blob[pos : pos + ln], off)
+                        pos += ln
+                finally:
+                    os.close(fd)
+                arts[name], _ = store.put_file(
+                    f, chunk_size=cs, parent=parent.artifacts[name], dirty=idx
+                )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"journal {path.name} is damaged: {e}", step="journal") from e
+        if pos != len(blob):
+            raise StoreError(f"journal {path.name} has trailing data", step="journal")
+        m = store.commit(
+            arts,
+            parent=parent.id,
+            kind=str(header["kind"]),
+            meta={str(k): str(v) for k, v in dict(header["meta"]).items()},
+            created=str(header["created"]),
+        )
+        if m.id != snap_id:
+            # not the snapshot the log names: an unreferenced one, and the journal stays
+            raise StoreError(
+                f"journal {path.name} rebuilt snapshot {m.id[:12]}, not {snap_id[:12]}",
+                step="journal",
+            )
+        _unlink(path)
+        return m
+    finally:
+        store.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
