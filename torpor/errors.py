@@ -23,7 +23,8 @@ Every failure a user can see is one of these classes; lower-layer exceptions
      ├── VMError                    QEMU failed to start, crashed, timed out   (8)
      │    ├── AcceleratorError      requested accelerator is unusable
      │    │    └── TCGRefusedError     multi-tenant use of TCG without opt-in
-     │    └── JailError             QEMU's jail cannot be set up
+     │    ├── JailError             QEMU's jail cannot be set up
+     │    └── MigrationStreamError  a device-state stream torpor cannot use
      ├── SetupError                 host is missing a required tool            (9)
      ├── StoreError                 the snapshot chunk store                   (10)
      │    ├── ManifestError         not a manifest, malformed, or inconsistent
@@ -185,6 +186,11 @@ class TCGRefusedError(AcceleratorError):
 
 class JailError(VMError):
     """QEMU's jail (unprivileged uid, namespaces, cgroup) cannot be set up."""
+
+
+class MigrationStreamError(VMError):
+    """A QEMU migration stream (device state) is malformed, truncated, of a kind torpor
+    does not parse, or from another QEMU / machine than the one it must go with."""
 
 
 class SetupError(TorporError):
