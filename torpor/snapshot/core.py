@@ -88,6 +88,7 @@ from torpor.snapshot import base as bases
 from torpor.snapshot import journal
 from torpor.store import ChunkMissingError, ChunkStore, GcReport, Manifest
 from torpor.store.errors import io_error
+from torpor.vmm import basemem
 from torpor.vmm.capture import (
     CAPTURE,
     CAPTURE_END,
@@ -589,6 +590,7 @@ def remove_snapshot(mgr: VMManager, ref: str, force: bool = False) -> str:
     finally:
         store.close()
     _drop_cache(mgr.paths.snapshot_cache / snap_id)
+    basemem.retire(mgr.paths, snap_id)  # its shared base: no new users, gone with the last
     return snap_id
 
 
@@ -650,8 +652,12 @@ def restore(
             vm.dir,
         )
         save_config(vm.dir, vm.config)
-        place_snapshot(mgr, store, manifest, vm, cold)
-        return mgr.start(vm.id)
+        base = place_snapshot(mgr, store, manifest, vm, cold)
+        try:
+            return mgr.start(vm.id)
+        finally:
+            if base is not None:  # the VM's shim holds its own reference by now
+                base.close()
     except VMError as e:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
@@ -771,19 +777,30 @@ def place_snapshot(
     vm: VM,
     cold: bool = False,
     memory_checked: bool = False,
-) -> None:
+) -> basemem.Base | None:
     """Put a snapshot's RAM, disk and device state into ``vm``'s folder for a restore.
 
     Hot: copied from the uncompressed cache.  Cold (or no cache): materialized from
     the store, every chunk hash-checked.  The next start of the VM restores it.
+    RAM: the snapshot's shared sealed base when one can be had (returned: hold it
+    until the VM is started, then close it — the VM's shim holds its own), else a
+    copy made by the shim.
     """
     cache = mgr.paths.snapshot_cache / manifest.id
     mem = manifest.artifacts["memory"]
-    # RAM is copied by the shim while QEMU starts (Shim.start_ram_copy), from:
     info: dict[str, object] = {"ram_size": mem.size}
     own = vm.files.shadow
-    foreign = None if cold else find_shadow(mgr, manifest.id)
-    if not cold and (cache / "memory").exists():
+    base = _shared_base(mgr, store, manifest, vm, cold)
+    foreign = None if cold or base is not None else find_shadow(mgr, manifest.id)
+    if base is not None:
+        # 0. the snapshot's sealed base (torpor.vmm.basemem), mapped private by QEMU:
+        # nothing copied; checked against the manifest when it was filled
+        remove_shadow(own)
+        info["ram_private"] = True
+        info["ram_base"] = {"snapshot": manifest.id, "size": mem.size, "ino": base.ino}
+        info["ram_snapshot"] = manifest.id
+    # else RAM is copied by the shim while QEMU starts (launch._copy_job), from:
+    elif not cold and (cache / "memory").exists():
         # 1. the disk cache of a hibernation; a hard link pins it against eviction.
         # Its meta names the snapshot so the shim's copy is checked against it, and
         # marks it one-shot: gone once it has also seeded this VM's shadow.
@@ -843,19 +860,36 @@ def place_snapshot(
     if fault:
         info["fault"] = fault
     atomic_write_bytes(vm.dir / "restore.json", json.dumps(info).encode())
+    return base
+
+
+def _shared_base(
+    mgr: VMManager, store: ChunkStore, manifest: Manifest, vm: VM, cold: bool
+) -> basemem.Base | None:
+    """The snapshot's sealed shared base for this restore, or None for the copy path.
+
+    The copy path stays for: ``TORPOR_RAM_BASE=0``; a kernel without sealable memfds;
+    a snapshot whose memory size is not the VM's RAM size; and while the RAM-less
+    capture of private VMs is not available (:func:`basemem.private_capture`) — a VM
+    restored onto a base must stay snapshottable."""
+    ok, why = basemem.wanted()
+    if ok:
+        ok, why = basemem.private_capture()
+    if ok and manifest.artifacts["memory"].size != vm.config.memory_mib << 20:
+        ok, why = False, "memory size differs from the VM's"
+    if not ok:
+        log.debug("restore %s: RAM copied (%s)", manifest.id[:12], why)
+        return None
+    try:
+        return basemem.acquire(mgr.paths, store, manifest, cold=cold)
+    except basemem.BaseUnavailable as e:
+        log.warning("restore %s: no shared base (%s); RAM copied", manifest.id[:12], e)
+        return None
 
 
 def find_shadow(mgr: VMManager, snap_id: str) -> Path | None:
     """A VM shadow of this home (see :mod:`torpor.vmm.capture`) equal to ``snap_id``."""
-    root = home_ram_dir(mgr.paths.root)
-    if root is None:
-        return None
-    for meta in root.glob("*.shadow.json"):
-        if read_meta(meta).get("snapshot") == snap_id:
-            shadow = meta.with_name(meta.name[: -len(".json")])
-            if shadow.exists():
-                return shadow
-    return None
+    return basemem.find_shadow(mgr.paths, snap_id)
 
 
 def rebase_disk(
@@ -917,4 +951,6 @@ def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
             checked = not store.check_file(m.artifacts["memory"], mem)
         if not checked:
             _drop_cache_file(mem)
-    place_snapshot(mgr, store, m, vm, cold, memory_checked=checked)
+    base = place_snapshot(mgr, store, m, vm, cold, memory_checked=checked)
+    if base is not None:  # the holder keeps it for the start that follows (or re-fills)
+        base.close()

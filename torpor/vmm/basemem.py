@@ -146,6 +146,19 @@ def wanted() -> tuple[bool, str]:
     return available()
 
 
+def private_capture() -> tuple[bool, str]:
+    """Whether a VM whose RAM is private can be snapshotted here (the RAM-less
+    capture, :mod:`torpor.vmm.capture`; it reads QEMU's memory from outside, which
+    needs ptrace rights over QEMU).  ``TORPOR_RAM_BASE=1`` forces bases on."""
+    if os.environ.get("TORPOR_RAM_BASE", "").strip().lower() in ("1", "on", "yes", "true"):
+        return True, ""
+    from torpor.vmm import capture
+
+    if not getattr(capture, "PRIVATE_CAPTURE", False):
+        return False, "no RAM-less capture of private VMs in this torpor"
+    return True, ""
+
+
 _AVAILABLE: tuple[bool, str] | None = None
 
 
@@ -199,6 +212,7 @@ def connect(paths: Paths, snapshot: str, size: int, ino: int | None = None) -> B
         _pid, uid, _gid = array.array("i", creds)
         if uid != os.getuid():
             raise BaseUnavailable(f"the holder socket {path} belongs to uid {uid}")
+        s.sendall(USE)
         msg, fds, _flags, _addr = socket.recv_fds(s, HEADER_MAX, 1)
         if not msg or len(fds) != 1:
             raise BaseUnavailable(f"the holder of base {snapshot[:12]} is going away")
@@ -282,9 +296,8 @@ def _peek(p: Path) -> dict[str, Any]:
     s = connect_unix(p, timeout=5.0)
     try:
         s.settimeout(5.0)
-        msg, fds, _f, _a = socket.recv_fds(s, HEADER_MAX, 1)
-        for fd in fds:
-            os.close(fd)
+        s.sendall(PEEK)
+        msg = s.recv(HEADER_MAX)
         return dict(json.loads(msg)) if msg else {}
     finally:
         s.close()
@@ -460,8 +473,16 @@ def _start_holder(paths: Paths, snapshot: str, mem_fd: int) -> None:
         srv.close()
 
 
+USE, PEEK = b"u", b"p"  # a client's one request byte: a reference, or the header only
+PENDING_SECONDS = 5.0  # a connection that sends no request is dropped after this
+
+
 def _serve(args: Any) -> int:
-    """The holder's loop: hand the memfd to every client, count open connections."""
+    """The holder's loop.  A connection that asks USE gets the memfd and counts as a
+    user until it closes; PEEK gets the header and is closed (never keeps a base).
+    Idle = no user for ``args.idle`` seconds; then, under the creation lock, the
+    socket is unlinked, connections already made are still served, and the holder
+    exits when the last user is gone."""
     srv = socket.socket(fileno=args.sock_fd)
     mem_fd = args.mem_fd
     st = os.fstat(mem_fd)
@@ -469,11 +490,12 @@ def _serve(args: Any) -> int:
         {"snapshot": args.snapshot, "ino": st.st_ino, "size": st.st_size, "pid": os.getpid()}
     ).encode()
     path = Path(args.sock)
-    clients: dict[int, socket.socket] = {}
+    users: dict[int, socket.socket] = {}
+    pending: dict[int, tuple[socket.socket, float]] = {}
     poll = select.poll()
     poll.register(srv.fileno(), select.POLLIN)
     last_used = time.monotonic()
-    published = True
+    listening = published = True
 
     def mine() -> bool:
         try:
@@ -481,47 +503,66 @@ def _serve(args: Any) -> int:
         except OSError:
             return False
 
-    def accept_one() -> None:
-        c, _ = srv.accept()
-        try:
+    def drop(fd: int) -> None:
+        poll.unregister(fd)
+        c = users.pop(fd, None) or pending.pop(fd)[0]
+        c.close()
+
+    def accept_all() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
             creds = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             if array.array("i", creds)[1] not in (0, os.getuid()):
                 c.close()
-                return
-            socket.send_fds(c, [head], [mem_fd])
-        except OSError:
-            c.close()
-            return
-        clients[c.fileno()] = c
-        poll.register(c.fileno(), select.POLLIN | select.POLLHUP)
+                continue
+            pending[c.fileno()] = (c, time.monotonic())
+            poll.register(c.fileno(), select.POLLIN)
 
-    while True:
-        for fd, _ev in poll.poll(1000):
-            if fd == srv.fileno():
-                with contextlib.suppress(OSError):
-                    accept_one()
-                continue
-            c = clients.get(fd)
-            if c is None:
-                continue
-            try:
-                data = c.recv(64)
-            except OSError:
-                data = b""
-            if not data:  # the user closed its reference (or died)
-                poll.unregister(fd)
-                clients.pop(fd).close()
+    def answer(fd: int) -> None:
+        c = users.get(fd) or pending[fd][0]
+        try:
+            data = c.recv(64)
+        except OSError:
+            data = b""
+        if fd in users or not data:  # a user's close (anything else from it: the same)
+            drop(fd)
+            return
+        try:
+            if data[:1] == USE:
+                socket.send_fds(c, [head], [mem_fd])
+                pending.pop(fd)
+                users[fd] = c
+                return
+            if data[:1] == PEEK:
+                c.sendall(head)
+        except OSError:
+            pass
+        drop(fd)
+
+    srv.setblocking(False)
+    while listening or users or pending:
+        for fd, _ev in poll.poll(500):
+            if listening and fd == srv.fileno():
+                accept_all()
+            elif fd in users or fd in pending:
+                answer(fd)
         now = time.monotonic()
-        if clients:
+        for fd, (_c, since) in list(pending.items()):
+            if now - since > PENDING_SECONDS:
+                drop(fd)
+        if users:
             last_used = now
+            continue
+        if not listening:
             continue
         if published and not mine():
             published = False  # retired (rm, gc) or replaced: no new users will come
         if published and now - last_used < args.idle:
             continue
-        # going away: under the creation lock, unpublish, then serve anyone who
-        # connected before the unlink; exit when nobody is left
-        try:
+        try:  # going away: unpublish under the creation lock
             lock_fd = os.open(args.lock, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             lock_fd = -1
@@ -534,37 +575,13 @@ def _serve(args: Any) -> int:
             if published and mine():
                 with contextlib.suppress(OSError):
                     path.unlink()
-            published = False
-            srv.setblocking(False)
-            while True:
-                try:
-                    accept_one()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
+            published = listening = False
+            accept_all()  # whoever connected before the unlink is still served
             poll.unregister(srv.fileno())
             srv.close()
         finally:
             if lock_fd >= 0:
                 os.close(lock_fd)
-        return _drain(clients, poll)
-
-
-def _drain(clients: dict[int, socket.socket], poll: select.poll) -> int:
-    """Unpublished: wait for the last users to leave, then exit."""
-    while clients:
-        for fd, _ev in poll.poll(1000):
-            c = clients.get(fd)
-            if c is None:
-                continue
-            try:
-                data = c.recv(64)
-            except OSError:
-                data = b""
-            if not data:
-                poll.unregister(fd)
-                clients.pop(fd).close()
     return 0
 
 

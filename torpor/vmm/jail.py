@@ -490,7 +490,7 @@ def prepare(
     kernel: Path,
     initrd: Path,
     disk: Path,
-    ram: Path,
+    ram: Path | None,
     memory_mib: int,
     cpus: int,
     accel: str,
@@ -587,7 +587,7 @@ def rewrite_argv(argv: list[str], vm_dir: Path, fds: list[int]) -> list[str]:
 
 def _prepare(
     home: Path, vm_id: str, vm_dir: Path, argv: list[str], kernel: Path, initrd: Path,
-    disk: Path, ram: Path, memory_mib: int, cpus: int, accel: str, network: bool,
+    disk: Path, ram: Path | None, memory_mib: int, cpus: int, accel: str, network: bool,
     fds: list[int],
 ) -> tuple[list[str], Plan]:
     uid, gid, shared = ids_for(home, vm_id)
@@ -646,10 +646,11 @@ def _prepare(
         cur, cur_literal = nxt, literal
     else:
         raise JailError("the disk's backing chain is too long (or loops)", step="jail", path=disk)
-    # the VM's own, read-write: overlay and RAM file (created here if QEMU would)
-    if not ram.exists():
+    # the VM's own, read-write: overlay and RAM file (created here if QEMU would); no
+    # RAM file for a VM mapping a sealed base (an inherited fd: torpor.vmm.basemem)
+    if ram is not None and not ram.exists():
         os.close(os.open(ram, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    for p in (disk, ram):
+    for p in (disk, ram) if ram is not None else (disk,):
         _own(p, uid, gid)
         binds.append(Bind(str(p.resolve()), writable=True, dst=os.path.abspath(p)))
     # no host folder is writable by QEMU: sockets and logs are passed as fds
@@ -908,16 +909,18 @@ def as_dict(plan: Plan) -> dict[str, Any]:
 
 
 def for_launch(
-    home: Path, cfg: Any, files: Any, spec: Any, argv: list[str]
+    home: Path, cfg: Any, files: Any, spec: Any, argv: list[str], keep_fds: tuple[int, ...] = ()
 ) -> tuple[list[str], Plan | None]:
     """(QEMU's argv, plan) for a VM about to start: the argv with its sockets and logs
     as inherited fds when jailed; (argv, None) when no jail applies (``jail.json``
-    then says why)."""
+    then says why).  ``keep_fds`` are inherited by QEMU too (a sealed RAM base: then
+    ``spec.ram_file`` is ``/proc/self/fd/N`` and no RAM file is bound); the caller
+    keeps and closes them."""
     on, why = wanted()
     if not on:
         record_unjailed(files.dir, why)
         return argv, None
-    return prepare(
+    argv, plan = prepare(
         home,
         cfg.id,
         files.dir,
@@ -925,9 +928,11 @@ def for_launch(
         kernel=spec.kernel,
         initrd=spec.initrd,
         disk=files.disk,
-        ram=files.ram,
+        ram=None if str(spec.ram_file).startswith("/proc/self/fd/") else files.ram,
         memory_mib=cfg.memory_mib,
         cpus=cfg.cpus,
         accel=spec.accel,
         network=bool(cfg.network),
     )
+    plan.pass_fds += list(keep_fds)
+    return argv, plan

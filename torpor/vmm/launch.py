@@ -57,6 +57,9 @@ class Prelaunch:
     # guest RAM mapped share=off (copy-on-write over a base): the RAM file never shows
     # the guest's writes, so only the RAM-less capture may snapshot this VM
     ram_private: bool = False
+    # the sealed shared base QEMU maps share=off (restore.json "ram_base"): the shim's
+    # reference for the VM's whole life (torpor.vmm.basemem.Base; None: own RAM file)
+    base: Any = None
 
 
 def _copy_job(files: VMFiles, info: dict[str, Any]) -> concurrent.futures.Future[int] | None:
@@ -107,19 +110,29 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     restore_file = files.dir / "restore.json"
     info: dict[str, Any] | None = None
     ram_copy = None
+    base = None
     if restore_file.exists():
         info = json.loads(restore_file.read_text())
         spec = dataclasses.replace(spec, incoming=True)
         if info.get("ram_private"):  # the restore's contract: RAM mapped private
             spec = dataclasses.replace(spec, ram_shared=False)
-        ram_copy = _copy_job(files, info)
+        if info.get("ram_base"):
+            # guest RAM is the snapshot's sealed base, mapped private: no copy
+            base = _base_for(paths, info)
+            spec = dataclasses.replace(spec, ram_file=Path(base.mem_path), ram_shared=False)
+            with contextlib.suppress(FileNotFoundError):
+                files.ram.unlink()
+        else:
+            ram_copy = _copy_job(files, info)
     else:
         with contextlib.suppress(FileNotFoundError):
             files.ram.unlink()
     from torpor.vmm import jail
 
     argv = build_argv(spec)
-    argv, plan = jail.for_launch(paths.root, cfg, files, spec, argv)  # plan None: not jailed
+    keep = (base.fd,) if base is not None else ()
+    # plan None: not jailed
+    argv, plan = jail.for_launch(paths.root, cfg, files, spec, argv, keep_fds=keep)
     (files.dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
     try:
         with open(files.qemu_log, "ab") as qlog:
@@ -132,7 +145,7 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
                     stderr=qlog,
                     preexec_fn=jail.enter_fn(plan) if plan else pdeathsig,
                     close_fds=True,
-                    pass_fds=plan.pass_fds if plan else (),
+                    pass_fds=plan.pass_fds if plan else keep,
                 )
     finally:
         if plan:
@@ -148,7 +161,33 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
         prep_ms=(t0 - t_start) * 1000,
         spec_ms=(t_spec - t_start) * 1000,
         ram_private=not spec.ram_shared,
+        base=base,
     )
+
+
+def _base_for(paths: Paths, info: dict[str, Any]) -> Any:
+    """This VM's reference to the base named in restore.json: from its running holder
+    (the restoring call holds it until the VM is started), else acquired again from
+    the store (the holder went away meanwhile: e.g. a wake long after the restore was
+    prepared).  Raises TorporError / OSError."""
+    from torpor.vmm import basemem
+
+    rb = info["ram_base"]
+    try:
+        return basemem.connect(paths, str(rb["snapshot"]), int(rb["size"]))
+    except basemem.BaseUnavailable:
+        from torpor.errors import VMError
+        from torpor.store.home import home_store
+
+        store = home_store(paths)
+        try:
+            m = store.get(str(rb["snapshot"]))
+            try:
+                return basemem.acquire(paths, store, m)
+            except basemem.BaseUnavailable as e:
+                raise VMError(f"no shared base for the restore: {e}", step="restore") from e
+        finally:
+            store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,210 @@
+"""Forks that share one sealed base of their snapshot's RAM (torpor.vmm.basemem):
+a fork's writes never reach the base or a sibling, the kernel refuses writes to the
+base, the base is reused while it has users and gone when the last one is, and a
+base whose source does not match the manifest is never used."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from torpor.snapshot import fork, snapshot
+from torpor.store import ChunkStore
+from torpor.vmm import basemem
+
+pytestmark = pytest.mark.vm
+
+IDLE = "2"  # seconds a holder waits without users (set for this module's holders)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORPOR_RAM_BASE", "1")
+        mp.setenv("TORPOR_BASE_IDLE", IDLE)
+        yield
+
+
+@pytest.fixture(scope="module")
+def hibernated(env, shared_vms, tools_image, paths) -> Iterator[tuple[object, bytes, str]]:
+    """A VM with a marker file on a guest tmpfs (its only copy is guest RAM),
+    hibernated: its snapshot's memory is in the hot cache."""
+    mgr = shared_vms.mgr
+    vm = shared_vms.run(tools_image, "sleep", "infinity", name="shared-src")
+    marker = ("TORPOR-SHARED-BASE-" + secrets.token_hex(12)).encode()
+    with mgr.client(vm) as c:
+        script = (
+            "mkdir -p /m && mount -t tmpfs m /m && "
+            'printf %s%s "$1" "$2" > /m/live && dd if=/dev/urandom bs=64k count=32 '
+            ">> /m/live 2>/dev/null && md5sum /m/live"
+        )
+        r = c.exec(["sh", "-c", script, "-", marker[:10], marker[10:]])
+        assert r.status.code == 0, r.stderr
+        md5 = r.stdout.split()[0].decode()
+    snap = snapshot(mgr, vm.id, stop=True).manifest
+    yield snap, marker, md5
+
+
+def _md5(mgr, vm) -> str:
+    with mgr.client(vm) as c:
+        r = c.exec(["md5sum", "/m/live"])
+        assert r.status.code == 0, r.stderr
+        return r.stdout.split()[0].decode()
+
+
+def _base_maps(pid: int, snap_id: str) -> list[tuple[int, int, int]]:
+    """(start, end, inode) of the mappings of ``snap_id``'s base in process ``pid``."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if f"torpor-base-{snap_id[:12]}" in line:
+                rng, _perm, _off, _dev, ino = line.split()[:5]
+                lo, hi = (int(x, 16) for x in rng.split("-"))
+                out.append((lo, hi, int(ino)))
+    return out
+
+
+def _base_sha(fd: int, size: int) -> str:
+    with mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+        return hashlib.sha256(m).hexdigest()
+
+
+def test_tampered_cache_is_refused_at_fill_and_the_store_fills(hibernated, paths) -> None:
+    snap, marker, _md5 = hibernated
+    cache = paths.snapshot_cache / snap.id / "memory"
+    data = bytearray(cache.read_bytes())
+    i = data.find(marker)
+    assert i >= 0
+    data[i : i + len(marker)] = b"X" * len(marker)
+    cache.write_bytes(bytes(data))
+    store = ChunkStore(paths.store)
+    with basemem.acquire(paths, store, snap) as b:
+        assert b.source == "store"
+        assert not cache.exists()  # the bad cache file is never offered again
+        assert store.check_file(snap.artifacts["memory"], Path(f"/proc/self/fd/{b.fd}")) == []
+    basemem.retire(paths, snap.id)  # the next tests start from a fresh base
+    _wait_gone(paths, snap.id)
+
+
+def test_forks_share_one_base_and_writes_stay_private(hibernated, shared_vms, paths) -> None:
+    snap, marker, md5 = hibernated
+    mgr = shared_vms.mgr
+    a, b = fork(mgr, snap.id, 2, name_prefix="shared-fork")
+    shared_vms.ids += [a.id, b.id]
+    a, b = mgr.get(a.id), mgr.get(b.id)
+    maps_a = _base_maps(a.state.qemu_pid, snap.id)
+    maps_b = _base_maps(b.state.qemu_pid, snap.id)
+    assert maps_a and maps_b, "QEMU does not map the base"
+    assert {m[2] for m in maps_a} == {m[2] for m in maps_b}  # one base: the same inode
+    assert "share=off" in (a.dir / "qemu.argv").read_text()
+    assert not a.files.ram.exists()  # no per-fork copy of RAM
+    [held] = [h for h in basemem.holders(paths) if h["snapshot"] == snap.id]
+    assert held["ino"] == maps_a[0][2]
+    assert _md5(mgr, a) == _md5(mgr, b) == md5
+
+    mem = snap.artifacts["memory"]
+    with basemem.connect(paths, snap.id, mem.size) as base:
+        sha = _base_sha(base.fd, mem.size)
+        with mmap.mmap(base.fd, mem.size, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+            off = m.find(marker)
+        assert off >= 0
+        # a hostile write into fork a's guest RAM, from outside (as a compromised
+        # QEMU could): it lands in a's private copy only
+        lo = maps_a[0][0]
+        with open(f"/proc/{a.state.qemu_pid}/mem", "r+b", buffering=0) as f:
+            f.seek(lo + off)
+            f.write(b"Y" * len(marker))
+        assert _md5(mgr, a) != md5  # the write reached a's guest memory...
+        # ...and a's guest writes its own file too
+        with mgr.client(a) as c:
+            r = c.exec(["sh", "-c", "dd if=/dev/urandom of=/m/live bs=64k count=8 conv=notrunc"])
+            assert r.status.code == 0, r.stderr
+        assert _md5(mgr, b) == md5  # the sibling never sees them
+        assert _base_sha(base.fd, mem.size) == sha  # nor does the base
+        assert ChunkStore(paths.store).check_file(mem, Path(f"/proc/self/fd/{base.fd}")) == []
+
+        # reused by a later fork while in use: the same inode, no new fill
+        (c3,) = fork(mgr, snap.id, 1, name_prefix="shared-late")
+        shared_vms.ids.append(c3.id)
+        c3 = mgr.get(c3.id)
+        assert {m[2] for m in _base_maps(c3.state.qemu_pid, snap.id)} == {maps_a[0][2]}
+        assert _md5(mgr, c3) == md5
+    for vm in (a, b, c3):
+        mgr.remove(vm.id, force=True)
+    # the last user gone: the holder exits after its idle time, nothing maps the base
+    _wait_gone(paths, snap.id)
+    assert not _mapped_anywhere(snap.id)
+
+
+def test_a_sealed_base_cannot_be_written(hibernated, paths) -> None:
+    snap, _marker, _md5 = hibernated
+    store = ChunkStore(paths.store)
+    with basemem.acquire(paths, store, snap) as b:
+        assert fcntl.fcntl(b.fd, fcntl.F_GET_SEALS) & basemem.SEALS == basemem.SEALS
+        # the fd a client gets is writable by its open mode; the kernel still refuses
+        fd = os.open(f"/proc/self/fd/{b.fd}", os.O_RDWR)
+        try:
+            for attempt in (
+                lambda: os.pwrite(fd, b"x", 0),
+                lambda: os.ftruncate(fd, 4096),
+                lambda: os.ftruncate(fd, b.size * 2),
+                lambda: mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE),
+                lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0),  # F_SEAL_SEAL: no change
+            ):
+                with pytest.raises(PermissionError):
+                    attempt()
+        finally:
+            os.close(fd)
+    basemem.retire(paths, snap.id)
+    _wait_gone(paths, snap.id)
+
+
+def _wait_gone(paths, snap_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(h["snapshot"] == snap_id for h in basemem.holders(paths)) or _holder_pids(snap_id):
+        if time.monotonic() > deadline:
+            users = {
+                pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+                for pid in _mapped_anywhere(snap_id)
+            }
+            raise AssertionError(f"the holder of {snap_id[:12]} did not exit; users: {users}")
+        time.sleep(0.1)
+
+
+def _holder_pids(snap_id: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            if b"torpor.vmm.basemem" in cmd and snap_id.encode() in cmd:
+                out.append(int(d.name))
+    return out
+
+
+def _mapped_anywhere(snap_id: str) -> list[int]:
+    """Processes that still map or hold the base (fds named memfd:torpor-base-...)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if f"torpor-base-{snap_id[:12]}" in (d / "maps").read_text():
+                out.append(int(d.name))
+                continue
+            for fd in (d / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if f"torpor-base-{snap_id[:12]}" in os.readlink(fd):
+                        out.append(int(d.name))
+                        break
+    return out
