@@ -32,6 +32,15 @@ replaced, in one pass, so substituted text is never expanded again:
 ``{turn}`` the turn index, ``{user}`` the last user message, ``{user_sh}`` the same
 quoted for ``sh``, ``{last_result}`` the content of the last tool message, stripped.
 Usage is ``len(text) // 4`` tokens each way; latency is measured.
+
+Cost: an answer reads only the messages after the last user message (and, for
+``{last_result}``, back to the last tool message) plus the conversation's counts.  A
+session hands this model its :class:`~torpor.model.types.Conversation`
+(``lazy_messages``), which keeps the number of user messages and the total content
+length as the log is folded, so a step costs the same at turn 10 and at turn 10,000 and
+never decodes the rest of the conversation.  Given a plain list, the model walks it
+once (the counts) and checks every message; given a Conversation it checks the messages
+it reads (the session built the rest from its log).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from torpor.model.tools import TOOLS, argument_problems, find_tool
 from torpor.model.types import (
     STOP_END,
     STOP_TOOL_CALLS,
+    Conversation,
     Message,
     Model,
     ModelResponse,
@@ -59,6 +69,7 @@ from torpor.model.types import (
     ToolSpec,
     Usage,
     approx_tokens,
+    check_message,
     check_messages,
     dumps_arguments,
 )
@@ -66,8 +77,9 @@ from torpor.model.types import (
 SCRIPT_VERSION = 1
 AFTER_END = ("repeat-last", "error")
 
-#: A script given as code: ``(turn, step, messages) -> ModelResponse``.
-ScriptFn = Callable[[int, int, list[Message]], ModelResponse]
+#: A script given as code: ``(turn, step, messages) -> ModelResponse``.  ``messages`` is
+#: what ``complete`` was given: from a session, a :class:`Conversation` (a sequence).
+ScriptFn = Callable[[int, int, Sequence[Message]], ModelResponse]
 
 _PLACEHOLDER = re.compile(r"\{(turn|user|user_sh|last_result)\}")
 
@@ -241,20 +253,33 @@ def builtin_script(name: str) -> Script:
 
 
 def script_position(messages: Sequence[Message]) -> tuple[int, int]:
-    """``(turn, step)`` for the next answer, derived only from ``messages``."""
-    last_user = -1
-    users = 0
-    for i, m in enumerate(messages):
-        if m.get("role") == "user":
-            users += 1
-            last_user = i
+    """``(turn, step)`` for the next answer, derived only from ``messages``: the number
+    of user messages (a :class:`Conversation` knows it; a list is counted) and the
+    assistant messages after the last user message (read backwards from the end)."""
+    return _position(messages, check=False)
+
+
+def _position(messages: Sequence[Message], check: bool) -> tuple[int, int]:
+    if isinstance(messages, Conversation):
+        users = messages.users
+    else:
+        users = sum(1 for m in messages if m.get("role") == "user")
     if not users:
         raise UsageError("a scripted model needs at least one user message")
-    step = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
+    step = 0
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if check:
+            check_message(i, m)
+        role = m.get("role")
+        if role == "user":
+            break
+        if role == "assistant":
+            step += 1
     return users - 1, step
 
 
-def _substitute(value: Any, values: dict[str, str]) -> Any:
+def _substitute(value: Any, values: _Values) -> Any:
     if isinstance(value, str):
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], value)
     if isinstance(value, dict):
@@ -264,19 +289,47 @@ def _substitute(value: Any, values: dict[str, str]) -> Any:
     return value
 
 
-def _placeholders(turn: int, messages: Sequence[Message]) -> dict[str, str]:
-    user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-    last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "tool"), "")
-    return {
-        "turn": str(turn),
-        "user": user,
-        "user_sh": shlex.quote(user),
-        "last_result": last.strip(),
-    }
+def _last(messages: Sequence[Message], role: str) -> str:
+    """The content of the last message with ``role`` ("" if none), read from the end."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.get("role") == role:
+            return m.get("content") or ""
+    return ""
+
+
+class _Values:
+    """The placeholder values of one answer, each looked up when a placeholder first
+    asks for it (a step without ``{last_result}`` never searches for a tool message)."""
+
+    def __init__(self, turn: int, messages: Sequence[Message]):
+        self.turn, self.messages = turn, messages
+        self.got: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        if key not in self.got:
+            if key == "turn":
+                self.got[key] = str(self.turn)
+            elif key == "user":
+                self.got[key] = _last(self.messages, "user")
+            elif key == "user_sh":
+                self.got[key] = shlex.quote(self["user"])
+            else:  # last_result
+                self.got[key] = _last(self.messages, "tool").strip()
+        return self.got[key]
+
+
+def _chars(messages: Sequence[Message]) -> int:
+    """The length of every message's content together (the prompt's size)."""
+    if isinstance(messages, Conversation):
+        return messages.chars
+    return sum(len(m.get("content") or "") for m in messages)
 
 
 class ScriptedModel(Model):
     """Answers from a :class:`Script` (or a function), deterministically and offline."""
+
+    lazy_messages = True  # reads the tail and the counts only (see the module doc)
 
     def __init__(self, script: Script | ScriptFn, name: str = "scripted"):
         self.script = script
@@ -306,18 +359,20 @@ class ScriptedModel(Model):
 
     def complete(
         self,
-        messages: list[Message],
+        messages: Sequence[Message],
         tools: Sequence[ToolSpec],
         *,
         timeout: float | None = None,
     ) -> ModelResponse:
         t0 = time.perf_counter()
-        check_messages(messages)
-        turn, step_index = script_position(messages)
+        lazy = isinstance(messages, Conversation)
+        if not lazy:
+            check_messages(messages)
+        turn, step_index = _position(messages, check=lazy)
         if not isinstance(self.script, Script):
             return self.script(turn, step_index, messages)
         step = self._step(turn, step_index)
-        values = _placeholders(turn, messages)
+        values = _Values(turn, messages)
         offered = {t.name for t in tools}
         calls = []
         for i, c in enumerate(step.tool_calls):
@@ -333,12 +388,12 @@ class ScriptedModel(Model):
                 ToolCall(f"call_{turn}_{step_index}_{i}", c.name, _substitute(c.arguments, values))
             )
         text = _substitute(step.text, values)
-        prompt = "".join(m.get("content") or "" for m in messages)
         reply = text + "".join(c.name + dumps_arguments(c.arguments) for c in calls)
         return ModelResponse(
             text=text,
             tool_calls=tuple(calls),
-            usage=Usage(approx_tokens(prompt), approx_tokens(reply)),
+            # approx_tokens of the whole prompt, from its length alone
+            usage=Usage(_chars(messages) // 4, approx_tokens(reply)),
             latency_ms=(time.perf_counter() - t0) * 1000,
             model=self.name,
             stop_reason=STOP_TOOL_CALLS if calls else STOP_END,

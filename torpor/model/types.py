@@ -122,30 +122,57 @@ class ModelResponse:
         return msg
 
 
+class Conversation(Sequence[Message]):
+    """The conversation a session hands a model that takes one (:attr:`Model.lazy_messages`):
+    a read-only sequence of message dicts that knows its size without reading it.
+
+    ``len()``, :attr:`users` (how many messages have role ``user``) and :attr:`chars` (the
+    total length of every message's ``content``) are kept as the log is folded; the
+    messages themselves may be decoded only when indexed or iterated, so a model that
+    reads only the tail of a long conversation never decodes the rest.  Every message in
+    it was built by the session from its log (the shapes :func:`check_messages` accepts).
+    """
+
+    @property
+    @abstractmethod
+    def users(self) -> int:
+        """How many messages have role ``user``."""
+
+    @property
+    @abstractmethod
+    def chars(self) -> int:
+        """``sum(len(m.get("content") or "") for m in self)``, without reading them."""
+
+
 def check_messages(messages: Sequence[Message]) -> None:
     """Validate the neutral message shape; raise :class:`UsageError` naming the bad one."""
     for i, m in enumerate(messages):
-        where = f"message {i}"
-        if not isinstance(m, dict):
-            raise UsageError(f"{where} is a {type(m).__name__}, not a dict")
-        role = m.get("role")
-        if role not in ROLES:
-            raise UsageError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content") or "", str):
-            raise UsageError(f"{where} ({role}): content must be a string")
-        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
-            raise UsageError(f"{where} (tool): tool_call_id must be a string")
-        if role == "assistant":
-            for j, c in enumerate(m.get("tool_calls") or ()):
-                if not (
-                    isinstance(c, dict)
-                    and isinstance(c.get("id"), str)
-                    and isinstance(c.get("name"), str)
-                    and isinstance(c.get("arguments", {}), dict)
-                ):
-                    raise UsageError(
-                        f"{where} (assistant): tool call {j} needs id, name and an arguments dict"
-                    )
+        check_message(i, m)
+
+
+def check_message(i: int, m: Any) -> None:
+    """:func:`check_messages` for message ``i`` alone."""
+    where = f"message {i}"
+    if not isinstance(m, dict):
+        raise UsageError(f"{where} is a {type(m).__name__}, not a dict")
+    role = m.get("role")
+    if role not in ROLES:
+        raise UsageError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(m.get("content") or "", str):
+        raise UsageError(f"{where} ({role}): content must be a string")
+    if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise UsageError(f"{where} (tool): tool_call_id must be a string")
+    if role == "assistant":
+        for j, c in enumerate(m.get("tool_calls") or ()):
+            if not (
+                isinstance(c, dict)
+                and isinstance(c.get("id"), str)
+                and isinstance(c.get("name"), str)
+                and isinstance(c.get("arguments", {}), dict)
+            ):
+                raise UsageError(
+                    f"{where} (assistant): tool call {j} needs id, name and an arguments dict"
+                )
 
 
 def approx_tokens(text: str) -> int:
@@ -168,6 +195,10 @@ class Model(ABC):
 
     #: The spec it was opened with, e.g. ``"openai:gpt-4.1"``.
     name: str
+    #: ``complete`` accepts a :class:`Conversation` (a lazily decoded sequence) in place
+    #: of the list.  A session hands such a model its conversation without decoding it;
+    #: every other model gets a list of every message (a provider sends them all).
+    lazy_messages: bool = False
 
     @abstractmethod
     def complete(

@@ -93,6 +93,7 @@ from torpor.fsutil import locked
 from torpor.model import Model, ModelError, open_model
 from torpor.model.tools import TOOLS
 from torpor.paths import Paths
+from torpor.session.conversation import MsgList, SessionConversation
 from torpor.session.record import RecordRefused, Writer
 from torpor.session.record import load as load_record
 from torpor.session.record import save as save_record
@@ -205,7 +206,8 @@ class _Fold:
         self.checkpoints: list[Checkpoint] = []
         self.last_user: Entry | None = None
         self.turns = 0
-        self.msgs: list[dict[str, Any]] = []
+        # the conversation; from a state record, its sealed segments decode when read
+        self.msgs = MsgList()
 
     def copy(self) -> _Fold:
         c = _Fold()
@@ -215,7 +217,7 @@ class _Fold:
             self.last_user,
             self.turns,
         )
-        c.checkpoints, c.msgs = list(self.checkpoints), list(self.msgs)
+        c.checkpoints, c.msgs = list(self.checkpoints), self.msgs.copy()
         return c
 
     def add(self, eff: Iterable[Entry], owner: str | None) -> None:
@@ -264,6 +266,10 @@ class _Fold:
     def messages(self, system: str) -> list[dict[str, Any]]:
         return [{"role": "system", "content": system}, *self.msgs]
 
+    def conversation(self, system: str) -> SessionConversation:
+        """:meth:`messages` as a sequence that decodes only what is read."""
+        return SessionConversation(system, self.msgs)
+
 
 def derive_state(entries: Sequence[Entry], owner: str | None = None) -> SessionState:
     """The state ``entries`` describe.  With ``owner``, only that session's own ``vm``
@@ -299,34 +305,25 @@ class LogView:
     :meth:`seed` starts the view from a state record (:mod:`torpor.session.record`):
     the fold through seq ``S``; the entries passed in are then only those after
     ``S``, and where a full refold would be needed the view raises :class:`_Stale`.
-    The record's messages may arrive later (``pending``, decoded in the background):
-    :meth:`state` never needs them; :meth:`messages` and settling wait for them.
+    The record's messages decode when read (:class:`~torpor.session.conversation.MsgList`):
+    :meth:`state` and :meth:`conversation` never decode them; :meth:`messages` does.
     """
 
     def __init__(self, owner: str | None) -> None:
         self.owner = owner
         self.based = False
-        self._pending: Callable[[], list[dict[str, Any]]] | None = None
         self.prefetch: Callable[[], None] = lambda: None  # see seed()
         self._reset()
 
-    def seed(
-        self, fold: _Fold, seq: int, pending: Callable[[], list[dict[str, Any]]] | None = None
-    ) -> None:
-        """Start from ``fold``, the fold of the log through entry ``seq``; with
-        ``pending``, its messages are what ``pending()`` returns."""
+    def seed(self, fold: _Fold, seq: int, prefetch: Callable[[], None] | None = None) -> None:
+        """Start from ``fold``, the fold of the log through entry ``seq``; ``prefetch``
+        starts decoding its sealed messages in the background (for a model that will
+        read them all)."""
         self._settled, self._n, self._seq, self.based = fold, 0, seq, True
-        self._pending = pending
-        self.prefetch: Callable[[], None] = lambda: None
-
-    def _resolve(self) -> None:
-        if self._pending is not None:
-            self._settled.msgs = self._pending()  # RecordRefused: the caller reads the log
-            self._pending = None
+        self.prefetch = prefetch or (lambda: None)
 
     def settled(self) -> tuple[_Fold, int]:
         """The settled fold and the seq it runs through (0: nothing settled)."""
-        self._resolve()
         return self._settled, self._seq
 
     def _reset(self) -> None:
@@ -348,7 +345,6 @@ class LogView:
         # settle up to the tail's last checkpoint, unless a later marker reaches back
         cut = max((i for i, e in enumerate(tail) if e.kind is Kind.CHECKPOINT), default=-1)
         if cut >= 0 and not any(s <= tail[cut].seq for s in superseded(tail[cut + 1 :])):
-            self._resolve()  # settled messages are appended to: they must be all there
             head, tail = tail[: cut + 1], tail[cut + 1 :]
             self._settled.add(
                 (e for e in head if e.kind is not Kind.SUPERSEDE and e.seq not in gone),
@@ -365,8 +361,10 @@ class LogView:
         return self._fold(entries).state(last)
 
     def messages(self, entries: Sequence[Entry], system: str) -> list[dict[str, Any]]:
-        self._resolve()
         return self._fold(entries).messages(system)
+
+    def conversation(self, entries: Sequence[Entry], system: str) -> SessionConversation:
+        return self._fold(entries).conversation(system)
 
 
 def _answer_of(entries: Sequence[Entry], turn: int) -> str:
@@ -786,9 +784,7 @@ class Session:
         self._record_status = got.status
         if got.fold is not None and got.writer is not None:
             self._base_seq = got.seq
-            self._view.seed(got.fold, got.seq, got.pending)
-            if got.prefetch is not None:
-                self._view.prefetch = got.prefetch
+            self._view.seed(got.fold, got.seq, got.prefetch)
             u = got.fold.last_user
             self._turn_seen = u.turn if u is not None else 0
             self._rec = got.writer
@@ -825,13 +821,18 @@ class Session:
         except _Stale:
             self._drop_record()
         except RecordRefused as e:  # found while its conversation was decoded
-            self._drop_record(f"refused: {e}")
-            out = fn(self._view, self._read())
-            self._save_record()
-            if self._record_status.startswith("written"):
-                self._record_status = f"refused: {e}; {self._record_status}"
-            return out
+            return self._refused(e, fn)
         return fn(self._view, self._read())
+
+    def _refused(self, e: RecordRefused, fn: Callable[[LogView, list[Entry]], Any]) -> Any:
+        """A segment of the state record failed its check when it was read: forget the
+        record, ``fn`` over the whole log, and write a new record."""
+        self._drop_record(f"refused: {e}")
+        out = fn(self._view, self._read())
+        self._save_record()
+        if self._record_status.startswith("written"):
+            self._record_status = f"refused: {e}; {self._record_status}"
+        return out
 
     def _save_record(self) -> None:
         """Write the state record at the last settled checkpoint (a cache: a failure
@@ -860,6 +861,34 @@ class Session:
     def messages(self) -> list[dict[str, Any]]:
         system = self.record.meta.get("system", DEFAULT_SYSTEM)
         return self._folded(lambda view, entries: view.messages(entries, system))
+
+    def _conversation(self, view: LogView, entries: list[Entry]) -> SessionConversation:
+        return view.conversation(entries, self.record.meta.get("system", DEFAULT_SYSTEM))
+
+    def _lazy_model(self) -> bool:
+        try:
+            return bool(self.model.lazy_messages)
+        except Exception:  # the turn reports a model that cannot be opened
+            return False
+
+    def _model_messages(self, model: Model) -> Sequence[dict[str, Any]]:
+        """What ``model.complete`` is given: the lazily decoded conversation for a model
+        that reads only what it needs (``lazy_messages``), else every message (a
+        provider sends them all: decoding them is the model's cost)."""
+        if model.lazy_messages:
+            return self._folded(self._conversation)
+        return self.messages()
+
+    def _complete(
+        self, model: Model, msgs: Sequence[dict[str, Any]], offered: Sequence[Any]
+    ) -> Any:
+        """``model.complete(msgs, offered)``.  A state-record segment that fails its
+        check while the model reads it (RecordRefused) costs a read of the whole log
+        and the same question again: the model answered nothing, nothing was logged."""
+        try:
+            return model.complete(msgs, offered)  # type: ignore[arg-type]
+        except RecordRefused as e:
+            return model.complete(self._refused(e, self._conversation), offered)  # type: ignore[arg-type]
 
     def vm(self) -> VM | None:
         st = self.state()
@@ -1498,7 +1527,8 @@ class Session:
         ck = st.last_checkpoint
         if ck is None:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
-        self._view.prefetch()  # the replay needs the conversation: decode it meanwhile
+        if not self._lazy_model():  # it will send every message: decode them meanwhile
+            self._view.prefetch()
         self._restore_vm(ck, reason=why or "recover")
         self._supersede_after(ck, st.pending.turn, "replayed")
         return self._run_turn(st.pending.turn)
@@ -1527,12 +1557,12 @@ class Session:
         # the built-in loop is one user of the public log API: append + checkpoint
         with self._mgr.client(vm) as c:
             for step in range(MAX_STEPS):
-                msgs = self.messages()
+                msgs = self._model_messages(model)  # decoded only as far as the model reads
                 self.append(
                     Kind.MODEL_REQUEST, {"model": model.name, "step": step, "messages": len(msgs)}
                 )
                 try:
-                    resp = model.complete(msgs, offered)
+                    resp = self._complete(model, msgs, offered)
                 except ModelError as e:
                     self.append(
                         Kind.ERROR, {"stage": "model", "error": str(e), "type": type(e).__name__}

@@ -16,20 +16,24 @@ an older torpor ignores)::
     torpor_state_parts  (session_id, digest) PK, body   -- sealed segments
 
 The head is JSON: ``{v, sid, seq, vm_id, hibernated, turns, last_user, msegs, csegs,
-msgs, cks}``.  ``msegs``/``csegs`` list the sealed segments of messages and of
+msgs, cks, users, chars}`` (``users``/``chars``: the conversation's number of user
+messages and total content length, so a model that needs only those and the tail never
+decodes the rest).  ``msegs``/``csegs`` list the sealed segments of messages and of
 checkpoints as ``[BLAKE3 hex, count]`` in order; ``msgs``/``cks`` are what came after
 the last sealed one.  A segment (a JSON list) is sealed once its JSON reaches
 :data:`SEGMENT_BYTES` and is never written again (content-addressed), so a checkpoint
 rewrites only the head — at most about one segment's worth of bytes, not the whole
 conversation.
 
-Opening checks the head and the checkpoint segments at once; the conversation's
-segments are checked and decoded when first needed (:attr:`Loaded.pending`), or by a
-background thread once a caller knows it will need them (:attr:`Loaded.prefetch`: a
-recovery starts it before the VM restore, which it then overlaps).  The state (which
-VM, which checkpoint, is a turn pending) never waits for the conversation, and a
-caller that only asks for the state (a listing) never decodes it.  A segment
-that fails then makes the session read its whole log and write a new record.
+Opening checks the head and the checkpoint segments at once; each of the
+conversation's segments is read, checked and decoded when a message in it is first read
+(:class:`~torpor.session.conversation.MsgList`), or by a background thread once a caller
+knows it will need them all (:attr:`Loaded.prefetch`: a recovery whose model sends every
+message starts it before the VM restore, which it then overlaps).  The state (which VM,
+which checkpoint, is a turn pending) never waits for the conversation, a caller that
+only asks for the state (a listing) never decodes it, and a model that reads only the
+tail (the scripted one) decodes at most the last segment.  A segment that fails then
+makes the session read its whole log and write a new record.
 
 Invariants (what a reader checks before it uses a record):
 
@@ -53,6 +57,7 @@ read, e.g. ``Session.log()``) still checks every row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import threading
@@ -64,12 +69,13 @@ import blake3
 import orjson
 
 from torpor.context import ChainError, Entry, Kind
+from torpor.session.conversation import MsgList, Segment
 
 if TYPE_CHECKING:
     from torpor.context import ContextLog
     from torpor.session.core import _Fold
 
-FORMAT = 2
+FORMAT = 3  # 3: users and chars in the head (a format-2 record is refused, then rewritten)
 #: A segment is sealed once the unsealed tail's JSON is at least this long.
 SEGMENT_BYTES = 256 * 1024
 _DOMAIN = b"torpor-state-v1"
@@ -135,16 +141,14 @@ class Writer:
 
 @dataclass
 class Loaded:
-    """The outcome of :func:`load`: a fold at ``seq`` whose messages ``pending()``
-    returns (decoded and checked in the background; RecordRefused if a segment fails),
-    or why there is none."""
+    """The outcome of :func:`load`: a fold at ``seq`` whose sealed messages decode when
+    read (RecordRefused if a segment fails), or why there is none."""
 
     fold: _Fold | None
     seq: int
     status: str  # "used", "missing", "refused: …", "unavailable"
     writer: Writer | None = None
-    pending: Callable[[], list[dict[str, Any]]] | None = None
-    #: start decoding the messages in the background (else the first pending() does)
+    #: start decoding every sealed message in the background (else reads decode them)
     prefetch: Callable[[], None] | None = None
 
 
@@ -180,7 +184,7 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
     parts: dict[str, bytes] = {}
     try:
         n_m, n_c = len(fold.msgs), len(fold.checkpoints)
-        tail_m = _seal(fold.msgs[w.n_msgs :], w.msegs, parts)
+        tail_m = _seal(fold.msgs.since(w.n_msgs), w.msegs, parts)
         tail_c = _seal([_ck_list(c) for c in fold.checkpoints[w.n_cks :]], w.csegs, parts)
         w.n_msgs, w.n_cks = n_m - len(tail_m), n_c - len(tail_c)
         head = orjson.dumps(
@@ -196,6 +200,8 @@ def save(log: ContextLog, sid: str, seq: int, chain: bytes, fold: _Fold, w: Writ
                 "csegs": w.csegs,
                 "msgs": tail_m,
                 "cks": tail_c,
+                "users": fold.msgs.users,
+                "chars": fold.msgs.chars,
             }
         )
     except (TypeError, orjson.JSONEncodeError):
@@ -276,42 +282,63 @@ def load(log: ContextLog, sid: str) -> Loaded:
                 bytes.fromhex(u["chain"]),
             )
         tail_msgs = h["msgs"]
-        if not isinstance(tail_msgs, list):
+        users, chars = h["users"], h["chars"]
+        if not (
+            isinstance(tail_msgs, list) and isinstance(users, int) and isinstance(chars, int)
+        ):
             raise TypeError("msgs")
+        f.msgs = MsgList(
+            [Segment(n, _segment_loader(log, sid, d, n)) for d, n in w.msegs],
+            tail_msgs,
+            users=users,
+            chars=chars,
+        )
     except RecordRefused as e:
         return Loaded(None, 0, f"refused: {e}")
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
         return Loaded(None, 0, f"refused: malformed ({type(e).__name__})")
-    box: list[Any] = []
-
-    def decode() -> None:
-        try:
-            msgs: list[Any] = []
-            for seg in w.msegs:  # one short read per segment: the session's own
-                # database calls (a recovery's appends) interleave instead of waiting
-                part = log.state_parts(sid, [seg[0]])  # type: ignore[attr-defined]
-                msgs += _segments([seg], part)
-            box.append(msgs + tail_msgs)
-        except (RecordRefused, TypeError, ValueError, orjson.JSONDecodeError) as e:
-            box.append(RecordRefused(str(e)))
-        except Exception as e:  # the database failed: the log answers instead
-            box.append(RecordRefused(f"its segments could not be read ({type(e).__name__})"))
-
-    worker = threading.Thread(target=decode, name=f"torpor-record-{sid[:8]}", daemon=True)
+    worker = threading.Thread(
+        target=_quietly(f.msgs.decode), name=f"torpor-record-{sid[:8]}", daemon=True
+    )
     started = threading.Lock()
 
     def prefetch() -> None:
-        """Start decoding now (a caller about to need the messages: a recovery, a turn)."""
+        """Decode every sealed message now, in the background (a caller about to need
+        them all: a recovery whose model sends the whole conversation)."""
         with started:
             if worker.ident is None:
                 worker.start()
 
-    def pending() -> list[dict[str, Any]]:
-        prefetch()
-        worker.join()
-        if isinstance(box[0], RecordRefused):
-            raise box[0]
-        return box[0]  # type: ignore[no-any-return]
-
     w.fold, w.seq = f, seq
-    return Loaded(f, seq, "used", w, pending, prefetch)
+    return Loaded(f, seq, "used", w, prefetch)
+
+
+def _segment_loader(
+    log: ContextLog, sid: str, digest: str, n: int
+) -> Callable[[], list[dict[str, Any]]]:
+    """Read, check and decode one sealed segment of messages (RecordRefused if it fails).
+    One short read per segment: the session's own database calls interleave."""
+
+    def load() -> list[dict[str, Any]]:
+        try:
+            part = log.state_parts(sid, [digest])  # type: ignore[attr-defined]
+            return _segments([[digest, n]], part)
+        except RecordRefused:
+            raise
+        except (TypeError, ValueError, orjson.JSONDecodeError) as e:
+            raise RecordRefused(str(e)) from e
+        except Exception as e:  # the database failed: the log answers instead
+            raise RecordRefused(f"its segments could not be read ({type(e).__name__})") from e
+
+    return load
+
+
+def _quietly(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` for a background thread: a failure is left for the reader that needs the
+    data to meet (a segment that failed is read and checked again on access)."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            fn()
+
+    return run
