@@ -770,6 +770,29 @@ def set_last_snapshot(vm: VM, snap_id: str) -> None:
     atomic_write_bytes(vm.dir / "snapshot.ref", (snap_id + "\n").encode(), mode=0o600)
 
 
+def _lazy_memory(manifest: Manifest, vm: VM) -> bool:
+    """Whether this restore's memory, which would come whole from the store, is served
+    lazily instead (``TORPOR_LAZY_RESTORE=1``; :mod:`torpor.vmm.lazymem`).  Unusable
+    FUSE falls back to the full materialization, with a warning in the log."""
+    from torpor.vmm import lazymem
+
+    if not lazymem.enabled():
+        return False
+    if manifest.artifacts["memory"].size != vm.config.memory_mib << 20:
+        log.warning("restore %s: not lazy: memory size differs from the VM's", manifest.id[:12])
+        return False
+    why = lazymem.available()
+    if why is not None:
+        log.warning(
+            "restore %s: lazy restore unavailable (%s): all of its memory is read from "
+            "the store first",
+            manifest.id[:12],
+            why,
+        )
+        return False
+    return True
+
+
 def place_snapshot(
     mgr: VMManager,
     store: ChunkStore,
@@ -821,6 +844,12 @@ def place_snapshot(
         # 2. a running VM's shadow that still equals the snapshot (copied under its lock)
         info["ram_from"] = str(foreign)
         info["ram_snapshot"] = manifest.id
+    elif foreign is None and _lazy_memory(manifest, vm):
+        # 3a. lazy: the shim serves the store's chunks (hash-checked) through a FUSE
+        # file that QEMU maps private (torpor.vmm.lazymem); nothing materialized here
+        remove_shadow(own)
+        info["lazy"] = {"snapshot": manifest.id, "size": mem.size}
+        info["ram_private"] = True
     elif foreign is None:
         # 3. cold: the store's chunks (hash-checked) into this VM's own shadow
         remove_shadow(own)

@@ -54,6 +54,10 @@ class Prelaunch:
     ram_copy: concurrent.futures.Future[int] | None  # the RAM copy, when restoring
     prep_ms: float = 0.0  # from the start of prelaunch to QEMU's spawn
     spec_ms: float = 0.0  # of which: machine_spec_for (kernel, initramfs, accelerator)
+    # the FUSE server of a lazy restore (torpor.vmm.lazymem.LazyMemory): guest RAM is
+    # served from the store; the shim stops it once QEMU is gone (and if the shim dies,
+    # its parent-death signal makes it unmount and exit)
+    lazy: Any = None
     # guest RAM mapped share=off (copy-on-write over a base): the RAM file never shows
     # the guest's writes, so only the RAM-less capture may snapshot this VM
     ram_private: bool = False
@@ -110,10 +114,15 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     restore_file = files.dir / "restore.json"
     info: dict[str, Any] | None = None
     ram_copy = None
+    lazy = None
     base = None
     if restore_file.exists():
         info = json.loads(restore_file.read_text())
         spec = dataclasses.replace(spec, incoming=True)
+        if info.get("lazy"):
+            # mounted on the RAM file's path before QEMU maps it (never a missing file)
+            lazy = _lazy_for(paths, cfg, files, info)
+            spec = dataclasses.replace(spec, ram_shared=False)
         if info.get("ram_private"):  # the restore's contract: RAM mapped private
             spec = dataclasses.replace(spec, ram_shared=False)
         if info.get("ram_base"):
@@ -160,6 +169,7 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
         ram_copy,
         prep_ms=(t0 - t_start) * 1000,
         spec_ms=(t_spec - t_start) * 1000,
+        lazy=lazy,
         ram_private=not spec.ram_shared,
         base=base,
     )
@@ -188,6 +198,19 @@ def _base_for(paths: Paths, info: dict[str, Any]) -> Any:
                 raise VMError(f"no shared base for the restore: {e}", step="restore") from e
         finally:
             store.close()
+
+
+def _lazy_for(paths: Paths, cfg: VMConfig, files: VMFiles, info: dict[str, Any]) -> Any:
+    """Start the FUSE server that serves this restore's RAM (torpor.vmm.lazymem)."""
+    from torpor.vmm import jail, lazymem
+
+    lz = info["lazy"]
+    jailed, _ = jail.wanted()
+    uid, gid, _ = jail.ids_for(paths.root, cfg.id) if jailed else (0, 0, 0)
+    return lazymem.start(
+        paths.root, files.dir, files.ram, str(lz["snapshot"]), int(lz["size"]),
+        uid=uid, gid=gid, jailed=jailed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,10 @@ def reap_ram_dirs() -> None:
                 f.name.endswith((".ram", ".ram.ioerror", ".shadow", ".shadow.json", ".shadow.lock"))
                 and not (home / "vms" / vm_id).exists()
             ):
+                if f.name.endswith(".ram"):
+                    from torpor.vmm.lazymem import unmount
+
+                    unmount(f)  # a lazy restore's FUSE mount left by a killed server
                 with contextlib.suppress(OSError):
                     f.unlink()
 

@@ -344,7 +344,9 @@ class VMManager:
             st = st.replace(io_error="")
         if st.status == Status.DEAD:  # nobody cleaned up after the shim: free its RAM
             from torpor.vmm.capture import remove_shadow
+            from torpor.vmm.lazymem import unmount
 
+            unmount(VMFiles(vm_dir).ram)  # a lazy restore's mount, its server killed
             with contextlib.suppress(OSError):
                 VMFiles(vm_dir).ram.unlink()
             remove_shadow(VMFiles(vm_dir).shadow)
@@ -723,6 +725,9 @@ class VMManager:
             # vm.json goes first: a half-removed folder is then an interrupted create
             with contextlib.suppress(FileNotFoundError):
                 vm.files.config.unlink()
+            from torpor.vmm.lazymem import unmount
+
+            unmount(vm.files.ram)  # a lazy restore's FUSE mount, if its server is gone
             with contextlib.suppress(FileNotFoundError):
                 vm.files.ram.unlink()  # on tmpfs, outside the VM folder
             from torpor.vmm.capture import remove_shadow

@@ -719,6 +719,14 @@ class Shim:
                 asyncio.to_thread(fill_shadow, *job_args, str(info["snapshot"]))
             )
             return
+        if info.get("lazy"):  # read through the lazy RAM file: the rest streams in
+            from torpor.vmm.lazymem import fill_shadow
+
+            job_args = (self.files.ram, self.files.shadow, self.files.shadow_meta)
+            self.shadow_init = asyncio.ensure_future(
+                asyncio.to_thread(fill_shadow, *job_args, str(info["snapshot"]))
+            )
+            return
         src = info.get("ram_from")
         if not src or info.get("shadow_ready"):
             return
@@ -768,6 +776,8 @@ class Shim:
             if ram_copy is not None:
                 await ram_copy
                 self.restored_info = info  # its shadow is filled once the VM is ready
+            elif info.get("lazy"):
+                self.restored_info = info  # the shadow streams in through the lazy file
             t_ram = _ms_since(t0)
             if info.get("fault") == "kill-qemu-in-restore" and self.proc is not None:
                 self.proc.kill()
@@ -1042,6 +1052,9 @@ class Shim:
         return 0
 
     def cleanup(self) -> None:
+        lazy = getattr(self.pre, "lazy", None)
+        if lazy is not None:  # a lazy restore's FUSE server: unmount the RAM file first
+            lazy.stop()
         lazy = getattr(self.pre, "lazy", None)
         if lazy is not None:  # a lazy restore's FUSE server: unmount the RAM file first
             lazy.stop()

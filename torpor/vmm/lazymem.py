@@ -1,0 +1,722 @@
+"""Lazy restore: a snapshot's guest memory served by FUSE straight from the store.
+
+A cold restore used to materialize all of a snapshot's memory from the store (every
+chunk read, decompressed, hash-checked) before QEMU could run.  With lazy restore the
+VM's RAM file is instead a **read-only FUSE file** whose reads are answered chunk by
+chunk from the store; QEMU maps it ``share=off`` (``MAP_PRIVATE``: the guest's writes
+are its own anonymous pages, the file never changes), so the guest runs as soon as
+its device state is loaded and pulls in only the memory it touches.
+
+Who runs what:
+
+- :func:`start` (in the shim, from :func:`torpor.vmm.launch.prelaunch`, before QEMU
+  is spawned) starts this module as a child process (``python -m torpor.vmm.lazymem``),
+  waits until its mount answers and checks the mount is really there: QEMU is never
+  given a missing or plain ``mem-path`` (QEMU 7.2 would map an empty file: zero RAM).
+- The server mounts its one-file filesystem **on the VM's RAM file path** itself (a
+  FUSE mount on a regular file: the filesystem's root is the memory file), so QEMU's
+  argv and the jail's bind of the RAM file are unchanged.  The jail chowns it to
+  QEMU's uid (:meth:`MemoryFile.chown` records the owner) and QEMU opens it
+  ``O_RDWR`` (QEMU 7.2 does so even for ``share=off``): writes are refused (EROFS).
+- Every chunk is hash-checked (:meth:`torpor.store.ChunkStore.read_range`) before
+  its bytes are served.  A chunk that is missing or corrupt is an I/O error to QEMU
+  (the guest page fault becomes SIGBUS: QEMU, and so the VM, ends) and an error in
+  the shim's log (this process's stderr) — never wrong bytes.
+- The kernel keeps what was read in the page cache (``kernel_cache``): a page is
+  fetched from the store once per mount.
+
+Lifetime (the shim owns the server): it lives as long as the VM's QEMU maps the file.
+It gets ``PR_SET_PDEATHSIG`` = SIGTERM: when the shim dies (even ``kill -9``) libfuse's
+SIGTERM handler ends its loop and it unmounts (lazily, ``MNT_DETACH``) before exiting.
+On a normal VM exit the shim unmounts (:func:`unmount`) and the server's loop ends
+when the kernel closes the connection.  Anything else that cleans up a VM's RAM file
+(``rm``, a DEAD VM's cleanup, the reaper of orphaned RAM files) calls
+:func:`unmount` first, so a server killed with ``kill -9`` leaves no stale mount past
+the VM's removal.
+
+Privacy: the mount point is the VM's own RAM file in the home's private RAM folder
+(0700).  Without the jail (QEMU runs as root, like this server) FUSE's default
+applies: only the mounting uid may use the mount.  With the jail, QEMU runs as its own
+uid, so the mount is ``allow_other`` with ``default_permissions``: the kernel checks
+the file's mode (0600) and owner (QEMU's uid, set by the jail) like any file's.
+
+Working set (REAP-style, :class:`WorkingSet`): the first lazy restore of a snapshot
+records the order in which chunks were first read during its first seconds
+(``TORPOR_LAZY_RECORD_S``, default 3 s) and saves it next to the hot cache
+(``cache/workingsets/<snapshot>``), MAC'd with the store's key and capped at the
+artifact's chunk count.  Later lazy restores of that snapshot fetch those chunks
+first, on a background thread, so QEMU's page faults mostly find them in memory.  A
+working set is only a hint: a bad, foreign or stale one is ignored (it can cost time,
+never correctness — every chunk is still hash-checked).  Fetched-ahead chunks are
+dropped from this process's memory once served (the kernel's page cache holds them).
+
+Statistics (bytes fetched from the store, chunks served, prefetched) are written to
+``<vm dir>/lazymem.json`` (atomically, at most every 50 ms while they change) for
+``torpor bench lazy`` and ``inspect``.
+
+If FUSE is unusable (:func:`available`: no ``/dev/fuse``, no libfuse3, no
+``mfusepy``), restores fall back to materializing the whole memory, saying so in the
+log (torpor.snapshot.core.place_snapshot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import hmac
+import importlib.util
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from torpor.errors import VMError
+
+log = logging.getLogger("torpor.lazymem")
+
+FUSE_SUPER_MAGIC = 0x65735546
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+READY_TIMEOUT = 20.0  # s: the server's start (python, store, mount) under load
+RECENT_CHUNKS = 128  # chunks kept after serving (partial-chunk reads come back)
+PREFETCH_MAX_BYTES = 512 << 20  # fetched-ahead chunks not yet served, at most
+WS_DIR = "workingsets"
+WS_VERSION = 1
+STATS_FILE = "lazymem.json"
+
+
+def enabled() -> bool:
+    """Whether cold restores should be lazy (``TORPOR_LAZY_RESTORE``: 1 on, else off)."""
+    return os.environ.get("TORPOR_LAZY_RESTORE", "") == "1"
+
+
+def available() -> str | None:
+    """None if lazy restore can work on this host, else why not."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/fuse cannot be opened ({e.strerror})"
+    os.close(fd)
+    if not ctypes.util.find_library("fuse3"):
+        return "libfuse3 is not installed"
+    if importlib.util.find_spec("mfusepy") is None:
+        return "the Python package mfusepy is not installed"
+    return None
+
+
+# -- mounts ------------------------------------------------------------------------------
+
+
+def _mountpoints() -> set[str]:
+    out = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                parts = line.split(b" ")
+                if len(parts) > 4:
+                    # octal escapes (\040 for a space) as the kernel writes them
+                    out.add(parts[4].decode("unicode_escape", errors="replace"))
+    except OSError:
+        pass
+    return out
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether ``path`` is a mount point in this mount namespace."""
+    return str(path) in _mountpoints()
+
+
+def is_fuse(path: Path) -> bool:
+    """Whether ``path`` is (the root of) a FUSE filesystem."""
+
+    class _Statfs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _Statfs()
+    if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) == FUSE_SUPER_MAGIC
+
+
+def unmount(path: Path) -> bool:
+    """Detach a lazy-memory mount at ``path`` if there is one; True if one was.
+
+    ``MNT_DETACH``: a QEMU still mapping it keeps its pages until it exits, and the
+    path is free at once (the RAM file can then be unlinked)."""
+    path = Path(path)
+    if not is_mounted(path):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(8):  # stacked mounts (should not happen): take them all off
+        if libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: not a mount point (any more)
+                log.warning("could not unmount lazy memory at %s: %s", path, os.strerror(err))
+            break
+        if not is_mounted(path):
+            break
+    return True
+
+
+# -- working set ------------------------------------------------------------------------
+
+
+class WorkingSet:
+    """The chunks a restored VM read first, in order: a prefetch hint per snapshot.
+
+    Stored as ``cache/workingsets/<snapshot id>`` (JSON, 0600) with an HMAC-SHA256
+    over the snapshot id, chunk size, chunk count and the list, keyed by the store's
+    secret: a file written by anyone else (or for another snapshot) is ignored.  The
+    list comes from the guest's behaviour, so it is capped: indexes are distinct,
+    within the artifact, at most one per chunk."""
+
+    def __init__(self, root: Path, key: bytes, snap_id: str, chunk_size: int, n_chunks: int):
+        self.path = Path(root) / "cache" / WS_DIR / snap_id
+        self.key, self.snap_id = key, snap_id
+        self.chunk_size, self.n_chunks = chunk_size, n_chunks
+
+    def _mac(self, chunks: list[int]) -> str:
+        msg = json.dumps(
+            [WS_VERSION, self.snap_id, self.chunk_size, self.n_chunks, chunks],
+            separators=(",", ":"),
+        ).encode()
+        return hmac.new(self.key, msg, hashlib.sha256).hexdigest()
+
+    def load(self) -> list[int] | None:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read(16 * self.n_chunks + 4096)  # capped: ~8 bytes per index
+            d = json.loads(raw)
+            chunks = d["chunks"]
+            if (
+                not isinstance(chunks, list)
+                or len(chunks) > self.n_chunks
+                or not all(isinstance(i, int) and 0 <= i < self.n_chunks for i in chunks)
+                or len(set(chunks)) != len(chunks)
+                or not hmac.compare_digest(str(d["mac"]), self._mac(chunks))
+            ):
+                log.warning("working set %s ignored: not valid for this snapshot", self.path)
+                return None
+            return chunks
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("working set %s ignored: %s", self.path, e)
+            return None
+
+    def save(self, chunks: list[int]) -> None:
+        from torpor.fsutil import atomic_write_bytes
+
+        chunks = list(dict.fromkeys(i for i in chunks if 0 <= i < self.n_chunks))
+        body = {"snapshot": self.snap_id, "chunks": chunks, "mac": self._mac(chunks)}
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, json.dumps(body).encode(), mode=0o600)
+
+
+def remove_working_set(root: Path, snap_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(root) / "cache" / WS_DIR / snap_id).unlink()
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+class MemoryFile:
+    """mfusepy operations of a filesystem whose root is one read-only file: the memory
+    artifact of one snapshot, read from the store."""
+
+    use_ns = True
+
+    def __init__(
+        self,
+        store: Any,
+        artifact: Any,
+        *,
+        uid: int,
+        gid: int,
+        prefetch: list[int] | None,
+        record: WorkingSet | None,
+        record_s: float,
+        stats_path: Path | None,
+        ready_fd: int = -1,
+    ) -> None:
+        self.store, self.art = store, artifact
+        self.size, self.cs = artifact.size, artifact.chunk_size
+        self.uid, self.gid = uid, gid
+        self._mu = threading.Lock()
+        self.inflight: dict[int, Future[bytes]] = {}
+        self.ahead: dict[int, bytes] = {}  # fetched ahead, not served yet
+        self.ahead_bytes = 0
+        self.recent: OrderedDict[int, bytes] = OrderedDict()
+        self.prefetch = prefetch or []
+        self.record = record
+        self.record_until = time.monotonic() + record_s
+        self.order: list[int] = []
+        self.touched: set[int] = set()
+        self.ready_fd = ready_fd
+        self.stats_path = stats_path
+        self.stats: dict[str, Any] = {
+            "size": self.size,
+            "chunk_size": self.cs,
+            "fetched_bytes": 0,  # uncompressed bytes of non-zero chunks read from the store
+            "fetched_chunks": 0,
+            "served_bytes": 0,
+            "prefetch_chunks": len(self.prefetch),
+            "prefetched_chunks": 0,
+            "prefetch_hits": 0,
+            "first_read_s": None,
+            "errors": 0,
+            "working_set": "used" if self.prefetch else ("recording" if record else "none"),
+        }
+        self.t0 = time.monotonic()
+        self.dirty = threading.Event()
+        self.closing = threading.Event()
+        self.now_ns = time.time_ns()
+
+    # -- fetching
+    def _fetch(self, i: int) -> bytes:
+        """Chunk ``i``'s verified bytes (one fetch per chunk at a time)."""
+        h = self.art.chunks[i]
+        off, ln = self.art.span(i)
+        if h is None:
+            return bytes(ln)
+        with self._mu:
+            data = self.ahead.pop(i, None)
+            if data is not None:
+                self.ahead_bytes -= len(data)
+                self.stats["prefetch_hits"] += 1
+                return data
+            data = self.recent.get(i)
+            if data is not None:
+                self.recent.move_to_end(i)
+                return data
+            fut = self.inflight.get(i)
+            owner = fut is None
+            if owner:
+                fut = self.inflight[i] = Future()
+        assert fut is not None
+        if not owner:
+            return fut.result()
+        try:
+            data = self.store.read_range(self.art, off, ln, name="memory")
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._mu:
+                self.inflight.pop(i, None)
+        with self._mu:
+            self.stats["fetched_bytes"] += ln
+            self.stats["fetched_chunks"] += 1
+        fut.set_result(data)
+        self.dirty.set()
+        return data
+
+    def _keep_recent(self, i: int, data: bytes) -> None:
+        with self._mu:
+            self.recent[i] = data
+            self.recent.move_to_end(i)
+            while len(self.recent) > RECENT_CHUNKS:
+                self.recent.popitem(last=False)
+
+    def prefetch_loop(self) -> None:
+        """Fetch the recorded working set ahead of QEMU, in its order."""
+        for i in self.prefetch:
+            if self.closing.is_set():
+                return
+            if i in self.touched or self.art.chunks[i] is None:
+                continue
+            while self.ahead_bytes > PREFETCH_MAX_BYTES and not self.closing.is_set():
+                time.sleep(0.005)
+            try:
+                data = self._fetch(i)
+            except Exception as e:  # QEMU's own read of it reports it
+                log.error("lazy memory: prefetch of chunk %d failed: %s", i, e)
+                return
+            with self._mu:
+                if i not in self.touched:
+                    self.ahead[i] = data
+                    self.ahead_bytes += len(data)
+                self.stats["prefetched_chunks"] += 1
+        self.dirty.set()
+
+    def stats_loop(self) -> None:
+        while not self.closing.is_set():
+            self.dirty.wait(1.0)
+            if self.record and time.monotonic() >= self.record_until:
+                self.save_working_set()
+            if self.dirty.is_set():
+                self.dirty.clear()
+                self.write_stats()
+                time.sleep(0.05)
+
+    def write_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        from torpor.fsutil import atomic_write_bytes
+
+        with self._mu:
+            body = json.dumps(self.stats).encode()
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self.stats_path, body, mode=0o600)
+
+    def save_working_set(self) -> None:
+        with self._mu:
+            rec, self.record = self.record, None
+            order = list(self.order)
+        if rec is None or not order:
+            return
+        try:
+            rec.save(order)
+            self.stats["working_set"] = f"recorded {len(order)} chunks"
+            log.info("lazy memory: working set of %d chunks recorded", len(order))
+        except OSError as e:
+            log.warning("lazy memory: working set not saved: %s", e)
+        self.dirty.set()
+
+    # -- FUSE operations (paths: only "/" exists)
+    def init(self, path: str) -> None:
+        if self.ready_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.ready_fd, b"ok\n")
+                os.close(self.ready_fd)
+            self.ready_fd = -1
+        threading.Thread(target=self.stats_loop, name="stats", daemon=True).start()
+        if self.prefetch:
+            threading.Thread(target=self.prefetch_loop, name="prefetch", daemon=True).start()
+
+    def destroy(self, path: str) -> None:
+        self.save_working_set()
+        self.closing.set()
+        self.write_stats()
+
+    def _check(self, path: str) -> None:
+        from mfusepy import FuseOSError
+
+        if path != "/":
+            raise FuseOSError(errno.ENOENT)
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        self._check(path)
+        return {
+            "st_mode": stat.S_IFREG | 0o600,
+            "st_nlink": 1,
+            "st_size": self.size,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_atime": self.now_ns,
+            "st_mtime": self.now_ns,
+            "st_ctime": self.now_ns,
+            "st_blocks": (self.size + 511) // 512,
+        }
+
+    def open(self, path: str, flags: int) -> int:
+        self._check(path)
+        return 0
+
+    def read(self, path: str | None, size: int, offset: int, fh: Any) -> bytes:
+        from mfusepy import FuseOSError
+
+        if offset >= self.size or size <= 0:
+            return b""
+        end = min(self.size, offset + size)
+        first, last = offset // self.cs, (end - 1) // self.cs
+        now = time.monotonic()
+        with self._mu:
+            if self.stats["first_read_s"] is None:
+                self.stats["first_read_s"] = round(now - self.t0, 4)
+            for i in range(first, last + 1):
+                if i not in self.touched:
+                    self.touched.add(i)
+                    if (
+                        self.record is not None
+                        and now < self.record_until
+                        and self.art.chunks[i] is not None
+                    ):
+                        self.order.append(i)
+        parts = []
+        for i in range(first, last + 1):
+            try:
+                data = self._fetch(i)
+            except Exception as e:
+                with self._mu:
+                    self.stats["errors"] += 1
+                self.dirty.set()
+                log.error(
+                    "lazy memory: chunk %d (offset %d) could not be served: %s; "
+                    "QEMU gets an I/O error",
+                    i,
+                    i * self.cs,
+                    e,
+                )
+                raise FuseOSError(errno.EIO) from e
+            if self.art.chunks[i] is not None:
+                self._keep_recent(i, data)
+            lo = max(offset, i * self.cs) - i * self.cs
+            hi = min(end, (i + 1) * self.cs) - i * self.cs
+            parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+        out = b"".join(parts)
+        with self._mu:
+            self.stats["served_bytes"] += len(out)
+        self.dirty.set()
+        return out
+
+    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
+        from mfusepy import FuseOSError
+
+        raise FuseOSError(errno.EROFS)
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        from mfusepy import FuseOSError
+
+        self._check(path)
+        if length != self.size:
+            raise FuseOSError(errno.EROFS)
+        return 0
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        # only root passes the kernel's check (default_permissions / the mounter alone):
+        # the jail giving the file to QEMU's uid
+        self._check(path)
+        if uid != -1 and uid != 0xFFFFFFFF:
+            self.uid = uid
+        if gid != -1 and gid != 0xFFFFFFFF:
+            self.gid = gid
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        self._check(path)  # always 0600
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        self._check(path)
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": self.size // 4096, "f_namemax": 255}
+
+
+def serve(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="torpor-lazymem")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--snapshot", required=True)
+    ap.add_argument("--mount", required=True)
+    ap.add_argument("--uid", type=int, default=0)
+    ap.add_argument("--gid", type=int, default=0)
+    ap.add_argument("--allow-other", action="store_true")
+    ap.add_argument("--stats")
+    ap.add_argument("--ready-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s lazymem[%(process)d] %(levelname)s %(message)s"
+    )
+    ready = args.ready_fd
+
+    def fail(msg: str) -> int:
+        log.error("%s", msg)
+        if ready >= 0:
+            with contextlib.suppress(OSError):
+                os.write(ready, f"error: {msg}\n".encode()[:4000])
+        return 1
+
+    try:
+        from mfusepy import FUSE
+
+        from torpor.store.home import home_store
+
+        root = Path(args.root)
+        store = home_store(root)
+        manifest = store.get(args.snapshot)  # MAC-checked
+        art = manifest.artifacts["memory"]
+        ws = WorkingSet(root, store._key, manifest.id, art.chunk_size, len(art.chunks))
+        prefetch = ws.load()
+        record_s = float(os.environ.get("TORPOR_LAZY_RECORD_S") or 3.0)
+        ops = MemoryFile(
+            store,
+            art,
+            uid=args.uid,
+            gid=args.gid,
+            prefetch=prefetch,
+            record=None if prefetch is not None else ws,
+            record_s=record_s,
+            stats_path=Path(args.stats) if args.stats else None,
+            ready_fd=ready,
+        )
+    except Exception as e:
+        return fail(f"lazy memory server could not start: {e}")
+    opts: dict[str, Any] = {
+        "foreground": True,
+        "fsname": "torpor-lazymem",
+        "subtype": "torpor",
+        "kernel_cache": True,
+        "default_permissions": True,
+    }
+    if args.allow_other:
+        opts["allow_other"] = True
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            FUSE(ops, args.mount, **opts)
+    except Exception as e:
+        return fail(f"lazy memory mount at {args.mount} failed: {e}")
+    finally:
+        unmount(Path(args.mount))  # libfuse unmounts too; this covers its failures
+        with contextlib.suppress(Exception):
+            store.close()
+    return 0
+
+
+# -- the shim's side ----------------------------------------------------------------------
+
+
+def fill_shadow(ram: Path, shadow: Path, meta: Path, snap_id: str) -> int:
+    """After a lazy restore (a shim thread, once the VM is ready): the VM's shadow
+    becomes the snapshot's memory, read through the lazy RAM file — which is also what
+    streams the rest of the memory in behind the guest.  Starts after
+    ``TORPOR_LAZY_STREAM_DELAY_S`` (default 1 s: the guest's first steps fetch first).
+    The file never changes (QEMU maps it private), so this is the snapshot's memory,
+    every chunk hash-checked by the server.  Returns the bytes of data written."""
+    from torpor.vmm.capture import write_meta
+
+    write_meta(meta, {"snapshot": None, "capture": None})
+    time.sleep(float(os.environ.get("TORPOR_LAZY_STREAM_DELAY_S") or 1.0))
+    block = 1 << 20
+    written = 0
+    zero = bytes(block)
+    with open(ram, "rb", buffering=0) as fi, open(shadow, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        fo.truncate(size)
+        off = 0
+        while off < size:
+            data = os.pread(fi.fileno(), min(block, size - off), off)
+            if not data:
+                raise OSError(errno.EIO, f"short read of the lazy RAM file at {off}")
+            if data != zero[: len(data)]:
+                os.pwrite(fo.fileno(), data, off)
+                written += len(data)
+            off += len(data)
+    write_meta(meta, {"snapshot": snap_id, "capture": None})
+    return written
+
+
+class LazyMemory:
+    """A running server for one VM (owned by the VM's shim)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], mount: Path, stats: Path) -> None:
+        self.popen, self.mount, self.stats = popen, mount, stats
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Unmount (QEMU is gone or going) and reap the server."""
+        unmount(self.mount)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        unmount(self.mount)
+
+
+def _child_setup() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    # SIGTERM, not SIGKILL: libfuse's handler unmounts before the server exits
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    os.umask(0o077)
+
+
+def start(
+    root: Path, vm_dir: Path, mount: Path, snap_id: str, size: int, *, uid: int, gid: int,
+    jailed: bool,
+) -> LazyMemory:
+    """Start the server for ``mount`` (the VM's RAM file path) and wait until it serves.
+
+    Raises VMError if it does not come up, or if the path is not its mount afterwards."""
+    mount = Path(mount)
+    unmount(mount)  # a stale one from a killed server
+    with contextlib.suppress(FileNotFoundError):
+        mount.unlink()
+    # the mount point: an empty private file (a FUSE mount on a file: its root is a file)
+    os.close(os.open(mount, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    stats = vm_dir / STATS_FILE
+    with contextlib.suppress(FileNotFoundError):
+        stats.unlink()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    argv = [
+        sys.executable, "-m", "torpor.vmm.lazymem", "--root", str(root), "--snapshot", snap_id,
+        "--mount", str(mount), "--uid", str(uid), "--gid", str(gid), "--stats", str(stats),
+        "--ready-fd", str(w),
+    ]
+    if jailed:
+        argv.append("--allow-other")
+    try:
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, pass_fds=(w,), preexec_fn=_child_setup,
+            close_fds=True,
+        )
+    finally:
+        os.close(w)
+    lazy = LazyMemory(popen, mount, stats)
+    try:
+        msg = _read_ready(r, popen)
+        if msg != "ok":
+            raise VMError(f"lazy memory: {msg or 'the server exited'}", step="restore: lazy memory")
+        try:
+            got = os.stat(mount).st_size  # answered by the server: it serves
+        except OSError as e:
+            raise VMError(f"lazy memory: {mount}: {e}", step="restore: lazy memory") from e
+        if not is_mounted(mount) or not is_fuse(mount) or got != size:
+            raise VMError(
+                f"lazy memory: {mount} is not the server's mount (size {got})",
+                step="restore: lazy memory",
+            )
+    except BaseException:
+        lazy.stop(timeout=2.0)
+        raise
+    finally:
+        os.close(r)
+    return lazy
+
+
+def _read_ready(fd: int, popen: subprocess.Popen[bytes]) -> str:
+    import select
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"the server did not mount within {READY_TIMEOUT:.0f} s"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return "" if popen.poll() is not None or not buf else buf.decode(errors="replace")
+        buf += chunk
+        if len(buf) > 8192:
+            break
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
