@@ -1544,6 +1544,7 @@ def system_prune(force: bool, grace: int) -> None:
         "cluster": "torpor.bench.cluster:cluster",
         "restore": "torpor.bench.restore:restore_cmd",
         "starts": "torpor.bench.starts:starts_cmd",
+        "fork": "torpor.bench.fork:fork_cmd",
     },
 )
 def bench() -> None:
