@@ -22,6 +22,9 @@ Points (keep this list in step with the calls):
 - ``store.manifest_write``: before a manifest is written (the commit point)
 - ``store.gc_unlink``: before gc unlinks a garbage chunk
 - ``log.write``: before a context-log write transaction commits (torpor/context/sqlite.py)
+- ``journal.write``, ``journal.durable``, ``journal.commit``: a checkpoint journal torn,
+  durable before the log names it, its background commit (torpor/snapshot/journal.py)
+- ``session.checkpoint_logged``: a turn's checkpoint entry appended, answer not returned
 
 Invariant: with no point enabled, :func:`hit` is a dict lookup and never raises.
 """

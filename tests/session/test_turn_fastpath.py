@@ -6,8 +6,9 @@ after the capture is durable in the journal *and* the checkpoint entry naming it
 snapshot is in the log.  So a crash before that replays the turn from the previous
 checkpoint (nothing of the lost attempt survives), and a crash after it keeps the
 answer and restores the VM from the journal, whether or not the store commit behind
-it ran.  Each turn of ``scripted:bench`` appends ``turn-N`` to /work/log in the guest,
-(the script counts from 0), so the guest's file says which turns the machine has: exactly the checkpointed ones.
+it ran.  Each turn of ``scripted:bench`` appends ``turn-N`` to /work/log in the guest
+(the script counts from 0), so the guest's file says which turns the machine has:
+exactly the checkpointed ones.
 
 One VM boot; each crash is a child process running one turn (kill -9 by a
 failpoint), each recovery restores the VM (no boot).

@@ -13,10 +13,15 @@ ran; ``recover`` restores the last checkpoint and replays the turn.  (Killing th
 torpor process itself mid-turn is covered by the test suite; it leaves the same
 state plus superseded partial entries.)  The claim under test: resume and
 recovery do not grow with N.
+
+"Added per turn" is what the checkpoint adds to a turn: from the answer's
+``model_response`` entry (its ``created_at``) to ``send()`` returning.  With
+``TORPOR_JOURNAL=0`` checkpoints take the synchronous path (the before-rows).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,11 +39,18 @@ def run_one(
     s = Session.create(image, "scripted:bench", memory_mib=memory_mib, paths=paths)
     try:
         turn_ms: list[float] = []
+        added_ms: list[float] = []  # the answer logged -> send() returned: the checkpoint
         t_all = time.perf_counter()
         for i in range(turns):
             t0 = time.perf_counter()
             s.send(f"turn {i + 1}")
+            done = time.time()
             turn_ms.append((time.perf_counter() - t0) * 1000)
+            answer = [
+                e for e in s.log(after=s.checkpoints[-1].seq - 3) if e.kind == Kind.MODEL_RESPONSE
+            ]
+            if answer:
+                added_ms.append((done - answer[-1].created_at) * 1000)
             if (i + 1) % max(1, turns // 10) == 0:
                 say(f"  N={turns}: {i + 1} turns ({time.perf_counter() - t_all:.0f} s)")
         cks = [c for c in s.checkpoints if c.reason == "turn"]
@@ -71,6 +83,8 @@ def run_one(
             "turns": turns,
             "accel": accel,
             "turn_ms": summary(turn_ms),
+            "added_per_turn_ms": summary(added_ms),
+            "journal": os.environ.get("TORPOR_JOURNAL") != "0",
             "checkpoint_pause_ms": summary([c.pause_ms for c in cks]),
             "checkpoint_durable_ms": summary([c.durable_ms for c in cks]),
             "checkpoint_stored_bytes": summary([float(c.stored_bytes) for c in cks]),
@@ -112,6 +126,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
     cols = (
         "turns",
         "turn p50",
+        "added/turn p50/p95",
         "checkpoint durable p50/p95",
         "pause p50",
         "stored/turn p50",
@@ -126,6 +141,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         t.add_row(
             str(x["turns"]),
             f"{x['turn_ms']['p50']:.0f} ms",
+            f"{x['added_per_turn_ms']['p50']:.0f}/{x['added_per_turn_ms']['p95']:.0f} ms",
             f"{x['checkpoint_durable_ms']['p50']:.0f}/{x['checkpoint_durable_ms']['p95']:.0f} ms",
             f"{x['checkpoint_pause_ms']['p50']:.0f} ms",
             f"{x['checkpoint_stored_bytes']['p50'] / 1e3:.0f} KB",

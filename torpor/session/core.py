@@ -36,7 +36,11 @@ exactly these calls, so a user's loop gets the same guarantees:
   lineage, and a user-written one could make the log lie about the machine.
   Payloads are JSON objects of at most :data:`MAX_APPEND_BYTES`.
 - ``checkpoint`` snapshots the VM and appends the ``checkpoint`` entry naming it
-  before it returns: log position and snapshot describe the same moment.
+  before it returns: log position and snapshot describe the same moment.  Durable
+  means: in the store, or (the fast path, :mod:`torpor.snapshot.journal`) in this
+  home's fsync'd checkpoint journal, committed into the store behind; the entry is
+  appended only after that point, and every reader of the snapshot finishes the
+  journal first.
 - Work after the last checkpoint is provisional: whenever the VM has to be rebuilt
   from that checkpoint (crash, VM lost or killed, ``recover``), the conversation and
   custom entries after it are superseded, because the machine no longer has
