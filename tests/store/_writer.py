@@ -33,17 +33,17 @@ def main() -> None:
     s = ChunkStore(root, threads=1)
     parent = s.get(parent_id).artifacts["disk"] if parent_id else None
     if mode == "pause-chunks":
-        real = store_mod.ChunkStore._write_chunk
+        real = store_mod.ChunkStore._store_frame
         count = [0]
 
-        def slow(self, h, data, prev=None):
-            r = real(self, h, data, prev)
+        def slow(self, h, frame):
+            r = real(self, h, frame)
             count[0] += 1
             if count[0] == 3:
                 pause()
             return r
 
-        store_mod.ChunkStore._write_chunk = slow
+        store_mod.ChunkStore._store_frame = slow
         s.put_file(file, chunk_size=64 * 1024, parent=parent)
     elif mode == "pause-commit":
 

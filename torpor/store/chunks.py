@@ -128,6 +128,15 @@ def compress_chunk(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> byte
     return _compressor(level).compress(data)
 
 
+def compress_many(
+    chunks: list[bytes | memoryview], level: int = DEFAULT_LEVEL, threads: int = 1
+) -> list[memoryview]:
+    """:func:`compress_chunk` of each of ``chunks`` (the same frames), compressed on
+    ``threads`` of zstd's own C threads in one call: no GIL hand-off per chunk."""
+    out = _compressor(level).multi_compress_to_buffer(chunks, threads=max(1, threads))
+    return [memoryview(out[i]) for i in range(len(out))]  # each keeps ``out`` alive
+
+
 DELTA_MAGIC = b"TDL1"
 DELTA_HEADER_LEN = len(DELTA_MAGIC) + 32
 

@@ -87,7 +87,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,7 @@ from torpor.store.manifest import (
 STORE_FORMAT = b"torpor-store 1\n"
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
-IO_THREADS = 4
+SYNC_THREADS = 16
 # A new version of a chunk is stored as a delta against the previous version's plain
 # anchor only when the delta is at most 1/DELTA_RATIO of the plain frame; otherwise
 # it is stored plain and becomes the anchor for the versions after it.
@@ -287,16 +287,14 @@ class ChunkStore:
             self._pool = _shared_pool(self.threads, "torpor-store")
         return self._pool
 
-    def _io_executor(self) -> ThreadPoolExecutor:
-        """Threads for writes that end in fdatasync/fsync: they partly wait on the
-        disk, and the filesystem journal batches concurrent syncs into one commit, so
-        more of them than cores pay off (first snapshot: 580 -> ~300 ms with 16, when
-        each chunk was only compressed).  Since chunks became deltas a write is mostly
-        CPU (read and check the anchor, compress against it): on 2 cores 4 threads
-        beat 16 per turn (60-75 vs 82-92 ms for the memory put), and tie on a first
-        snapshot (780-874 vs 878-902 ms)."""
+    def _sync_executor(self) -> ThreadPoolExecutor:
+        """Threads that only fdatasync/fsync and rename: they wait on the disk, and
+        the filesystem journal folds concurrent syncs into one commit, so many more
+        of them than cores pay off.  Compression runs on :meth:`_executor` (CPU: as
+        many threads as cores); before the split, 4 threads each compressing and then
+        syncing left the cores idle while they waited on the disk."""
         if self._io_pool is None:
-            self._io_pool = _shared_pool(max(self.threads, IO_THREADS), "torpor-store-io")
+            self._io_pool = _shared_pool(max(self.threads, SYNC_THREADS), "torpor-store-sync")
         return self._io_pool
 
     def close(self) -> None:
@@ -364,10 +362,8 @@ class ChunkStore:
         got = self._read_chunk(base, None)
         return (base, got, frame_len) if isinstance(got, bytes) else None
 
-    def _write_chunk(
-        self, h: str, data: memoryview | bytes, prev: str | None = None
-    ) -> tuple[int, float]:
-        """Compress and store chunk ``h``; returns (compressed size, seconds compressing).
+    def _frame(self, data: memoryview | bytes, prev: str | None) -> tuple[bytes, float]:
+        """The frame to store for a new chunk, and the seconds spent compressing.
 
         ``prev`` is the chunk at the same place in the parent: if a delta against its
         anchor is at most half the anchor's plain frame (the new version's own plain
@@ -382,19 +378,28 @@ class ChunkStore:
                 frame = delta
         if not frame:
             frame = ck.compress_chunk(data, self.level)
-        dt = time.perf_counter() - t0
-        dest = self.chunk_path(h)
+        return frame, time.perf_counter() - t0
+
+    def _store_frame(self, h: str, frame: bytes | memoryview) -> int:
+        """Write chunk ``h``'s frame durably under its name; returns its size.
+
+        Data first (temp file, fdatasync, rename): a chunk under its real name is
+        never torn.  On failure the temp file is removed and nothing is named."""
         fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
         try:
-            with os.fdopen(fd, "wb") as f:
+            try:
                 failpoints.hit("store.chunk_write")
-                f.write(frame)
-                f.flush()
-                os.fdatasync(f.fileno())  # data first: a renamed chunk is never torn
+                view = memoryview(frame)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            dest = self._cpath(h)
             try:
                 os.replace(tmp, dest)
             except FileNotFoundError:
-                dest.parent.mkdir(exist_ok=True)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
                 self._synced_dirs.discard("")  # chunks/ itself gained an entry
                 os.replace(tmp, dest)
             self._synced_dirs.discard(h[:2])
@@ -402,7 +407,19 @@ class ChunkStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return len(frame), dt
+        self._chunk_stored(h)
+        return len(frame)
+
+    def _chunk_stored(self, h: str) -> None:
+        """Hook: chunk ``h`` was just written (durable, under its name)."""
+
+    def _write_chunk(
+        self, h: str, data: memoryview | bytes, prev: str | None = None
+    ) -> tuple[int, float]:
+        """Compress and store chunk ``h`` durably; returns (compressed size, seconds
+        compressing).  See :meth:`_frame` for ``prev``."""
+        frame, dt = self._frame(data, prev)
+        return self._store_frame(h, frame), dt
 
     def _read_chunk(self, h: str, length: int | None, *, depth: int = 0) -> bytes | str:
         """The verified bytes of chunk ``h``, or ``"missing"`` / ``"corrupt"``.
@@ -550,16 +567,22 @@ class ChunkStore:
                 result[i] = parent.chunks[i]
                 st["reused"] += result[i] is not None
 
-        batches = ck.read_chunks(fd, size, chunk_size, to_read)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            st["t_read"] += time.perf_counter() - t0
-            if batch is None:
-                break
-            self._put_batch(batch, result, parent, parent_set, st)
-            if progress is not None:
-                progress(min(size, (batch[-1].index + 1) * chunk_size), size)
+        # Written chunks are synced and named on the sync threads while later batches
+        # are read, hashed and compressed; all of them are waited for before returning.
+        pending: dict[Future[int], str] = {}
+        try:
+            batches = ck.read_chunks(fd, size, chunk_size, to_read)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                st["t_read"] += time.perf_counter() - t0
+                if batch is None:
+                    break
+                self._put_batch(batch, result, parent, parent_set, st, pending)
+                if progress is not None:
+                    progress(min(size, (batch[-1].index + 1) * chunk_size), size)
+        finally:
+            st["stored"] += self._wait_finished(pending)
         if progress is not None:
             progress(size, size)
 
@@ -587,6 +610,7 @@ class ChunkStore:
         parent: Artifact | None,
         parent_set: frozenset[str],
         st: dict,
+        pending: dict[Future[int], str],
     ) -> None:
         t0 = time.perf_counter()
         hashed: list[tuple[ck.ChunkRead, str]] = []
@@ -626,17 +650,35 @@ class ChunkStore:
                 if not isinstance(got, bytes):
                     to_write[h] = unknown[h]
         if to_write:
-            pool = self._io_executor()
-            hs = list(to_write)
             prev: dict[str, str | None] = {}  # the parent's chunk at the same place
             if parent is not None:
                 for c, h in hashed:
                     if h in absent and h not in prev and c.index < len(parent.chunks):
                         prev[h] = parent.chunks[c.index]  # (a repaired chunk stays plain)
-            prevs = [prev.get(h) for h in hs]
-            for size, dt in pool.map(self._write_chunk, hs, [to_write[h] for h in hs], prevs):
-                st["stored"] += size
+            # Compress on the compute threads: chunks without a delta candidate in one
+            # call that runs zstd on C threads (no GIL hand-offs per chunk; the same
+            # frames as compress_chunk), the others one by one.  Then write, sync and
+            # name each frame on the sync threads, in the background: the batch's
+            # read buffer is free for the next batch as soon as this returns.
+            t1 = time.perf_counter()
+            plain = [h for h in to_write if prev.get(h) is None]
+            frames: dict[str, bytes | memoryview] = {}
+            if len(plain) > 1:
+                out = ck.compress_many([to_write[h] for h in plain], self.level, self.threads)
+                frames.update(zip(plain, out, strict=True))
+            elif plain:
+                frames[plain[0]] = ck.compress_chunk(to_write[plain[0]], self.level)
+            st["t_comp"] += time.perf_counter() - t1
+            others = [h for h in to_write if h not in frames]
+            deltas = self._executor().map(
+                self._frame, [to_write[h] for h in others], [prev[h] for h in others]
+            )
+            for h, (frame, dt) in zip(others, deltas, strict=True):
+                frames[h] = frame
                 st["t_comp"] += dt
+            sync = self._sync_executor()
+            for h, frame in frames.items():
+                pending[sync.submit(self._store_frame, h, frame)] = h
         new = set(to_write)
         self._mine |= {h for _, h in hashed}
         # Count per chunk: the first occurrence of a written hash is "new", the rest reuse.
@@ -646,6 +688,21 @@ class ChunkStore:
                 new.discard(h)
             else:
                 st["reused"] += 1
+
+    def _wait_finished(self, pending: dict[Future[int], str]) -> int:
+        """Wait for every chunk sync in flight; return their bytes, or raise the first
+        error once all are done (a chunk that failed is no longer counted as ours)."""
+        stored, err = 0, None
+        for f, h in pending.items():
+            try:
+                stored += f.result()
+            except BaseException as e:
+                self._mine.discard(h)
+                err = err or e
+        pending.clear()
+        if err is not None:
+            raise err
+        return stored
 
     # -- commit --------------------------------------------------------------
 
@@ -702,7 +759,7 @@ class ChunkStore:
         paths = [self.chunks_dir / d for d in sorted(dirs)]
         if "" not in self._synced_dirs:
             paths.append(self.chunks_dir)
-        for _ in self._io_executor().map(_fsync_existing_dir, paths):
+        for _ in self._sync_executor().map(_fsync_existing_dir, paths):
             pass
         self._synced_dirs |= dirs | {""}
 

@@ -855,10 +855,7 @@ class TieredStore(ChunkStore):
             self._index_of(parent)
         return super().put_file(path, parent=parent, **kw)
 
-    def _write_chunk(
-        self, h: str, data: memoryview | bytes, prev: str | None = None
-    ) -> tuple[int, float]:
-        out = super()._write_chunk(h, data, prev)
+    def _chunk_stored(self, h: str) -> None:
         self._written.add(h)
         if self.durability == "bucket" and h not in self._locs:
             # (a chunk an index locates, e.g. a parent's evicted from the cache and
@@ -872,7 +869,6 @@ class TieredStore(ChunkStore):
                     if self._packer is None:
                         self._packer = _Packer(self)
             self._packer.add(h, frame)
-        return out
 
     def _drop_lease(self) -> None:
         super()._drop_lease()
