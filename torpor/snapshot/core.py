@@ -302,6 +302,11 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         base = cap.pop("base_snapshot")
         capture_id = cap.pop("capture")
         mem_chunk = int(cap.pop("chunk_size"))
+        # a private VM's capture (torpor.vmm.ramless): the memory file is its overlay,
+        # whose holes stand for its base (readable at base_file while its shim lives)
+        private = bool(cap.pop("private", False))
+        base_file = Path(str(cap.pop("base_file", "")))
+        qemu = str(cap.pop("qemu_version", ""))
         t.update(cap)
         _crash_point("captured")
         t1 = time.perf_counter()
@@ -321,11 +326,15 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
                     and pa.chunk_size == mem_chunk
                 )
                 t["memory_dirty_path"] = float(usable)
+                if private and not usable:
+                    _fill_overlay(shadow, base_file)  # read whole: the base into its holes
                 try:
                     art, stats = store.put_file(
                         shadow, chunk_size=mem_chunk, parent=pa, dirty=changed if usable else None
                     )
                 except ChunkMissingError:  # a parent chunk vanished: read everything
+                    if private:
+                        _fill_overlay(shadow, base_file)
                     art, stats = store.put_file(shadow, chunk_size=mem_chunk, parent=pa)
             arts[name] = art
             stored += stats.bytes_stored
@@ -335,6 +344,8 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             if name == "memory":
                 _crash_point("memory-stored")
         meta = _snapshot_meta(vm, base_ref, guest, tag)
+        if qemu:  # a private VM restored from it reuses its stream's head: same QEMU only
+            meta["qemu"] = qemu
         _crash_point("before-commit")
         t2 = time.perf_counter()
         manifest = store.commit(arts, parent=parent.id if parent else None, meta=meta)
@@ -346,6 +357,8 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         _crash_point("committed")
         vouch_for_shadow(shadow, capture_id, manifest.id)
         set_last_snapshot(vm, manifest.id)
+        if stop and private:  # the hibernation's cache is the whole memory, base included
+            _fill_overlay(shadow, base_file)
         if stop:
             c.request(CAPTURE_END, json.dumps({"action": "end"}).encode(), timeout=30)
             ended = True
@@ -374,6 +387,18 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
     if stop:
         mgr.end_hibernated(vm.id)
     return SnapshotResult(manifest, pause_ms, durable_ms, stored, new, t)
+
+
+def _fill_overlay(overlay: Path, base_file: Path) -> None:
+    from torpor.vmm.ramless import fill_holes
+
+    try:
+        fill_holes(overlay, base_file)
+    except OSError as e:
+        raise VMError(
+            f"cannot read the base of the VM's private memory ({base_file}): {e}",
+            step="snapshot: memory",
+        ) from e
 
 
 CACHE_KEEP = 8  # hot caches kept at most (uncompressed RAM + disk: ~100s of MB each)
@@ -885,6 +910,8 @@ def place_snapshot(
     set_last_snapshot(vm, manifest.id)
     save_state(vm.dir, VMState(main_id=main_id))
     info |= {"devstate": "devstate", "main_id": main_id, "snapshot": manifest.id}
+    # the QEMU that wrote the device state: a private VM reuses its head (ramless)
+    info["devstate_qemu"] = manifest.meta.get("qemu", "")
     fault = os.environ.get("TORPOR_TEST_FAULT", "")
     if fault:
         info["fault"] = fault

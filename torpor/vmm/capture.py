@@ -283,6 +283,9 @@ async def pause_and_copy(
     async with qmp.session(qmp_sock) as q:
         step("QMP connected")
         await qmp.set_ignore_shared(q, True)  # before the pause: not part of the window
+        # recorded with the snapshot: a private VM restored from it reuses the head of
+        # this stream with its own device sections (torpor.vmm.ramless), same QEMU only
+        qemu = qemu_version_of(await qmp.execute(q, "query-version"))
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             # a restore may be copying our shadow (shared lock): wait before pausing
@@ -334,8 +337,18 @@ async def pause_and_copy(
         "changed": changed,
         "chunk_size": CHUNK,
         "shadow": str(shadow),
+        "qemu_version": qemu,
     }
     return t
+
+
+def qemu_version_of(v: Any) -> str:
+    """QMP ``query-version`` as one string: "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"."""
+    try:
+        q = v["qemu"]
+        return f"{q['major']}.{q['minor']}.{q['micro']} ({str(v.get('package', '')).strip()})"
+    except (KeyError, TypeError, AttributeError):
+        return "unknown"
 
 
 async def _flock_within(fd: int, path: Path, timeout: float) -> None:
@@ -456,11 +469,15 @@ def _check_ram_copy(dst: Path, snapshot_id: str, store_root: Path | None) -> lis
 
 
 def remove_shadow(shadow: Path) -> None:
+    """Remove a shadow (its meta, lock) — and a VM's overlay next to it (a private VM's
+    captures, torpor.vmm.ramless): wherever a VM's shadow goes, its overlay goes."""
     meta = shadow.with_name(shadow.name + ".json")
     leftovers = list(shadow.parent.glob(f".{meta.name}.*.tmp"))  # a write_meta cut short
     for p in (shadow, meta, shadow.with_name(shadow.name + ".lock"), *leftovers):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    if shadow.name.endswith(".shadow"):
+        remove_shadow(shadow.with_name(shadow.name[: -len(".shadow")] + ".overlay"))
 
 
 async def resume(qmp_sock: Path) -> None:

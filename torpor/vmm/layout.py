@@ -59,6 +59,12 @@ def home_ram_dir(home: Path) -> Path | None:
     return d
 
 
+# a VM's files in its home's RAM folder: RAM, its I/O-error marker, its shadow and, for
+# a VM whose RAM is private, its overlay (torpor.vmm.ramless), each with meta and lock
+RAM_SUFFIXES = (".ram", ".ram.ioerror", ".shadow", ".shadow.json", ".shadow.lock")
+RAM_SUFFIXES += (".overlay", ".overlay.json", ".overlay.lock")
+
+
 def reap_ram_dirs() -> None:
     """Delete RAM files and shadows whose VM, or whole home, no longer exists."""
     root = ram_root()
@@ -74,10 +80,7 @@ def reap_ram_dirs() -> None:
             continue
         for f in d.iterdir():
             vm_id = f.name.split(".", 1)[0]
-            if (
-                f.name.endswith((".ram", ".ram.ioerror", ".shadow", ".shadow.json", ".shadow.lock"))
-                and not (home / "vms" / vm_id).exists()
-            ):
+            if f.name.endswith(RAM_SUFFIXES) and not (home / "vms" / vm_id).exists():
                 if f.name.endswith(".ram"):
                     from torpor.vmm.lazymem import unmount
 

@@ -179,6 +179,7 @@ class Shim:
         # guest RAM mapped share=off (set at launch from Prelaunch, for QEMU's whole
         # life): its RAM file never shows the guest's writes — never captured from it
         self.ram_private = False
+        self.private_ram: Any = None  # its captures' state (torpor.vmm.ramless.PrivateRAM)
         self.shadow_sync = ShadowSync(self.files.ram, self.files.shadow)
         self.io_error = ""  # why QEMU holds the guest paused (a full disk), or ""
         from torpor.vmm.logfile import LogLimits
@@ -506,12 +507,12 @@ class Shim:
         if self.stopping or self.qemu_exited.is_set() or self.state.status != Status.RUNNING:
             error(errno.ESHUTDOWN, f"VM is {self.state.status}")
             return
-        if self.ram_private:
+        if self.ram_private and self.private_ram is None:
             # its RAM file is the unchanged base: a capture from it would be stale
             error(
                 errno.EOPNOTSUPP,
-                f"VM {self.cfg.name}'s guest RAM is mapped private (share=off); "
-                "it cannot be captured from its RAM file",
+                f"VM {self.cfg.name}'s guest RAM is mapped private (share=off) and its "
+                "restore left nothing to capture it with",
             )
             return
         keep = bool(req.get("keep_paused"))
@@ -531,17 +532,31 @@ class Shim:
                 except Exception as e:  # a failed init: a full capture follows
                     log.warning("shadow init failed: %s", e)
                 self.shadow_init = None
-            t = await pause_and_copy(
-                self.files.qmp_sock,
-                self.files.ram,
-                self.files.disk,
-                stage,
-                self.files.shadow,
-                self.shadow_sync,
-                keep_paused=keep,
-                fault=str(req.get("fault", "")),
-                qemu_pid=self.proc.pid if self.proc else 0,
-            )
+            if self.ram_private:  # never from the RAM file (stale): from QEMU itself
+                from torpor.vmm.ramless import capture_private
+
+                t = await capture_private(
+                    self.files.qmp_sock,
+                    self.files.disk,
+                    stage,
+                    self.private_ram,
+                    keep_paused=keep,
+                    qemu_pid=self.proc.pid if self.proc else 0,
+                    parent_ref=self.vm_dir / "snapshot.ref",
+                    fault=str(req.get("fault", "")),
+                )
+            else:
+                t = await pause_and_copy(
+                    self.files.qmp_sock,
+                    self.files.ram,
+                    self.files.disk,
+                    stage,
+                    self.files.shadow,
+                    self.shadow_sync,
+                    keep_paused=keep,
+                    fault=str(req.get("fault", "")),
+                    qemu_pid=self.proc.pid if self.proc else 0,
+                )
         except (TorporError, OSError) as e:
             log.warning("capture failed: %s", e)
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
@@ -796,8 +811,28 @@ class Shim:
         self.main_gid = int(info.get("main_id", 0))
         if self.main_gid:
             self.next_gid = self.main_gid + 1
+        if self.ram_private:
+            self.private_ram = self.prepare_private(info)
         (self.files.dir / info["devstate"]).unlink(missing_ok=True)
         restore.unlink()
+
+    def prepare_private(self, info: dict[str, Any]) -> Any:
+        """A private VM's capture state (torpor.vmm.ramless): an empty overlay (the VM
+        equals the restored snapshot) and the head of the stream just loaded."""
+        from torpor.vmm.ramless import PrivateRAM, overlay_of
+
+        ram = PrivateRAM(
+            overlay_of(self.files.shadow), self.cfg.memory_mib << 20, str(info["snapshot"])
+        )
+        try:
+            ram.set_prefix(
+                (self.files.dir / info["devstate"]).read_bytes(), str(info.get("devstate_qemu", ""))
+            )
+            ram.start()
+        except OSError as e:  # then every capture of it is refused, never stale
+            log.warning("private RAM: no capture will be possible: %s", e)
+            return None
+        return ram
 
     def start_main(self) -> None:
         self.open_main_log()
