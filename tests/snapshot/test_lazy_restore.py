@@ -164,28 +164,15 @@ def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     vm = restore(mgr, snap.id, cold=True)
     vms.ids.append(vm.id)
     ram = vm.files.ram
-    server = _server_pid(vm.state.shim_pid)
+    server = _wait(lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
+                   "the server's stats")
+    with open(f"/proc/{server}/stat") as f:  # the shim's child
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == vm.state.shim_pid
     os.kill(server, signal.SIGKILL)
     os.kill(vm.state.shim_pid, signal.SIGKILL)
     _wait(lambda: not os.path.exists(f"/proc/{server}"), "the server to die")
     mgr.remove(vm.id, force=True)
     assert not lazymem.is_mounted(ram) and not ram.exists()
-
-
-def _server_pid(shim_pid: int) -> int:
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if ppid == shim_pid and b"torpor.vmm.lazymem" in cmd:
-            return int(p)
-    raise AssertionError("no lazy memory server under the shim")
 
 
 def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(vms, source, paths, tmp_path) -> None:

@@ -1544,6 +1544,7 @@ def system_prune(force: bool, grace: int) -> None:
         "cluster": "torpor.bench.cluster:cluster",
         "restore": "torpor.bench.restore:restore_cmd",
         "starts": "torpor.bench.starts:starts_cmd",
+        "lazy": "torpor.bench.lazy:lazy_cmd",
         "fork": "torpor.bench.fork:fork_cmd",
     },
 )

@@ -591,6 +591,7 @@ class Session:
         # the lease this object holds (None: none), its host id and heartbeat, and
         # once it found the session taken over, the error every call raises
         self._lease: Lease | None = None
+        self._claimed_at = 0.0  # time.monotonic() of the last claim (see _claim_again)
         self._host: str | None = None
         self._beat: Heartbeat | None = None
         self._fenced: FencedError | None = None
@@ -1355,7 +1356,7 @@ class Session:
                 with contextlib.suppress(TorporError):
                     self._log.release(self.id, host, lease.epoch)
                 self._go_stale(held, others[-1][1], others[-1][0])
-        self._lease = lease
+        self._lease, self._claimed_at = lease, time.monotonic()
         if self._beat is None:
             dsn, paths = self._dsn, self.paths  # not self: the thread must not keep it alive
             self._beat = Heartbeat.hold(
@@ -1366,6 +1367,16 @@ class Session:
                 opener=lambda: open_log(dsn, paths=paths),
             )
         return lease
+
+    def _claim_again(self) -> Lease:
+        """:meth:`_claim`, unless this object claimed a moment ago (within the same
+        call: a checkpoint claims before judging the VM, then would again before the
+        capture and before the entry, each a database write with an fsync).  Safe: the
+        lease outlives that moment by far, and every entry is fenced anyway."""
+        fresh = min(0.5, lease_ttl() / 4)
+        if self._lease is not None and time.monotonic() - self._claimed_at < fresh:
+            return self._lease
+        return self._claim()
 
     def _go_stale(self, held: Lease, holder: str | None, epoch: int) -> None:
         self._lease = None
@@ -1470,7 +1481,7 @@ class Session:
 
     def _ensure_running(self, st: SessionState, why: str | None = None) -> VM:
         """The session's VM, running: as it is, resumed in place, or restored."""
-        self._claim()  # before the VM is used: a host that lost the session stops here
+        self._claim_again()  # before the VM is used: a host that lost the session stops here
         st = self.state()  # as of the claim: what another host did before it counts
         if st.vm_id is not None:
             try:
@@ -1611,7 +1622,7 @@ class Session:
             )
 
     def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
-        self._claim()  # the entry below is fenced too: a snapshot taken meanwhile stays unnamed
+        self._claim_again()  # the entry below is fenced too: a snapshot meanwhile stays unnamed
         upto = self._log.last_seq(self.id)
         tag = f"session {self.name} turn {turn}"
         # the fast path: durable once the capture is journaled, stored behind (see

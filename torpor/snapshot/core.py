@@ -818,6 +818,21 @@ def _lazy_memory(manifest: Manifest, vm: VM) -> bool:
     return True
 
 
+def _lazy_instead(mgr: VMManager, manifest: Manifest, vm: VM, cold: bool) -> bool:
+    """A restore with no hot copy of the memory (no cache file, no equal shadow) is
+    lazy rather than filling a shared base from the store, when lazy restore is on."""
+    from torpor.vmm import lazymem
+
+    if not lazymem.enabled():
+        return False
+    if not cold and (
+        (mgr.paths.snapshot_cache / manifest.id / "memory").exists()
+        or find_shadow(mgr, manifest.id) is not None
+    ):
+        return False
+    return _lazy_memory(manifest, vm)
+
+
 def place_snapshot(
     mgr: VMManager,
     store: ChunkStore,
@@ -928,6 +943,8 @@ def _shared_base(
     a snapshot whose memory size is not the VM's RAM size; and while the RAM-less
     capture of private VMs is not available (:func:`basemem.private_capture`) — a VM
     restored onto a base must stay snapshottable."""
+    if _lazy_instead(mgr, manifest, vm, cold):
+        return None  # the base would be filled from the store: served lazily instead
     ok, why = basemem.wanted()
     if ok:
         ok, why = basemem.private_capture()

@@ -41,8 +41,9 @@ uid, so the mount is ``allow_other`` with ``default_permissions``: the kernel ch
 the file's mode (0600) and owner (QEMU's uid, set by the jail) like any file's.
 
 Working set (REAP-style, :class:`WorkingSet`): the first lazy restore of a snapshot
-records the order in which chunks were first read during its first seconds
-(``TORPOR_LAZY_RECORD_S``, default 3 s) and saves it next to the hot cache
+records the order in which QEMU first read chunks during its first seconds
+(``TORPOR_LAZY_RECORD_S``, default 3 s; the shim's own background stream, told apart
+by the reading thread's process, is not recorded) and saves it next to the hot cache
 (``cache/workingsets/<snapshot>``), MAC'd with the store's key and capped at the
 artifact's chunk count.  Later lazy restores of that snapshot fetch those chunks
 first, on a background thread, so QEMU's page faults mostly find them in memory.  A
@@ -90,6 +91,7 @@ log = logging.getLogger("torpor.lazymem")
 FUSE_SUPER_MAGIC = 0x65735546
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 READY_TIMEOUT = 20.0  # s: the server's start (python, store, mount) under load
 RECENT_CHUNKS = 128  # chunks kept after serving (partial-chunk reads come back)
 PREFETCH_MAX_BYTES = 512 << 20  # fetched-ahead chunks not yet served, at most
@@ -267,6 +269,8 @@ class MemoryFile:
         self.record_until = time.monotonic() + record_s
         self.order: list[int] = []
         self.touched: set[int] = set()
+        self.tgids: dict[int, int] = {}  # reader thread id -> its process
+        self.shim = os.getppid()  # its reads (the background stream) are not recorded
         self.ready_fd = ready_fd
         self.stats_path = stats_path
         self.stats: dict[str, Any] = {
@@ -281,6 +285,7 @@ class MemoryFile:
             "first_read_s": None,
             "errors": 0,
             "working_set": "used" if self.prefetch else ("recording" if record else "none"),
+            "pid": os.getpid(),
         }
         self.t0 = time.monotonic()
         self.dirty = threading.Event()
@@ -436,17 +441,14 @@ class MemoryFile:
         end = min(self.size, offset + size)
         first, last = offset // self.cs, (end - 1) // self.cs
         now = time.monotonic()
+        recording = self.record is not None and now < self.record_until and self._guest_read()
         with self._mu:
             if self.stats["first_read_s"] is None:
                 self.stats["first_read_s"] = round(now - self.t0, 4)
             for i in range(first, last + 1):
                 if i not in self.touched:
                     self.touched.add(i)
-                    if (
-                        self.record is not None
-                        and now < self.record_until
-                        and self.art.chunks[i] is not None
-                    ):
+                    if recording and self.art.chunks[i] is not None:
                         self.order.append(i)
         parts = []
         for i in range(first, last + 1):
@@ -474,6 +476,22 @@ class MemoryFile:
             self.stats["served_bytes"] += len(out)
         self.dirty.set()
         return out
+
+    def _guest_read(self) -> bool:
+        """Whether this read comes from QEMU (the guest), not from the shim's stream."""
+        from mfusepy import fuse_get_context
+
+        tid = fuse_get_context()[2]  # the thread that caused the read
+        tgid = self.tgids.get(tid)
+        if tgid is None:
+            tgid = -1
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        tgid = int(line.split()[1])
+                        break
+            self.tgids[tid] = tgid
+        return tgid != self.shim
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
         from mfusepy import FuseOSError
@@ -615,10 +633,46 @@ def fill_shadow(ram: Path, shadow: Path, meta: Path, snap_id: str) -> int:
     return written
 
 
+class _Forked:
+    """The few ``Popen`` methods used here, for a server forked (not exec'd) from the
+    shim: its child, reaped here by pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class LazyMemory:
     """A running server for one VM (owned by the VM's shim)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], mount: Path, stats: Path) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes] | _Forked, mount: Path, stats: Path):
         self.popen, self.mount, self.stats = popen, mount, stats
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -639,9 +693,48 @@ class LazyMemory:
 
 def _child_setup() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, b"torpor-lazymem", 0, 0, 0)  # what ps shows
     # SIGTERM, not SIGKILL: libfuse's handler unmounts before the server exits
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     os.umask(0o077)
+
+
+def _spawn(argv: list[str], ready_w: int) -> subprocess.Popen[bytes] | _Forked:
+    """The server process: forked from this process when it is single-threaded (the
+    shim's start, forked from the zygote: interpreter and most imports are already
+    paid, ~0.1-0.7 s here), else a fresh interpreter."""
+    if threading.active_count() > 1 or os.environ.get("TORPOR_LAZY_EXEC") == "1":
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, pass_fds=(ready_w,), preexec_fn=_child_setup,
+            close_fds=True,
+        )
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 1
+    try:  # the child: nothing of the shim's but stdio and the ready pipe
+        _child_setup()
+        if os.getppid() != parent:  # the shim died before the death signal was set
+            os._exit(1)
+        # every inherited fd but stdio and the ready pipe now points at /dev/null:
+        # the shim's pipes, sockets and locks are let go, and no Python object of the
+        # shim's can later close (or write to) an fd number reused by this server
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in (ready_w, devnull):
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd, inheritable=False)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # libfuse installs its own
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = serve(argv[3:])
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            os.write(2, f"lazy memory server: {e!r}\n".encode())
+    finally:
+        os._exit(code)
 
 
 def start(
@@ -669,10 +762,7 @@ def start(
     if jailed:
         argv.append("--allow-other")
     try:
-        popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, pass_fds=(w,), preexec_fn=_child_setup,
-            close_fds=True,
-        )
+        popen = _spawn(argv, w)
     finally:
         os.close(w)
     lazy = LazyMemory(popen, mount, stats)
