@@ -147,15 +147,24 @@ def wanted() -> tuple[bool, str]:
 
 
 def private_capture() -> tuple[bool, str]:
-    """Whether a VM whose RAM is private can be snapshotted here (the RAM-less
-    capture, :mod:`torpor.vmm.capture`; it reads QEMU's memory from outside, which
-    needs ptrace rights over QEMU).  ``TORPOR_RAM_BASE=1`` forces bases on."""
+    """Whether a VM whose RAM is private can be snapshotted here: the RAM-less capture
+    (:mod:`torpor.vmm.ramless`) reads QEMU's memory from outside, which needs ptrace
+    rights over QEMU (root, or QEMU unjailed as the shim's own child with Yama's
+    ``ptrace_scope`` below 2).  ``TORPOR_RAM_BASE=1`` skips the check."""
     if os.environ.get("TORPOR_RAM_BASE", "").strip().lower() in ("1", "on", "yes", "true"):
         return True, ""
-    from torpor.vmm import capture
-
-    if not getattr(capture, "PRIVATE_CAPTURE", False):
+    try:
+        from torpor.vmm import ramless
+    except ImportError:
         return False, "no RAM-less capture of private VMs in this torpor"
+    if not hasattr(ramless, "capture_private"):
+        return False, "no RAM-less capture of private VMs in this torpor"
+    try:
+        scope = int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        scope = 0  # no Yama: classic ptrace rules (root, or same uid)
+    if scope >= 3 or (scope == 2 and os.geteuid() != 0):
+        return False, f"ptrace_scope {scope}: QEMU's memory cannot be read for a capture"
     return True, ""
 
 
