@@ -29,27 +29,7 @@ from torpor.bench.cli import _loadavg
 from torpor.bench.stats import machine, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
-
-
-def _rollup(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                out[parts[0][:-1]] = int(parts[1]) * 1024
-    return out
-
-
-def fork_memory(qemu_pid: int, shim_pid: int, ram: Path) -> int:
-    """Host memory one running VM holds on its own (see the module docstring)."""
-    q = _rollup(qemu_pid)
-    s = _rollup(shim_pid)
-    try:
-        ram_alloc = ram.stat().st_blocks * 512
-    except OSError:
-        ram_alloc = 0
-    return q.get("Pss_Anon", 0) + max(q.get("Pss_Shmem", 0), ram_alloc) + s.get("Pss", 0)
+from torpor.vmm.pool import vm_memory as fork_memory
 
 
 def run_starts_bench(

@@ -616,6 +616,9 @@ def remove_snapshot(mgr: VMManager, ref: str, force: bool = False) -> str:
         store.close()
     _drop_cache(mgr.paths.snapshot_cache / snap_id)
     basemem.retire(mgr.paths, snap_id)  # its shared base: no new users, gone with the last
+    from torpor.vmm import pool
+
+    pool.drain(mgr.paths, snap_id)  # its spare VMs (torpor.vmm.pool)
     return snap_id
 
 
@@ -642,9 +645,14 @@ def restore(
     name: str | None = None,
     cold: bool = False,
     ports: tuple[PortMap, ...] = (),
+    keep_pool: bool = True,
 ) -> VM:
     """Bring snapshot ``snap`` back as a new running VM named ``name``, forwarding
-    only ``ports`` (the source may still hold its own: see RunRequest.from_config)."""
+    only ``ports`` (the source may still hold its own: see RunRequest.from_config).
+
+    A hot restore without ports takes a ready spare of the snapshot when the pool
+    has one (:mod:`torpor.vmm.pool`: claim, ``cont``, HELLO) and, with
+    ``keep_pool``, asks for the next one."""
     if name is not None and not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}")
     journal.finish(mgr.paths, snap)  # a checkpoint still journaled: stored first
@@ -661,6 +669,15 @@ def restore(
         stored_base = manifest.meta.get("base_manifest", "")
         base_disk = bases.find_base(mgr, src_cfg.base_digest, src_cfg.image_id, store, stored_base)
         image = bases.image_for(mgr, src_cfg.image_id, base_disk)
+    pooled = not cold and not ports
+    if pooled:
+        from torpor.vmm import pool
+
+        vm = pool.claim(mgr, manifest.id, name)
+        if vm is not None:
+            if keep_pool:
+                pool.want(mgr.paths, manifest.id)
+            return vm
     # a VM record made through the normal create path (name link, overlay, config)...
     check_ports(ports)  # a taken port: a clear error before anything is made
     try:
@@ -679,10 +696,13 @@ def restore(
         save_config(vm.dir, vm.config)
         base = place_snapshot(mgr, store, manifest, vm, cold)
         try:
-            return mgr.start(vm.id)
+            started = mgr.start(vm.id)
         finally:
             if base is not None:  # the VM's shim holds its own reference by now
                 base.close()
+        if pooled and keep_pool:
+            pool.want(mgr.paths, manifest.id)  # spares for the next restore
+        return started
     except VMError as e:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
@@ -735,7 +755,7 @@ def fork(
     errors: list[BaseException] = []
 
     def one(name: str | None) -> VM:
-        vm = restore(mgr, snap, name, cold, ports)
+        vm = restore(mgr, snap, name, cold, ports, keep_pool=False)
         try:
             set_identity(mgr, vm)
         except BaseException:

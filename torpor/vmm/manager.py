@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torpor.errors import (
     ConflictError,
@@ -303,6 +303,47 @@ def check_ports(ports: tuple[PortMap, ...]) -> None:
             ) from e
 
 
+def config_for(
+    req: RunRequest,
+    image: Image,
+    vm_id: str,
+    name: str,
+    command: list[str] | None = None,
+    env: list[str] | None = None,
+) -> VMConfig:
+    """The config ``create`` records for ``req`` (a pooled restore's spare VM is made
+    from the same, before it has a name of its own: torpor.vmm.pool)."""
+    if command is None:
+        command = resolve_command(
+            image.config,
+            list(req.entrypoint) if req.entrypoint is not None else None,
+            list(req.command) if req.command else None,
+        )
+    if env is None:
+        env = merge_env(list(image.config.env), list(req.env))
+    return VMConfig(
+        id=vm_id,
+        name=name,
+        image_id=image.id,
+        image_ref=req.image,
+        command=tuple(command),
+        env=tuple(env),
+        workdir=req.workdir if req.workdir is not None else image.config.working_dir,
+        user=req.user if req.user is not None else image.config.user,
+        memory_mib=req.memory_mib,
+        cpus=req.cpus,
+        accel=req.accel,
+        ports=req.ports,
+        network=req.network,
+        stdin_open=req.stdin_open,
+        tty=req.tty,
+        auto_remove=req.auto_remove,
+        labels=dict(req.labels),
+        log_max_size=req.log_limits.max_size,
+        log_max_files=req.log_limits.max_files,
+    )
+
+
 class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
@@ -452,38 +493,8 @@ class VMManager:
         me = os.getpid()
         try:
             (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
-            link = self.paths.names / name
-            try:
-                os.symlink(f"../{vm_id}", link)
-            except FileExistsError:
-                target = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
-                if not self._reap_partial(target):
-                    raise ConflictError(
-                        f"the name {name!r} is already in use by VM "
-                        f"{target.name[:12]}; remove it or pick another name"
-                    ) from None
-                os.symlink(f"../{vm_id}", link)
-            cfg = VMConfig(
-                id=vm_id,
-                name=name,
-                image_id=image.id,
-                image_ref=req.image,
-                command=tuple(command),
-                env=tuple(env),
-                workdir=req.workdir if req.workdir is not None else image.config.working_dir,
-                user=req.user if req.user is not None else image.config.user,
-                memory_mib=req.memory_mib,
-                cpus=req.cpus,
-                accel=req.accel,
-                ports=req.ports,
-                network=req.network,
-                stdin_open=req.stdin_open,
-                tty=req.tty,
-                auto_remove=req.auto_remove,
-                labels=dict(req.labels),
-                log_max_size=req.log_limits.max_size,
-                log_max_files=req.log_limits.max_files,
-            )
+            self.link_name(name, vm_id)
+            cfg = config_for(req, image, vm_id, name, command, env)
             files = VMFiles(vm_dir)
             if overlay:
                 boot.ensure_qcow2_overlay(image.disk_path, files.disk)
@@ -504,6 +515,22 @@ class VMManager:
                 ) from e
             raise
         return VM(cfg, VMState(), vm_dir)
+
+    def link_name(self, name: str, vm_id: str) -> None:
+        """Point the name link ``name`` at VM ``vm_id`` (atomic: ``symlink`` fails if the
+        name exists); a link left by an interrupted create is taken over.
+        Raises ConflictError if the name belongs to another VM."""
+        link = self.paths.names / name
+        try:
+            os.symlink(f"../{vm_id}", link)
+        except FileExistsError:
+            target = self.paths.vms / os.readlink(link).rsplit("/", 1)[-1]
+            if not self._reap_partial(target):
+                raise ConflictError(
+                    f"the name {name!r} is already in use by VM "
+                    f"{target.name[:12]}; remove it or pick another name"
+                ) from None
+            os.symlink(f"../{vm_id}", link)
 
     def start(self, ref: str, on_progress: Callable[[str], None] | None = None) -> VM:
         """Boot the VM and start its main command; returns once the agent answered.
@@ -568,26 +595,32 @@ class VMManager:
             os.close(wfd)
             if on_progress:
                 on_progress("booting")
-            with os.fdopen(rfd, "rb") as r:
-                line = r.readline()
-            try:
-                info = json.loads(line) if line else {}
-            except ValueError:
-                info = {}
-            if not info.get("ok"):
-                if proc is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=10)
-                status = proc.poll() if proc is not None else "an error"
-                err = (
-                    info.get("error")
-                    or f"VM supervisor exited with {status}; see {vm.files.shim_log}"
-                )
-                console = info.get("console", "")
-                raise VMError(err + (f"\n{console}" if console else ""), step="start VM")
             # reap the shim in the background of this process only if we exit first:
             # it runs in its own session and is re-parented to init
-            return self.get(vm.id)
+            return self.await_ready(vm, rfd, proc)
+
+    def await_ready(self, vm: VM, rfd: int, proc: Any = None) -> VM:
+        """Read the shim's one ready line from ``rfd`` (closed here); the VM's record
+        once its agent answered, else VMError (with the console tail)."""
+        import subprocess
+
+        with os.fdopen(rfd, "rb") as r:
+            line = r.readline()
+        try:
+            info = json.loads(line) if line else {}
+        except ValueError:
+            info = {}
+        if not info.get("ok"):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+            status = proc.poll() if proc is not None else "an error"
+            err = (
+                info.get("error") or f"VM supervisor exited with {status}; see {vm.files.shim_log}"
+            )
+            console = info.get("console", "")
+            raise VMError(err + (f"\n{console}" if console else ""), step="start VM")
+        return self.get(vm.id)
 
     def run(self, req: RunRequest, on_progress: Callable[[str], None] | None = None) -> VM:
         vm = self.create(req)

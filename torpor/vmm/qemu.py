@@ -151,7 +151,9 @@ def build_argv(spec: MachineSpec, qemu: str | None = None) -> list[str]:
             netdev += f",hostfwd={fwd}"
         argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
     if spec.incoming:
-        argv += ["-incoming", "defer"]
+        # -S: the loaded guest stays paused until the shim's `cont` (a pooled restore
+        # loads its state ahead of time and must not run before it is claimed)
+        argv += ["-S", "-incoming", "defer"]
     argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     return argv
 

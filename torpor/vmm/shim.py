@@ -148,12 +148,21 @@ class AdoptedProcess:
 
 class Shim:
     def __init__(
-        self, paths: Paths, vm_id: str, ready_fd: int | None, pre: Prelaunch | None = None
+        self,
+        paths: Paths,
+        vm_id: str,
+        ready_fd: int | None,
+        pre: Prelaunch | None = None,
+        cfg: VMConfig | None = None,
+        pool: Any = None,
     ):
         self.pre = pre
         self.paths = paths
         self.vm_dir = paths.vm(vm_id)
-        self.cfg: VMConfig = load_config(self.vm_dir)
+        # a pool's spare (torpor.vmm.pool.Slot) has no vm.json until it is claimed
+        self.cfg: VMConfig = cfg if cfg is not None else load_config(self.vm_dir)
+        self.pool = pool
+        self.claimed_at = 0.0  # monotonic time of a spare's claim
         self.files = layout.VMFiles(self.vm_dir)
         self.ready_fd = ready_fd
         self.state = load_state(self.vm_dir)
@@ -664,11 +673,22 @@ class Shim:
             ) from e
         boot_ms = (time.monotonic() - t0) * 1000
         log.info("guest agent answered HELLO %.0f ms after QEMU spawn", boot_ms)
+        more = {}
+        if self.pool is not None:  # a spare: paused here until a restore claims it
+            await self.park()
+            more = {"started_at": time.time()}
         now = time.time_ns()
-        await self.request(T.SET_TIME, struct.pack("<qI", now // 10**9, now % 10**9))
-        with contextlib.suppress(VMError):  # host-mode agents without CAP_SYS_ADMIN
-            await self.request(T.ADD_ENTROPY, os.urandom(64))
-        self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1))
+        # both at once: the first answer after a claim proves the agent is there
+        clock = self.request(T.SET_TIME, struct.pack("<qI", now // 10**9, now % 10**9))
+        entropy = self.request(T.ADD_ENTROPY, os.urandom(64))
+        done = await asyncio.gather(clock, entropy, return_exceptions=True)
+        for r in done:  # ADD_ENTROPY may fail: host-mode agents without CAP_SYS_ADMIN
+            if isinstance(r, BaseException) and (r is done[0] or not isinstance(r, VMError)):
+                raise r
+        if self.claimed_at:
+            boot_ms = (time.monotonic() - self.claimed_at) * 1000
+            log.info("claimed spare: agent answered %.0f ms after the claim", boot_ms)
+        self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1), **more)
         self.start_main()
 
     async def pump_console(self) -> None:
@@ -833,6 +853,31 @@ class Shim:
             log.warning("private RAM: no capture will be possible: %s", e)
             return None
         return ram
+
+    async def park(self) -> None:
+        """A pool's spare (torpor.vmm.pool), restored and its agent answered once (so
+        TCG has translated the guest's wake-up path): pause the guest, fill the shadow
+        (nothing waits for it yet), wait until a restore claims this VM — it wrote
+        vm.json (name) and handed over its ready pipe — then resume it.  Seen from the
+        guest this is a pause right after its restore, like a capture's."""
+        from torpor.vmm import qmp
+        from torpor.vmm.logfile import LogLimits
+
+        async with qmp.session(self.files.qmp_sock, wait_until=time.monotonic() + 10) as q:
+            await qmp.execute(q, "stop")
+            if self.restored_info is not None:
+                self.start_shadow_init(self.restored_info)
+                self.restored_info = None
+                if self.shadow_init is not None:
+                    await self.shadow_init
+                    self.shadow_init = None
+            log.info("spare of snapshot %s parked: waiting for a claim", self.pool.snapshot[:12])
+            self.ready_fd = await self.pool.wait(self.vm_dir, self.qemu_exited)
+            self.claimed_at = time.monotonic()
+            await qmp.execute(q, "cont")
+        self.cfg = load_config(self.vm_dir)
+        self.log_limits = LogLimits(self.cfg.log_max_size, self.cfg.log_max_files)
+        log.info("claimed as VM %s", self.cfg.name)
 
     def start_main(self) -> None:
         self.open_main_log()
@@ -1139,7 +1184,12 @@ def console_tail(files: layout.VMFiles, lines: int = 20) -> str:
     return "\n".join(out)
 
 
-def main(args: Any = None, pre: Prelaunch | BaseException | None = None) -> int:
+def main(
+    args: Any = None,
+    pre: Prelaunch | BaseException | None = None,
+    cfg: VMConfig | None = None,
+    pool: Any = None,
+) -> int:
     """Run the shim; ``args``/``pre`` come from :mod:`torpor.vmm.launch` (QEMU already
     spawned, or why it could not be)."""
     if args is None:
@@ -1158,7 +1208,9 @@ def main(args: Any = None, pre: Prelaunch | BaseException | None = None) -> int:
         stream=sys.stderr,
     )
     log.info("shim up %.0f ms after its process started", _ms_since_process_start())
-    shim = Shim(paths, args.vm, args.ready_fd, pre if isinstance(pre, Prelaunch) else None)
+    shim = Shim(
+        paths, args.vm, args.ready_fd, pre if isinstance(pre, Prelaunch) else None, cfg, pool
+    )
     st = shim.state
     already = isinstance(pre, RuntimeError) and str(pre) == "VM is already running"
     if already or (

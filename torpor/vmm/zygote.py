@@ -63,8 +63,14 @@ def serve(root: Path) -> int:
     import torpor.vmm.boot
     import torpor.vmm.capture
     import torpor.vmm.qmp
-    import torpor.vmm.shim  # noqa: F401
+    import torpor.vmm.shim
     from torpor.vmm import launch
+
+    # a pool's spare (torpor.vmm.pool) also prepares its folder: the restore path
+    # (store, snapshot placing) is imported once here too — no threads start on import
+    with contextlib.suppress(ImportError):
+        import torpor.snapshot.core
+        import torpor.vmm.pool  # noqa: F401
 
     vms = root / "vms"
     run = root / "locks"
@@ -118,6 +124,9 @@ def _handle(conn: socket.socket, srv: socket.socket, root: Path, launch: object)
     for level, typ, data in anc:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not fds:
+        _handle_spare(conn, srv, root, msg)
+        return
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
@@ -145,6 +154,46 @@ def _handle(conn: socket.socket, srv: socket.socket, root: Path, launch: object)
         return
     finally:
         os.close(ready_fd)
+
+
+def _handle_spare(conn: socket.socket, srv: socket.socket, root: Path, msg: bytes) -> None:
+    """``{"spare": snapshot, "vm": id, "env": {...}}``: fork a pool spare (torpor.vmm.pool)."""
+    try:
+        req = json.loads(msg)
+        snap, vm_id = str(req["spare"]), str(req["vm"])
+        env = {str(k): str(v) for k, v in req["env"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not (snap.isalnum() and vm_id.isalnum()):
+        return
+    pid = os.fork()
+    if pid == 0:  # child: fork again so the spare is re-parented to init
+        try:
+            if os.fork() == 0:
+                conn.close()
+                srv.close()
+                code = 1
+                try:
+                    os.setsid()
+                    os.environ.clear()
+                    os.environ.update(env)
+                    os.chdir("/")
+                    from torpor.vmm import pool
+
+                    pool.detach_stdio()
+                    code = pool.run_spare(root, snap, vm_id)
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    os._exit(code if isinstance(code, int) else 1)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        conn.sendall(b"ok\n")
 
 
 def _become_shim(
@@ -197,6 +246,28 @@ def request(root: Path, vm_id: str, ready_wfd: int, timeout: float = 2.0) -> boo
                 [body],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [ready_wfd]))],
             )
+            return s.recv(16).startswith(b"ok")
+        except OSError:
+            return False
+
+
+def request_spare(root: Path, snap_id: str, vm_id: str, timeout: float = 2.0) -> bool:
+    """Ask the zygote to prepare a pool spare; True if it forked one."""
+    from torpor.vmm.sockets import connect_unix
+
+    path = root / "locks" / SOCK_NAME
+    if not path.exists():
+        start(root)
+        return False
+    try:
+        s = connect_unix(path, timeout=timeout)
+    except OSError:
+        return False
+    with s:
+        s.settimeout(timeout)
+        body = json.dumps({"spare": snap_id, "vm": vm_id, "env": dict(os.environ)}).encode()
+        try:
+            s.sendall(body)
             return s.recv(16).startswith(b"ok")
         except OSError:
             return False
