@@ -1509,18 +1509,44 @@ class Session:
         return vm
 
     def _restore_vm(self, ck: Checkpoint, *, reason: str) -> VM:
-        """A new VM for this session from checkpoint ``ck`` (the old one is removed)."""
+        """A new VM for this session from checkpoint ``ck`` (the old one is removed).
+
+        The old VM (after a crash: dead, its RAM file still held) is removed by a thread
+        while the new one is restored, not before: a recovery waits for the restore
+        only.  The new VM is restored unnamed and takes the session's VM name once the
+        old one has given it up; a removal that fails removes the new VM too and raises,
+        as if it had failed first."""
         self._claim()
         st = self.state()
+        failed: list[BaseException] = []
+        remover = None
         if st.vm_id is not None:
-            with contextlib.suppress(NotFoundError):
-                self._mgr.remove(st.vm_id, force=True)
+            old = st.vm_id
+
+            def remove_old() -> None:
+                try:
+                    self._mgr.remove(old, force=True)
+                except NotFoundError:
+                    pass
+                except BaseException as e:  # raised below, in the caller's thread
+                    failed.append(e)
+
+            remover = threading.Thread(target=remove_old, name="torpor-old-vm", daemon=True)
+            remover.start()
         t0 = time.perf_counter()
-        name = _vm_name(self.name) or None
         try:
-            vm = restore(self._mgr, ck.snapshot, name=name)
-        except ConflictError:  # the name is taken by someone else's VM
             vm = restore(self._mgr, ck.snapshot)
+        finally:
+            if remover is not None:
+                remover.join()
+        if failed:
+            with contextlib.suppress(TorporError):
+                self._mgr.remove(vm.id, force=True)
+            raise failed[0]
+        name = _vm_name(self.name)
+        if name and vm.name != name:
+            with contextlib.suppress(ConflictError):  # the name is someone else's VM's
+                vm = self._mgr.rename(vm.id, name)
         ms = (time.perf_counter() - t0) * 1000
         self._append(
             Kind.VM,
