@@ -1629,7 +1629,12 @@ def bench_cli(image: str, runs: int, json_out: Path, no_bytecode_cache: bool) ->
     show_default=True,
 )
 @click.option("--forks", default=8, show_default=True, help="VMs to fork from one snapshot.")
-def bench_snapshot(image: str, trials: int, forks: int, json_out: Path) -> None:
+@click.option(
+    "--first-only",
+    is_flag=True,
+    help="Only the first snapshot of a fresh VM (phase by phase) and the incremental one after it.",
+)
+def bench_snapshot(image: str, trials: int, forks: int, json_out: Path, first_only: bool) -> None:
     """Pause window, durability, stored bytes, hot/cold restore, fork 8; with a baseline."""
     from torpor.bench.snapshot import print_table, run_snapshot_bench
 
@@ -1651,6 +1656,7 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path) -> None:
     show_default=True,
     help="Session lengths to measure, comma-separated (1000 takes ~20 min under TCG).",
 )
+        first_only=first_only,
 @click.option(
     "--json",
     "json_out",

@@ -295,7 +295,9 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         t["base_upload_bytes"] = float(base_ref.uploaded_bytes)
         c.sync()
         t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000 - t["base_ms"]
+        tc = time.perf_counter()
         cap = _capture_checked(c, stage, vm, keep_paused=stop)
+        t["capture_ms"] = (time.perf_counter() - tc) * 1000  # request to the shim's answer
         pause_ms = float(cap.pop("pause_ms"))
         shadow = Path(cap.pop("shadow"))
         changed = cap.pop("changed")
@@ -341,6 +343,8 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             new += stats.chunks_new
             t[f"{name}_hash_s"] = stats.seconds_hashing
             t[f"{name}_compress_s"] = stats.seconds_compressing
+            t[f"{name}_put_ms"] = stats.seconds_total * 1000
+            t[f"{name}_sync_wait_ms"] = stats.seconds_syncing * 1000
             if name == "memory":
                 _crash_point("memory-stored")
         meta = _snapshot_meta(vm, base_ref, guest, tag)

@@ -142,6 +142,7 @@ class PutStats:
     seconds_reading: float = 0.0
     seconds_hashing: float = 0.0
     seconds_compressing: float = 0.0
+    seconds_syncing: float = 0.0  # waiting for the last chunk syncs once all was read (wall)
     seconds_total: float = 0.0
 
 
@@ -553,6 +554,7 @@ class ChunkStore:
             "t_read": 0.0,
             "t_hash": 0.0,
             "t_comp": 0.0,
+            "t_sync": 0.0,
         }
 
         if skipped:
@@ -582,7 +584,9 @@ class ChunkStore:
                 if progress is not None:
                     progress(min(size, (batch[-1].index + 1) * chunk_size), size)
         finally:
+            t0 = time.perf_counter()
             st["stored"] += self._wait_finished(pending)
+            st["t_sync"] = time.perf_counter() - t0
         if progress is not None:
             progress(size, size)
 
@@ -599,6 +603,7 @@ class ChunkStore:
             seconds_reading=st["t_read"],
             seconds_hashing=st["t_hash"],
             seconds_compressing=st["t_comp"],
+            seconds_syncing=st["t_sync"],
             seconds_total=time.perf_counter() - t_start,
         )
         return Artifact(size, chunk_size, tuple(result)), stats
