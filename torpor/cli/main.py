@@ -1644,6 +1644,7 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path, first_on
         trials=trials,
         forks=forks,
         progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        first_only=first_only,
     )
     _bench_output(result, json_out, print_table)
 
@@ -1656,7 +1657,6 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path, first_on
     show_default=True,
     help="Session lengths to measure, comma-separated (1000 takes ~20 min under TCG).",
 )
-        first_only=first_only,
 @click.option(
     "--json",
     "json_out",
