@@ -173,3 +173,27 @@ def test_the_pool_stops_when_disabled_idle_or_drained(source, paths, monkeypatch
     _wait(lambda: _gone(paths, spare), 30)
     assert not alive(qemu.qemu_pid, qemu.qemu_start)
     assert not Path(paths.locks / "pool" / snap2).exists()
+
+
+def test_cli_restore_through_the_pool_keeps_its_errors(source, paths, pooled) -> None:
+    from tests.conftest import torpor_cli
+
+    f, snap, expected = source
+    pool.want(paths, snap)
+    spare = _spares(paths, snap)[0]
+    # a bad name is refused before any spare is touched
+    r = torpor_cli("restore", "--name", "../bad", snap)
+    assert r.returncode == 2 and b"invalid VM name" in r.stderr, r.stderr
+    # an id nobody has: no spare, the ordinary path says so
+    assert torpor_cli("restore", "0" * 64).returncode == 3
+    r = torpor_cli("restore", "--name", "pool-cli", snap)
+    assert r.returncode == 0, r.stderr
+    vm_id = r.stdout.decode().split()[-1]
+    f.ids.append(vm_id)
+    assert vm_id == spare["vm"] and b"restored pool-cli in" in r.stderr
+    assert _check(f.mgr, f.mgr.get("pool-cli")) == expected
+    # a taken name: ConflictError as ever, and the spare it would have used stays pooled
+    spare = _spares(paths, snap)[0]
+    r = torpor_cli("restore", "--name", "pool-cli", snap)
+    assert r.returncode == 4 and b"already in use" in r.stderr, r.stderr
+    assert spare["vm"] in {s["vm"] for s in pool.spares(paths)}

@@ -48,12 +48,26 @@ def _cli(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     return ms, r.stdout.strip().splitlines()[-1].split()[-1]
 
 
+def _wait_spare(paths: Paths, snap: str, timeout: float = 60.0) -> None:
+    """Until the pool holds a ready spare of ``snap`` (a restore spaced from the last)."""
+    from torpor.vmm import pool
+
+    pool.want(paths, snap)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s.get("snapshot") == snap for s in pool.spares(paths)):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no spare of {snap[:12]} within {timeout:.0f} s")
+
+
 def run_restore_bench(
     paths: Paths,
     image: str,
     runs: int = 10,
     memory_mib: int = 256,
     cold: bool = True,
+    use_pool: bool = True,
     progress: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     from torpor.snapshot import restore, snapshot
@@ -61,8 +75,13 @@ def run_restore_bench(
 
     mgr = VMManager(paths)
     cli = _torpor()
+    from torpor.vmm import pool
+
+    saved = os.environ.get("TORPOR_POOL")
+    pool_size = max(1, pool.size()) if use_pool else 0
+    keys = ("cli_restore", "lib_ready", "lib_exec", "lib_first_exec")
     res: dict[str, list[float]] = {
-        k: [] for k in ("cli_run", "cli_restore", "lib_ready", "lib_exec", "lib_first_exec", "cold")
+        k: [] for k in ("cli_run", "cold", *keys, *(k + "_pool" for k in keys))
     }
     made: list[str] = []
 
@@ -99,44 +118,63 @@ def run_restore_bench(
                 "sleep",
                 "infinity",
             ]
+            modes = ["plain", "pool"] if pool_size else ["plain"]
             for i in range(runs + 1):  # the first of each: warm-up (bytecode, caches)
                 ms, vm_id = _cli(run_argv, env)
                 rm(vm_id)
                 if i:
                     res["cli_run"].append(ms)
-                ms, vm_id = _cli([*cli, "restore", snap], env)
-                rm(vm_id)
-                if i:
-                    res["cli_restore"].append(ms)
-                t = time.perf_counter()
-                vm = restore(mgr, snap)
-                ready = (time.perf_counter() - t) * 1000
-                with mgr.client(vm) as c:
-                    if c.exec(["true"]).status.code != 0:
-                        raise RuntimeError("exec true failed in a restored VM")
-                exec_total = (time.perf_counter() - t) * 1000
-                rm(vm.id)
-                if i:
-                    res["lib_ready"].append(ready)
-                    res["lib_exec"].append(exec_total)
-                    res["lib_first_exec"].append(exec_total - ready)
+                for mode in modes:  # side by side: the pool off, then on
+                    sfx = "" if mode == "plain" else "_pool"
+                    os.environ["TORPOR_POOL"] = env["TORPOR_POOL"] = (
+                        "0" if mode == "plain" else str(pool_size)
+                    )
+                    if mode == "pool":
+                        _wait_spare(paths, snap)
+                    ms, vm_id = _cli([*cli, "restore", snap], env)
+                    rm(vm_id)
+                    if i:
+                        res["cli_restore" + sfx].append(ms)
+                    if mode == "pool":
+                        _wait_spare(paths, snap)
+                    t = time.perf_counter()
+                    vm = restore(mgr, snap)
+                    ready = (time.perf_counter() - t) * 1000
+                    with mgr.client(vm) as c:
+                        if c.exec(["true"]).status.code != 0:
+                            raise RuntimeError("exec true failed in a restored VM")
+                    exec_total = (time.perf_counter() - t) * 1000
+                    rm(vm.id)
+                    if i:
+                        res["lib_ready" + sfx].append(ready)
+                        res["lib_exec" + sfx].append(exec_total)
+                        res["lib_first_exec" + sfx].append(exec_total - ready)
+                        progress(
+                            f"{i}/{runs} {mode}: cli run {res['cli_run'][-1]:.0f} ms, cli "
+                            f"restore {res['cli_restore' + sfx][-1]:.0f} ms, library ready "
+                            f"{ready:.0f} ms, first exec {exec_total - ready:.0f} ms"
+                        )
+                os.environ["TORPOR_POOL"] = env["TORPOR_POOL"] = "0"
                 if cold and i:
                     t = time.perf_counter()
                     vm = restore(mgr, snap, cold=True)
                     res["cold"].append((time.perf_counter() - t) * 1000)
                     rm(vm.id)
-                if i:
-                    progress(
-                        f"{i}/{runs}: cli run {res['cli_run'][-1]:.0f} ms, cli restore "
-                        f"{res['cli_restore'][-1]:.0f} ms, library ready {ready:.0f} ms, "
-                        f"first exec {exec_total - ready:.0f} ms"
-                    )
     finally:
+        if saved is None:
+            os.environ.pop("TORPOR_POOL", None)
+        else:
+            os.environ["TORPOR_POOL"] = saved
+        from torpor.vmm import pool
+
+        pool.drain(paths)
         for v in made:
             rm(v)
     out = {k: summary(v) for k, v in res.items() if v}
-    if "cli_run" in out and "cli_restore" in out:
-        out["cli_ratio"] = {"p50": out["cli_run"]["p50"] / out["cli_restore"]["p50"]}
+    for sfx in ("", "_pool"):
+        if "cli_run" in out and "cli_restore" + sfx in out:
+            ratio = out["cli_run"]["p50"] / out["cli_restore" + sfx]["p50"]
+            out["cli_ratio" + sfx] = {"p50": ratio}
     return {
         "benchmark": "restore",
         "accel": accel,
@@ -145,7 +183,7 @@ def run_restore_bench(
         "image": image,
         "guest_mib": memory_mib,
         "runs": runs,
-        "pool": os.environ.get("TORPOR_POOL", ""),
+        "pool": pool_size,
         "results": out,
         "targets": TARGETS,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -164,22 +202,17 @@ def print_table(r: dict[str, Any], console: Any) -> None:
     )
     for col in ("row", "p50", "p95", "min", "n", "target"):
         t.add_column(col, justify="left" if col == "row" else "right")
-    rows = [
-        ("CLI: torpor run -d (to agent ready)", "cli_run", ""),
-        (
-            "CLI: torpor restore (to agent ready)",
-            "cli_restore",
-            f"≤ run / {r['targets']['cli_ratio']:g}",
-        ),
-        (
-            "library: hot restore → agent ready",
-            "lib_ready",
-            f"≤ {r['targets']['lib_ready_ms']:g} ms",
-        ),
-        ("library: first exec after it", "lib_first_exec", ""),
-        ("library: hot restore → first exec done", "lib_exec", ""),
-        ("library: cold restore → agent ready", "cold", f"≤ {r['targets']['cold_ms']:g} ms"),
-    ]
+    tg = r["targets"]
+    rows = [("CLI: torpor run -d (to agent ready)", "cli_run", "")]
+    for sfx, what in (("", "pool off"), ("_pool", "from the pool")):
+        rows += [
+            (f"CLI: torpor restore, {what}", "cli_restore" + sfx, f"≤ run / {tg['cli_ratio']:g}"),
+            (f"library: hot restore → agent ready, {what}", "lib_ready" + sfx,
+             f"≤ {tg['lib_ready_ms']:g} ms"),
+            (f"library: first exec after it, {what}", "lib_first_exec" + sfx, ""),
+            (f"library: hot restore → first exec done, {what}", "lib_exec" + sfx, ""),
+        ]  # fmt: skip
+    rows.append(("library: cold restore → agent ready", "cold", f"≤ {tg['cold_ms']:g} ms"))
     for label, key, target in rows:
         if key not in res:
             continue
@@ -192,15 +225,16 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             str(s["n"]),
             target,
         )
-    if "cli_ratio" in res:
-        t.add_row(
-            "run / restore (CLI, p50)",
-            f"{res['cli_ratio']['p50']:.1f}x",
-            "",
-            "",
-            "",
-            f"≥ {r['targets']['cli_ratio']:g}x",
-        )
+    for sfx, what in (("", "pool off"), ("_pool", "from the pool")):
+        if "cli_ratio" + sfx in res:
+            t.add_row(
+                f"run / restore (CLI p50), {what}",
+                f"{res['cli_ratio' + sfx]['p50']:.1f}x",
+                "",
+                "",
+                "",
+                f"≥ {tg['cli_ratio']:g}x",
+            )
     if not console.is_terminal:
         from rich.console import Console
 
@@ -218,11 +252,14 @@ def main_command() -> Any:
     @click.option("--runs", default=10, show_default=True, help="Timed runs of each row.")
     @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
     @click.option("--no-cold", is_flag=True, help="Skip the cold-restore row.")
+    @click.option("--no-pool", is_flag=True, help="Only the rows without the pool.")
     @click.option(
         "--json", "json_out", type=click.Path(path_type=Path),
         default=Path("bench-results/restore.json"), show_default=True,
     )  # fmt: skip
-    def restore_cmd(image: str, runs: int, memory_mib: int, no_cold: bool, json_out: Path) -> None:
+    def restore_cmd(
+        image: str, runs: int, memory_mib: int, no_cold: bool, no_pool: bool, json_out: Path
+    ) -> None:
         """CLI run vs CLI restore, library hot restore to ready and to first exec, cold."""
         from torpor.cli.main import _bench_output, _fail, err_console
         from torpor.errors import UsageError
@@ -232,7 +269,8 @@ def main_command() -> Any:
                 raise UsageError("--runs must be at least 1")
             result = run_restore_bench(
                 Paths.default().ensure(), image, runs=runs, memory_mib=memory_mib,
-                cold=not no_cold, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+                cold=not no_cold, use_pool=not no_pool,
+                progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
             )  # fmt: skip
         except TorporError as e:
             _fail(e)

@@ -45,7 +45,6 @@ VM holds (its RAM copy or its share of a base, its shadow, QEMU and the shim) â€
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -216,6 +215,12 @@ def claim(mgr: VMManager, snap_id: str, name: str | None) -> VM | None:
     Raises ConflictError (the name is taken) like an ordinary restore would."""
     if size() == 0 or not snap_id.isalnum():
         return None
+    if name is not None:
+        from torpor.errors import UsageError
+        from torpor.vmm.manager import NAME_RE
+
+        if not NAME_RE.fullmatch(name):
+            raise UsageError(f"invalid VM name {name!r}")
     d = _dir(mgr.paths, snap_id)
     key = env_key()
     for entry in sorted(_entries(d)):
@@ -424,11 +429,13 @@ class Slot:
         except FileNotFoundError:
             return False
 
-    async def wait(self, vm_dir: Path, qemu_exited: asyncio.Event) -> int:
+    async def wait(self, vm_dir: Path, qemu_exited: Any) -> int:
         """Register as ready, wait for a claim; the claimer's ready pipe (write end).
 
         Raises TimeoutError when unclaimed for the idle time, or when its home or QEMU
         went away (the entry is then withdrawn, or was never claimed)."""
+        import asyncio
+
         from torpor.vmm.state import load_config
 
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
