@@ -115,7 +115,8 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     assert _guest_md5(mgr, first) == md5
     ws_file = paths.root / "cache" / lazymem.WS_DIR / snap.id
     _wait(ws_file.exists, "the working set to be recorded")
-    assert _stats(first)["working_set"].startswith("recorded")
+    st1 = _stats(first)
+    assert st1["working_set"].startswith("recorded")
     store = home_store(paths)
     try:
         art = snap.artifacts["memory"]
@@ -132,8 +133,14 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     st = _stats(second)
     assert st["working_set"] == "used" and st["prefetch_chunks"] == len(recorded)
     assert _guest_md5(mgr, second) == md5
-    st = _wait(lambda: (s := _stats(second))["prefetch_hits"] > 0 and s, "prefetched chunks")
-    assert st["prefetched_chunks"] > 0
+    st = _wait(
+        lambda: (s := _stats(second))["prefetched_chunks"] == len(recorded) and s,
+        "the working set to be fetched",
+    )
+    # fetched ahead into the page cache (or held by the server): the guest's own
+    # page faults reached the server far less often than in the recording restore
+    assert st["pushed_chunks"] + st["prefetch_hits"] > 0
+    assert st["reads"] < st1["reads"]
 
     # a working set that is not MAC'd for this snapshot is ignored (a hint, never trusted)
     mgr.remove(second.id, force=True)

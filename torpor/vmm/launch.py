@@ -143,6 +143,11 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
     # plan None: not jailed
     argv, plan = jail.for_launch(paths.root, cfg, files, spec, argv, keep_fds=keep)
     (files.dir / "qemu.argv").write_text(json.dumps(argv) + "\n")
+    preexec = jail.enter_fn(plan) if plan else pdeathsig
+    if lazy is not None:  # page faults then read the FUSE file's read-ahead, not 4 MiB
+        from torpor.vmm.lazymem import no_hugepage_preexec
+
+        preexec = no_hugepage_preexec(preexec)
     try:
         with open(files.qemu_log, "ab") as qlog:
             t0 = time.monotonic()
@@ -152,7 +157,7 @@ def prelaunch(paths: Paths, cfg: VMConfig, files: VMFiles) -> Prelaunch:
                     stdin=subprocess.DEVNULL,
                     stdout=qlog,
                     stderr=qlog,
-                    preexec_fn=jail.enter_fn(plan) if plan else pdeathsig,
+                    preexec_fn=preexec,
                     close_fds=True,
                     pass_fds=plan.pass_fds if plan else keep,
                 )
