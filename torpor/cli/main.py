@@ -1690,6 +1690,34 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     _bench_output(result, json_out, print_table)
 
 
+@bench.command(name="turn", context_settings=CONTEXT)
+@click.option("--image", default="tools:latest", show_default=True)
+@click.option("--turns", default=30, show_default=True, help="Turns of each session.")
+@click.option(
+    "--think-ms",
+    default=0.0,
+    show_default=True,
+    help="Pause between turns (0: the next turn starts at once, competing with commits).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/turn.json"),
+    show_default=True,
+)
+def bench_turn(image: str, turns: int, think_ms: float, json_out: Path) -> None:
+    """What a turn's checkpoint adds, phase by phase: synchronous vs journal, side by side."""
+    from torpor.bench.turn import print_table, run_turn_bench
+
+    if turns < 2 or think_ms < 0:
+        raise UsageError("--turns wants 2 or more, --think-ms 0 or more")
+    result = run_turn_bench(
+        _paths(), image, turns, lambda m: err_console.print(m), think_ms=think_ms
+    )
+    _bench_output(result, json_out, print_table)
+
+
 @bench.command(name="faults", context_settings=CONTEXT)
 @click.option("--image", default="tools:latest", show_default=True)
 @click.option("--runs", default=200, show_default=True, help="Runs per fault.")

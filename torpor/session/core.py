@@ -609,6 +609,8 @@ class Session:
         self._loaded, self._base_seq = False, 0
         self._prefix: list[Entry] | None = None  # entries 1.._base_seq, once asked for
         self._rec, self._record_status = Writer(), "not read"
+        #: phase timings of this object's last checkpoint (ms; benchmarks read them)
+        self.last_checkpoint_timings: dict[str, float] = {}
         self.on_event = on_event
 
     # -- opening ---------------------------------------------------------------------
@@ -1648,15 +1650,18 @@ class Session:
             )
 
     def _checkpoint(self, vm_id: str, *, turn: int, reason: str, stop: bool = False) -> Checkpoint:
+        t0 = time.perf_counter()
         self._claim_again()  # the entry below is fenced too: a snapshot meanwhile stays unnamed
         upto = self._log.last_seq(self.id)
         tag = f"session {self.name} turn {turn}"
+        t1 = time.perf_counter()
         # the fast path: durable once the capture is journaled, stored behind (see
         # torpor.snapshot.journal; None: a first snapshot, a bucket store, ...)
         res = None if stop else journal.fast_snapshot(self._mgr, vm_id, tag=tag)
         journaled = res is not None
         if res is None:
             res = snapshot(self._mgr, vm_id, tag=tag, stop=stop)
+        t2 = time.perf_counter()
         entry = self._append(
             Kind.CHECKPOINT,
             {
@@ -1676,7 +1681,20 @@ class Session:
             },
             turn=turn,
         )
+        t3 = time.perf_counter()
         self._save_record()  # after the checkpoint entry: the record is at its seq
+        t4 = time.perf_counter()
+        self.last_checkpoint_timings = {  # for benchmarks (torpor bench turn)
+            **res.timings,
+            "journal": float(journaled),
+            "pause_ms": res.pause_ms,
+            "durable_ms": res.durable_ms,
+            "claim_ms": (t1 - t0) * 1000,
+            "snapshot_ms": (t2 - t1) * 1000,
+            "entry_ms": (t3 - t2) * 1000,
+            "record_ms": (t4 - t3) * 1000,
+            "checkpoint_ms": (t4 - t0) * 1000,
+        }
         failpoints.hit("session.checkpoint_logged")
         return Checkpoint.from_entry(entry)
 

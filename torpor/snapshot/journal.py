@@ -87,6 +87,11 @@ _threads: dict[str, threading.Thread] = {}  # snapshot id -> this process's comm
 # snapshot id -> its manifest, while this process commits it: the VM's next journal
 # builds on it without waiting (its commit then waits for this one's: see _commit)
 _manifests: dict[str, Manifest] = {}
+#: snapshot id -> what its background commit took in this process (benchmarks):
+#: ``commit_ms`` (start to stored), ``stored_bytes`` (new in the store).  Bounded.
+commits: dict[str, dict[str, float]] = {}
+MAX_COMMIT_STATS = 4096
+_stored: dict[str, int] = {}
 _threads_lock = threading.Lock()
 
 
@@ -263,7 +268,9 @@ def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str 
         t["base_ms"] = (time.perf_counter() - tb) * 1000
         c.sync()
         t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000 - t["base_ms"]
+        tc = time.perf_counter()
         cap = core._capture_checked(c, stage, vm, keep_paused=False)
+        t["capture_ms"] = (time.perf_counter() - tc) * 1000  # the request; pause within
         pause_ms = float(cap.pop("pause_ms"))
         shadow = Path(cap.pop("shadow"))
         changed = cap.pop("changed")
@@ -330,7 +337,6 @@ def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str 
         write_meta_ref(vm, manifest.id)
         _start(mgr, manifest, stage, parent, vm.id)
         handed_off = True
-        t["store_ms"] = 0.0
         return core.SnapshotResult(
             manifest, pause_ms, durable_ms, nbytes, sum(len(b) > 0 for b in blobs), t
         )
@@ -361,8 +367,16 @@ def _start(mgr: VMManager, manifest: Manifest, stage: Path, parent: Manifest, vm
     snap_id = manifest.id
 
     def run() -> None:
+        t0 = time.perf_counter()
         try:
             m = finish(mgr.paths, snap_id)
+            with _threads_lock:
+                if len(commits) >= MAX_COMMIT_STATS:
+                    commits.pop(next(iter(commits)))
+                commits[snap_id] = {
+                    "commit_ms": (time.perf_counter() - t0) * 1000,
+                    "stored_bytes": float(_stored.pop(snap_id, 0)),
+                }
             if m is not None:  # the staged disk and device state become the hot cache
                 from torpor.snapshot import core
 
@@ -490,7 +504,7 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
             finish(paths, parent_id)  # a journaled parent is stored first (older: no cycle)
         parent = store.get(parent_id)
         arts: dict[str, Artifact] = {}
-        pos = 0
+        pos = stored = 0
         try:
             items = dict(header["artifacts"]).items()
             for name, a in items:
@@ -513,9 +527,10 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
                         pos += ln
                 finally:
                     os.close(fd)
-                arts[name], _ = store.put_file(
+                arts[name], st = store.put_file(
                     f, chunk_size=cs, parent=parent.artifacts[name], dirty=idx
                 )
+                stored += st.bytes_stored
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"journal {path.name} is damaged: {e}", step="journal") from e
         if pos != len(blob):
@@ -534,6 +549,9 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
                 step="journal",
             )
         _unlink(path)
+        with _threads_lock:
+            if snap_id in _threads:  # its thread records it in commits
+                _stored[snap_id] = stored + store.manifest_bytes(m.id)
         return m
     finally:
         store.close()
