@@ -1328,7 +1328,7 @@ def restore(snap: str, name: str | None, cold: bool, publish: tuple[str, ...]) -
             mgr = _manager()
             vm = pool.claim(mgr, snap.lower(), name)
             if vm is not None:
-                pool.want(mgr.paths, snap.lower())
+                pool.want_soon(mgr.paths, snap.lower())
         if vm is None:
             from torpor.snapshot import restore as do_restore
             from torpor.vmm.manager import parse_port

@@ -680,7 +680,7 @@ def restore(
         vm = pool.claim(mgr, manifest.id, name)
         if vm is not None:
             if keep_pool:
-                pool.want(mgr.paths, manifest.id)
+                pool.want_soon(mgr.paths, manifest.id)
             return vm
     # a VM record made through the normal create path (name link, overlay, config)...
     check_ports(ports)  # a taken port: a clear error before anything is made
@@ -705,7 +705,7 @@ def restore(
             if base is not None:  # the VM's shim holds its own reference by now
                 base.close()
         if pooled and keep_pool:
-            pool.want(mgr.paths, manifest.id)  # spares for the next restore
+            pool.want_soon(mgr.paths, manifest.id)  # spares for the next restore
         return started
     except VMError as e:
         with contextlib.suppress(TorporError):

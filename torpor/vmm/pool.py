@@ -156,6 +156,15 @@ def want(paths: Paths, snap_id: str) -> int:
     return len(ids)
 
 
+def want_soon(paths: Paths, snap_id: str) -> None:
+    """:func:`want` on a thread, off the restore's path (the zygote request is a few
+    ms, tens under load).  Not a daemon: a CLI process finishes it before it exits,
+    so no ``.prep`` entry is left without its spare."""
+    import threading
+
+    threading.Thread(target=want, args=(paths, snap_id), name="torpor-pool-want").start()
+
+
 def _live_entries(d: Path) -> list[Path]:
     """Ready and preparing entries of one snapshot; stale ones removed on sight."""
     out = []
