@@ -100,10 +100,23 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     assert _md5_file(vm.files.shadow) == want
     # and the VM keeps working on it (its own writes are private)
     with mgr.client(vm) as c:
-        assert c.exec(["sh", "-c", f"echo x >> {DATA}"]).status.code == 0
-    assert _md5_file(ram) == want
+        r = c.exec(["sh", "-c", f"echo x >> {DATA} && md5sum {DATA}"])
+        assert r.status.code == 0, r.stderr
+    md5b = r.stdout.split()[0].decode()
+    assert md5b != md5 and _md5_file(ram) == want
+    # a lazily restored VM can be snapshotted, and that snapshot restored (lazily too)
+    snap2 = snapshot(mgr, vm.id).manifest
     mgr.remove(vm.id, force=True)
     assert not lazymem.is_mounted(ram) and not ram.exists()
+    again = restore(mgr, snap2.id, cold=True)
+    vms.ids.append(again.id)
+    assert lazymem.is_mounted(again.files.ram)
+    assert _guest_md5(mgr, again) == md5b
+    # its parent's working set (recorded by the first restore above) was the hint
+    # (its own is recorded meanwhile: the parent's list, then what it read)
+    assert _stats(again)["prefetch_chunks"] > 0
+    _wait((paths.root / "cache" / lazymem.WS_DIR / snap2.id).exists, "its own working set")
+    mgr.remove(again.id, force=True)
 
 
 def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:

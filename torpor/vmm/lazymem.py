@@ -294,6 +294,7 @@ class MemoryFile:
         self.closing = threading.Event()
         self.now_ns = time.time_ns()
         self.fuse: Any = None  # libfuse's struct fuse *, known once init() runs
+        self.started = False  # init() ran: the mount served
 
     # -- fetching
     def _fetch(self, i: int) -> bytes:
@@ -408,6 +409,7 @@ class MemoryFile:
 
     # -- FUSE operations (paths: only "/" exists)
     def init(self, path: str) -> None:
+        self.started = True
         with contextlib.suppress(Exception):  # (a callback: the context names the fuse)
             from mfusepy import _libfuse
 
@@ -628,18 +630,27 @@ def serve(argv: list[str] | None = None) -> int:
         art = manifest.artifacts["memory"]
         ws = WorkingSet(root, store._key, manifest.id, art.chunk_size, len(art.chunks))
         prefetch = ws.load()
+        inherited = None
+        if prefetch is None and manifest.parent:
+            # a descendant without its own: its parent's (same layout) as the hint,
+            # while this restore records its own (the parent's list, then what it read)
+            pws = WorkingSet(root, store._key, manifest.parent, art.chunk_size, len(art.chunks))
+            inherited = pws.load()
         record_s = float(os.environ.get("TORPOR_LAZY_RECORD_S") or 3.0)
         ops = MemoryFile(
             store,
             art,
             uid=args.uid,
             gid=args.gid,
-            prefetch=prefetch,
+            prefetch=prefetch if prefetch is not None else inherited,
             record=None if prefetch is not None else ws,
             record_s=record_s,
             stats_path=Path(args.stats) if args.stats else None,
             ready_fd=ready,
         )
+        if inherited is not None:
+            ops.order = list(inherited)
+            ops.stats["working_set"] = "parent's used, recording"
     except Exception as e:
         return fail(f"lazy memory server could not start: {e}")
     opts: dict[str, Any] = {
@@ -658,7 +669,10 @@ def serve(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", DeprecationWarning)
             FUSE(ops, args.mount, **opts)
     except Exception as e:
-        return fail(f"lazy memory mount at {args.mount} failed: {e}")
+        if not ops.started:
+            return fail(f"lazy memory mount at {args.mount} failed: {e}")
+        # after serving: libfuse's own unmount failing (the shim detached it) is normal
+        log.debug("lazy memory server ended: %s", e)
     finally:
         unmount(Path(args.mount))  # libfuse unmounts too; this covers its failures
         with contextlib.suppress(Exception):
