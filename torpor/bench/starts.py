@@ -32,34 +32,24 @@ from torpor.paths import Paths
 from torpor.vmm.pool import vm_memory as fork_memory
 
 
-def run_starts_bench(
-    paths: Paths,
-    image: str,
-    workers: int = 2,
-    duration: float = 60.0,
-    memory_mib: int = 256,
-    progress: Callable[[str], None] = lambda m: None,
+def _measure(
+    mgr: Any,
+    snap: str,
+    workers: int,
+    duration: float,
+    progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    from torpor.snapshot import restore, snapshot
-    from torpor.vmm.manager import RunRequest, VMManager
+    """One sustained run of ``workers`` loops (restore → exec → remove)."""
+    from torpor.snapshot import restore
+    from torpor.vmm import pool
 
-    mgr = VMManager(paths)
-    src = mgr.run(
-        RunRequest(
-            image=image,
-            command=("sleep", "infinity"),
-            memory_mib=memory_mib,
-            network=False,
-            name=f"bench-starts-{os.getpid()}",
-        )
-    )
-    accel = src.state.accel
     cycles: list[float] = []
     errors: list[str] = []
     running: dict[str, Any] = {}
     lock = threading.Lock()
     stop = threading.Event()
     mem_samples: list[float] = []
+    spare_samples: list[float] = []
 
     def worker() -> None:
         while not stop.is_set():
@@ -87,16 +77,15 @@ def run_starts_bench(
                     with contextlib.suppress(TorporError):
                         mgr.remove(vm.id, force=True)
 
+    # one warm-up cycle: the zygote and the pool start, bytecode, caches
+    with contextlib.suppress(TorporError):
+        mgr.remove(restore(mgr, snap).id, force=True)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    next_report = t0 + 10
     try:
-        snap = snapshot(mgr, src.id).manifest.id
-        # one warm-up cycle: the zygote and any pool start, bytecode, caches
-        with contextlib.suppress(TorporError):
-            mgr.remove(restore(mgr, snap).id, force=True)
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        next_report = t0 + 10
         while time.perf_counter() - t0 < duration and not stop.is_set():
             time.sleep(1.0)
             with lock:
@@ -107,6 +96,7 @@ def run_starts_bench(
                     m = fork_memory(st.qemu_pid, st.shim_pid, vm.files.ram)
                     if m:
                         mem_samples.append(m)
+            spare_samples.append(sum(x.get("memory", 0) for x in pool.spares(mgr.paths)))
             if time.perf_counter() >= next_report:
                 next_report += 10
                 el = time.perf_counter() - t0
@@ -115,33 +105,77 @@ def run_starts_bench(
             stop.set()
             elapsed = time.perf_counter() - t0
             done = len(cycles)
-        for th in threads:
-            th.join(timeout=120)
     finally:
         stop.set()
-        with contextlib.suppress(TorporError):
-            mgr.remove(src.id, force=True)
+        for th in threads:
+            th.join(timeout=120)
     cores = os.cpu_count() or 1
     per_min = done / elapsed * 60 if elapsed else 0.0
+    return {
+        "duration_s": round(elapsed, 1),
+        "load_avg": _loadavg(),
+        "starts": done,
+        "starts_per_min": per_min,
+        "starts_per_min_per_core": per_min / cores,
+        "cycle_ms": summary(cycles),
+        "fork_memory_bytes": summary(mem_samples),
+        "spares_memory_bytes": summary(spare_samples),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+    }
+
+
+def run_starts_bench(
+    paths: Paths,
+    image: str,
+    workers: int = 2,
+    duration: float = 60.0,
+    memory_mib: int = 256,
+    pool_size: int = 0,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Without the pool, then (``pool_size`` > 0) with it: side by side in one run."""
+    from torpor.snapshot import snapshot
+    from torpor.vmm import pool
+    from torpor.vmm.manager import RunRequest, VMManager
+
+    mgr = VMManager(paths)
+    src = mgr.run(
+        RunRequest(
+            image=image,
+            command=("sleep", "infinity"),
+            memory_mib=memory_mib,
+            network=False,
+            name=f"bench-starts-{os.getpid()}",
+        )
+    )
+    accel = src.state.accel
+    saved = os.environ.get("TORPOR_POOL")
+    modes: dict[str, dict[str, Any]] = {}
+    try:
+        snap = snapshot(mgr, src.id).manifest.id
+        for size in [0, pool_size] if pool_size else [0]:
+            name = f"pool {size}" if size else "no pool"
+            os.environ["TORPOR_POOL"] = str(size)
+            progress(f"{name}: {workers} workers for {duration:.0f} s")
+            modes[name] = _measure(mgr, snap, workers, duration, progress)
+            pool.drain(paths)
+    finally:
+        if saved is None:
+            os.environ.pop("TORPOR_POOL", None)
+        else:
+            os.environ["TORPOR_POOL"] = saved
+        pool.drain(paths)
+        with contextlib.suppress(TorporError):
+            mgr.remove(src.id, force=True)
     return {
         "benchmark": "starts",
         "accel": accel,
         "machine": machine(),
-        "load_avg": _loadavg(),
         "image": image,
         "guest_mib": memory_mib,
         "workers": workers,
-        "duration_s": round(elapsed, 1),
-        "pool": os.environ.get("TORPOR_POOL", ""),
-        "results": {
-            "starts": done,
-            "starts_per_min": per_min,
-            "starts_per_min_per_core": per_min / cores,
-            "cycle_ms": summary(cycles),
-            "fork_memory_bytes": summary(mem_samples),
-            "errors": len(errors),
-        },
-        "errors": errors[:5],
+        "modes": modes,
         "targets": {"starts_per_min_per_core": 300},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -150,32 +184,43 @@ def run_starts_bench(
 def print_table(r: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    res = r["results"]
-    load = " ".join(f"{x:.1f}" for x in r.get("load_avg", []))
+    modes = r["modes"]
     t = Table(
         title=f"torpor bench starts — {r['guest_mib']} MiB guest, accelerator {r['accel']}, "
-        f"{r['workers']} workers, {r['duration_s']} s, load {load}",
+        f"{r['workers']} workers (restore → exec true answered → removed)",
         header_style="bold",
     )
-    for col in ("metric", "value", "target"):
-        t.add_column(col, justify="left" if col == "metric" else "right")
-    cyc, mem = res["cycle_ms"], res["fork_memory_bytes"]
-    t.add_row("starts (restore → exec answered → removed)", str(res["starts"]), "")
-    t.add_row("starts per minute", f"{res['starts_per_min']:.0f}", "")
-    t.add_row(
+    t.add_column("metric")
+    for name in modes:
+        t.add_column(name, justify="right")
+    t.add_column("target", justify="right")
+
+    def row(label: str, fn: Any, target: str = "") -> None:
+        t.add_row(label, *(fn(m) for m in modes.values()), target)
+
+    def mib(s: dict[str, float]) -> str:
+        return f"{s['p50'] / 2**20:.0f} / {s['p95'] / 2**20:.0f} MiB" if s["n"] else "-"
+
+    row("seconds sustained", lambda m: f"{m['duration_s']:.0f}")
+    row("load average at the end", lambda m: " ".join(f"{x:.1f}" for x in m["load_avg"]))
+    row("starts", lambda m: str(m["starts"]))
+    row("starts per minute", lambda m: f"{m['starts_per_min']:.0f}")
+    row(
         "starts per minute per core",
-        f"{res['starts_per_min_per_core']:.0f}",
+        lambda m: f"{m['starts_per_min_per_core']:.0f}",
         f"≥ {r['targets']['starts_per_min_per_core']}",
     )
-    if cyc["n"]:
-        t.add_row("cycle p50 / p95", f"{cyc['p50']:.0f} / {cyc['p95']:.0f} ms", "")
-    if mem["n"]:
-        t.add_row(
-            "host memory per running fork p50 / p95",
-            f"{mem['p50'] / 2**20:.0f} / {mem['p95'] / 2**20:.0f} MiB",
-            "",
-        )
-    t.add_row("failed cycles", str(res["errors"]), "0")
+    row(
+        "cycle p50 / p95",
+        lambda m: (
+            f"{m['cycle_ms']['p50']:.0f} / {m['cycle_ms']['p95']:.0f} ms"
+            if m["cycle_ms"]["n"]
+            else "-"
+        ),
+    )
+    row("host memory per running fork p50 / p95", lambda m: mib(m["fork_memory_bytes"]))
+    row("memory of idle spares p50 / p95", lambda m: mib(m["spares_memory_bytes"]))
+    row("failed cycles", lambda m: str(m["errors"]), "0")
     if not console.is_terminal:
         from rich.console import Console
 
@@ -194,12 +239,17 @@ def main_command() -> Any:
     @click.option("--duration", default=60.0, show_default=True, help="Seconds to sustain.")
     @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
     @click.option(
+        "--pool", "pool_size", default=2, show_default=True,
+        help="Spares per snapshot for the second run (0: only the run without the pool).",
+    )  # fmt: skip
+    @click.option(
         "--json", "json_out", type=click.Path(path_type=Path),
         default=Path("bench-results/starts.json"), show_default=True,
     )  # fmt: skip
     def starts_cmd(
-        image: str, workers: int, duration: float, memory_mib: int, json_out: Path
-    ) -> None:
+        image: str, workers: int, duration: float, memory_mib: int, pool_size: int,
+        json_out: Path,
+    ) -> None:  # fmt: skip
         """Starts per minute per core: N loops of restore → exec answered → remove."""
         from torpor.cli.main import _bench_output, _fail, err_console
         from torpor.errors import UsageError
@@ -209,7 +259,8 @@ def main_command() -> Any:
                 raise UsageError("--workers must be >= 1 and --duration > 0")
             result = run_starts_bench(
                 Paths.default().ensure(), image, workers=workers, duration=duration,
-                memory_mib=memory_mib, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+                memory_mib=memory_mib, pool_size=pool_size,
+                progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
             )  # fmt: skip
         except TorporError as e:
             _fail(e)
