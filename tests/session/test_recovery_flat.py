@@ -12,6 +12,7 @@ killed.
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from torpor.model import ScriptedModel, parse_script
 from torpor.paths import Paths
 from torpor.session import Session
 from torpor.session.core import messages_from
+from torpor.vmm import pool
 from torpor.vmm.manager import VMManager
 
 pytestmark = pytest.mark.vm
@@ -47,8 +49,18 @@ def _crash(s: Session, paths: Paths, text: str) -> str:
     return vm.id
 
 
+def _pool_entries(paths: Paths, snap: str) -> list[str]:
+    """Spares (ready or being prepared) of ``snap``, once the restore's request for
+    them (a thread) is done."""
+    for t in threading.enumerate():
+        if t.name == "torpor-pool-want":
+            t.join()
+    d = paths.locks / "pool" / snap
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
 def test_recovery_reads_only_the_tail_and_checks_what_it_reads(
-    paths: Paths, tools_image: str
+    paths: Paths, tools_image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"flat-{next(_names)}"
     s = Session.create(tools_image, _model("hi"), name=name, paths=paths)
@@ -68,7 +80,17 @@ def test_recovery_reads_only_the_tail_and_checks_what_it_reads(
         old = _crash(s, paths, "are you there?")
         with Session.open(s.id, paths=paths, model=_model("{user}")) as r:
             assert r.stats()["state_record"].startswith("used")
-            assert r.recover() == "are you there?"
+            ck = r.state().last_checkpoint
+            assert ck is not None
+            monkeypatch.setenv("TORPOR_POOL", "1")  # (the tests' default: no pool)
+            try:
+                assert r.recover() == "are you there?"
+                # a checkpoint is restored once: no spare VM restoring it again beside
+                # the replayed turn
+                assert _pool_entries(paths, ck.snapshot) == []
+            finally:
+                monkeypatch.setenv("TORPOR_POOL", "0")
+                pool.drain(paths)
             assert all(seg._items is None for seg in _sealed(r)), "a sealed segment decoded"
             vm = r.vm()
             assert vm is not None and vm.name == f"ses-{name}" and vm.id != old

@@ -1537,7 +1537,9 @@ class Session:
             remover.start()
         t0 = time.perf_counter()
         try:
-            vm = restore(self._mgr, ck.snapshot)
+            # no pool spares for a checkpoint a recovery restores: the session moves on
+            # from it, and a spare is a whole restore running beside the replayed turn
+            vm = restore(self._mgr, ck.snapshot, keep_pool=reason == "fork")
         finally:
             if remover is not None:
                 remover.join()
@@ -1669,15 +1671,16 @@ class Session:
                 "vm": vm_id,
                 "upto": upto,
                 "reason": reason,
-                "stored_bytes": res.stored_bytes,
+                # journaled: what the store will hold is known once the commit behind
+                # ran (compression, dedup), so 0 here and the journal's size apart
+                "stored_bytes": 0 if journaled else res.stored_bytes,
                 "new_chunks": res.new_chunks,
                 "pause_ms": round(res.pause_ms, 1),
                 "durable_ms": round(res.durable_ms, 1),
                 # with a bucket: acknowledged in it, or locally with the upload pending
                 **durability_fields(res.timings),
                 # journaled: durable in this home's checkpoint journal, stored behind
-                # (stored_bytes is then what the journal holds, uncompressed)
-                **({"journal": True} if journaled else {}),
+                **({"journal": True, "journal_bytes": res.stored_bytes} if journaled else {}),
             },
             turn=turn,
         )
