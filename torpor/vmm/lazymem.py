@@ -410,6 +410,9 @@ class MemoryFile:
     # -- FUSE operations (paths: only "/" exists)
     def init(self, path: str) -> None:
         self.started = True
+        self.stats.setdefault("start_ms", {})["mount"] = round(
+            (time.monotonic() - self.t0) * 1000, 1
+        )
         with contextlib.suppress(Exception):  # (a callback: the context names the fuse)
             from mfusepy import _libfuse
 
@@ -619,14 +622,18 @@ def serve(argv: list[str] | None = None) -> int:
                 os.write(ready, f"error: {msg}\n".encode()[:4000])
         return 1
 
+    t0 = time.monotonic()
     try:
         from mfusepy import FUSE
 
         from torpor.store.home import home_store
 
+        t_import = time.monotonic()
         root = Path(args.root)
         store = home_store(root)
+        t_store = time.monotonic()
         manifest = store.get(args.snapshot)  # MAC-checked
+        t_manifest = time.monotonic()
         art = manifest.artifacts["memory"]
         ws = WorkingSet(root, store._key, manifest.id, art.chunk_size, len(art.chunks))
         prefetch = ws.load()
@@ -648,6 +655,11 @@ def serve(argv: list[str] | None = None) -> int:
             stats_path=Path(args.stats) if args.stats else None,
             ready_fd=ready,
         )
+        ops.stats["start_ms"] = {
+            "import": round((t_import - t0) * 1000, 1),
+            "store": round((t_store - t_import) * 1000, 1),
+            "manifest": round((t_manifest - t_store) * 1000, 1),
+        }
         if inherited is not None:
             ops.order = list(inherited)
             ops.stats["working_set"] = "parent's used, recording"
