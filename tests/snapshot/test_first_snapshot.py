@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 
@@ -58,6 +59,7 @@ def test_first_snapshot_of_sparse_memory_restores_byte_for_byte(vms, tools_image
     # byte for byte, and so is every chunk hash against a plain serial hashing of it
     vm = mgr.get(vm.id)
     assert read_meta(vm.files.shadow_meta).get("snapshot") == r.manifest.id
+    assert stat.S_IMODE(os.stat(vm.files.shadow).st_mode) == 0o600  # guest memory: private
     store = ChunkStore(paths.store)
     try:
         store.materialize(mem, tmp_path / "memory", durable=False)

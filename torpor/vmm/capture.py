@@ -215,6 +215,15 @@ def _copy_range(fi: int, fo: int, n: int, off: int, cross_fs: list[bool]) -> int
     return done_total
 
 
+def _new_private_file(path: Path) -> None:
+    """``path`` as an empty 0600 file (created, or truncated and made 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
     """Copy ``src`` to ``dst`` keeping holes; returns bytes copied.
 
@@ -301,7 +310,10 @@ async def pause_and_copy(
                 # migration's first pass); the pause then fixes only what changed since.
                 sync.close()
                 t_pre = time.perf_counter()
-                t["memory_bytes_precopied"] = await asyncio.to_thread(sparse_copy, ram, shadow)
+                _new_private_file(shadow)  # guest memory: 0600 (a plain copy would be 0644)
+                t["memory_bytes_precopied"] = await asyncio.to_thread(
+                    sparse_copy, ram, shadow, into_existing=True
+                )
                 t["precopy_ms"] = (time.perf_counter() - t_pre) * 1000
                 step("pre-copied RAM")
             await asyncio.to_thread(sync.prepare)
