@@ -98,6 +98,7 @@ def test_the_turn_checkpoint_is_journaled_and_stored_behind(session) -> None:
     s, _ = session
     p = next(e.payload for e in s.log() if e.seq == s.checkpoints[-1].seq)
     assert p["journal"] is True and p["durability"] == "local"
+    assert p["journal_bytes"] > 0 and p["stored_bytes"] == 0  # stored behind: not known yet
     journal.wait_all()
     snap = s.checkpoints[-1].snapshot
     assert not journal.pending(s.paths, snap)

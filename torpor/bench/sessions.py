@@ -21,6 +21,7 @@ recovery do not grow with N.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from torpor.bench.stats import machine, summary
 from torpor.context import Kind
 from torpor.paths import Paths
 from torpor.session import Session
+from torpor.snapshot import journal
 from torpor.vmm.manager import VMManager
 
 
@@ -54,6 +56,14 @@ def run_one(
             if (i + 1) % max(1, turns // 10) == 0:
                 say(f"  N={turns}: {i + 1} turns ({time.perf_counter() - t_all:.0f} s)")
         cks = [c for c in s.checkpoints if c.reason == "turn"]
+        journal.wait_all()  # a journaled checkpoint's stored bytes: what its commit stored
+        behind = {c.seq: journal.commits.get(c.snapshot, {}).get("stored_bytes") for c in cks}
+        cks = [
+            dataclasses.replace(c, stored_bytes=int(behind[c.seq]))
+            if behind[c.seq] is not None
+            else c
+            for c in cks
+        ]
         vm = s.vm()
         accel = vm.state.accel if vm else ""
         stats = s.stats()

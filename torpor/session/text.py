@@ -48,9 +48,12 @@ def describe(e: Any) -> str:
         flag = " [error]" if p.get("is_error") else ""
         return f"result {p['name']}{flag} ({p.get('ms', 0):.0f} ms): {out}"
     if k == "checkpoint":
+        stored = f"{human_size(p.get('stored_bytes', 0))} stored"
+        if p.get("journal"):  # torpor.snapshot.journal: stored behind the turn
+            stored = f"{human_size(p.get('journal_bytes', 0))} journaled, stored behind"
         return (
             f"checkpoint {p['snapshot'][:12]} ({p.get('reason', '')}): "
-            f"{human_size(p.get('stored_bytes', 0))} stored, paused {p.get('pause_ms', 0):.0f} ms, "
+            f"{stored}, paused {p.get('pause_ms', 0):.0f} ms, "
             f"durable {p.get('durable_ms', 0):.0f} ms{durability_text(p)}"
         )
     if k == "vm":

@@ -95,6 +95,20 @@ _stored: dict[str, int] = {}
 _threads_lock = threading.Lock()
 
 
+def _at_exit() -> None:
+    """A process ending normally (a CLI turn) commits its journals first."""
+    with contextlib.suppress(Exception):
+        wait_all()
+
+
+# before the interpreter's thread pools refuse work at exit (callbacks registered
+# this way run newest first, ahead of concurrent.futures' own): a commit still running
+# then finishes instead of failing with "cannot schedule new futures after shutdown"
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+
+
 def journal_dir(paths: Paths) -> Path:
     return paths.root / "journal"
 
@@ -230,10 +244,12 @@ def fast_snapshot(mgr: VMManager, ref: str, tag: str | None = None) -> Any:
             raise ConflictError(f"VM {vm.name} is not running ({vm.state.status})")
         last = core.last_snapshot(vm)
         if not last:
+            log.debug("not journaled: VM %s has no snapshot yet", vm.name)
             return None
         store = core._store(mgr)
         try:
             if isinstance(store, TieredStore):
+                log.debug("not journaled: the store has a bucket")
                 return None
             with _threads_lock:
                 parent = _manifests.get(last)  # still being committed by this process
@@ -241,15 +257,32 @@ def fast_snapshot(mgr: VMManager, ref: str, tag: str | None = None) -> Any:
                 finish(mgr.paths, last)  # a journal a crashed process left: stored first
                 try:
                     parent = store.get(last)
-                except TorporError:
+                except TorporError as e:
+                    log.debug("not journaled: parent %s: %s", last[:12], e)
                     return None
             if set(core.ARTIFACTS) - set(parent.artifacts):
                 return None
-            if read_meta(vm.files.shadow_meta).get("snapshot") != parent.id:
-                return None  # the shadow is not that snapshot: the capture sees no delta
+            if _ram_copy_tag(vm) != parent.id:
+                # the shadow is not that snapshot: the capture would see no delta
+                log.debug("not journaled: VM %s's shadow is not %s", vm.name, last[:12])
+                return None
             return _fast(mgr, vm, store, parent, tag)
         finally:
             store.close()
+
+
+def _ram_copy_tag(vm: VM) -> str | None:
+    """Which committed snapshot the VM's copy of its RAM as of its last capture equals:
+    its shadow, or for a VM whose RAM is mapped private (a restore over a shared
+    base, :mod:`torpor.vmm.ramless`) its overlay."""
+    from torpor.vmm.ramless import overlay_of
+
+    for meta in (vm.files.shadow_meta, overlay_of(vm.files.shadow)):
+        meta = meta if meta.name.endswith(".json") else meta.with_name(meta.name + ".json")
+        if meta.exists():
+            got = read_meta(meta).get("snapshot")
+            return got if isinstance(got, str) else None
+    return None
 
 
 def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str | None) -> Any:
@@ -277,11 +310,18 @@ def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str 
         base = cap.pop("base_snapshot")
         capture_id = cap.pop("capture")
         mem_chunk = int(cap.pop("chunk_size"))
+        # a private VM's capture (torpor.vmm.ramless): the memory file is its overlay,
+        # whose holes stand for its base (readable at base_file while its shim lives)
+        private = bool(cap.pop("private", False))
+        base_file = Path(str(cap.pop("base_file", "")))
+        qemu = str(cap.pop("qemu_version", ""))
         t.update(cap)
         t1 = time.perf_counter()
         pm = parent.artifacts["memory"]
         usable = changed is not None and base == parent.id and pm.chunk_size == mem_chunk
         t["memory_dirty_path"] = float(usable)
+        if private and not usable:
+            core._fill_overlay(shadow, base_file)  # every chunk is read: the base too
         arts: dict[str, Artifact] = {}
         header_arts: dict[str, Any] = {}
         blobs: list[bytes] = []
@@ -309,6 +349,8 @@ def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str 
             blobs += datas
         t["hash_ms"] = (time.perf_counter() - t1) * 1000
         meta = core._snapshot_meta(vm, base_ref, guest, tag)
+        if qemu:  # a private VM restored from it reuses its stream's head: same QEMU only
+            meta["qemu"] = qemu
         created = now_iso()
         manifest, _ = build_manifest(
             parent=parent.id, kind=KIND_VM_SNAPSHOT, meta=meta, artifacts=arts, created=created
@@ -428,7 +470,12 @@ def finish(paths: Paths, snap_id: str) -> Manifest | None:
     with locked(paths.locks / f"journal-{snap_id}.lock"):
         if not path.exists():
             return None  # another actor finished it
-        return _commit(paths, snap_id, path)
+        try:
+            return _commit(paths, snap_id, path)
+        except OSError as e:  # kept: the next reader tries again
+            raise StoreError(
+                f"journal {snap_id[:12]} not committed: {e}", step="journal", path=path
+            ) from e
 
 
 def finish_all(paths: Paths) -> list[str]:
