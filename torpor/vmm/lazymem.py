@@ -92,7 +92,6 @@ FUSE_SUPER_MAGIC = 0x65735546
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
-READY_TIMEOUT = 20.0  # s: the server's start (python, store, mount) under load
 RECENT_CHUNKS = 128  # chunks kept after serving (partial-chunk reads come back)
 PREFETCH_MAX_BYTES = 512 << 20  # fetched-ahead chunks not yet served, at most
 WS_DIR = "workingsets"
@@ -609,6 +608,8 @@ def serve(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-other", action="store_true")
     ap.add_argument("--stats")
     ap.add_argument("--ready-fd", type=int, default=-1)
+    ap.add_argument("--fuse-fd", type=int, default=-1)  # mounted already (by the shim)
+    ap.add_argument("--size", type=int, default=-1)  # what the shim told QEMU
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s lazymem[%(process)d] %(levelname)s %(message)s"
@@ -635,6 +636,8 @@ def serve(argv: list[str] | None = None) -> int:
         manifest = store.get(args.snapshot)  # MAC-checked
         t_manifest = time.monotonic()
         art = manifest.artifacts["memory"]
+        if args.size >= 0 and art.size != args.size:
+            raise ValueError(f"the snapshot's memory is {art.size} bytes, not {args.size}")
         ws = WorkingSet(root, store._key, manifest.id, art.chunk_size, len(art.chunks))
         prefetch = ws.load()
         inherited = None
@@ -679,7 +682,7 @@ def serve(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            FUSE(ops, args.mount, **opts)
+            FUSE(ops, f"/dev/fd/{args.fuse_fd}" if args.fuse_fd >= 0 else args.mount, **opts)
     except Exception as e:
         if not ops.started:
             return fail(f"lazy memory mount at {args.mount} failed: {e}")
@@ -764,12 +767,28 @@ class _Forked:
 class LazyMemory:
     """A running server for one VM (owned by the VM's shim)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes] | _Forked, mount: Path, stats: Path):
-        self.popen, self.mount, self.stats = popen, mount, stats
+    def __init__(
+        self, popen: subprocess.Popen[bytes] | _Forked, mount: Path, stats: Path, ready: int
+    ) -> None:
+        self.popen, self.mount, self.stats, self.ready = popen, mount, stats, ready
+
+    def error(self) -> str | None:
+        """Why the server failed to start, if it did (None: serving or still starting)."""
+        import select
+
+        if self.ready < 0 or not select.select([self.ready], [], [], 0)[0]:
+            return None
+        msg = os.read(self.ready, 4096).decode(errors="replace").strip()
+        os.close(self.ready)
+        self.ready = -1
+        return None if msg == "ok" else (msg or "the server exited")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Unmount (QEMU is gone or going) and reap the server."""
         unmount(self.mount)
+        if self.ready >= 0:
+            os.close(self.ready)
+            self.ready = -1
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -791,13 +810,13 @@ def _child_setup() -> None:
     os.umask(0o077)
 
 
-def _spawn(argv: list[str], ready_w: int) -> subprocess.Popen[bytes] | _Forked:
+def _spawn(argv: list[str], keep: tuple[int, ...]) -> subprocess.Popen[bytes] | _Forked:
     """The server process: forked from this process when it is single-threaded (the
     shim's start, forked from the zygote: interpreter and most imports are already
     paid, ~0.1-0.7 s here), else a fresh interpreter."""
     if threading.active_count() > 1 or os.environ.get("TORPOR_LAZY_EXEC") == "1":
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, pass_fds=(ready_w,), preexec_fn=_child_setup,
+            argv, stdin=subprocess.DEVNULL, pass_fds=keep, preexec_fn=_child_setup,
             close_fds=True,
         )
     parent = os.getpid()
@@ -816,7 +835,7 @@ def _spawn(argv: list[str], ready_w: int) -> subprocess.Popen[bytes] | _Forked:
         os.dup2(devnull, 0)
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd > 2 and fd not in (ready_w, devnull):
+            if fd > 2 and fd not in keep and fd != devnull:
                 with contextlib.suppress(OSError):
                     os.dup2(devnull, fd, inheritable=False)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # libfuse installs its own
@@ -829,13 +848,38 @@ def _spawn(argv: list[str], ready_w: int) -> subprocess.Popen[bytes] | _Forked:
         os._exit(code)
 
 
+def _mount(mount: Path, *, jailed: bool) -> int:
+    """Mount a FUSE filesystem on ``mount`` (a file) and return its /dev/fuse fd.
+
+    Done here, not by the server, so that QEMU can be started at once: its open of the
+    file waits in the kernel until the server has answered FUSE's INIT (and fails with
+    ENOTCONN if the server dies first — never an empty file)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_char_p]  # fmt: skip
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = f"fd={fd},rootmode={stat.S_IFREG:o},user_id=0,group_id=0,default_permissions"
+    if jailed:
+        opts += ",allow_other"  # QEMU runs as its own uid; the file's mode and owner rule
+    MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+    if libc.mount(
+        b"torpor-lazymem", str(mount).encode(), b"fuse.torpor", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        opts.encode(),
+    ) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise VMError(f"lazy memory: mount on {mount}: {os.strerror(err)}", step="restore")
+    return fd
+
+
 def start(
     root: Path, vm_dir: Path, mount: Path, snap_id: str, size: int, *, uid: int, gid: int,
     jailed: bool,
 ) -> LazyMemory:
-    """Start the server for ``mount`` (the VM's RAM file path) and wait until it serves.
+    """Mount the lazy memory on ``mount`` (the VM's RAM file path) and start its server.
 
-    Raises VMError if it does not come up, or if the path is not its mount afterwards."""
+    Returns at once: QEMU may be started now (its open waits for the server).  Raises
+    VMError if the mount cannot be made."""
     mount = Path(mount)
     unmount(mount)  # a stale one from a killed server
     with contextlib.suppress(FileNotFoundError):
@@ -845,59 +889,23 @@ def start(
     stats = vm_dir / STATS_FILE
     with contextlib.suppress(FileNotFoundError):
         stats.unlink()
+    fuse_fd = _mount(mount, jailed=jailed)
     r, w = os.pipe2(os.O_CLOEXEC)
     argv = [
         sys.executable, "-m", "torpor.vmm.lazymem", "--root", str(root), "--snapshot", snap_id,
         "--mount", str(mount), "--uid", str(uid), "--gid", str(gid), "--stats", str(stats),
-        "--ready-fd", str(w),
+        "--ready-fd", str(w), "--fuse-fd", str(fuse_fd), "--size", str(size),
     ]
-    if jailed:
-        argv.append("--allow-other")
     try:
-        popen = _spawn(argv, w)
-    finally:
-        os.close(w)
-    lazy = LazyMemory(popen, mount, stats)
-    try:
-        msg = _read_ready(r, popen)
-        if msg != "ok":
-            raise VMError(f"lazy memory: {msg or 'the server exited'}", step="restore: lazy memory")
-        try:
-            got = os.stat(mount).st_size  # answered by the server: it serves
-        except OSError as e:
-            raise VMError(f"lazy memory: {mount}: {e}", step="restore: lazy memory") from e
-        if not is_mounted(mount) or not is_fuse(mount) or got != size:
-            raise VMError(
-                f"lazy memory: {mount} is not the server's mount (size {got})",
-                step="restore: lazy memory",
-            )
+        popen = _spawn(argv, (w, fuse_fd))
     except BaseException:
-        lazy.stop(timeout=2.0)
+        unmount(mount)
+        os.close(r)
         raise
     finally:
-        os.close(r)
-    return lazy
-
-
-def _read_ready(fd: int, popen: subprocess.Popen[bytes]) -> str:
-    import select
-
-    deadline = time.monotonic() + READY_TIMEOUT
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return f"the server did not mount within {READY_TIMEOUT:.0f} s"
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return "" if popen.poll() is not None or not buf else buf.decode(errors="replace")
-        buf += chunk
-        if len(buf) > 8192:
-            break
-    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+        os.close(w)
+        os.close(fuse_fd)  # the server's copy is the connection now
+    return LazyMemory(popen, mount, stats, r)
 
 
 if __name__ == "__main__":
@@ -964,3 +972,12 @@ def no_hugepage_preexec(inner: Any) -> Any:
         arr  # noqa: B018  (kept alive with the closure)
 
     return run
+
+
+def preload() -> None:
+    """Import what the server needs (in the zygote: its forks start with them)."""
+    with contextlib.suppress(ImportError):
+        import mfusepy  # noqa: F401
+
+        import torpor.store.home
+        import torpor.store.tiered  # noqa: F401
