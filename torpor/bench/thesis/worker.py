@@ -8,12 +8,18 @@ events in the run directory.  The harness starts it in a new process group and m
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
 T0 = time.monotonic()
+
+
+#: Environment: a folder; a recovering worker writes its cProfile there
+#: (``recover-<session>.prof``; the harness's phases stay in events.jsonl).
+PROFILE_ENV = "TORPOR_THESIS_PROFILE"
 
 
 def main(argv: list[str]) -> int:
@@ -24,6 +30,13 @@ def main(argv: list[str]) -> int:
     run_dir = Path(raw["run_dir"])
     rec = Recorder(run_dir / "events.jsonl")
     rec("start", t_exec=T0, recovering=raw["recovering"])
+    where = os.environ.get(PROFILE_ENV) if raw["recovering"] else None
+    prof = None
+    if where:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     try:
         from torpor.bench.thesis.peers import get
         from torpor.bench.thesis.peers.base import RunSpec
@@ -35,6 +48,9 @@ def main(argv: list[str]) -> int:
         env.rec = rec
         rec("imported")
         h = system.run(spec, env)
+        if prof is not None:  # before "done": the harness may kill the worker after it
+            prof.disable()
+            prof.dump_stats(str(Path(str(where)) / f"recover-{spec.session_id}.prof"))
         rec("done", hash=h)
         return 0
     except BaseException as e:

@@ -173,22 +173,32 @@ class TorporPeer(System):
         if spec.recovering:
             import time
 
-            s = Session.open(state_file.read_text(), paths=paths, model=model)
+            marks: list[tuple[str, float]] = [("open", time.monotonic())]
+
+            def seen(e: Any) -> None:  # when each entry of the recovery was appended
+                marks.append((e.kind.value, time.monotonic()))
+
+            s = Session.open(state_file.read_text(), paths=paths, model=model, on_event=seen)
+            marks.append(("opened", time.monotonic()))
             env.rec("ready")
             env.rec("enter", rchar=io_read_bytes())
             t0 = time.monotonic()
             s.state()  # the log: its state record and the entries after it (recover() reuses it)
             log_ms = (time.monotonic() - t0) * 1000
+            marks.append(("state", time.monotonic()))
             record = s._record_status  # how the log was read: "used (seq …)", "missing; …"
             s.recover()
             st = s.stats()
             start = st["turns"]
             restore = [e for e in s._read() if e.kind.value == "vm"]  # entries after the record
+            marks.append(("recovered", time.monotonic()))
             env.rec(
                 "x_detail",
                 log_ms=round(log_ms, 1),
                 record=record,
                 restore_ms=restore[-1].payload.get("ms") if restore else None,
+                # the recovery's own timeline: ms since Session.open was called
+                timeline=[(k, round((t - marks[0][1]) * 1000, 1)) for k, t in marks],
             )
         else:
             s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
