@@ -30,6 +30,13 @@ are ignored), only orphan chunks and temp files, which ``gc`` removes.  A crash
 after it leaves a complete snapshot whose chunks were made durable in 2 and 3.
 Chunks of earlier snapshots are never rewritten in place, so they stay intact.
 
+Step 2 is pipelined inside ``put_file``: chunks are read in batches, hashed on the
+store's threads, compressed (zstd's own C threads for a batch's plain chunks), and
+each frame is written, fdatasync'ed and renamed on the sync threads while the next
+batch is read; ``put_file`` returns only after every sync has finished, and a chunk
+whose write failed is dropped from the writer's own set (so a retry rewrites it), so
+the ordering above holds per chunk and for the commit.
+
 Why not one ``syncfs(2)`` (the first version did): it flushes *every* dirty page of
 the filesystem — other VMs' disk overlays, snapshot caches, anything else on the
 host — and cost 50-120 ms per snapshot here; fsyncing only the new chunk files and
@@ -251,6 +258,7 @@ class ChunkStore:
         self.snapshots_dir = self.root / "snapshots"
         self.leases_dir = self.root / "leases"
         self.tmp_dir = self.root / "tmp"
+        self._tmp_prefix = f"{self.tmp_dir}/"
         self._lock_path = self.root / "gc.lock"
         self._open()
         self._key = self._load_key()
@@ -386,7 +394,9 @@ class ChunkStore:
 
         Data first (temp file, fdatasync, rename): a chunk under its real name is
         never torn.  On failure the temp file is removed and nothing is named."""
-        fd, tmp = tempfile.mkstemp(prefix=f"{h[:16]}.", suffix=".tmp", dir=self.tmp_dir)
+        # (not tempfile.mkstemp: its name generation cost 2.5x the open, per chunk)
+        tmp = f"{self._tmp_prefix}{h[:16]}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
                 failpoints.hit("store.chunk_write")
