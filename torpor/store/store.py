@@ -629,8 +629,9 @@ class ChunkStore:
     ) -> None:
         t0 = time.perf_counter()
         hashed: list[tuple[ck.ChunkRead, str]] = []
-        # BLAKE3 releases the GIL: hash the batch's chunks on the pool's threads
-        digests = self._executor().map(ck.hash_bytes, [c.data for c in batch])
+        # BLAKE3 releases the GIL: hash the batch's chunks on the pool's threads, one
+        # slice per thread (a future per 64 KiB chunk cost as much as its hashing)
+        digests = self._hash_all([c.data for c in batch])
         for c, h in zip(batch, digests, strict=True):
             st["bytes_read"] += len(c.data)
             if h == ck.zero_hash(len(c.data)):
@@ -703,6 +704,19 @@ class ChunkStore:
                 new.discard(h)
             else:
                 st["reused"] += 1
+
+    def _hash_all(self, views: list[memoryview]) -> list[str]:
+        """:func:`chunks.hash_bytes` of each of ``views``, in order, on the pool."""
+        n = self.threads
+        if n == 1 or len(views) < 2 * n:
+            return [ck.hash_bytes(v) for v in views]
+        parts = self._executor().map(
+            lambda part: [ck.hash_bytes(v) for v in part], [views[i::n] for i in range(n)]
+        )
+        out: list[str] = [""] * len(views)
+        for i, got in enumerate(parts):
+            out[i::n] = got
+        return out
 
     def _wait_finished(self, pending: dict[Future[int], str]) -> int:
         """Wait for every chunk sync in flight; return their bytes, or raise the first
