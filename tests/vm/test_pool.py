@@ -197,3 +197,6 @@ def test_cli_restore_through_the_pool_keeps_its_errors(source, paths, pooled) ->
     r = torpor_cli("restore", "--name", "pool-cli", snap)
     assert r.returncode == 4 and b"already in use" in r.stderr, r.stderr
     assert spare["vm"] in {s["vm"] for s in pool.spares(paths)}
+    # the memory spares hold is accounted: `system df` shows it
+    r = torpor_cli("system", "df")
+    assert r.returncode == 0 and b"Pool spares (memory)" in r.stdout, r.stdout

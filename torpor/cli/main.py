@@ -1509,6 +1509,22 @@ def system_df(fmt: str | None) -> None:
         }
         for d in disk_usage(_manager())
     ]
+    from torpor.vmm import pool
+
+    spares = pool.spares(_paths())
+    if spares:  # host memory, not disk: restored VMs waiting for a claim (`prune` stops them)
+        held = sum(int(x.get("memory", 0)) for x in spares)
+        rows.append(
+            {
+                "Type": "Pool spares (memory)",
+                "TotalCount": len(spares),
+                "Active": 0,
+                "Size": human_size(held),
+                "Reclaimable": human_size(held),
+                "size_bytes": held,
+                "reclaimable_bytes": held,
+            }
+        )
     cols = ("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE")
     keys = ("Type", "TotalCount", "Active", "Size", "Reclaimable")
     fmt_.emit(rows, fmt, list(zip(cols, keys, strict=True)))
@@ -1537,6 +1553,11 @@ def system_prune(force: bool, grace: int) -> None:
             err=True,
         )
     r = prune(_manager(), grace)
+    from torpor.vmm import pool
+
+    stopped = pool.drain(_paths())  # spare VMs of the restore pool: memory held for speed
+    if stopped:
+        click.echo(f"stopped {stopped} pool spare VM{'s' if stopped != 1 else ''}")
     for vm_id in r.vms_removed:
         click.echo(f"deleted VM {vm_id[:12]}")
     click.echo(f"Total reclaimed space: {human_size(r.bytes_freed)} ({r.chunks_deleted} chunks)")
