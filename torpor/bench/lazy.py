@@ -17,8 +17,8 @@ fetched from the store by then as a fraction of guest RAM (``full``: every store
 chunk; lazy: the server's count, read 0.1 s after the exec — the background stream of
 the rest is held back for the benchmark, ``TORPOR_LAZY_STREAM_DELAY_S=30``).  The
 ``full`` row is whatever a cold restore does without lazy restore on this torpor
-(today: a shared base filled from the store, :mod:`torpor.vmm.basemem`).  The VM is
-removed after each, untimed.
+(today: a shared base filled from the store, :mod:`torpor.vmm.basemem`, retired after
+each run so that the next one is cold again).  The VM is removed after each, untimed.
 Every number is noisy on a shared 2-core host: the load average is recorded.
 """
 
@@ -109,6 +109,8 @@ def run_lazy_bench(
                 finally:
                     with contextlib.suppress(TorporError):
                         mgr.remove(vm.id, force=True)
+                    if mode == "full":  # its shared base must not serve the next run hot
+                        _retire_base(paths, snap.id)
                 if mode == "lazy":  # saved when the server ends (or its window closes)
                     deadline = time.monotonic() + 10
                     while not ws_file.exists() and time.monotonic() < deadline:
@@ -142,6 +144,15 @@ def run_lazy_bench(
         "targets": TARGETS,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _retire_base(paths: Paths, snap_id: str) -> None:
+    try:
+        from torpor.vmm import basemem
+    except ImportError:
+        return
+    with contextlib.suppress(Exception):
+        basemem.retire(paths, snap_id)
 
 
 def print_table(r: dict[str, Any], console: Any) -> None:

@@ -106,6 +106,8 @@ def enabled() -> bool:
 
 def available() -> str | None:
     """None if lazy restore can work on this host, else why not."""
+    if os.geteuid() != 0:
+        return "not root (the shim mounts the FUSE file itself)"
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -370,6 +372,7 @@ class MemoryFile:
                     self.ahead[i] = data
                     self.ahead_bytes += len(data)
                 self.stats["prefetched_chunks"] += 1
+        self.stats["prefetch_done_s"] = round(time.monotonic() - self.t0, 4)
         self.dirty.set()
 
     def stats_loop(self) -> None:
@@ -496,6 +499,7 @@ class MemoryFile:
         with self._mu:
             self.stats["served_bytes"] += len(out)
             self.stats["reads"] += 1
+            self.stats["last_read_s"] = round(time.monotonic() - self.t0, 4)
         self.dirty.set()
         return out
 
