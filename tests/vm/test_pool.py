@@ -200,3 +200,38 @@ def test_cli_restore_through_the_pool_keeps_its_errors(source, paths, pooled) ->
     # the memory spares hold is accounted: `system df` shows it
     r = torpor_cli("system", "df")
     assert r.returncode == 0 and b"Pool spares (memory)" in r.stdout, r.stdout
+
+
+def test_a_spare_ends_when_its_home_is_removed(paths, tools_image, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from torpor.paths import Paths
+    from torpor.vmm.manager import RunRequest, VMManager
+
+    home = tmp_path / "home"
+    (home / "guest").mkdir(parents=True)
+    for src, dst in (
+        (paths.guest / "kernels", home / "guest" / "kernels"),
+        (paths.images, home / "images"),
+    ):
+        shutil.copytree(
+            src, dst, symlinks=True, copy_function=os.link
+        )  # shared inodes, never written
+    other = Paths(home).ensure()
+    mgr = VMManager(other)
+    monkeypatch.setenv("TORPOR_POOL", "1")
+    monkeypatch.setenv("TORPOR_POOL_IDLE", "120")
+    vm = mgr.run(
+        RunRequest(image=tools_image, command=("sleep", "infinity"), memory_mib=256, network=False)
+    )
+    try:
+        snap = snapshot(mgr, vm.id).manifest.id
+        assert pool.want(other, snap) == 1
+        spare = _spares(other, snap)[0]
+        st = load_state(other.vm(spare["vm"]))
+    finally:
+        mgr.remove(vm.id, force=True)
+    # `rm -rf` of the home while its processes still write in it: until it is gone
+    _wait(lambda: shutil.rmtree(home, ignore_errors=True) or not home.exists(), 30)
+    _wait(lambda: not alive(int(spare["pid"]), int(spare["start"])), 30)
+    assert not alive(st.qemu_pid, st.qemu_start)
