@@ -870,6 +870,12 @@ class Shim:
         from torpor.vmm import qmp
         from torpor.vmm.logfile import LogLimits
 
+        if os.environ.get("TORPOR_POOL_WARM", "") == "exec":
+            # opt-in: one `true` run before the pause also translates the guest's
+            # fork/exec path (a restore's first exec pays it otherwise, ~100 ms under
+            # TCG); the guest then differs from the snapshot by that process (a pid)
+            with contextlib.suppress(VMError, TimeoutError):
+                await self.request(T.EXEC, ExecRequest(argv=("true",)).encode(), timeout=30)
         async with qmp.session(self.files.qmp_sock, wait_until=time.monotonic() + 10) as q:
             await qmp.execute(q, "stop")
             if self.restored_info is not None:
