@@ -13,6 +13,10 @@ Rows (issue 13 §2), all of one image and one 256 MiB guest, measured in one run
   QEMU starts with an empty translation cache), so this row is the honest "usable".
 - ``library restore, cold``: from the compressed store only (no cache, no shadow).
 
+The restore rows run three ways side by side: the pool off (``TORPOR_POOL=0``), from
+the pool (a ready spare waited for before each restore: restores spaced out, the
+pool's steady state), and from the pool with ``TORPOR_POOL_WARM=exec`` spares.
+
 The snapshot is taken of a running VM that keeps running, so a hot restore reads that
 VM's RAM shadow (or, with a pool or shared base, whatever the restore path uses now).
 CLI processes run with Python's bytecode cache on, in a private
@@ -81,7 +85,8 @@ def run_restore_bench(
     pool_size = max(1, pool.size()) if use_pool else 0
     keys = ("cli_restore", "lib_ready", "lib_exec", "lib_first_exec")
     res: dict[str, list[float]] = {
-        k: [] for k in ("cli_run", "cold", *keys, *(k + "_pool" for k in keys))
+        k: []
+        for k in ("cli_run", "cold", *keys, *(k + x for k in keys for x in ("_pool", "_warm")))
     }
     made: list[str] = []
 
@@ -118,24 +123,28 @@ def run_restore_bench(
                 "sleep",
                 "infinity",
             ]
-            modes = ["plain", "pool"] if pool_size else ["plain"]
+            modes = ["plain", "pool", "warm"] if pool_size else ["plain"]
             for i in range(runs + 1):  # the first of each: warm-up (bytecode, caches)
                 ms, vm_id = _cli(run_argv, env)
                 rm(vm_id)
                 if i:
                     res["cli_run"].append(ms)
-                for mode in modes:  # side by side: the pool off, then on
-                    sfx = "" if mode == "plain" else "_pool"
+                for mode in modes:  # side by side: the pool off, on, on with exec warm-up
+                    sfx = "" if mode == "plain" else "_" + mode
                     os.environ["TORPOR_POOL"] = env["TORPOR_POOL"] = (
                         "0" if mode == "plain" else str(pool_size)
                     )
-                    if mode == "pool":
+                    warm = "exec" if mode == "warm" else ""
+                    if os.environ.get("TORPOR_POOL_WARM", "") != warm:
+                        pool.drain(paths)  # spares of the other kind are never claimed
+                    os.environ["TORPOR_POOL_WARM"] = env["TORPOR_POOL_WARM"] = warm
+                    if mode != "plain":
                         _wait_spare(paths, snap)
                     ms, vm_id = _cli([*cli, "restore", snap], env)
                     rm(vm_id)
                     if i:
                         res["cli_restore" + sfx].append(ms)
-                    if mode == "pool":
+                    if mode != "plain":
                         _wait_spare(paths, snap)
                     t = time.perf_counter()
                     vm = restore(mgr, snap)
@@ -165,13 +174,13 @@ def run_restore_bench(
             os.environ.pop("TORPOR_POOL", None)
         else:
             os.environ["TORPOR_POOL"] = saved
-        from torpor.vmm import pool
+        os.environ.pop("TORPOR_POOL_WARM", None)
 
         pool.drain(paths)
         for v in made:
             rm(v)
     out = {k: summary(v) for k, v in res.items() if v}
-    for sfx in ("", "_pool"):
+    for sfx in ("", "_pool", "_warm"):
         if "cli_run" in out and "cli_restore" + sfx in out:
             ratio = out["cli_run"]["p50"] / out["cli_restore" + sfx]["p50"]
             out["cli_ratio" + sfx] = {"p50": ratio}
@@ -204,7 +213,11 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         t.add_column(col, justify="left" if col == "row" else "right")
     tg = r["targets"]
     rows = [("CLI: torpor run -d (to agent ready)", "cli_run", "")]
-    for sfx, what in (("", "pool off"), ("_pool", "from the pool")):
+    for sfx, what in (
+        ("", "pool off"),
+        ("_pool", "from the pool"),
+        ("_warm", "pool, exec warm-up"),
+    ):
         rows += [
             (f"CLI: torpor restore, {what}", "cli_restore" + sfx, f"≤ run / {tg['cli_ratio']:g}"),
             (f"library: hot restore → agent ready, {what}", "lib_ready" + sfx,
@@ -225,7 +238,11 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             str(s["n"]),
             target,
         )
-    for sfx, what in (("", "pool off"), ("_pool", "from the pool")):
+    for sfx, what in (
+        ("", "pool off"),
+        ("_pool", "from the pool"),
+        ("_warm", "pool, exec warm-up"),
+    ):
         if "cli_ratio" + sfx in res:
             t.add_row(
                 f"run / restore (CLI p50), {what}",
