@@ -36,6 +36,11 @@ when the home's ``vms`` folder is gone, or on :func:`drain` (``snapshot rm``).  
 spare made under other ``TORPOR_*`` settings (jail, store, RAM base, a test fault)
 is never claimed: its entry records a hash of them (:func:`env_key`).
 
+Warm-up: a spare lets its agent answer once before it parks (TCG then has translated
+the guest's wake-up path; seen from the guest, a pause right after the restore, like a
+capture's); ``TORPOR_POOL_WARM=exec`` also runs one ``true`` (its fork/exec path), at
+the cost of that one exited process in the guest.
+
 Isolation: a spare is an ordinary VM start (own folder 0700, own jail uid, sockets,
 overlay, cgroup) — only its timing differs.  Memory: a spare holds what a restored
 VM holds (its RAM copy or its share of a base, its shadow, QEMU and the shim) —
