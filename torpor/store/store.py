@@ -122,8 +122,8 @@ STORE_FORMAT = b"torpor-store 1\n"
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
 SYNC_THREADS = 16
-# chunks one sync task writes in turn: fewer tasks, thread wake-ups and context switches
-# (a first snapshot writes ~1,700 chunks) while 16 syncs stay in flight
+# at most this many chunks one sync task writes in turn: fewer tasks, thread wake-ups
+# and context switches (a first snapshot writes ~1,700 chunks) while 16 syncs stay in flight
 SYNC_GROUP = 8
 # A new version of a chunk is stored as a delta against the previous version's plain
 # anchor only when the delta is at most 1/DELTA_RATIO of the plain frame; otherwise
@@ -696,8 +696,11 @@ class ChunkStore:
                 frames[h] = frame
                 st["t_comp"] += dt
             sync, items = self._sync_executor(), list(frames.items())
-            for k in range(0, len(items), SYNC_GROUP):
-                group = items[k : k + SYNC_GROUP]
+            # a small put (a turn's few changed chunks) keeps one chunk per task: all
+            # its syncs in flight at once, none waiting behind another in a group
+            size = max(1, min(SYNC_GROUP, len(items) // SYNC_THREADS))
+            for k in range(0, len(items), size):
+                group = items[k : k + size]
                 pending[sync.submit(self._store_frames, group)] = [h for h, _ in group]
         new = set(to_write)
         self._mine |= {h for _, h in hashed}
