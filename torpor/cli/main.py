@@ -1579,6 +1579,7 @@ def system_prune(force: bool, grace: int) -> None:
         "starts": "torpor.bench.starts:starts_cmd",
         "lazy": "torpor.bench.lazy:lazy_cmd",
         "fork": "torpor.bench.fork:fork_cmd",
+        "capture": "torpor.bench.capture:capture_cmd",
     },
 )
 def bench() -> None:

@@ -49,6 +49,10 @@ log = logging.getLogger("torpor.shim")
 
 CAPTURE = 0x22
 CAPTURE_END = 0x23
+# a VM whose guest RAM is mapped private (share=off over a shared base) can be
+# captured: by the RAM-less capture (torpor.vmm.ramless), never from its RAM file.
+# Restores map shared bases only where this holds (torpor.vmm.basemem.private_capture)
+PRIVATE_CAPTURE = True
 # a restore copying this VM's shadow holds its lock shared for one copy (seconds); a
 # capture waits at most this long for it, then fails naming the lock, never hangs
 SHADOW_LOCK_TIMEOUT = 60.0

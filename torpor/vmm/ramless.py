@@ -299,12 +299,17 @@ def apply_pages(
 ) -> list[int]:
     """Bring the overlay up to date with the pages read; return the chunks that changed."""
     per = chunk // PAGE
-    by_chunk: dict[int, list[tuple[int, int]]] = {}  # chunk -> (page in chunk, offset in buf)
+    # chunk -> (byte offset in the chunk, offset in buf, length): a run cut at chunk ends
+    by_chunk: dict[int, list[tuple[int, int, int]]] = {}
     pos = 0
     for first, count in runs:
-        for p in range(first, first + count):
-            by_chunk.setdefault(p // per, []).append((p % per, pos))
-            pos += PAGE
+        p, end = first, first + count
+        while p < end:
+            c = p // per
+            n = min(end, (c + 1) * per) - p
+            by_chunk.setdefault(c, []).append(((p % per) * PAGE, pos, n * PAGE))
+            pos += n * PAGE
+            p += n
     changed = []
     mv = memoryview(buf)
     fd = os.open(ram.overlay, os.O_RDWR | os.O_CLOEXEC)
@@ -320,8 +325,8 @@ def apply_pages(
                     step="capture: overlay",
                 )
             new = bytearray(old)
-            for page, at in by_chunk[c]:
-                new[page * PAGE : page * PAGE + PAGE] = mv[at : at + PAGE]
+            for into, at, length in by_chunk[c]:
+                new[into : into + length] = mv[at : at + length]
             if new != old:
                 os.pwrite(fd, new, off)
                 ram.chunks.add(c)
