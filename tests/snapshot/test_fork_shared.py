@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import mmap
 import os
 import secrets
@@ -61,16 +62,23 @@ def _md5(mgr, vm) -> str:
         return r.stdout.split()[0].decode()
 
 
-def _base_maps(pid: int, snap_id: str) -> list[tuple[int, int, int]]:
-    """(start, end, inode) of the mappings of ``snap_id``'s base in process ``pid``."""
+def _base_maps(pid: int, snap_id: str) -> list[tuple[int, int, int, int]]:
+    """(start, end, inode, file offset) of the mappings of ``snap_id``'s base in
+    process ``pid`` (QEMU's guest RAM: possibly split into several)."""
     out = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             if f"torpor-base-{snap_id[:12]}" in line:
-                rng, _perm, _off, _dev, ino = line.split()[:5]
+                rng, _perm, off, _dev, ino = line.split()[:5]
                 lo, hi = (int(x, 16) for x in rng.split("-"))
-                out.append((lo, hi, int(ino)))
+                out.append((lo, hi, int(ino), int(off, 16)))
     return out
+
+
+def _address(maps: list[tuple[int, int, int, int]], off: int) -> int:
+    """Where offset ``off`` of the base is mapped."""
+    [addr] = [lo + off - fo for lo, hi, _ino, fo in maps if fo <= off < fo + hi - lo]
+    return addr
 
 
 def _base_sha(fd: int, size: int) -> str:
@@ -119,15 +127,21 @@ def test_forks_share_one_base_and_writes_stay_private(hibernated, shared_vms, pa
         assert off >= 0
         # a hostile write into fork a's guest RAM, from outside (as a compromised
         # QEMU could): it lands in a's private copy only
-        lo = maps_a[0][0]
         with open(f"/proc/{a.state.qemu_pid}/mem", "r+b", buffering=0) as f:
-            f.seek(lo + off)
+            f.seek(_address(maps_a, off))
             f.write(b"Y" * len(marker))
         assert _md5(mgr, a) != md5  # the write reached a's guest memory...
         # ...and a's guest writes its own file too
         with mgr.client(a) as c:
             r = c.exec(["sh", "-c", "dd if=/dev/urandom of=/m/live bs=64k count=8 conv=notrunc"])
             assert r.status.code == 0, r.stderr
+            # and takes 64 MiB of memory it never used (pages the base holds as zeros)
+            r = c.exec(["sh", "-c", "dd if=/dev/zero of=/m/fill bs=1M count=64"])
+            assert r.status.code == 0, r.stderr
+        # the base's pages were allocated by whoever filled it: a fork's memory cgroup
+        # is charged for its own writes and QEMU, never for the base's tmpfs pages
+        for vm in (a, b):
+            assert _cgroup_shmem(vm) < 1 << 20
         assert _md5(mgr, b) == md5  # the sibling never sees them
         assert _base_sha(base.fd, mem.size) == sha  # nor does the base
         assert ChunkStore(paths.store).check_file(mem, Path(f"/proc/self/fd/{base.fd}")) == []
@@ -179,6 +193,16 @@ def test_a_sealed_base_cannot_be_written(hibernated, paths) -> None:
     _wait_gone(paths, snap.id)
 
 
+def _cgroup_shmem(vm) -> int:
+    """tmpfs/shmem bytes charged to the memory cgroup of ``vm``'s jailed QEMU."""
+    rec = json.loads((vm.dir / "jail.json").read_text())
+    assert rec.get("applied"), rec  # (the tests run as root: QEMU is jailed)
+    dirs = [Path(d) for d in rec["cgroup"].get("dirs", [])]
+    [mem] = [d for d in dirs if (d / "memory.stat").exists()]
+    stat = dict(line.split() for line in (mem / "memory.stat").read_text().splitlines())
+    return int(stat["shmem"])
+
+
 def _wait_gone(paths, snap_id: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while any(h["snapshot"] == snap_id for h in basemem.holders(paths)) or _holder_pids(snap_id):
@@ -219,3 +243,49 @@ def _mapped_anywhere(snap_id: str) -> list[int]:
                         out.append(int(d.name))
                         break
     return out
+
+
+def test_a_killed_holder_is_replaced_and_its_users_keep_their_base(hibernated, paths) -> None:
+    snap, _marker, _md5 = hibernated
+    store = ChunkStore(paths.store)
+    mem = snap.artifacts["memory"]
+    with basemem.acquire(paths, store, snap) as b1:
+        [held] = [h for h in basemem.holders(paths) if h["snapshot"] == snap.id]
+        os.kill(held["pid"], 9)
+        _wait_gone(paths, snap.id)  # (its socket file stays: a dead holder's)
+        # a user of the old base keeps it, sealed and intact
+        basemem.check_sealed(b1.fd, mem.size)
+        assert store.check_file(mem, Path(f"/proc/self/fd/{b1.fd}")) == []
+        with basemem.acquire(paths, store, snap) as b2:  # a new holder, a new base
+            assert b2.source != "holder" and b2.ino != b1.ino
+            assert store.check_file(mem, Path(f"/proc/self/fd/{b2.fd}")) == []
+    basemem.retire(paths, snap.id)
+    _wait_gone(paths, snap.id)
+
+
+def test_a_base_is_fully_allocated_by_its_filler(tmp_path, monkeypatch) -> None:
+    """Zero pages too: a QEMU faulting on a hole of the base would allocate the page
+    in its own memory cgroup (measured: 52 MiB of shmem in a fork's cgroup after the
+    guest wrote 64 MiB); a base allocated whole is charged once, to its filler."""
+    from torpor.paths import Paths
+
+    monkeypatch.setenv("TORPOR_BASE_IDLE", "0")
+    paths = Paths(tmp_path / "home")
+    paths.locks.mkdir(parents=True)
+    paths.tmp.mkdir(parents=True)
+    src = tmp_path / "mem"
+    with open(src, "wb") as f:  # 16 MiB, 3 MiB of data: a sparse snapshot memory
+        f.truncate(16 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(3 << 20))
+    with ChunkStore(tmp_path / "home" / "store") as store:
+        arts = {
+            n: store.put_file(src, chunk_size=1 << 16)[0] for n in ("memory", "disk", "devstate")
+        }
+        snap = store.commit(arts, parent=None, meta={})
+        assert sum(h is None for h in snap.artifacts["memory"].chunks) > 0
+        with basemem.acquire(paths, store, snap) as b:
+            assert b.source == "store"
+            assert os.fstat(b.fd).st_blocks * 512 == 16 << 20
+            assert store.check_file(snap.artifacts["memory"], Path(f"/proc/self/fd/{b.fd}")) == []
+    _wait_gone(paths, snap.id)

@@ -4,24 +4,48 @@ memory, on real VMs, across a restore and a hibernation."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from torpor.snapshot import restore, snapshot
 from torpor.store import ChunkStore
-from torpor.vmm.capture import CHUNK, read_meta
+from torpor.vmm import basemem, ramless
+from torpor.vmm.capture import CHUNK, read_meta, sparse_copy
 
 pytestmark = pytest.mark.vm
 
 
-def _full_chunks(paths, vm, snap_id):
-    """Chunk the VM's shadow from scratch (no parent, no dirty list)."""
-    assert read_meta(vm.files.shadow_meta).get("snapshot") == snap_id
+def _full_chunks(paths, vm, snap_id, base_snap: str | None = None):
+    """Chunk the VM's shadow from scratch (no parent, no dirty list).  A VM whose RAM
+    is private over a shared base (``base_snap``: torpor.vmm.basemem) has an overlay
+    instead, whose holes stand for the base: a copy with the holes filled from it."""
     store = ChunkStore(paths.store)
     try:
-        art, _ = store.put_file(vm.files.shadow, chunk_size=CHUNK)
+        if base_snap is None:
+            assert read_meta(vm.files.shadow_meta).get("snapshot") == snap_id
+            art, _ = store.put_file(vm.files.shadow, chunk_size=CHUNK)
+            return art
+        overlay = ramless.overlay_of(vm.files.shadow)
+        assert read_meta(overlay.with_name(overlay.name + ".json")).get("snapshot") == snap_id
+        size = store.get(snap_id).artifacts["memory"].size
+        with (
+            tempfile.TemporaryDirectory(dir=overlay.parent) as d,
+            basemem.connect(paths, base_snap, size) as base,
+        ):
+            full = Path(d) / "full"
+            sparse_copy(overlay, full)
+            ramless.fill_holes(full, Path(f"/proc/self/fd/{base.fd}"))
+            art, _ = store.put_file(full, chunk_size=CHUNK)
+            return art
     finally:
         store.close()
-    return art
+
+
+def _base_of(vm, restored_from: str) -> str | None:
+    """The snapshot whose shared base ``vm`` maps (None: it has its own RAM file)."""
+    return None if vm.files.ram.exists() else restored_from
 
 
 def test_dirty_path_matches_a_full_read(vms, tools_image, paths) -> None:
@@ -42,11 +66,12 @@ def test_dirty_path_matches_a_full_read(vms, tools_image, paths) -> None:
         c.exec(["sh", "-c", "echo more > /dev/shm/more"])
     third = snapshot(mgr, vm2.id)
     assert third.timings["memory_dirty_path"] == 1.0
-    assert third.manifest.artifacts["memory"] == _full_chunks(paths, vm2, third.manifest.id)
+    base = _base_of(vm2, second.manifest.id)
+    assert third.manifest.artifacts["memory"] == _full_chunks(paths, vm2, third.manifest.id, base)
     used = sum(1 for h in third.manifest.artifacts["memory"].chunks if h)
     assert third.timings["memory_chunks_changed"] < used / 2  # only those were read
     # hibernation frees the shadow; the resumed VM gets a fresh one, still incremental
-    snapshot(mgr, vm2.id, stop=True)
+    hib = snapshot(mgr, vm2.id, stop=True).manifest.id
     assert not vm2.files.shadow.exists()
     mgr.start(vm2.id)
     vm2 = mgr.get(vm2.id)
@@ -54,4 +79,5 @@ def test_dirty_path_matches_a_full_read(vms, tools_image, paths) -> None:
         assert c.exec(["cat", "/dev/shm/more"]).stdout == b"more\n"
     fourth = snapshot(mgr, vm2.id)
     assert fourth.timings["memory_dirty_path"] == 1.0
-    assert fourth.manifest.artifacts["memory"] == _full_chunks(paths, vm2, fourth.manifest.id)
+    base = _base_of(vm2, hib)
+    assert fourth.manifest.artifacts["memory"] == _full_chunks(paths, vm2, fourth.manifest.id, base)

@@ -974,6 +974,11 @@ def _shared_base(
         ok, why = basemem.private_capture()
     if ok and manifest.artifacts["memory"].size != vm.config.memory_mib << 20:
         ok, why = False, "memory size differs from the VM's"
+    # lazy restore (torpor.vmm.lazymem, opt-in) serves memory that would come from the
+    # store: it wins over a base that only the store could fill
+    lazy = os.environ.get("TORPOR_LAZY_RESTORE", "") == "1"
+    if ok and lazy and (cold or basemem.hot_source(mgr.paths, manifest.id) is None):
+        ok, why = False, "a lazy restore from the store (TORPOR_LAZY_RESTORE=1)"
     if not ok:
         log.debug("restore %s: RAM copied (%s)", manifest.id[:12], why)
         return None

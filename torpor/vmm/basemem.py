@@ -99,6 +99,7 @@ class Base:
     snapshot: str
     ino: int
     source: str  # "holder" (reused), "cache", "shadow" or "store" (filled now)
+    filled_from: str = ""  # what the base was filled from: "cache", "shadow", "store"
     timings: dict[str, float] = field(default_factory=dict)
     _conn: socket.socket | None = None
 
@@ -239,7 +240,8 @@ def connect(paths: Paths, snapshot: str, size: int, ino: int | None = None) -> B
             os.close(fd)
             raise
         s.settimeout(None)
-        return Base(fd, size, snapshot, st.st_ino, "holder", _conn=s)
+        src = str(head.get("source", ""))
+        return Base(fd, size, snapshot, st.st_ino, "holder", filled_from=src, _conn=s)
     except (OSError, ValueError) as e:
         s.close()
         raise BaseUnavailable(f"holder of base {snapshot[:12]}: {e}") from e
@@ -255,11 +257,11 @@ def acquire(paths: Paths, store: ChunkStore, manifest: Manifest, *, cold: bool =
     """A reference to the sealed base of ``manifest``'s memory: the running holder's if
     there is one, else a new base filled from the best source and a holder started.
 
-    ``cold`` fills only from the store.  A cache file or shadow whose content does
-    not match the manifest is never used (the cache file is dropped, the shadow
-    unvouched) and the store fills the base instead.  Raises BaseUnavailable (no
-    sealable memfd here, or the memory size does not fit), StoreError (the store
-    cannot provide the memory)."""
+    ``cold`` fills only from the store, and reuses only a base filled from it.  A
+    cache file or shadow whose content does not match the manifest is never used (the
+    cache file is dropped, the shadow unvouched) and the store fills the base instead.
+    Raises BaseUnavailable (no sealable memfd here), StoreError (the store cannot
+    provide the memory), VMError (the store's own copy does not match)."""
     ok, why = available()
     if not ok:
         raise BaseUnavailable(why)
@@ -268,15 +270,31 @@ def acquire(paths: Paths, store: ChunkStore, manifest: Manifest, *, cold: bool =
     mem = manifest.artifacts["memory"]
     with locked(lock_path(paths, manifest.id)):
         with contextlib.suppress(BaseUnavailable):
-            return connect(paths, manifest.id, mem.size)
+            b = connect(paths, manifest.id, mem.size)
+            if not cold or b.filled_from == "store":
+                return b
+            b.close()  # cold: only a base filled from the store will do
         fd, source, t = _fill(paths, store, manifest, cold)
         try:
-            _start_holder(paths, manifest.id, fd)
+            _start_holder(paths, manifest.id, fd, source)
         finally:
             os.close(fd)
         b = connect(paths, manifest.id, mem.size)
     b.source, b.timings = source, t
     return b
+
+
+def hot_source(paths: Paths, snapshot: str) -> str | None:
+    """Where a base of ``snapshot`` would come from without the store: "holder" (one
+    runs), "cache" (a hibernation's memory), "shadow" (a running VM's), else None."""
+    with contextlib.suppress(OSError, ValueError):
+        if sock_path(paths, snapshot).exists():
+            return "holder"
+    if (paths.snapshot_cache / snapshot / "memory").exists():
+        return "cache"
+    if find_shadow(paths, snapshot) is not None:
+        return "shadow"
+    return None
 
 
 def retire(paths: Paths, snapshot: str) -> None:
@@ -428,7 +446,7 @@ def _from_store(paths: Paths, store: ChunkStore, mem: Any, fd: int) -> None:
 # -- the holder ------------------------------------------------------------------------
 
 
-def _start_holder(paths: Paths, snapshot: str, mem_fd: int) -> None:
+def _start_holder(paths: Paths, snapshot: str, mem_fd: int, source: str) -> None:
     """Bind the holder's socket (so it exists before the creation lock is released),
     then start the detached holder with the memfd and the listening socket."""
     path = sock_path(paths, snapshot)
@@ -448,7 +466,7 @@ def _start_holder(paths: Paths, snapshot: str, mem_fd: int) -> None:
             "--sock-fd", str(srv.fileno()), "--mem-fd", str(mem_fd),
             "--sock", str(path), "--sock-ino", str(ino),
             "--lock", str(lock_path(paths, snapshot)),
-            "--snapshot", snapshot, "--idle", idle,
+            "--snapshot", snapshot, "--idle", idle, "--source", source,
         ]  # fmt: skip
         log = paths.root / "logs"
         out = subprocess.DEVNULL
@@ -496,7 +514,13 @@ def _serve(args: Any) -> int:
     mem_fd = args.mem_fd
     st = os.fstat(mem_fd)
     head = json.dumps(
-        {"snapshot": args.snapshot, "ino": st.st_ino, "size": st.st_size, "pid": os.getpid()}
+        {
+            "snapshot": args.snapshot,
+            "ino": st.st_ino,
+            "size": st.st_size,
+            "pid": os.getpid(),
+            "source": args.source,
+        }
     ).encode()
     path = Path(args.sock)
     users: dict[int, socket.socket] = {}
@@ -605,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lock", required=True)
     ap.add_argument("--snapshot", required=True)
     ap.add_argument("--idle", type=float, default=IDLE_SECONDS)
+    ap.add_argument("--source", default="")
     args = ap.parse_args(argv)
     with contextlib.suppress(OSError):
         os.chdir("/")
