@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torpor.fsutil import atomic_write_bytes, locked
+from torpor.fsutil import locked
 from torpor.paths import Paths
 from torpor.vmm.state import alive, proc_start_time
 
@@ -121,6 +121,18 @@ def _entries(d: Path) -> list[Path]:
         return []
 
 
+def _put(path: Path, data: bytes) -> None:
+    """Atomic (rename) but not fsync'd: the registry only describes live processes,
+    which a host crash ends anyway; its entries are never worth a disk flush."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _read(p: Path) -> dict[str, Any]:
     try:
         d = json.loads(p.read_text())
@@ -152,7 +164,7 @@ def want(paths: Paths, snap_id: str) -> int:
             ids = []
             for _ in range(max(0, missing)):
                 vm_id = os.urandom(32).hex()
-                atomic_write_bytes(d / f"{vm_id}.prep", json.dumps({"t": time.time()}).encode())
+                _put(d / f"{vm_id}.prep", json.dumps({"t": time.time()}).encode())
                 ids.append(vm_id)
     except OSError:
         return 0
@@ -416,7 +428,7 @@ def spares(paths: Paths) -> list[dict[str, Any]]:
 def _register(paths: Paths, snap_id: str, info: dict[str, Any]) -> None:
     d = _dir(paths, snap_id)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write_bytes(d / str(info["vm"]), json.dumps(info).encode())
+    _put(d / str(info["vm"]), json.dumps(info).encode())
 
 
 # -- the spare's side ------------------------------------------------------------------
