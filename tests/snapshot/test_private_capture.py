@@ -231,3 +231,19 @@ def test_private_vm_is_never_captured_from_its_ram_file(private_vm, shared_vms, 
         snapshot(mgr, vm.id)
     assert _manifest_ids(paths) == before
     _check(mgr, mgr.get(vm.id), files)
+
+
+def test_guest_writes_to_the_bios_region_are_kept(private_vm, shared_vms) -> None:
+    """A microvm's BIOS region is guest-writable RAM outside the RAM file: its pages
+    in the reused stream head are those of the capture, not of the restore."""
+    vm, _ = private_vm
+    mgr = shared_vms.mgr
+    vm = mgr.get(vm.id)
+    before = _sh(mgr, vm, "devmem 0xffff0010 32").strip()
+    value = "0x9ABCDEF0" if before != "0x9ABCDEF0" else "0x12345678"
+    _sh(mgr, vm, f"devmem 0xffff0010 32 {value}")
+    s = snapshot(mgr, vm.id)
+    back = restore(mgr, s.manifest.id, name="priv-bios")
+    shared_vms.ids.append(back.id)
+    assert _sh(mgr, back, "devmem 0xffff0010 32 && devmem 0xf0010 32").split() == [value] * 2
+    mgr.remove(back.id, force=True)

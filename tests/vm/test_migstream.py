@@ -98,3 +98,38 @@ def test_fuzzed_heads_parse_or_are_refused(data: st.DataObject) -> None:
         return
     assert len(prefix.data) <= 40_000
     assert migstream.join(prefix, rest) == stream
+
+
+def _block_bytes(prefix: migstream.Prefix, name: str) -> bytearray:
+    b = prefix.block(name)
+    assert b is not None
+    out = bytearray(b.size)
+    for r in prefix.records:
+        if r.block == name:
+            d = prefix.data
+            if r.kind == migstream.RAM_PAGE:
+                out[r.addr : r.addr + 4096] = d[r.data : r.data + 4096]
+            else:
+                out[r.addr : r.addr + 4096] = d[r.data : r.data + 1] * 4096
+    return out
+
+
+def test_refresh_puts_a_blocks_current_bytes_in_the_head() -> None:
+    """The BIOS region of a microvm is guest-writable RAM outside the guest's RAM file:
+    a private VM's capture refreshes its pages in the reused head."""
+    prefix, rest = migstream.split(DEVSTATE)
+    bios = _block_bytes(prefix, "pc.bios")
+    assert migstream.refresh(prefix, "pc.bios", bytes(bios)).data == prefix.data
+    bios[0x10:0x14] = b"ABCD"  # a PAGE record's bytes
+    bios[0x4010:0x4014] = b"WXYZ"  # a ZERO record: becomes a PAGE record
+    new = migstream.refresh(prefix, "pc.bios", bytes(bios))
+    assert _block_bytes(new, "pc.bios") == bios
+    assert (new.pages, new.zero_pages) == (prefix.pages + 1, prefix.zero_pages - 1)
+    for other in ("/rom@etc/acpi/tables", "/rom@etc/acpi/rsdp"):
+        assert _block_bytes(new, other) == _block_bytes(prefix, other)
+    p2, rest2 = migstream.split(migstream.join(new, rest))
+    assert p2 == new and rest2 == rest
+    with pytest.raises(MigrationStreamError, match="no RAM block"):
+        migstream.refresh(prefix, "pc.bios", bytes(100))
+    with pytest.raises(MigrationStreamError, match="no RAM block"):
+        migstream.refresh(prefix, "nope", b"")

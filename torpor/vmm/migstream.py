@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torpor.errors import MigrationStreamError
 
@@ -95,6 +95,17 @@ class RamBlock:
 
 
 @dataclass(frozen=True)
+class PageRecord:
+    """Where one page of a RAM block sits in a stream's head."""
+
+    start: int  # offset of its be64 addr|flags
+    data: int  # offset of its 4096 bytes (PAGE) or its fill byte (ZERO)
+    block: str
+    addr: int  # offset in the block
+    kind: int  # RAM_PAGE or RAM_ZERO
+
+
+@dataclass(frozen=True)
 class Prefix:
     """A stream's head: header, configuration and the RAM sections, as bytes and parsed."""
 
@@ -104,6 +115,7 @@ class Prefix:
     blocks: tuple[RamBlock, ...]
     pages: int  # PAGE records (non-shared RAM in the stream)
     zero_pages: int
+    records: tuple[PageRecord, ...] = field(default=(), compare=False, repr=False)
 
     def block(self, name: str) -> RamBlock | None:
         return next((b for b in self.blocks if b.name == name), None)
@@ -223,9 +235,11 @@ class _Ram:
         self.blocks: list[RamBlock] = []
         self.last: str | None = None  # the block CONTINUE refers to
         self.pages = self.zero = 0
+        self.records: list[PageRecord] = []
 
     def body(self, r: _Reader) -> None:
         while True:
+            start = r.pos
             v = r.be64("ram record")
             flags, addr = v & FLAG_MASK, v & ~FLAG_MASK
             kind = flags & ~RAM_CONTINUE
@@ -242,6 +256,7 @@ class _Ram:
                 block = next((b for b in self.blocks if b.name == self.last), None)
                 if block is None or addr + PAGE_SIZE > block.size:
                     raise _bad(r, f"a ram page outside the blocks ({self.last!r} @ {addr:#x})")
+                self.records.append(PageRecord(start, r.pos, block.name, addr, kind))
                 if kind == RAM_PAGE:
                     r.skip(PAGE_SIZE, "ram page")
                     self.pages += 1
@@ -327,8 +342,43 @@ def split(stream: bytes | memoryview, max_prefix: int = MAX_PREFIX) -> tuple[Pre
         blocks=tuple(ram.blocks),
         pages=ram.pages,
         zero_pages=ram.zero,
+        records=tuple(ram.records),
     )
     return prefix, bytes(r.d[r.pos :])
+
+
+def refresh(prefix: Prefix, block: str, content: bytes) -> Prefix:
+    """``prefix`` with the pages of RAM block ``block`` replaced by ``content`` (the
+    block's bytes now).  A non-shared block the guest can write (the BIOS region of a
+    microvm is RAM) must not come back as it was when the head was written.
+
+    A PAGE record keeps its header and gets the new bytes; a ZERO record whose fill no
+    longer matches becomes a PAGE record.  Raises MigrationStreamError if the head
+    does not hold every page of the block exactly once, or ``content`` is not its size.
+    """
+    b = prefix.block(block)
+    recs = [x for x in prefix.records if x.block == block]
+    if b is None or len(content) != b.size:
+        raise MigrationStreamError(f"no RAM block {block!r} of {len(content)} bytes in the head")
+    if sorted(x.addr for x in recs) != list(range(0, b.size, PAGE_SIZE)):
+        raise MigrationStreamError(f"the head does not hold every page of {block!r} once")
+    out, pos = [], 0
+    d = prefix.data
+    for x in sorted(recs, key=lambda x: x.start):
+        page = content[x.addr : x.addr + PAGE_SIZE]
+        if x.kind == RAM_PAGE:
+            out += [d[pos : x.data], page]
+            pos = x.data + PAGE_SIZE
+        elif page != bytes([d[x.data]]) * PAGE_SIZE:
+            (v,) = struct.unpack(">Q", d[x.start : x.start + 8])
+            out += [d[pos : x.start], struct.pack(">Q", (v & ~RAM_ZERO) | RAM_PAGE)]
+            out += [d[x.start + 8 : x.data], page]
+            pos = x.data + 1
+    out.append(d[pos:])
+    new, rest = split(b"".join(out) + bytes([EOF]))  # (a head is followed by a section)
+    if rest != bytes([EOF]):
+        raise MigrationStreamError("a refreshed head does not end where the devices start")
+    return new
 
 
 def device_sections(saved: bytes | memoryview) -> bytes:

@@ -124,6 +124,7 @@ class PrivateRAM:
     prefix_error: str = ""  # why there is no usable head (then every capture is refused)
     prefix_qemu: str = ""  # the QEMU version that wrote the head ("" if not recorded)
     hva: int = 0  # host address of guest RAM in QEMU
+    roms: list[tuple[str, int, int]] | None = None  # guest-mapped blocks of the head
     base_fd: int = -1  # the file QEMU maps (read-only here): what overlay holes stand for
     chunks: set[int] = field(default_factory=set)  # overlay chunks (may differ from base)
 
@@ -241,15 +242,40 @@ def open_base(pid: int, hva: int, size: int) -> int:
     return fd
 
 
-async def guest_ram_hva(q: Any) -> int:
-    """The host address QEMU maps guest physical address 0 at (HMP ``gpa2hva``)."""
+async def gpa2hva(q: Any, gpa: int) -> tuple[str, int]:
+    """(RAM block name, host address) of guest physical address ``gpa`` (HMP)."""
     from torpor.vmm import qmp
 
-    out = await qmp.execute(q, "human-monitor-command", {"command-line": "gpa2hva 0"})
-    m = re.search(r"is (0x[0-9a-fA-F]+)", str(out))
-    if not m or int(m.group(1), 16) % PAGE:
+    out = await qmp.execute(q, "human-monitor-command", {"command-line": f"gpa2hva {gpa:#x}"})
+    m = re.search(r"\((\S+)\) is (0x[0-9a-fA-F]+)", str(out))
+    if not m or int(m.group(2), 16) % PAGE:
         raise VMError(f"unexpected gpa2hva answer: {str(out)[:200]!r}", step="capture")
-    return int(m.group(1), 16)
+    return m.group(1), int(m.group(2), 16)
+
+
+async def guest_ram_hva(q: Any) -> int:
+    """The host address QEMU maps guest physical address 0 (guest RAM, "mem") at."""
+    name, hva = await gpa2hva(q, 0)
+    if name != "mem":
+        raise VMError(f"guest physical address 0 is in {name!r}, not guest RAM", step="capture")
+    return hva
+
+
+async def guest_roms(q: Any, prefix: migstream.Prefix) -> list[tuple[str, int, int]]:
+    """(name, host address, size) of the RAM blocks besides guest RAM that the guest
+    maps at their address (a microvm's BIOS region is RAM the guest can write): their
+    pages are in the stream's head and must be as of the capture, not the restore."""
+    out = []
+    for b in prefix.blocks:
+        if b.name == "mem" or b.addr is None:
+            continue
+        try:
+            name, hva = await gpa2hva(q, b.addr)
+        except VMError:
+            continue  # not mapped for the guest (fw_cfg blobs): it cannot change them
+        if name == b.name:
+            out.append((b.name, hva, b.size))
+    return out
 
 
 # -- inside the pause ------------------------------------------------------------------
@@ -404,6 +430,8 @@ async def capture_private(
             )
         if not ram.hva:
             ram.hva = await guest_ram_hva(q)
+        if ram.roms is None:
+            ram.roms = await guest_roms(q, ram.prefix)
         if ram.base_fd < 0:
             ram.base_fd = await asyncio.to_thread(open_base, qemu_pid, ram.hva, ram.size)
         if fault == "private-no-ptrace":  # test hook: as on a host that denies ptrace
@@ -440,6 +468,10 @@ async def capture_private(
                 t["pagemap_ms"] = (time.perf_counter() - t1) * 1000
                 t1 = time.perf_counter()
                 buf = await asyncio.to_thread(read_pages, qemu_pid, ram.hva, runs)
+                roms = [
+                    (name, await asyncio.to_thread(read_pages, qemu_pid, hva, [(0, n // PAGE)]))
+                    for name, hva, n in ram.roms
+                ]
                 t["read_ms"] = (time.perf_counter() - t1) * 1000
                 t1 = time.perf_counter()
                 t["disk_bytes_copied"] = await asyncio.to_thread(sparse_copy, disk, stage / "disk")
@@ -453,7 +485,10 @@ async def capture_private(
                 await qmp.execute(q, "remove-fd", {"fdset-id": fdset})
             # off the pause: the stream, then the overlay
             t1 = time.perf_counter()
-            stream = migstream.compose(ram.prefix, saved_path.read_bytes())
+            head = ram.prefix
+            for name, content in roms:
+                head = migstream.refresh(head, name, bytes(content))
+            stream = migstream.compose(head, saved_path.read_bytes())
             (stage / "devstate").write_bytes(stream)
             saved_path.unlink()
             t1b = time.perf_counter()
