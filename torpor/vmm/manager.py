@@ -602,8 +602,6 @@ class VMManager:
     def await_ready(self, vm: VM, rfd: int, proc: Any = None) -> VM:
         """Read the shim's one ready line from ``rfd`` (closed here); the VM's record
         once its agent answered, else VMError (with the console tail)."""
-        import subprocess
-
         with os.fdopen(rfd, "rb") as r:
             line = r.readline()
         try:
@@ -611,6 +609,8 @@ class VMManager:
         except ValueError:
             info = {}
         if not info.get("ok"):
+            import subprocess
+
             if proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
