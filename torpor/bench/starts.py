@@ -132,9 +132,11 @@ def run_starts_bench(
     duration: float = 60.0,
     memory_mib: int = 256,
     pool_size: int = 0,
+    warm: bool = False,
     progress: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
-    """Without the pool, then (``pool_size`` > 0) with it: side by side in one run."""
+    """Without the pool, then (``pool_size`` > 0) with it, then (``warm``) with spares
+    warmed by one exec (``TORPOR_POOL_WARM=exec``): side by side in one run."""
     from torpor.snapshot import snapshot
     from torpor.vmm import pool
     from torpor.vmm.manager import RunRequest, VMManager
@@ -154,9 +156,14 @@ def run_starts_bench(
     modes: dict[str, dict[str, Any]] = {}
     try:
         snap = snapshot(mgr, src.id).manifest.id
-        for size in [0, pool_size] if pool_size else [0]:
+        runs = [(0, "")]
+        if pool_size:
+            runs += [(pool_size, "")] + ([(pool_size, "exec")] if warm else [])
+        for size, warm_how in runs:
             name = f"pool {size}" if size else "no pool"
+            name += ", exec warm-up" if warm_how else ""
             os.environ["TORPOR_POOL"] = str(size)
+            os.environ["TORPOR_POOL_WARM"] = warm_how
             progress(f"{name}: {workers} workers for {duration:.0f} s")
             modes[name] = _measure(mgr, snap, workers, duration, progress)
             pool.drain(paths)
@@ -165,6 +172,7 @@ def run_starts_bench(
             os.environ.pop("TORPOR_POOL", None)
         else:
             os.environ["TORPOR_POOL"] = saved
+        os.environ.pop("TORPOR_POOL_WARM", None)
         pool.drain(paths)
         with contextlib.suppress(TorporError):
             mgr.remove(src.id, force=True)
@@ -242,13 +250,14 @@ def main_command() -> Any:
         "--pool", "pool_size", default=2, show_default=True,
         help="Spares per snapshot for the second run (0: only the run without the pool).",
     )  # fmt: skip
+    @click.option("--warm", is_flag=True, help="A third run: spares warmed by one exec.")
     @click.option(
         "--json", "json_out", type=click.Path(path_type=Path),
         default=Path("bench-results/starts.json"), show_default=True,
     )  # fmt: skip
     def starts_cmd(
         image: str, workers: int, duration: float, memory_mib: int, pool_size: int,
-        json_out: Path,
+        warm: bool, json_out: Path,
     ) -> None:  # fmt: skip
         """Starts per minute per core: N loops of restore → exec answered → remove."""
         from torpor.cli.main import _bench_output, _fail, err_console
@@ -259,7 +268,7 @@ def main_command() -> Any:
                 raise UsageError("--workers must be >= 1 and --duration > 0")
             result = run_starts_bench(
                 Paths.default().ensure(), image, workers=workers, duration=duration,
-                memory_mib=memory_mib, pool_size=pool_size,
+                memory_mib=memory_mib, pool_size=pool_size, warm=warm,
                 progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
             )  # fmt: skip
         except TorporError as e:
