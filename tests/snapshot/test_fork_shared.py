@@ -289,3 +289,67 @@ def test_a_base_is_fully_allocated_by_its_filler(tmp_path, monkeypatch) -> None:
             assert os.fstat(b.fd).st_blocks * 512 == 16 << 20
             assert store.check_file(snap.artifacts["memory"], Path(f"/proc/self/fd/{b.fd}")) == []
     _wait_gone(paths, snap.id)
+
+
+def test_a_hot_source_that_cannot_be_read_falls_back_to_the_store(tmp_path, monkeypatch) -> None:
+    """A running VM's shadow can vanish between being found and being copied (its VM
+    was removed: seen by bench starts); the base then comes from the store."""
+    from torpor.paths import Paths
+    from torpor.vmm.capture import write_meta
+    from torpor.vmm.layout import home_ram_dir
+
+    monkeypatch.setenv("TORPOR_BASE_IDLE", "0")
+    paths = Paths(tmp_path / "home")
+    paths.locks.mkdir(parents=True)
+    paths.tmp.mkdir(parents=True)
+    src = tmp_path / "mem"
+    with open(src, "wb") as f:
+        f.truncate(4 << 20)
+        f.write(os.urandom(1 << 20))
+    with ChunkStore(tmp_path / "home" / "store") as store:
+        arts = {
+            n: store.put_file(src, chunk_size=1 << 16)[0] for n in ("memory", "disk", "devstate")
+        }
+        snap = store.commit(arts, parent=None, meta={})
+        ram = home_ram_dir(paths.root)
+        assert ram is not None
+        shadow = ram / "gone.shadow"  # vouched for the snapshot, but not a readable file
+        shadow.mkdir()
+        write_meta(ram / "gone.shadow.json", {"snapshot": snap.id, "capture": None})
+        try:
+            with basemem.acquire(paths, store, snap) as b:
+                assert b.source == "store"
+                assert store.check_file(arts["memory"], Path(f"/proc/self/fd/{b.fd}")) == []
+        finally:
+            shadow.rmdir()
+    _wait_gone(paths, snap.id)
+
+
+def test_copy_path_retries_cold_when_the_shadow_vanishes(
+    hibernated, shared_vms, paths, monkeypatch
+) -> None:
+    """The copy path (bases off): a shadow found equal to the snapshot that cannot be
+    read when the shim copies it makes the restore come from the store, not fail."""
+    from torpor.snapshot import restore
+    from torpor.vmm.capture import write_meta
+    from torpor.vmm.layout import home_ram_dir
+
+    snap, _marker, md5 = hibernated
+    monkeypatch.setenv("TORPOR_RAM_BASE", "0")
+    (paths.snapshot_cache / snap.id / "memory").unlink(missing_ok=True)
+    ram = home_ram_dir(paths.root)
+    assert ram is not None
+    # named after a VM that exists (the hibernated source: its own shadow is gone), so
+    # nothing reaps it as a leftover
+    shadow = ram / f"{snap.meta['source_vm']}.shadow"
+    shadow.mkdir()
+    write_meta(ram / f"{shadow.name}.json", {"snapshot": snap.id, "capture": None})
+    try:
+        vm = restore(shared_vms.mgr, snap.id, name="copy-vanished")
+        shared_vms.ids.append(vm.id)
+        assert vm.files.ram.exists()  # the copy path
+        assert _md5(shared_vms.mgr, vm) == md5
+        shared_vms.mgr.remove(vm.id, force=True)
+    finally:
+        shadow.rmdir()
+        (ram / f"{shadow.name}.json").unlink(missing_ok=True)

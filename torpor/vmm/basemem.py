@@ -355,8 +355,7 @@ def _fill(
 ) -> tuple[int, str, dict[str, float]]:
     """(sealed memfd, source, timings): filled, checked, allocated, sealed."""
     from torpor.errors import VMError
-    from torpor.fsutil import locked
-    from torpor.vmm.capture import read_meta, sparse_copy, unvouch_shadow
+    from torpor.vmm.capture import unvouch_shadow
 
     mem = manifest.artifacts["memory"]
     t: dict[str, float] = {}
@@ -377,19 +376,11 @@ def _fill(
             os.ftruncate(fd, mem.size)
             me = Path(f"/proc/self/fd/{fd}")
             t0 = time.perf_counter()
-            if source == "cache":
-                assert src is not None
-                sparse_copy(src, me, into_existing=True)
-            elif source == "shadow":
-                assert src is not None
-                meta = src.with_name(src.name + ".json")
-                with locked(src.with_name(src.name + ".lock"), shared=True):
-                    if read_meta(meta).get("snapshot") != manifest.id:
-                        os.close(fd)
-                        continue  # its VM captured again meanwhile
-                    sparse_copy(src, me, into_existing=True)
-            else:
+            if source == "store":
                 _from_store(paths, store, mem, fd)
+            elif not _copy_hot(source, src, me, manifest.id):
+                os.close(fd)  # gone, unreadable, or its VM captured again meanwhile
+                continue
             t["fill_ms"] = (time.perf_counter() - t0) * 1000
             t1 = time.perf_counter()
             bad = store.check_file(mem, me)
@@ -425,6 +416,32 @@ def _fill(
                 os.close(fd)
             raise
     raise AssertionError("unreachable: the store source either fills or raises")
+
+
+def _copy_hot(source: str, src: Path | None, dst: Path, snap_id: str) -> bool:
+    """Copy a cache file or a running VM's shadow (under its shared lock, if it still
+    equals the snapshot) into ``dst``; False if it cannot be used: a shadow can vanish
+    between being found and being read (its VM removed)."""
+    from torpor.fsutil import locked
+    from torpor.vmm.capture import read_meta, sparse_copy
+
+    assert src is not None
+    try:
+        if source == "cache":
+            sparse_copy(src, dst, into_existing=True)
+            return True
+        with locked(src.with_name(src.name + ".lock"), shared=True, make_parents=False):
+            if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snap_id:
+                return False
+            sparse_copy(src, dst, into_existing=True)
+            return True
+    except OSError as e:
+        import logging
+
+        logging.getLogger("torpor.snapshot").warning(
+            "base of %s: the %s %s cannot be read (%s); not used", snap_id[:12], source, src, e
+        )
+        return False
 
 
 def _from_store(paths: Paths, store: ChunkStore, mem: Any, fd: int) -> None:

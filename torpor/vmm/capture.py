@@ -420,7 +420,18 @@ def copy_shadow_of(src: Path, dst: Path, snapshot_id: str, *, into_existing: boo
                 f"the cached memory of snapshot {snapshot_id[:12]} changed during the restore",
                 step="restore: copy RAM",
             )
-        n = sparse_copy(src, dst, into_existing=into_existing)
+        try:
+            n = sparse_copy(src, dst, into_existing=into_existing)
+        except OSError as e:
+            if e.errno == errno.ENOSPC or isinstance(e, PermissionError):
+                raise
+            # its VM was removed since the restore found it (or it is no file at all):
+            # the restore retries from the store
+            raise VMError(
+                f"the cached memory of snapshot {snapshot_id[:12]} changed during the "
+                f"restore ({src} cannot be read: {e})",
+                step="restore: copy RAM",
+            ) from e
     bad = _check_ram_copy(dst, snapshot_id, _store_root(src, meta))
     if bad:
         unvouch_shadow(src, snapshot_id)
