@@ -288,6 +288,12 @@ def test_a_base_is_fully_allocated_by_its_filler(tmp_path, monkeypatch) -> None:
             assert b.source == "store"
             assert os.fstat(b.fd).st_blocks * 512 == 16 << 20
             assert store.check_file(snap.artifacts["memory"], Path(f"/proc/self/fd/{b.fd}")) == []
+            # gc retires the bases of snapshots no longer present, and only those
+            basemem.retire_missing(paths, {snap.id})
+            assert [h["snapshot"] for h in basemem.holders(paths)] == [snap.id]
+            basemem.retire_missing(paths, set())
+            assert basemem.holders(paths) == []
+            basemem.check_sealed(b.fd, 16 << 20)  # its user keeps it
     _wait_gone(paths, snap.id)
 
 

@@ -635,6 +635,7 @@ def gc(mgr: VMManager, grace_seconds: float) -> GcReport:
     finally:
         store.close()
     bases.prune(mgr, grace_seconds)  # materialized bases no VM here uses
+    basemem.retire_missing(mgr.paths, live)  # shared RAM bases of removed snapshots
     root = mgr.paths.snapshot_cache
     if root.is_dir():
         for d in root.iterdir():

@@ -52,11 +52,23 @@ and the inode the holder announced.  Creation is serialized per snapshot by
 socket, then serves whatever connected before the unlink, so no client is ever
 left with a dead holder.
 
-Fallback (:func:`available`): no memfd/sealing (old kernel), or ``TORPOR_RAM_BASE=0``
-→ restores copy RAM into a private ``share=on`` file as before.  A VM whose RAM is
-private can only be captured by the RAM-less capture (helper C's, in
-:mod:`torpor.vmm.capture`); the restore marks it ``"ram_private": true`` in
-``restore.json`` so the shim knows for the VM's whole life.
+A hot source that vanishes or cannot be read between being found and being copied
+(a sibling's shadow whose VM was just removed) is skipped; one whose content does not
+match the manifest is dropped (cache file) or unvouched (shadow); the store is the
+last source.  A ``cold`` acquire reuses only a base that was filled from the store.
+
+Who pays: the filling process (the restoring library call, or a shim that must
+re-acquire) is charged for the base's pages, once; each VM's shim keeps its
+reference (``launch.Prelaunch.base``, whose ``fd`` the RAM-less capture may read as
+the content of the overlay's holes) for the VM's whole life.  Bases are shared only
+within one home (one user): shared pages are a cross-VM side channel.
+
+Fallback (:func:`wanted`, :func:`private_capture`): no sealable memfd (old kernel),
+``TORPOR_RAM_BASE=0``, or no ptrace rights for the RAM-less capture → restores copy
+RAM into the VM's own ``share=on`` file as before.  A VM whose RAM is private can
+only be captured by the RAM-less capture (:mod:`torpor.vmm.ramless`); the restore
+marks it ``"ram_private": true`` in ``restore.json`` so the shim knows for the VM's
+whole life.
 """
 
 from __future__ import annotations
@@ -302,6 +314,15 @@ def retire(paths: Paths, snapshot: str) -> None:
     holder's socket; the holder exits once its current users are gone."""
     with contextlib.suppress(FileNotFoundError, ValueError):
         sock_path(paths, snapshot).unlink()
+
+
+def retire_missing(paths: Paths, live: set[str]) -> None:
+    """Retire the base of every snapshot not in ``live`` (``gc``)."""
+    keys = {_key(i) for i in live}
+    for p in paths.locks.glob(".base-*.sock") if paths.locks.is_dir() else ():
+        if p.name[len(".base-") : -len(".sock")] not in keys:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
 def holders(paths: Paths) -> list[dict[str, Any]]:
