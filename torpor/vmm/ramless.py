@@ -80,6 +80,9 @@ log = logging.getLogger("torpor.shim")
 
 PAGE = 4096
 IOV_MAX = 1024
+# device state saved by QEMU (a process the guest may control) is read into memory:
+# ~12-20 KB here; anything near this is not device state
+MAX_SAVED = 64 << 20
 # pagemap bits (Documentation/admin-guide/mm/pagemap.rst), in an entry's top byte
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 
@@ -485,6 +488,12 @@ async def capture_private(
                 await qmp.execute(q, "remove-fd", {"fdset-id": fdset})
             # off the pause: the stream, then the overlay
             t1 = time.perf_counter()
+            if saved_path.stat().st_size > MAX_SAVED:
+                raise VMError(
+                    f"QEMU saved {saved_path.stat().st_size} bytes of device state "
+                    f"(more than {MAX_SAVED})",
+                    step="capture: device state",
+                )
             head = ram.prefix
             for name, content in roms:
                 head = migstream.refresh(head, name, bytes(content))
