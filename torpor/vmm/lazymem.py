@@ -10,14 +10,17 @@ its device state is loaded and pulls in only the memory it touches.
 Who runs what:
 
 - :func:`start` (in the shim, from :func:`torpor.vmm.launch.prelaunch`, before QEMU
-  is spawned) starts this module as a child process (``python -m torpor.vmm.lazymem``),
-  waits until its mount answers and checks the mount is really there: QEMU is never
-  given a missing or plain ``mem-path`` (QEMU 7.2 would map an empty file: zero RAM).
-- The server mounts its one-file filesystem **on the VM's RAM file path** itself (a
-  FUSE mount on a regular file: the filesystem's root is the memory file), so QEMU's
-  argv and the jail's bind of the RAM file are unchanged.  The jail chowns it to
-  QEMU's uid (:meth:`MemoryFile.chown` records the owner) and QEMU opens it
-  ``O_RDWR`` (QEMU 7.2 does so even for ``share=off``): writes are refused (EROFS).
+  is spawned) mounts a FUSE filesystem **on the VM's RAM file path** itself (a FUSE
+  mount on a regular file: the filesystem's root is the memory; ``open("/dev/fuse")``
+  + ``mount(2)``, root only), hands the connection to the server — forked from the
+  shim when it is single-threaded (the zygote's shims: imports already paid), else
+  ``python -m torpor.vmm.lazymem`` — and returns at once.  QEMU is started right
+  away: its open of the file waits in the kernel until the server has answered FUSE's
+  INIT, or fails (ENOTCONN) if the server died — QEMU never gets a missing or plain
+  ``mem-path`` (QEMU 7.2 would map an empty file: zero RAM).  QEMU's argv and the
+  jail's bind of the RAM file are unchanged.  The jail chowns the file to QEMU's uid
+  (:meth:`MemoryFile.chown` records the owner) and QEMU opens it ``O_RDWR`` (QEMU 7.2
+  does so even for ``share=off``): writes are refused (EROFS).
 - Every chunk is hash-checked (:meth:`torpor.store.ChunkStore.read_range`) before
   its bytes are served.  A chunk that is missing or corrupt is an I/O error to QEMU
   (the guest page fault becomes SIGBUS: QEMU, and so the VM, ends) and an error in
@@ -27,7 +30,8 @@ Who runs what:
 
 Lifetime (the shim owns the server): it lives as long as the VM's QEMU maps the file.
 It gets ``PR_SET_PDEATHSIG`` = SIGTERM: when the shim dies (even ``kill -9``) libfuse's
-SIGTERM handler ends its loop and it unmounts (lazily, ``MNT_DETACH``) before exiting.
+SIGTERM handler ends its loop and :func:`serve` unmounts (lazily, ``MNT_DETACH``) before
+it exits.
 On a normal VM exit the shim unmounts (:func:`unmount`) and the server's loop ends
 when the kernel closes the connection.  Anything else that cleans up a VM's RAM file
 (``rm``, a DEAD VM's cleanup, the reaper of orphaned RAM files) calls
@@ -41,15 +45,19 @@ uid, so the mount is ``allow_other`` with ``default_permissions``: the kernel ch
 the file's mode (0600) and owner (QEMU's uid, set by the jail) like any file's.
 
 Working set (REAP-style, :class:`WorkingSet`): the first lazy restore of a snapshot
-records the order in which QEMU first read chunks during its first seconds
-(``TORPOR_LAZY_RECORD_S``, default 3 s; the shim's own background stream, told apart
+records the order in which QEMU first read chunks during the first seconds from its
+first read (``TORPOR_LAZY_RECORD_S``, default 3 s; the shim's own background stream, told apart
 by the reading thread's process, is not recorded) and saves it next to the hot cache
 (``cache/workingsets/<snapshot>``), MAC'd with the store's key and capped at the
-artifact's chunk count.  Later lazy restores of that snapshot fetch those chunks
-first, on a background thread, so QEMU's page faults mostly find them in memory.  A
-working set is only a hint: a bad, foreign or stale one is ignored (it can cost time,
-never correctness — every chunk is still hash-checked).  Fetched-ahead chunks are
-dropped from this process's memory once served (the kernel's page cache holds them).
+artifact's chunk count.  Later lazy restores of that snapshot (and of its descendants
+until they have their own) fetch those chunks first, two at a time, and push them into
+the file's page cache (FUSE ``notify_store``): QEMU's page faults on them never reach
+this process.  A working set is only a hint: a bad, foreign or stale one is ignored (it
+can cost time, never correctness — every chunk is still hash-checked).  Where the
+kernel refuses the push, fetched-ahead chunks wait here until QEMU reads them.
+
+QEMU's ``madvise(MADV_HUGEPAGE)`` on guest RAM is made to fail for lazy VMs
+(:func:`no_hugepage_preexec`): on a file mapping it makes every fault read 4 MiB.
 
 Statistics (bytes fetched from the store, chunks served, prefetched) are written to
 ``<vm dir>/lazymem.json`` (atomically, at most every 50 ms while they change) for
@@ -80,7 +88,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +105,8 @@ PREFETCH_MAX_BYTES = 512 << 20  # fetched-ahead chunks not yet served, at most
 WS_DIR = "workingsets"
 WS_VERSION = 1
 STATS_FILE = "lazymem.json"
+FETCH_THREADS = 4  # chunk fetches side by side (2 cores here; a bucket's latency)
+PREFETCH_THREADS = 2
 
 
 def enabled() -> bool:
@@ -267,7 +277,9 @@ class MemoryFile:
         self.recent: OrderedDict[int, bytes] = OrderedDict()
         self.prefetch = prefetch or []
         self.record = record
-        self.record_until = time.monotonic() + record_s
+        # the window opens at QEMU's first read (under load that came >1 s after start)
+        self.record_s = record_s
+        self.record_until: float | None = None
         self.order: list[int] = []
         self.touched: set[int] = set()
         self.tgids: dict[int, int] = {}  # reader thread id -> its process
@@ -295,6 +307,7 @@ class MemoryFile:
         self.closing = threading.Event()
         self.now_ns = time.time_ns()
         self.fuse: Any = None  # libfuse's struct fuse *, known once init() runs
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
         self.started = False  # init() ran: the mount served
 
     # -- fetching
@@ -336,6 +349,12 @@ class MemoryFile:
         self.dirty.set()
         return data
 
+    def _try_fetch(self, i: int) -> bytes | BaseException:
+        try:
+            return self._fetch(i)
+        except Exception as e:  # raised by the reader, in order
+            return e
+
     def _keep_recent(self, i: int, data: bytes) -> None:
         with self._mu:
             self.recent[i] = data
@@ -349,36 +368,40 @@ class MemoryFile:
         those pages then never reach this process); where the kernel refuses, kept
         here until QEMU reads it."""
         store = _NotifyStore(self.fuse) if self.fuse else None
-        for i in self.prefetch:
-            if self.closing.is_set():
-                return
-            if i in self.touched or self.art.chunks[i] is None:
-                continue
-            while self.ahead_bytes > PREFETCH_MAX_BYTES and not self.closing.is_set():
-                time.sleep(0.005)
-            try:
-                data = self._fetch(i)
-            except Exception as e:  # QEMU's own read of it reports it
-                log.error("lazy memory: prefetch of chunk %d failed: %s", i, e)
-                return
-            if store is not None and store.push(i * self.cs, data):
+        todo = [i for i in self.prefetch if self.art.chunks[i] is not None]
+        # fetched PREFETCH_THREADS at a time (their own pool: QEMU's reads never queue
+        # behind them), pushed in the recorded order
+        ahead = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
+        try:
+            for i, data in zip(todo, ahead.map(self._try_fetch, todo), strict=True):
+                if self.closing.is_set():
+                    return
+                if isinstance(data, BaseException):  # QEMU's own read of it reports it
+                    log.error("lazy memory: prefetch of chunk %d failed: %s", i, data)
+                    return
+                while self.ahead_bytes > PREFETCH_MAX_BYTES and not self.closing.is_set():
+                    time.sleep(0.005)
+                if store is not None and store.push(i * self.cs, data):
+                    with self._mu:
+                        self.stats["pushed_chunks"] += 1
+                        self.stats["prefetched_chunks"] += 1
+                    continue
+                store = None  # refused once: keep the rest here
                 with self._mu:
-                    self.stats["pushed_chunks"] += 1
+                    if i not in self.touched:
+                        self.ahead[i] = data
+                        self.ahead_bytes += len(data)
                     self.stats["prefetched_chunks"] += 1
-                continue
-            store = None  # refused once: keep the rest here
-            with self._mu:
-                if i not in self.touched:
-                    self.ahead[i] = data
-                    self.ahead_bytes += len(data)
-                self.stats["prefetched_chunks"] += 1
+        finally:
+            ahead.shutdown(wait=False, cancel_futures=True)
         self.stats["prefetch_done_s"] = round(time.monotonic() - self.t0, 4)
         self.dirty.set()
 
     def stats_loop(self) -> None:
         while not self.closing.is_set():
             self.dirty.wait(1.0)
-            if self.record and time.monotonic() >= self.record_until:
+            until = self.record_until
+            if self.record and until is not None and time.monotonic() >= until:
                 self.save_working_set()
             if self.dirty.is_set():
                 self.dirty.clear()
@@ -465,7 +488,11 @@ class MemoryFile:
         end = min(self.size, offset + size)
         first, last = offset // self.cs, (end - 1) // self.cs
         now = time.monotonic()
-        recording = self.record is not None and now < self.record_until and self._guest_read()
+        recording = False
+        if self.record is not None and self._guest_read():
+            if self.record_until is None:
+                self.record_until = now + self.record_s
+            recording = now < self.record_until
         with self._mu:
             if self.stats["first_read_s"] is None:
                 self.stats["first_read_s"] = round(now - self.t0, 4)
@@ -475,9 +502,14 @@ class MemoryFile:
                     if recording and self.art.chunks[i] is not None:
                         self.order.append(i)
         parts = []
-        for i in range(first, last + 1):
+        idx = range(first, last + 1)
+        # several chunks: fetched side by side (zstd and BLAKE3 release the GIL; a
+        # bucket store's downloads overlap); results in order
+        fetched = self.pool.map(self._try_fetch, idx) if len(idx) > 1 else map(self._try_fetch, idx)
+        for i, data in zip(idx, fetched, strict=True):
             try:
-                data = self._fetch(i)
+                if isinstance(data, BaseException):
+                    raise data
             except Exception as e:
                 with self._mu:
                     self.stats["errors"] += 1
