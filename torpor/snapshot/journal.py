@@ -69,7 +69,7 @@ from torpor.store import chunks as ck
 from torpor.store.manifest import KIND_VM_SNAPSHOT, Artifact, build_manifest, now_iso
 from torpor.vmm.capture import read_meta, vouch_for_shadow
 from torpor.vmm.manager import VM, VMManager
-from torpor.vmm.state import Status
+from torpor.vmm.state import Status, proc_start_time
 
 log = logging.getLogger("torpor.journal")
 
@@ -536,7 +536,12 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
 
     failpoints.hit("journal.commit")
     store = core._store(VMManager(paths))
-    work = Path(tempfile.mkdtemp(prefix="journal-", dir=paths.tmp))
+    # the rebuilt files go where staging goes: tmpfs when the host has one, so they
+    # never wait on (or add to) disk writeback next to the turns' journal fsyncs
+    root = core._stage_roots(VMManager(paths))[0]
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    me = os.getpid()  # named like a stage: reaped by the next snapshot if we die
+    work = Path(tempfile.mkdtemp(prefix=f"snap-{me}-{proc_start_time(me)}-journal-", dir=root))
     try:
         with contextlib.suppress(NotFoundError):
             m = store.get(snap_id)
