@@ -4,6 +4,7 @@ recorded working set fetched first next time, no mount left behind by kill -9.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -241,3 +242,36 @@ def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(vms, source, paths, tmp_
     assert got is None  # never a wrong md5: the read failed instead
     _wait(lambda: _stats(vm)["errors"] > 0, "the server to report the bad chunk")
     assert "could not be served" in (vm.dir / "shim.log").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_lazy_restore_from_a_bucket_on_another_host(
+    vms, tools_image, paths, tmp_path, s3_server, bucket, monkeypatch
+) -> None:
+    """A host that never had the snapshot (empty chunk cache) serves its memory lazily
+    from the bucket: the guest's data is right and only part of the RAM is fetched."""
+    from tests.store.test_s3_travel import _home
+
+    for k, v in s3_server.env(bucket, "torpor").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORPOR_LAZY_STREAM_DELAY_S", "60")  # only what the guest asks
+    mgr = vms.mgr
+    vm = vms.run(tools_image, "sleep", "infinity", name="lazy-s3-src")
+    with mgr.client(vm) as c:
+        r = c.exec(["sh", "-c", f"mkdir -p /run/d && mount -t tmpfs d /run/d && "
+                    f"head -c 1048576 /dev/urandom > {DATA} && md5sum {DATA}"])  # fmt: skip
+        assert r.status.code == 0, r.stderr
+    md5 = r.stdout.split()[0].decode()
+    snap = snapshot(mgr, vm.id).manifest
+    mgr_b = _home(tmp_path, "host-b", paths)
+    try:
+        moved = restore(mgr_b, snap.id, cold=True)
+        assert lazymem.is_mounted(moved.files.ram)
+        assert _guest_md5(mgr_b, moved) == md5
+        st = _stats(moved)
+        assert 0 < st["fetched_bytes"] < snap.artifacts["memory"].size // 2
+        assert st["errors"] == 0
+    finally:
+        for v in mgr_b.list():
+            with contextlib.suppress(TorporError):
+                mgr_b.remove(v.id, force=True)
