@@ -761,14 +761,6 @@ class Shim:
                 asyncio.to_thread(fill_shadow, *job_args, str(info["snapshot"]))
             )
             return
-        if info.get("lazy"):  # read through the lazy RAM file: the rest streams in
-            from torpor.vmm.lazymem import fill_shadow
-
-            job_args = (self.files.ram, self.files.shadow, self.files.shadow_meta)
-            self.shadow_init = asyncio.ensure_future(
-                asyncio.to_thread(fill_shadow, *job_args, str(info["snapshot"]))
-            )
-            return
         src = info.get("ram_from")
         if not src or info.get("shadow_ready"):
             return
@@ -1145,9 +1137,6 @@ class Shim:
         return 0
 
     def cleanup(self) -> None:
-        lazy = getattr(self.pre, "lazy", None)
-        if lazy is not None:  # a lazy restore's FUSE server: unmount the RAM file first
-            lazy.stop()
         lazy = getattr(self.pre, "lazy", None)
         if lazy is not None:  # a lazy restore's FUSE server: unmount the RAM file first
             lazy.stop()
