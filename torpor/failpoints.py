@@ -11,7 +11,8 @@ Each entry is ``NAME=ACTION[@N][%P]``:
 
 - ACTION: ``eio`` / ``enospc`` raise ``OSError`` with that errno (or the call site's
   ``exc`` type, e.g. the database driver's error, with the same message); ``kill``
-  ends the process with SIGKILL, as a crash would.
+  ends the process with SIGKILL, as a crash would; ``stop`` freezes it with SIGSTOP
+  until someone sends SIGCONT (a host paused mid-step, e.g. past its lease).
 - ``@N``: fire on the N-th hit of that point in this process (1-based) and on every
   later one (a disk that failed stays failed); without it, on every hit.
 - ``%P``: fire with probability P on each eligible hit.
@@ -39,7 +40,7 @@ import threading
 from dataclasses import dataclass
 
 ENV = "TORPOR_FAILPOINTS"
-ACTIONS = ("eio", "enospc", "kill")
+ACTIONS = ("eio", "enospc", "kill", "stop")
 _ERRNO = {"eio": errno.EIO, "enospc": errno.ENOSPC}
 
 
@@ -112,6 +113,9 @@ def hit(name: str, exc: type[BaseException] | None = None) -> None:
         return
     if p.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if p.action == "stop":  # frozen until SIGCONT: a host paused mid-step (tests)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     code = _ERRNO[p.action]
     msg = f"{os.strerror(code)} (failpoint {name})"
     if exc is not None and not issubclass(exc, OSError):

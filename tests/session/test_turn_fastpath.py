@@ -20,12 +20,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from torpor.context import Kind
-from torpor.errors import StoreError
+from torpor.errors import LeaseHeldError, StoreError
 from torpor.paths import Paths
 from torpor.session import Session
 from torpor.session.core import _answer_of
@@ -183,3 +184,68 @@ def test_a_crash_in_the_middle_of_the_commit(session) -> None:
     journal.finish_all(s.paths)  # what crashes left (the unnamed journal included) stores
     left = Path(s.paths.root, "journal")
     assert not list(left.glob("*.journal")) and not list(left.glob(".*.tmp"))
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_journal_of_a_host_that_lost_the_lease_never_reaches_the_log(
+    paths: Paths, tools_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORPOR_LEASE_TTL", "2")
+    monkeypatch.setenv("TORPOR_HOST_ID", "host-a")
+    dsn = str(tmp_path / "ctx.db")
+    s = Session.create(image=tools_image, model="scripted:bench", paths=paths, dsn=dsn)
+    s.send("turn 1")  # from here on the turns journal
+    name = s.name
+    s.close()
+    journal.wait_all()
+    before = set(journal.journal_dir(paths).glob("*.journal"))
+    env = dict(os.environ, TORPOR_HOME=str(paths.root), TORPOR_FAILPOINTS="journal.durable=stop")
+    # host a (its own process) freezes once its turn's journal is durable, before the
+    # checkpoint entry: a host paused past its lease
+    a = subprocess.Popen(
+        [sys.executable, "-c", CHILD, name, dsn, "turn 2", "-"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    b = None
+    try:
+        deadline = time.monotonic() + 240
+        while not _stopped(a.pid):
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline, "host a never reached its journal"
+            time.sleep(0.05)
+        new = set(journal.journal_dir(paths).glob("*.journal")) - before
+        frozen = [p.name[: -len(".journal")] for p in new]
+        assert len(frozen) == 1
+        # host b takes the session over once a's lease ran out (a's heartbeat is frozen)
+        monkeypatch.setenv("TORPOR_HOST_ID", "host-b")
+        b = Session.open(name, paths=paths, dsn=dsn)
+        while True:
+            try:
+                b.append("app.note", {"by": "b"})
+                break
+            except LeaseHeldError:
+                assert time.monotonic() < deadline, "a's lease never ran out"
+                time.sleep(0.1)
+        os.kill(a.pid, signal.SIGCONT)
+        out, err = a.communicate(timeout=240)
+        assert a.returncode == 1 and "FencedError" in err, err  # a's entry was refused
+        assert "ANSWER" not in out  # nothing acknowledged
+        assert frozen[0] not in {c.snapshot for c in b.checkpoints}
+        assert b.status() == "interrupted"  # a's turn: replayed from the last checkpoint
+        assert b.recover() == "ok 1"
+        assert frozen[0] not in {c.snapshot for c in b.checkpoints}
+        assert _guest_log(b) == _lines(2)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        if b is not None:
+            b.remove()
+            b.close()
