@@ -16,6 +16,11 @@ Capture (:func:`snapshot`; the guest is paused only for step 3, the *pause windo
 5. with ``stop=True`` the VM ends (hibernated) and its memory moves to the on-disk
    cache, freeing host RAM; device state and disk are kept in the cache either way.
 
+A session's turn checkpoint takes steps 1-3 and then, instead of step 4 on its path,
+writes the changed chunks to a checkpoint journal (:mod:`torpor.snapshot.journal`):
+durable there, stored behind.  :func:`restore`, :func:`fork` and the VM's next
+snapshot (its parent) finish a snapshot's pending journal before they use it.
+
 Restore creates a new VM folder from the snapshot's recorded config (new id and
 name), puts disk and device state in place (cache, or cold from the store — every
 chunk hash-checked, the manifest MAC-checked before anything reaches QEMU), and
