@@ -247,3 +247,23 @@ def test_guest_writes_to_the_bios_region_are_kept(private_vm, shared_vms) -> Non
     shared_vms.ids.append(back.id)
     assert _sh(mgr, back, "devmem 0xffff0010 32 && devmem 0xf0010 32").split() == [value] * 2
     mgr.remove(back.id, force=True)
+
+
+def test_parent_gone_the_whole_memory_is_stored(private_vm, shared_vms) -> None:
+    """The VM's last snapshot was removed: no parent to take unchanged chunks from, so
+    the store reads the whole memory — the overlay with the base in its holes."""
+    from torpor.snapshot.core import remove_snapshot
+
+    vm, files = private_vm
+    mgr = shared_vms.mgr
+    vm = mgr.get(vm.id)
+    files["g"] = _write(mgr, vm, "g")
+    snapshot(mgr, vm.id)  # a snapshot only this VM builds on: removable
+    remove_snapshot(mgr, last_snapshot(vm))
+    s = snapshot(mgr, vm.id)
+    assert s.manifest.parent is None and s.timings["memory_dirty_path"] == 0.0
+    back = restore(mgr, s.manifest.id, name="priv-orphan")
+    shared_vms.ids.append(back.id)
+    _check(mgr, back, files)
+    assert _sleeper_alive(mgr, back)
+    mgr.remove(back.id, force=True)
