@@ -1051,7 +1051,9 @@ def prepare_resume(mgr: VMManager, vm: VM, cold: bool = False) -> None:
     bases.check_guest(mgr.paths, m)  # before the wake changes anything
     mem = mgr.paths.snapshot_cache / m.id / "memory"
     checked = False
-    if not cold and mem.exists():
+    # a shared base checks its own copy of the cache and skips a bad one (basemem)
+    bases_on = basemem.wanted()[0] and basemem.private_capture()[0]
+    if not cold and mem.exists() and not bases_on:
         # checked here, not in the shim's copy: a bad cache must make this wake come
         # from the store, not fail it (the file is then hard-linked: a writer racing
         # the wake could still change it, as it could change the VM's own disk)
