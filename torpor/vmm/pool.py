@@ -560,6 +560,7 @@ def run_spare(root: Path, snap_id: str, vm_id: str) -> int:
     import dataclasses
     import logging
 
+    os.umask(0o077)  # every file of the spare private, as a VM start's are
     paths = Paths(root)
     prep = _dir(paths, snap_id) / f"{vm_id}.prep"
     if not prep.exists() or not vm_id.isalnum() or not snap_id.isalnum():
