@@ -421,11 +421,11 @@ class ChunkStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._chunk_stored(h)
+        self._chunk_stored(h, frame)
         return len(frame)
 
-    def _chunk_stored(self, h: str) -> None:
-        """Hook: chunk ``h`` was just written (durable, under its name)."""
+    def _chunk_stored(self, h: str, frame: bytes | memoryview) -> None:
+        """Hook: chunk ``h`` was just written (durable, under its name) as ``frame``."""
 
     def _write_chunk(
         self, h: str, data: memoryview | bytes, prev: str | None = None

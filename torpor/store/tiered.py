@@ -855,20 +855,19 @@ class TieredStore(ChunkStore):
             self._index_of(parent)
         return super().put_file(path, parent=parent, **kw)
 
-    def _chunk_stored(self, h: str) -> None:
+    def _chunk_stored(self, h: str, frame: bytes | memoryview) -> None:
         self._written.add(h)
         if self.durability == "bucket" and h not in self._locs:
             # (a chunk an index locates, e.g. a parent's evicted from the cache and
             # written again, is not sent again: the commit finds it there)
             # into the pack being filled: a full pack is uploaded at once, so the
-            # network overlaps the rest of the put (commit sends the remainder)
-            with open(self._cpath(h), "rb") as f:
-                frame = f.read()
+            # network overlaps the rest of the put (commit sends the remainder);
+            # the frame just written, not read back from the file
             if self._packer is None:
                 with self._loc_lock:
                     if self._packer is None:
                         self._packer = _Packer(self)
-            self._packer.add(h, frame)
+            self._packer.add(h, bytes(frame))
 
     def _drop_lease(self) -> None:
         super()._drop_lease()
