@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VMs
+from tests.vm.test_private_files import _not_private
 from torpor.snapshot import restore, snapshot
 from torpor.snapshot.core import remove_snapshot
 from torpor.vmm import pool
@@ -85,6 +86,8 @@ def test_pooled_restore_gives_the_same_guest_as_a_plain_one(source, paths, poole
     plain = restore(f.mgr, snap, name="pool-plain")  # no spare yet: the ordinary way
     f.ids.append(plain.id)
     spare = _spares(paths, snap)[0]
+    # a spare's folder and the registry are as private as any VM's files
+    assert not _not_private(paths.vm(spare["vm"])) and not _not_private(paths.locks / "pool")
     vm = restore(f.mgr, snap, name="pool-claimed")
     f.ids.append(vm.id)
     assert vm.id == spare["vm"]  # the spare, not a new VM
