@@ -289,11 +289,27 @@ def acquire(paths: Paths, store: ChunkStore, manifest: Manifest, *, cold: bool =
         fd, source, t = _fill(paths, store, manifest, cold)
         try:
             _start_holder(paths, manifest.id, fd, source)
-        finally:
+            # our reference: a queued connection that asked USE — the holder (a Python
+            # start-up away) counts it when it runs; the fd we keep is the one we filled
+            conn = _enqueue(paths, manifest.id)
+        except BaseException:
             os.close(fd)
-        b = connect(paths, manifest.id, mem.size)
-    b.source, b.timings = source, t
-    return b
+            raise
+    os.set_inheritable(fd, False)
+    ino = os.fstat(fd).st_ino
+    return Base(fd, mem.size, manifest.id, ino, source, filled_from=source, timings=t, _conn=conn)
+
+
+def _enqueue(paths: Paths, snapshot: str) -> socket.socket:
+    from torpor.vmm.sockets import connect_unix
+
+    s = connect_unix(sock_path(paths, snapshot), timeout=10.0)
+    try:
+        s.sendall(USE)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def hot_source(paths: Paths, snapshot: str) -> str | None:
