@@ -345,18 +345,29 @@ def apply_pages(
     try:
         for c in sorted(by_chunk):
             off = c * chunk
+            if c in ram.chunks:
+                # in the overlay already: compare and write only the pages read
+                differs = False
+                for into, at, length in by_chunk[c]:
+                    page = mv[at : at + length]
+                    old = os.pread(fd, length, off + into)
+                    if len(old) != length:
+                        raise VMError(f"short read of the overlay at {off}", step="capture")
+                    if old != page:
+                        os.pwrite(fd, page, off + into)
+                        differs = True
+                if differs:
+                    changed.append(c)
+                continue
+            # new to the overlay: the whole chunk, its other pages from the base
             n = min(chunk, ram.size - off)
-            src = fd if c in ram.chunks else ram.base_fd
-            old = os.pread(src, n, off)
-            if len(old) != n:
-                raise VMError(
-                    f"short read of guest RAM's {'overlay' if src == fd else 'base'} at {off}",
-                    step="capture: overlay",
-                )
-            new = bytearray(old)
+            base = os.pread(ram.base_fd, n, off)
+            if len(base) != n:
+                raise VMError(f"short read of guest RAM's base at {off}", step="capture")
+            new = bytearray(base)
             for into, at, length in by_chunk[c]:
                 new[into : into + length] = mv[at : at + length]
-            if new != old:
+            if new != base:
                 os.pwrite(fd, new, off)
                 ram.chunks.add(c)
                 changed.append(c)
