@@ -200,7 +200,17 @@ def test_cli_restore_through_the_pool_keeps_its_errors(source, paths, pooled) ->
     r = torpor_cli("restore", "--name", "pool-cli", snap)
     assert r.returncode == 4 and b"already in use" in r.stderr, r.stderr
     assert spare["vm"] in {s["vm"] for s in pool.spares(paths)}
+    # with a ready spare, a CLI restore by full id loads neither the snapshot nor the
+    # store layers, nor rich (the import trimming of the pooled path)
+    from tests.cli.test_startup import _forbidden, _imported
+
+    _spares(paths, snap)
+    mods, code = _imported("restore", "--name", "pool-probe", snap)
+    f.ids.append(f.mgr.get("pool-probe").id)
+    assert code == 0 and "torpor.vmm.pool" in mods
+    assert _forbidden(mods) == []
     # the memory spares hold is accounted: `system df` shows it
+    _spares(paths, snap)  # (the one the probe's restore asked for)
     r = torpor_cli("system", "df")
     assert r.returncode == 0 and b"Pool spares (memory)" in r.stdout, r.stdout
 
