@@ -892,6 +892,7 @@ def place_snapshot(
         info["ram_private"] = True
         info["ram_base"] = {"snapshot": manifest.id, "size": mem.size, "ino": base.ino}
         info["ram_snapshot"] = manifest.id
+        basemem.note_base(vm.dir, manifest.id)  # what its overlay's holes will stand for
     # else RAM is copied by the shim while QEMU starts (launch._copy_job), from:
     elif not cold and (cache / "memory").exists():
         # 1. the disk cache of a hibernation; a hard link pins it against eviction.

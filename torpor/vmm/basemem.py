@@ -370,6 +370,43 @@ def _peek(p: Path) -> dict[str, Any]:
 # -- filling ---------------------------------------------------------------------------
 
 
+BASE_NOTE = "ram_base"  # in a VM folder: the snapshot whose base the VM maps
+
+
+def note_base(vm_dir: Path, snap_id: str) -> None:
+    """Record in a VM's folder which base its RAM maps (what its overlay's holes are)."""
+    from torpor.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(vm_dir / BASE_NOTE, (snap_id + "\n").encode(), mode=0o600)
+
+
+def find_overlay(paths: Paths, snap_id: str) -> Path | None:
+    """A running private VM's overlay (:mod:`torpor.vmm.ramless`) vouched for
+    ``snap_id``: with the base its VM maps, the snapshot's memory, or None."""
+    from torpor.vmm.capture import read_meta
+    from torpor.vmm.layout import home_ram_dir
+
+    root = home_ram_dir(paths.root)
+    if root is None:
+        return None
+    for meta in root.glob("*.overlay.json"):
+        if read_meta(meta).get("snapshot") == snap_id:
+            overlay = meta.with_name(meta.name[: -len(".json")])
+            if overlay.exists():
+                return overlay
+    return None
+
+
+def _overlay_base(paths: Paths, overlay: Path, size: int) -> Base:
+    """The base an overlay's holes stand for: its VM's, from the note in its folder."""
+    vm_id = overlay.name[: -len(".overlay")]
+    try:
+        snap = (paths.vm(vm_id) / BASE_NOTE).read_text().strip()
+    except OSError as e:
+        raise BaseUnavailable(f"VM {vm_id[:12]} names no base: {e}") from e
+    return connect(paths, snap, size)
+
+
 def find_shadow(paths: Paths, snap_id: str) -> Path | None:
     """A running VM's RAM shadow of this home vouched for ``snap_id`` (see
     :mod:`torpor.vmm.capture`), or None."""
@@ -404,6 +441,9 @@ def _fill(
         shadow = find_shadow(paths, manifest.id)
         if shadow is not None:
             sources.append(("shadow", shadow))
+        overlay = find_overlay(paths, manifest.id)
+        if overlay is not None:
+            sources.append(("overlay", overlay))
     sources.append(("store", None))
     for source, src in sources:
         fd = os.memfd_create(
@@ -415,7 +455,7 @@ def _fill(
             t0 = time.perf_counter()
             if source == "store":
                 _from_store(paths, store, mem, fd)
-            elif not _copy_hot(source, src, me, manifest.id):
+            elif not _copy_hot(paths, source, src, me, manifest.id):
                 os.close(fd)  # gone, unreadable, or its VM captured again meanwhile
                 continue
             t["fill_ms"] = (time.perf_counter() - t0) * 1000
@@ -455,10 +495,11 @@ def _fill(
     raise AssertionError("unreachable: the store source either fills or raises")
 
 
-def _copy_hot(source: str, src: Path | None, dst: Path, snap_id: str) -> bool:
-    """Copy a cache file or a running VM's shadow (under its shared lock, if it still
-    equals the snapshot) into ``dst``; False if it cannot be used: a shadow can vanish
-    between being found and being read (its VM removed)."""
+def _copy_hot(paths: Paths, source: str, src: Path | None, dst: Path, snap_id: str) -> bool:
+    """Copy a cache file, a running VM's shadow or a private VM's overlay over its base
+    (under its shared lock, if it still equals the snapshot) into ``dst``; False if it
+    cannot be used: a shadow can vanish between being found and being read (its VM
+    removed)."""
     from torpor.fsutil import locked
     from torpor.vmm.capture import read_meta, sparse_copy
 
@@ -467,12 +508,21 @@ def _copy_hot(source: str, src: Path | None, dst: Path, snap_id: str) -> bool:
         if source == "cache":
             sparse_copy(src, dst, into_existing=True)
             return True
-        with locked(src.with_name(src.name + ".lock"), shared=True, make_parents=False):
-            if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snap_id:
-                return False
-            sparse_copy(src, dst, into_existing=True)
-            return True
-    except OSError as e:
+        under = None
+        if source == "overlay":  # its holes are its VM's base: that first
+            under = _overlay_base(paths, src, os.stat(dst).st_size)
+        try:
+            with locked(src.with_name(src.name + ".lock"), shared=True, make_parents=False):
+                if read_meta(src.with_name(src.name + ".json")).get("snapshot") != snap_id:
+                    return False
+                if under is not None:
+                    sparse_copy(Path(under.mem_path), dst, into_existing=True)
+                sparse_copy(src, dst, into_existing=True)  # data extents only: holes stay
+                return True
+        finally:
+            if under is not None:
+                under.close()
+    except (OSError, BaseUnavailable) as e:
         import logging
 
         logging.getLogger("torpor.snapshot").warning(
