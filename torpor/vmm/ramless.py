@@ -17,10 +17,12 @@ today; ``cont``.  After the resume, off the pause:
 - device state = the parent stream's head (the stream this QEMU was restored from,
   kept by the shim; :mod:`torpor.vmm.migstream`) + the saved device sections;
 - the VM's **overlay** (``<vm>.overlay`` next to its RAM file, tmpfs): a sparse file
-  of the guest's size where every allocated 64 KiB chunk holds guest memory as of the
-  last capture and every hole stands for the base (unchanged since the restore).  A
-  chunk with a written page enters the overlay whole (its other pages read from the
-  base), so the store reads full chunks from it;
+  of the guest's size where every allocated page holds guest memory as of the last
+  capture and every hole stands for the base (unchanged since the restore).  Each
+  chunk handed to the store is made whole first (its hole pages filled from the
+  base), so the store reads full 64 KiB chunks; those filled pages are punched out
+  again at the next capture, so between captures the overlay costs about the pages
+  the guest wrote plus the last capture's changed chunks, not 64 KiB per written page;
 - ``changed``: the chunks whose content differs from the overlay's previous content
   (a written page compared with what the overlay or the base held: unchanged pages
   the guest wrote long ago are not hashed again).  When the overlay's previous
@@ -54,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import re
@@ -129,7 +132,8 @@ class PrivateRAM:
     hva: int = 0  # host address of guest RAM in QEMU
     roms: list[tuple[str, int, int]] | None = None  # guest-mapped blocks of the head
     base_fd: int = -1  # the file QEMU maps (read-only here): what overlay holes stand for
-    chunks: set[int] = field(default_factory=set)  # overlay chunks (may differ from base)
+    pages: set[int] = field(default_factory=set)  # overlay pages with content (may differ)
+    filled: set[int] = field(default_factory=set)  # of which filled from the base for the store
 
     def start(self) -> None:
         """A fresh overlay (holes only: equal to the restored snapshot)."""
@@ -323,57 +327,87 @@ def read_pages(pid: int, hva: int, runs: list[tuple[int, int]]) -> bytearray:
 # -- after the pause -------------------------------------------------------------------
 
 
+def _ranges(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) runs."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
 def apply_pages(
-    ram: PrivateRAM, runs: list[tuple[int, int]], buf: bytearray, chunk: int = CHUNK
-) -> list[int]:
-    """Bring the overlay up to date with the pages read; return the chunks that changed."""
+    ram: PrivateRAM,
+    runs: list[tuple[int, int]],
+    buf: bytearray,
+    chunk: int = CHUNK,
+    *,
+    whole_overlay: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Bring the overlay up to date with the pages read; return the chunks whose bytes
+    changed and the chunks to store.
+
+    The chunks to store are those that changed (or, with ``whole_overlay``, every chunk
+    holding a page of the overlay); each is left whole in the overlay (its other pages
+    filled from the base) for the store to read, and those filled pages are punched out
+    again at the next capture: between captures the overlay holds the guest's pages,
+    not whole chunks (a write every 64 KiB would otherwise cost 16 times its size).
+    """
     per = chunk // PAGE
-    # chunk -> (byte offset in the chunk, offset in buf, length): a run cut at chunk ends
-    by_chunk: dict[int, list[tuple[int, int, int]]] = {}
-    pos = 0
-    for first, count in runs:
-        p, end = first, first + count
-        while p < end:
-            c = p // per
-            n = min(end, (c + 1) * per) - p
-            by_chunk.setdefault(c, []).append(((p % per) * PAGE, pos, n * PAGE))
-            pos += n * PAGE
-            p += n
-    changed = []
+    npages = ram.size // PAGE
     mv = memoryview(buf)
     fd = os.open(ram.overlay, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for c in sorted(by_chunk):
-            off = c * chunk
-            if c in ram.chunks:
-                # in the overlay already: compare and write only the pages read
-                differs = False
-                for into, at, length in by_chunk[c]:
-                    page = mv[at : at + length]
-                    old = os.pread(fd, length, off + into)
-                    if len(old) != length:
-                        raise VMError(f"short read of the overlay at {off}", step="capture")
-                    if old != page:
-                        os.pwrite(fd, page, off + into)
-                        differs = True
-                if differs:
-                    changed.append(c)
+        private = {p for first, count in runs for p in range(first, first + count)}
+        punch = sorted(ram.filled - private)  # the store has read them: holes again
+        for first, count in _ranges(punch):
+            fallocate(fd, first * PAGE, count * PAGE)
+        ram.pages.difference_update(punch)
+        ram.filled = set()
+        changed: set[int] = set()
+        pos = 0
+        for first, count in runs:
+            for p in range(first, first + count):
+                page = mv[pos : pos + PAGE]
+                pos += PAGE
+                old = os.pread(fd if p in ram.pages else ram.base_fd, PAGE, p * PAGE)
+                if len(old) != PAGE:
+                    raise VMError(f"short read of guest RAM at page {p}", step="capture")
+                if old != page:
+                    os.pwrite(fd, page, p * PAGE)
+                    ram.pages.add(p)
+                    changed.add(p // per)
+        out = {p // per for p in ram.pages} if whole_overlay else changed
+        for c in sorted(out):
+            lo, hi = c * per, min((c + 1) * per, npages)
+            missing = [p for p in range(lo, hi) if p not in ram.pages]
+            if not missing:
                 continue
-            # new to the overlay: the whole chunk, its other pages from the base
-            n = min(chunk, ram.size - off)
-            base = os.pread(ram.base_fd, n, off)
-            if len(base) != n:
-                raise VMError(f"short read of guest RAM's base at {off}", step="capture")
-            new = bytearray(base)
-            for into, at, length in by_chunk[c]:
-                new[into : into + length] = mv[at : at + length]
-            if new != base:
-                os.pwrite(fd, new, off)
-                ram.chunks.add(c)
-                changed.append(c)
+            base = os.pread(ram.base_fd, (hi - lo) * PAGE, lo * PAGE)
+            if len(base) != (hi - lo) * PAGE:
+                raise VMError(f"short read of guest RAM's base at {lo * PAGE}", step="capture")
+            for first, count in _ranges(missing):
+                a = (first - lo) * PAGE
+                os.pwrite(fd, base[a : a + count * PAGE], first * PAGE)
+            ram.pages.update(missing)
+            ram.filled.update(missing)
     finally:
         os.close(fd)
-    return changed
+    return sorted(changed), sorted(out)
+
+
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Punch a hole (the file keeps its size)."""
+    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
 def fill_holes(overlay: Path, base: Path) -> int:
@@ -512,17 +546,20 @@ async def capture_private(
             (stage / "devstate").write_bytes(stream)
             saved_path.unlink()
             t1b = time.perf_counter()
-            changed = await asyncio.to_thread(apply_pages, ram, runs, buf)
+            # the overlay's last state never committed (tag None): every chunk that may
+            # differ from the base, against the VM's last snapshot (module doc)
+            precise, changed = await asyncio.to_thread(
+                functools.partial(apply_pages, whole_overlay=tag is None), ram, runs, buf
+            )
             t["stream_ms"] = (t1b - t1) * 1000
             t["apply_ms"] = (time.perf_counter() - t1b) * 1000
             t["memory_pages_private"] = sum(c for _, c in runs)
             t["memory_bytes_read"] = len(buf)
-            t["memory_chunks_changed"] = len(changed)
-            t["memory_overlay_chunks"] = len(ram.chunks)
+            t["memory_chunks_changed"] = len(precise)
+            t["memory_overlay_chunks"] = len({p // (CHUNK // PAGE) for p in ram.pages})
+            t["memory_overlay_pages"] = len(ram.pages) - len(ram.filled)
             if tag is None:
-                # the overlay's last state was never committed: every chunk that may
-                # differ from the base, against the VM's last snapshot (module doc)
-                changed, tag = sorted(ram.chunks), _read_ref(parent_ref)
+                tag = _read_ref(parent_ref)
             t["capture_total_ms"] = (time.perf_counter() - t_start) * 1000
         finally:
             os.close(lock_fd)
