@@ -669,7 +669,11 @@ def _prepare(
         "no_new_privs": True,
         "namespaces": ["pid", "mount", "ipc", "uts"] + ([] if network else ["net"]),
         "root": "tmpfs, read-only: /usr, libraries, /dev/{null,zero,random,urandom}, /proc, "
-        "kernel, initramfs, base disk; read-write: this VM's overlay and RAM file",
+        "kernel, initramfs, base disk; read-write: this VM's overlay and RAM file"
+        if ram is not None
+        else "tmpfs, read-only: /usr, libraries, /dev/{null,zero,random,urandom}, /proc, "
+        "kernel, initramfs, base disk; read-write: this VM's overlay; guest RAM: a sealed "
+        "shared base, an inherited fd mapped copy-on-write",
         "seccomp": "QEMU -sandbox on (obsolete, elevateprivileges, spawn, resourcecontrol denied)",
         "cgroup": cg,
         "shared_files": "idmapped read-only binds (root's 0400 files appear owned by "
