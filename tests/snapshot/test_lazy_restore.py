@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import signal
 import time
@@ -76,6 +77,29 @@ def _md5_file(path) -> str:
     return h.hexdigest()
 
 
+def _data_chunks(mgr, src, art, tmp_path) -> set[int]:
+    """The memory chunks holding the source VM's random data (unique to its snapshot)."""
+    with mgr.client(src) as c:
+        data = c.exec(["cat", DATA], timeout=60).stdout
+    assert len(data) == 4 << 20
+    pages = {hashlib.sha256(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)}
+    store = home_store(mgr.paths)
+    try:
+        store.materialize(art, tmp_path / "mem", durable=False)
+    finally:
+        store.close()
+    bad: set[int] = set()
+    with open(tmp_path / "mem", "rb") as f:
+        off = 0
+        while b := f.read(1 << 20):
+            for i in range(0, len(b), 4096):
+                if hashlib.sha256(b[i : i + 4096]).digest() in pages:
+                    bad.add((off + i) // art.chunk_size)
+            off += len(b)
+    assert bad
+    return bad
+
+
 def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     mgr = vms.mgr
     _, snap, md5 = source
@@ -99,6 +123,37 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     want = _md5_file(tmp_path / "mem")
     assert _md5_file(ram) == want
     assert _md5_file(vm.files.shadow) == want
+    # once streamed, the server reads the shadow, not the store: the snapshot's data
+    # chunks moved away (a removed snapshot, gc'd) and the file's page cache dropped,
+    # the guest still reads its data
+    _wait(lambda: _stats(vm)["source"] == "shadow", "the server to switch to the shadow")
+    art = snap.artifacts["memory"]
+    store = home_store(paths)
+    idx = sorted(_data_chunks(mgr, source[0], art, tmp_path / "d"))
+    moved = [store.chunk_path(art.chunks[i]) for i in idx]
+    for p in moved:
+        p.rename(p.with_name(p.name + ".away"))
+    try:
+        before = _stats(vm)["from_shadow_chunks"]
+        # O_DIRECT: past the page cache (QEMU keeps the guest's pages mapped), so the
+        # server is asked again; the chunks are no longer in the store
+        fd = os.open(ram, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, art.chunk_size)
+        try:
+            with open(tmp_path / "mem", "rb") as full:
+                for i in idx[:8]:
+                    assert os.preadv(fd, [buf], i * art.chunk_size) == art.chunk_size
+                    full.seek(i * art.chunk_size)
+                    assert bytes(buf) == full.read(art.chunk_size)
+        finally:
+            os.close(fd)
+            buf.close()
+        assert _wait(lambda: _stats(vm)["from_shadow_chunks"] > before, "reads from the shadow")
+        assert _guest_md5(mgr, vm) == md5
+    finally:
+        for p in moved:
+            p.with_name(p.name + ".away").rename(p)
+        store.close()
     # and the VM keeps working on it (its own writes are private)
     with mgr.client(vm) as c:
         r = c.exec(["sh", "-c", f"echo x >> {DATA} && md5sum {DATA}"])
@@ -202,22 +257,9 @@ def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(vms, source, paths, tmp_
     mgr = vms.mgr
     src, snap, _ = source
     art = snap.artifacts["memory"]
-    with mgr.client(src) as c:
-        data = c.exec(["cat", DATA], timeout=60).stdout
-    assert len(data) == 4 << 20
-    pages = {hashlib.sha256(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)}
+    bad = _data_chunks(mgr, src, art, tmp_path)
     store = home_store(paths)
     try:
-        store.materialize(art, tmp_path / "mem", durable=False)
-        bad: set[int] = set()
-        with open(tmp_path / "mem", "rb") as f:
-            off = 0
-            while b := f.read(1 << 20):
-                for i in range(0, len(b), 4096):
-                    if hashlib.sha256(b[i : i + 4096]).digest() in pages:
-                        bad.add((off + i) // art.chunk_size)
-                off += len(b)
-        assert bad
         for i in bad:
             p = store.chunk_path(art.chunks[i])
             frame = bytearray(p.read_bytes())

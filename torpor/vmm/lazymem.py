@@ -27,6 +27,12 @@ Who runs what:
   the shim's log (this process's stderr) — never wrong bytes.
 - The kernel keeps what was read in the page cache (``kernel_cache``): a page is
   fetched from the store once per mount.
+- Once the shim has streamed the whole memory into the VM's shadow
+  (:func:`fill_shadow`, its meta naming this snapshot), the server reads chunks from
+  the shadow instead (hash-checked too): from then on the VM does not need the store,
+  so a snapshot removed and gc'd under a running lazy VM costs it nothing.  Until then
+  it does (``snapshot rm`` + ``gc`` in the first seconds would make its next fault an
+  I/O error).
 
 Lifetime (the shim owns the server): it lives as long as the VM's QEMU maps the file.
 It gets ``PR_SET_PDEATHSIG`` = SIGTERM: when the shim dies (even ``kill -9``) libfuse's
@@ -93,6 +99,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.errors import VMError
+from torpor.vmm.layout import VMFiles
 
 log = logging.getLogger("torpor.lazymem")
 
@@ -296,6 +303,8 @@ class MemoryFile:
             "prefetch_chunks": len(self.prefetch),
             "prefetched_chunks": 0,
             "pushed_chunks": 0,  # of which put into the page cache by notify_store
+            "from_shadow_chunks": 0,
+            "source": "store",
             "prefetch_hits": 0,
             "first_read_s": None,
             "errors": 0,
@@ -307,6 +316,9 @@ class MemoryFile:
         self.closing = threading.Event()
         self.now_ns = time.time_ns()
         self.fuse: Any = None  # libfuse's struct fuse *, known once init() runs
+        self.shadow: Path | None = None  # the VM's shadow, once streamed: served from
+        self.shadow_fd: int | None = None
+        self.snap_id = ""
         self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
         self.started = False  # init() ran: the mount served
 
@@ -335,7 +347,9 @@ class MemoryFile:
         if not owner:
             return fut.result()
         try:
-            data = self.store.read_range(self.art, off, ln, name="memory")
+            data = self._from_shadow(i, off, ln)
+            if data is None:
+                data = self.store.read_range(self.art, off, ln, name="memory")
         except BaseException as e:
             fut.set_exception(e)
             raise
@@ -348,6 +362,45 @@ class MemoryFile:
         fut.set_result(data)
         self.dirty.set()
         return data
+
+    def _from_shadow(self, i: int, off: int, ln: int) -> bytes | None:
+        """Chunk ``i`` from the VM's shadow once the shim has streamed all of the memory
+        into it (then the VM no longer needs the store: a snapshot removed and gc'd
+        under it costs nothing), checked against the chunk's hash like the store's."""
+        fd = self.shadow_fd
+        if fd is None:
+            return None
+        import blake3
+
+        try:
+            data = os.pread(fd, ln, off)
+        except OSError:
+            return None
+        if len(data) != ln or blake3.blake3(data).hexdigest() != self.art.chunks[i]:
+            log.warning("lazy memory: chunk %d of the shadow does not match; from the store", i)
+            return None
+        with self._mu:
+            self.stats["from_shadow_chunks"] += 1
+        return data
+
+    def _watch_shadow(self) -> None:
+        """Switch to the shadow once its meta says it is this snapshot's memory."""
+        if self.shadow_fd is not None or self.shadow is None:
+            return
+        from torpor.vmm.capture import read_meta
+
+        meta = self.shadow.with_name(self.shadow.name + ".json")
+        if read_meta(meta).get("snapshot") != self.snap_id:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(self.shadow, os.O_RDONLY | os.O_CLOEXEC)
+            if os.fstat(fd).st_size == self.size:
+                self.shadow_fd = fd
+                self.stats["source"] = "shadow"
+                self.dirty.set()
+                log.info("lazy memory: the whole memory is in the VM's shadow; served from it")
+            else:
+                os.close(fd)
 
     def _try_fetch(self, i: int) -> bytes | BaseException:
         try:
@@ -400,6 +453,7 @@ class MemoryFile:
     def stats_loop(self) -> None:
         while not self.closing.is_set():
             self.dirty.wait(1.0)
+            self._watch_shadow()
             until = self.record_until
             if self.record and until is not None and time.monotonic() >= until:
                 self.save_working_set()
@@ -646,6 +700,7 @@ def serve(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, default=-1)
     ap.add_argument("--fuse-fd", type=int, default=-1)  # mounted already (by the shim)
     ap.add_argument("--size", type=int, default=-1)  # what the shim told QEMU
+    ap.add_argument("--shadow")  # the VM's shadow: served from once streamed in
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s lazymem[%(process)d] %(levelname)s %(message)s"
@@ -694,6 +749,8 @@ def serve(argv: list[str] | None = None) -> int:
             stats_path=Path(args.stats) if args.stats else None,
             ready_fd=ready,
         )
+        if args.shadow:
+            ops.shadow, ops.snap_id = Path(args.shadow), manifest.id
         ops.stats["start_ms"] = {
             "import": round((t_import - t0) * 1000, 1),
             "store": round((t_store - t_import) * 1000, 1),
@@ -931,6 +988,7 @@ def start(
         sys.executable, "-m", "torpor.vmm.lazymem", "--root", str(root), "--snapshot", snap_id,
         "--mount", str(mount), "--uid", str(uid), "--gid", str(gid), "--stats", str(stats),
         "--ready-fd", str(w), "--fuse-fd", str(fuse_fd), "--size", str(size),
+        "--shadow", str(VMFiles(vm_dir).shadow),
     ]
     try:
         popen = _spawn(argv, (w, fuse_fd))
