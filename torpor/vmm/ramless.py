@@ -370,7 +370,7 @@ def apply_pages(
         pos = 0
         for first, count in runs:
             for p in range(first, first + count):
-                page = mv[pos : pos + PAGE]
+                page = mv[pos : pos + PAGE].tobytes()  # (bytes compare: memcmp)
                 pos += PAGE
                 old = os.pread(fd if p in ram.pages else ram.base_fd, PAGE, p * PAGE)
                 if len(old) != PAGE:
