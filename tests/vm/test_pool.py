@@ -248,3 +248,16 @@ def test_a_spare_ends_when_its_home_is_removed(paths, tools_image, tmp_path, mon
     _wait(lambda: shutil.rmtree(home, ignore_errors=True) or not home.exists(), 30)
     _wait(lambda: not alive(int(spare["pid"]), int(spare["start"])), 30)
     assert not alive(st.qemu_pid, st.qemu_start)
+
+
+def test_a_spare_made_under_other_settings_is_never_claimed(
+    source, paths, pooled, monkeypatch
+) -> None:
+    f, snap, _ = source
+    pool.want(paths, snap)
+    spare = _spares(paths, snap)[0]
+    monkeypatch.setenv("TORPOR_KERNEL_LOGLEVEL", "debug")  # a TORPOR_* setting of VMs
+    assert pool.claim(f.mgr, snap, None) is None  # never the spare of the other kind
+    assert spare["vm"] in {s["vm"] for s in pool.spares(paths)}
+    # ...nor does it stand in for a spare of this kind
+    assert pool.want(paths, snap) == 1

@@ -160,11 +160,15 @@ def want(paths: Paths, snap_id: str) -> int:
             if d not in pooled and len(pooled) >= MAX_SNAPSHOTS:
                 return 0
             d.mkdir(mode=0o700, exist_ok=True)
-            missing = n - len(_live_entries(d))
+            # spares made under other settings are never claimed here: not counted
+            # (they leave when idle); at most MAX_SIZE of any kind per snapshot
+            key = env_key()
+            live = [_read(p).get("env") for p in _live_entries(d)]
+            missing = min(n - live.count(key), MAX_SIZE - len(live))
             ids = []
             for _ in range(max(0, missing)):
                 vm_id = os.urandom(32).hex()
-                _put(d / f"{vm_id}.prep", json.dumps({"t": time.time()}).encode())
+                _put(d / f"{vm_id}.prep", json.dumps({"t": time.time(), "env": key}).encode())
                 ids.append(vm_id)
     except OSError:
         return 0
