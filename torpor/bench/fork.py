@@ -62,7 +62,7 @@ def _alloc(p: Any) -> int:
         return 0
 
 
-def _memory(mgr: Any, vms: list[Any], paths: Paths) -> dict[str, int]:
+def _memory(mgr: Any, vms: list[Any], paths: Paths, snap_id: str) -> dict[str, int]:
     from torpor.vmm import basemem
 
     qemu = shim = files = 0
@@ -71,7 +71,8 @@ def _memory(mgr: Any, vms: list[Any], paths: Paths) -> dict[str, int]:
         qemu += _rollup(st.qemu_pid).get("Pss_Anon", 0) if st.qemu_pid else 0
         shim += _rollup(st.shim_pid).get("Pss", 0) if st.shim_pid else 0
         files += _alloc(v.files.ram) + _alloc(v.files.shadow)
-    bases = sum(int(h.get("size", 0)) for h in basemem.holders(paths))
+    # this snapshot's base only (other bases of the home are not these forks' memory)
+    bases = sum(int(h.get("size", 0)) for h in basemem.holders(paths) if h["snapshot"] == snap_id)
     return {
         "qemu_anon": qemu,
         "shims": shim,
@@ -146,9 +147,9 @@ def run_fork_bench(
                        parallel=parallel)  # fmt: skip
             wall = time.perf_counter() - t
             try:
-                at_ready = _memory(mgr, vms, paths)
+                at_ready = _memory(mgr, vms, paths, snap.id)
                 time.sleep(settle)
-                settled = _memory(mgr, vms, paths)
+                settled = _memory(mgr, vms, paths, snap.id)
                 md5 = _md5s(mgr, vms)
             finally:
                 for v in vms:
