@@ -368,3 +368,28 @@ def test_copy_path_retries_cold_when_the_shadow_vanishes(
     finally:
         shadow.rmdir()
         (ram / f"{shadow.name}.json").unlink(missing_ok=True)
+
+
+def test_bench_fork_writes_json(tools_image: str, tmp_path: Path) -> None:
+    """`torpor bench fork` runs its three modes and removes its VMs (figures not asserted,
+    only what each mode is made of: copies in the copy mode, one base in the others)."""
+    from tests.conftest import torpor_cli
+
+    out = tmp_path / "fork.json"
+    before = torpor_cli("ps", "-aq").stdout
+    r = torpor_cli(
+        "bench", "fork", "--image", tools_image, "-n", "2", "--live", "4", "--settle", "0",
+        "--json", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in data["rows"]}
+    assert set(rows) == {"copy", "shared (fill)", "shared (held)"}
+    for row in rows.values():
+        assert row["md5_ok"] == 2 and row["restore_only_ok"] == 2
+    assert rows["copy"]["memory_settled"]["files"] > 0
+    for mode in ("shared (fill)", "shared (held)"):
+        mem = rows[mode]["memory_settled"]
+        assert mem["files"] == 0 and mem["bases"] == 256 << 20
+    assert b"fork: wall" in r.stdout
+    assert torpor_cli("ps", "-aq").stdout == before
