@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, summary
+from torpor.bench.stats import machine, print_wide, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
 
@@ -134,11 +134,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             ms(s, "apply_ms"),
             f"{s['pages']['p50']:.0f}" if m == "private" else "—",
         )
-    if not console.is_terminal:
-        from rich.console import Console
-
-        console = Console(width=200, highlight=False)
-    console.print(t)
+    print_wide(console, t)
 
 
 def main_command() -> Any:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torpor.bench.stats import machine, summary
+from torpor.bench.stats import machine, print_wide, summary
 from torpor.paths import Paths
 
 TARGETS = {"version_ms": 60.0, "exec_ratio": 4.0}
@@ -175,8 +175,4 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             f"{row['ratio_p50']:.1f}x" if "ratio_p50" in row else "-",
             target,
         )
-    if not console.is_terminal:  # into a file or pipe: never wrap a row
-        from rich.console import Console
-
-        console = Console(width=200, highlight=False)
-    console.print(t)
+    print_wide(console, t)

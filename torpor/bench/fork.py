@@ -38,21 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine
+from torpor.bench.stats import machine, print_wide
 from torpor.errors import TorporError
 from torpor.paths import Paths
+from torpor.vmm.pool import smaps_rollup
 
 TARGETS = {"wall_s": 1.5, "added_memory_bytes": 1 << 30}
-
-
-def _rollup(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                out[parts[0][:-1]] = int(parts[1]) * 1024
-    return out
 
 
 def _alloc(p: Any) -> int:
@@ -68,8 +59,8 @@ def _memory(mgr: Any, vms: list[Any], paths: Paths, snap_id: str) -> dict[str, i
     qemu = shim = files = 0
     for v in vms:
         st = mgr.get(v.id).state
-        qemu += _rollup(st.qemu_pid).get("Pss_Anon", 0) if st.qemu_pid else 0
-        shim += _rollup(st.shim_pid).get("Pss", 0) if st.shim_pid else 0
+        qemu += smaps_rollup(st.qemu_pid).get("Pss_Anon", 0) if st.qemu_pid else 0
+        shim += smaps_rollup(st.shim_pid).get("Pss", 0) if st.shim_pid else 0
         files += _alloc(v.files.ram) + _alloc(v.files.shadow)
     # this snapshot's base only (other bases of the home are not these forks' memory)
     bases = sum(int(h.get("size", 0)) for h in basemem.holders(paths) if h["snapshot"] == snap_id)
@@ -251,11 +242,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         )
     w = f"≤ {r['targets']['wall_s']} s"
     t.add_row("target", w, w, "≤ 1024 MiB", "", "", "", "", "")
-    if not console.is_terminal:
-        from rich.console import Console
-
-        console = Console(width=200, highlight=False)
-    console.print(t)
+    print_wide(console, t)
 
 
 def main_command() -> Any:

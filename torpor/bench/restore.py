@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg, _torpor
-from torpor.bench.stats import machine, summary
+from torpor.bench.stats import machine, print_wide, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
 
@@ -252,11 +252,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
                 "",
                 f"≥ {tg['cli_ratio']:g}x",
             )
-    if not console.is_terminal:
-        from rich.console import Console
-
-        console = Console(width=200, highlight=False)
-    console.print(t)
+    print_wide(console, t)
 
 
 def main_command() -> Any:

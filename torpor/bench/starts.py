@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, summary
+from torpor.bench.stats import machine, print_wide, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.vmm.pool import vm_memory as fork_memory
@@ -229,11 +229,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
     row("host memory per running fork p50 / p95", lambda m: mib(m["fork_memory_bytes"]))
     row("memory of idle spares p50 / p95", lambda m: mib(m["spares_memory_bytes"]))
     row("failed cycles", lambda m: str(m["errors"]), "0")
-    if not console.is_terminal:
-        from rich.console import Console
-
-        console = Console(width=200, highlight=False)
-    console.print(t)
+    print_wide(console, t)
 
 
 def main_command() -> Any:

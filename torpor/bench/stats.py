@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+from typing import Any
 
 
 def pct(values: list[float], p: float) -> float:
@@ -51,3 +52,12 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "qemu": qemu,
     }
+
+
+def print_wide(console: Any, table: Any) -> None:
+    """Print a bench's table; into a file or pipe at 200 columns, never wrapping a row."""
+    if not console.is_terminal:
+        from rich.console import Console
+
+        console = Console(width=200, highlight=False)
+    console.print(table)

@@ -255,6 +255,29 @@ def _snapshot_meta(
     }
 
 
+def _take_capture(
+    cap: dict[str, Any],
+) -> tuple[float, Path, Any, Any, Any, int, bool, Path, str]:
+    """Take the shim's CAPTURE answer apart; what is left in ``cap`` are timings.
+
+    (pause_ms, shadow, changed chunks, the shadow's base snapshot, capture id, memory
+    chunk size, private, base_file, QEMU version).  A private VM's capture
+    (torpor.vmm.ramless): the memory file is its overlay, whose holes stand for its base
+    (readable at base_file while its shim lives).
+    """
+    return (
+        float(cap.pop("pause_ms")),
+        Path(cap.pop("shadow")),
+        cap.pop("changed"),
+        cap.pop("base_snapshot"),
+        cap.pop("capture"),
+        int(cap.pop("chunk_size")),
+        bool(cap.pop("private", False)),
+        Path(str(cap.pop("base_file", ""))),
+        str(cap.pop("qemu_version", "")),
+    )
+
+
 def snapshot(
     mgr: VMManager, ref: str, tag: str | None = None, stop: bool = False
 ) -> SnapshotResult:
@@ -303,17 +326,9 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         tc = time.perf_counter()
         cap = _capture_checked(c, stage, vm, keep_paused=stop)
         t["capture_ms"] = (time.perf_counter() - tc) * 1000  # request to the shim's answer
-        pause_ms = float(cap.pop("pause_ms"))
-        shadow = Path(cap.pop("shadow"))
-        changed = cap.pop("changed")
-        base = cap.pop("base_snapshot")
-        capture_id = cap.pop("capture")
-        mem_chunk = int(cap.pop("chunk_size"))
-        # a private VM's capture (torpor.vmm.ramless): the memory file is its overlay,
-        # whose holes stand for its base (readable at base_file while its shim lives)
-        private = bool(cap.pop("private", False))
-        base_file = Path(str(cap.pop("base_file", "")))
-        qemu = str(cap.pop("qemu_version", ""))
+        pause_ms, shadow, changed, base, capture_id, mem_chunk, private, base_file, qemu = (
+            _take_capture(cap)
+        )
         t.update(cap)
         _crash_point("captured")
         t1 = time.perf_counter()

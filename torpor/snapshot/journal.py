@@ -308,17 +308,9 @@ def _fast(mgr: VMManager, vm: VM, store: ChunkStore, parent: Manifest, tag: str 
         tc = time.perf_counter()
         cap = core._capture_checked(c, stage, vm, keep_paused=False)
         t["capture_ms"] = (time.perf_counter() - tc) * 1000  # the request; pause within
-        pause_ms = float(cap.pop("pause_ms"))
-        shadow = Path(cap.pop("shadow"))
-        changed = cap.pop("changed")
-        base = cap.pop("base_snapshot")
-        capture_id = cap.pop("capture")
-        mem_chunk = int(cap.pop("chunk_size"))
-        # a private VM's capture (torpor.vmm.ramless): the memory file is its overlay,
-        # whose holes stand for its base (readable at base_file while its shim lives)
-        private = bool(cap.pop("private", False))
-        base_file = Path(str(cap.pop("base_file", "")))
-        qemu = str(cap.pop("qemu_version", ""))
+        pause_ms, shadow, changed, base, capture_id, mem_chunk, private, base_file, qemu = (
+            core._take_capture(cap)
+        )
         t.update(cap)
         t1 = time.perf_counter()
         pm = parent.artifacts["memory"]

@@ -385,7 +385,8 @@ def drain(paths: Paths, snap_id: str | None = None) -> int:
     return n
 
 
-def _rollup(pid: int) -> dict[str, int]:
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup as bytes per field ({} if the process is gone)."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -400,8 +401,8 @@ def vm_memory(qemu_pid: int, shim_pid: int, ram: Path) -> int:
     buffers, guest pages written copy-on-write) + QEMU's shared-memory PSS or its own
     RAM file's allocated size, whichever is larger + the shim's PSS.  A base shared by
     many VMs is not in it (count it once, apart)."""
-    q = _rollup(qemu_pid)
-    s = _rollup(shim_pid)
+    q = smaps_rollup(qemu_pid)
+    s = smaps_rollup(shim_pid)
     try:
         ram_alloc = ram.stat().st_blocks * 512
     except OSError:
