@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -252,22 +253,33 @@ def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
 
 
 def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(vms, source, paths, tmp_path) -> None:
-    """Runs last in this module: it damages the snapshot's chunks of the random data
-    (unique to this snapshot: no other test's snapshot shares them)."""
+    """Damages the snapshot's chunks of the random data (unique to this module's
+    snapshots) and puts them back after: the store is the test session's, and later
+    tests verify it whole."""
     mgr = vms.mgr
     src, snap, _ = source
     art = snap.artifacts["memory"]
     bad = _data_chunks(mgr, src, art, tmp_path)
     store = home_store(paths)
+    saved: dict[Path, bytes] = {}
     try:
         for i in bad:
             p = store.chunk_path(art.chunks[i])
-            frame = bytearray(p.read_bytes())
+            saved[p] = p.read_bytes()
+            frame = bytearray(saved[p])
             frame[-8:] = bytes(b ^ 0xFF for b in frame[-8:])
             os.chmod(p, 0o600)
             p.write_bytes(bytes(frame))
     finally:
         store.close()
+    try:
+        _a_bad_chunk_is_never_served(vms, mgr, paths, snap)
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)
+
+
+def _a_bad_chunk_is_never_served(vms, mgr, paths, snap) -> None:
     lazymem.remove_working_set(paths.root, snap.id)  # nothing fetched ahead: on demand
     try:
         vm = restore(mgr, snap.id, cold=True)
