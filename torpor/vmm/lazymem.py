@@ -772,6 +772,7 @@ def serve(argv: list[str] | None = None) -> int:
         opts["allow_other"] = True
     import warnings
 
+    _watch_parent(Path(args.mount))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -786,6 +787,24 @@ def serve(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             store.close()
     return 0
+
+
+def _watch_parent(mount: Path) -> None:
+    """Unmount and exit once the shim (our parent) is gone, whatever libfuse does.
+
+    The death signal (SIGTERM) is process-directed: when one of this server's Python
+    threads (chunk fetches, prefetch) takes it, libfuse's handler marks the session
+    exited but its main loop, asleep, is not woken, and the mount stayed (CI: 'timed out
+    waiting for the mount to go' after kill -9 of the shim, ~1 run in 3)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        unmount(mount)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 # -- the shim's side ----------------------------------------------------------------------
