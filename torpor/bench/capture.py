@@ -140,17 +140,14 @@ def print_table(r: dict[str, Any], console: Any) -> None:
 def main_command() -> Any:
     import click
 
-    from torpor.cli.main import CONTEXT
+    from torpor.cli.main import CONTEXT, _json_out
 
     @click.command(name="capture", context_settings=CONTEXT)
     @click.option("--image", default="tools:latest", show_default=True)
     @click.option("--rounds", default=5, show_default=True, help="Snapshots of each VM.")
     @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
     @click.option("--write", "write_mib", default=4, show_default=True, help="MiB per round.")
-    @click.option(
-        "--json", "json_out", type=click.Path(path_type=Path),
-        default=Path("bench-results/capture.json"), show_default=True,
-    )  # fmt: skip
+    @_json_out("capture")
     def capture_cmd(
         image: str, rounds: int, memory_mib: int, write_mib: int, json_out: Path
     ) -> None:

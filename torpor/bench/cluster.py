@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torpor.bench.stats import machine, summary
+from torpor.bench.stats import machine, set_env, summary
 from torpor.paths import Paths
 
 TTL_DEFAULT = 3.0
@@ -191,18 +191,10 @@ def _env(values: dict[str, str | None]):
     """This process's environment with ``values`` set (None: unset), restored after."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_env(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_env(old)
 
 
 def _snapshot_stored_bytes(src: Paths, snap_id: str) -> tuple[int, set[str]]:

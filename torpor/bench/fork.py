@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, print_wide
+from torpor.bench.stats import machine, print_wide, set_env
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.vmm.pool import smaps_rollup
@@ -180,11 +180,7 @@ def run_fork_bench(
             if label == "shared (held)":
                 basemem.retire(paths, snap.id)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_env(saved)
         with contextlib.suppress(TorporError):
             mgr.remove(src.id, force=True)
     return {
@@ -250,7 +246,7 @@ def main_command() -> Any:
 
     import click
 
-    from torpor.cli.main import CONTEXT
+    from torpor.cli.main import CONTEXT, _json_out
 
     @click.command(name="fork", context_settings=CONTEXT)
     @click.option("--image", default="tools:latest", show_default=True)
@@ -259,10 +255,7 @@ def main_command() -> Any:
     @click.option("--live", "live_mb", default=50, show_default=True, help="MB of guest data.")
     @click.option("--parallel", default=4, show_default=True, help="Restores at once.")
     @click.option("--settle", default=5.0, show_default=True, help="Seconds before memory.")
-    @click.option(
-        "--json", "json_out", type=click.Path(path_type=Path),
-        default=Path("bench-results/fork.json"), show_default=True,
-    )  # fmt: skip
+    @_json_out("fork")
     def fork_cmd(
         image: str, count: int, memory_mib: int, live_mb: int, parallel: int, settle: float,
         json_out: Path,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, print_wide, summary
+from torpor.bench.stats import machine, print_wide, set_env, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
 
@@ -123,11 +123,7 @@ def run_lazy_bench(
                     f"{(t2 - t0) * 1000:.0f} ms, fetched {frac:.1%} of RAM"
                 )
     finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_env(old_env)
         with contextlib.suppress(TorporError):
             mgr.remove(src.id, force=True)
     return {
@@ -187,17 +183,14 @@ def print_table(r: dict[str, Any], console: Any) -> None:
 def main_command() -> Any:
     import click
 
-    from torpor.cli.main import CONTEXT
+    from torpor.cli.main import CONTEXT, _json_out
 
     @click.command(name="lazy", context_settings=CONTEXT)
     @click.option("--image", default="tools:latest", show_default=True)
     @click.option("--runs", default=5, show_default=True, help="Runs of each mode.")
     @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
     @click.option("--data", "data_mib", default=50, show_default=True, help="Live data MiB.")
-    @click.option(
-        "--json", "json_out", type=click.Path(path_type=Path),
-        default=Path("bench-results/lazy.json"), show_default=True,
-    )  # fmt: skip
+    @_json_out("lazy")
     def lazy_cmd(image: str, runs: int, memory_mib: int, data_mib: int, json_out: Path) -> None:
         """Cold restore from the store: full fetch vs lazy vs lazy + working set."""
         from torpor.cli.main import _bench_output, _fail, err_console

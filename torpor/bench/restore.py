@@ -258,7 +258,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
 def main_command() -> Any:
     import click
 
-    from torpor.cli.main import CONTEXT
+    from torpor.cli.main import CONTEXT, _json_out
 
     @click.command(name="restore", context_settings=CONTEXT)
     @click.option("--image", default="tools:latest", show_default=True)
@@ -266,10 +266,7 @@ def main_command() -> Any:
     @click.option("--memory", "memory_mib", default=256, show_default=True, help="Guest MiB.")
     @click.option("--no-cold", is_flag=True, help="Skip the cold-restore row.")
     @click.option("--no-pool", is_flag=True, help="Only the rows without the pool.")
-    @click.option(
-        "--json", "json_out", type=click.Path(path_type=Path),
-        default=Path("bench-results/restore.json"), show_default=True,
-    )  # fmt: skip
+    @_json_out("restore")
     def restore_cmd(
         image: str, runs: int, memory_mib: int, no_cold: bool, no_pool: bool, json_out: Path
     ) -> None:

@@ -235,7 +235,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
 def main_command() -> Any:
     import click
 
-    from torpor.cli.main import CONTEXT
+    from torpor.cli.main import CONTEXT, _json_out
 
     @click.command(name="starts", context_settings=CONTEXT)
     @click.option("--image", default="tools:latest", show_default=True)
@@ -247,10 +247,7 @@ def main_command() -> Any:
         help="Spares per snapshot for the second run (0: only the run without the pool).",
     )  # fmt: skip
     @click.option("--warm", is_flag=True, help="A third run: spares warmed by one exec.")
-    @click.option(
-        "--json", "json_out", type=click.Path(path_type=Path),
-        default=Path("bench-results/starts.json"), show_default=True,
-    )  # fmt: skip
+    @_json_out("starts")
     def starts_cmd(
         image: str, workers: int, duration: float, memory_mib: int, pool_size: int,
         warm: bool, json_out: Path,

@@ -61,3 +61,13 @@ def print_wide(console: Any, table: Any) -> None:
 
         console = Console(width=200, highlight=False)
     console.print(table)
+
+
+def set_env(values: dict[str, str | None]) -> None:
+    """Set this process's environment variables ``values`` (None: unset) — also how a
+    bench puts back what it saved with ``{k: os.environ.get(k) for k in keys}``."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

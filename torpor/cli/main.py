@@ -1594,18 +1594,23 @@ def _bench_output(result: dict[str, Any], json_out: Path, print_table: Any) -> N
     err_console.print(f"wrote {json_out}")
 
 
+def _json_out(bench_name: str) -> Any:
+    """A bench's ``--json PATH`` option (default ``bench-results/<name>.json``)."""
+    return click.option(
+        "--json",
+        "json_out",
+        type=click.Path(path_type=Path),
+        default=Path(f"bench-results/{bench_name}.json"),
+        show_default=True,
+    )
+
+
 @bench.command(name="boot", context_settings=CONTEXT)
 @click.option("--image", default="tools:latest", show_default=True)
 @click.option("--runs", default=10, show_default=True, help="Cold boots to time.")
 @click.option("--execs", default=200, show_default=True, help="`exec true` round trips.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/boot.json"),
-    show_default=True,
-)
+@_json_out("boot")
 def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) -> None:
     """Cold boot to agent-ready, `exec true` round trip, 1 MiB stdout throughput."""
     from torpor.bench.boot import print_table, run_boot_bench
@@ -1624,13 +1629,7 @@ def bench_boot(image: str, runs: int, execs: int, accel: str, json_out: Path) ->
 @bench.command(name="cli", context_settings=CONTEXT)
 @click.option("--image", default="tools:latest", show_default=True)
 @click.option("--runs", default=20, show_default=True, help="Timed runs of each command.")
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/cli.json"),
-    show_default=True,
-)
+@_json_out("cli")
 @click.option(
     "--no-bytecode-cache",
     is_flag=True,
@@ -1655,13 +1654,7 @@ def bench_cli(image: str, runs: int, json_out: Path, no_bytecode_cache: bool) ->
 @bench.command(name="snapshot", context_settings=CONTEXT)
 @click.option("--image", default="tools:latest", show_default=True)
 @click.option("--trials", default=3, show_default=True)
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/snapshot.json"),
-    show_default=True,
-)
+@_json_out("snapshot")
 @click.option("--forks", default=8, show_default=True, help="VMs to fork from one snapshot.")
 @click.option(
     "--first-only",
@@ -1691,13 +1684,7 @@ def bench_snapshot(image: str, trials: int, forks: int, json_out: Path, first_on
     show_default=True,
     help="Session lengths to measure, comma-separated (1000 takes ~20 min under TCG).",
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/sessions.json"),
-    show_default=True,
-)
+@_json_out("sessions")
 def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     """Per-turn checkpoint cost, stored bytes, resume and crash recovery vs session length."""
     from torpor.bench.sessions import print_table, run_sessions_bench
@@ -1721,13 +1708,7 @@ def bench_sessions(image: str, turns: str, json_out: Path) -> None:
     show_default=True,
     help="Pause between turns (0: the next turn starts at once, competing with commits).",
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(path_type=Path),
-    default=Path("bench-results/turn.json"),
-    show_default=True,
-)
+@_json_out("turn")
 def bench_turn(image: str, turns: int, think_ms: float, json_out: Path) -> None:
     """What a turn's checkpoint adds, phase by phase: synchronous vs journal, side by side."""
     from torpor.bench.turn import print_table, run_turn_bench
