@@ -71,7 +71,7 @@ from torpor.vmm import migstream
 from torpor.vmm.capture import (
     CHUNK,
     SHADOW_LOCK_TIMEOUT,
-    _copy_range,
+    _copy_extents,
     _flock_within,
     qemu_version_of,
     read_meta,
@@ -428,8 +428,7 @@ def fill_holes(overlay: Path, base: Path) -> int:
                 data = size
             holes.append((hole, data))
             pos = data
-        cross = [False]
-        return sum(_copy_range(fi, fout, b - a, a, cross) for a, b in holes)
+        return _copy_extents(fi, fout, holes)
 
 
 # -- the capture ---------------------------------------------------------------------

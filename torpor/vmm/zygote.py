@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 IDLE_SECONDS = 120.0
@@ -138,17 +139,7 @@ def _handle(conn: socket.socket, srv: socket.socket, root: Path, launch: object)
         env = {str(k): str(v) for k, v in req["env"].items()}
         if not vm_id.isalnum() or not (root / "vms" / vm_id / "vm.json").exists():
             return
-        pid = os.fork()
-        if pid == 0:  # child: fork again so the shim is re-parented to init
-            try:
-                if os.fork() == 0:
-                    conn.close()
-                    srv.close()
-                    _become_shim(root, vm_id, env, ready_fd, launch)
-                os._exit(0)
-            finally:
-                os._exit(1)
-        os.waitpid(pid, 0)
+        _double_fork(conn, srv, lambda: _become_shim(root, vm_id, env, ready_fd, launch))
         conn.sendall(b"ok\n")
     except (ValueError, KeyError, TypeError, OSError):
         return
@@ -166,34 +157,44 @@ def _handle_spare(conn: socket.socket, srv: socket.socket, root: Path, msg: byte
         return
     if not (snap.isalnum() and vm_id.isalnum()):
         return
+
+    def become_spare() -> None:
+        code = 1
+        try:
+            os.setsid()
+            os.environ.clear()
+            os.environ.update(env)
+            os.chdir("/")
+            from torpor.vmm import pool
+
+            pool.detach_stdio()
+            code = pool.run_spare(root, snap, vm_id)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+
+    _double_fork(conn, srv, become_spare)
+    with contextlib.suppress(OSError):
+        conn.sendall(b"ok\n")
+
+
+def _double_fork(conn: socket.socket, srv: socket.socket, become: Callable[[], None]) -> None:
+    """Run ``become`` (which never returns) in a grandchild re-parented to init, like a
+    process started with ``start_new_session``; waits for the intermediate child only."""
     pid = os.fork()
-    if pid == 0:  # child: fork again so the spare is re-parented to init
+    if pid == 0:
         try:
             if os.fork() == 0:
                 conn.close()
                 srv.close()
-                code = 1
-                try:
-                    os.setsid()
-                    os.environ.clear()
-                    os.environ.update(env)
-                    os.chdir("/")
-                    from torpor.vmm import pool
-
-                    pool.detach_stdio()
-                    code = pool.run_spare(root, snap, vm_id)
-                except BaseException:
-                    import traceback
-
-                    traceback.print_exc()
-                finally:
-                    os._exit(code if isinstance(code, int) else 1)
+                become()
             os._exit(0)
         finally:
             os._exit(1)
     os.waitpid(pid, 0)
-    with contextlib.suppress(OSError):
-        conn.sendall(b"ok\n")
 
 
 def _become_shim(
