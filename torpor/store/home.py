@@ -122,7 +122,7 @@ def store_info(root: Path) -> StoreInfo:
     from torpor.store.tiered import parse_size
 
     url = store_url(root)
-    cache = _dir_bytes(root / "store" / "chunks")
+    cache = _dir_bytes(root / "store" / "chunks") + _dir_bytes(root / "store" / "packs")
     if url is None:
         return StoreInfo("local", None, None, "local", cache, None)
     durability = check_durability(os.environ.get("TORPOR_DURABILITY") or "bucket")
@@ -141,7 +141,7 @@ def store_info(root: Path) -> StoreInfo:
 def where(store: ChunkStore, m: Manifest) -> dict[str, Any]:
     """Where snapshot ``m`` is: the bucket (and whether its upload is pending) and how
     much of it the local cache holds."""
-    present = sum(1 for h in m.chunks if store.chunk_path(h).exists())
+    present = len(m.chunks) - len(store._absent(m.chunks))
     out: dict[str, Any] = {
         "store": "local",
         "cached_chunks": present,

@@ -103,6 +103,7 @@ import blake3
 from torpor import failpoints, fsutil
 from torpor.errors import ConflictError, NotFoundError, UsageError
 from torpor.store import chunks as ck
+from torpor.store import packs as pk
 from torpor.store.errors import ChunkMissingError, ManifestError, StoreError, chunk_error
 from torpor.store.errors import io_error as _io_error
 from torpor.store.lease import create_lease, read_leases, release_lease
@@ -132,6 +133,15 @@ DELTA_RATIO = 2
 # Deltas are written one link deep; two writers racing on the same new chunk can make
 # a base a delta itself, so reads follow up to this many links instead of failing.
 MAX_DELTA_DEPTH = 4
+# A put batch with at least this many new frames (a first snapshot: ~250 a batch)
+# writes them, and the rest of that put's new frames, into local packs; smaller puts
+# (a turn's few changed chunks, mostly deltas) stay loose files: no pack per turn,
+# whose index every process would load, and no partly dead packs from short chains.
+# TORPOR_STORE_PACKS=0 turns packs off (loose files only; packs stay readable).
+PACK_MIN_CHUNKS = 64
+# A pack is sealed (written, fdatasync'ed, named) in the background once its frames
+# reach this size, so a big put's syncs overlap its reading and compression.
+LOCAL_PACK_BYTES = 16 << 20
 
 
 Progress = Callable[[int, int], None]
@@ -166,10 +176,12 @@ class VerifyReport:
     stray: tuple[str, ...] = ()  # files under chunks/ that are not named like a chunk
     bad_manifests: tuple[tuple[str, str], ...] = ()  # (file name, reason)
     affected: dict[str, tuple[str, ...]] = field(default_factory=dict)  # snap id -> chunks
+    bad_packs: tuple[tuple[str, str], ...] = ()  # (pack file, reason): index refused
+    packs_checked: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.corrupt or self.missing or self.bad_manifests)
+        return not (self.corrupt or self.missing or self.bad_manifests or self.bad_packs)
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,8 @@ class GcReport:
     manifests_unreadable: tuple[str, ...] = ()
     dry_run: bool = False  # nothing was deleted: the counts and lists say what would go
     chunks_doomed: tuple[str, ...] = ()  # local chunks deleted (dry run: that would be)
+    local_packs_deleted: int = 0  # of chunks_deleted: in whole local packs (packs/)
+    local_packs_kept: int = 0
     # a bucket store (TieredStore) also collects the bucket: objects deleted (packs,
     # indexes and manifests of removed snapshots, condemned markers) and packs newly
     # condemned (deleted by a later gc if still unreferenced after the grace period)
@@ -261,6 +275,7 @@ class ChunkStore:
         self.snapshots_dir = self.root / "snapshots"
         self.leases_dir = self.root / "leases"
         self.tmp_dir = self.root / "tmp"
+        self.packs_dir = self.root / "packs"
         self._tmp_prefix = f"{self.tmp_dir}/"
         self._lock_path = self.root / "gc.lock"
         self._open()
@@ -271,11 +286,26 @@ class ChunkStore:
         self._synced_dirs: set[str] = set()  # chunks/<aa> fsynced since our last write there
         self._pool: ThreadPoolExecutor | None = None
         self._io_pool: ThreadPoolExecutor | None = None
+        # a put with many new chunks packs them (None: loose files only, see PACK_MIN_CHUNKS)
+        self.pack_min_chunks: int | None = (
+            None if os.environ.get("TORPOR_STORE_PACKS", "1") == "0" else PACK_MIN_CHUNKS
+        )
+        self._packing = False  # the current put writes its new frames into packs
+        self._pack_items: list[tuple[str, bytes | memoryview]] = []  # frames not yet sealed
+        self._pack_size = 0
+        self._sealed: set[str] = set()  # packs this instance named (durable, dir fsynced)
 
     # -- setup -------------------------------------------------------------
 
     def _open(self) -> None:
-        for d in (self.root, self.chunks_dir, self.snapshots_dir, self.leases_dir, self.tmp_dir):
+        for d in (
+            self.root,
+            self.chunks_dir,
+            self.snapshots_dir,
+            self.leases_dir,
+            self.tmp_dir,
+            self.packs_dir,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         fmt = self.root / "FORMAT"
         try:
@@ -365,9 +395,8 @@ class ChunkStore:
         its frame).  It is claimed (see module doc): the new chunk will rely on it.
         None if it cannot be had."""
         base = self._base_of(prev) or prev
-        try:
-            frame_len = os.stat(self._cpath(base)).st_size
-        except OSError:
+        frame_len = self.frame_size(base)
+        if frame_len is None:
             return None
         if self._claim([base]):
             return None  # gone (gc): write the new version whole
@@ -435,17 +464,82 @@ class ChunkStore:
         frame, dt = self._frame(data, prev)
         return self._store_frame(h, frame), dt
 
+    @property
+    def _packs(self) -> pk.PackMap:
+        return pk.pack_map(self.packs_dir, self._key)
+
+    def _frame_of(self, h: str) -> bytes | str:
+        """Chunk ``h``'s stored frame (unchecked), from a pack or its loose file; or
+        ``"missing"``, or ``"corrupt"`` (a pack holding it is short, or a pack that
+        may hold it is refused: its index cannot be trusted to say)."""
+        pm = self._packs
+        for attempt in range(2):
+            hit = pm.get(h)
+            if hit is not None:
+                got = pk.read_frame(pm.path(hit[0]), hit[1])
+                if got is not None:
+                    return got
+            try:
+                with open(self._cpath(h), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                pass
+            if attempt == 0 and not pm.refresh():  # a pack named or deleted meanwhile?
+                break
+        return "corrupt" if pm.bad else "missing"
+
+    def frame_size(self, h: str) -> int | None:
+        """Bytes chunk ``h`` takes in the store (its frame), None if it is not stored."""
+        hit = self._packs.get(h)
+        if hit is not None and os.path.exists(self._packs.path(hit[0])):
+            return hit[1].length
+        try:
+            return os.stat(self._cpath(h)).st_size
+        except OSError:
+            return None
+
+    def has_chunk(self, h: str) -> bool:
+        """Whether chunk ``h`` is stored (loose or in a pack; not checked)."""
+        return not self._absent([h])
+
+    def _absent(self, hashes: Iterable[str]) -> list[str]:
+        """The chunks of ``hashes`` stored neither loose nor in a pack."""
+        pm = self._packs
+        there: dict[str, bool] = {}
+
+        def stored(h: str) -> bool:
+            hit = pm.get(h)
+            if hit is not None:
+                name = hit[0]
+                if name not in there:
+                    there[name] = os.path.exists(pm.path(name))
+                if there[name]:
+                    return True
+            return os.path.exists(self._cpath(h))
+
+        out = [h for h in hashes if not stored(h)]
+        if out and pm.refresh():
+            there.clear()
+            out = [h for h in out if not stored(h)]
+        return out
+
     def _read_chunk(self, h: str, length: int | None, *, depth: int = 0) -> bytes | str:
         """The verified bytes of chunk ``h``, or ``"missing"`` / ``"corrupt"``.
 
         A delta is read through its base (checked too): if the base is missing or
         damaged, so is the delta's data."""
-        try:
-            with open(self._cpath(h), "rb") as f:
-                frame = f.read()
-        except FileNotFoundError:
-            return "missing"
-        return self._check_frame(h, frame, length, depth)
+        frame = self._frame_of(h)
+        if isinstance(frame, str):
+            return frame
+        got = self._check_frame(h, frame, length, depth)
+        if got == "corrupt" and self._packs.locs.get(h) is not None:
+            try:  # the packed copy is bad: a loose copy of it may be whole
+                with open(self._cpath(h), "rb") as f:
+                    frame = f.read()
+            except FileNotFoundError:
+                return got
+            return self._check_frame(h, frame, length, depth)
+        return got
 
     def _check_frame(self, h: str, frame: bytes, length: int | None, depth: int) -> bytes | str:
         """Decompress ``frame`` (through its base if it is a delta) and check it is chunk
@@ -469,6 +563,9 @@ class ChunkStore:
 
     def _base_of(self, h: str) -> str | None:
         """The base chunk ``h`` is a delta of (None: plain, unreadable or gone)."""
+        hit = self._packs.get(h)
+        if hit is not None:
+            return hit[1].base
         try:
             with open(self._cpath(h), "rb") as f:
                 return ck.delta_base(f.read(ck.DELTA_HEADER_LEN))
@@ -481,12 +578,39 @@ class ChunkStore:
         A claimed chunk's mtime is newer than our lease, so gc keeps it (see module doc).
         """
         absent: set[str] = set()
+        pm = self._packs
+        touched: dict[str, bool] = {}  # pack -> still there (each touched once)
+
+        def touch(h: str) -> bool:
+            hit = pm.get(h)
+            if hit is not None:
+                name = hit[0]
+                if name not in touched:
+                    try:
+                        os.utime(pm.path(name))  # a pack's mtime protects all it holds
+                        touched[name] = True
+                    except FileNotFoundError:
+                        touched[name] = False
+                if touched[name]:
+                    return True
+            try:
+                os.utime(self._cpath(h))
+                return True
+            except FileNotFoundError:
+                return False
+
         with self._gc_lock(shared=True):
+            refreshed = False
             for h in hashes:
-                try:
-                    os.utime(self._cpath(h))
-                except FileNotFoundError:
-                    absent.add(h)
+                if touch(h):
+                    continue
+                if not refreshed:  # a pack another writer named since we last looked
+                    refreshed = True
+                    if pm.refresh():
+                        touched.clear()
+                        if touch(h):
+                            continue
+                absent.add(h)
         return absent
 
     # -- put -----------------------------------------------------------------
@@ -585,6 +709,7 @@ class ChunkStore:
         # Written chunks are synced and named on the sync threads while later batches
         # are read, hashed and compressed; all of them are waited for before returning.
         pending: dict[Future[int], list[str]] = {}
+        self._packing = False
         try:
             batches = ck.read_chunks(fd, size, chunk_size, to_read)
             while True:
@@ -596,7 +721,9 @@ class ChunkStore:
                 self._put_batch(batch, result, parent, parent_set, st, pending)
                 if progress is not None:
                     progress(min(size, (batch[-1].index + 1) * chunk_size), size)
+            self._seal_pack(pending)  # the last pack of this put
         finally:
+            self._pack_items, self._pack_size, self._packing = [], 0, False
             t0 = time.perf_counter()
             st["stored"] += self._wait_finished(pending)
             st["t_sync"] = time.perf_counter() - t0
@@ -696,6 +823,16 @@ class ChunkStore:
                 frames[h] = frame
                 st["t_comp"] += dt
             sync, items = self._sync_executor(), list(frames.items())
+            if self.pack_min_chunks is not None and (
+                self._packing or len(items) >= self.pack_min_chunks
+            ):
+                # many new chunks: into packs (one fdatasync per pack, not per chunk)
+                self._packing = True
+                self._pack_items.extend(items)
+                self._pack_size += sum(len(f) for _, f in items)
+                if self._pack_size >= LOCAL_PACK_BYTES:
+                    self._seal_pack(pending)
+                items = []
             # a small put (a turn's few changed chunks) keeps one chunk per task: all
             # its syncs in flight at once, none waiting behind another in a group
             size = max(1, min(SYNC_GROUP, len(items) // SYNC_THREADS))
@@ -724,6 +861,23 @@ class ChunkStore:
         for i, got in enumerate(parts):
             out[i::n] = got
         return out
+
+    def _seal_pack(self, pending: dict[Future[int], list[str]]) -> None:
+        """Write the frames gathered so far as one pack, on a sync thread (waited for
+        with the chunk syncs in ``pending``)."""
+        items, self._pack_items, self._pack_size = self._pack_items, [], 0
+        if items:
+            fut = self._sync_executor().submit(self._write_pack, items)
+            pending[fut] = [h for h, _ in items]
+
+    def _write_pack(self, items: list[tuple[str, bytes | memoryview]]) -> int:
+        """Store ``items`` (hash, frame) durably as one pack; returns its frame bytes."""
+        name, entries = pk.write_pack(self._key, self.tmp_dir, self.packs_dir, items)
+        self._sealed.add(name)
+        self._packs.add(name, entries)
+        for h, frame in items:
+            self._chunk_stored(h, frame)
+        return sum(len(f) for _, f in items)
 
     def _store_frames(self, group: list[tuple[str, bytes | memoryview]]) -> int:
         """:meth:`_store_frame` of each (hash, frame), in order; stops at the first error."""
@@ -775,7 +929,7 @@ class ChunkStore:
             self._sync_dirs(m, parent)  # step 3: every chunk's name durable before the manifest
             with self._gc_lock(shared=True):
                 for name, a in artifacts.items():
-                    missing = [h for h in a.stored if not os.path.exists(self._cpath(h))]
+                    missing = self._absent(a.stored)
                     if missing:
                         raise ChunkMissingError(
                             artifact=name, missing=missing, step="commit", path=self.root
@@ -794,15 +948,26 @@ class ChunkStore:
         if parent is not None:
             with contextlib.suppress(StoreError, NotFoundError):
                 vouched = self.load(self._manifest_path(parent)).chunks
-        dirs = {h[:2] for h in m.chunks - vouched} - self._synced_dirs
-        if not dirs:
-            return
+        pm = self._packs
+        loose: set[str] = set()
+        other_packs = False
+        for h in m.chunks - vouched:
+            hit = pm.get(h)
+            if hit is None:
+                loose.add(h)
+            elif hit[0] not in self._sealed:
+                other_packs = True  # named by another writer, maybe before its dir fsync
+        dirs = {h[:2] for h in loose} - self._synced_dirs
         paths = [self.chunks_dir / d for d in sorted(dirs)]
-        if "" not in self._synced_dirs:
+        if dirs and "" not in self._synced_dirs:
             paths.append(self.chunks_dir)
+        if other_packs:
+            paths.append(self.packs_dir)
+        if not paths:
+            return
         for _ in self._sync_executor().map(_fsync_existing_dir, paths):
             pass
-        self._synced_dirs |= dirs | {""}
+        self._synced_dirs |= dirs | ({""} if dirs else set())
 
     def _write_manifest(self, dest: Path, data: bytes) -> None:
         failpoints.hit("store.manifest_write")
@@ -1149,17 +1314,39 @@ class ChunkStore:
             except StoreError as e:
                 bad_manifests.append((f"{i}.manifest", str(e)))
         files, stray = self._stored_chunks()
+        pm = self._packs
+        pm.refresh()
+        members, bad_packs = pm.snapshot()
+
+        def check_frame(h: str, frame: bytes | str) -> tuple[str, int, bool, str | None]:
+            if isinstance(frame, str):
+                return h, 0, False, None
+            base = None
+            with contextlib.suppress(StoreError):
+                base = ck.delta_base(frame)
+            got = self._check_frame(h, frame, None, 0)
+            ok = isinstance(got, bytes)
+            return h, len(got) if ok else 0, ok, base
 
         def check(p: Path) -> tuple[str, int, bool, str | None]:
-            got = self._read_chunk(p.name, None)
-            ok = isinstance(got, bytes)
-            return p.name, len(got) if ok else 0, ok, self._base_of(p.name)
+            try:
+                frame: bytes | str = p.read_bytes()  # this file, not a packed copy
+            except FileNotFoundError:
+                frame = "missing"
+            return check_frame(p.name, frame)
 
+        def check_packed(item: tuple[str, str, pk.Entry]) -> tuple[str, int, bool, str | None]:
+            name, h, e = item
+            return check_frame(h, pk.read_frame(pm.path(name), e) or "corrupt")
+
+        packed = [(name, h, e) for name, es in members.items() for h, e in es.items()]
         corrupt: list[str] = []
         nbytes = 0
         present: set[str] = set()
         bases: set[str] = set()
-        for h, n, ok, base in self._executor().map(check, files):
+        results = list(self._executor().map(check, files))
+        results += self._executor().map(check_packed, packed)
+        for h, n, ok, base in results:
             present.add(h)
             nbytes += n
             if not ok:
@@ -1177,14 +1364,16 @@ class ChunkStore:
             if bad:
                 affected[m.id] = tuple(sorted(bad))
         return VerifyReport(
-            chunks_checked=len(files),
+            chunks_checked=len(files) + len(packed),
             bytes_checked=nbytes,
             manifests_checked=len(manifests) + len(bad_manifests),
-            corrupt=tuple(sorted(corrupt)),
+            corrupt=tuple(sorted(set(corrupt))),
             missing=tuple(sorted(missing)),
             stray=tuple(stray),
             bad_manifests=tuple(bad_manifests),
             affected=affected,
+            bad_packs=tuple((f"{n}.pack", why) for n, why in sorted(bad_packs.items())),
+            packs_checked=len(members) + len(bad_packs),
         )
 
     def gc(
@@ -1266,6 +1455,29 @@ class ChunkStore:
             files, _ = self._stored_chunks()
             doomed: list[tuple[Path, int]] = []
             keep: list[str] = []
+            # packs go whole or stay whole (no repacking): one any kept manifest names
+            # a chunk of, a young one (lease, grace) and a refused one (its index
+            # cannot say what it holds) stay with every chunk in them
+            pm = self._packs
+            pm.refresh()
+            members, bad_packs = pm.snapshot()
+            live_packs: set[str] = set(bad_packs)
+            dead_packs: dict[str, int] = {}  # name -> size
+            for name, entries in members.items():
+                if not referenced.isdisjoint(entries):
+                    live_packs.add(name)
+                    continue
+                try:
+                    s = os.stat(pm.path(name))
+                except FileNotFoundError:
+                    continue
+                if s.st_mtime_ns >= cutoff:
+                    young += len(entries)
+                    live_packs.add(name)
+                else:
+                    dead_packs[name] = s.st_size
+            for name in live_packs - bad_packs.keys():
+                keep.extend(members[name])
             for p in files:
                 if p.name in referenced:
                     keep.append(p.name)
@@ -1282,8 +1494,12 @@ class ChunkStore:
             # a kept delta keeps its base (and, after a writers' race, the base's base)
             needed: set[str] = set()
             todo = keep
-            for _ in range(MAX_DELTA_DEPTH):
+            for _ in range(MAX_DELTA_DEPTH + 1):
                 found = {b for b in self._executor().map(self._base_of, todo) if b is not None}
+                for name in [n for n in dead_packs if not found.isdisjoint(members[n])]:
+                    del dead_packs[name]  # holds a kept delta's base: the pack stays
+                    live_packs.add(name)
+                    found |= members[name].keys()
                 todo = sorted(found - needed)
                 needed |= found
                 if not todo:
@@ -1305,6 +1521,23 @@ class ChunkStore:
                     gone.append(p.name)
                     deleted += 1
                     freed += size
+            # whole packs after the loose chunks (a loose delta goes before its base)
+            packs_deleted = 0
+            for name, size in sorted(dead_packs.items()):
+                if blind:
+                    kept += len(members[name])
+                    continue
+                if not dry_run:
+                    try:
+                        failpoints.hit("store.gc_unlink")
+                        os.unlink(pm.path(name))
+                    except FileNotFoundError:
+                        continue
+                    pm.forget(name)
+                gone.extend(sorted(members[name]))
+                deleted += len(members[name])
+                freed += size
+                packs_deleted += 1
             temps = 0
             for d in (self.tmp_dir, self.snapshots_dir, self.root):
                 for p in d.iterdir():
@@ -1328,4 +1561,6 @@ class ChunkStore:
             manifests_unreadable=tuple(unreadable),
             dry_run=dry_run,
             chunks_doomed=tuple(gone),
+            local_packs_deleted=packs_deleted,
+            local_packs_kept=len(live_packs),
         )

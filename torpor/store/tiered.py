@@ -428,6 +428,9 @@ class TieredStore(ChunkStore):
         self.durability = durability
         self.cache_max = parse_size(cache_max) if isinstance(cache_max, str) else cache_max
         super().__init__(root, level=level, threads=threads)
+        # the local folder is a bounded cache evicted chunk by chunk: loose files only
+        # (local packs of a home that had no bucket before stay readable, never evicted)
+        self.pack_min_chunks = None
         self.remote_dir = self.root / "remote"
         self.pending_dir = self.root / "pending"
         self.indexes_dir = self.root / "indexes"
@@ -640,7 +643,7 @@ class TieredStore(ChunkStore):
         """Fetch the chunks of ``hashes`` not in the cache, and the bases of those that
         are deltas, in coalesced ranged GETs, in parallel (cold restore).  A frame that
         fails its check is not cached (the read that follows reports it)."""
-        todo = [h for h in hashes if not os.path.exists(self._cpath(h))]
+        todo = self._absent(hashes)
         want: dict[str, Loc] = {}
         for _ in range(MAX_DELTA_DEPTH + 1):
             nxt = []
@@ -651,7 +654,7 @@ class TieredStore(ChunkStore):
                 if loc is None:
                     continue  # (the read reports it missing)
                 want[h] = loc
-                if loc.base and loc.base not in want and not os.path.exists(self._cpath(loc.base)):
+                if loc.base and loc.base not in want and not self.has_chunk(loc.base):
                     nxt.append(loc.base)
             todo = nxt
             if not todo:
@@ -910,7 +913,7 @@ class TieredStore(ChunkStore):
             return out
         self._ensure_lease()  # the chunks stay ours (gc, eviction) until both commits
         for name, a in artifacts.items():  # what the local commit would refuse, first
-            missing = [h for h in a.stored if not os.path.exists(self._cpath(h))]
+            missing = self._absent(a.stored)
             if missing:
                 raise ChunkMissingError(
                     artifact=name, missing=missing, step="commit", path=self.root
@@ -949,11 +952,8 @@ class TieredStore(ChunkStore):
         """Chunk ``h``'s frame from the cache, checked unless this writer wrote it; else
         fetched (from a pack an index names, condemned ones included)."""
         for attempt in range(2):
-            try:
-                with open(self._cpath(h), "rb") as f:
-                    frame = f.read()
-            except FileNotFoundError:
-                frame = None
+            got = self._frame_of(h)  # a loose cache file or a local pack
+            frame = got if isinstance(got, bytes) else None
             if frame is not None and (
                 h in trusted or isinstance(self._check_frame(h, frame, None, 0), bytes)
             ):
@@ -1137,6 +1137,8 @@ class TieredStore(ChunkStore):
             stray=r.stray,
             bad_manifests=r.bad_manifests,
             affected={i: hs for i, hs in affected.items() if hs},
+            bad_packs=r.bad_packs,
+            packs_checked=r.packs_checked,
         )
 
     # -- gc across hosts (module doc: the rule) ------------------------------------
