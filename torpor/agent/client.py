@@ -53,6 +53,8 @@ from torpor.agent.protocol import (
     Frame,
     FrameDecoder,
     HelloInfo,
+    IdentityReply,
+    IdentityRequest,
     MkdirRequest,
     PathRequest,
     ResizeRequest,
@@ -64,6 +66,7 @@ from torpor.agent.protocol import (
     SymlinkRequest,
     T,
     WriteFileRequest,
+    identity_problem,
     type_name,
 )
 from torpor.errors import AgentError, ProtocolError, UsageError
@@ -591,6 +594,35 @@ class AgentClient:
 
     def sync(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self._expect_ok(T.SYNC, b"", timeout)
+
+    def set_identity(
+        self,
+        hostname: str,
+        ifname: str = "",
+        mac: bytes = b"",
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> IdentityReply:
+        """SET_IDENTITY: the guest's hostname, and the MAC of ``ifname`` when given —
+        set by the agent itself, no process started in the guest.
+
+        A name or MAC the rules refuse raises UsageError before anything is sent.  The
+        agent's answer is checked: it must be an OK of at most IDENTITY_REPLY_MAX bytes
+        saying the guest now has exactly what was asked (else ProtocolError).  An agent
+        older than the request answers ERROR ENOSYS (AgentRequestError): the caller
+        falls back to a shell.
+        """
+        if why := identity_problem(hostname, ifname, mac):
+            raise UsageError(f"cannot set the guest's identity: {why}")
+        req = IdentityRequest(hostname, ifname, bytes(mac))
+        with self._call(T.SET_IDENTITY, req.encode()) as call:
+            frame = call.expect(T.OK, _deadline(timeout))
+        reply = IdentityReply.decode(frame.payload)
+        if reply != IdentityReply(req.hostname, req.mac):
+            raise ProtocolError(
+                f"SET_IDENTITY answered hostname {reply.hostname!r} mac {reply.mac.hex(':')!r}, "
+                f"asked for {req.hostname!r} mac {req.mac.hex(':')!r}"
+            )
+        return reply
 
     def shutdown(self, how: int = 0, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Power off (0) or reboot (1) the guest once it has replied OK."""

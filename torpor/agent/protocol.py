@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import re
 import stat as _stat
 import struct
 from collections.abc import Iterable
@@ -39,6 +40,13 @@ EXEC_STDIN = 1
 EXEC_TTY = 2
 #: Bounds of a terminal's columns and rows (EXEC with a TTY, RESIZE), both sides.
 TTY_MIN, TTY_MAX = 1, 4096
+#: SET_IDENTITY: a hostname is what the host allows as a VM name, up to the kernel's
+#: 64 bytes; an interface name fits IFNAMSIZ; a MAC is 6 bytes, unicast, not zero.
+HOSTNAME_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+IFNAME_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
+#: Largest SET_IDENTITY answer (``str hostname``, ``str mac``): anything longer is refused
+#: before it is decoded.
+IDENTITY_REPLY_MAX = 4 + 64 + 4 + 6
 
 
 class T(enum.IntEnum):
@@ -59,6 +67,7 @@ class T(enum.IntEnum):
     SHUTDOWN = 0x0D
     ADD_ENTROPY = 0x0E
     RESIZE = 0x0F
+    SET_IDENTITY = 0x10
     ATTACH = 0x20
     STOP = 0x21
     REATTACH = 0x24  # shim-only; 0x22/0x23 are the shim's CAPTURE/CAPTURE_END
@@ -315,6 +324,79 @@ class ExecRequest:
         if tty:
             _check_size(cols, rows, "malformed EXEC payload")
         return cls(argv, env, cwd, user, bool(flags & EXEC_STDIN), tty, cols, rows)
+
+
+def identity_problem(hostname: str | bytes, ifname: str | bytes, mac: bytes) -> str:
+    """Why a SET_IDENTITY request is not acceptable ("" if it is); both sides check the
+    same rules (the agent in C)."""
+    host, ifn = _text(hostname), _text(ifname)
+    if not HOSTNAME_RE.fullmatch(host):
+        return f"hostname {host!r} is not 1-64 of [A-Za-z0-9_.-] starting with a letter or digit"
+    if bool(ifn) != bool(mac):
+        return "an interface name and a MAC go together"
+    if ifn and not IFNAME_RE.fullmatch(ifn):
+        return f"interface name {ifn!r} is not 1-15 of [A-Za-z0-9_.-]"
+    if mac and (len(mac) != 6 or mac[0] & 1 or mac == bytes(6)):
+        return f"MAC {mac.hex(':')} is not a 6-byte unicast address"
+    return ""
+
+
+def parse_mac(text: str) -> bytes:
+    """``"52:54:00:aa:bb:cc"`` as 6 bytes (ProtocolError if it is not one)."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{2}", p) for p in parts):
+        raise ProtocolError(f"{text!r} is not a MAC address")
+    return bytes(int(p, 16) for p in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRequest:
+    """SET_IDENTITY: the guest's hostname, and the MAC of interface ``ifname`` (both
+    empty: no MAC).  The agent sets them itself (sethostname, SIOCSIFHWADDR): no
+    process is started in the guest."""
+
+    hostname: str
+    ifname: str = ""
+    mac: bytes = b""
+
+    def encode(self) -> bytes:
+        if why := identity_problem(self.hostname, self.ifname, self.mac):
+            raise ProtocolError(f"SET_IDENTITY: {why}")
+        w = _Writer().str(self.hostname, "hostname").str(self.ifname, "ifname")
+        return w.str(self.mac, "mac").bytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        r = _Reader(payload, "SET_IDENTITY")
+        req = cls(r.str(), r.str(), r.raw_str())
+        r.done()
+        if why := identity_problem(req.hostname, req.ifname, req.mac):
+            raise ProtocolError(f"malformed SET_IDENTITY payload: {why}")
+        return req
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityReply:
+    """The OK that answers SET_IDENTITY: the hostname and MAC the guest has now, as
+    read back by the agent (``mac`` empty if none was asked for)."""
+
+    hostname: str
+    mac: bytes = b""
+
+    def encode(self) -> bytes:
+        return _Writer().str(self.hostname, "hostname").str(self.mac, "mac").bytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        if len(payload) > IDENTITY_REPLY_MAX:
+            raise ProtocolError(
+                f"malformed SET_IDENTITY answer: {len(payload)} bytes "
+                f"(at most {IDENTITY_REPLY_MAX})"
+            )
+        r = _Reader(payload, "SET_IDENTITY answer")
+        reply = cls(r.str(), r.raw_str())
+        r.done()
+        return reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 
 #ifndef AGENT_VERSION
@@ -106,7 +107,7 @@ enum {
 	T_HELLO = 0x01, T_EXEC = 0x02, T_STDIN = 0x03, T_SIGNAL = 0x04,
 	T_READ_FILE = 0x05, T_WRITE_FILE = 0x06, T_STAT = 0x07, T_LIST_DIR = 0x08,
 	T_MKDIR = 0x09, T_SYMLINK = 0x0A, T_SET_TIME = 0x0B, T_SYNC = 0x0C,
-	T_SHUTDOWN = 0x0D, T_ADD_ENTROPY = 0x0E, T_RESIZE = 0x0F,
+	T_SHUTDOWN = 0x0D, T_ADD_ENTROPY = 0x0E, T_RESIZE = 0x0F, T_SET_IDENTITY = 0x10,
 	T_HELLO_OK = 0x80, T_STARTED = 0x81, T_STDOUT = 0x82, T_STDERR = 0x83,
 	T_EXIT = 0x84, T_DATA = 0x85, T_FILEINFO = 0x86, T_DIRENT = 0x87,
 	T_OK = 0x8E, T_ERROR = 0x8F,
@@ -1581,6 +1582,108 @@ static void handle_add_entropy(uint32_t id, const unsigned char *p, size_t len)
 	free(pool);
 }
 
+static int ifreq_ioctl(int sock, unsigned long req, const char *ifname, struct ifreq *ifr);
+
+/* SET_IDENTITY's names: what the host allows (protocol.py HOSTNAME_RE, IFNAME_RE):
+ * 1..max bytes of [A-Za-z0-9_.-], the first a letter or digit. */
+static int name_ok(const unsigned char *s, size_t n, size_t max)
+{
+	if (n < 1 || n > max || !((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z') ||
+				  (s[0] >= '0' && s[0] <= '9')))
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = s[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+		      c == '_' || c == '.' || c == '-'))
+			return 0;
+	}
+	return 1;
+}
+
+/* SET_IDENTITY: hostname by sethostname(2), the MAC of one interface by
+ * SIOCSIFHWADDR (taking the link down and up again if the driver refuses a live
+ * change) -- no process is started, so a fork's first exec is not on its path.
+ * The OK carries what the guest has now, read back. Init mode only: in host mode
+ * this would rename the host. */
+static void handle_set_identity(uint32_t id, struct rd *r)
+{
+	size_t hn = 0, in = 0, mn = 0;
+	const unsigned char *host = rd_bytes(r, &hn);
+	const unsigned char *ifn = rd_bytes(r, &in);
+	const unsigned char *mac = rd_bytes(r, &mn);
+	if (!rd_done(r)) {
+		send_malformed(id, "SET_IDENTITY", r);
+		return;
+	}
+	if (!name_ok(host, hn, 64) || (in != 0) != (mn != 0) || (in && !name_ok(ifn, in, IFNAMSIZ - 1)) ||
+	    (mn && (mn != 6 || (mac[0] & 1) || !memcmp(mac, "\0\0\0\0\0\0", 6)))) {
+		send_error(id, EINVAL, "set_identity: bad hostname, interface name or MAC");
+		return;
+	}
+	if (!g.init_mode) {
+		send_error(id, EPERM, "set_identity: only the guest's init sets the identity");
+		return;
+	}
+	if (sethostname((const char *)host, hn) < 0) {
+		send_error(id, errno, "set_identity: sethostname: %s", strerror(errno));
+		return;
+	}
+	struct utsname u;
+	uname(&u);
+	struct wbuf w = { .len = 0 };
+	wb_str(&w, u.nodename, strnlen(u.nodename, sizeof u.nodename));
+	if (!mn) {
+		wb_str(&w, "", 0);
+		send_wbuf(T_OK, id, &w);
+		return;
+	}
+	char name[IFNAMSIZ] = { 0 };
+	memcpy(name, ifn, in);
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr, fl;
+	memset(&ifr, 0, sizeof ifr);
+	ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
+	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+	const char *step = "socket";
+	int ok = s >= 0;
+	if (ok) {
+		step = "SIOCSIFHWADDR";
+		ok = ifreq_ioctl(s, SIOCSIFHWADDR, name, &ifr) == 0;
+	}
+	if (!ok && s >= 0 && errno == EBUSY) { /* no live change: down, set, up */
+		memset(&fl, 0, sizeof fl);
+		step = "link down";
+		ok = ifreq_ioctl(s, SIOCGIFFLAGS, name, &fl) == 0;
+		short flags = fl.ifr_flags;
+		fl.ifr_flags = (short)(flags & ~IFF_UP);
+		ok = ok && ifreq_ioctl(s, SIOCSIFFLAGS, name, &fl) == 0;
+		step = "SIOCSIFHWADDR";
+		ok = ok && ifreq_ioctl(s, SIOCSIFHWADDR, name, &ifr) == 0;
+		int saved = errno;
+		fl.ifr_flags = flags;
+		if (ifreq_ioctl(s, SIOCSIFFLAGS, name, &fl) < 0 && ok) {
+			ok = 0;
+			step = "link up";
+			saved = errno;
+		}
+		errno = saved;
+	}
+	if (ok) {
+		step = "SIOCGIFHWADDR";
+		memset(&ifr, 0, sizeof ifr);
+		ok = ifreq_ioctl(s, SIOCGIFHWADDR, name, &ifr) == 0;
+	}
+	int err = errno;
+	if (s >= 0)
+		close(s);
+	if (!ok) {
+		send_error(id, err, "set_identity: %s %s: %s", name, step, strerror(err));
+		return;
+	}
+	wb_str(&w, ifr.ifr_hwaddr.sa_data, 6);
+	send_wbuf(T_OK, id, &w);
+}
+
 static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, uint32_t len)
 {
 	struct rd r = { .p = p, .len = len };
@@ -1618,6 +1721,7 @@ static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, uint
 		break;
 	case T_SHUTDOWN: handle_shutdown(id, &r); break;
 	case T_ADD_ENTROPY: handle_add_entropy(id, p, len); break;
+	case T_SET_IDENTITY: handle_set_identity(id, &r); break;
 	default: send_error(id, ENOSYS, "unknown request type 0x%02x", type); break;
 	}
 }

@@ -807,25 +807,54 @@ def fork(
     return made
 
 
-def set_identity(mgr: VMManager, vm: VM) -> None:
+#: Seconds a fork's agent has to answer SET_IDENTITY (or the fallback exec to finish).
+IDENTITY_TIMEOUT = 30.0
+
+
+def set_identity(mgr: VMManager, vm: VM, timeout: float = IDENTITY_TIMEOUT) -> str:
     """Give a restored guest this VM's identity: hostname = name; MAC when networked.
 
-    Raises AgentError if the guest cannot run ``/bin/sh`` to set them.
-    """
-    script = 'echo "$1" > /proc/sys/kernel/hostname'
-    args = [vm.name[:63]]
-    if vm.config.network:
-        from torpor.vmm.boot import mac_for
+    The agent sets both itself (SET_IDENTITY: no process is started in the guest, so
+    the fork does not pay a first exec's fresh TCG translation).  An agent older than
+    that request (a snapshot taken before it) answers ENOSYS: then a shell in the
+    guest sets them, as before.  Returns how: ``"agent"`` or ``"exec"``.
 
-        script += ' && (ip link set dev eth0 address "$2" 2>/dev/null || true)'
-        args.append(mac_for(vm.id))
+    Raises UsageError for a name no hostname can be (before anything is sent), and
+    AgentError (ProtocolError for an answer that is not the identity asked for) if
+    the agent refuses, answers garbage or does not answer within ``timeout``.
+    """
+    from torpor.agent.protocol import parse_mac
+    from torpor.errors import ProtocolError
+    from torpor.vmm.boot import mac_for
+
+    mac = mac_for(vm.id) if vm.config.network else ""
+    step = "fork: set identity"
     with mgr.client(vm) as c:
-        r = c.exec(["/bin/sh", "-c", script, "set-identity", *args], timeout=30)
+        try:
+            c.set_identity(
+                vm.name, "eth0" if mac else "", parse_mac(mac) if mac else b"", timeout=timeout
+            )
+            return "agent"
+        except AgentRequestError as e:
+            if e.errno != errno.ENOSYS:  # ENOSYS: an agent older than SET_IDENTITY
+                raise AgentError(
+                    f"could not set the identity of fork {vm.name}: {e.remote_message}", step=step
+                ) from e
+        except AgentError as e:
+            kind = ProtocolError if isinstance(e, ProtocolError) else AgentError
+            raise kind(f"could not set the identity of fork {vm.name}: {e}", step=step) from e
+        script = 'echo "$1" > /proc/sys/kernel/hostname'
+        args = [vm.name]
+        if mac:
+            script += ' && (ip link set dev eth0 address "$2" 2>/dev/null || true)'
+            args.append(mac)
+        r = c.exec(["/bin/sh", "-c", script, "set-identity", *args], timeout=timeout)
     if r.status.code != 0:
         raise AgentError(
             f"could not set the identity of fork {vm.name}: {r.stderr.decode(errors='replace')}",
-            step="fork: set identity",
+            step=step,
         )
+    return "exec"
 
 
 def last_snapshot(vm: VM) -> str:

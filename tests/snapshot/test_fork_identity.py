@@ -1,0 +1,99 @@
+"""A fork's identity (hostname, and MAC when networked) set by the agent's SET_IDENTITY
+request, with no process started in the guest; and the shell fallback for agents that
+do not know the request (snapshots taken before it: they answer ENOSYS).
+
+"No process started" is read from the guest's PID 1 (the agent, which reaps every
+process it starts): its ``cminflt`` in /proc/1/stat grows with every reaped child
+(each one faults pages in), and kernel threads are not its children.  Every read goes
+through READ_FILE, which starts nothing either."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import pytest
+
+from torpor.agent import AgentClient, AgentRequestError
+from torpor.agent.protocol import IdentityRequest
+from torpor.snapshot import fork, restore, snapshot
+from torpor.snapshot.core import set_identity
+from torpor.vmm.boot import mac_for
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def snap(shared_vms, tools_image) -> Iterator[str]:
+    """A snapshot of a running networked VM (the forks get their own MAC)."""
+    vm = shared_vms.run(tools_image, "sleep", "infinity", name="ident-src", network=True)
+    yield snapshot(shared_vms.mgr, vm.id).manifest.id
+
+
+def _children_faults(c: AgentClient) -> int:
+    """cminflt of the guest's PID 1: minor faults of every child it has reaped."""
+    stat = c.read_file("/proc/1/stat").decode()
+    return int(stat.rsplit(")", 1)[1].split()[8])
+
+
+def _identity(c: AgentClient) -> tuple[str, str]:
+    host = c.read_file("/proc/sys/kernel/hostname").decode().strip()
+    return host, c.read_file("/sys/class/net/eth0/address").decode().strip()
+
+
+def _restored(vms, snap: str, name: str):
+    vm = restore(vms.mgr, snap, name=name)
+    vms.ids.append(vm.id)
+    return vm
+
+
+def test_the_agent_sets_the_identity_without_starting_a_process(vms, snap) -> None:
+    mgr = vms.mgr
+    vm = _restored(vms, snap, "ident-a")
+    with mgr.client(vm) as c:
+        assert _identity(c)[0] == "ident-src"  # as snapshotted
+        before = _children_faults(c)
+        assert _children_faults(c) == before  # reading it starts nothing
+    assert set_identity(mgr, vm) == "agent"
+    with mgr.client(vm) as c:
+        assert _children_faults(c) == before  # no process was started for it
+        assert _identity(c) == ("ident-a", mac_for(vm.id))
+        # the same count does move when a process runs: the check can fail
+        assert c.exec(["true"]).code == 0
+        assert _children_faults(c) > before
+        assert c.exec(["hostname"]).stdout == b"ident-a\n"
+
+
+def test_forks_get_their_own_hostname_and_mac(vms, snap) -> None:
+    mgr = vms.mgr
+    forks = fork(mgr, snap, 2, name_prefix="ident-f")
+    vms.ids.extend(f.id for f in forks)
+    seen = set()
+    for f in forks:
+        with mgr.client(f) as c:
+            assert _identity(c) == (f.name, mac_for(f.id))
+            seen.add(_identity(c)[1])
+    assert len(seen) == 2
+
+
+def test_an_agent_without_the_request_gets_the_shell_fallback(vms, snap, monkeypatch) -> None:
+    """An older agent: the real agent is sent the request under a type it does not
+    know (0x7E), so it answers ENOSYS exactly as an agent before SET_IDENTITY does."""
+
+    def old_agent(self, hostname, ifname="", mac=b"", timeout=None):
+        self.request(0x7E, IdentityRequest(hostname, ifname, mac).encode(), timeout)
+        raise AssertionError("the agent accepted an unknown request")
+
+    mgr = vms.mgr
+    vm = _restored(vms, snap, "ident-old")
+    with mgr.client(vm) as c:
+        with pytest.raises(AgentRequestError) as e:
+            old_agent(c, "x", timeout=30)
+        assert e.value.errno == errno.ENOSYS
+        before = _children_faults(c)
+    monkeypatch.setattr(AgentClient, "set_identity", old_agent)
+    assert set_identity(mgr, vm) == "exec"
+    with mgr.client(vm) as c:
+        assert _children_faults(c) > before  # the shell ran
+        host, _ = _identity(c)
+        assert host == "ident-old"
