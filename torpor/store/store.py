@@ -1185,7 +1185,7 @@ class ChunkStore:
                     bad[err].append(h)
             if bad["missing"] or bad["corrupt"]:
                 raise chunk_error(
-                    artifact=label,
+                    artifact=self._label(label, bad["corrupt"]),
                     missing=bad["missing"],
                     corrupt=bad["corrupt"],
                     step="materialize",
@@ -1204,6 +1204,15 @@ class ChunkStore:
             raise
         if durable:
             fsutil.fsync_dir(dest.parent)
+
+    def _label(self, label: str, corrupt: Iterable[str]) -> str:
+        """``label``, naming the packs the ``corrupt`` chunks are in (or may be in:
+        refused packs), so the error says which file is damaged."""
+        pm = self._packs
+        where = [f"packs/{n}.pack" for n in pk.names(corrupt, pm)]
+        if corrupt and pm.bad:
+            where += [f"packs/{n}.pack (refused: {why})" for n, why in sorted(pm.bad.items())]
+        return f"{label} ({'; '.join(where)})" if where else label
 
     def check_file(self, artifact: Artifact, path: Path) -> list[int]:
         """Indexes of the chunks of file ``path`` that differ from ``artifact`` (all of
@@ -1280,7 +1289,7 @@ class ChunkStore:
                 parts.append(data[lo:hi])
         if missing or corrupt:
             raise chunk_error(
-                artifact=name or f"<{artifact.size} bytes>",
+                artifact=self._label(name or f"<{artifact.size} bytes>", corrupt),
                 missing=missing,
                 corrupt=corrupt,
                 step="read range",
