@@ -1538,8 +1538,11 @@ class Session:
         t0 = time.perf_counter()
         try:
             # no pool spares for a checkpoint a recovery restores: the session moves on
-            # from it, and a spare is a whole restore running beside the replayed turn
-            vm = restore(self._mgr, ck.snapshot, keep_pool=reason == "fork")
+            # from it, and a spare is a whole restore running beside the replayed turn.
+            # Nor a shared base filled for it (one-off: the RAM straight into the VM's
+            # own file); forks of a session's checkpoint may be many, so they share one
+            fork = reason == "fork"
+            vm = restore(self._mgr, ck.snapshot, keep_pool=fork, shared=fork)
         finally:
             if remover is not None:
                 remover.join()

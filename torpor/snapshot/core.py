@@ -671,13 +671,17 @@ def restore(
     cold: bool = False,
     ports: tuple[PortMap, ...] = (),
     keep_pool: bool = True,
+    shared: bool = True,
 ) -> VM:
     """Bring snapshot ``snap`` back as a new running VM named ``name``, forwarding
     only ``ports`` (the source may still hold its own: see RunRequest.from_config).
 
     A hot restore without ports takes a ready spare of the snapshot when the pool
     has one (:mod:`torpor.vmm.pool`: claim, ``cont``, HELLO) and, with
-    ``keep_pool``, asks for the next one."""
+    ``keep_pool``, asks for the next one.  ``shared=False`` marks a one-off restore
+    (a session's recovery restores its checkpoint once): it maps the snapshot's
+    shared base if one is already held, but never fills one — the RAM goes straight
+    into the VM's own file (see :func:`_shared_base`)."""
     if name is not None and not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}")
     journal.finish(mgr.paths, snap)  # a checkpoint still journaled: stored first
@@ -719,7 +723,7 @@ def restore(
             vm.dir,
         )
         save_config(vm.dir, vm.config)
-        base = place_snapshot(mgr, store, manifest, vm, cold)
+        base = place_snapshot(mgr, store, manifest, vm, cold, shared=shared)
         try:
             started = mgr.start(vm.id)
         finally:
@@ -733,11 +737,11 @@ def restore(
             mgr.remove(vm.id, force=True)
         if not cold and "changed during the restore" in str(e):
             # the running VM whose memory we copied snapshotted again meanwhile
-            return restore(mgr, manifest.id, name=name, cold=True, ports=ports)
+            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
         if not cold and RAM_MISMATCH in str(e):
             # the cached RAM did not match the manifest: never used; the store has it
             _drop_cache_file(mgr.paths.snapshot_cache / manifest.id / "memory")
-            return restore(mgr, manifest.id, name=name, cold=True, ports=ports)
+            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
         raise
     except OSError as e:
         with contextlib.suppress(TorporError):
@@ -914,6 +918,7 @@ def place_snapshot(
     vm: VM,
     cold: bool = False,
     memory_checked: bool = False,
+    shared: bool = True,
 ) -> basemem.Base | None:
     """Put a snapshot's RAM, disk and device state into ``vm``'s folder for a restore.
 
@@ -927,7 +932,7 @@ def place_snapshot(
     mem = manifest.artifacts["memory"]
     info: dict[str, object] = {"ram_size": mem.size}
     own = vm.files.shadow
-    base = _shared_base(mgr, store, manifest, vm, cold)
+    base = _shared_base(mgr, store, manifest, vm, cold, shared)
     foreign = None if cold or base is not None else find_shadow(mgr, manifest.id)
     if base is not None:
         # 0. the snapshot's sealed base (torpor.vmm.basemem), mapped private by QEMU:
@@ -1010,14 +1015,21 @@ def place_snapshot(
 
 
 def _shared_base(
-    mgr: VMManager, store: ChunkStore, manifest: Manifest, vm: VM, cold: bool
+    mgr: VMManager, store: ChunkStore, manifest: Manifest, vm: VM, cold: bool, shared: bool = True
 ) -> basemem.Base | None:
     """The snapshot's sealed shared base for this restore, or None for the copy path.
 
     The copy path stays for: ``TORPOR_RAM_BASE=0``; a kernel without sealable memfds;
     a snapshot whose memory size is not the VM's RAM size; and while the RAM-less
     capture of private VMs is not available (:func:`basemem.private_capture`) — a VM
-    restored onto a base must stay snapshottable."""
+    restored onto a base must stay snapshottable.
+
+    A one-off restore (``shared=False``: a session's recovery) maps a base only if its
+    holder is already running (a reference: nothing copied).  It never fills one: a
+    fill is the copy the copy path makes plus a second copy into the memfd, the
+    allocation of every zero page and a holder process, for memory that nothing else
+    will map (at N = 10 the recovery's restore took 0.3-0.55 s longer through a base,
+    docs/thesis.md session 7).  The copy path checks the same chunk hashes."""
     if _lazy_instead(mgr, manifest, vm, cold):
         return None  # the base would be filled from the store: served lazily instead
     ok, why = basemem.wanted()
@@ -1032,6 +1044,17 @@ def _shared_base(
         ok, why = False, "a lazy restore from the store (TORPOR_LAZY_RESTORE=1)"
     if not ok:
         log.debug("restore %s: RAM copied (%s)", manifest.id[:12], why)
+        return None
+    if not shared:
+        size = manifest.artifacts["memory"].size
+        try:
+            b = basemem.connect(mgr.paths, manifest.id, size)
+        except basemem.BaseUnavailable:
+            log.debug("restore %s: one-off, no base held; RAM copied", manifest.id[:12])
+            return None
+        if not cold or b.filled_from == "store":
+            return b
+        b.close()  # cold: only a base filled from the store will do (as acquire)
         return None
     try:
         return basemem.acquire(mgr.paths, store, manifest, cold=cold)
