@@ -5,10 +5,16 @@ chunks and records snapshots as authenticated manifests naming those chunks.
 
 Invariants:
 
-- A chunk file ``chunks/<aa>/<hash>`` holds one frame whose decompressed bytes hash
-  (BLAKE3) to ``<hash>``: plain, or a delta against a base chunk (see ``chunks``).
-  Every read re-checks that, the base's hash included; a chunk that fails is
-  reported as corrupt, never returned.  A delta's base is never deleted while the
+- A chunk is stored as one frame whose decompressed bytes hash (BLAKE3) to its
+  name: plain, or a delta against a base chunk (see ``chunks``); either *loose*, a
+  file ``chunks/<aa>/<hash>``, or in a *pack* ``packs/<name>.pack`` (many frames and
+  an index, see :mod:`torpor.store.packs`).  A put whose batch has at least
+  ``pack_min_chunks`` new frames (a first snapshot) packs them and the rest of that
+  put's new frames; smaller puts (a turn's changed chunks) write loose files.
+  Every read re-checks the hash, the base's included, wherever the frame came from;
+  a chunk that fails is reported as corrupt, never returned; a pack's index is
+  bound-checked before use and a pack that fails is refused whole (its chunks read
+  as corrupt, ``verify`` names it, ``gc`` keeps it).  A delta's base is never deleted while the
   delta is kept (gc keeps bases of what it keeps; a writer claims a base before it
   writes a delta against it).
 - A manifest is listed (``snapshots/<id>.manifest`` exists) only after every chunk
@@ -18,24 +24,31 @@ Invariants:
 Crash safety (the ordering)::
 
     1. lease      leases/<host>.<pid>.<rnd>.lease         (gc protection, see below)
-    2. chunks     tmp/<rnd>.tmp, fdatasync  --rename-->  chunks/<aa>/<hash>
-    3. dirs       fsync every chunks/<aa>/ directory holding a chunk the manifest
-                  names that is not already vouched for by the parent manifest
-                  (its directory entry is then on disk too)
+    2. chunks     loose: tmp/<rnd>.tmp, fdatasync  --rename-->  chunks/<aa>/<hash>
+                  packed: tmp/<name>.pack.tmp (frames, index, trailer), fdatasync
+                          --rename-->  packs/<name>.pack, fsync packs/
+    3. dirs       fsync every chunks/<aa>/ directory holding a loose chunk the
+                  manifest names that is not already vouched for by the parent
+                  manifest (its directory entry is then on disk too), and packs/ if
+                  a chunk is in a pack another writer named
     4. manifest   snapshots/.<id>.manifest.<rnd>.tmp, fsync, rename, fsync dir
     5. release    unlink the lease
 
 A crash before 4's rename leaves no manifest listed (temp files start with "." and
-are ignored), only orphan chunks and temp files, which ``gc`` removes.  A crash
-after it leaves a complete snapshot whose chunks were made durable in 2 and 3.
-Chunks of earlier snapshots are never rewritten in place, so they stay intact.
+are ignored), only orphan chunks, orphan packs and temp files (a pack being written
+is a ``.tmp`` in tmp/, never under packs/), which ``gc`` removes.  A crash after it
+leaves a complete snapshot whose chunks were made durable in 2 and 3.  Chunks and
+packs of earlier snapshots are never rewritten in place, so they stay intact.
 
 Step 2 is pipelined inside ``put_file``: chunks are read in batches, hashed on the
 store's threads, compressed (zstd's own C threads for a batch's plain chunks), and
-each frame is written, fdatasync'ed and renamed on the sync threads while the next
-batch is read; ``put_file`` returns only after every sync has finished, and a chunk
-whose write failed is dropped from the writer's own set (so a retry rewrites it), so
-the ordering above holds per chunk and for the commit.
+each loose frame is written, fdatasync'ed and renamed on the sync threads while the
+next batch is read; packed frames gather until ``LOCAL_PACK_BYTES`` and the pack is
+written, synced and named on a sync thread likewise (so a first snapshot costs a
+handful of fdatasyncs, not one per chunk).  ``put_file`` returns only after every
+sync has finished (the last pack is sealed first), and a chunk whose write failed
+is dropped from the writer's own set (so a retry rewrites it), so the ordering
+above holds per chunk and for the commit.
 
 Why not one ``syncfs(2)`` (the first version did): it flushes *every* dirty page of
 the filesystem — other VMs' disk overlays, snapshot caches, anything else on the
@@ -50,9 +63,17 @@ Why gc is safe while writers run (local filesystem, one kernel clock):
 
 - gc holds ``gc.lock`` exclusively for its whole run.  Writers take it shared, and
   only briefly: to create their lease, to *claim* existing chunks (touch the file's
-  mtime, which also proves it still exists), and to check-and-write a manifest.
+  mtime — for a packed chunk, the pack's — which also proves it still exists), and
+  to check-and-write a manifest.
 - gc keeps every chunk that a manifest names and every chunk whose mtime is not
-  older than ``min(now - grace, oldest live lease's mtime)``.
+  older than ``min(now - grace, oldest live lease's mtime)``.  For packs the unit
+  is the pack: it is kept whole while any kept manifest names one of its chunks (or
+  a kept delta needs a base in it), or its mtime is that young, and deleted whole
+  otherwise.  **No repacking**: the dead chunks of a partly live pack stay on disk
+  until its last named chunk is released (cost: a first snapshot's pack outlives
+  the snapshot as long as any descendant still names one of its chunks — space,
+  never correctness; rewriting live chunks into a new pack would need its own
+  crash ordering and a claim protocol for the copies).
 - A writer's lease is either created before gc starts (gc sees it) or after gc
   ends (the writer sees gc's deletions).  In the first case every chunk the writer
   relies on has an mtime >= its lease: chunks it wrote are newer than the lease, and
