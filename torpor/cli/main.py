@@ -1468,6 +1468,8 @@ def verify() -> None:
         click.echo(f"missing chunk {h}")
     for name, why in r.bad_manifests:
         click.echo(f"bad manifest {name}: {why}")
+    for name, why in r.bad_packs:
+        click.echo(f"bad pack {name}: {why}")
     for snap, chunks in r.affected.items():
         click.echo(f"snapshot {snap[:12]} is damaged ({len(chunks)} chunks)")
     if not r.ok:
