@@ -210,7 +210,7 @@ def _snapshot_stored_bytes(src: Paths, snap_id: str) -> tuple[int, set[str]]:
             bases = {b for b in map(st._base_of, frontier) if b} - need
             need |= bases
             frontier = sorted(bases)
-        stored = sum(os.stat(st._cpath(h)).st_size for h in need)
+        stored = sum(st.frame_size(h) or 0 for h in need)  # loose or packed
         return stored + st.manifest_bytes(m.id), need
 
 

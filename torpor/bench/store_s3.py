@@ -271,7 +271,7 @@ def run_store_s3_bench(
                 bases = {b for b in map(src._base_of, frontier) if b} - need
                 need |= bases
                 frontier = sorted(bases)
-            stored = sum(os.stat(src._cpath(h)).st_size for h in need)
+            stored = sum(src.frame_size(h) or 0 for h in need)  # loose or packed
             stored += src.manifest_bytes(m.id)
         modes["cold_restore"] = {
             "ms": cold_ms,
