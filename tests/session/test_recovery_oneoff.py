@@ -13,13 +13,12 @@ killed.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.chunkfiles import damaged
 from torpor.errors import TorporError
 from torpor.model import ScriptedModel, parse_script
 from torpor.paths import Paths
@@ -132,29 +131,18 @@ def test_tampered_checkpoint_ram_is_refused(session, paths) -> None:
     ck = s.state().last_checkpoint
     journal.finish(paths, ck.snapshot)
     store = home_store(paths)
-    saved: dict[Path, bytes] = {}
     try:
         m = store.get(ck.snapshot)
         parent = store.get(m.parent) if m.parent else None
         old = set(parent.artifacts["memory"].chunks) if parent else set()
         mine = [h for h in set(m.artifacts["memory"].chunks) if h not in old]
         assert mine, "the checkpoint should have memory chunks of its own"
-        for h in mine:
-            p = store.chunk_path(h)
-            saved[p] = p.read_bytes()
-            frame = bytearray(saved[p])
-            frame[-8:] = bytes(b ^ 0xFF for b in frame[-8:])
-            os.chmod(p, 0o600)
-            p.write_bytes(bytes(frame))
+        with damaged(store, mine):  # loose or packed frames; put back after
+            _crash(s, mgr, "hello?")
+            with pytest.raises(TorporError, match="corrupt chunk"):  # the store's hash check
+                s.recover()
     finally:
         store.close()
-    try:
-        _crash(s, mgr, "hello?")
-        with pytest.raises(TorporError, match="corrupt chunk"):  # the store's hash check
-            s.recover()
-    finally:
-        for p, data in saved.items():
-            p.write_bytes(data)
     assert s.recover() == "answer 2"
     assert _base_inodes(s, ck.snapshot) == set()
     assert _exec(mgr, s.vm(), PROBE) == probe

@@ -11,10 +11,10 @@ import mmap
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.chunkfiles import damaged, hide
 from torpor.errors import TorporError
 from torpor.snapshot import restore, snapshot
 from torpor.store.home import home_store
@@ -131,9 +131,7 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     art = snap.artifacts["memory"]
     store = home_store(paths)
     idx = sorted(_data_chunks(mgr, source[0], art, tmp_path / "d"))
-    moved = [store.chunk_path(art.chunks[i]) for i in idx]
-    for p in moved:
-        p.rename(p.with_name(p.name + ".away"))
+    put_back = hide(store, [art.chunks[i] for i in idx])  # loose files or their packs
     try:
         before = _stats(vm)["from_shadow_chunks"]
         # O_DIRECT: past the page cache (QEMU keeps the guest's pages mapped), so the
@@ -152,8 +150,7 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
         assert _wait(lambda: _stats(vm)["from_shadow_chunks"] > before, "reads from the shadow")
         assert _guest_md5(mgr, vm) == md5
     finally:
-        for p in moved:
-            p.with_name(p.name + ".away").rename(p)
+        put_back()
         store.close()
     # and the VM keeps working on it (its own writes are private)
     with mgr.client(vm) as c:
@@ -261,22 +258,11 @@ def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(vms, source, paths, tmp_
     art = snap.artifacts["memory"]
     bad = _data_chunks(mgr, src, art, tmp_path)
     store = home_store(paths)
-    saved: dict[Path, bytes] = {}
     try:
-        for i in bad:
-            p = store.chunk_path(art.chunks[i])
-            saved[p] = p.read_bytes()
-            frame = bytearray(saved[p])
-            frame[-8:] = bytes(b ^ 0xFF for b in frame[-8:])
-            os.chmod(p, 0o600)
-            p.write_bytes(bytes(frame))
+        with damaged(store, [art.chunks[i] for i in bad]):  # put back after
+            _a_bad_chunk_is_never_served(vms, mgr, paths, snap)
     finally:
         store.close()
-    try:
-        _a_bad_chunk_is_never_served(vms, mgr, paths, snap)
-    finally:
-        for p, data in saved.items():
-            p.write_bytes(data)
 
 
 def _a_bad_chunk_is_never_served(vms, mgr, paths, snap) -> None:
