@@ -371,8 +371,9 @@ def test_copy_path_retries_cold_when_the_shadow_vanishes(
 
 
 def test_bench_fork_writes_json(tools_image: str, tmp_path: Path) -> None:
-    """`torpor bench fork` runs its three modes and removes its VMs (figures not asserted,
-    only what each mode is made of: copies in the copy mode, one base in the others)."""
+    """`torpor bench fork` runs its four modes and removes its VMs (figures not asserted,
+    only what each mode is made of: copies in the copy mode, one base in the others, the
+    identity set by the agent except in the exec row)."""
     from tests.conftest import torpor_cli
 
     out = tmp_path / "fork.json"
@@ -384,11 +385,13 @@ def test_bench_fork_writes_json(tools_image: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     rows = {row["mode"]: row for row in data["rows"]}
-    assert set(rows) == {"copy", "shared (fill)", "shared (held)"}
-    for row in rows.values():
+    assert set(rows) == {"copy", "shared (fill)", "shared (held)", "held, identity exec"}
+    for mode, row in rows.items():
         assert row["md5_ok"] == 2 and row["restore_only_ok"] == 2
+        assert row["identity"] == ("exec" if "exec" in mode else "agent")
+        assert row["phases_p50"]["qemu_to_hello_ms"] > 0
     assert rows["copy"]["memory_settled"]["files"] > 0
-    for mode in ("shared (fill)", "shared (held)"):
+    for mode in ("shared (fill)", "shared (held)", "held, identity exec"):
         mem = rows[mode]["memory_settled"]
         assert mem["files"] == 0 and mem["bases"] == 256 << 20
     assert b"fork: wall" in r.stdout

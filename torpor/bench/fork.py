@@ -10,12 +10,21 @@ run and side by side, each mode forks it ``--count`` times (default 16) with
 - ``shared (fill)``: ``TORPOR_RAM_BASE=1`` with no base yet — the first fork fills
   and checks the sealed base (:mod:`torpor.vmm.basemem`), all forks map it
   ``share=off``;
-- ``shared (held)``: the same with the base already held (a second batch).
+- ``shared (held)``: the same with the base already held (a second batch);
+- ``held, identity exec``: the same, each fork's identity set through a guest shell
+  (``fork(identity_by_exec=True)``) as for snapshots of agents before SET_IDENTITY.
 
 Wall time: from the ``fork`` call to its return (every fork restored, its agent
-answered, and its identity set: ``fork`` sets each fork's hostname with an ``exec``,
-and a first exec under TCG is slow); and, as a second batch of the same mode, the
-same N restores alone on ``parallel`` threads (every agent answered HELLO).
+answered, and its identity set: by the agent's SET_IDENTITY, no guest process; the
+exec row runs a shell, and a first exec after a restore is slow under TCG); and, as a
+second batch of the same mode, the same N restores alone on ``parallel`` threads
+(every agent answered HELLO).
+
+Where a fork's time goes (per fork, p50 over the forks): the shim's own log lines
+(QEMU spawn → guest running = QEMU start + incoming device state; → agent HELLO), the
+CPU time QEMU and the shim have used once the fork is ready (``/proc/<pid>/stat``),
+and the CPU the whole machine was busy during ``fork`` (on 2 cores the wall is at
+least that / 2; the rest of it is other work on the box).
 
 Added host memory, measured once the forks are up and again after a settle time
 (a copy-mode fork copies RAM a second time into its shadow in the background): Σ over
@@ -32,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +82,45 @@ def _memory(mgr: Any, vms: list[Any], paths: Paths, snap_id: str) -> dict[str, i
         "bases": bases,
         "total": qemu + shim + files + bases,
     }
+
+
+def _busy_cpu() -> float:
+    """Core-seconds the machine has been busy (not idle, not iowait) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int | None) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+_SHIM_TIMES = {
+    "qemu_to_running_ms": re.compile(r"QEMU spawn to running guest (\d+) ms"),
+    "qemu_to_hello_ms": re.compile(r"HELLO (\d+) ms after QEMU spawn"),
+}
+
+
+def _phases(mgr: Any, vms: list[Any]) -> dict[str, float]:
+    """p50 over the forks of the shim's logged timings and of QEMU's and the shim's CPU."""
+    got: dict[str, list[float]] = {k: [] for k in (*_SHIM_TIMES, "qemu_cpu_ms", "shim_cpu_ms")}
+    for v in vms:
+        st = mgr.get(v.id).state
+        got["qemu_cpu_ms"].append(_cpu_s(st.qemu_pid) * 1000)
+        got["shim_cpu_ms"].append(_cpu_s(st.shim_pid) * 1000)
+        try:
+            text = v.files.shim_log.read_text(errors="replace")
+        except OSError:
+            continue
+        for key, pat in _SHIM_TIMES.items():
+            if m := pat.search(text):
+                got[key].append(float(m.group(1)))
+    return {k: statistics.median(xs) for k, xs in got.items() if xs}
 
 
 def _md5s(mgr: Any, vms: list[Any]) -> list[str]:
@@ -127,17 +177,21 @@ def run_fork_bench(
             ("copy", "0"),
             ("shared (fill)", "1"),
             ("shared (held)", "1"),
+            ("held, identity exec", "1"),
         ):
             os.environ["TORPOR_RAM_BASE"] = env
             progress(f"{label}: {count} forks")
             held = None
-            if label == "shared (held)":
+            if label.startswith(("shared (held)", "held")):
                 held = basemem.acquire(paths, _store(paths), snap)
             t = time.perf_counter()
+            busy = _busy_cpu()
             vms = fork(mgr, snap.id, count, name_prefix=f"bf{os.getpid()}-{len(rows)}",
-                       parallel=parallel)  # fmt: skip
+                       parallel=parallel, identity_by_exec="exec" in label)  # fmt: skip
             wall = time.perf_counter() - t
+            busy = _busy_cpu() - busy
             try:
+                phases = _phases(mgr, vms)
                 at_ready = _memory(mgr, vms, paths, snap.id)
                 time.sleep(settle)
                 settled = _memory(mgr, vms, paths, snap.id)
@@ -170,6 +224,9 @@ def run_fork_bench(
                     "memory_at_ready": at_ready,
                     "memory_settled": settled,
                     "md5_ok": sum(m == want for m in md5),
+                    "phases_p50": phases,
+                    "busy_cpu_s": busy,
+                    "identity": "exec" if "exec" in label else "agent",
                     "load_avg": _loadavg(),
                 }
             )
@@ -177,7 +234,7 @@ def run_fork_bench(
                 f"{label}: {wall:.2f} s, {settled['total'] / 2**20:.0f} MiB added, "
                 f"md5 ok {rows[-1]['md5_ok']}/{count}"
             )
-            if label == "shared (held)":
+            if label.startswith("held"):
                 basemem.retire(paths, snap.id)
     finally:
         set_env(saved)
@@ -218,17 +275,22 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         header_style="bold",
     )
     for col in (
-        "mode", "fork: wall", "restores: wall", "added memory (settled)", "of which QEMU anon",
+        "mode", "fork: wall", "restores: wall", "busy CPU", "QEMU→run / →HELLO",
+        "CPU QEMU / shim", "added memory (settled)", "of which QEMU anon",
         "files (RAM, shadows)", "bases", "at ready", "md5 ok",
     ):  # fmt: skip
         t.add_column(col, justify="left" if col == "mode" else "right")
     mib = 2**20
     for row in r["rows"]:
         m, a = row["memory_settled"], row["memory_at_ready"]
+        ph = row.get("phases_p50", {})
         t.add_row(
             row["mode"],
             f"{row['wall_s']:.2f} s",
             f"{row.get('restore_only_wall_s', 0):.2f} s",
+            f"{row.get('busy_cpu_s', 0):.1f} s",
+            f"{ph.get('qemu_to_running_ms', 0):.0f} / {ph.get('qemu_to_hello_ms', 0):.0f} ms",
+            f"{ph.get('qemu_cpu_ms', 0):.0f} / {ph.get('shim_cpu_ms', 0):.0f} ms",
             f"{m['total'] / mib:.0f} MiB",
             f"{m['qemu_anon'] / mib:.0f} MiB",
             f"{m['files'] / mib:.0f} MiB",
@@ -237,7 +299,7 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             f"{row['md5_ok']}/{r['count']}",
         )
     w = f"≤ {r['targets']['wall_s']} s"
-    t.add_row("target", w, w, "≤ 1024 MiB", "", "", "", "", "")
+    t.add_row("target", w, w, "", "", "", "≤ 1024 MiB", "", "", "", "", "")
     print_wide(console, t)
 
 

@@ -761,6 +761,8 @@ def fork(
     cold: bool = False,
     parallel: int = 4,
     ports: tuple[PortMap, ...] = (),
+    *,
+    identity_by_exec: bool = False,
 ) -> list[VM]:
     """``count`` independent VMs from one snapshot, restored in parallel.
 
@@ -771,7 +773,8 @@ def fork(
     accepts ``vmgenid`` on microvm but microvm's ACPI tables do not describe it to
     the guest, and Debian 6.1's cloud kernel has no vmgenid driver, so entropy
     injection is the reseed.)  If any fork fails, the ones already made are removed
-    and the first error is raised.
+    and the first error is raised.  ``identity_by_exec``: set the identity through a
+    guest shell as agents before SET_IDENTITY need (``bench fork`` compares the two).
     """
     if count < 1:
         raise UsageError("a fork needs a count of at least 1")
@@ -786,7 +789,7 @@ def fork(
     def one(name: str | None) -> VM:
         vm = restore(mgr, snap, name, cold, ports, keep_pool=False)
         try:
-            set_identity(mgr, vm)
+            set_identity(mgr, vm, by_exec=identity_by_exec)
         except BaseException:
             with contextlib.suppress(TorporError):
                 mgr.remove(vm.id, force=True)
@@ -815,13 +818,16 @@ def fork(
 IDENTITY_TIMEOUT = 30.0
 
 
-def set_identity(mgr: VMManager, vm: VM, timeout: float = IDENTITY_TIMEOUT) -> str:
+def set_identity(
+    mgr: VMManager, vm: VM, timeout: float = IDENTITY_TIMEOUT, by_exec: bool = False
+) -> str:
     """Give a restored guest this VM's identity: hostname = name; MAC when networked.
 
     The agent sets both itself (SET_IDENTITY: no process is started in the guest, so
     the fork does not pay a first exec's fresh TCG translation).  An agent older than
     that request (a snapshot taken before it) answers ENOSYS: then a shell in the
-    guest sets them, as before.  Returns how: ``"agent"`` or ``"exec"``.
+    guest sets them, as before (``by_exec``: the shell at once).  Returns how:
+    ``"agent"`` or ``"exec"``.
 
     Raises UsageError for a name no hostname can be (before anything is sent), and
     AgentError (ProtocolError for an answer that is not the identity asked for) if
@@ -835,10 +841,11 @@ def set_identity(mgr: VMManager, vm: VM, timeout: float = IDENTITY_TIMEOUT) -> s
     step = "fork: set identity"
     with mgr.client(vm) as c:
         try:
-            c.set_identity(
-                vm.name, "eth0" if mac else "", parse_mac(mac) if mac else b"", timeout=timeout
-            )
-            return "agent"
+            if not by_exec:
+                c.set_identity(
+                    vm.name, "eth0" if mac else "", parse_mac(mac) if mac else b"", timeout=timeout
+                )
+                return "agent"
         except AgentRequestError as e:
             if e.errno != errno.ENOSYS:  # ENOSYS: an agent older than SET_IDENTITY
                 raise AgentError(
