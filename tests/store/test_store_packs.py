@@ -370,3 +370,27 @@ def test_enospc_mid_pack_lists_nothing_and_a_retry_works(tmp_path, after):
         store.materialize(store.get(m.id).artifacts["memory"], tmp_path / "back")
         assert (tmp_path / "back").read_bytes() == data
         assert store.verify().ok
+
+
+def test_an_older_store_is_marked_as_holding_packs_before_its_first_pack(tmp_path):
+    """An older torpor takes packed chunks for missing ones: a store gets the packs
+    format (which it refuses at open) before its first pack is named, and stays
+    readable here either way."""
+    root = tmp_path / "store"
+    with ChunkStore(root) as store:
+        store.pack_min_chunks = None
+        _random_file(tmp_path / "a", 3, 1)
+        ma = store.commit({"memory": store.put_file(tmp_path / "a", chunk_size=CS)[0]})
+    (root / "FORMAT").write_bytes(b"torpor-store 1\n")  # as an older torpor left it
+    with ChunkStore(root) as store:
+        store.pack_min_chunks = None
+        store.commit({"memory": store.put_file(tmp_path / "a", chunk_size=CS)[0]})
+        assert (root / "FORMAT").read_bytes() == b"torpor-store 1\n"  # no pack: unchanged
+        store.pack_min_chunks = 1
+        data = _random_file(tmp_path / "b", 3, 2)
+        mb = store.commit({"memory": store.put_file(tmp_path / "b", chunk_size=CS)[0]})
+        assert (root / "FORMAT").read_bytes() == b"torpor-store 1+packs\n"
+        assert _packs(store)
+    with ChunkStore(root) as store:
+        store.materialize(store.get(mb.id).artifacts["memory"], tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == data and store.get(ma.id)

@@ -12,10 +12,13 @@ On-disk layout (``Paths.root / "store"``; nothing inside is an absolute path, so
 folder can be copied elsewhere and used there)::
 
     store/
-      FORMAT                          "torpor-store 1" — layout version
+      FORMAT                          "torpor-store 1+packs" (or "torpor-store 1": no
+                                      packs yet) — layout version
       key                             32 random bytes (0600): HMAC key for manifests
       gc.lock                         flock: gc exclusive, writers shared (briefly)
       chunks/<aa>/<blake3-hex>        one zstd frame; <aa> = first 2 hex digits
+      packs/<32 hex>.pack             many frames + a MAC'd index (a big put's new
+                                      chunks; torpor.store.packs)
       snapshots/<id>.manifest         "torpor-manifest 1" / "hmac-sha256 <mac>" / body
       snapshots/.<id>.manifest.*.tmp  a commit in flight (ignored, gc'd)
       snapshots/<id>.removed          tombstone: <id> was removed, stays removed

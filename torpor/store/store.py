@@ -141,6 +141,11 @@ from torpor.store.manifest import (
 )
 
 STORE_FORMAT = b"torpor-store 1\n"
+# a store that holds (or may hold) local packs: an older torpor, which would take its
+# packed chunks for missing ones, refuses it at open instead.  Written when a store
+# is created and before the first pack of an older store is named.
+STORE_FORMAT_PACKS = b"torpor-store 1+packs\n"
+READABLE_FORMATS = (STORE_FORMAT, STORE_FORMAT_PACKS)
 KEY_BYTES = 32
 DEFAULT_GRACE_SECONDS = 15 * 60.0
 SYNC_THREADS = 16
@@ -332,15 +337,17 @@ class ChunkStore:
         try:
             got = fmt.read_bytes()
         except FileNotFoundError:
-            fsutil.atomic_write_bytes(fmt, STORE_FORMAT)
+            fsutil.atomic_write_bytes(fmt, STORE_FORMAT_PACKS)
+            self._format = STORE_FORMAT_PACKS
             return
-        if got != STORE_FORMAT:
+        if got not in READABLE_FORMATS:
             raise StoreError(
                 f"unsupported store format {got[:40]!r} (this torpor reads "
-                f"{STORE_FORMAT.decode().strip()!r})",
+                f"{' and '.join(repr(f.decode().strip()) for f in READABLE_FORMATS)})",
                 step="open store",
                 path=fmt,
             )
+        self._format = got
 
     def _load_key(self) -> bytes:
         return load_key(self.root)
@@ -893,6 +900,9 @@ class ChunkStore:
 
     def _write_pack(self, items: list[tuple[str, bytes | memoryview]]) -> int:
         """Store ``items`` (hash, frame) durably as one pack; returns its frame bytes."""
+        if self._format != STORE_FORMAT_PACKS:  # an older store: older torpors refuse it now
+            fsutil.atomic_write_bytes(self.root / "FORMAT", STORE_FORMAT_PACKS)
+            self._format = STORE_FORMAT_PACKS
         name, entries = pk.write_pack(self._key, self.tmp_dir, self.packs_dir, items)
         self._sealed.add(name)
         self._packs.add(name, entries)
