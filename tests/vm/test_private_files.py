@@ -113,3 +113,56 @@ def test_another_user_reads_nothing(fresh_home: Path, tmp_path: Path) -> None:
     # the owner, by contrast, does find it (the probe above can fail)
     mine = subprocess.run(["grep", "-r", "-a", "-l", SECRET, *roots], capture_output=True)
     assert mine.stdout, "the secret should be somewhere in the home (manifest, RAM, disk)"
+
+
+def test_copies_a_library_caller_makes_are_private(vms, tools_image, paths) -> None:
+    """Through the Python API (the caller's umask, 022 here, not the CLI's 077): the
+    restore's shadow copy, the hibernation cache and the wake's copies are 0600."""
+    from torpor.snapshot import restore, snapshot
+
+    old = os.umask(0o022)
+    try:
+        mgr = vms.mgr
+        vm = vms.run(tools_image, "sleep", "100000", name="priv-copies")
+        snap = snapshot(mgr, vm.id)
+        # one-off restore: RAM copied from the source's shadow, which seeds its own
+        other = restore(mgr, snap.manifest.id, name="priv-copies-2", shared=False)
+        vms.ids.append(other.id)
+        shadow = mgr.get(other.id).files.shadow
+        _wait_for(lambda: _shadow_vouched(shadow), "the restore's shadow")
+        hib = snapshot(mgr, vm.id, stop=True)  # its RAM, disk, device state cached on disk
+        cache = paths.snapshot_cache / hib.manifest.id
+        assert cache.is_dir()
+        copies = sorted(cache.iterdir())  # hibernation: RAM, disk and device state
+        woken = mgr.start(vm.id)  # the wake copies the disk back from the cache
+        assert {p.name for p in copies} >= {"memory", "disk", "devstate"}
+        copies.append(woken.dir / "disk.qcow2")
+        copies += [shadow, shadow.with_name(shadow.name + ".json")]  # a copy, and its meta
+        bad = []
+        for p in copies:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode & 0o077:
+                bad.append(f"{oct(mode)} {p}")
+        assert not bad, "readable by others:\n" + "\n".join(bad)
+    finally:
+        os.umask(old)
+
+
+def _shadow_vouched(shadow: Path) -> bool:
+    import json
+
+    meta = shadow.with_name(shadow.name + ".json")
+    try:
+        return bool(json.loads(meta.read_text()).get("snapshot"))
+    except (OSError, ValueError):
+        return False
+
+
+def _wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -82,6 +82,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 def write_meta(path: Path, d: dict[str, Any]) -> None:
     """Atomic replace (the shadow lives on tmpfs: no fsync, it does not outlive a reboot)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _new_private_file(tmp)  # 0600 whatever the caller's umask (a library user's: 022)
     tmp.write_text(json.dumps(d))
     os.replace(tmp, path)
 
@@ -233,9 +234,13 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
 
     ``into_existing`` writes into ``dst`` without truncating it first: the file may
     already be mapped by QEMU (a restore copies RAM while QEMU starts), and shrinking
-    a mapped file would fault the mapping.
+    a mapped file would fault the mapping.  A file it creates is 0600 whatever the
+    caller's umask (guest RAM, disk and device state: the CLI's umask is 077, a
+    library caller's often 022).
     """
-    with open(src, "rb") as f_in, open(dst, "r+b" if into_existing else "wb") as f_out:
+    if not into_existing:
+        _new_private_file(dst)
+    with open(src, "rb") as f_in, open(dst, "r+b") as f_out:
         fi, fo = f_in.fileno(), f_out.fileno()
         size = os.fstat(fi).st_size
         extents = []
