@@ -70,3 +70,33 @@ def test_a_stale_zygote_is_never_used(vms, tools_image, paths) -> None:
     finally:
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert _echo(mgr, first) == b"hi\n"
+
+
+def _late_imports(vm) -> list[str]:
+    """The shim's own report: modules it imported after the zygote's fork."""
+    lines = [
+        ln for ln in vm.files.shim_log.read_text().splitlines() if "imported after the zygote" in ln
+    ]
+    assert lines, "the shim did not report its imports (not forked by the zygote?)"
+    return lines
+
+
+def test_a_forked_shim_imports_nothing_itself(vms, tools_image, paths, monkeypatch) -> None:
+    """Boot and restore (guest RAM private over a shared base: the RAM-less capture, the
+    jail, the stream parser) through the zygote: every module the shim needs on its way
+    to "ready" was imported by the zygote — none is loaded again per start."""
+    from torpor.snapshot import restore, snapshot
+
+    mgr = vms.mgr
+    monkeypatch.delenv("TORPOR_NO_ZYGOTE", raising=False)
+    vms.run(tools_image, "true", name="zygote-warm-up")  # starts one if absent
+    assert _wait_for(_sock(paths).exists)
+    src = vms.run(tools_image, "sleep", "1000", name="imports-boot")
+    assert b"torpor.vmm.zygote" in _shim_cmdline(src)
+    assert _late_imports(src)[-1].endswith("ready: 0 modules imported after the zygote's fork")
+    snap = snapshot(mgr, src.id).manifest.id
+    vm = restore(mgr, snap, name="imports-restore")
+    vms.ids.append(vm.id)
+    assert b"torpor.vmm.zygote" in _shim_cmdline(vm)
+    assert _echo(mgr, vm) == b"hi\n"
+    assert _late_imports(vm)[-1].endswith("ready: 0 modules imported after the zygote's fork")

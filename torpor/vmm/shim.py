@@ -82,6 +82,16 @@ PR_SET_PDEATHSIG = 1
 MAX_DETACHED_EXITS = 1024  # exit statuses kept for REATTACH (a few dozen bytes each)
 # free bytes on the disk's filesystem before a guest paused on ENOSPC is resumed
 RESUME_FREE = int(os.environ.get("TORPOR_RESUME_FREE_MIB", "16")) << 20
+# in a shim forked by the zygote (torpor.vmm.zygote): the modules loaded at the fork
+FORK_MODULES: frozenset[str] | None = None
+
+
+def imported_since_fork() -> list[str]:
+    """Modules a zygote-forked shim imported itself: each one is loaded (without
+    bytecode caches: compiled) again by every start, so the zygote should have it."""
+    if FORK_MODULES is None:
+        return []
+    return sorted(set(sys.modules) - FORK_MODULES)
 
 
 def _terminal(req_type: int, reply_type: int) -> bool:
@@ -1066,6 +1076,13 @@ class Shim:
             self.files.agent_sock.unlink()
         server = await asyncio.start_unix_server(self.serve_client, self.files.agent_sock.name)
         os.chmod(self.files.agent_sock, 0o600)
+        if FORK_MODULES is not None:
+            late = imported_since_fork()
+            log.info(
+                "ready: %d modules imported after the zygote's fork%s",
+                len(late),
+                f" ({', '.join(late)})" if late else "",
+            )
         self.report_ready(True, accel=self.state.accel, boot_ms=self.state.boot_ms)
         self.events_task = asyncio.get_running_loop().create_task(self.watch_events())
         folder_task = asyncio.get_running_loop().create_task(self.watch_folder())

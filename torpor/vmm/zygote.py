@@ -17,12 +17,16 @@ Invariants:
   :data:`IDLE_SECONDS`, when its root is gone, or when any torpor source file it
   loaded changed on disk (a stale zygote must never run old code: it then refuses,
   and the caller falls back).
+- Everything a shim imports on its way to "ready" is imported here first (the shim
+  logs how many modules it had to import itself: 0 expected), and the zygote's heap
+  is frozen out of the child's garbage collector (``gc.freeze``) before each fork.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import json
 import os
 import select
@@ -58,14 +62,28 @@ def _stale(seen: dict[str, float]) -> bool:
 
 
 def serve(root: Path) -> int:
-    # everything a shim needs, imported once, here
+    # everything a shim needs, imported once, here: a module a shim imports itself
+    # costs every start its load (here, without bytecode caches: its compilation,
+    # 30-60 ms per shim for the jail, the RAM-less capture and the stream parser)
     import qemu.qmp  # noqa: F401
 
+    import torpor.vmm.basemem
     import torpor.vmm.boot
     import torpor.vmm.capture
+    import torpor.vmm.jail
+    import torpor.vmm.logfile
+    import torpor.vmm.migstream
     import torpor.vmm.qmp
+    import torpor.vmm.ramless
     import torpor.vmm.shim
     from torpor.vmm import launch
+
+    # the guest agent's source is found through importlib.resources, whose readers
+    # (and zipfile) are imported on first use
+    with contextlib.suppress(Exception):
+        from importlib import resources
+
+        resources.files("torpor.guest").joinpath("agent.c")
 
     # a pool's spare (torpor.vmm.pool) also prepares its folder: the restore path
     # (store, snapshot placing) is imported once here too — no threads start on import
@@ -184,12 +202,18 @@ def _handle_spare(conn: socket.socket, srv: socket.socket, root: Path, msg: byte
 def _double_fork(conn: socket.socket, srv: socket.socket, become: Callable[[], None]) -> None:
     """Run ``become`` (which never returns) in a grandchild re-parented to init, like a
     process started with ``start_new_session``; waits for the intermediate child only."""
+    # the child's collector then skips the zygote's objects: a shim's first GC no
+    # longer writes (copies) every page of the inherited heap
+    gc.freeze()
     pid = os.fork()
     if pid == 0:
         try:
             if os.fork() == 0:
                 conn.close()
                 srv.close()
+                from torpor.vmm import shim
+
+                shim.FORK_MODULES = frozenset(sys.modules)
                 become()
             os._exit(0)
         finally:
