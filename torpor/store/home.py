@@ -85,13 +85,17 @@ def store_url(root: Path) -> str | None:
 
 def home_store(paths: Paths | Path) -> ChunkStore:
     """The store of a home (a ``Paths`` or its root folder), created if absent."""
-    from torpor.store.tiered import open_store
-
     root = Path(paths.root if not isinstance(paths, Path) else paths)
     store_dir = root / "store"
     store_dir.mkdir(parents=True, exist_ok=True)
     url = store_url(root)
-    return open_store(store_dir, store=url or "local")
+    if not url:  # the home's folder alone: the bucket code (≈ 40 ms of imports) unneeded
+        from torpor.store.store import ChunkStore
+
+        return ChunkStore(store_dir)
+    from torpor.store.tiered import open_store
+
+    return open_store(store_dir, store=url)
 
 
 @dataclass(frozen=True)
