@@ -19,6 +19,11 @@
   spec (``data`` lines joined, comments ignored).  A line, and an event's joined
   data, hold at most :data:`MAX_SSE_LINE` bytes: past it, ProtocolError, so a hostile
   or broken server cannot make the client hold an endless line.
+- **Answer size**: a non-streamed answer (JSON, a problem body, a log) is read in
+  pieces through :class:`BodyCap` and never held past ``max_body`` bytes (default
+  :data:`MAX_BODY`, or ``TORPOR_CLIENT_MAX_BODY``): past it, ProtocolError, so an
+  oversized or endless body is an error, not unbounded memory.  A file read
+  (``files.read``) is what its caller asked for whole and is not capped.
 """
 
 from __future__ import annotations
@@ -190,6 +195,10 @@ class Event:
 #: is a log entry: up to 8 MiB of JSON (MAX_APPEND_BYTES), which its ``json.dumps``
 #: (ASCII-only) may grow up to 6x (a control character becomes ``\u0001``).
 MAX_SSE_LINE = 64 << 20
+#: The largest non-streamed answer the client holds (a page of 1000 VMs or the info
+#: answer are kilobytes; the largest is a log page of big entries).
+MAX_BODY = 64 << 20
+ENV_MAX_BODY = "TORPOR_CLIENT_MAX_BODY"
 _EOL = re.compile(rb"\r\n|\r|\n")
 
 
@@ -198,6 +207,54 @@ def _too_long(what: str, limit: int) -> E.ProtocolError:
         f"the server sent an event {what} longer than {limit >> 20} MiB "
         "(a broken or hostile server); the stream was dropped"
     )
+
+
+def max_body(value: int | None) -> int:
+    """The cap on a non-streamed answer: ``value``, else ``TORPOR_CLIENT_MAX_BODY``,
+    else :data:`MAX_BODY`."""
+    source = "max_body"
+    if value is None:
+        raw = os.environ.get(ENV_MAX_BODY, "").strip()
+        if not raw:
+            return MAX_BODY
+        source = ENV_MAX_BODY
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise E.UsageError(f"{source} must be a positive number of bytes, not {value!r}")
+    return value
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
+class BodyCap:
+    """The bytes of one non-streamed answer, fed as they arrive; never more than
+    ``limit`` (a Content-Length past it is refused before anything is read)."""
+
+    def __init__(self, limit: int, what: str, content_length: str | None = None) -> None:
+        self.limit, self.what = limit, what
+        self._buf = bytearray()
+        cl = (content_length or "").strip()
+        if cl.isdecimal() and int(cl) > limit:
+            raise self._too_large()
+
+    def _too_large(self) -> E.ProtocolError:
+        return E.ProtocolError(
+            f"the server's answer to {self.what} is larger than {_size(self.limit)} (a "
+            f"broken or hostile server; if it is right, raise max_body= or {ENV_MAX_BODY})"
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        if len(self._buf) + len(chunk) > self.limit:
+            raise self._too_large()
+        self._buf += chunk
+
+    def content(self) -> bytes:
+        return bytes(self._buf)
 
 
 class SSELines:

@@ -31,8 +31,10 @@ class AsyncTransport:
         timeout: float | httpx.Timeout | None = None,
         retries: int = W.DEFAULT_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_body: int | None = None,
     ):
         self.url, self.token = W.resolve(url, token)
+        self.max_body = W.max_body(max_body)  # a non-streamed answer's cap (W.BodyCap)
         headers = {"User-Agent": "torpor-client", "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -55,6 +57,7 @@ class AsyncTransport:
         stream: bool = False,
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
+        cap: bool = True,
         **kw: Any,
     ) -> httpx.Response:
         hdrs = dict(headers or {})
@@ -64,7 +67,9 @@ class AsyncTransport:
         while True:
             try:
                 req = self.http.build_request(method, path, headers=hdrs, **kw)
-                resp = await self.http.send(req, stream=stream)
+                resp = await self.http.send(req, stream=True)
+                if not stream and resp.status_code < 400:
+                    await self._read(resp, f"{method} {path}", cap=cap)  # a cut one: retried
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 wait = backoff.next()
                 if wait is None:
@@ -85,15 +90,38 @@ class AsyncTransport:
                     await asyncio.sleep(wait)
                     continue
             if resp.status_code >= 400:
-                try:
-                    await resp.aread()
-                    body: Any = resp.json()
-                except (ValueError, httpx.HTTPError):
-                    body = resp.text if resp.content else ""
-                finally:
-                    await resp.aclose()
-                raise W.error_from(resp.status_code, body, resp.reason_phrase)
+                raise await self._error(resp)
             return resp
+
+    async def _read(self, resp: httpx.Response, what: str, *, cap: bool = True) -> None:
+        """Read the body (at most ``max_body`` bytes unless not ``cap``) and close."""
+        try:
+            if not cap:
+                await resp.aread()
+                return
+            body = W.BodyCap(self.max_body, what, resp.headers.get("content-length"))
+            async for chunk in resp.aiter_bytes():
+                body.feed(chunk)
+            resp._content = body.content()  # as resp.aread() leaves it: .json(), .text
+        except E.ProtocolError as e:
+            e.status = resp.status_code  # type: ignore[attr-defined]
+            raise
+        finally:
+            await resp.aclose()
+
+    async def _error(self, resp: httpx.Response) -> E.TorporError:
+        """The typed error of a >= 400 answer (ProtocolError raised if its body is
+        past the cap)."""
+        what = f"{resp.request.method} {resp.request.url.path} ({resp.status_code})"
+        try:
+            await self._read(resp, what)
+        except httpx.HTTPError:  # cut mid-body: the status still says what happened
+            return W.error_from(resp.status_code, "", resp.reason_phrase)
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = resp.text
+        return W.error_from(resp.status_code, body, resp.reason_phrase)
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         resp = await self.send(method, path, **kw)
@@ -109,7 +137,10 @@ class AsyncTransport:
         resp = await self.send(method, path, stream=True, headers=hdrs, **kw)
         try:
             if not resp.headers.get("content-type", "").startswith("text/event-stream"):
-                await resp.aread()
+                try:
+                    await self._read(resp, f"{method} {path}")
+                except httpx.TransportError as e:
+                    raise W.unreachable(self.url, e) from e
                 yield W.Event("json", resp.text, None)
                 return
             stream = W.SSEStream()
@@ -165,7 +196,8 @@ class AsyncFiles:
     async def read(self, path: str, format: str = "text") -> str | bytes:
         if format not in ("text", "bytes"):
             raise E.UsageError(f"format must be 'text' or 'bytes', not {format!r}")
-        resp = await self._sb._t.send("GET", self._path(), params={"path": path})
+        # the whole file, as asked: not capped
+        resp = await self._sb._t.send("GET", self._path(), params={"path": path}, cap=False)
         return resp.content if format == "bytes" else resp.content.decode("utf-8", "replace")
 
     async def write(self, path: str, data: str | bytes, mode: int = 0o644) -> Any:
@@ -676,8 +708,11 @@ class AsyncClient:
         timeout: float | httpx.Timeout | None = None,
         retries: int = W.DEFAULT_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_body: int | None = None,
     ):
-        self._t = AsyncTransport(url, token, timeout=timeout, retries=retries, transport=transport)
+        self._t = AsyncTransport(
+            url, token, timeout=timeout, retries=retries, transport=transport, max_body=max_body
+        )
         self.url = self._t.url
         self.Sandbox = type("Sandbox", (AsyncSandbox,), {"_t": self._t})
         self.Session = type(

@@ -48,8 +48,10 @@ class Transport:
         timeout: float | httpx.Timeout | None = None,
         retries: int = W.DEFAULT_RETRIES,
         transport: httpx.BaseTransport | None = None,
+        max_body: int | None = None,
     ):
         self.url, self.token = W.resolve(url, token)
+        self.max_body = W.max_body(max_body)  # a non-streamed answer's cap (W.BodyCap)
         headers = {"User-Agent": "torpor-client", "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -72,9 +74,11 @@ class Transport:
         stream: bool = False,
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
+        cap: bool = True,
         **kw: Any,
     ) -> httpx.Response:
-        """The 2xx response (with ``stream``: open, the caller closes it); errors raised."""
+        """The 2xx response (with ``stream``: open, the caller closes it); errors raised.
+        Without ``stream`` the body is read, at most ``max_body`` bytes if ``cap``."""
         hdrs = dict(headers or {})
         if key is not None:
             hdrs["Idempotency-Key"] = key
@@ -82,7 +86,9 @@ class Transport:
         while True:
             try:
                 req = self.http.build_request(method, path, headers=hdrs, **kw)
-                resp = self.http.send(req, stream=stream)
+                resp = self.http.send(req, stream=True)
+                if not stream and resp.status_code < 400:
+                    self._read(resp, f"{method} {path}", cap=cap)  # here: a cut one is retried
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 wait = backoff.next()  # never reached the server: safe to send again
                 if wait is None:
@@ -106,14 +112,33 @@ class Transport:
                 raise self._error(resp)
             return resp
 
-    def _error(self, resp: httpx.Response) -> E.TorporError:
+    def _read(self, resp: httpx.Response, what: str, *, cap: bool = True) -> None:
+        """Read the body (at most ``max_body`` bytes unless not ``cap``) and close."""
         try:
-            resp.read()
-            body: Any = resp.json()
-        except (ValueError, httpx.HTTPError):
-            body = resp.text if not resp.is_stream_consumed or resp.content else ""
+            if not cap:
+                resp.read()
+                return
+            body = W.BodyCap(self.max_body, what, resp.headers.get("content-length"))
+            for chunk in resp.iter_bytes():
+                body.feed(chunk)
+            resp._content = body.content()  # as resp.read() leaves it: .json(), .text
+        except E.ProtocolError as e:
+            e.status = resp.status_code  # type: ignore[attr-defined]
+            raise
         finally:
             resp.close()
+
+    def _error(self, resp: httpx.Response) -> E.TorporError:
+        """The typed error of a >= 400 answer (ProtocolError raised if its body is
+        past the cap)."""
+        try:
+            self._read(resp, f"{resp.request.method} {resp.request.url.path} ({resp.status_code})")
+        except httpx.HTTPError:  # cut mid-body: the status still says what happened
+            return W.error_from(resp.status_code, "", resp.reason_phrase)
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = resp.text
         return W.error_from(resp.status_code, body, resp.reason_phrase)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
@@ -134,7 +159,10 @@ class Transport:
             ctype = resp.headers.get("content-type", "")
             if not ctype.startswith("text/event-stream"):
                 # a server that answered with JSON instead: one event with the whole body
-                resp.read()
+                try:
+                    self._read(resp, f"{method} {path}")
+                except httpx.TransportError as e:
+                    raise W.unreachable(self.url, e) from e
                 yield W.Event("json", resp.text, None)
                 return
             stream = W.SSEStream()
@@ -271,7 +299,8 @@ class RemoteFiles:
     def read(self, path: str, format: str = "text") -> str | bytes:
         if format not in ("text", "bytes"):
             raise E.UsageError(f"format must be 'text' or 'bytes', not {format!r}")
-        resp = self._sb._t.send("GET", self._path(), params={"path": path})
+        # the whole file, as asked: not capped (read_stream is for files of any size)
+        resp = self._sb._t.send("GET", self._path(), params={"path": path}, cap=False)
         data = resp.content
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
@@ -969,8 +998,11 @@ class Client:
         timeout: float | httpx.Timeout | None = None,
         retries: int = W.DEFAULT_RETRIES,
         transport: httpx.BaseTransport | None = None,
+        max_body: int | None = None,
     ):
-        self._t = Transport(url, token, timeout=timeout, retries=retries, transport=transport)
+        self._t = Transport(
+            url, token, timeout=timeout, retries=retries, transport=transport, max_body=max_body
+        )
         self.url = self._t.url
         self.Sandbox = type("Sandbox", (RemoteSandbox,), {"_t": self._t})
         self.Session = type(
