@@ -104,6 +104,28 @@ def test_pooled_restore_gives_the_same_guest_as_a_plain_one(source, paths, poole
     assert not vm.dir.exists()
 
 
+def _policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="spares are deprioritized only as root")
+def test_a_spare_waits_on_idle_cpu_and_runs_normally_once_claimed(source, paths, pooled) -> None:
+    f, snap, expected = source
+    pool.want(paths, snap)
+    spare = _spares(paths, snap)[0]
+    st = load_state(paths.vm(spare["vm"]))
+    # parked: its shim and every QEMU thread only get CPU nobody else wants
+    assert _policies(st.shim_pid) == {os.SCHED_IDLE}
+    assert _policies(st.qemu_pid) == {os.SCHED_IDLE}
+    vm = restore(f.mgr, snap, name="pool-idle-claimed", keep_pool=False)
+    f.ids.append(vm.id)
+    assert vm.id == spare["vm"]
+    # claimed: the guest it restores is the snapshot's, run at normal priority
+    assert _check(f.mgr, vm) == expected
+    assert _policies(vm.state.shim_pid) == {os.SCHED_OTHER}
+    assert _policies(vm.state.qemu_pid) == {os.SCHED_OTHER}
+
+
 def test_concurrent_claims_never_share_a_spare(source, paths, pooled, monkeypatch) -> None:
     f, snap, expected = source
     monkeypatch.setenv("TORPOR_POOL", "2")

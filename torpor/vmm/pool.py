@@ -41,6 +41,13 @@ the guest's wake-up path; seen from the guest, a pause right after the restore, 
 capture's); ``TORPOR_POOL_WARM=exec`` also runs one ``true`` (its fork/exec path), at
 the cost of that one exited process in the guest.
 
+CPU: a spare only uses idle CPU.  Once its folder is prepared (the part that takes
+locks: the store, the shared base) and QEMU spawned, its shim and QEMU (every thread)
+run ``SCHED_IDLE`` until a claim puts them back to ``SCHED_OTHER`` before the guest
+runs again — on a busy host a spare waits instead of taking CPU from running VMs and
+from restores.  ``TORPOR_POOL_SCHED=normal`` keeps spares at normal priority; without
+root (no ``CAP_SYS_NICE`` to undo it on QEMU) spares are not deprioritized.
+
 Isolation: a spare is an ordinary VM start (own folder 0700, own jail uid, sockets,
 overlay, cgroup) — only its timing differs.  Memory: a spare holds what a restored
 VM holds (its RAM copy or its share of a base, its shadow, QEMU and the shim) —
@@ -79,7 +86,13 @@ CLAIM_WAIT = 10.0  # how long a claimed spare waits for its claimer's hand-over
 SOCK = "pool.sock"
 SPARE_CONFIG = "pool.json"
 # settings that do not change what a spare is (the pool's own, logging)
-_NEUTRAL = {"TORPOR_POOL", "TORPOR_POOL_IDLE", "TORPOR_DEBUG", "TORPOR_NO_ZYGOTE"}
+_NEUTRAL = {
+    "TORPOR_POOL",
+    "TORPOR_POOL_IDLE",
+    "TORPOR_POOL_SCHED",
+    "TORPOR_DEBUG",
+    "TORPOR_NO_ZYGOTE",
+}
 
 
 def size() -> int:
@@ -96,6 +109,34 @@ def idle_seconds() -> float:
         return max(1.0, float(os.environ.get("TORPOR_POOL_IDLE", IDLE_SECONDS)))
     except ValueError:
         return IDLE_SECONDS
+
+
+def idle_cpu() -> bool:
+    """Whether spares run SCHED_IDLE until claimed (``TORPOR_POOL_SCHED``, default
+    ``idle``; only as root, which can put QEMU back to normal at the claim)."""
+    return os.environ.get("TORPOR_POOL_SCHED", "idle") != "normal" and os.geteuid() == 0
+
+
+def set_sched(pids: tuple[int, ...], idle: bool) -> None:
+    """Every thread of ``pids`` to SCHED_IDLE (``idle``) or back to SCHED_OTHER.
+
+    Threads inherit their creator's policy, so passes repeat until one changes
+    nothing: a thread made meanwhile by a not yet changed one is caught by the next."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for _ in range(10):
+        changed = False
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for t in tids:
+                with contextlib.suppress(OSError, ValueError):
+                    if os.sched_getscheduler(int(t)) != policy:
+                        os.sched_setscheduler(int(t), policy, os.sched_param(0))
+                        changed = True
+        if not changed:
+            return
 
 
 def env_key() -> str:
@@ -285,6 +326,9 @@ def _take(mgr: VMManager, vm_id: str, name: str | None, info: dict[str, Any]) ->
     except (OSError, ValueError, TypeError, KeyError):
         _discard(mgr.paths, vm_id)
         return None
+    # the spare's shim may run SCHED_IDLE: back to normal first, or on a busy host the
+    # hand-over below waits for idle CPU (it puts its QEMU back itself)
+    set_sched((int(info.get("pid", 0)),), idle=False)
     name = name or mgr._new_name()
     cfg = dataclasses.replace(cfg, name=name, created=time.time())
     try:
@@ -610,6 +654,8 @@ def run_spare(root: Path, snap_id: str, vm_id: str) -> int:
 
             os.chdir(vm_dir)  # sockets are bound by relative name
             pre = launch.prelaunch(paths, cfg, VMFiles(vm_dir))
+            if idle_cpu():  # from here on no lock is taken: only idle CPU until claimed
+                set_sched((os.getpid(), pre.popen.pid), idle=True)
         finally:
             if base is not None:  # (a shared base: prelaunch took its own reference)
                 base.close()

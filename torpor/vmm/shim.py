@@ -889,6 +889,10 @@ class Shim:
             log.info("spare of snapshot %s parked: waiting for a claim", self.pool.snapshot[:12])
             self.ready_fd = await self.pool.wait(self.vm_dir, self.qemu_exited)
             self.claimed_at = time.monotonic()
+            if self.proc is not None:  # a spare ran SCHED_IDLE: normal before the guest runs
+                from torpor.vmm.pool import set_sched
+
+                set_sched((os.getpid(), self.proc.pid), idle=False)
             await qmp.execute(q, "cont")
         self.cfg = load_config(self.vm_dir)
         self.log_limits = LogLimits(self.cfg.log_max_size, self.cfg.log_max_files)
