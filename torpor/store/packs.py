@@ -60,7 +60,7 @@ TRAILER_LEN = _TRAILER_HEAD.size + 32 + len(TRAILER_MAGIC)
 _ZERO32 = bytes(32)
 MAX_FRAME = 2 * ck.MAX_CHUNK_SIZE
 NAME_RE = re.compile(r"^([0-9a-f]{32})\.pack$")
-_IOV_MAX = 512  # frames per writev call (Linux allows 1024)
+_IOV_MAX = 512  # frames per pwritev call (Linux allows 1024)
 
 
 class Entry(NamedTuple):
@@ -136,49 +136,87 @@ def read_index(key: bytes, name: str, fd: int) -> dict[str, Entry]:
     return out
 
 
+class PackWriter:
+    """A pack being written by one put: frames are placed at offsets reserved in order
+    (:meth:`reserve`, the put's thread) and written by any thread (:meth:`write`, the
+    sync threads, while the put reads on); :meth:`seal` adds the index and trailer,
+    ``fdatasync``s once, renames into ``packs_dir`` and fsyncs it.  Until then the file
+    is ``tmp/<name>.pack.tmp`` (gc removes it if we die); :meth:`abort` removes it."""
+
+    def __init__(self, key: bytes, tmp_dir: Path, packs_dir: Path) -> None:
+        self.key, self.packs_dir = key, packs_dir
+        self.name = new_name()
+        self.tmp = tmp_dir / f"{self.name}.pack.tmp"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.end = len(MAGIC)
+        self.entries: list[tuple[str, Entry]] = []
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.end - len(MAGIC)
+
+    def reserve(
+        self, items: Sequence[tuple[str, bytes | memoryview]]
+    ) -> tuple[int, list[bytes | memoryview]]:
+        """Place ``items`` (hash, frame) next; returns (offset, frames) for :meth:`write`."""
+        off = self.end
+        for h, frame in items:
+            base = ck.delta_base(bytes(frame[: ck.DELTA_HEADER_LEN]))
+            self.entries.append((h, Entry(self.end, len(frame), base)))
+            self.end += len(frame)
+        return off, [f for _, f in items]
+
+    def write(self, placed: tuple[int, list[bytes | memoryview]]) -> int:
+        """Write frames placed by :meth:`reserve` (one failpoint hit per frame, as for
+        loose chunks) and start their writeback; returns 0 (bytes are counted at seal)."""
+        off, frames = placed
+        for _ in frames:
+            failpoints.hit("store.chunk_write")
+        _pwritev_all(self.fd, frames, off)
+        _start_writeback(self.fd, off, sum(len(f) for f in frames))
+        return 0
+
+    def seal(self) -> tuple[str, dict[str, Entry]]:
+        """Index, trailer, ``fdatasync``, rename, fsync of ``packs_dir``: the pack is
+        durable under its name.  Every :meth:`write` must have returned."""
+        tail = encode_tail(self.key, self.name, self.end, self.entries)
+        _pwritev_all(self.fd, [MAGIC], 0)
+        _pwritev_all(self.fd, [tail], self.end)
+        os.fdatasync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.packs_dir / f"{self.name}.pack")
+        fsutil.fsync_dir(self.packs_dir)
+        return self.name, dict(self.entries)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 def write_pack(
     key: bytes, tmp_dir: Path, packs_dir: Path, items: Sequence[tuple[str, bytes | memoryview]]
 ) -> tuple[str, dict[str, Entry]]:
     """Write ``items`` (hash, frame) as a new pack durably; return (name, its index).
-
-    Temp file in ``tmp_dir`` (``.tmp``: gc removes it if we die), every frame, index and
-    trailer, ``fdatasync``, rename into ``packs_dir``, fsync ``packs_dir``.  On failure
-    the temp file is removed and nothing is named.
-    """
-    name = new_name()
-    tmp = tmp_dir / f"{name}.pack.tmp"
-    entries: list[tuple[str, Entry]] = []
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    On failure the temp file is removed and nothing is named."""
+    w = PackWriter(key, tmp_dir, packs_dir)
     try:
-        try:
-            off = len(MAGIC)
-            bufs: list[bytes | memoryview] = [MAGIC]
-            for h, frame in items:
-                failpoints.hit("store.chunk_write")  # one hit per frame, as for loose chunks
-                base = ck.delta_base(bytes(frame[: ck.DELTA_HEADER_LEN]))
-                entries.append((h, Entry(off, len(frame), base)))
-                bufs.append(frame)
-                off += len(frame)
-            bufs.append(encode_tail(key, name, off, entries))
-            _writev_all(fd, bufs)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        dest = packs_dir / f"{name}.pack"
-        os.replace(tmp, dest)
-        fsutil.fsync_dir(packs_dir)
+        w.write(w.reserve(items))
+        return w.seal()
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        w.abort()
         raise
-    return name, dict(entries)
 
 
-def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
+def _pwritev_all(fd: int, bufs: Sequence[bytes | memoryview], off: int) -> None:
     views = [memoryview(b) for b in bufs if len(b)]
     i = 0
     while i < len(views):
-        n = os.writev(fd, views[i : i + _IOV_MAX])
+        n = os.pwritev(fd, views[i : i + _IOV_MAX], off)
+        off += n
         while n:
             if n >= len(views[i]):
                 n -= len(views[i])
@@ -186,6 +224,25 @@ def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
             else:
                 views[i] = views[i][n:]
                 n = 0
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    import ctypes
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sfr = _libc.sync_file_range
+    _sfr.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sfr.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux/glibc: the final fdatasync does it all
+    _sfr = None
+
+
+def _start_writeback(fd: int, off: int, n: int) -> None:
+    """Start writing ``[off, off+n)`` to disk now (no wait): the seal's ``fdatasync``
+    then waits only for the tail, not for the whole pack.  Not a durability step."""
+    if _sfr is not None and n:
+        _sfr(fd, off, n, _SYNC_FILE_RANGE_WRITE)
 
 
 class PackMap:

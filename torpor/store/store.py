@@ -168,6 +168,7 @@ PACK_MIN_CHUNKS = 64
 # A pack is sealed (written, fdatasync'ed, named) in the background once its frames
 # reach this size, so a big put's syncs overlap its reading and compression.
 LOCAL_PACK_BYTES = 16 << 20
+PACK_WRITE_GROUP = 64  # frames one sync-thread task writes into a pack
 
 
 Progress = Callable[[int, int], None]
@@ -317,8 +318,8 @@ class ChunkStore:
             None if os.environ.get("TORPOR_STORE_PACKS", "1") == "0" else PACK_MIN_CHUNKS
         )
         self._packing = False  # the current put writes its new frames into packs
-        self._pack_items: list[tuple[str, bytes | memoryview]] = []  # frames not yet sealed
-        self._pack_size = 0
+        self._pack: pk.PackWriter | None = None  # the pack being filled
+        self._pack_writes: list[Future[int]] = []  # its frame writes in flight
         self._sealed: set[str] = set()  # packs this instance named (durable, dir fsynced)
 
     # -- setup -------------------------------------------------------------
@@ -482,7 +483,8 @@ class ChunkStore:
         return len(frame)
 
     def _chunk_stored(self, h: str, frame: bytes | memoryview) -> None:
-        """Hook: chunk ``h`` was just written (durable, under its name) as ``frame``."""
+        """Hook: chunk ``h`` was just written (durable, under its name) as ``frame``.
+        Loose chunks only (TieredStore, the one user, writes no packs)."""
 
     def _write_chunk(
         self, h: str, data: memoryview | bytes, prev: str | None = None
@@ -751,7 +753,12 @@ class ChunkStore:
                     progress(min(size, (batch[-1].index + 1) * chunk_size), size)
             self._seal_pack(pending)  # the last pack of this put
         finally:
-            self._pack_items, self._pack_size, self._packing = [], 0, False
+            if self._pack is not None:  # failed before its seal: dropped, writes done
+                for f in self._pack_writes:
+                    with contextlib.suppress(BaseException):
+                        f.result()
+                self._pack.abort()
+            self._pack, self._pack_writes, self._packing = None, [], False
             t0 = time.perf_counter()
             st["stored"] += self._wait_finished(pending)
             st["t_sync"] = time.perf_counter() - t0
@@ -854,11 +861,18 @@ class ChunkStore:
             if self.pack_min_chunks is not None and (
                 self._packing or len(items) >= self.pack_min_chunks
             ):
-                # many new chunks: into packs (one fdatasync per pack, not per chunk)
+                # many new chunks: into packs (one fdatasync per pack, not per chunk),
+                # written on the sync threads at offsets reserved here, in order
                 self._packing = True
-                self._pack_items.extend(items)
-                self._pack_size += sum(len(f) for _, f in items)
-                if self._pack_size >= LOCAL_PACK_BYTES:
+                if self._pack is None:
+                    self._pack_format()
+                    self._pack = pk.PackWriter(self._key, self.tmp_dir, self.packs_dir)
+                for k in range(0, len(items), PACK_WRITE_GROUP):
+                    placed = self._pack.reserve(items[k : k + PACK_WRITE_GROUP])
+                    fut = sync.submit(self._pack.write, placed)
+                    pending[fut] = []  # (its chunks are the seal's)
+                    self._pack_writes.append(fut)
+                if self._pack.frame_bytes >= LOCAL_PACK_BYTES:
                     self._seal_pack(pending)
                 items = []
             # a small put (a turn's few changed chunks) keeps one chunk per task: all
@@ -891,24 +905,33 @@ class ChunkStore:
         return out
 
     def _seal_pack(self, pending: dict[Future[int], list[str]]) -> None:
-        """Write the frames gathered so far as one pack, on a sync thread (waited for
-        with the chunk syncs in ``pending``)."""
-        items, self._pack_items, self._pack_size = self._pack_items, [], 0
-        if items:
-            fut = self._sync_executor().submit(self._write_pack, items)
-            pending[fut] = [h for h, _ in items]
+        """Seal the pack being filled on a sync thread, once its frame writes are done
+        (waited for with the chunk syncs in ``pending``).  Its writes were submitted
+        before it, so on the FIFO pool they never wait behind it."""
+        w, writes = self._pack, self._pack_writes
+        self._pack, self._pack_writes = None, []
+        if w is not None:
+            fut = self._sync_executor().submit(self._finish_pack, w, writes)
+            pending[fut] = [h for h, _ in w.entries]
 
-    def _write_pack(self, items: list[tuple[str, bytes | memoryview]]) -> int:
-        """Store ``items`` (hash, frame) durably as one pack; returns its frame bytes."""
-        if self._format != STORE_FORMAT_PACKS:  # an older store: older torpors refuse it now
-            fsutil.atomic_write_bytes(self.root / "FORMAT", STORE_FORMAT_PACKS)
-            self._format = STORE_FORMAT_PACKS
-        name, entries = pk.write_pack(self._key, self.tmp_dir, self.packs_dir, items)
+    def _finish_pack(self, w: pk.PackWriter, writes: list[Future[int]]) -> int:
+        """Wait for ``w``'s writes, seal it (durable, named); returns its frame bytes."""
+        try:
+            for f in writes:
+                f.result()
+            name, entries = w.seal()
+        except BaseException:
+            w.abort()
+            raise
         self._sealed.add(name)
         self._packs.add(name, entries)
-        for h, frame in items:
-            self._chunk_stored(h, frame)
-        return sum(len(f) for _, f in items)
+        return w.frame_bytes
+
+    def _pack_format(self) -> None:
+        """Mark an older store as holding packs before its first one (see FORMAT)."""
+        if self._format != STORE_FORMAT_PACKS:
+            fsutil.atomic_write_bytes(self.root / "FORMAT", STORE_FORMAT_PACKS)
+            self._format = STORE_FORMAT_PACKS
 
     def _store_frames(self, group: list[tuple[str, bytes | memoryview]]) -> int:
         """:meth:`_store_frame` of each (hash, frame), in order; stops at the first error."""
