@@ -17,11 +17,12 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -342,6 +343,40 @@ def config_for(
         log_max_size=req.log_limits.max_size,
         log_max_files=req.log_limits.max_files,
     )
+
+
+def kill_and_wait(procs: Iterable[tuple[int, int]], timeout: float = 10.0) -> None:
+    """SIGKILL each live ``(pid, start time)`` and wait until all have exited.
+
+    Through pidfds: the pid is checked against its start time after the pidfd is
+    open, so a reused pid is never signalled, and the wait wakes at the exit itself
+    (no sleep-and-poll).  A process still there after ``timeout`` is left."""
+    fds: list[int] = []
+    try:
+        for pid, start in procs:
+            if pid <= 0:
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already
+                continue
+            fds.append(fd)
+            if not alive(pid, start):  # the pid is another process's now
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        poll = select.poll()
+        for fd in fds:
+            poll.register(fd, select.POLLIN)
+        waiting = set(fds)
+        deadline = time.monotonic() + timeout
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poll.poll(left * 1000):
+                waiting.discard(fd)
+                poll.unregister(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class VMManager:
@@ -743,13 +778,23 @@ class VMManager:
         return self.get(vm.id)
 
     def remove(self, ref: str, force: bool = False) -> None:
+        """Delete a VM: its processes (``force``: killed, and waited for), name link,
+        folder, RAM and shadow files, and its QEMU's cgroups."""
         vm = self.get(ref)
         if vm.state.status.active:
             if not force:
                 raise ConflictError(
                     f"VM {vm.name} is {vm.state.status}; stop it first or use --force"
                 )
-            self.kill(vm.id)
+            # not self.kill(): its re-read of the record would write it (state DEAD,
+            # fsync'd) only for the folder to go right after
+            st = vm.state
+            kill_and_wait(((st.qemu_pid, st.qemu_start), (st.shim_pid, st.shim_start)))
+        from torpor.vmm.jail import remove_cgroups
+
+        # QEMU has exited (or was never there): its cgroups are empty and go now, not
+        # at the sweep of a later start (the shim that would remove them was killed)
+        remove_cgroups(vm.dir)
         with locked(self.paths.locks / f"vm-{vm.id}.lock"):
             link = self.paths.names / vm.name
             with contextlib.suppress(OSError):
