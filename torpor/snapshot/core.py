@@ -73,7 +73,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +91,13 @@ from torpor.errors import (
 from torpor.fsutil import atomic_write_bytes, locked
 from torpor.snapshot import base as bases
 from torpor.snapshot import journal
-from torpor.store import ChunkMissingError, ChunkStore, GcReport, Manifest
+from torpor.store import Artifact, ChunkMissingError, ChunkStore, GcReport, Manifest, PutStats
 from torpor.store.errors import io_error
 from torpor.vmm import basemem
 from torpor.vmm.capture import (
     CAPTURE,
     CAPTURE_END,
+    CHUNK,
     read_meta,
     remove_shadow,
     sparse_copy,
@@ -313,6 +314,7 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
     stage = _stage_dir(mgr)
     c = mgr.client(vm, timeout=30)
     ended = False
+    spec: Future[tuple[Artifact, PutStats]] | None = None
     try:
         # the base first (once per base with a bucket store): never a durable snapshot
         # whose base is not stored; before the pause, which it does not lengthen
@@ -323,6 +325,8 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
         t["base_upload_bytes"] = float(base_ref.uploaded_bytes)
         c.sync()
         t["guest_sync_ms"] = (time.perf_counter() - t0) * 1000 - t["base_ms"]
+        if not last:  # a VM's very first capture: its memory put overlaps the pause
+            spec = _start_first_put(store, vm, t)
         tc = time.perf_counter()
         cap = _capture_checked(c, stage, vm, keep_paused=stop)
         t["capture_ms"] = (time.perf_counter() - tc) * 1000  # request to the shim's answer
@@ -351,9 +355,20 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
                 if private and not usable:
                     _fill_overlay(shadow, base_file)  # read whole: the base into its holes
                 try:
-                    art, stats = store.put_file(
-                        shadow, chunk_size=mem_chunk, parent=pa, dirty=changed if usable else None
-                    )
+                    if spec is not None:
+                        art, stats = _finish_first_put(
+                            store, spec, shadow, mem_chunk, changed, base, private, t
+                        )
+                        spec = None
+                        stored += int(t["memory_spec_stored_bytes"])
+                        new += int(t["memory_spec_chunks_new"])
+                    else:
+                        art, stats = store.put_file(
+                            shadow,
+                            chunk_size=mem_chunk,
+                            parent=pa,
+                            dirty=changed if usable else None,
+                        )
                 except ChunkMissingError:  # a parent chunk vanished: read everything
                     if private:
                         _fill_overlay(shadow, base_file)
@@ -406,11 +421,75 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
             if stop and not ended:
                 c.request(CAPTURE_END, json.dumps({"action": "resume"}).encode(), timeout=10)
         c.close()
+        if spec is not None:  # a failed snapshot: the store's writer is done before it closes
+            with contextlib.suppress(BaseException):
+                spec.result()
         store.close()
         shutil.rmtree(stage, ignore_errors=True)
     if stop:
         mgr.end_hibernated(vm.id)
     return SnapshotResult(manifest, pause_ms, durable_ms, stored, new, t)
+
+
+# A VM's first capture has no shadow: the shim would copy guest RAM into one (the
+# pre-copy, guest running), pause, bring it up to date, resume — and only then could
+# the store read, hash, compress and write ~134 MB.  Instead the client makes the
+# pre-copy itself and stores it *while* the shim pauses: the shim then finds a shadow
+# (with no snapshot vouched for) and answers with the chunks that differed at the
+# pause (``changed``, brought up to date in the shadow); only those are read again,
+# the rest come from the speculative put (put_file's dirty path).  Sound because the
+# shim writes no shadow chunk outside ``changed``, so every other chunk the
+# speculative put read is the pause's; a chunk it read half-updated is in ``changed``
+# and re-read (its speculative hash names a whole, unneeded chunk: gc's).  If the shim
+# answers anything else (no ``changed``: it made its own pre-copy) the whole shadow is
+# put as before.  TORPOR_FIRST_OVERLAP=0 turns it off.
+_first_pool = ThreadPoolExecutor(2, thread_name_prefix="torpor-first-put")
+
+
+def _start_first_put(
+    store: ChunkStore, vm: VM, t: dict[str, float]
+) -> Future[tuple[Artifact, PutStats]] | None:
+    """Pre-copy guest RAM into the (absent) shadow and start storing it; None if this
+    VM's capture cannot use it (a shadow exists, RAM is not a plain file)."""
+    if os.environ.get("TORPOR_FIRST_OVERLAP", "1") == "0":
+        return None
+    ram, shadow = vm.files.ram, vm.files.shadow
+    try:
+        if shadow.exists() or not stat.S_ISREG(os.stat(ram).st_mode):
+            return None
+        t0 = time.perf_counter()
+        with contextlib.suppress(FileNotFoundError):
+            vm.files.shadow_meta.unlink()  # a stale one must not name a base for the shim
+        sparse_copy(ram, shadow)  # 0600, holes kept
+        t["client_precopy_ms"] = (time.perf_counter() - t0) * 1000
+    except OSError as e:  # no room for it, or the VM went: the shim's own path decides
+        log.info("first capture of %s: no pre-copy by the client: %s", vm.name, e)
+        return None
+    return _first_pool.submit(store.put_file, shadow, chunk_size=CHUNK)
+
+
+def _finish_first_put(
+    store: ChunkStore,
+    spec: Future[tuple[Artifact, PutStats]],
+    shadow: Path,
+    mem_chunk: int,
+    changed: Any,
+    base: Any,
+    private: bool,
+    t: dict[str, float],
+) -> tuple[Artifact, PutStats]:
+    """The memory artifact of a first capture whose put started before the pause (see
+    above): the speculative artifact with ``changed`` chunks read again."""
+    got, sstats = spec.result()
+    t["memory_spec_put_ms"] = sstats.seconds_total * 1000
+    t["memory_spec_stored_bytes"] = float(sstats.bytes_stored)
+    t["memory_spec_chunks_new"] = float(sstats.chunks_new)
+    if changed is not None and base is None and not private and got.chunk_size == mem_chunk:
+        t["memory_overlap"] = 1.0
+        t["memory_chunks_reread"] = float(len(changed))
+        return store.put_file(shadow, chunk_size=mem_chunk, parent=got, dirty=changed)
+    t["memory_overlap"] = 0.0
+    return store.put_file(shadow, chunk_size=mem_chunk)
 
 
 def _fill_overlay(overlay: Path, base_file: Path) -> None:
