@@ -5,8 +5,10 @@ live data in tmpfs (incompressible, from /dev/urandom).  Baseline in the same ru
 plain QEMU full-RAM migration of the same VM (paused) to a file, compressed with zstd.
 
 The first snapshot of a VM (no shadow yet, nothing to be incremental on) is broken
-down into its phases (``first_*`` rows: guest sync, the shim's capture with its RAM
-pre-copy and pause, the memory put and its final wait for chunk syncs, the commit),
+down into its phases (``first_*`` rows: guest sync, the RAM pre-copy — by the client,
+whose put of it overlaps the shim's pause, or by the shim with
+``TORPOR_FIRST_OVERLAP=0`` — the capture, the memory put and its final wait for
+chunk and pack syncs, the commit; ``TORPOR_STORE_PACKS=0`` writes loose chunks),
 with the load average at each trial, since on a shared host the phases move with it.
 ``first_only`` measures just that (and the incremental snapshot after it).
 """
@@ -215,6 +217,9 @@ FIRST_PHASES = {
     "guest_sync_ms": "first_guest_sync_ms",
     "capture_ms": "first_capture_ms",
     "precopy_ms": "first_precopy_ms",
+    "client_precopy_ms": "first_client_precopy_ms",
+    "memory_spec_put_ms": "first_memory_spec_put_ms",
+    "memory_chunks_reread": "first_memory_chunks_reread",
     "memory_put_ms": "first_memory_put_ms",
     "memory_sync_wait_ms": "first_memory_sync_wait_ms",
     "commit_ms": "first_commit_ms",
@@ -237,7 +242,10 @@ def print_table(r: dict[str, Any], console: Any) -> None:
         ("durable, first snapshot", "durable_ms", "ms"),
         ("  first: guest sync", "first_guest_sync_ms", "ms"),
         ("  first: capture (shim: pre-copy, pause)", "first_capture_ms", "ms"),
-        ("  first: RAM pre-copy", "first_precopy_ms", "ms"),
+        ("  first: RAM pre-copy (shim)", "first_precopy_ms", "ms"),
+        ("  first: RAM pre-copy (client, overlap)", "first_client_precopy_ms", "ms"),
+        ("  first: memory put during the pause", "first_memory_spec_put_ms", "ms"),
+        ("  first: chunks read again after it", "first_memory_chunks_reread", ""),
         ("  first: store (puts + commit)", "first_store_ms", "ms"),
         ("  first: memory put", "first_memory_put_ms", "ms"),
         ("  first: memory put, sync wait", "first_memory_sync_wait_ms", "ms"),
