@@ -10,6 +10,9 @@ through READ_FILE, which starts nothing either."""
 from __future__ import annotations
 
 import errno
+import http.server
+import socketserver
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -65,15 +68,35 @@ def test_the_agent_sets_the_identity_without_starting_a_process(vms, snap) -> No
 
 
 def test_forks_get_their_own_hostname_and_mac(vms, snap) -> None:
+    """...and keep their network: a fork reaches a host server through its new MAC."""
     mgr = vms.mgr
     forks = fork(mgr, snap, 2, name_prefix="ident-f")
     vms.ids.extend(f.id for f in forks)
     seen = set()
-    for f in forks:
-        with mgr.client(f) as c:
-            assert _identity(c) == (f.name, mac_for(f.id))
-            seen.add(_identity(c)[1])
+    with socketserver.TCPServer(("127.0.0.1", 0), _Hello) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://10.0.2.2:{srv.server_address[1]}/"
+        try:
+            for f in forks:
+                with mgr.client(f) as c:
+                    assert _identity(c) == (f.name, mac_for(f.id))
+                    seen.add(_identity(c)[1])
+                    r = c.exec(["wget", "-q", "-O", "-", url], timeout=60)
+                    assert (r.code, r.stdout) == (0, b"hello fork\n"), r.stderr
+        finally:
+            srv.shutdown()
     assert len(seen) == 2
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "11")
+        self.end_headers()
+        self.wfile.write(b"hello fork\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def test_an_agent_without_the_request_gets_the_shell_fallback(vms, snap, monkeypatch) -> None:
