@@ -19,6 +19,8 @@ from torpor.agent.protocol import (
     Frame,
     FrameDecoder,
     HelloInfo,
+    IdentityReply,
+    IdentityRequest,
     MkdirRequest,
     PathRequest,
     ResizeRequest,
@@ -50,6 +52,12 @@ GOLDEN = {
     "error_enoent.bin": (T.ERROR, 3, ErrorReply(2, "no such file")),
     "exec_tty_sh.bin": (T.EXEC, 7, ExecRequest(("sh",), tty=True, cols=120, rows=40)),
     "resize_id7.bin": (T.RESIZE, 7, ResizeRequest(100, 30)),
+    "set_identity_id8.bin": (
+        T.SET_IDENTITY,
+        8,
+        IdentityRequest("fork-1", "eth0", bytes.fromhex("525400aabbcc")),
+    ),
+    "identity_ok_id8.bin": (T.OK, 8, IdentityReply("fork-1", bytes.fromhex("525400aabbcc"))),
 }
 
 

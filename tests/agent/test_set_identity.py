@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ from torpor.agent.protocol import (
 from torpor.errors import AgentError, ProtocolError, UsageError
 
 MAC = bytes.fromhex("525400aabbcc")
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "protocol"
 
 
 def test_codec_round_trips_and_refuses_what_the_rules_refuse() -> None:
@@ -184,4 +186,8 @@ def test_host_mode_agent_validates_and_never_renames_the_host(raw_agent) -> None
         (reply,) = raw_agent.read_until(lambda f, fid=fid: f.id == fid)
         assert reply.type == T.ERROR, (fid, reply)
         assert ErrorReply.decode(reply.payload).errno == code, (fid, reply)
+    # the golden frame (tests/fixtures/protocol), as the C agent reads it
+    raw_agent.send((FIXTURES / "set_identity_id8.bin").read_bytes())
+    (reply,) = raw_agent.read_until(lambda f: f.id == 8)
+    assert (reply.type, ErrorReply.decode(reply.payload).errno) == (T.ERROR, errno.EPERM)
     assert socket.gethostname() == before
