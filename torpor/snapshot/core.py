@@ -927,8 +927,10 @@ def set_identity(
                 return "agent"
         except AgentRequestError as e:
             if e.errno != errno.ENOSYS:  # ENOSYS: an agent older than SET_IDENTITY
-                raise AgentError(
-                    f"could not set the identity of fork {vm.name}: {e.remote_message}", step=step
+                raise AgentError(  # the guest's words, clipped: it may send 1 MiB of them
+                    f"could not set the identity of fork {vm.name}: {e.remote_message[:300]!r} "
+                    f"({errno.errorcode.get(e.errno, e.errno)})",
+                    step=step,
                 ) from e
         except AgentError as e:
             kind = ProtocolError if isinstance(e, ProtocolError) else AgentError
@@ -941,7 +943,8 @@ def set_identity(
         r = c.exec(["/bin/sh", "-c", script, "set-identity", *args], timeout=timeout)
     if r.status.code != 0:
         raise AgentError(
-            f"could not set the identity of fork {vm.name}: {r.stderr.decode(errors='replace')}",
+            f"could not set the identity of fork {vm.name}: "
+            f"{r.stderr[-300:].decode(errors='replace')}",
             step=step,
         )
     return "exec"
