@@ -1601,10 +1601,11 @@ static int name_ok(const unsigned char *s, size_t n, size_t max)
 }
 
 /* SET_IDENTITY: hostname by sethostname(2), the MAC of one interface by
- * SIOCSIFHWADDR (taking the link down and up again if the driver refuses a live
- * change) -- no process is started, so a fork's first exec is not on its path.
- * The OK carries what the guest has now, read back. Init mode only: in host mode
- * this would rename the host. */
+ * SIOCSIFHWADDR -- no process is started, so a fork's first exec is not on its
+ * path. virtio-net changes its address live (IFF_LIVE_ADDR_CHANGE); a NIC that
+ * wants its link down first answers EBUSY, reported as is. The OK carries what
+ * the guest has now, read back. Init mode only: in host mode this would rename
+ * the host. */
 static void handle_set_identity(uint32_t id, struct rd *r)
 {
 	size_t hn = 0, in = 0, mn = 0;
@@ -1615,8 +1616,9 @@ static void handle_set_identity(uint32_t id, struct rd *r)
 		send_malformed(id, "SET_IDENTITY", r);
 		return;
 	}
-	if (!name_ok(host, hn, 64) || (in != 0) != (mn != 0) || (in && !name_ok(ifn, in, IFNAMSIZ - 1)) ||
-	    (mn && (mn != 6 || (mac[0] & 1) || !memcmp(mac, "\0\0\0\0\0\0", 6)))) {
+	int bad_mac = mn && (mn != 6 || (mac[0] & 1) || !memcmp(mac, "\0\0\0\0\0\0", 6));
+	if (!name_ok(host, hn, 64) || (in != 0) != (mn != 0) ||
+	    (in && !name_ok(ifn, in, IFNAMSIZ - 1)) || bad_mac) {
 		send_error(id, EINVAL, "set_identity: bad hostname, interface name or MAC");
 		return;
 	}
@@ -1640,7 +1642,7 @@ static void handle_set_identity(uint32_t id, struct rd *r)
 	char name[IFNAMSIZ] = { 0 };
 	memcpy(name, ifn, in);
 	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	struct ifreq ifr, fl;
+	struct ifreq ifr;
 	memset(&ifr, 0, sizeof ifr);
 	ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
 	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
@@ -1649,24 +1651,6 @@ static void handle_set_identity(uint32_t id, struct rd *r)
 	if (ok) {
 		step = "SIOCSIFHWADDR";
 		ok = ifreq_ioctl(s, SIOCSIFHWADDR, name, &ifr) == 0;
-	}
-	if (!ok && s >= 0 && errno == EBUSY) { /* no live change: down, set, up */
-		memset(&fl, 0, sizeof fl);
-		step = "link down";
-		ok = ifreq_ioctl(s, SIOCGIFFLAGS, name, &fl) == 0;
-		short flags = fl.ifr_flags;
-		fl.ifr_flags = (short)(flags & ~IFF_UP);
-		ok = ok && ifreq_ioctl(s, SIOCSIFFLAGS, name, &fl) == 0;
-		step = "SIOCSIFHWADDR";
-		ok = ok && ifreq_ioctl(s, SIOCSIFHWADDR, name, &ifr) == 0;
-		int saved = errno;
-		fl.ifr_flags = flags;
-		if (ifreq_ioctl(s, SIOCSIFFLAGS, name, &fl) < 0 && ok) {
-			ok = 0;
-			step = "link up";
-			saved = errno;
-		}
-		errno = saved;
 	}
 	if (ok) {
 		step = "SIOCGIFHWADDR";
