@@ -88,3 +88,19 @@ def test_bench_sessions_writes_json(tools_image: str, tmp_path: Path) -> None:
     assert torpor_cli("ps", "-aq").stdout == before
     r = torpor_cli("bench", "sessions", "--turns", "ten")
     assert r.returncode == 2 and b"--turns" in r.stderr
+
+
+def test_bench_starts_writes_json(tools_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "starts.json"
+    before = torpor_cli("ps", "-aq").stdout
+    r = torpor_cli(
+        "bench", "starts", "--image", tools_image, "--workers", "1", "--duration", "3",
+        "--pool", "0", "--json", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())["modes"]["no pool"]
+    assert m["starts"] >= 1 and m["errors"] == 0
+    assert m["machine_cpu_ms_per_start"] > 0
+    assert m["qemu_cpu_ms"]["n"] == m["shim_cpu_ms"]["n"] >= m["starts"]
+    assert b"machine CPU per start" in r.stdout
+    assert torpor_cli("ps", "-aq").stdout == before  # the benchmark removes its VMs

@@ -7,6 +7,12 @@ the exec; the rate is completed cycles over the measured time, per minute and pe
 core (``os.cpu_count()``), next to the cycle time's p50/p95 (issue 13 §4: target
 ≥ 300 starts per minute per core, Firecracker's design figure).
 
+CPU per start: the machine's busy CPU time over the run (``/proc/stat``: every
+process, other load included — compare rows of one run) divided by the starts, and
+per VM the CPU time its QEMU and its shim had used when the exec answered (their
+``/proc/<pid>/stat``, read right before the remove; QEMU's exit and the removal are
+in the machine figure only).  300 starts per minute per core = 200 ms of CPU per start.
+
 Host memory per running fork is sampled once a second over the VMs alive at that
 moment: QEMU's anonymous PSS (its heap, TCG buffers and the guest pages it wrote
 copy-on-write) + QEMU's shared-memory PSS or the allocated size of its own RAM file,
@@ -32,6 +38,23 @@ from torpor.paths import Paths
 from torpor.vmm.pool import vm_memory as fork_memory
 
 
+def _busy_jiffies() -> int:
+    """All CPUs' busy time since boot, in clock ticks (/proc/stat: not idle, iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def _cpu_ms(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far, in ms; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(rest[11]) + int(rest[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(
     mgr: Any,
     snap: str,
@@ -50,6 +73,8 @@ def _measure(
     stop = threading.Event()
     mem_samples: list[float] = []
     spare_samples: list[float] = []
+    qemu_cpu: list[float] = []
+    shim_cpu: list[float] = []
 
     def worker() -> None:
         while not stop.is_set():
@@ -62,6 +87,11 @@ def _measure(
                 with mgr.client(vm) as c:
                     if c.exec(["true"]).status.code != 0:
                         raise RuntimeError("exec true failed")
+                q, sh = _cpu_ms(vm.state.qemu_pid), _cpu_ms(vm.state.shim_pid)
+                with lock:
+                    if q is not None and sh is not None:
+                        qemu_cpu.append(q)
+                        shim_cpu.append(sh)
             except (TorporError, RuntimeError, OSError) as e:
                 errors.append(str(e)[:300])
                 if len(errors) > 20:
@@ -82,6 +112,7 @@ def _measure(
         mgr.remove(restore(mgr, snap).id, force=True)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     t0 = time.perf_counter()
+    busy0 = _busy_jiffies()
     for th in threads:
         th.start()
     next_report = t0 + 10
@@ -105,6 +136,7 @@ def _measure(
             stop.set()
             elapsed = time.perf_counter() - t0
             done = len(cycles)
+            busy = _busy_jiffies() - busy0
     finally:
         stop.set()
         for th in threads:
@@ -118,6 +150,9 @@ def _measure(
         "starts_per_min": per_min,
         "starts_per_min_per_core": per_min / cores,
         "cycle_ms": summary(cycles),
+        "machine_cpu_ms_per_start": busy * 1000 / os.sysconf("SC_CLK_TCK") / done if done else 0.0,
+        "qemu_cpu_ms": summary(qemu_cpu),
+        "shim_cpu_ms": summary(shim_cpu),
         "fork_memory_bytes": summary(mem_samples),
         "spares_memory_bytes": summary(spare_samples),
         "errors": len(errors),
@@ -226,6 +261,17 @@ def print_table(r: dict[str, Any], console: Any) -> None:
             else "-"
         ),
     )
+    row(
+        "machine CPU per start (all processes)",
+        lambda m: f"{m.get('machine_cpu_ms_per_start', 0):.0f} ms",
+        "≤ 200 ms",
+    )
+
+    def ms(key: str) -> Any:
+        return lambda m: f"{m[key]['p50']:.0f} ms" if m.get(key, {}).get("n") else "-"
+
+    row("QEMU CPU per start p50 (at the exec's answer)", ms("qemu_cpu_ms"))
+    row("shim CPU per start p50", ms("shim_cpu_ms"))
     row("host memory per running fork p50 / p95", lambda m: mib(m["fork_memory_bytes"]))
     row("memory of idle spares p50 / p95", lambda m: mib(m["spares_memory_bytes"]))
     row("failed cycles", lambda m: str(m["errors"]), "0")
