@@ -388,6 +388,9 @@ def _discard(paths: Paths, vm_id: str) -> None:
     files = VMFiles(vm_dir)
     with contextlib.suppress(Exception):
         st = load_state(vm_dir)
+        # a parked spare's shim runs SCHED_IDLE: its clean-up must not wait for idle CPU
+        if alive(st.shim_pid, st.shim_start):
+            set_sched((st.shim_pid,), idle=False)
         # QEMU first: its shim then ends the spare itself (sockets, RAM, cgroup, folder)
         if st.qemu_pid and alive(st.qemu_pid, st.qemu_start):
             with contextlib.suppress(ProcessLookupError):
