@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import http.server
+import os
+import signal
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import pytest
 
 from torpor.agent import AgentClient, AgentRequestError
 from torpor.agent.protocol import IdentityRequest
+from torpor.errors import AgentError
 from torpor.snapshot import fork, restore, snapshot
 from torpor.snapshot.core import set_identity
 from torpor.vmm.boot import mac_for
@@ -120,3 +123,21 @@ def test_an_agent_without_the_request_gets_the_shell_fallback(vms, snap, monkeyp
         assert _children_faults(c) > before  # the shell ran
         host, _ = _identity(c)
         assert host == "ident-old"
+
+
+def test_a_guest_that_never_answers_is_a_timeout_not_a_hang(vms, snap) -> None:
+    """QEMU stopped (SIGSTOP): the agent cannot answer; set_identity gives up after its
+    timeout with a clear error, and works once the guest runs again."""
+    mgr = vms.mgr
+    vm = _restored(vms, snap, "ident-mute")
+    qemu = mgr.get(vm.id).state.qemu_pid
+    assert qemu
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        with pytest.raises(AgentError, match="timed out waiting for the reply to SET_IDENTITY"):
+            set_identity(mgr, vm, timeout=2)
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+    assert set_identity(mgr, vm) == "agent"
+    with mgr.client(vm) as c:
+        assert _identity(c)[0] == "ident-mute"
