@@ -34,6 +34,7 @@ def snap(shared_vms, tools_image) -> Iterator[str]:
     """A snapshot of a running networked VM (the forks get their own MAC)."""
     vm = shared_vms.run(tools_image, "sleep", "infinity", name="ident-src", network=True)
     yield snapshot(shared_vms.mgr, vm.id).manifest.id
+    shared_vms.mgr.remove(vm.id, force=True)  # not kept running for the rest of the suite
 
 
 def _children_faults(c: AgentClient) -> int:
