@@ -1,6 +1,7 @@
 """A fork's identity (hostname, and MAC when networked) set by the agent's SET_IDENTITY
 request, with no process started in the guest; and the shell fallback for agents that
-do not know the request (snapshots taken before it: they answer ENOSYS).
+do not know the request (snapshots taken before it: they answer ENOSYS) — simulated on
+the current agent, and with a real snapshot of an agent built without the request.
 
 "No process started" is read from the guest's PID 1 (the agent, which reaps every
 process it starts): its ``cminflt`` in /proc/1/stat grows with every reaped child
@@ -9,6 +10,7 @@ through READ_FILE, which starts nothing either."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import os
@@ -21,7 +23,7 @@ import pytest
 
 from torpor.agent import AgentClient, AgentRequestError
 from torpor.agent.protocol import IdentityRequest
-from torpor.errors import AgentError
+from torpor.errors import AgentError, TorporError
 from torpor.snapshot import fork, restore, snapshot
 from torpor.snapshot.core import set_identity
 from torpor.vmm.boot import mac_for
@@ -142,3 +144,59 @@ def test_a_guest_that_never_answers_is_a_timeout_not_a_hang(vms, snap) -> None:
     assert set_identity(mgr, vm) == "agent"
     with mgr.client(vm) as c:
         assert _identity(c)[0] == "ident-mute"
+
+
+def test_a_snapshot_of_an_agent_before_set_identity_forks_through_the_shell(
+    tools_image, paths, tmp_path
+) -> None:
+    """A real older agent: this agent.c without its SET_IDENTITY case (it then answers
+    ENOSYS, as every agent before the request does), booted in a home of its own (its
+    agent cache holds that binary under the current source's key) and snapshotted."""
+    import hashlib
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    from torpor.paths import Paths
+    from torpor.vmm.manager import RunRequest, VMManager
+
+    home = Paths(tmp_path / "old-agent").ensure()
+    # hard links: the kernel, the images and their (8 GiB sparse) bases are not copied;
+    # the guest folder is this home's own (the old agent must not reach the session's)
+    shutil.copytree(paths.guest / "kernels", home.guest / "kernels", copy_function=os.link)
+    for d in ("images", "blobs"):
+        shutil.copytree(paths.root / d, home.root / d, dirs_exist_ok=True, copy_function=os.link)
+    code = resources.files("torpor.guest").joinpath("agent.c").read_bytes()
+    case = b"\tcase T_SET_IDENTITY: handle_set_identity(id, &r); break;\n"
+    assert case in code
+    old = tmp_path / "old-agent.c"
+    old.write_bytes(code.replace(case, b""))
+    # where torpor.guest.build.ensure_agent looks for the binary of the current source
+    binary = home.guest / "agent" / hashlib.sha256(code).hexdigest()[:16] / "torpor-agent"
+    binary.parent.mkdir(parents=True)
+    cc = shutil.which("musl-gcc") or shutil.which("gcc")
+    assert cc
+    subprocess.run([cc, "-static", "-O2", "-o", str(binary), str(old)], check=True)
+    mgr = VMManager(home)
+    made = []
+    try:
+        src = mgr.create(RunRequest(image=tools_image, command=("sleep", "infinity"),
+                                    memory_mib=256, network=False, name="old-src"))  # fmt: skip
+        made.append(src.id)
+        mgr.start(src.id)
+        snap = snapshot(mgr, src.id).manifest.id
+        vm = restore(mgr, snap, name="old-fork")
+        made.append(vm.id)
+        with mgr.client(vm) as c:
+            with pytest.raises(AgentRequestError) as e:  # the real old agent
+                c.set_identity("old-fork", timeout=30)
+            assert e.value.errno == errno.ENOSYS
+            before = _children_faults(c)
+        assert set_identity(mgr, vm) == "exec"
+        with mgr.client(vm) as c:
+            assert _children_faults(c) > before  # the shell ran
+            assert c.read_file("/proc/sys/kernel/hostname") == b"old-fork\n"
+    finally:
+        for vm_id in made:
+            with contextlib.suppress(TorporError):
+                mgr.remove(vm_id, force=True)
