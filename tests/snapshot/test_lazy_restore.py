@@ -182,8 +182,11 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     assert _guest_md5(mgr, first) == md5
     ws_file = paths.root / "cache" / lazymem.WS_DIR / snap.id
     _wait(ws_file.exists, "the working set to be recorded")
-    st1 = _stats(first)
-    assert st1["working_set"].startswith("recorded")
+    # (the server writes the file, then its stats: a moment apart)
+    st1 = _wait(
+        lambda: (s := _stats(first))["working_set"].startswith("recorded") and s,
+        "the stats to say the working set was recorded",
+    )
     store = home_store(paths)
     try:
         art = snap.artifacts["memory"]
