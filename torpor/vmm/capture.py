@@ -281,7 +281,10 @@ async def pause_and_copy(
     on tmpfs) is brought up to date chunk by chunk, and the chunks that changed are
     returned (``changed``) along with the committed snapshot the shadow equalled
     before (``base_snapshot``), so the store reads and hashes only those.  Without a
-    shadow (first capture) RAM is copied whole and ``changed`` is None.
+    shadow (first capture) RAM is copied whole and ``changed`` is None.  A client may
+    make that first copy itself before asking (torpor.snapshot.core._start_first_put:
+    it stores the copy meanwhile): the shadow then exists, vouched for nothing
+    (``base_snapshot`` None), and ``changed`` names what differs from that copy.
 
     On any failure the guest is resumed before the error propagates (if QEMU lives).
     Raises VMError (QMP, QEMU died) or OSError (staging I/O, e.g. a full disk).
