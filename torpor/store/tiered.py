@@ -48,7 +48,9 @@ Invariants:
   named by a local manifest that is not in the bucket (``remote/<id>`` marks those
   that are), never one younger than the oldest live lease — writers hold one while
   they write, readers (:meth:`TieredStore.pinned`) while they read.  A chunk evicted
-  anyway between a reader's check and its open is fetched again.
+  anyway between a reader's check and its open is fetched again.  The cache is loose
+  chunk files only: a TieredStore writes no local packs (``pack_min_chunks`` None);
+  packs a home wrote before it had a bucket stay readable and are never evicted.
 - **One key per deployment.**  Manifests, indexes and tombstones are MACed with the
   home's ``store/key``; every host sharing a bucket must have the same key file.
   The bucket's ``FORMAT`` object records the key's id, so a host with a different
