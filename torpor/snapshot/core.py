@@ -115,8 +115,8 @@ from torpor.vmm.state import (
     VMState,
     alive,
     proc_start_time,
-    save_config,
     save_state,
+    write_synced,
 )
 
 ARTIFACTS = ("memory", "disk", "devstate")
@@ -789,19 +789,18 @@ def restore(
     # a VM record made through the normal create path (name link, overlay, config)...
     check_ports(ports)  # a taken port: a clear error before anything is made
     try:
-        vm = mgr.create(RunRequest.from_config(src_cfg, name, ports), overlay=False, image=image)
+        # the snapshot's image ref and base digest go into the one vm.json write
+        vm = mgr.create(
+            RunRequest.from_config(src_cfg, name, ports),
+            overlay=False,
+            image=image,
+            amend={"image_ref": src_cfg.image_ref, "base_digest": src_cfg.base_digest},
+        )
     except OSError as e:  # e.g. a read-only home
         raise io_error(e, "restore: create the VM", mgr.paths.root) from e
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
-        vm = VM(
-            dataclasses.replace(
-                vm.config, image_ref=src_cfg.image_ref, base_digest=src_cfg.base_digest
-            ),
-            vm.state,
-            vm.dir,
-        )
-        save_config(vm.dir, vm.config)
+        _crash_point("restore-created")
         base = place_snapshot(mgr, store, manifest, vm, cold, shared=shared)
         try:
             started = mgr.start(vm.id)
@@ -1091,15 +1090,21 @@ def place_snapshot(
             os.utime(cache)  # recently used: evicted last
     rebase_disk(mgr, vm, store, manifest)
     main_id = int(manifest.meta.get("main_id", "0"))
-    set_last_snapshot(vm, manifest.id)
-    save_state(vm.dir, VMState(main_id=main_id))
+    # snapshot.ref and restore.json: contents fsync'd (never torn), the folder not;
+    # state.json: renamed over create's (or a hibernation's) without fsync.  A host
+    # crash may roll each back to what it was — the VM a crash right after `create`
+    # leaves (listed, CREATED, nothing to restore) or, on a wake, the hibernated VM
+    # (same snapshot): never a state an earlier crash could not show
+    write_synced(vm.dir / "snapshot.ref", (manifest.id + "\n").encode())
+    save_state(vm.dir, VMState(main_id=main_id), synced=False)
     info |= {"devstate": "devstate", "main_id": main_id, "snapshot": manifest.id}
     # the QEMU that wrote the device state: a private VM reuses its head (ramless)
     info["devstate_qemu"] = manifest.meta.get("qemu", "")
     fault = os.environ.get("TORPOR_TEST_FAULT", "")
     if fault:
         info["fault"] = fault
-    atomic_write_bytes(vm.dir / "restore.json", json.dumps(info).encode())
+    write_synced(vm.dir / "restore.json", json.dumps(info).encode())
+    _crash_point("restore-placed")
     return base
 
 

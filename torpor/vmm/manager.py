@@ -495,13 +495,26 @@ class VMManager:
                 return name
         return f"vm_{os.urandom(4).hex()}"
 
-    def create(self, req: RunRequest, *, overlay: bool = True, image: Image | None = None) -> VM:
+    def create(
+        self,
+        req: RunRequest,
+        *,
+        overlay: bool = True,
+        image: Image | None = None,
+        amend: dict[str, Any] | None = None,
+    ) -> VM:
         """Make the VM record (folder, name link, config, disk overlay); not started.
 
         ``overlay=False`` skips the disk overlay: a restore puts the snapshot's own
         disk in place instead.  ``image`` replaces the lookup of ``req.image`` (a
         restore on a host without the image passes the one its stored base describes).
+        ``amend``: fields of the config set before it is written (a restore's image
+        ref and base digest), so ``vm.json`` is written once.
         Raises UsageError, NotFoundError (image), ConflictError (name taken).
+
+        Durability: ``vm.json`` is fsync'd (file and folder) — a listed VM survives a
+        host crash.  ``state.json`` (CREATED) is not: losing it, or finding it empty,
+        reads as CREATED, which it is.
         """
         from torpor.vmm import boot, qemu
 
@@ -530,10 +543,13 @@ class VMManager:
             (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
             self.link_name(name, vm_id)
             cfg = config_for(req, image, vm_id, name, command, env)
+            if amend:
+                cfg = dataclasses.replace(cfg, **amend)
             files = VMFiles(vm_dir)
             if overlay:
                 boot.ensure_qcow2_overlay(image.disk_path, files.disk)
-            save_state(vm_dir, VMState())
+            # kept as a file (a full disk's in-place fallback rewrites it), not fsync'd
+            save_state(vm_dir, VMState(), synced=False)
             save_config(vm_dir, cfg)  # last: its presence marks the VM as complete
             (vm_dir / ".creating").unlink()
         except BaseException as e:

@@ -60,6 +60,7 @@ from torpor.vmm.state import (
     overwrite_state,
     proc_start_time,
     save_state,
+    write_quick,
 )
 
 log = logging.getLogger("torpor.shim")
@@ -217,16 +218,19 @@ class Shim:
     # -- state -----------------------------------------------------------------------
     def set_state(self, durable: bool = True, **kw: Any) -> None:
         """Record a transition in ``state.json`` (atomic).  ``durable=False`` skips the
-        fsyncs, for the start-up's intermediate records only: a host crash before the
-        next durable one shows a state a crash a moment earlier shows as well (and a
-        state naming processes a crash ended is read as dead), so no new state can
-        appear; the fsyncs cost a restore ~7 ms of wall time each under load."""
+        fsyncs, for the start-up's records only (STARTING twice, RUNNING): a host crash
+        ends the VM's processes, so whichever of them survives it reads as DEAD, as the
+        one before it would (a state naming processes a crash ended is read as dead; a
+        rename over the existing file is not torn on ext4, auto_da_alloc; a missing or
+        empty one reads CREATED).  No new state can appear; the fsyncs cost a restore
+        ~7 ms of wall time each under load.  Every later record (EXITED, hibernated,
+        an I/O error) is fsync'd."""
         self.state = self.state.replace(**kw)
         try:
             if durable:
                 save_state(self.vm_dir, self.state)
             else:
-                _write_quick(self.vm_dir / "state.json", self.state.to_json())
+                write_quick(self.vm_dir / "state.json", self.state.to_json())
         except OSError as e:
             # a full (or read-only) VM folder must not kill the supervisor of a running
             # guest: the state stays in memory and is written with the next change
@@ -714,7 +718,8 @@ class Shim:
         if self.claimed_at:
             boot_ms = (time.monotonic() - self.claimed_at) * 1000
             log.info("claimed spare: agent answered %.0f ms after the claim", boot_ms)
-        self.set_state(status=Status.RUNNING, boot_ms=round(boot_ms, 1), **more)
+        # not fsync'd: after a host crash RUNNING and STARTING both read as DEAD
+        self.set_state(durable=False, status=Status.RUNNING, boot_ms=round(boot_ms, 1), **more)
         self.start_main()
 
     async def pump_console(self) -> None:
@@ -1186,17 +1191,6 @@ class Shim:
         remove_cgroups(self.files.dir)  # QEMU's cgroup (a no-op while QEMU still lives)
         if self.main_log is not None:
             self.main_log.close()
-
-
-def _write_quick(path: Path, obj: Any) -> None:
-    """``obj`` as JSON into ``path`` atomically (temporary file, rename), not fsync'd."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _ms_since_process_start() -> float:

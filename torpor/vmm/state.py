@@ -4,7 +4,17 @@
 through :func:`save_config` (rename).  ``state.json`` is written only by the
 VM's shim while it lives, and by the manager when it finds the shim dead.
 Both carry ``schema_version``; a file with an unknown major version is refused
-rather than guessed at.  Writes are atomic (temp, fsync, rename).
+rather than guessed at.  Writes are atomic (temp, rename), so never torn; how durable
+each is depends on what a host crash may show (docs/architecture.md, "Crash states"):
+
+- ``save_*`` (temp, fsync, rename, fsync of the folder): survives a host crash.
+- ``durable=False`` with fsync of the contents only (:func:`write_synced`): never torn,
+  even for a new file, but the rename may roll back after a host crash (to the old
+  file, or none).  Used only where the rolled-back state is one a crash a moment
+  earlier shows anyway.
+- ``state.json``'s unsynced variant (:func:`save_state` with ``synced=False``): a
+  zero-length file is what a host crash can leave of an unsynced *new* file on ext4;
+  :func:`load_state` reads it as never written (CREATED), which is what it was.
 
 Liveness is never taken from ``state.json`` alone: a recorded pid is alive only
 if ``/proc/<pid>/stat`` shows the same start time, so a reboot or pid reuse
@@ -151,13 +161,47 @@ def save_config(vm_dir: Path, cfg: VMConfig) -> None:
 
 def load_state(vm_dir: Path) -> VMState:
     try:
-        return VMState.from_json(read_json(vm_dir / "state.json"))
+        data = (vm_dir / "state.json").read_bytes()
     except FileNotFoundError:
         return VMState()
+    if not data:  # an unsynced first write cut by a host crash: never written
+        return VMState()
+    return VMState.from_json(json.loads(data))
 
 
-def save_state(vm_dir: Path, st: VMState) -> None:
-    atomic_write_json(vm_dir / "state.json", st.to_json(), mode=0o600)
+def save_state(vm_dir: Path, st: VMState, synced: bool = True) -> None:
+    """``synced=False``: atomic (rename) but no fsync at all, for a record whose loss
+    on a host crash shows what a crash a moment earlier shows (see the module doc)."""
+    if synced:
+        atomic_write_json(vm_dir / "state.json", st.to_json(), mode=0o600)
+    else:
+        write_quick(vm_dir / "state.json", st.to_json())
+
+
+def write_quick(path: Path, obj: Any) -> None:
+    """``obj`` as JSON into ``path`` atomically (temporary file, rename), not fsync'd."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """``data`` into ``path``: contents fsync'd, then renamed, the folder not fsync'd.
+
+    Never torn (the contents are on disk before the name points at them); after a
+    host crash the name may still show the old file or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def overwrite_state(vm_dir: Path, st: VMState) -> None:
