@@ -56,12 +56,10 @@ def hide(store: ChunkStore, hashes: Iterable[str]) -> Callable[[], None]:
     """Move the files holding ``hashes`` away (a pack goes whole, with every chunk in
     it); returns the function that puts them back."""
     moved: dict[Path, Path] = {}
-    for h in hashes:
-        path, _, _ = frame_location(store, h)
-        if path not in moved and path.exists():
-            away = path.with_name(path.name + ".away")
-            path.rename(away)
-            moved[path] = away
+    for path in {frame_location(store, h)[0] for h in hashes}:  # all found, then moved
+        away = path.with_name(path.name + ".away")
+        path.rename(away)
+        moved[path] = away
 
     def put_back() -> None:
         for path, away in moved.items():
