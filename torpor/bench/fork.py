@@ -200,11 +200,11 @@ def run_fork_bench(
                 for v in vms:
                     with contextlib.suppress(TorporError):
                         mgr.remove(v.id, force=True)
-            # the same restores without fork's identity exec (hostname set through the
-            # guest's shell: a first exec under TCG translates the exec path afresh)
+            # the same restores without fork's identity step; like fork, they ask for no
+            # pool spares (one prepared behind them would run during the next row)
             t = time.perf_counter()
             with ThreadPoolExecutor(parallel) as ex:
-                futs = [ex.submit(restore, mgr, snap.id) for _ in range(count)]
+                futs = [ex.submit(restore, mgr, snap.id, keep_pool=False) for _ in range(count)]
                 only = []
                 for f in futs:
                     with contextlib.suppress(TorporError):
