@@ -8,6 +8,9 @@ being skipped, the headline torpor recovery test included.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,16 @@ def test_fit_and_crossing() -> None:
     assert row["n_star"] == pytest.approx(500)
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path for a peer's unix sockets (108 bytes at most):
+    under pytest-xdist, tmp_path (``.../popen-gw0/test_peer_recovers_after_kill93``)
+    made Restate's ``restate-server/base/thesis/fabric.sock`` too long to bind."""
+    d = Path(tempfile.mkdtemp(prefix="thesis-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _run(name: str, tmp_path: Path, style: str = "delta", turns: int = 3) -> dict:
     system = get(name)
     why = system.missing()
@@ -92,9 +105,9 @@ def _assert_recovered(r: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PEERS)
-def test_peer_recovers_after_kill9(name: str, tmp_path: Path) -> None:
+def test_peer_recovers_after_kill9(name: str, short_tmp: Path) -> None:
     style = "full" if name.startswith("langgraph") else "delta"
-    r = _run(name, tmp_path, style)
+    r = _run(name, short_tmp, style)
     _assert_recovered(r)
     # honest about the loss: a host process does not survive its worker's crash
     assert r["checks"]["bg_lost"] and not r["checks"]["bg_kept"]
@@ -102,14 +115,14 @@ def test_peer_recovers_after_kill9(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dbos-sqlite", "temporal", "restate"])
-def test_replay_engine_full_style(name: str, tmp_path: Path) -> None:
-    _assert_recovered(_run(name, tmp_path, "full"))
+def test_replay_engine_full_style(name: str, short_tmp: Path) -> None:
+    _assert_recovered(_run(name, short_tmp, "full"))
 
 
 @pytest.mark.slow
 @pytest.mark.vm
-def test_torpor_recovers_and_keeps_the_process(tmp_path: Path) -> None:
-    r = _run("torpor", tmp_path)
+def test_torpor_recovers_and_keeps_the_process(short_tmp: Path) -> None:
+    r = _run("torpor", short_tmp)
     _assert_recovered(r)
     assert r["checks"]["bg_kept"], r["checks"]
 
