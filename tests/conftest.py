@@ -212,3 +212,66 @@ def torpor_cli(
         env=e,
         stdin=None if input is not None else subprocess.DEVNULL,
     )
+
+
+# ---- two workers (scripts/test: pytest-xdist -n 2) --------------------------------
+#
+# The VM tests are TCG-bound and tuned to run one at a time: they all go, in their
+# usual order, to one worker; every other test (servers, stores, parsers, fuzzers:
+# mostly waiting, not computing) goes to the other and runs meanwhile.  Each worker
+# has its own session fixtures (home, image, PostgreSQL, SeaweedFS): nothing is
+# shared between the two.  A test boots VMs if it uses a VM fixture or carries the
+# ``vm`` marker.  (xdist's own ``--dist loadgroup`` cannot do it: with pytest 9 the
+# group it writes into ``item._nodeid`` is lost, and every test ran on either worker.)
+# The workers write the VM tests' ids to a file the scheduler (in the controller) reads.
+
+VM_FIXTURES = frozenset({"tools_image", "vms", "shared_vms", "box"})
+_VM_IDS_ENV = "TORPOR_TEST_VM_IDS"
+
+
+def boots_vms(item: pytest.Item) -> bool:
+    return bool(VM_FIXTURES & set(getattr(item, "fixturenames", ()))) or (
+        item.get_closest_marker("vm") is not None
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the controller, before it starts the workers (they inherit the environment)
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="torpor-vm-tests-", suffix=".json")
+        os.close(fd)
+        os.environ[_VM_IDS_ENV] = name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and os.environ.get(_VM_IDS_ENV):
+        with contextlib.suppress(OSError):
+            os.unlink(os.environ.pop(_VM_IDS_ENV))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    target = os.environ.get(_VM_IDS_ENV)
+    if not target or not hasattr(config, "workerinput"):
+        return
+    from torpor.fsutil import atomic_write_json  # both workers write the same list
+
+    atomic_write_json(Path(target), sorted(item.nodeid for item in items if boots_vms(item)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Two units of work, "vm" and "host", one per worker, each in collection order."""
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class VMSplit(LoadScopeScheduling):
+        _vm: frozenset[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._vm is None:  # read once every worker has collected (and written)
+                self._vm = frozenset(json.loads(Path(os.environ[_VM_IDS_ENV]).read_text()))
+            return "vm" if nodeid in self._vm else "host"
+
+    return VMSplit(config, log)
