@@ -260,6 +260,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     atomic_write_json(Path(target), sorted(item.nodeid for item in items if boots_vms(item)))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: no error without it (-p no:xdist)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Two units of work, "vm" and "host", one per worker, each in collection order."""
     import json
