@@ -71,3 +71,8 @@ def locked(
         yield
     finally:
         os.close(fd)
+
+
+def private_opener(path: str, flags: int) -> int:
+    """``open(..., opener=private_opener)``: a file created 0600 whatever the umask."""
+    return os.open(path, flags, 0o600)

@@ -166,3 +166,29 @@ def _wait_for(cond, what: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def test_a_library_callers_vm_files_are_private(vms, tools_image, paths) -> None:
+    """A VM run through the Python API under umask 022: its logs, argv, jail record and
+    every other file of its folder are private (the shim is forked by the zygote, which
+    inherited the caller's umask), and so is the hibernation cache's folder.  The jail
+    gives QEMU's uid what it needs by its own modes, not by the umask."""
+    from torpor.snapshot import snapshot
+
+    old = os.umask(0o022)
+    try:
+        mgr = vms.mgr
+        vm = vms.run(tools_image, "sleep", "100000", name="priv-logs")
+        with mgr.client(vm) as c:
+            assert c.exec(["echo", "hi"]).status.code == 0
+        hib = snapshot(mgr, vm.id, stop=True)
+        bad = []
+        for p in [*sorted(vm.dir.iterdir()), paths.snapshot_cache / hib.manifest.id]:
+            if p.is_symlink() or p.name == "jail":  # the jail's folder: QEMU's uid, its modes
+                continue
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode & 0o077:
+                bad.append(f"{oct(mode)} {p}")
+        assert not bad, "readable by others:\n" + "\n".join(bad)
+    finally:
+        os.umask(old)

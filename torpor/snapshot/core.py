@@ -525,7 +525,7 @@ def _keep_in_cache(
     used go.  An evicted snapshot still restores, cold, from the store.
     """
     root = mgr.paths.snapshot_cache
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     cache = root / manifest.id
     if not cache.exists():
         try:
@@ -535,7 +535,7 @@ def _keep_in_cache(
         except OSError:  # the stage is on tmpfs: copy it onto the disk, then rename
             tmp = root / f".{manifest.id}.{os.getpid()}"
             with contextlib.suppress(OSError):
-                tmp.mkdir()
+                tmp.mkdir(mode=0o700)
                 for f in stage.iterdir():
                     sparse_copy(f, tmp / f.name)
                 if memory is not None:

@@ -34,7 +34,7 @@ from torpor.errors import (
     UsageError,
     VMError,
 )
-from torpor.fsutil import locked
+from torpor.fsutil import locked, private_opener
 from torpor.image.config import merge_env, resolve_command
 from torpor.paths import Paths
 from torpor.vmm.layout import VMFiles, reap_ram_dirs
@@ -620,7 +620,7 @@ class VMManager:
             # without one, spawn the shim here and start a zygote for next time
             use_zygote = not os.environ.get("TORPOR_NO_ZYGOTE")
             if not (use_zygote and zygote.request(self.paths.root, vm.id, wfd)):
-                with open(vm.files.shim_log, "ab") as slog:
+                with open(vm.files.shim_log, "ab", opener=private_opener) as slog:
                     proc = subprocess.Popen(
                         [
                             sys.executable,
@@ -640,6 +640,7 @@ class VMManager:
                         start_new_session=True,
                         env=env,
                         cwd="/",
+                        umask=0o077,  # its logs and records private, whatever the caller's
                     )
                 if use_zygote:
                     zygote.start(self.paths.root)

@@ -211,6 +211,9 @@ def _double_fork(conn: socket.socket, srv: socket.socket, become: Callable[[], N
             if os.fork() == 0:
                 conn.close()
                 srv.close()
+                # every file a shim or spare creates private, whatever umask the zygote
+                # inherited from the library caller that started it (022: logs were 0644)
+                os.umask(0o077)
                 from torpor.vmm import shim
 
                 shim.FORK_MODULES = frozenset(sys.modules)
@@ -310,6 +313,7 @@ def start(root: Path) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             cwd="/",
+            umask=0o077,
         )
 
 
