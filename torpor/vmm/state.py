@@ -5,16 +5,17 @@ through :func:`save_config` (rename).  ``state.json`` is written only by the
 VM's shim while it lives, and by the manager when it finds the shim dead.
 Both carry ``schema_version``; a file with an unknown major version is refused
 rather than guessed at.  Writes are atomic (temp, rename), so never torn; how durable
-each is depends on what a host crash may show (docs/architecture.md, "Crash states"):
+each is depends on what a host crash may show:
 
 - ``save_*`` (temp, fsync, rename, fsync of the folder): survives a host crash.
-- ``durable=False`` with fsync of the contents only (:func:`write_synced`): never torn,
-  even for a new file, but the rename may roll back after a host crash (to the old
-  file, or none).  Used only where the rolled-back state is one a crash a moment
-  earlier shows anyway.
-- ``state.json``'s unsynced variant (:func:`save_state` with ``synced=False``): a
-  zero-length file is what a host crash can leave of an unsynced *new* file on ext4;
-  :func:`load_state` reads it as never written (CREATED), which is what it was.
+- :func:`write_synced` (contents fsync'd, the folder not): never torn, even for a new
+  file, but the rename may roll back after a host crash (to the old file, or none).
+  Used only where the rolled-back state is one a crash a moment earlier shows anyway
+  (a restore's ``snapshot.ref`` and ``restore.json``).
+- ``state.json``'s unsynced variant (:func:`save_state` with ``synced=False``, the
+  shim's start-up records): same rule; a zero-length file is what a host crash can
+  leave of an unsynced *new* file on ext4, and :func:`load_state` reads it as never
+  written (CREATED), which is what it was.
 
 Liveness is never taken from ``state.json`` alone: a recorded pid is alive only
 if ``/proc/<pid>/stat`` shows the same start time, so a reboot or pid reuse
