@@ -36,10 +36,13 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from torpor import errors as E
+
+if TYPE_CHECKING:
+    import httpx
 
 ENV_HOST = "TORPOR_HOST"
 ENV_TOKEN = "TORPOR_TOKEN"
@@ -105,6 +108,25 @@ def _error_class(name: object) -> type[E.TorporError] | None:
     if isinstance(cls, type) and issubclass(cls, E.TorporError):
         return cls
     return None
+
+
+def error_of(resp: httpx.Response) -> E.TorporError:
+    """The typed error of a >= 400 answer whose body has been read (JSON or text)."""
+    try:
+        body: object = resp.json()
+    except ValueError:
+        body = resp.text
+    return error_from(resp.status_code, body, resp.reason_phrase)
+
+
+def json_of(resp: httpx.Response, method: str, path: str) -> Any:
+    """The decoded JSON of a 2xx answer whose body has been read (None when empty)."""
+    if not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError as e:
+        raise E.ProtocolError(f"{method} {path}: the server's answer is not JSON") from e
 
 
 def error_from(status: int, body: object, reason: str = "") -> E.TorporError:

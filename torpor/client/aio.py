@@ -117,20 +117,10 @@ class AsyncTransport:
             await self._read(resp, what)
         except httpx.HTTPError:  # cut mid-body: the status still says what happened
             return W.error_from(resp.status_code, "", resp.reason_phrase)
-        try:
-            body: Any = resp.json()
-        except ValueError:
-            body = resp.text
-        return W.error_from(resp.status_code, body, resp.reason_phrase)
+        return W.error_of(resp)
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
-        resp = await self.send(method, path, **kw)
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError as e:
-            raise E.ProtocolError(f"{method} {path}: the server's answer is not JSON") from e
+        return W.json_of(await self.send(method, path, **kw), method, path)
 
     async def events(self, method: str, path: str, **kw: Any) -> AsyncIterator[W.Event]:
         hdrs = {**(kw.pop("headers", None) or {}), "Accept": "text/event-stream"}

@@ -135,21 +135,11 @@ class Transport:
             self._read(resp, f"{resp.request.method} {resp.request.url.path} ({resp.status_code})")
         except httpx.HTTPError:  # cut mid-body: the status still says what happened
             return W.error_from(resp.status_code, "", resp.reason_phrase)
-        try:
-            body: Any = resp.json()
-        except ValueError:
-            body = resp.text
-        return W.error_from(resp.status_code, body, resp.reason_phrase)
+        return W.error_of(resp)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         """The decoded JSON of a 2xx answer (None for an empty one)."""
-        resp = self.send(method, path, **kw)
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError as e:
-            raise E.ProtocolError(f"{method} {path}: the server's answer is not JSON") from e
+        return W.json_of(self.send(method, path, **kw), method, path)
 
     def events(self, method: str, path: str, **kw: Any) -> Iterator[W.Event]:
         """Server-Sent Events of one request, as they arrive."""
