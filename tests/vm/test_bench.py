@@ -95,10 +95,14 @@ def test_bench_starts_writes_json(tools_image: str, tmp_path: Path) -> None:
     before = torpor_cli("ps", "-aq").stdout
     r = torpor_cli(
         "bench", "starts", "--image", tools_image, "--workers", "1", "--duration", "3",
-        "--pool", "0", "--json", str(out),
+        "--pool", "0", "--probe", "both", "--json", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    m = json.loads(out.read_text())["modes"]["no pool"]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"no pool", "no pool, agent request"}
+    assert modes["no pool, agent request"]["starts"] >= 1
+    assert modes["no pool, agent request"]["errors"] == 0
+    m = modes["no pool"]
     assert m["starts"] >= 1 and m["errors"] == 0
     assert m["machine_cpu_ms_per_start"] > 0
     assert m["qemu_cpu_ms"]["n"] == m["shim_cpu_ms"]["n"] >= m["starts"]
