@@ -138,12 +138,7 @@ def test_copies_a_library_caller_makes_are_private(vms, tools_image, paths) -> N
         assert {p.name for p in copies} >= {"memory", "disk", "devstate"}
         copies.append(woken.dir / "disk.qcow2")
         copies += [shadow, shadow.with_name(shadow.name + ".json")]  # a copy, and its meta
-        bad = []
-        for p in copies:
-            mode = stat.S_IMODE(p.stat().st_mode)
-            if mode & 0o077:
-                bad.append(f"{oct(mode)} {p}")
-        assert not bad, "readable by others:\n" + "\n".join(bad)
+        _assert_private(copies)
     finally:
         os.umask(old)
 
@@ -182,13 +177,17 @@ def test_a_library_callers_vm_files_are_private(vms, tools_image, paths) -> None
         with mgr.client(vm) as c:
             assert c.exec(["echo", "hi"]).status.code == 0
         hib = snapshot(mgr, vm.id, stop=True)
-        bad = []
-        for p in [*sorted(vm.dir.iterdir()), paths.snapshot_cache / hib.manifest.id]:
-            if p.is_symlink() or p.name == "jail":  # the jail's folder: QEMU's uid, its modes
-                continue
-            mode = stat.S_IMODE(p.stat().st_mode)
-            if mode & 0o077:
-                bad.append(f"{oct(mode)} {p}")
-        assert not bad, "readable by others:\n" + "\n".join(bad)
+        # the jail's folder is QEMU's uid's, with its own modes
+        files = [p for p in vm.dir.iterdir() if not p.is_symlink() and p.name != "jail"]
+        _assert_private([*sorted(files), paths.snapshot_cache / hib.manifest.id])
     finally:
         os.umask(old)
+
+
+def _assert_private(paths_: list[Path]) -> None:
+    bad = [
+        f"{oct(stat.S_IMODE(p.stat().st_mode))} {p}"
+        for p in paths_
+        if stat.S_IMODE(p.stat().st_mode) & 0o077
+    ]
+    assert not bad, "readable by others:\n" + "\n".join(bad)
