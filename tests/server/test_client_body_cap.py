@@ -6,12 +6,12 @@ bound.  The cap is ``max_body=`` (default :data:`torpor.client._wire.MAX_BODY`) 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from tests.httpserve import serving
 from torpor.client import _wire as W
 from torpor.client.aio import AsyncClient
 from torpor.client.sync import Client
@@ -71,15 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(_Handler) as u:
+        yield u
 
 
 OVERSIZED = ("/big", "/big-length", "/endless", "/error-endless")

@@ -5,12 +5,12 @@ whole in memory.  The server is a tiny ``http.server`` in a thread; no VM."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from tests.httpserve import serving
 from torpor.client import _wire as W
 from torpor.client.aio import AsyncTransport
 from torpor.client.sync import Transport
@@ -46,15 +46,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(_Handler) as u:
+        yield u
 
 
 def test_sync_client_caps_an_sse_line_and_an_event(url: str) -> None:
