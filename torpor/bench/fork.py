@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, print_wide, set_env
+from torpor.bench.stats import busy_cpu_s, machine, print_wide, proc_cpu_ms, set_env
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.vmm.pool import smaps_rollup
@@ -84,22 +84,6 @@ def _memory(mgr: Any, vms: list[Any], paths: Paths, snap_id: str) -> dict[str, i
     }
 
 
-def _busy_cpu() -> float:
-    """Core-seconds the machine has been busy (not idle, not iowait) since boot."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int | None) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 _SHIM_TIMES = {
     "qemu_to_running_ms": re.compile(r"QEMU spawn to running guest (\d+) ms"),
     "qemu_to_hello_ms": re.compile(r"HELLO (\d+) ms after QEMU spawn"),
@@ -111,8 +95,8 @@ def _phases(mgr: Any, vms: list[Any]) -> dict[str, float]:
     got: dict[str, list[float]] = {k: [] for k in (*_SHIM_TIMES, "qemu_cpu_ms", "shim_cpu_ms")}
     for v in vms:
         st = mgr.get(v.id).state
-        got["qemu_cpu_ms"].append(_cpu_s(st.qemu_pid) * 1000)
-        got["shim_cpu_ms"].append(_cpu_s(st.shim_pid) * 1000)
+        got["qemu_cpu_ms"].append(proc_cpu_ms(st.qemu_pid) or 0.0)
+        got["shim_cpu_ms"].append(proc_cpu_ms(st.shim_pid) or 0.0)
         try:
             text = v.files.shim_log.read_text(errors="replace")
         except OSError:
@@ -185,11 +169,11 @@ def run_fork_bench(
             if label.startswith(("shared (held)", "held")):
                 held = basemem.acquire(paths, _store(paths), snap)
             t = time.perf_counter()
-            busy = _busy_cpu()
+            busy = busy_cpu_s()
             vms = fork(mgr, snap.id, count, name_prefix=f"bf{os.getpid()}-{len(rows)}",
                        parallel=parallel, identity_by_exec="exec" in label)  # fmt: skip
             wall = time.perf_counter() - t
-            busy = _busy_cpu() - busy
+            busy = busy_cpu_s() - busy
             try:
                 phases = _phases(mgr, vms)
                 at_ready = _memory(mgr, vms, paths, snap.id)

@@ -35,27 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import machine, print_wide, summary
+from torpor.bench.stats import busy_cpu_s, machine, print_wide, proc_cpu_ms, summary
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.vmm.pool import vm_memory as fork_memory
-
-
-def _busy_jiffies() -> int:
-    """All CPUs' busy time since boot, in clock ticks (/proc/stat: not idle, iowait)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-
-
-def _cpu_ms(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` so far, in ms; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(rest[11]) + int(rest[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def _measure(
@@ -93,7 +76,7 @@ def _measure(
                         c.stat("/")  # answered by the agent itself: no guest process
                     elif c.exec(["true"]).status.code != 0:
                         raise RuntimeError("exec true failed")
-                q, sh = _cpu_ms(vm.state.qemu_pid), _cpu_ms(vm.state.shim_pid)
+                q, sh = proc_cpu_ms(vm.state.qemu_pid), proc_cpu_ms(vm.state.shim_pid)
                 with lock:
                     if q is not None and sh is not None:
                         qemu_cpu.append(q)
@@ -118,7 +101,7 @@ def _measure(
         mgr.remove(restore(mgr, snap).id, force=True)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     t0 = time.perf_counter()
-    busy0 = _busy_jiffies()
+    busy0 = busy_cpu_s()
     for th in threads:
         th.start()
     next_report = t0 + 10
@@ -142,7 +125,7 @@ def _measure(
             stop.set()
             elapsed = time.perf_counter() - t0
             done = len(cycles)
-            busy = _busy_jiffies() - busy0
+            busy = busy_cpu_s() - busy0
     finally:
         stop.set()
         for th in threads:
@@ -156,7 +139,7 @@ def _measure(
         "starts_per_min": per_min,
         "starts_per_min_per_core": per_min / cores,
         "cycle_ms": summary(cycles),
-        "machine_cpu_ms_per_start": busy * 1000 / os.sysconf("SC_CLK_TCK") / done if done else 0.0,
+        "machine_cpu_ms_per_start": busy * 1000 / done if done else 0.0,
         "qemu_cpu_ms": summary(qemu_cpu),
         "shim_cpu_ms": summary(shim_cpu),
         "fork_memory_bytes": summary(mem_samples),

@@ -71,3 +71,21 @@ def set_env(values: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def busy_cpu_s() -> float:
+    """Core-seconds all CPUs have been busy since boot (/proc/stat: not idle, not
+    iowait): the difference over a run is the machine's CPU for it, other load included."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_ms(pid: int | None) -> float | None:
+    """User + system CPU time of process ``pid`` so far, in ms; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
