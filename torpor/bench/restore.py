@@ -179,11 +179,7 @@ def run_restore_bench(
                         set_env({"TORPOR_RAM_BASE": saved_base})
                     rm(vm.id)
     finally:
-        if saved is None:
-            os.environ.pop("TORPOR_POOL", None)
-        else:
-            os.environ["TORPOR_POOL"] = saved
-        os.environ.pop("TORPOR_POOL_WARM", None)
+        set_env({"TORPOR_POOL": saved, "TORPOR_POOL_WARM": None})
 
         pool.drain(paths)
         for v in made:

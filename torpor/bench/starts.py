@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from torpor.bench.cli import _loadavg
-from torpor.bench.stats import busy_cpu_s, machine, print_wide, proc_cpu_ms, summary
+from torpor.bench.stats import (
+    busy_cpu_s,
+    machine,
+    print_wide,
+    proc_cpu_ms,
+    set_env,
+    summary,
+)
 from torpor.errors import TorporError
 from torpor.paths import Paths
 from torpor.vmm.pool import vm_memory as fork_memory
@@ -197,11 +204,7 @@ def run_starts_bench(
             modes[name] = _measure(mgr, snap, workers, duration, progress, how)
             pool.drain(paths)
     finally:
-        if saved is None:
-            os.environ.pop("TORPOR_POOL", None)
-        else:
-            os.environ["TORPOR_POOL"] = saved
-        os.environ.pop("TORPOR_POOL_WARM", None)
+        set_env({"TORPOR_POOL": saved, "TORPOR_POOL_WARM": None})
         pool.drain(paths)
         with contextlib.suppress(TorporError):
             mgr.remove(src.id, force=True)
