@@ -136,6 +136,7 @@ def test_a_crash_after_the_entry_keeps_the_answer(session) -> None:
         assert journal.pending(t.paths, snap)  # durable only in the journal
         _kill_vm(t)  # the machine is lost too: it comes back from the journal
         assert t.recover() is None
+        journal.wait(snap)  # restored from the journal, committed behind (a thread)
         assert not journal.pending(t.paths, snap)
         assert _answer_of(t.log(), turns + 1) == f"ok {turns}"
         assert _guest_log(t) == _lines(turns + 1)

@@ -73,6 +73,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -763,9 +764,19 @@ def restore(
     into the VM's own file (see :func:`_shared_base`)."""
     if name is not None and not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}")
-    journal.finish(mgr.paths, snap)  # a checkpoint still journaled: stored first
     store = _store(mgr)
-    manifest = store.get(snap)
+    # a checkpoint still journaled (its worker was killed before the store commit):
+    # restored from the parent's chunks and the journal's, committed behind once the
+    # VM runs.  Where the RAM would be a shared base or served lazily, neither of
+    # which can read a journal, it is stored first
+    held = None
+    if journal.pending(mgr.paths, snap) and _journal_restorable(shared):
+        held = journal.read_pending(mgr.paths, snap, store)
+    if held is None:
+        journal.finish(mgr.paths, snap)
+        manifest = store.get(snap)
+    else:
+        manifest, cold = held.manifest, True  # no cache or shadow vouches for it yet
     if set(ARTIFACTS) - set(manifest.artifacts):
         raise UsageError(f"snapshot {manifest.id[:12]} is not a VM snapshot")
     src_cfg = VMConfig.from_json(json.loads(manifest.meta["vm"]))
@@ -801,12 +812,17 @@ def restore(
     try:
         # ...whose memory, disk and device state are then replaced by the snapshot's
         _crash_point("restore-created")
-        base = place_snapshot(mgr, store, manifest, vm, cold, shared=shared)
+        base = place_snapshot(
+            mgr, store, manifest, vm, cold, shared=shared, extra=held.chunks if held else None
+        )
         try:
             started = mgr.start(vm.id)
         finally:
             if base is not None:  # the VM's shim holds its own reference by now
                 base.close()
+        if held is not None:
+            journal.commit_behind(mgr.paths, manifest)  # the VM runs: now its commit
+            return started
         if pooled and keep_pool:
             pool.want_soon(mgr.paths, manifest.id)  # spares for the next restore
         return started
@@ -829,6 +845,16 @@ def restore(
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
         raise
+
+
+def _journal_restorable(shared: bool) -> bool:
+    """Whether a restore can read a pending journal: its RAM is copied into the VM's
+    own file (a one-off restore, or shared bases off), never served lazily."""
+    from torpor.vmm import lazymem
+
+    if lazymem.enabled():
+        return False
+    return not shared or not (basemem.wanted()[0] and basemem.private_capture()[0])
 
 
 def fork(
@@ -1007,6 +1033,7 @@ def place_snapshot(
     cold: bool = False,
     memory_checked: bool = False,
     shared: bool = True,
+    extra: Mapping[str, bytes] | None = None,
 ) -> basemem.Base | None:
     """Put a snapshot's RAM, disk and device state into ``vm``'s folder for a restore.
 
@@ -1014,7 +1041,9 @@ def place_snapshot(
     the store, every chunk hash-checked.  The next start of the VM restores it.
     RAM: the snapshot's shared sealed base when one can be had (returned: hold it
     until the VM is started, then close it — the VM's shim holds its own), else a
-    copy made by the shim.
+    copy made by the shim.  ``extra``: chunks of a snapshot still journaled
+    (:func:`torpor.snapshot.journal.read_pending`; with ``cold``), read with the
+    store's.
     """
     cache = mgr.paths.snapshot_cache / manifest.id
     mem = manifest.artifacts["memory"]
@@ -1061,7 +1090,7 @@ def place_snapshot(
     elif foreign is None:
         # 3. cold: the store's chunks (hash-checked) into this VM's own shadow
         remove_shadow(own)
-        store.materialize(mem, own, name="memory", durable=False)
+        store.materialize(mem, own, name="memory", durable=False, extra=extra)
         write_meta(vm.files.shadow_meta, {"snapshot": manifest.id, "capture": None})
         info["ram_from"] = str(own)
         info["shadow_ready"] = True
@@ -1084,7 +1113,7 @@ def place_snapshot(
             store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
             _repair_cache_file(cache / art, dest)
         else:
-            store.materialize(manifest.artifacts[art], dest, name=art, durable=False)
+            store.materialize(manifest.artifacts[art], dest, name=art, durable=False, extra=extra)
     if not cold and cache.exists():
         with contextlib.suppress(OSError):
             os.utime(cache)  # recently used: evicted last

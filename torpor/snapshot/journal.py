@@ -58,6 +58,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -510,7 +511,10 @@ def _finish_orphans(paths: Paths) -> None:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], bytes]:
-    data = path.read_bytes()
+    return _parse(path.read_bytes(), path)
+
+
+def _parse(data: bytes, path: Path) -> tuple[dict[str, Any], bytes]:
     bad = StoreError(f"journal {path.name} is damaged", step="journal", path=path)
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
         raise bad
@@ -609,3 +613,160 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+# -- restoring straight from a journal ----------------------------------------------
+
+#: ``TORPOR_JOURNAL_RESTORE=0``: a restore of a journaled snapshot commits it first
+#: (the behaviour before; benchmarks compare the two).
+RESTORE_ENV = "TORPOR_JOURNAL_RESTORE"
+#: Largest journal a restore reads into memory (a turn's changed chunks are a few
+#: MiB; a larger one, e.g. a whole RAM re-captured, is committed first instead).
+MAX_READ = 256 << 20
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A snapshot that exists only as a journal, as a restore needs it: its manifest
+    (rebuilt, with the journal's id) and the chunks the store does not have yet
+    (hash -> bytes; every one hashes to its name, as a store read checks)."""
+
+    manifest: Manifest
+    chunks: dict[str, bytes]
+
+
+def read_pending(paths: Paths, snap_id: str, store: ChunkStore) -> Pending | None:
+    """``snap_id``'s journal read for a restore that must not wait for its commit.
+
+    Returns None when there is nothing to read or reading would not help: no
+    journal (stored, or another actor finished it meanwhile), this process is
+    committing it already (the caller's :func:`finish` waits for that), a journal
+    larger than :data:`MAX_READ`, or ``TORPOR_JOURNAL_RESTORE=0``; the caller then
+    finishes it first (:func:`finish`) and reads the store.
+
+    The journal is trusted no more than the store: it is read once, into memory,
+    under its lock (a committer removes it only under that lock); the chunk list is
+    rebuilt from the parent's manifest and the BLAKE3 of the journal's chunk data,
+    and the manifest built from it must have the id ``snap_id`` names (BLAKE3 over
+    every chunk hash), else StoreError naming the snapshot.  A journaled parent is
+    finished first (a chain of crashes: rare).  The journal stays on disk: commit it
+    with :func:`commit_behind` once the restored VM runs."""
+    from torpor.snapshot import core
+
+    if os.environ.get(RESTORE_ENV) == "0" or not pending(paths, snap_id):
+        return None
+    with _threads_lock:
+        if snap_id in _threads:
+            return None
+    path = journal_path(paths, snap_id)
+    with locked(paths.locks / f"journal-{snap_id}.lock"):
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size > MAX_READ:
+                    log.debug("journal %s: too large to read, committed first", snap_id[:12])
+                    return None
+                data = f.read(MAX_READ + 1)
+        except FileNotFoundError:
+            return None  # committed meanwhile: the store has it
+    if len(data) > MAX_READ:
+        return None
+    header, blob = _parse(data, path)
+    refuse = f"snapshot {snap_id[:12]}: its journal {path.name} is damaged"
+    if header.get("id") != snap_id:
+        raise StoreError(f"{refuse}: it names {header.get('id')!r}", step="journal", path=path)
+    parent_id = str(header.get("parent"))
+    if parent_id != snap_id:
+        finish(paths, parent_id)
+    parent = store.get(parent_id)
+    arts: dict[str, Artifact] = {}
+    chunks: dict[str, bytes] = {}
+    pos = 0
+    try:
+        for name, a in dict(header["artifacts"]).items():
+            size, cs = int(a["size"]), int(a["chunk_size"])
+            idx, lens = [int(i) for i in a["changed"]], [int(x) for x in a["lengths"]]
+            if len(idx) != len(lens) or size < 0 or name not in core.ARTIFACTS:
+                raise ValueError("bad artifact entry")
+            pa = parent.artifacts[name]
+            if pa.chunk_size != cs:
+                raise ValueError(f"{name}: chunk size {cs} is not its parent's")
+            n = ck.chunk_count(size, cs)
+            # what the commit's put_file(parent=, dirty=changed) makes of the file the
+            # journal rebuilds: a chunk not listed is the parent's where it covers the
+            # same bytes, else a hole (zeros)
+            hashes: list[str | None] = [
+                pa.chunks[i]
+                if i < len(pa.chunks) and pa.span(i) == ck.chunk_span(i, size, cs)
+                else None
+                for i in range(n)
+            ]
+            for i, ln in zip(idx, lens, strict=True):
+                if not 0 <= i < n:
+                    raise ValueError(f"chunk {i} out of range")
+                want = ck.chunk_span(i, size, cs)[1]
+                if ln not in (0, want) or pos + ln > len(blob):
+                    raise ValueError("chunk out of range")
+                piece = blob[pos : pos + ln]
+                pos += ln
+                h = ck.hash_bytes(piece) if ln else None
+                if h is not None and h == ck.zero_hash(ln):
+                    h = None  # the store keeps a zero chunk as a hole
+                if h is not None:
+                    chunks[h] = piece
+                hashes[i] = h
+            arts[name] = Artifact(size, cs, tuple(hashes))
+        if pos != len(blob):
+            raise ValueError("trailing data")
+        m, _ = build_manifest(
+            parent=parent.id,
+            kind=str(header["kind"]),
+            meta={str(k): str(v) for k, v in dict(header["meta"]).items()},
+            artifacts=arts,
+            created=str(header["created"]),
+        )
+    except (KeyError, TypeError, ValueError, TorporError) as e:
+        raise StoreError(f"{refuse}: {e}", step="journal", path=path) from e
+    if m.id != snap_id:
+        # a chunk whose bytes were altered (or a header naming other chunks) rebuilds
+        # another snapshot: nothing of it is used
+        raise StoreError(
+            f"{refuse}: its chunks rebuild snapshot {m.id[:12]}, not {snap_id[:12]}",
+            step="journal",
+            path=path,
+        )
+    return Pending(m, chunks)
+
+
+def commit_behind(paths: Paths, manifest: Manifest) -> None:
+    """Commit a journal a restore read (:func:`read_pending`) in a thread of this
+    process, as a fast snapshot's is: the VM's next snapshot builds on ``manifest``
+    without waiting, its own commit waits for this one; the process's exit waits too.
+    A failed commit keeps the journal (the next reader finishes it)."""
+    snap_id = manifest.id
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            finish(paths, snap_id)
+            with _threads_lock:
+                if len(commits) >= MAX_COMMIT_STATS:
+                    commits.pop(next(iter(commits)))
+                commits[snap_id] = {
+                    "commit_ms": (time.perf_counter() - t0) * 1000,
+                    "stored_bytes": float(_stored.pop(snap_id, 0)),
+                }
+        except Exception as e:  # kept on disk: the next reader finishes it
+            log.warning("journal %s: commit behind a restore failed: %s", snap_id[:12], e)
+        finally:
+            with _threads_lock:
+                if _threads.get(snap_id) is threading.current_thread():
+                    del _threads[snap_id]
+                    _manifests.pop(snap_id, None)
+
+    th = threading.Thread(target=run, name=f"journal-{snap_id[:12]}", daemon=False)
+    with _threads_lock:
+        if snap_id in _threads:
+            return  # already being committed here
+        _threads[snap_id] = th
+        _manifests[snap_id] = manifest
+        th.start()  # under the lock: a wait() never joins a thread not yet started
