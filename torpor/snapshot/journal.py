@@ -19,10 +19,15 @@ Invariants:
 
 - **A snapshot id named by the log is restorable.**  Its manifest is in the store,
   or its journal is complete on this home's disk: every reader that needs the
-  snapshot finishes the journal first (:func:`finish`: :func:`torpor.snapshot.core.
-  restore`, the VM's next snapshot, which needs it as its parent, and
-  ``Session.remove``).  Finishing is idempotent and serialised by a lock per
-  journal; a journal whose manifest is already stored is just removed.
+  snapshot finishes the journal first (:func:`finish`: the VM's next snapshot,
+  which needs it as its parent, forks, ``Session.remove``) — except a restore whose
+  RAM goes into the VM's own file (a session's recovery), which reads the journal
+  instead (:func:`read_pending`: the parent's chunks plus the journal's, every one
+  hash-checked, the rebuilt manifest's id must be the journal's) and commits it
+  behind once the VM runs (:func:`commit_behind`).  The journal is removed only
+  after its manifest is committed, so a crash at any point of a restore leaves one
+  of the two.  Finishing is idempotent and serialised by a lock per journal; a
+  journal whose manifest is already stored is just removed.
 - **A journal is trusted no more than the store.**  Its chunks are rebuilt into
   files and stored by :meth:`ChunkStore.put_file`, which hashes them again; the
   manifest is committed from the rebuilt artifacts and must come out with the id
@@ -44,7 +49,7 @@ Invariants:
 Failpoints (``torpor.failpoints``): ``journal.write`` (data written, before
 ``fdatasync`` and the rename: the torn case), ``journal.durable`` (renamed and
 fsync'd, before the caller logs anything), ``journal.commit`` (the background
-commit, before it reads the journal).
+commit, or the one behind a restore, before it reads the journal).
 """
 
 from __future__ import annotations
