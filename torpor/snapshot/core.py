@@ -836,6 +836,12 @@ def restore(
             # the cached RAM did not match the manifest: never used; the store has it
             _drop_cache_file(mgr.paths.snapshot_cache / manifest.id / "memory")
             return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
+        if not cold and not shared:
+            # a one-off restore (lazy by default: a chunk it served was missing or
+            # damaged ends QEMU, never wrong bytes): once more in full from the store,
+            # which names the bad chunks (ChunkCorruptError) or recovers the VM
+            log.warning("restore %s failed (%s): again, in full", manifest.id[:12], e)
+            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
         raise
     except OSError as e:
         with contextlib.suppress(TorporError):
@@ -987,20 +993,22 @@ def set_last_snapshot(vm: VM, snap_id: str) -> None:
     atomic_write_bytes(vm.dir / "snapshot.ref", (snap_id + "\n").encode(), mode=0o600)
 
 
-def _lazy_memory(manifest: Manifest, vm: VM) -> bool:
+def _lazy_memory(manifest: Manifest, vm: VM, oneoff: bool = False) -> bool:
     """Whether this restore's memory, which would come whole from the store, is served
-    lazily instead (``TORPOR_LAZY_RESTORE=1``; :mod:`torpor.vmm.lazymem`).  Unusable
-    FUSE falls back to the full materialization, with a warning in the log."""
+    lazily instead (:func:`torpor.vmm.lazymem.enabled`: ``TORPOR_LAZY_RESTORE=1``, or
+    by default a one-off restore's).  Unusable FUSE falls back to the full
+    materialization, with a warning in the log (asked for) or a debug line (default)."""
     from torpor.vmm import lazymem
 
-    if not lazymem.enabled():
+    if not lazymem.enabled(oneoff):
         return False
+    asked = lazymem.enabled()
     if manifest.artifacts["memory"].size != vm.config.memory_mib << 20:
         log.warning("restore %s: not lazy: memory size differs from the VM's", manifest.id[:12])
         return False
     why = lazymem.available()
     if why is not None:
-        log.warning(
+        (log.warning if asked else log.debug)(
             "restore %s: lazy restore unavailable (%s): all of its memory is read from "
             "the store first",
             manifest.id[:12],
@@ -1081,9 +1089,12 @@ def place_snapshot(
         # 2. a running VM's shadow that still equals the snapshot (copied under its lock)
         info["ram_from"] = str(foreign)
         info["ram_snapshot"] = manifest.id
-    elif foreign is None and _lazy_memory(manifest, vm):
+    elif foreign is None and _lazy_memory(manifest, vm, oneoff=not shared and not cold):
         # 3a. lazy: the shim serves the store's chunks (hash-checked) through a FUSE
-        # file that QEMU maps private (torpor.vmm.lazymem); nothing materialized here
+        # file that QEMU maps private (torpor.vmm.lazymem); nothing materialized here.
+        # By default a recovery's (one-off, not cold): its checkpoint is restored once
+        # and captured again soon; a cold restore (asked for, or a checkpoint read
+        # with its pending journal, whose chunks the lazy server cannot read) stays full
         remove_shadow(own)
         info["lazy"] = {"snapshot": manifest.id, "size": mem.size}
         info["ram_private"] = True

@@ -116,9 +116,18 @@ FETCH_THREADS = 4  # chunk fetches side by side (2 cores here; a bucket's latenc
 PREFETCH_THREADS = 2
 
 
-def enabled() -> bool:
-    """Whether cold restores should be lazy (``TORPOR_LAZY_RESTORE``: 1 on, else off)."""
-    return os.environ.get("TORPOR_LAZY_RESTORE", "") == "1"
+def enabled(oneoff: bool = False) -> bool:
+    """Whether a restore whose memory would come from the store is lazy instead.
+
+    ``TORPOR_LAZY_RESTORE``: ``1`` every such restore, ``0`` none; unset: only a
+    one-off restore's (``oneoff``: a session's recovery, which restores its checkpoint
+    once and then runs a turn and captures it).  For those lazy wins end to end
+    (restore → first exec → checkpoint captured, docs/thesis.md "Session 9"): the
+    capture of a lazy VM reads the pages it needs from the lazy file itself and does
+    not wait for the rest of the memory to stream in.  Other restores stay full: a
+    hot restore has a copy at hand, and a fork's shared base serves many VMs."""
+    raw = os.environ.get("TORPOR_LAZY_RESTORE", "")
+    return raw == "1" or (oneoff and raw != "0")
 
 
 def available() -> str | None:

@@ -557,7 +557,11 @@ class Shim:
         self.capturing = True
         log.info("capture: requested (keep_paused=%s)", keep)
         try:
-            if self.shadow_init is not None:
+            # a private VM's shadow_init is only ever a lazy restore's stream
+            # (lazymem.fill_shadow): its capture reads the base from the lazy RAM file
+            # itself (ramless.open_base, every chunk hash-checked), so it does not wait
+            # for the whole memory to stream in first
+            if self.shadow_init is not None and not self.ram_private:
                 try:  # bounded: a stuck copy must fail this capture, not hang it
                     await asyncio.wait_for(asyncio.shield(self.shadow_init), SHADOW_INIT_WAIT)
                 except TimeoutError:

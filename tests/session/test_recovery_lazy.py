@@ -1,0 +1,71 @@
+"""A recovery's restore is lazy by default (issue 13 §1: a recovery that does not grow
+with the guest's RAM): the checkpoint's memory is served from the store on demand
+(torpor.vmm.lazymem) while the replayed turn runs, and that turn's checkpoint does not
+wait for the rest to stream in.  The recovered session is the pre-crash one (a file
+only in guest RAM, a disk file, a running process, the messages), and so is the one
+recovered again, in full (``TORPOR_LAZY_RESTORE=0``), from the checkpoint the lazily
+restored VM took.  A damaged checkpoint is refused (tests/session/test_recovery_oneoff.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.session.test_recovery_oneoff import PROBE, SETUP, _crash, _exec, _model
+from torpor.paths import Paths
+from torpor.session import Session
+from torpor.vmm import lazymem
+from torpor.vmm.manager import VMManager
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def session(paths: Paths, tools_image: str) -> Iterator[tuple[Session, str]]:
+    if lazymem.available() is not None:
+        pytest.skip(f"lazy restore unavailable: {lazymem.available()}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TORPOR_LAZY_RESTORE", raising=False)  # the default
+        s = Session.create(tools_image, _model(), name="lazy-recovery", paths=paths)
+        try:
+            vm = s.vm()
+            assert vm is not None
+            assert _exec(VMManager(paths), vm, SETUP).strip() == "ok"
+            s.checkpoint(reason="turn")
+            yield s, _exec(VMManager(paths), vm, PROBE)
+        finally:
+            s.remove()
+            s.close()
+
+
+def test_a_recovery_is_lazy_and_its_checkpoint_restores_in_full(
+    session, paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, probe = session
+    mgr = VMManager(paths)
+    before = s.messages()
+    _crash(s, mgr, "still there?")
+    assert s.recover() == "answer 0"  # the replayed turn, checkpointed
+    vm = s.vm()
+    assert vm is not None
+    assert lazymem.is_mounted(vm.files.ram)  # served lazily, not materialized
+    assert _exec(mgr, vm, PROBE) == probe
+    first = s.state().last_checkpoint.snapshot
+
+    # the checkpoint the lazy VM took, restored in full from the store
+    monkeypatch.setenv("TORPOR_LAZY_RESTORE", "0")
+    _crash(s, mgr, "and now?")
+    assert s.recover() == "answer 1"
+    vm = s.vm()
+    assert vm is not None
+    assert not lazymem.is_mounted(vm.files.ram)
+    assert _exec(mgr, vm, PROBE) == probe
+    assert s.state().last_checkpoint.snapshot != first
+    assert [(m["role"], m["content"]) for m in s.messages()[len(before) :]] == [
+        ("user", "still there?"),
+        ("assistant", "answer 0"),
+        ("user", "and now?"),
+        ("assistant", "answer 1"),
+    ]
