@@ -137,6 +137,25 @@ def test_a_first_snapshot_sized_put_goes_into_packs_and_is_read_by_a_new_process
     assert (tmp_path / "back").read_bytes() == data
 
 
+
+def test_a_packed_chunk_is_reused_unread_and_a_loose_one_is_rehashed(tmp_path):
+    """Another writer's chunk is reused by a later put: one in a sealed pack as it is
+    (a pack is named only after its frames and MAC'd index were synced, so it is never
+    torn, and no torpor without packs wrote it), a loose one only after it was read
+    back and re-hashed (an older torpor may have left it torn)."""
+    big, small = tmp_path / "big", tmp_path / "small"
+    _random_file(big, 150, 3, BIG_CS)
+    _random_file(small, 8, 4, BIG_CS)
+    with ChunkStore(tmp_path / "store") as store:
+        store.put_file(big, chunk_size=BIG_CS)
+        store.put_file(small, chunk_size=BIG_CS)
+        assert _packs(store) and len(_loose(store)) == 8
+    with ChunkStore(tmp_path / "store") as store:  # another writer: nothing of its own
+        _, packed = store.put_file(big, chunk_size=BIG_CS)
+        _, loose = store.put_file(small, chunk_size=BIG_CS)
+    assert (packed.chunks_new, packed.chunks_reused, packed.chunks_verified) == (0, 150, 0)
+    assert (loose.chunks_new, loose.chunks_reused, loose.chunks_verified) == (0, 8, 8)
+
 # -- gc ------------------------------------------------------------------------------
 
 

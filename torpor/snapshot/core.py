@@ -93,12 +93,14 @@ from torpor.fsutil import atomic_write_bytes, locked
 from torpor.snapshot import base as bases
 from torpor.snapshot import journal
 from torpor.store import Artifact, ChunkMissingError, ChunkStore, GcReport, Manifest, PutStats
+from torpor.store import chunks as ck
 from torpor.store.errors import io_error
 from torpor.vmm import basemem
 from torpor.vmm.capture import (
     CAPTURE,
     CAPTURE_END,
     CHUNK,
+    precopy,
     read_meta,
     remove_shadow,
     sparse_copy,
@@ -435,7 +437,9 @@ def _snapshot(mgr: VMManager, vm: VM, tag: str | None, stop: bool) -> SnapshotRe
 # A VM's first capture has no shadow: the shim would copy guest RAM into one (the
 # pre-copy, guest running), pause, bring it up to date, resume — and only then could
 # the store read, hash, compress and write ~134 MB.  Instead the client makes the
-# pre-copy itself and stores it *while* the shim pauses: the shim then finds a shadow
+# pre-copy itself — the put reads each range of the shadow as soon as the copy is
+# past it (chunks.Filling), so hashing and compressing start with the copy, not after
+# it — and stores it *while* the shim pauses: the shim then finds a shadow
 # (with no snapshot vouched for) and answers with the chunks that differed at the
 # pause (``changed``, brought up to date in the shadow); only those are read again,
 # the rest come from the speculative put (put_file's dirty path).  Sound because the
@@ -455,18 +459,31 @@ def _start_first_put(
     if os.environ.get("TORPOR_FIRST_OVERLAP", "1") == "0":
         return None
     ram, shadow = vm.files.ram, vm.files.shadow
+    put: list[Future[tuple[Artifact, PutStats]]] = []
+
+    def started(extents: list[tuple[int, int]]) -> ck.Filling:
+        # the put reads each range of the shadow once the copy is past it
+        filling = ck.Filling(extents)
+        put.append(_first_pool.submit(store.put_file, shadow, chunk_size=CHUNK, filling=filling))
+        return filling
+
     try:
         if shadow.exists() or not stat.S_ISREG(os.stat(ram).st_mode):
             return None
         t0 = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):
             vm.files.shadow_meta.unlink()  # a stale one must not name a base for the shim
-        sparse_copy(ram, shadow)  # 0600, holes kept
+        precopy(ram, shadow, started)  # 0600, holes kept
         t["client_precopy_ms"] = (time.perf_counter() - t0) * 1000
     except OSError as e:  # no room for it, or the VM went: the shim's own path decides
         log.info("first capture of %s: no pre-copy by the client: %s", vm.name, e)
+        for f in put:  # failed with the copy (Filling.fail): done before the shadow goes
+            with contextlib.suppress(BaseException):
+                f.result()
+        with contextlib.suppress(OSError):
+            shadow.unlink()  # half copied: the shim makes its own
         return None
-    return _first_pool.submit(store.put_file, shadow, chunk_size=CHUNK)
+    return put[0]
 
 
 def _finish_first_put(

@@ -31,7 +31,7 @@ import errno
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -233,6 +233,47 @@ def chunks_with_data(extents: Iterable[tuple[int, int]], chunk_size: int) -> set
     return out
 
 
+class Filling:
+    """A file another thread is writing front to back (a first snapshot's RAM
+    pre-copy): which ranges will hold data, fixed up front, and how far it is written.
+
+    The writer calls :meth:`advance` (every byte below the offset that will be written
+    is), then :meth:`finish` or :meth:`fail`; a reader (``put_file(filling=...)``)
+    reads a range only once :meth:`wait` returns for its end, so it never sees a
+    byte the writer has not written yet."""
+
+    def __init__(self, extents: list[tuple[int, int]]) -> None:
+        self.extents = extents
+        self._done = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, offset: int) -> None:
+        with self._cond:
+            self._done = max(self._done, offset)
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        self.advance(1 << 62)
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def wait(self, offset: int) -> None:
+        """Until the file is written below ``offset``; raises StoreError if the writer
+        failed first."""
+        with self._cond:
+            while self._done < offset and self._error is None:
+                self._cond.wait()
+            if self._done < offset:
+                raise StoreError(
+                    f"the file's writer failed before offset {offset}: {self._error}",
+                    step="read chunks",
+                )
+
+
 @dataclass(frozen=True)
 class ChunkRead:
     """One chunk read from a file; ``data`` is valid until the next batch is read."""
@@ -241,8 +282,17 @@ class ChunkRead:
     data: memoryview
 
 
+_buffers: list[bytearray] = []  # read buffers of finished read_chunks, reused
+_buffers_lock = threading.Lock()
+MAX_SPARE_BUFFERS = 2
+
+
 def read_chunks(
-    fd: int, size: int, chunk_size: int, indexes: Iterable[int]
+    fd: int,
+    size: int,
+    chunk_size: int,
+    indexes: Iterable[int],
+    ready: Callable[[int], None] | None = None,
 ) -> Iterator[list[ChunkRead]]:
     """Read the chunks ``indexes`` (ascending) in batches via ``preadv``.
 
@@ -250,10 +300,39 @@ def read_chunks(
     snapshot's dirty chunks) still share a batch, so per-batch work (hashing on the
     pool, claiming, writing) is not paid per chunk.  Yields lists of
     :class:`ChunkRead` whose memoryviews share one reusable buffer: consume each
-    batch before asking for the next.
+    batch before asking for the next.  ``ready(end)`` is called before a range
+    ending at ``end`` is read (:meth:`Filling.wait`).
+
+    The buffer is kept for the next call once this one is exhausted or closed (up to
+    :data:`MAX_SPARE_BUFFERS`): memory a process touches for the first time costs
+    ~1-2 ms per MiB on these machines (the host backs it on first touch), more than
+    reading into it.
     """
     per_batch = max(1, READ_BATCH_BYTES // chunk_size)
-    buf = bytearray(per_batch * chunk_size)
+    want_len = per_batch * chunk_size
+    with _buffers_lock:
+        buf = next((b for b in _buffers if len(b) == want_len), None)
+        if buf is not None:
+            _buffers.remove(buf)
+    if buf is None:
+        buf = bytearray(want_len)
+    try:
+        yield from _read_batches(fd, size, chunk_size, indexes, ready, buf, per_batch)
+    finally:
+        with _buffers_lock:
+            if len(_buffers) < MAX_SPARE_BUFFERS:
+                _buffers.append(buf)
+
+
+def _read_batches(
+    fd: int,
+    size: int,
+    chunk_size: int,
+    indexes: Iterable[int],
+    ready: Callable[[int], None] | None,
+    buf: bytearray,
+    per_batch: int,
+) -> Iterator[list[ChunkRead]]:
     view = memoryview(buf)
     out: list[ChunkRead] = []
     run: list[int] = []
@@ -263,6 +342,8 @@ def read_chunks(
         base = len(out) * chunk_size
         off = run[0] * chunk_size
         want = min(len(run) * chunk_size, size - off)
+        if ready is not None:
+            ready(off + want)
         got = 0
         while got < want:
             n = os.preadv(fd, [view[base + got : base + want]], off + got)

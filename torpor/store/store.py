@@ -55,9 +55,12 @@ the filesystem — other VMs' disk overlays, snapshot caches, anything else on t
 host — and cost 50-120 ms per snapshot here; fsyncing only the new chunk files and
 their directories costs what was written.  Chunk data is synced before its rename,
 so a chunk under its real name is never torn by a power loss; an existing chunk is
-still re-hashed before reuse unless a committed parent names it or this writer
-wrote it (a store written by an older torpor, or damaged on disk, may hold torn
-chunks).
+still re-hashed before reuse unless a committed parent names it, this writer
+wrote it, or it is in a pack (a store written by an older torpor may hold torn loose
+chunks; a pack is named only after its frames and MAC'd index were synced, and no
+torpor without packs wrote one — reading back a first snapshot's worth of another
+VM's packed chunks cost ~150 ms of CPU per first snapshot; damage on disk after that
+is found, as for a parent's chunks, when the chunk is read: every read re-checks).
 
 Why gc is safe while writers run (local filesystem, one kernel clock):
 
@@ -185,6 +188,7 @@ class PutStats:
     chunks_reused: int = 0  # same as the parent's, skipped as clean, or already stored
     chunks_skipped: int = 0  # of chunks_reused: taken from the parent unread (dirty path)
     chunks_new: int = 0
+    chunks_verified: int = 0  # of chunks_reused: another writer's, read back and re-hashed
     bytes_stored: int = 0  # compressed bytes written for new chunks
     seconds_reading: float = 0.0
     seconds_hashing: float = 0.0
@@ -602,10 +606,11 @@ class ChunkStore:
         except (OSError, StoreError):
             return None
 
-    def _claim(self, hashes: Iterable[str]) -> set[str]:
+    def _claim(self, hashes: Iterable[str], packed: set[str] | None = None) -> set[str]:
         """Touch existing chunks under the shared gc lock; return the ones that are absent.
 
         A claimed chunk's mtime is newer than our lease, so gc keeps it (see module doc).
+        The chunks found in a sealed pack are added to ``packed`` if given.
         """
         absent: set[str] = set()
         pm = self._packs
@@ -622,6 +627,8 @@ class ChunkStore:
                     except FileNotFoundError:
                         touched[name] = False
                 if touched[name]:
+                    if packed is not None:
+                        packed.add(h)
                     return True
             try:
                 os.utime(self._cpath(h))
@@ -653,13 +660,16 @@ class ChunkStore:
         parent: Artifact | None = None,
         dirty: Iterable[int] | None = None,
         progress: Progress | None = None,
+        filling: ck.Filling | None = None,
     ) -> tuple[Artifact, PutStats]:
         """Store ``path`` as chunks; return its :class:`Artifact` and what it cost.
 
         With ``parent`` (the same file's artifact in the parent snapshot), chunks equal
         to the parent's are not rewritten.  With ``dirty`` (chunk indexes that may have
         changed since ``parent``; needs ``parent``), other chunks are taken from the
-        parent without reading the file.  Chunks stay unlisted until :meth:`commit`.
+        parent without reading the file.  With ``filling`` the file is still being
+        written by another thread: its data ranges are the filling's, and each range
+        is read once the writer is past it.  Chunks stay unlisted until :meth:`commit`.
 
         Raises UsageError (bad chunk size, dirty without a compatible parent),
         NotFoundError (no such file), ChunkMissingError (a parent chunk the dirty path
@@ -685,7 +695,7 @@ class ChunkStore:
             raise StoreError(f"cannot open: {e}", step="put file", path=path) from e
         try:
             self._ensure_lease()
-            return self._put_fd(fd, path, chunk_size, parent, dirty, progress, t_start)
+            return self._put_fd(fd, path, chunk_size, parent, dirty, progress, t_start, filling)
         except OSError as e:
             raise StoreError(f"I/O error: {e}", step="put file", path=path) from e
         finally:
@@ -700,6 +710,7 @@ class ChunkStore:
         dirty: Iterable[int] | None,
         progress: Progress | None,
         t_start: float,
+        filling: ck.Filling | None = None,
     ) -> tuple[Artifact, PutStats]:
         size = os.fstat(fd).st_size
         n = ck.chunk_count(size, chunk_size)
@@ -714,10 +725,11 @@ class ChunkStore:
                 if i not in dirty_set and parent.span(i) == ck.chunk_span(i, size, chunk_size):
                     skipped.append(i)
         skipped_set = set(skipped)
-        with_data = ck.chunks_with_data(ck.data_extents(fd, size), chunk_size)
+        extents = filling.extents if filling is not None else ck.data_extents(fd, size)
+        with_data = ck.chunks_with_data(extents, chunk_size)
         to_read = sorted(i for i in with_data if i < n and i not in skipped_set)
 
-        st = dict.fromkeys(("bytes_read", "reused", "new", "stored"), 0) | {
+        st = dict.fromkeys(("bytes_read", "reused", "new", "stored", "verified"), 0) | {
             "t_read": 0.0,
             "t_hash": 0.0,
             "t_comp": 0.0,
@@ -741,7 +753,8 @@ class ChunkStore:
         pending: dict[Future[int], list[str]] = {}
         self._packing = False
         try:
-            batches = ck.read_chunks(fd, size, chunk_size, to_read)
+            ready = filling.wait if filling is not None else None
+            batches = ck.read_chunks(fd, size, chunk_size, to_read, ready)
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
@@ -774,6 +787,7 @@ class ChunkStore:
             chunks_reused=st["reused"],
             chunks_skipped=len(skipped) - sum(1 for i in skipped if result[i] is None),
             chunks_new=st["new"],
+            chunks_verified=st["verified"],
             bytes_stored=st["stored"],
             seconds_reading=st["t_read"],
             seconds_hashing=st["t_hash"],
@@ -819,11 +833,14 @@ class ChunkStore:
             else:
                 unknown.setdefault(h, c.data)
         # Claim everything that already exists; what is absent must be written.
-        absent = self._claim(sorted(trusted | unknown.keys()))
+        packed: set[str] = set()
+        absent = self._claim(sorted(trusted | unknown.keys()), packed)
         data_of = {h: c.data for c, h in hashed}
         to_write = {h: data_of[h] for h in absent}
-        # Pre-existing chunks nobody vouches for may be torn by an old crash: re-hash.
-        suspects = [h for h in unknown if h not in absent]
+        # Pre-existing loose chunks nobody vouches for may be torn by an old crash:
+        # re-hash them.  A sealed pack's are whole (see the module doc).
+        suspects = [h for h in unknown if h not in absent and h not in packed]
+        st["verified"] += len(suspects)
         if suspects:
             pool = self._executor()
             lens = [len(unknown[h]) for h in suspects]

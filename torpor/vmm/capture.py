@@ -39,6 +39,7 @@ import mmap
 import os
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,53 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
 def _copy_extents(fi: int, fo: int, extents: list[tuple[int, int]]) -> int:
     cross_fs = [False]
     return sum(_copy_range(fi, fo, b - a, a, cross_fs) for a, b in extents)
+
+
+PRECOPY_PIECE = 4 << 20  # how far a pre-copy gets between two reports of its progress
+
+
+def precopy(
+    ram: Path, shadow: Path, started: Callable[[list[tuple[int, int]]], Any]
+) -> tuple[int, Any]:
+    """Copy ``ram``'s data into a new 0600 ``shadow`` of the same size, front to back,
+    telling a reader how far it got (a first capture's client stores the copy while
+    it is made: :func:`torpor.snapshot.core._start_first_put`).
+
+    ``started(extents)`` is called once the shadow exists at its full size (holes) and
+    the data ranges to be copied are known; it returns a :class:`torpor.store.chunks.
+    Filling`-like object whose ``advance(offset)`` is called as the copy passes
+    ``offset`` and ``finish()`` at the end (``fail(error)`` if it fails, then the error
+    is raised).  Returns (bytes copied, what ``started`` returned).
+    """
+    _new_private_file(shadow)
+    with open(ram, "rb") as f_in, open(shadow, "r+b") as f_out:
+        fi, fo = f_in.fileno(), f_out.fileno()
+        size = os.fstat(fi).st_size
+        f_out.truncate(size)  # before anyone reads it: a reader's view of its size is final
+        extents = []
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fi, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(fi, data, os.SEEK_HOLE)
+            extents.append((data, min(hole, size)))
+            pos = hole
+        filling = started(extents)
+        try:
+            cross_fs = [False]
+            copied = 0
+            for a, b in extents:
+                for off in range(a, b, PRECOPY_PIECE):
+                    end = min(off + PRECOPY_PIECE, b)
+                    copied += _copy_range(fi, fo, end - off, off, cross_fs)
+                    filling.advance(end)
+        except BaseException as e:
+            filling.fail(e)
+            raise
+        filling.finish()
+    return copied, filling
 
 
 async def pause_and_copy(
