@@ -35,6 +35,8 @@ Invariants:
 
 from __future__ import annotations
 
+import array
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -43,10 +45,14 @@ import os
 import re
 import secrets
 import struct
+import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+import blake3
 
 from torpor import failpoints, fsutil
 from torpor.store import chunks as ck
@@ -97,6 +103,11 @@ def encode_tail(
 def read_index(key: bytes, name: str, fd: int) -> dict[str, Entry]:
     """The checked index of the pack open as ``fd`` (see module doc); StoreError
     saying what is wrong otherwise."""
+    return read_index_trailer(key, name, fd)[0]
+
+
+def read_index_trailer(key: bytes, name: str, fd: int) -> tuple[dict[str, Entry], bytes]:
+    """:func:`read_index` and the pack's trailer (what the combined index records)."""
     size = os.fstat(fd).st_size
     if size < len(MAGIC) + TRAILER_LEN:
         raise StoreError(f"pack {name} is truncated ({size} bytes)", step="read pack")
@@ -109,12 +120,9 @@ def read_index(key: bytes, name: str, fd: int) -> dict[str, Entry]:
     mac = trailer[_TRAILER_HEAD.size : _TRAILER_HEAD.size + 32]
     if index_off < len(MAGIC) or index_off + n * _ENTRY.size != size - TRAILER_LEN:
         raise StoreError(f"pack {name}: index bounds do not fit its size", step="read pack")
-    index = b""
-    while len(index) < n * _ENTRY.size:
-        part = os.pread(fd, n * _ENTRY.size - len(index), index_off + len(index))
-        if not part:
-            raise StoreError(f"pack {name}: short index read", step="read pack")
-        index += part
+    index = _pread_all(fd, n * _ENTRY.size, index_off)
+    if index is None:
+        raise StoreError(f"pack {name}: short index read", step="read pack")
     if not hmac.compare_digest(mac, _mac(key, name, index_off, n, index)):
         raise StoreError(
             f"pack {name}: index does not verify (damaged, or not this store's)", step="read pack"
@@ -133,7 +141,18 @@ def read_index(key: bytes, name: str, fd: int) -> dict[str, Entry]:
     for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
             raise StoreError(f"pack {name}: entries overlap at {start}", step="read pack")
-    return out
+    return out, trailer
+
+
+def _pread_all(fd: int, n: int, off: int) -> bytes | None:
+    """``n`` bytes at ``off`` (None: the file is shorter)."""
+    got = b""
+    while len(got) < n:
+        part = os.pread(fd, n - len(got), off + len(got))
+        if not part:
+            return None
+        got += part
+    return got
 
 
 class PackWriter:
@@ -245,17 +264,210 @@ def _start_writeback(fd: int, off: int, n: int) -> None:
         _sfr(fd, off, n, _SYNC_FILE_RANGE_WRITE)
 
 
-class PackMap:
-    """The indexes of one store folder's packs (see module doc), thread-safe."""
+# -- the combined index (packs/index) ---------------------------------------------------
+#
+# Layout (all integers little-endian)::
+#
+#     INDEX_MAGIC                  b"torpor-packindex 1\n"
+#     head                         packs P u32 | entries N u64 | block B u32
+#     pack table                   P x (name 16 raw bytes | the pack's trailer, 56 bytes)
+#     prefixes                     N x the first 4 bytes of each entry's hash, in order
+#     digests                      ceil(N/B) x BLAKE3 of each block's bytes
+#     mac                          HMAC-SHA256(store key, "torpor-packindex " + all above)
+#     entries                      N x (BLAKE3 32 | pack u32 | offset u64 | length u32 |
+#                                  base 32), sorted by hash, in blocks of B entries
+#
+# Opening checks the MAC over everything but the entries (4 bytes per entry, 32 per
+# block).  A lookup binary-searches the prefixes (an absent chunk usually ends there:
+# no block read); a block is read and checked against its digest, and its keys against
+# the prefixes, when a lookup first needs it.
 
-    def __init__(self, packs_dir: Path, key: bytes) -> None:
+INDEX_NAME = "index"
+INDEX_MAGIC = b"torpor-packindex 1\n"
+_IHEAD = struct.Struct("<IQI")
+_IREC = struct.Struct("<32sIQI32s")
+_PACKREC = 16 + TRAILER_LEN
+INDEX_BLOCK = 64  # entries per checked block (5 KiB): a lookup hashes one block
+REBUILD_AFTER = 4  # packs the combined index does not cover before a process rewrites it
+_MAX_INDEX_BLOCK = 1 << 16
+_U32 = next(c for c in "IL" if array.array(c).itemsize == 4)
+
+
+def encode_combined(key: bytes, packs: Sequence[tuple[str, bytes]], records: list[bytes]) -> bytes:
+    """The combined index of ``packs`` ((name, trailer), in pack-number order) whose
+    entries are ``records`` (``_IREC``-packed, sorted here)."""
+    records = sorted(records)
+    blocks = [b"".join(records[i : i + INDEX_BLOCK]) for i in range(0, len(records), INDEX_BLOCK)]
+    body = b"".join(
+        [
+            INDEX_MAGIC,
+            _IHEAD.pack(len(packs), len(records), INDEX_BLOCK),
+            *(bytes.fromhex(n) + tr for n, tr in packs),
+            *(r[:4] for r in records),
+            *(blake3.blake3(b).digest() for b in blocks),
+        ]
+    )
+    mac = hmac.new(key, b"torpor-packindex " + body, hashlib.sha256).digest()
+    return body + mac + b"".join(blocks)
+
+
+class CombinedIndex:
+    """One open ``packs/index``, MAC-checked at open (StoreError if it does not verify
+    or does not fit its size); its blocks are checked as they are first used."""
+
+    def __init__(self, key: bytes, fd: int) -> None:
+        st = os.fstat(fd)
+        self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        head = os.pread(fd, len(INDEX_MAGIC) + _IHEAD.size, 0)
+        if len(head) != len(INDEX_MAGIC) + _IHEAD.size or not head.startswith(INDEX_MAGIC):
+            raise StoreError("pack index is not a torpor pack index", step="read pack index")
+        n_packs, n, block = _IHEAD.unpack_from(head, len(INDEX_MAGIC))
+        if not 0 < block <= _MAX_INDEX_BLOCK:
+            raise StoreError("pack index: bad block size", step="read pack index")
+        nblocks = -(-n // block)
+        meta_len = len(head) + n_packs * _PACKREC + n * 4 + nblocks * 32 + 32
+        if meta_len + n * _IREC.size != st.st_size:
+            raise StoreError(
+                "pack index does not fit its size (truncated?)", step="read pack index"
+            )
+        meta = _pread_all(fd, meta_len, 0)
+        if meta is None:
+            raise StoreError("pack index: short read", step="read pack index")
+        mac = hmac.new(key, b"torpor-packindex " + meta[:-32], hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, meta[-32:]):
+            raise StoreError(
+                "pack index does not verify (damaged, or not this store's)",
+                step="read pack index",
+            )
+        self.fd = os.dup(fd)
+        self.n, self.block, self.nblocks = n, block, nblocks
+        self.names: list[str] = []
+        self.trailers: list[bytes] = []
+        self.index_offs: list[int] = []
+        pos = len(head)
+        for _ in range(n_packs):
+            rec = meta[pos : pos + _PACKREC]
+            pos += _PACKREC
+            tr = rec[16:]
+            index_off, _n = _TRAILER_HEAD.unpack_from(tr)
+            if not tr.endswith(TRAILER_MAGIC) or index_off < len(MAGIC):
+                raise StoreError("pack index: bad pack record", step="read pack index")
+            self.names.append(rec[:16].hex())
+            self.trailers.append(tr)
+            self.index_offs.append(index_off)
+        self.number = {name: i for i, name in enumerate(self.names)}
+        if len(self.number) != n_packs:
+            raise StoreError("pack index: a pack listed twice", step="read pack index")
+        self.prefixes = array.array(_U32)
+        self.prefixes.frombytes(meta[pos : pos + 4 * n])
+        if sys.byteorder == "little":
+            self.prefixes.byteswap()  # stored big-endian: numeric order = hash order
+        pos += 4 * n
+        self.digests = [meta[pos + 32 * i : pos + 32 * i + 32] for i in range(nblocks)]
+        self.entries_off = meta_len
+        self._blocks: dict[int, tuple[list[bytes], bytes]] = {}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def _block(self, b: int) -> tuple[list[bytes], bytes]:
+        """Block ``b``'s keys and bytes, checked against its digest (StoreError if not)."""
+        got = self._blocks.get(b)
+        if got is None:
+            count = min(self.block, self.n - b * self.block)
+            data = _pread_all(
+                self.fd, count * _IREC.size, self.entries_off + b * self.block * _IREC.size
+            )
+            if data is None or blake3.blake3(data).digest() != self.digests[b]:
+                raise StoreError(f"pack index: block {b} is damaged", step="read pack index")
+            keys = [data[i : i + 32] for i in range(0, len(data), _IREC.size)]
+            first = b * self.block
+            if keys != sorted(keys) or [int.from_bytes(k[:4]) for k in keys] != list(
+                self.prefixes[first : first + count]
+            ):
+                raise StoreError(f"pack index: block {b} is out of order", step="read pack index")
+            got = self._blocks[b] = (keys, data)
+        return got
+
+    def lookup(self, h: str) -> list[tuple[str, Entry]]:
+        """Every (pack, entry) the index lists for chunk ``h``, each bound-checked."""
+        hb = bytes.fromhex(h)
+        p = int.from_bytes(hb[:4])
+        i = bisect.bisect_left(self.prefixes, p)
+        out: list[tuple[str, Entry]] = []
+        while i < self.n and self.prefixes[i] == p:
+            keys, data = self._block(i // self.block)
+            j = i % self.block
+            if keys[j] == hb:
+                out.append(self._entry(data, j))
+            i += 1
+        return out
+
+    def _entry(self, data: bytes, i: int) -> tuple[str, Entry]:
+        _h, p, off, ln, base = _IREC.unpack_from(data, i * _IREC.size)
+        if not (
+            p < len(self.names)
+            and len(MAGIC) <= off
+            and 0 < ln <= MAX_FRAME
+            and off + ln <= self.index_offs[p]
+        ):
+            raise StoreError("pack index: an entry is out of bounds", step="read pack index")
+        return self.names[p], Entry(off, ln, None if base == _ZERO32 else base.hex())
+
+    def all_records(self) -> list[tuple[str, str, Entry]]:
+        """Every (pack, chunk, entry), every block checked (StoreError if one is not)."""
+        out = []
+        for b in range(self.nblocks):
+            keys, data = self._block(b)
+            for i, k in enumerate(keys):
+                name, e = self._entry(data, i)
+                out.append((name, k.hex(), e))
+        return out
+
+
+def _records(number: int, entries: dict[str, Entry]) -> list[bytes]:
+    return [
+        _IREC.pack(
+            bytes.fromhex(h),
+            number,
+            e.offset,
+            e.length,
+            bytes.fromhex(e.base) if e.base else _ZERO32,
+        )
+        for h, e in entries.items()
+    ]
+
+
+class PackMap:
+    """Where chunks are in one store folder's packs (see module doc), thread-safe.
+
+    The listing of ``packs/`` is the truth: a pack is used only while it is listed.
+    Packs the combined index covers are looked up there (the index is MAC-checked
+    at open, each block against its digest when first used, each entry bound-checked,
+    and a pack's trailer on disk must equal the one the index recorded before any of
+    its entries is used); every other listed pack's own index is read
+    (:func:`read_index_trailer`), so a missing, stale, damaged or lying combined
+    index costs time, never a wrong answer."""
+
+    def __init__(
+        self, packs_dir: Path, key: bytes, *, rebuild_after: int | None = REBUILD_AFTER
+    ) -> None:
         self.dir = packs_dir
         self.key = key
-        self.lock = threading.Lock()
-        self.members: dict[str, dict[str, Entry]] = {}  # pack name -> its index
+        self.rebuild_after = rebuild_after
+        self.lock = threading.RLock()
+        self.members: dict[str, dict[str, Entry]] = {}  # packs read one by one -> index
+        self.trailers: dict[str, bytes] = {}  # of members
         self.bad: dict[str, str] = {}  # pack name -> why it is refused
-        self.locs: dict[str, tuple[str, Entry]] = {}  # chunk -> (pack, entry)
+        self.locs: dict[str, tuple[str, Entry]] = {}  # chunk -> (pack, entry), of members
+        self.combined: CombinedIndex | None = None
+        self.combined_error: str | None = None  # why packs/index was refused
+        self.covered: set[str] = set()  # listed packs looked up in the combined index
+        self.checked: set[str] = set()  # covered packs whose trailer on disk matched
+        self.listed: set[str] = set()
         self.loaded = False
+        self._rebuilding = False
 
     def path(self, name: str) -> str:
         return f"{self.dir}/{name}.pack"
@@ -263,67 +475,284 @@ class PackMap:
     def get(self, h: str) -> tuple[str, Entry] | None:
         if not self.loaded:
             self.refresh()
-        return self.locs.get(h)
+        hit = self.locs.get(h)
+        if hit is not None:
+            return hit
+        ci = self.combined
+        if ci is None or not self.covered:
+            return None
+        try:
+            found = ci.lookup(h)
+        except StoreError as e:
+            self._drop_combined(ci, str(e))
+            return self.locs.get(h)
+        for name, entry in found:
+            if name in self.covered and self._check(ci, name):
+                return name, entry
+        return self.locs.get(h) if found else None
+
+    def _check(self, ci: CombinedIndex, name: str) -> bool:
+        """Whether covered pack ``name`` on disk is the one ``ci`` recorded (its trailer
+        binds its key, name and index); a pack that is not is read on its own."""
+        if name in self.checked:
+            return True
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True  # gone: the caller sees it vanish, as with any pack
+        try:
+            size = os.fstat(fd).st_size
+            same = (
+                size >= TRAILER_LEN
+                and os.pread(fd, TRAILER_LEN, size - TRAILER_LEN) == (ci.trailers[ci.number[name]])
+            )
+            with self.lock:
+                if same:
+                    self.checked.add(name)
+                    return True
+                self.covered.discard(name)
+                self._load(name, fd)
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _load(self, name: str, fd: int) -> None:
+        """Read pack ``name``'s own index (lock held)."""
+        try:
+            entries, trailer = read_index_trailer(self.key, name, fd)
+        except StoreError as e:
+            self.bad[name] = str(e)
+            return
+        except OSError as e:
+            self.bad[name] = f"pack {name} cannot be read: {e.strerror or e}"
+            return
+        self.members[name] = entries
+        self.trailers[name] = trailer
+        for h, e in entries.items():
+            self.locs.setdefault(h, (name, e))
+
+    def uncover(self, h: str | None = None) -> bool:
+        """Stop trusting the combined index in this process (its packs are read one by
+        one from now on): a chunk it led to read as corrupt (``h``: only if ``h``'s
+        entry came from it), or a chunk was not found (it may have left it out).
+        True if anything changed (worth looking again)."""
+        ci = self.combined
+        if ci is None or not self.covered or (h is not None and h in self.locs):
+            return False
+        self._drop_combined(ci, None)
+        return True
+
+    def _drop_combined(self, ci: CombinedIndex, why: str | None) -> None:
+        """``ci`` failed a check (or is distrusted): read its packs one by one instead."""
+        with self.lock:
+            if self.combined is not ci:
+                return
+            self.combined, self.combined_error = None, why
+            covered, self.covered = self.covered, set()
+            for name in sorted(covered):
+                self._open_load(name)
+        ci.close()
+
+    def _open_load(self, name: str) -> None:
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.listed.discard(name)
+            return
+        try:
+            self._load(name, fd)
+        finally:
+            os.close(fd)
 
     def add(self, name: str, entries: dict[str, Entry]) -> None:
-        """A pack this process just named (no need to read it back)."""
+        """A pack this process just named (no need to read it back; our writer's
+        frames are back to back, so its trailer is recomputed, not read)."""
+        end = max((e.offset + e.length for e in entries.values()), default=len(MAGIC))
+        trailer = encode_tail(self.key, name, end, list(entries.items()))[-TRAILER_LEN:]
         with self.lock:
             self.members[name] = entries
+            self.trailers[name] = trailer
+            self.listed.add(name)
             for h, e in entries.items():
                 self.locs.setdefault(h, (name, e))
 
+    def _open_combined(self) -> None:
+        """(Re)open ``packs/index`` if it changed since we opened it (lock held)."""
+        path = f"{self.dir}/{INDEX_NAME}"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self.combined is not None:
+                self.combined.close()
+            self.combined, self.combined_error = None, None
+            return
+        ci = self.combined
+        if ci is not None and ci.ident == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            return
+        new: CombinedIndex | None = None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                new = CombinedIndex(self.key, fd)
+            finally:
+                os.close(fd)
+            self.combined_error = None
+        except StoreError as e:
+            self.combined_error = str(e)
+        except OSError as e:
+            self.combined_error = f"pack index cannot be read: {e.strerror or e}"
+        if ci is not None:
+            ci.close()
+        self.combined = new
+        self.checked = set()
+
     def refresh(self) -> bool:
-        """List ``packs/``: load new packs' indexes, forget vanished ones; True if
-        anything changed."""
+        """List ``packs/``: reopen the combined index if it changed, read the own index
+        of each new pack it does not cover, forget vanished packs; True if anything
+        changed."""
         try:
             names = {m.group(1) for n in os.listdir(self.dir) if (m := NAME_RE.match(n))}
         except FileNotFoundError:
             names = set()
         with self.lock:
-            known = self.members.keys() | self.bad.keys()
-            gone = known - names
-            new = names - known
+            before = self.combined
+            self._open_combined()
+            ci = self.combined
+            changed = ci is not before or names != self.listed
+            gone = (self.members.keys() | self.bad.keys()) - names
             for name in gone:
                 self.members.pop(name, None)
+                self.trailers.pop(name, None)
                 self.bad.pop(name, None)
-            for name in sorted(new):
-                try:
-                    fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue
-                try:
-                    self.members[name] = read_index(self.key, name, fd)
-                except StoreError as e:
-                    self.bad[name] = str(e)
-                except OSError as e:
-                    self.bad[name] = f"pack {name} cannot be read: {e.strerror or e}"
-                finally:
-                    os.close(fd)
             if gone:
                 self.locs = {}
                 for name, entries in self.members.items():
                     for h, e in entries.items():
                         self.locs.setdefault(h, (name, e))
-            else:
-                for name in new:
-                    for h, e in self.members.get(name, {}).items():
-                        self.locs.setdefault(h, (name, e))
+            own = self.members.keys() | self.bad.keys()
+            self.covered = (names & ci.number.keys()) - own if ci is not None else set()
+            for name in sorted(names - own - self.covered):
+                self._open_load(name)
+            self.listed = names
             self.loaded = True
-            return bool(gone or new)
+            uncovered = len(names - (ci.number.keys() if ci is not None else set()))
+        if (
+            self.rebuild_after is not None
+            and uncovered >= self.rebuild_after
+            and not self._rebuilding
+        ):
+            self._rebuilding = True
+            threading.Thread(target=self._rebuild_quietly, daemon=True).start()
+        return changed
+
+    def _rebuild_quietly(self) -> None:
+        try:
+            self.rebuild()
+        except (OSError, StoreError):
+            pass  # a cache: the next process tries again
+        finally:
+            self._rebuilding = False
+
+    def rebuild(self) -> None:
+        """Rewrite ``packs/index`` to cover every listed pack this map can vouch for:
+        entries from the (checked) combined index and from packs read one by one.
+        Atomic (temp in ``tmp/``, rename) but not fsynced: it is a cache that a crash
+        may lose or tear, and a torn one does not verify.  Racing writers and gc only
+        make it cover less (the listing stays the truth), never lie."""
+        with self.lock:
+            ci, covered = self.combined, set(self.covered)
+            own = {n: (self.members[n], self.trailers[n]) for n in self.members if n in self.listed}
+        packs: list[tuple[str, bytes]] = []
+        records: list[bytes] = []
+        gone = set(ci.names) - covered if ci is not None else set()
+        if ci is not None and own.keys().isdisjoint(ci.number) and len(gone) * 4 <= len(ci.names):
+            # the usual case (packs were only added): ci's table and entries as they are,
+            # no per-entry work (the few vanished packs' entries stay, unused, until gc)
+            packs += zip(ci.names, ci.trailers, strict=True)
+            for b in range(ci.nblocks):
+                data = ci._block(b)[1]
+                records += [data[i : i + _IREC.size] for i in range(0, len(data), _IREC.size)]
+        elif ci is not None and covered:
+            keep: dict[int, int] = {}
+            for name in sorted(covered - own.keys()):
+                keep[ci.number[name]] = len(packs)
+                packs.append((name, ci.trailers[ci.number[name]]))
+            for b in range(ci.nblocks):
+                _keys, data = ci._block(b)
+                for rec in _IREC.iter_unpack(data):
+                    p = keep.get(rec[1])
+                    if p is not None:
+                        records.append(_IREC.pack(rec[0], p, *rec[2:]))
+        for name in sorted(own):
+            entries, trailer = own[name]
+            records += _records(len(packs), entries)
+            packs.append((name, trailer))
+        data = encode_combined(self.key, packs, records)
+        tmp_dir = self.dir.parent / "tmp"
+        fd, tmp = tempfile.mkstemp(prefix="packindex.", suffix=".tmp", dir=tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.dir / INDEX_NAME)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def forget(self, name: str) -> None:
         """Drop pack ``name`` (deleted)."""
         with self.lock:
             self.members.pop(name, None)
+            self.trailers.pop(name, None)
             self.bad.pop(name, None)
+            self.covered.discard(name)
+            self.listed.discard(name)
             self.locs = {h: v for h, v in self.locs.items() if v[0] != name}
             for other, entries in self.members.items():
                 for h, e in entries.items():
                     self.locs.setdefault(h, (other, e))
 
     def snapshot(self) -> tuple[dict[str, dict[str, Entry]], dict[str, str]]:
+        """Every listed pack's own index, read and checked one by one (gc and verify
+        do not rely on the combined index), and the refused packs."""
         with self.lock:
+            if not self.loaded:
+                self.refresh()
+            covered, self.covered = self.covered, set()
+            for name in sorted(covered):
+                self._open_load(name)
             return dict(self.members), dict(self.bad)
+
+    def check_combined(self, members: dict[str, dict[str, Entry]]) -> str | None:
+        """Why ``packs/index`` is damaged (None: absent, or every block checks and
+        every entry of a listed pack equals that pack's own index)."""
+        path = f"{self.dir}/{INDEX_NAME}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"pack index cannot be read: {e.strerror or e}"
+        try:
+            ci = CombinedIndex(self.key, fd)
+            try:
+                for name, h, e in ci.all_records():
+                    own = members.get(name)
+                    if own is not None and own.get(h) != e:
+                        return f"pack index: its entry for {h} in pack {name} is wrong"
+                for name in members:
+                    p = ci.number.get(name)
+                    if p is not None and ci.trailers[p] != self.trailers.get(name, ci.trailers[p]):
+                        return f"pack index: its trailer of pack {name} is wrong"
+            finally:
+                ci.close()
+        except StoreError as e:
+            return str(e)
+        finally:
+            os.close(fd)
+        return None
 
 
 def read_frame(path: str, e: Entry) -> bytes | str | None:
@@ -364,7 +793,7 @@ def names(hs: Iterable[str], m: PackMap) -> list[str]:
     """The packs holding any of ``hs`` (for error messages)."""
     out = set()
     for h in hs:
-        hit = m.locs.get(h)
+        hit = m.get(h)
         if hit is not None:
             out.add(hit[0])
     return sorted(out)
