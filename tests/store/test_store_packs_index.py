@@ -153,11 +153,11 @@ def _rewrite(root: Path, key: bytes, change) -> None:
         os.close(fd)
     records = []
     for b in range(ci.nblocks):
-        data = ci._block(b)[1]
+        data = ci._block(b)
         records += [data[i : i + pk._IREC.size] for i in range(0, len(data), pk._IREC.size)]
     packs = list(zip(ci.names, ci.trailers, strict=True))
     ci.close()
-    idx.write_bytes(pk.encode_combined(key, packs, change(records)))
+    idx.write_bytes(pk.encode_combined(key, packs, pk.sort_records(change(records))))
 
 
 def _lie_offset(records: list[bytes]) -> list[bytes]:

@@ -30,7 +30,28 @@ Invariants:
   was loaded) is a short read: corrupt, never an out-of-range read.
 - Packs are immutable once named; a :class:`PackMap` (one per store folder and
   process) caches their indexes and is refreshed by listing ``packs/`` when a chunk
-  is not found or a pack has vanished (gc).
+  is not found or a pack has vanished (gc).  The listing is the truth: a pack is
+  used only while it is listed.
+- ``packs/index``, the *combined index* (layout below :class:`CombinedIndex`), is a
+  cache so that a process's first lookup does not read every pack's index (191
+  packs: ~100 ms -> ~1 ms): every listed pack's entries sorted by hash, with a
+  table of the packs it covers and their trailers.  Nothing in it is used before it
+  checks: the MAC (store key) over its head, pack table, hash prefixes and block
+  digests at open; a block's digest (and its hashes against the prefixes) when a
+  lookup first reads it; each entry's bounds against its pack's recorded trailer; and,
+  before a covered pack's first entry is used, that pack's trailer on disk equals the
+  recorded one (the trailer holds the pack's own MAC over its name and index: a pack
+  copied from another store or replaced differs, and is read on its own).  A pack it
+  does not cover (named after the last rewrite, an older writer) has its own index
+  read; a missing, truncated, damaged or foreign index is refused whole; one that
+  lies (a chunk it leads to reads as corrupt, a chunk it leaves out is not found) is
+  dropped for the process (:meth:`PackMap.uncover`) and the packs read one by one:
+  it costs time, never an answer.  gc and ``verify`` read every pack's own index
+  (``verify`` reports a damaged or lying combined index).  It is rewritten (temp in
+  ``tmp/``, rename; not fsynced — a torn one does not verify) by gc, and in the
+  background by a process finding ``REBUILD_AFTER`` packs it does not cover.
+  Concurrent rewrites and gc can only make it cover fewer packs (never name a pack's
+  entries wrongly): the last rename wins and the listing decides what is used.
 """
 
 from __future__ import annotations
@@ -288,27 +309,41 @@ _IHEAD = struct.Struct("<IQI")
 _IREC = struct.Struct("<32sIQI32s")
 _PACKREC = 16 + TRAILER_LEN
 INDEX_BLOCK = 64  # entries per checked block (5 KiB): a lookup hashes one block
-REBUILD_AFTER = 4  # packs the combined index does not cover before a process rewrites it
+# packs the combined index does not cover before a process rewrites it: each costs a
+# lookup ~0.5 ms (its own index read); a rewrite costs ~30-70 ms of a background thread
+# at 200 packs (docs/benchmarks.md), i.e. one rewrite per two first snapshots
+REBUILD_AFTER = 8
 _MAX_INDEX_BLOCK = 1 << 16
 _U32 = next(c for c in "IL" if array.array(c).itemsize == 4)
 
 
-def encode_combined(key: bytes, packs: Sequence[tuple[str, bytes]], records: list[bytes]) -> bytes:
+def _prefixes(blob: bytes | memoryview) -> bytes:
+    """The first 4 bytes of each ``_IREC`` record of ``blob``, back to back (no
+    per-record Python: a strided view of 32-bit words)."""
+    return memoryview(blob).cast("B").cast("I")[:: _IREC.size // 4].tobytes()
+
+
+def sort_records(records: list[bytes]) -> bytes:
+    return b"".join(sorted(records))
+
+
+def encode_combined(key: bytes, packs: Sequence[tuple[str, bytes]], blob: bytes) -> bytes:
     """The combined index of ``packs`` ((name, trailer), in pack-number order) whose
-    entries are ``records`` (``_IREC``-packed, sorted here)."""
-    records = sorted(records)
-    blocks = [b"".join(records[i : i + INDEX_BLOCK]) for i in range(0, len(records), INDEX_BLOCK)]
+    entries are ``blob`` (``_IREC`` records back to back, sorted at least by their
+    first 4 bytes: entries sharing a prefix may come in any order)."""
+    step = INDEX_BLOCK * _IREC.size
+    blocks = [blob[i : i + step] for i in range(0, len(blob), step)]
     body = b"".join(
         [
             INDEX_MAGIC,
-            _IHEAD.pack(len(packs), len(records), INDEX_BLOCK),
+            _IHEAD.pack(len(packs), len(blob) // _IREC.size, INDEX_BLOCK),
             *(bytes.fromhex(n) + tr for n, tr in packs),
-            *(r[:4] for r in records),
+            _prefixes(blob) if blob else b"",
             *(blake3.blake3(b).digest() for b in blocks),
         ]
     )
     mac = hmac.new(key, b"torpor-packindex " + body, hashlib.sha256).digest()
-    return body + mac + b"".join(blocks)
+    return body + mac + blob
 
 
 class CombinedIndex:
@@ -358,36 +393,33 @@ class CombinedIndex:
         self.number = {name: i for i, name in enumerate(self.names)}
         if len(self.number) != n_packs:
             raise StoreError("pack index: a pack listed twice", step="read pack index")
+        self.prefix_raw = meta[pos : pos + 4 * n]
         self.prefixes = array.array(_U32)
-        self.prefixes.frombytes(meta[pos : pos + 4 * n])
+        self.prefixes.frombytes(self.prefix_raw)
         if sys.byteorder == "little":
             self.prefixes.byteswap()  # stored big-endian: numeric order = hash order
         pos += 4 * n
         self.digests = [meta[pos + 32 * i : pos + 32 * i + 32] for i in range(nblocks)]
         self.entries_off = meta_len
-        self._blocks: dict[int, tuple[list[bytes], bytes]] = {}
+        self._blocks: dict[int, bytes] = {}
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
-    def _block(self, b: int) -> tuple[list[bytes], bytes]:
-        """Block ``b``'s keys and bytes, checked against its digest (StoreError if not)."""
+    def _block(self, b: int) -> bytes:
+        """Block ``b``'s bytes, checked against its digest and its entries' hashes
+        against the prefixes the search used (StoreError if not)."""
         got = self._blocks.get(b)
         if got is None:
-            count = min(self.block, self.n - b * self.block)
-            data = _pread_all(
-                self.fd, count * _IREC.size, self.entries_off + b * self.block * _IREC.size
-            )
+            first = b * self.block
+            count = min(self.block, self.n - first)
+            data = _pread_all(self.fd, count * _IREC.size, self.entries_off + first * _IREC.size)
             if data is None or blake3.blake3(data).digest() != self.digests[b]:
                 raise StoreError(f"pack index: block {b} is damaged", step="read pack index")
-            keys = [data[i : i + 32] for i in range(0, len(data), _IREC.size)]
-            first = b * self.block
-            if keys != sorted(keys) or [int.from_bytes(k[:4]) for k in keys] != list(
-                self.prefixes[first : first + count]
-            ):
+            if _prefixes(data) != self.prefix_raw[4 * first : 4 * (first + count)]:
                 raise StoreError(f"pack index: block {b} is out of order", step="read pack index")
-            got = self._blocks[b] = (keys, data)
+            got = self._blocks[b] = data
         return got
 
     def lookup(self, h: str) -> list[tuple[str, Entry]]:
@@ -397,9 +429,9 @@ class CombinedIndex:
         i = bisect.bisect_left(self.prefixes, p)
         out: list[tuple[str, Entry]] = []
         while i < self.n and self.prefixes[i] == p:
-            keys, data = self._block(i // self.block)
+            data = self._block(i // self.block)
             j = i % self.block
-            if keys[j] == hb:
+            if data[j * _IREC.size : j * _IREC.size + 32] == hb:
                 out.append(self._entry(data, j))
             i += 1
         return out
@@ -419,10 +451,10 @@ class CombinedIndex:
         """Every (pack, chunk, entry), every block checked (StoreError if one is not)."""
         out = []
         for b in range(self.nblocks):
-            keys, data = self._block(b)
-            for i, k in enumerate(keys):
+            data = self._block(b)
+            for i in range(len(data) // _IREC.size):
                 name, e = self._entry(data, i)
-                out.append((name, k.hex(), e))
+                out.append((name, data[i * _IREC.size : i * _IREC.size + 32].hex(), e))
         return out
 
 
@@ -649,6 +681,8 @@ class PackMap:
 
     def _rebuild_quietly(self) -> None:
         try:
+            with contextlib.suppress(OSError):  # yield the CPU to the work that asked
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             self.rebuild()
         except (OSError, StoreError):
             pass  # a cache: the next process tries again
@@ -665,23 +699,21 @@ class PackMap:
             ci, covered = self.combined, set(self.covered)
             own = {n: (self.members[n], self.trailers[n]) for n in self.members if n in self.listed}
         packs: list[tuple[str, bytes]] = []
-        records: list[bytes] = []
+        records: list[bytes] = []  # new entries, per entry (packs read one by one)
+        base = memoryview(b"")  # ci's entries kept as they are
         gone = set(ci.names) - covered if ci is not None else set()
         if ci is not None and own.keys().isdisjoint(ci.number) and len(gone) * 4 <= len(ci.names):
             # the usual case (packs were only added): ci's table and entries as they are,
             # no per-entry work (the few vanished packs' entries stay, unused, until gc)
             packs += zip(ci.names, ci.trailers, strict=True)
-            for b in range(ci.nblocks):
-                data = ci._block(b)[1]
-                records += [data[i : i + _IREC.size] for i in range(0, len(data), _IREC.size)]
+            base = memoryview(b"".join(ci._block(b) for b in range(ci.nblocks)))
         elif ci is not None and covered:
             keep: dict[int, int] = {}
             for name in sorted(covered - own.keys()):
                 keep[ci.number[name]] = len(packs)
                 packs.append((name, ci.trailers[ci.number[name]]))
             for b in range(ci.nblocks):
-                _keys, data = ci._block(b)
-                for rec in _IREC.iter_unpack(data):
+                for rec in _IREC.iter_unpack(ci._block(b)):
                     p = keep.get(rec[1])
                     if p is not None:
                         records.append(_IREC.pack(rec[0], p, *rec[2:]))
@@ -689,7 +721,19 @@ class PackMap:
             entries, trailer = own[name]
             records += _records(len(packs), entries)
             packs.append((name, trailer))
-        data = encode_combined(self.key, packs, records)
+        records.sort()
+        if base and ci is not None:  # merge the new entries in by prefix (all that order needs)
+            parts: list[bytes | memoryview] = []
+            last = 0
+            for r in records:
+                at = bisect.bisect_right(ci.prefixes, int.from_bytes(r[:4]))
+                parts += [base[last * _IREC.size : at * _IREC.size], r]
+                last = at
+            parts.append(base[last * _IREC.size :])
+            blob = b"".join(parts)
+        else:
+            blob = b"".join(records)
+        data = encode_combined(self.key, packs, blob)
         tmp_dir = self.dir.parent / "tmp"
         fd, tmp = tempfile.mkstemp(prefix="packindex.", suffix=".tmp", dir=tmp_dir)
         try:
