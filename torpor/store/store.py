@@ -1415,7 +1415,7 @@ class ChunkStore:
         members, bad_packs = pm.snapshot()
         # a cache, but a damaged or lying one is damage to report (gc rewrites it)
         why = pm.check_combined(members)
-        bad_index = () if why is None else ((pk.INDEX_NAME, why),)
+        bad_index = () if why is None else ((pk.INDEX_NAME, f"{why} (a cache: gc rewrites it)"),)
 
         def check_frame(h: str, frame: bytes | str) -> tuple[str, int, bool, str | None]:
             if isinstance(frame, str):
@@ -1637,11 +1637,6 @@ class ChunkStore:
                 deleted += len(members[name])
                 freed += size
                 packs_deleted += 1
-            if not dry_run and not blind:
-                # the combined index covers what gc just listed (a cache: a pack named
-                # meanwhile is read on its own until the next rewrite)
-                with contextlib.suppress(OSError, StoreError):
-                    pm.rebuild()
             temps = 0
             for d in (self.tmp_dir, self.snapshots_dir, self.root):
                 for p in d.iterdir():
@@ -1654,6 +1649,11 @@ class ChunkStore:
                             if not dry_run:
                                 p.unlink()
                             temps += 1
+        if not dry_run and not blind:
+            # rewrite the combined index (after the lock: writers wait for none of it);
+            # a cache: a pack named meanwhile is read on its own until the next rewrite
+            with contextlib.suppress(OSError, StoreError):
+                pm.rebuild()
         return GcReport(
             chunks_deleted=deleted,
             bytes_freed=freed,
