@@ -1097,8 +1097,9 @@ def no_hugepage_preexec(inner: Any) -> Any:
 
 
 def preload() -> None:
-    """Import what the server needs (in the zygote: its forks start with them)."""
-    with contextlib.suppress(ImportError):
+    """Import what the server needs (in the zygote: its forks start with them).
+    Nothing if mfusepy cannot load (no libfuse: OSError): restores are then full."""
+    with contextlib.suppress(ImportError, OSError):
         import mfusepy  # noqa: F401
 
         import torpor.store.home

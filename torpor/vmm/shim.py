@@ -65,9 +65,10 @@ from torpor.vmm.state import (
 
 log = logging.getLogger("torpor.shim")
 
-if os.environ.get("TORPOR_LAZY_RESTORE") == "1":
+if os.environ.get("TORPOR_LAZY_RESTORE") != "0" and os.geteuid() == 0:
     # imported once in the zygote, where this module is: a lazy restore's memory
     # server is forked from the shim (torpor.vmm.lazymem) and then starts ~0.1 s sooner
+    # (lazy by default for a session's recovery; it needs root)
     from torpor.vmm.lazymem import preload
 
     preload()
