@@ -156,6 +156,28 @@ def test_a_packed_chunk_is_reused_unread_and_a_loose_one_is_rehashed(tmp_path):
     assert (packed.chunks_new, packed.chunks_reused, packed.chunks_verified) == (0, 150, 0)
     assert (loose.chunks_new, loose.chunks_reused, loose.chunks_verified) == (0, 8, 8)
 
+
+def test_a_packing_put_writes_unvouched_loose_chunks_into_its_pack(tmp_path):
+    """Loose chunks another writer left (an older torpor's: maybe torn) are not read
+    back by a put that writes a pack: they go into the pack, and the next writer
+    reuses the packed copies without reading them."""
+    big = tmp_path / "big"
+    data = _random_file(big, 150, 5, BIG_CS)
+    with ChunkStore(tmp_path / "store") as store:
+        store.pack_min_chunks = None  # loose files only, as before packs
+        art, _ = store.put_file(big, chunk_size=BIG_CS)
+        assert not _packs(store) and len(_loose(store)) == 150
+    with ChunkStore(tmp_path / "store") as store:
+        _, second = store.put_file(big, chunk_size=BIG_CS)
+        assert all(store._packs.get(h) for h in art.chunks)
+    assert (second.chunks_new, second.chunks_verified) == (150, 0)
+    with ChunkStore(tmp_path / "store") as store:
+        art3, third = store.put_file(big, chunk_size=BIG_CS)
+        m = store.commit({"memory": art3})
+        store.materialize(m.artifacts["memory"], tmp_path / "back")
+    assert (third.chunks_new, third.chunks_reused, third.chunks_verified) == (0, 150, 0)
+    assert (tmp_path / "back").read_bytes() == data
+
 # -- gc ------------------------------------------------------------------------------
 
 

@@ -59,8 +59,10 @@ still re-hashed before reuse unless a committed parent names it, this writer
 wrote it, or it is in a pack (a store written by an older torpor may hold torn loose
 chunks; a pack is named only after its frames and MAC'd index were synced, and no
 torpor without packs wrote one — reading back a first snapshot's worth of another
-VM's packed chunks cost ~150 ms of CPU per first snapshot; damage on disk after that
-is found, as for a parent's chunks, when the chunk is read: every read re-checks).
+VM's chunks cost ~150 ms of CPU per first snapshot; damage on disk after that is
+found, as for a parent's chunks, when the chunk is read: every read re-checks).  A
+put that writes a pack writes such loose chunks into it instead of reading them back
+(the same CPU once; later puts trust the packed copy; the loose copy stays until gc).
 
 Why gc is safe while writers run (local filesystem, one kernel clock):
 
@@ -841,8 +843,15 @@ class ChunkStore:
         data_of = {h: c.data for c, h in hashed}
         to_write = {h: data_of[h] for h in absent}
         # Pre-existing loose chunks nobody vouches for may be torn by an old crash:
-        # re-hash them.  A sealed pack's are whole (see the module doc).
+        # re-hash them.  A sealed pack's are whole (see the module doc).  A put that
+        # writes a pack writes them into it instead — compressing a chunk costs what
+        # reading one back does, and later puts then trust the packed copy.
         suspects = [h for h in unknown if h not in absent and h not in packed]
+        if suspects and self.pack_min_chunks is not None and (
+            self._packing or len(to_write) + len(suspects) >= self.pack_min_chunks
+        ):
+            to_write |= {h: unknown[h] for h in suspects}
+            suspects = []
         st["verified"] += len(suspects)
         if suspects:
             pool = self._executor()
