@@ -44,9 +44,10 @@ Invariants:
   copied from another store or replaced differs, and is read on its own).  A pack it
   does not cover (named after the last rewrite, an older writer) has its own index
   read; a missing, truncated, damaged or foreign index is refused whole; one that
-  lies (a chunk it leads to reads as corrupt, a chunk it leaves out is not found) is
-  dropped for the process (:meth:`PackMap.uncover`) and the packs read one by one:
-  it costs time, never an answer.  gc and ``verify`` read every pack's own index
+  lies is dropped for the process and the packs read one by one
+  (:meth:`PackMap.uncover`: a chunk it leads to reads as corrupt), or refused at
+  open (its entries do not add up to its packs' counts: one left out): it costs
+  time, never an answer.  gc and ``verify`` read every pack's own index
   (``verify`` reports a damaged or lying combined index).  It is rewritten (temp in
   ``tmp/``, rename; not fsynced — a torn one does not verify) by gc, and in the
   background by a process finding ``REBUILD_AFTER`` packs it does not cover.
@@ -77,6 +78,7 @@ import blake3
 
 from torpor import failpoints, fsutil
 from torpor.store import chunks as ck
+from torpor.store import direct
 from torpor.store.errors import StoreError
 
 MAGIC = b"torpor-localpack 1\n"
@@ -87,7 +89,6 @@ TRAILER_LEN = _TRAILER_HEAD.size + 32 + len(TRAILER_MAGIC)
 _ZERO32 = bytes(32)
 MAX_FRAME = 2 * ck.MAX_CHUNK_SIZE
 NAME_RE = re.compile(r"^([0-9a-f]{32})\.pack$")
-_IOV_MAX = 512  # frames per pwritev call (Linux allows 1024)
 
 
 class Entry(NamedTuple):
@@ -187,7 +188,10 @@ class PackWriter:
         self.key, self.packs_dir = key, packs_dir
         self.name = new_name()
         self.tmp = tmp_dir / f"{self.name}.pack.tmp"
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # O_DIRECT where the filesystem takes it: no page-cache page allocated per 4 KiB
+        # written (torpor.store.direct); sync and rename as before
+        self.out = direct.DirectFile(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        self.fd = self.out.fd
         self.end = len(MAGIC)
         self.entries: list[tuple[str, Entry]] = []
 
@@ -212,16 +216,18 @@ class PackWriter:
         off, frames = placed
         for _ in frames:
             failpoints.hit("store.chunk_write")
-        _pwritev_all(self.fd, frames, off)
-        _start_writeback(self.fd, off, sum(len(f) for f in frames))
+        self.out.pwritev(frames, off)
+        if not self.out.direct:
+            _start_writeback(self.fd, off, sum(len(f) for f in frames))
         return 0
 
     def seal(self) -> tuple[str, dict[str, Entry]]:
         """Index, trailer, ``fdatasync``, rename, fsync of ``packs_dir``: the pack is
         durable under its name.  Every :meth:`write` must have returned."""
         tail = encode_tail(self.key, self.name, self.end, self.entries)
-        _pwritev_all(self.fd, [MAGIC], 0)
-        _pwritev_all(self.fd, [tail], self.end)
+        self.out.pwritev([MAGIC], 0)
+        self.out.pwritev([tail], self.end)
+        self.out.finish(self.end + len(tail))
         os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -249,21 +255,6 @@ def write_pack(
     except BaseException:
         w.abort()
         raise
-
-
-def _pwritev_all(fd: int, bufs: Sequence[bytes | memoryview], off: int) -> None:
-    views = [memoryview(b) for b in bufs if len(b)]
-    i = 0
-    while i < len(views):
-        n = os.pwritev(fd, views[i : i + _IOV_MAX], off)
-        off += n
-        while n:
-            if n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -380,11 +371,13 @@ class CombinedIndex:
         self.trailers: list[bytes] = []
         self.index_offs: list[int] = []
         pos = len(head)
+        total = 0
         for _ in range(n_packs):
             rec = meta[pos : pos + _PACKREC]
             pos += _PACKREC
             tr = rec[16:]
-            index_off, _n = _TRAILER_HEAD.unpack_from(tr)
+            index_off, count = _TRAILER_HEAD.unpack_from(tr)
+            total += count
             if not tr.endswith(TRAILER_MAGIC) or index_off < len(MAGIC):
                 raise StoreError("pack index: bad pack record", step="read pack index")
             self.names.append(rec[:16].hex())
@@ -393,6 +386,8 @@ class CombinedIndex:
         self.number = {name: i for i, name in enumerate(self.names)}
         if len(self.number) != n_packs:
             raise StoreError("pack index: a pack listed twice", step="read pack index")
+        if total != n:  # each pack's entries are all in (an index that omits one lies)
+            raise StoreError("pack index: entries do not add up", step="read pack index")
         self.prefix_raw = meta[pos : pos + 4 * n]
         self.prefixes = array.array(_U32)
         self.prefixes.frombytes(self.prefix_raw)
@@ -568,8 +563,9 @@ class PackMap:
     def uncover(self, h: str | None = None) -> bool:
         """Stop trusting the combined index in this process (its packs are read one by
         one from now on): a chunk it led to read as corrupt (``h``: only if ``h``'s
-        entry came from it), or a chunk was not found (it may have left it out).
-        True if anything changed (worth looking again)."""
+        entry came from it).  True if anything changed (worth looking again).  A
+        chunk it leaves out is not a reason (a miss is normal for a bucket's cache):
+        its entries must add up to its packs' counts, and ``verify`` checks each."""
         ci = self.combined
         if ci is None or not self.covered or (h is not None and h in self.locs):
             return False
@@ -654,6 +650,7 @@ class PackMap:
             ci = self.combined
             changed = ci is not before or names != self.listed
             gone = (self.members.keys() | self.bad.keys()) - names
+            self.checked &= names  # a name listed again is checked again
             for name in gone:
                 self.members.pop(name, None)
                 self.trailers.pop(name, None)
@@ -782,10 +779,22 @@ class PackMap:
         try:
             ci = CombinedIndex(self.key, fd)
             try:
+                counts = dict.fromkeys(ci.names, 0)
+                listed: set[tuple[str, str]] = set()
                 for name, h, e in ci.all_records():
+                    counts[name] += 1
+                    listed.add((name, h))
                     own = members.get(name)
                     if own is not None and own.get(h) != e:
                         return f"pack index: its entry for {h} in pack {name} is wrong"
+                for name, count in counts.items():
+                    if count != _TRAILER_HEAD.unpack_from(ci.trailers[ci.number[name]])[1]:
+                        return f"pack index: it lists {count} entries of pack {name}"
+                for name, entries in members.items():
+                    if name in ci.number and (
+                        h := next((h for h in entries if (name, h) not in listed), None)
+                    ):
+                        return f"pack index: it leaves out chunk {h} of pack {name}"
                 for name in members:
                     p = ci.number.get(name)
                     if p is not None and ci.trailers[p] != self.trailers.get(name, ci.trailers[p]):

@@ -520,8 +520,7 @@ class ChunkStore:
                     return f.read()
             except FileNotFoundError:
                 pass
-            # a pack named or deleted meanwhile?  or left out of the combined index?
-            if attempt == 0 and not (pm.refresh() or pm.uncover()):
+            if attempt == 0 and not pm.refresh():  # a pack named or deleted meanwhile?
                 break
         return "corrupt" if pm.bad else "missing"
 
