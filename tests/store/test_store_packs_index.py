@@ -252,26 +252,35 @@ def test_a_bad_or_stale_combined_index_still_gives_correct_answers(tmp_path, dam
     s.close()
 
 
-def test_a_process_rewrites_the_index_once_packs_pile_up_and_then_reads_it(tmp_path):
-    """No index and REBUILD_AFTER packs: the first lookup writes one in the background
-    (temp in tmp/, renamed into packs/, private); the next process uses it."""
-    root, snaps = _store_with_packs(tmp_path, pk.REBUILD_AFTER)
+def test_a_writer_rewrites_the_index_once_packs_pile_up_and_the_next_process_uses_it(
+    tmp_path,
+):
+    """No index and REBUILD_AFTER packs: a reader writes nothing; the next writer to
+    name a pack writes one in the background (temp in tmp/, renamed into packs/,
+    private) covering every pack; a new process then reads no pack's own index."""
+    root, snaps = _store_with_packs(tmp_path, pk.REBUILD_AFTER - 1)
     idx = root / "packs" / pk.INDEX_NAME
     idx.unlink()
-    key = (root / "key").read_bytes()
-    m = pk.PackMap(root / "packs", key)
-    m.refresh()
-    deadline = time.monotonic() + 30  # the rewrite is a background thread: wait for it
-    while m._rebuilding and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _reads_back(root, snaps, tmp_path).close()
+    assert not idx.exists()
+    pk._maps.clear()
+    with ChunkStore(root, threads=2) as s:
+        s.pack_min_chunks = 1
+        data = random.Random(99).randbytes(40 * CS)
+        (tmp_path / "src").write_bytes(data)
+        snaps.append(
+            (s.commit({"memory": s.put_file(tmp_path / "src", chunk_size=CS)[0]}).id, data)
+        )
+        m = s._packs
+        deadline = time.monotonic() + 30  # a background thread: wait for it
+        while m._rebuilding and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert idx.exists() and (idx.stat().st_mode & 0o777) == 0o600
     assert not list((root / "tmp").iterdir())
-    fresh = _fresh(root / "packs", key)
+    fresh = _fresh(root / "packs", (root / "key").read_bytes())
     fresh.refresh()
-    assert fresh.combined is not None and fresh.covered == {
-        p.stem for p in (root / "packs").glob("*.pack")
-    }
-    assert not fresh.members
+    assert fresh.combined is not None and not fresh.members
+    assert fresh.covered == {p.stem for p in (root / "packs").glob("*.pack")}
     _reads_back(root, snaps, tmp_path).close()
 
 

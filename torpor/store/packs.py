@@ -50,7 +50,8 @@ Invariants:
   time, never an answer.  gc and ``verify`` read every pack's own index
   (``verify`` reports a damaged or lying combined index).  It is rewritten (temp in
   ``tmp/``, rename; not fsynced — a torn one does not verify) by gc, and in the
-  background by a process finding ``REBUILD_AFTER`` packs it does not cover.
+  background by a writer that names a pack while ``REBUILD_AFTER`` listed packs are
+  not covered (readers never write it).
   Concurrent rewrites and gc can only make it cover fewer packs (never name a pack's
   entries wrongly): the last rename wins and the listing decides what is used.
 """
@@ -300,7 +301,7 @@ _IHEAD = struct.Struct("<IQI")
 _IREC = struct.Struct("<32sIQI32s")
 _PACKREC = 16 + TRAILER_LEN
 INDEX_BLOCK = 64  # entries per checked block (5 KiB): a lookup hashes one block
-# packs the combined index does not cover before a process rewrites it: each costs a
+# packs the combined index does not cover before a writer rewrites it: each costs a
 # lookup ~0.5 ms (its own index read); a rewrite costs ~30-70 ms of a background thread
 # at 200 packs (docs/benchmarks.md), i.e. one rewrite per two first snapshots
 REBUILD_AFTER = 8
@@ -605,6 +606,18 @@ class PackMap:
             self.listed.add(name)
             for h, e in entries.items():
                 self.locs.setdefault(h, (name, e))
+            ci = self.combined
+            uncovered = len(self.listed - (ci.number.keys() if ci is not None else set()))
+            start = (
+                self.rebuild_after is not None
+                and uncovered >= self.rebuild_after
+                and not self._rebuilding
+            )
+            self._rebuilding |= start
+        if start:
+            # a writer rewrites it, in the background while its put goes on (a reader
+            # never does: it writes nothing, and a lazy restore's server wants no thread)
+            threading.Thread(target=self._rebuild_quietly, daemon=True).start()
 
     def _open_combined(self) -> None:
         """(Re)open ``packs/index`` if it changed since we opened it (lock held)."""
@@ -666,14 +679,6 @@ class PackMap:
                 self._open_load(name)
             self.listed = names
             self.loaded = True
-            uncovered = len(names - (ci.number.keys() if ci is not None else set()))
-        if (
-            self.rebuild_after is not None
-            and uncovered >= self.rebuild_after
-            and not self._rebuilding
-        ):
-            self._rebuilding = True
-            threading.Thread(target=self._rebuild_quietly, daemon=True).start()
         return changed
 
     def _rebuild_quietly(self) -> None:
