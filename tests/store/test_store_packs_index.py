@@ -55,6 +55,7 @@ def _assert_same(m: pk.PackMap, truth: dict, absent: list[str]) -> None:
     ops=st.lists(
         st.one_of(
             st.tuples(st.just("add"), st.integers(1, 150), st.integers(0, 20)),
+            st.tuples(st.just("collide"), st.integers(1, 100), st.integers(0, 3)),
             st.tuples(st.just("gc"), st.integers(0, 1000), st.just(0)),
             st.tuples(st.just("rebuild"), st.just(0), st.just(0)),
         ),
@@ -79,6 +80,10 @@ def test_lookups_equal_the_packs_own_indexes(tmp_path_factory, ops, seed):
         if op == "add":
             hs = [rnd.randbytes(32).hex() for _ in range(a)]
             hs += rnd.sample(known, min(b, len(known)))  # duplicates across packs
+        if op == "collide":  # hashes sharing a 4-byte prefix, across blocks and packs
+            op = "add"
+            hs = [(bytes([0, 0, b, 7]) + rnd.randbytes(28)).hex() for _ in range(a)]
+        if op == "add":
             known += hs
             items = [(h, b"\x00" * rnd.randrange(1, 300)) for h in dict.fromkeys(hs)]
             pk.write_pack(key, tmp_dir, packs_dir, items)
@@ -95,6 +100,7 @@ def test_lookups_equal_the_packs_own_indexes(tmp_path_factory, ops, seed):
     truth = _truth(packs_dir, key)
     absent = [rnd.randbytes(32).hex() for _ in range(50)]
     absent += [h for h in known if h not in truth]
+    absent += [(bytes([0, 0, b, 7]) + rnd.randbytes(28)).hex() for b in range(4) for _ in range(5)]
     _assert_same(_fresh(packs_dir, key), truth, absent)
     _assert_same(held, truth, absent)
     fresh = _fresh(packs_dir, key)
