@@ -395,7 +395,7 @@ class CombinedIndex:
         if sys.byteorder == "little":
             self.prefixes.byteswap()  # stored big-endian: numeric order = hash order
         pos += 4 * n
-        self.digests = [meta[pos + 32 * i : pos + 32 * i + 32] for i in range(nblocks)]
+        self.digests = meta[pos : pos + 32 * nblocks]  # sliced per block when used
         self.entries_off = meta_len
         self._blocks: dict[int, bytes] = {}
 
@@ -411,7 +411,7 @@ class CombinedIndex:
             first = b * self.block
             count = min(self.block, self.n - first)
             data = _pread_all(self.fd, count * _IREC.size, self.entries_off + first * _IREC.size)
-            if data is None or blake3.blake3(data).digest() != self.digests[b]:
+            if data is None or blake3.blake3(data).digest() != self.digests[32 * b : 32 * b + 32]:
                 raise StoreError(f"pack index: block {b} is damaged", step="read pack index")
             if _prefixes(data) != self.prefix_raw[4 * first : 4 * (first + count)]:
                 raise StoreError(f"pack index: block {b} is out of order", step="read pack index")
