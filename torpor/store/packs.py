@@ -71,6 +71,7 @@ import struct
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -306,6 +307,7 @@ INDEX_BLOCK = 64  # entries per checked block (5 KiB): a lookup hashes one block
 # at 200 packs (docs/benchmarks.md), i.e. one rewrite per two first snapshots
 REBUILD_AFTER = 8
 _MAX_INDEX_BLOCK = 1 << 16
+_MAX_INDEX_META = 256 << 20  # read before its MAC checks: ~3M packs' worth, bounded
 _U32 = next(c for c in "IL" if array.array(c).itemsize == 4)
 
 
@@ -353,7 +355,7 @@ class CombinedIndex:
             raise StoreError("pack index: bad block size", step="read pack index")
         nblocks = -(-n // block)
         meta_len = len(head) + n_packs * _PACKREC + n * 4 + nblocks * 32 + 32
-        if meta_len + n * _IREC.size != st.st_size:
+        if meta_len > _MAX_INDEX_META or meta_len + n * _IREC.size != st.st_size:
             raise StoreError(
                 "pack index does not fit its size (truncated?)", step="read pack index"
             )
@@ -367,6 +369,9 @@ class CombinedIndex:
                 step="read pack index",
             )
         self.fd = os.dup(fd)
+        # closed when the last user lets go (a lookup on another thread may still hold
+        # an index the map has replaced: its fd must not be closed, or reused, under it)
+        self.close = weakref.finalize(self, os.close, self.fd)
         self.n, self.block, self.nblocks = n, block, nblocks
         self.names: list[str] = []
         self.trailers: list[bytes] = []
@@ -398,10 +403,6 @@ class CombinedIndex:
         self.digests = meta[pos : pos + 32 * nblocks]  # sliced per block when used
         self.entries_off = meta_len
         self._blocks: dict[int, bytes] = {}
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
     def _block(self, b: int) -> bytes:
         """Block ``b``'s bytes, checked against its digest and its entries' hashes
@@ -511,9 +512,9 @@ class PackMap:
             return None
         try:
             found = ci.lookup(h)
-        except StoreError as e:
+        except (StoreError, OSError) as e:
             self._drop_combined(ci, str(e))
-            return self.locs.get(h)
+            return self.get(h)  # without it (or with the index that replaced it)
         for name, entry in found:
             if name in self.covered and self._check(ci, name):
                 return name, entry
@@ -582,7 +583,6 @@ class PackMap:
             covered, self.covered = self.covered, set()
             for name in sorted(covered):
                 self._open_load(name)
-        ci.close()
 
     def _open_load(self, name: str) -> None:
         try:
@@ -625,8 +625,6 @@ class PackMap:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            if self.combined is not None:
-                self.combined.close()
             self.combined, self.combined_error = None, None
             return
         ci = self.combined
@@ -644,8 +642,6 @@ class PackMap:
             self.combined_error = str(e)
         except OSError as e:
             self.combined_error = f"pack index cannot be read: {e.strerror or e}"
-        if ci is not None:
-            ci.close()
         self.combined = new
         self.checked = set()
 
