@@ -712,12 +712,19 @@ class TieredStore(ChunkStore):
             release_lease(lease)
 
     def materialize(
-        self, artifact: Artifact, dest: Path, *, name: str | None = None, durable: bool = True
+        self,
+        artifact: Artifact,
+        dest: Path,
+        *,
+        name: str | None = None,
+        durable: bool = True,
+        extra: Mapping[str, bytes] | None = None,
     ) -> None:
         with self.pinned():
             self._index_of(artifact)
-            self._prefetch(sorted(artifact.stored))
-            super().materialize(artifact, dest, name=name, durable=durable)
+            # (a journal's chunks, ``extra``, are never in the bucket: not fetched)
+            self._prefetch(sorted(artifact.stored - (extra or {}).keys()))
+            super().materialize(artifact, dest, name=name, durable=durable, extra=extra)
         self.maybe_evict()
 
     def read_range(
