@@ -99,8 +99,12 @@ def _lines(turns: int) -> list[str]:
     return [f"turn-{i}" for i in range(turns)]
 
 
-def _journaled_turn(s: Session, dsn: str, label: str) -> tuple[Session, str, int]:
-    """A turn answered by a worker killed before its commit; the VM killed too.
+def _journaled_turn(
+    s: Session, dsn: str, label: str, gone: bool = False
+) -> tuple[Session, str, int]:
+    """A turn answered by a worker killed before its commit; the VM killed too (its
+    RAM shadow, which equals the checkpoint, stays until the recovery removes the VM),
+    or with ``gone`` removed (the RAM then comes from the store and the journal).
     Returns the session as a new process sees it, the pending snapshot, the turn."""
     turns = s.state().turns
     text = f"turn {turns + 1} ({label})"
@@ -111,6 +115,9 @@ def _journaled_turn(s: Session, dsn: str, label: str) -> tuple[Session, str, int
     snap = t.checkpoints[-1].snapshot
     assert journal.pending(t.paths, snap)  # durable only in the journal
     _kill_vm(t)
+    vm = t.vm()
+    if gone and vm is not None:
+        VMManager(t.paths).remove(vm.id, force=True)
     return t, snap, turns + 1
 
 
@@ -159,7 +166,7 @@ def test_recovery_restores_from_the_journal_before_its_commit(session) -> None:
 
 def test_the_journal_is_committed_behind_and_the_session_goes_on(session) -> None:
     s, dsn, probe = session
-    t, snap, turn = _journaled_turn(s, dsn, "behind")
+    t, snap, turn = _journaled_turn(s, dsn, "behind", gone=True)
     journal.commits.pop(snap, None)
     assert t.recover() is None
     # the next turn's checkpoint builds on the snapshot while its commit may still run
@@ -202,7 +209,14 @@ def _shift_chunk_index(header: dict, blob: bytes) -> tuple[dict, bytes]:
     return header, blob
 
 
-@pytest.mark.parametrize("edit", [_flip_chunk_byte, _shift_chunk_index], ids=["data", "header"])
+def _huge_size(header: dict, blob: bytes) -> tuple[dict, bytes]:
+    header["artifacts"]["memory"]["size"] = 1 << 50  # never allocated a list for
+    return header, blob
+
+
+@pytest.mark.parametrize(
+    "edit", [_flip_chunk_byte, _shift_chunk_index, _huge_size], ids=["data", "header", "size"]
+)
 def test_an_altered_journal_is_refused(session, edit) -> None:
     s, dsn, probe = session
     t, snap, turn = _journaled_turn(s, dsn, edit.__name__)
@@ -220,6 +234,8 @@ def test_an_altered_journal_is_refused(session, edit) -> None:
                 journal.read_pending(t.paths, snap, store)
         finally:
             store.close()
+        with pytest.raises(StoreError):  # nor is it committed
+            journal.finish(t.paths, snap)
         assert not _stored(t.paths, snap)
     finally:
         path.write_bytes(good)
@@ -266,4 +282,60 @@ def test_kill9_of_the_restoring_process(session, env: dict[str, str]) -> None:
             if v.id not in vms and (mine is None or v.id != mine.id):
                 with contextlib.suppress(TorporError):
                     mgr.remove(v.id, force=True)
+        t.close()
+
+
+def _vm_log(mgr: VMManager, vm) -> list[str]:
+    with mgr.client(vm) as c:
+        return c.exec(["sh", "-c", "cat /work/log"], timeout=60).stdout.decode().split()
+
+
+def test_an_altered_shadow_of_the_journaled_snapshot_is_not_used(
+    session, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A running VM's shadow equal to the journaled checkpoint is copied instead of the
+    store's chunks, but only once it matches the journal's manifest."""
+    from torpor.snapshot import core
+    from torpor.vmm import basemem
+
+    s, dsn, _ = session
+    turns = s.state().turns
+    text = f"turn {turns + 1} (shadow)"
+    r = _child(s.paths, "turn", s.name, dsn, text, {"TORPOR_FAILPOINTS": "journal.commit=eio"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    t = Session.open(s.name, paths=s.paths, dsn=dsn)
+    snap = t.checkpoints[-1].snapshot
+    assert journal.pending(t.paths, snap)
+    shadow = basemem.find_shadow(t.paths, snap)
+    assert shadow is not None  # the session's VM (still running) vouched for it
+    mgr = VMManager(t.paths)
+    vm = None
+    try:
+        failpoints.enable("journal.commit", "eio")  # kept pending for the second restore
+        try:
+            with caplog.at_level("WARNING", logger="torpor.snapshot"):
+                vm = core.restore(mgr, snap, shared=False, keep_pool=False)
+            journal.wait_all()
+        finally:
+            failpoints.disable("journal.commit")
+        assert "not used" not in caplog.text  # the shadow, as it is, was copied
+        assert _vm_log(mgr, vm) == _lines(turns + 1)
+        mgr.remove(vm.id, force=True)
+        vm = None
+        assert journal.pending(t.paths, snap)
+        with open(shadow, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+        with caplog.at_level("WARNING", logger="torpor.snapshot"):
+            vm = core.restore(mgr, snap, shared=False, keep_pool=False)
+        assert "does not match; not used" in caplog.text
+        assert _vm_log(mgr, vm) == _lines(turns + 1)
+        journal.wait_all()
+        assert _stored(t.paths, snap)
+    finally:
+        if vm is not None:
+            mgr.remove(vm.id, force=True)
+        _kill_vm(t)  # its shadow was altered: the session's next test restores it
+        assert t.recover() is None
         t.close()

@@ -786,7 +786,7 @@ def restore(
     # restored from the parent's chunks and the journal's, committed behind once the
     # VM runs.  Where the RAM would be a shared base or served lazily, neither of
     # which can read a journal, it is stored first
-    held = None
+    held, asked_cold = None, cold
     if journal.pending(mgr.paths, snap) and _journal_restorable(shared):
         held = journal.read_pending(mgr.paths, snap, store)
     if held is None:
@@ -843,6 +843,17 @@ def restore(
         if pooled and keep_pool:
             pool.want_soon(mgr.paths, manifest.id)  # spares for the next restore
         return started
+    except ChunkMissingError as e:
+        with contextlib.suppress(TorporError):
+            mgr.remove(vm.id, force=True)
+        if held is None:
+            raise
+        # a parent chunk this process could not find (seen: its view of the store's
+        # packs lagging another process's writes): the journal committed first, then
+        # the store's restore, which reads every chunk again or fails as it would
+        log.warning("restore %s from its journal: %s; committed first", manifest.id[:12], e)
+        journal.finish(mgr.paths, manifest.id)
+        return restore(mgr, manifest.id, name, asked_cold, ports, keep_pool, shared)
     except VMError as e:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
@@ -1106,6 +1117,13 @@ def place_snapshot(
         # 2. a running VM's shadow that still equals the snapshot (copied under its lock)
         info["ram_from"] = str(foreign)
         info["ram_snapshot"] = manifest.id
+    elif extra is not None and _journaled_shadow(mgr, store, manifest, own):
+        # 2b. a snapshot still journaled: no shim can check a copy against a manifest
+        # the store does not have yet, so the VM's shadow that equals it (the killed
+        # worker's VM's) is copied and checked against the journal's manifest here
+        write_meta(vm.files.shadow_meta, {"snapshot": manifest.id, "capture": None})
+        info["ram_from"] = str(own)
+        info["shadow_ready"] = True
     elif foreign is None and _lazy_memory(manifest, vm, oneoff=not shared and not cold):
         # 3a. lazy: the shim serves the store's chunks (hash-checked) through a FUSE
         # file that QEMU maps private (torpor.vmm.lazymem); nothing materialized here.
@@ -1163,6 +1181,30 @@ def place_snapshot(
     write_synced(vm.dir / "restore.json", json.dumps(info).encode())
     _crash_point("restore-placed")
     return base
+
+
+def _journaled_shadow(mgr: VMManager, store: ChunkStore, manifest: Manifest, own: Path) -> bool:
+    """Copy a VM shadow equal to ``manifest`` (a snapshot still journaled) into ``own``
+    under its lock and check it against the manifest's memory chunk hashes, as the
+    shim checks a copy; False (``own`` removed) if there is none or it does not match."""
+    src = find_shadow(mgr, manifest.id)
+    if src is None or src == own:
+        return False
+    remove_shadow(own)
+    try:
+        with locked(src.with_name(src.name + ".lock"), shared=True):
+            if read_meta(src.with_name(src.name + ".json")).get("snapshot") != manifest.id:
+                return False  # captured again meanwhile
+            sparse_copy(src, own)
+        bad = store.check_file(manifest.artifacts["memory"], own)
+    except OSError as e:  # its VM removed meanwhile: the chunks instead
+        log.debug("restore %s: shadow %s not copied: %s", manifest.id[:12], src, e)
+        bad = [0]
+    if bad:
+        log.warning("restore %s: shadow %s does not match; not used", manifest.id[:12], src)
+        remove_shadow(own)
+        return False
+    return True
 
 
 def _shared_base(

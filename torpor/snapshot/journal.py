@@ -569,6 +569,8 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
                 idx, lens = [int(i) for i in a["changed"]], [int(x) for x in a["lengths"]]
                 if len(idx) != len(lens) or size < 0 or not set(core.ARTIFACTS) >= {name}:
                     raise ValueError("bad artifact entry")
+                if ck.chunk_count(size, cs) > len(parent.artifacts[name].chunks) + len(idx):
+                    raise ValueError(f"{name}: size {size} past its chunks")  # all listed
                 f = work / name
                 fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 try:
@@ -696,6 +698,8 @@ def read_pending(paths: Paths, snap_id: str, store: ChunkStore) -> Pending | Non
             if pa.chunk_size != cs:
                 raise ValueError(f"{name}: chunk size {cs} is not its parent's")
             n = ck.chunk_count(size, cs)
+            if n > len(pa.chunks) + len(idx):  # chunks past the parent's are all listed
+                raise ValueError(f"{name}: size {size} past its chunks")
             # what the commit's put_file(parent=, dirty=changed) makes of the file the
             # journal rebuilds: a chunk not listed is the parent's where it covers the
             # same bytes, else a hole (zeros)
