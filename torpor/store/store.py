@@ -39,6 +39,9 @@ are ignored), only orphan chunks, orphan packs and temp files (a pack being writ
 is a ``.tmp`` in tmp/, never under packs/), which ``gc`` removes.  A crash after it
 leaves a complete snapshot whose chunks were made durable in 2 and 3.  Chunks and
 packs of earlier snapshots are never rewritten in place, so they stay intact.
+``packs/index`` (the combined index of the packs, :mod:`torpor.store.packs`) is
+outside this ordering: a cache, rewritten without an fsync, checked before use; a
+torn, stale or missing one costs lookups time, never a chunk.
 
 Step 2 is pipelined inside ``put_file``: chunks are read in batches, hashed on the
 store's threads, compressed (zstd's own C threads for a batch's plain chunks), and
@@ -1353,12 +1356,21 @@ class ChunkStore:
             os.close(fd)
 
     def read_range(
-        self, artifact: Artifact, offset: int, length: int, *, name: str | None = None
+        self,
+        artifact: Artifact,
+        offset: int,
+        length: int,
+        *,
+        name: str | None = None,
+        extra: Mapping[str, bytes] | None = None,
     ) -> bytes:
         """Bytes ``[offset, offset+length)`` of ``artifact`` (short at its end), hash-checked.
 
-        Only the chunks covering the range are read.  Raises UsageError for a negative
-        offset/length or an offset past the end, ChunkMissingError / ChunkCorruptError.
+        Only the chunks covering the range are read.  ``extra``: chunks not (yet) in
+        the store, each already checked against its hash by whoever built the map
+        (a pending journal, as for :meth:`materialize`).  Raises UsageError for a
+        negative offset/length or an offset past the end, ChunkMissingError /
+        ChunkCorruptError.
         """
         if offset < 0 or length < 0 or offset > artifact.size:
             raise UsageError(
@@ -1374,7 +1386,11 @@ class ChunkStore:
         for i in range(first, last + 1):
             off, ln = artifact.span(i)
             h = artifact.chunks[i]
-            data = bytes(ln) if h is None else self._read_chunk(h, ln)
+            got = extra.get(h) if extra is not None and h is not None else None
+            if got is not None and len(got) == ln:
+                data: bytes | str = got
+            else:
+                data = bytes(ln) if h is None else self._read_chunk(h, ln)
             if data == "missing":
                 missing.append(h)
             elif data == "corrupt":
