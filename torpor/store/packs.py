@@ -307,17 +307,18 @@ INDEX_BLOCK = 64  # entries per checked block (5 KiB): a lookup hashes one block
 # at 200 packs (docs/benchmarks.md), i.e. one rewrite per two first snapshots
 REBUILD_AFTER = 8
 _MAX_INDEX_BLOCK = 1 << 16
-_MAX_INDEX_META = 256 << 20  # read before its MAC checks: ~3M packs' worth, bounded
+_MAX_INDEX_META = 256 << 20  # read before its MAC checks (bounded): ~200,000 packs' worth
 _U32 = next(c for c in "IL" if array.array(c).itemsize == 4)
 
 
 def _prefixes(blob: bytes | memoryview) -> bytes:
     """The first 4 bytes of each ``_IREC`` record of ``blob``, back to back (no
     per-record Python: a strided view of 32-bit words)."""
-    return memoryview(blob).cast("B").cast("I")[:: _IREC.size // 4].tobytes()
+    return memoryview(blob).cast("B").cast(_U32)[:: _IREC.size // 4].tobytes()
 
 
 def sort_records(records: list[bytes]) -> bytes:
+    """``_IREC`` records as :func:`encode_combined` takes them."""
     return b"".join(sorted(records))
 
 
