@@ -16,6 +16,7 @@ import pytest
 from tests.session.test_recovery_oneoff import PROBE, SETUP, _crash, _exec, _model
 from torpor.paths import Paths
 from torpor.session import Session
+from torpor.snapshot import journal
 from torpor.vmm import lazymem
 from torpor.vmm.manager import VMManager
 
@@ -53,6 +54,11 @@ def test_a_recovery_is_lazy_and_its_checkpoint_restores_in_full(
     assert lazymem.is_mounted(vm.files.ram)  # served lazily, not materialized
     assert _exec(mgr, vm, PROBE) == probe
     first = s.state().last_checkpoint.snapshot
+    # the replayed turn's checkpoint went through the journal (committed behind the
+    # answer), as any turn's: the lazy VM's overlay, not its streamed shadow, says
+    # which snapshot its RAM copy equals
+    journal.wait_all()
+    assert first in journal.commits
 
     # the checkpoint the lazy VM took, restored in full from the store
     monkeypatch.setenv("TORPOR_LAZY_RESTORE", "0")

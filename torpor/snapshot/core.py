@@ -1124,12 +1124,14 @@ def place_snapshot(
         write_meta(vm.files.shadow_meta, {"snapshot": manifest.id, "capture": None})
         info["ram_from"] = str(own)
         info["shadow_ready"] = True
-    elif foreign is None and _lazy_memory(manifest, vm, oneoff=not shared and not cold):
+    elif foreign is None and _lazy_memory(
+        manifest, vm, oneoff=not shared and (not cold or extra is not None)
+    ):
         # 3a. lazy: the shim serves the store's chunks (hash-checked) through a FUSE
         # file that QEMU maps private (torpor.vmm.lazymem); nothing materialized here.
-        # By default a recovery's (one-off, not cold): its checkpoint is restored once
-        # and captured again soon; a cold restore (asked for, or a checkpoint read
-        # with its pending journal, whose chunks the lazy server cannot read) stays full
+        # By default a recovery's (one-off, not asked cold): its checkpoint is restored
+        # once and captured again soon.  A checkpoint still journaled (``extra``): the
+        # server reads the journal itself before QEMU's first read is answered
         remove_shadow(own)
         info["lazy"] = {"snapshot": manifest.id, "size": mem.size}
         info["ram_private"] = True

@@ -281,10 +281,13 @@ def fast_snapshot(mgr: VMManager, ref: str, tag: str | None = None) -> Any:
 def _ram_copy_tag(vm: VM) -> str | None:
     """Which committed snapshot the VM's copy of its RAM as of its last capture equals:
     its shadow, or for a VM whose RAM is mapped private (a restore over a shared
-    base, :mod:`torpor.vmm.ramless`) its overlay."""
+    base, :mod:`torpor.vmm.ramless`) its overlay.  The overlay first: a lazily
+    restored VM (private too) has both, and its shadow is only the restored snapshot
+    streamed in for the lazy server (:func:`torpor.vmm.lazymem.fill_shadow`), never
+    what a capture changed."""
     from torpor.vmm.ramless import overlay_of
 
-    for meta in (vm.files.shadow_meta, overlay_of(vm.files.shadow)):
+    for meta in (overlay_of(vm.files.shadow), vm.files.shadow_meta):
         meta = meta if meta.name.endswith(".json") else meta.with_name(meta.name + ".json")
         if meta.exists():
             got = read_meta(meta).get("snapshot")

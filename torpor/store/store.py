@@ -1356,12 +1356,21 @@ class ChunkStore:
             os.close(fd)
 
     def read_range(
-        self, artifact: Artifact, offset: int, length: int, *, name: str | None = None
+        self,
+        artifact: Artifact,
+        offset: int,
+        length: int,
+        *,
+        name: str | None = None,
+        extra: Mapping[str, bytes] | None = None,
     ) -> bytes:
         """Bytes ``[offset, offset+length)`` of ``artifact`` (short at its end), hash-checked.
 
-        Only the chunks covering the range are read.  Raises UsageError for a negative
-        offset/length or an offset past the end, ChunkMissingError / ChunkCorruptError.
+        Only the chunks covering the range are read.  ``extra``: chunks not (yet) in
+        the store, each already checked against its hash by whoever built the map
+        (a pending journal, as for :meth:`materialize`).  Raises UsageError for a
+        negative offset/length or an offset past the end, ChunkMissingError /
+        ChunkCorruptError.
         """
         if offset < 0 or length < 0 or offset > artifact.size:
             raise UsageError(
@@ -1377,7 +1386,11 @@ class ChunkStore:
         for i in range(first, last + 1):
             off, ln = artifact.span(i)
             h = artifact.chunks[i]
-            data = bytes(ln) if h is None else self._read_chunk(h, ln)
+            got = extra.get(h) if extra is not None and h is not None else None
+            if got is not None and len(got) == ln:
+                data: bytes | str = got
+            else:
+                data = bytes(ln) if h is None else self._read_chunk(h, ln)
             if data == "missing":
                 missing.append(h)
             elif data == "corrupt":
