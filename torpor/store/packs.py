@@ -563,27 +563,31 @@ class PackMap:
         for h, e in entries.items():
             self.locs.setdefault(h, (name, e))
 
-    def uncover(self, h: str | None = None) -> bool:
+    def indexed(self, h: str) -> bool:
+        """Whether a lookup of ``h`` now goes to the combined index (not to a pack read
+        on its own): if its frame then reads as corrupt, :meth:`uncover` and look again."""
+        if not self.loaded:
+            self.refresh()
+        return self.combined is not None and bool(self.covered) and h not in self.locs
+
+    def uncover(self) -> None:
         """Stop trusting the combined index in this process (its packs are read one by
-        one from now on): a chunk it led to read as corrupt (``h``: only if ``h``'s
-        entry came from it).  True if anything changed (worth looking again).  A
-        chunk it leaves out is not a reason (a miss is normal for a bucket's cache):
-        its entries must add up to its packs' counts, and ``verify`` checks each."""
+        one from now on): a chunk it led to read as corrupt (it may lie).  A chunk it
+        leaves out is not a reason (a miss is normal for a bucket's cache): its entries
+        must add up to its packs' counts, and ``verify`` checks each."""
         ci = self.combined
-        if ci is None or not self.covered or (h is not None and h in self.locs):
-            return False
-        self._drop_combined(ci, None)
-        return True
+        if ci is not None:
+            self._drop_combined(ci, None)
 
     def _drop_combined(self, ci: CombinedIndex, why: str | None) -> None:
         """``ci`` failed a check (or is distrusted): read its packs one by one instead."""
         with self.lock:
             if self.combined is not ci:
                 return
-            self.combined, self.combined_error = None, why
-            covered, self.covered = self.covered, set()
-            for name in sorted(covered):
+            for name in sorted(self.covered):  # first: a lookup meanwhile finds them
                 self._open_load(name)
+            self.combined, self.combined_error = None, why
+            self.covered = set()
 
     def _open_load(self, name: str) -> None:
         try:

@@ -567,11 +567,13 @@ class ChunkStore:
 
         A delta is read through its base (checked too): if the base is missing or
         damaged, so is the delta's data."""
+        indexed = self._packs.indexed(h)  # found through the combined index (may lie)
         frame = self._frame_of(h)
         if isinstance(frame, str):
             return frame
         got = self._check_frame(h, frame, length, depth)
-        if got == "corrupt" and self._packs.uncover(h):  # the combined index may lie
+        if got == "corrupt" and indexed:  # read it again through the pack's own index
+            self._packs.uncover()
             return self._read_chunk(h, length, depth=depth)
         if got == "corrupt" and self._packs.get(h) is not None:
             try:  # the packed copy is bad: a loose copy of it may be whole
