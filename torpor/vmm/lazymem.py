@@ -361,9 +361,9 @@ class MemoryFile:
         try:
             data = self._from_shadow(i, off, ln)
             if data is None:
-                data = self.store.read_range(
-                    self.art, off, ln, name="memory", extra=self.extra
-                )
+                # (a tiered store takes no extra: a journal is only ever local)
+                kw = {} if self.extra is None else {"extra": self.extra}
+                data = self.store.read_range(self.art, off, ln, name="memory", **kw)
         except BaseException as e:
             fut.set_exception(e)
             raise
