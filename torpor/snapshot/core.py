@@ -783,9 +783,10 @@ def restore(
         raise UsageError(f"invalid VM name {name!r}")
     store = _store(mgr)
     # a checkpoint still journaled (its worker was killed before the store commit):
-    # restored from the parent's chunks and the journal's, committed behind once the
-    # VM runs.  Where the RAM would be a shared base or served lazily, neither of
-    # which can read a journal, it is stored first
+    # restored from the parent's chunks and the journal's (a recovery's lazily: the
+    # lazy server reads the journal too), committed behind once the VM runs.  Where
+    # the RAM would be a shared base, which cannot read a journal, or with
+    # TORPOR_LAZY_RESTORE=1 (not tried with a journal), it is stored first
     held, asked_cold = None, cold
     if journal.pending(mgr.paths, snap) and _journal_restorable(shared):
         held = journal.read_pending(mgr.paths, snap, store)
@@ -882,8 +883,8 @@ def restore(
 
 
 def _journal_restorable(shared: bool) -> bool:
-    """Whether a restore can read a pending journal: its RAM is copied into the VM's
-    own file (a one-off restore, or shared bases off), never served lazily."""
+    """Whether a restore can read a pending journal: its RAM is not a shared base (a
+    one-off restore, or shared bases off) and lazy restore is not forced for all."""
     from torpor.vmm import lazymem
 
     if lazymem.enabled():
