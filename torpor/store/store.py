@@ -327,6 +327,7 @@ class ChunkStore:
             None if os.environ.get("TORPOR_STORE_PACKS", "1") == "0" else PACK_MIN_CHUNKS
         )
         self._packing = False  # the current put writes its new frames into packs
+        self._claim_refreshed = False  # the current put's claims listed packs/ already
         self._pack: pk.PackWriter | None = None  # the pack being filled
         self._pack_writes: list[Future[int]] = []  # its frame writes in flight
         self._sealed: set[str] = set()  # packs this instance named (durable, dir fsynced)
@@ -646,12 +647,13 @@ class ChunkStore:
                 return False
 
         with self._gc_lock(shared=True):
-            refreshed = False
             for h in hashes:
                 if touch(h):
                     continue
-                if not refreshed:  # a pack another writer named since we last looked
-                    refreshed = True
+                # a pack another writer named since we last looked: listed once per put
+                # (a pack named later only costs a copy of a chunk, never correctness)
+                if not self._claim_refreshed:
+                    self._claim_refreshed = True
                     if pm.refresh():
                         touched.clear()
                         if touch(h):
@@ -724,6 +726,7 @@ class ChunkStore:
         size = os.fstat(fd).st_size
         n = ck.chunk_count(size, chunk_size)
         result: list[str | None] = [None] * n
+        self._claim_refreshed = False
         parent_set = parent.stored if parent is not None else frozenset()
 
         # Which chunks come from the parent unread (dirty fast path)?
