@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.session.test_recovery_oneoff import PROBE, SETUP, _crash, _exec, _model
+from tests.session.test_recovery_oneoff import PROBE, _crash, _exec, prepared
 from torpor.paths import Paths
 from torpor.session import Session
 from torpor.snapshot import journal
@@ -29,16 +29,8 @@ def session(paths: Paths, tools_image: str) -> Iterator[tuple[Session, str]]:
         pytest.skip(f"lazy restore unavailable: {lazymem.available()}")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TORPOR_LAZY_RESTORE", raising=False)  # the default
-        s = Session.create(tools_image, _model(), name="lazy-recovery", paths=paths)
-        try:
-            vm = s.vm()
-            assert vm is not None
-            assert _exec(VMManager(paths), vm, SETUP).strip() == "ok"
-            s.checkpoint(reason="turn")
-            yield s, _exec(VMManager(paths), vm, PROBE)
-        finally:
-            s.remove()
-            s.close()
+        with prepared(paths, tools_image, "lazy-recovery") as got:
+            yield got
 
 
 def test_a_recovery_is_lazy_and_its_checkpoint_restores_in_full(

@@ -12,6 +12,7 @@ killed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -69,21 +70,28 @@ def _base_inodes(s: Session, snap: str) -> set[int]:
         return {int(ln.split()[4]) for ln in f if f"torpor-base-{snap[:12]}" in ln}
 
 
+@contextlib.contextmanager
+def prepared(paths: Paths, image: str, name: str) -> Iterator[tuple[Session, str]]:
+    """A session whose guest ran :data:`SETUP`, checkpointed; with what PROBE printed."""
+    s = Session.create(image, _model(), name=name, paths=paths)
+    try:
+        vm = s.vm()
+        assert vm is not None
+        assert _exec(VMManager(paths), vm, SETUP).strip() == "ok"
+        s.checkpoint(reason="turn")
+        yield s, _exec(VMManager(paths), vm, PROBE)
+    finally:
+        s.remove()
+        s.close()
+
+
 @pytest.fixture(scope="module")
 def session(paths: Paths, tools_image: str) -> Iterator[tuple[Session, str]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORPOR_RAM_BASE", "1")
         mp.setenv("TORPOR_BASE_IDLE", "2")
-        s = Session.create(tools_image, _model(), name=f"oneoff-{next(_names)}", paths=paths)
-        try:
-            vm = s.vm()
-            assert vm is not None
-            assert _exec(VMManager(paths), vm, SETUP).strip() == "ok"
-            s.checkpoint(reason="turn")
-            yield s, _exec(VMManager(paths), vm, PROBE)
-        finally:
-            s.remove()
-            s.close()
+        with prepared(paths, tools_image, f"oneoff-{next(_names)}") as got:
+            yield got
 
 
 def test_recovery_fills_no_base_and_equals_the_pre_crash_session(session, paths) -> None:

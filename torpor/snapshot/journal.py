@@ -410,6 +410,25 @@ def write_meta_ref(vm: VM, snap_id: str) -> None:
 # -- committing a journal into the store --------------------------------------------
 
 
+def _record_commit(snap_id: str, t0: float) -> None:
+    """What a background commit started at ``t0`` took (:data:`commits`, bounded)."""
+    with _threads_lock:
+        if len(commits) >= MAX_COMMIT_STATS:
+            commits.pop(next(iter(commits)))
+        commits[snap_id] = {
+            "commit_ms": (time.perf_counter() - t0) * 1000,
+            "stored_bytes": float(_stored.pop(snap_id, 0)),
+        }
+
+
+def _forget_committer(snap_id: str) -> None:
+    """The calling thread, ``snap_id``'s committer, is done."""
+    with _threads_lock:
+        if _threads.get(snap_id) is threading.current_thread():
+            del _threads[snap_id]
+            _manifests.pop(snap_id, None)
+
+
 def _start(mgr: VMManager, manifest: Manifest, stage: Path, parent: Manifest, vm_id: str) -> None:
     snap_id = manifest.id
 
@@ -417,13 +436,7 @@ def _start(mgr: VMManager, manifest: Manifest, stage: Path, parent: Manifest, vm
         t0 = time.perf_counter()
         try:
             m = finish(mgr.paths, snap_id)
-            with _threads_lock:
-                if len(commits) >= MAX_COMMIT_STATS:
-                    commits.pop(next(iter(commits)))
-                commits[snap_id] = {
-                    "commit_ms": (time.perf_counter() - t0) * 1000,
-                    "stored_bytes": float(_stored.pop(snap_id, 0)),
-                }
+            _record_commit(snap_id, t0)
             if m is not None:  # the staged disk and device state become the hot cache
                 from torpor.snapshot import core
 
@@ -435,10 +448,7 @@ def _start(mgr: VMManager, manifest: Manifest, stage: Path, parent: Manifest, vm
             log.warning("journal %s: background commit failed: %s", snap_id[:12], e)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-            with _threads_lock:
-                if _threads.get(snap_id) is threading.current_thread():
-                    del _threads[snap_id]
-                    _manifests.pop(snap_id, None)
+            _forget_committer(snap_id)
 
     th = threading.Thread(target=run, name=f"journal-{snap_id[:12]}", daemon=False)
     with _threads_lock:
@@ -760,20 +770,11 @@ def commit_behind(paths: Paths, manifest: Manifest) -> None:
         t0 = time.perf_counter()
         try:
             finish(paths, snap_id)
-            with _threads_lock:
-                if len(commits) >= MAX_COMMIT_STATS:
-                    commits.pop(next(iter(commits)))
-                commits[snap_id] = {
-                    "commit_ms": (time.perf_counter() - t0) * 1000,
-                    "stored_bytes": float(_stored.pop(snap_id, 0)),
-                }
+            _record_commit(snap_id, t0)
         except Exception as e:  # kept on disk: the next reader finishes it
             log.warning("journal %s: commit behind a restore failed: %s", snap_id[:12], e)
         finally:
-            with _threads_lock:
-                if _threads.get(snap_id) is threading.current_thread():
-                    del _threads[snap_id]
-                    _manifests.pop(snap_id, None)
+            _forget_committer(snap_id)
 
     th = threading.Thread(target=run, name=f"journal-{snap_id[:12]}", daemon=False)
     with _threads_lock:

@@ -244,19 +244,24 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> int:
     with open(src, "rb") as f_in, open(dst, "r+b") as f_out:
         fi, fo = f_in.fileno(), f_out.fileno()
         size = os.fstat(fi).st_size
-        extents = []
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fi, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fi, data, os.SEEK_HOLE)
-            extents.append((data, hole))
-            pos = hole
-        copied = _copy_extents(fi, fo, extents)
+        copied = _copy_extents(fi, fo, _data_extents(fi, size))
         f_out.truncate(size)
     return copied
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``fd`` holding data (SEEK_DATA / SEEK_HOLE)."""
+    extents = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        extents.append((data, min(hole, size)))
+        pos = hole
+    return extents
 
 
 def _copy_extents(fi: int, fo: int, extents: list[tuple[int, int]]) -> int:
@@ -285,16 +290,7 @@ def precopy(
         fi, fo = f_in.fileno(), f_out.fileno()
         size = os.fstat(fi).st_size
         f_out.truncate(size)  # before anyone reads it: a reader's view of its size is final
-        extents = []
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fi, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fi, data, os.SEEK_HOLE)
-            extents.append((data, min(hole, size)))
-            pos = hole
+        extents = _data_extents(fi, size)
         filling = started(extents)
         try:
             cross_fs = [False]
