@@ -26,6 +26,9 @@ Points (keep this list in step with the calls):
 - ``journal.write``, ``journal.durable``, ``journal.commit``: a checkpoint journal torn,
   durable before the log names it, its background commit (torpor/snapshot/journal.py)
 - ``session.checkpoint_logged``: a turn's checkpoint entry appended, answer not returned
+- ``shim.exiting``: QEMU exited, the agent socket closed, the VM's exit not yet recorded
+  (torpor/vmm/shim.py)
+- ``cli.attach``: ``torpor run``/``start -a``, the VM started, before attaching to it
 
 Invariant: with no point enabled, :func:`hit` is a dict lookup and never raises.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +47,75 @@ def test_run_rm_streams_and_exits_with_code(tools_image: str) -> None:
     assert r.stdout == b"out\nLinux\n"
     assert b"err\n" in r.stderr
     assert "rm-test" not in _names()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is frozen by SIGSTOP (a ``stop`` failpoint)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"T"
+    except OSError:
+        return False
+
+
+def _wait(cond: Any, what: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_run_rm_reports_a_command_that_ended_before_it_attached(tools_image: str) -> None:
+    """The command ends and its VM's shim stops listening before `torpor run` attaches,
+    and the exit is recorded only a moment later (QEMU's last console words): run waits
+    for the record and exits with the command's code, and removes the VM.  It failed
+    with 125, "cannot reach VM" (seen once in CI), and the shim's own --rm could take
+    the exit away with the record."""
+    from torpor.paths import Paths
+    from torpor.vmm.manager import VMManager
+
+    name = f"attach-race-{os.getpid()}"
+    env = dict(
+        os.environ,
+        TORPOR_NO_ZYGOTE="1",  # a shim spawned with this environment (its failpoint)
+        TORPOR_FAILPOINTS="cli.attach=stop,shim.exiting=stop",
+    )
+    env.pop("TORPOR_DEBUG", None)
+    cmd = [sys.executable, "-m", "torpor.cli.main", "run", "--rm", "--name", name]
+    p = subprocess.Popen(
+        [*cmd, tools_image, "sh", "-c", "exit 3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    mgr = VMManager(Paths.default())
+    shim = 0
+    try:
+        _wait(lambda: _stopped(p.pid), "torpor run to stop before attaching")
+        shim = _wait(
+            lambda: next((v.state.shim_pid for v in mgr.list() if v.name == name), 0),
+            "the VM's record",
+        )
+        _wait(lambda: _stopped(shim), "the shim to stop with the exit unrecorded")
+        assert mgr.get(name).state.status.active  # the window: no agent, no exit yet
+        os.kill(p.pid, signal.SIGCONT)
+        time.sleep(1.0)
+        assert p.poll() is None, p.communicate()[1]  # waiting for the exit's record
+        os.kill(shim, signal.SIGCONT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 3, err
+    finally:
+        for pid in (p.pid, shim):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert name not in _names()
 
 
 def test_run_missing_command_is_127(tools_image: str) -> None:

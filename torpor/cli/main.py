@@ -570,9 +570,14 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
     """
     try:
         req = _build_request(image, command, rm=rm, **kw)
-        if tty:  # the main command runs on a guest terminal of our size (cli/tty.py)
-            from dataclasses import replace
+        from dataclasses import replace
 
+        if rm and not detach:
+            # attached, this process removes the VM once it has the command's exit
+            # (below); its shim removing it first, had the command ended before we
+            # could attach, would take the exit along
+            req = replace(req, client_removes=True)
+        if tty:  # the main command runs on a guest terminal of our size (cli/tty.py)
             from torpor.cli import tty as tty_
 
             if not detach:
@@ -594,19 +599,21 @@ def run(image: str, command: tuple[str, ...], detach: bool, rm: bool, tty: bool,
         click.echo(vm.id)
         return
     code = None
-    if tty:
-        try:
-            code = tty_.attach_main(mgr, vm, req.stdin_open)
-        except TorporError as e:
-            _fail(e, 125)
-    if code is None:
-        code = _attach(mgr, vm, req.stdin_open)
-    if rm:
-        with contextlib.suppress(TorporError):
-            vm2 = mgr.get(vm.id)
-            if vm2.state.status.active:
-                mgr.stop(vm.id, timeout=10)
-            mgr.remove(vm.id, force=True)
+    try:
+        if tty:
+            try:
+                code = tty_.attach_main(mgr, vm, req.stdin_open)
+            except TorporError as e:
+                _fail(e, 125)
+        if code is None:
+            code = _attach(mgr, vm, req.stdin_open)
+    finally:  # also when attaching failed (_fail exits): the VM is ours to remove
+        if rm:
+            with contextlib.suppress(TorporError):
+                vm2 = mgr.get(vm.id)
+                if vm2.state.status.active:
+                    mgr.stop(vm.id, timeout=10)
+                mgr.remove(vm.id, force=True)
     sys.exit(code)
 
 
@@ -666,18 +673,32 @@ def _stream(handle: Any, stdin: bool) -> int:
     return status.code
 
 
+#: How long an attach that finds the agent gone waits for the VM's exit to be recorded
+#: (its shim stops listening a moment before: QEMU's last console words, up to 2 s).
+ATTACH_SETTLE_S = 15.0
+
+
 def _attach(mgr: Any, vm: Any, stdin: bool) -> int:
-    try:
-        client = mgr.client(vm)
-    except TorporError as e:
-        # the command may have finished before we could attach: report from the record
-        vm = mgr.get(vm.id)
-        if vm.state.status.active or vm.state.exit_code is None:
-            _fail(e, 125)
-        for _, stream, data in mgr.logs(vm.id):
-            (sys.stdout if stream == "stdout" else sys.stderr).buffer.write(data)
-        sys.stdout.flush()
-        return vm.state.exit_code if vm.state.exit_code is not None else 125
+    from torpor import failpoints
+
+    failpoints.hit("cli.attach")
+    deadline = time.monotonic() + ATTACH_SETTLE_S
+    while True:
+        try:
+            client = mgr.client(vm)
+            break
+        except TorporError as e:
+            # the command may have finished before we could attach: report from the
+            # record once the VM's end is in it
+            vm = mgr.get(vm.id)
+            if not vm.state.status.active and vm.state.exit_code is not None:
+                for _, stream, data in mgr.logs(vm.id):
+                    (sys.stdout if stream == "stdout" else sys.stderr).buffer.write(data)
+                sys.stdout.flush()
+                return vm.state.exit_code
+            if not vm.state.status.active or time.monotonic() > deadline:
+                _fail(e, 125)
+            time.sleep(0.05)
     with client:
         try:
             return _stream(client.attach(), stdin)

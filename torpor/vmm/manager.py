@@ -123,6 +123,7 @@ class RunRequest:
     stdin_open: bool = False
     tty: tuple[int, int] | None = None  # (cols, rows): run the command on a terminal
     auto_remove: bool = False
+    client_removes: bool = False  # see VMConfig.client_removes
     labels: dict[str, str] = field(default_factory=dict)
     log_limits: LogLimits = field(default_factory=LogLimits)  # main.log, console.log each
 
@@ -339,6 +340,7 @@ def config_for(
         stdin_open=req.stdin_open,
         tty=req.tty,
         auto_remove=req.auto_remove,
+        client_removes=req.client_removes,
         labels=dict(req.labels),
         log_max_size=req.log_limits.max_size,
         log_max_files=req.log_limits.max_files,

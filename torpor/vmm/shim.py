@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torpor import failpoints
 from torpor.agent.protocol import (
     EXEC_TTY,
     ErrorReply,
@@ -1115,6 +1116,7 @@ class Shim:
             self.start_shadow_init(self.restored_info)
         await self.qemu_exited.wait()
         server.close()
+        failpoints.hit("shim.exiting")  # no agent, the exit not recorded yet
         folder_task.cancel()
         if self.events_task is not None:
             self.events_task.cancel()
@@ -1168,7 +1170,7 @@ class Shim:
                 await client.writer.drain()
                 client.writer.close()
         self.cleanup()
-        if self.cfg.auto_remove and not self.ever_attached:
+        if self.cfg.auto_remove and not self.ever_attached and not self.cfg.client_removes:
             # `run -d --rm`: nobody is attached to remove it, so the shim does
             from torpor.vmm.manager import VMManager
 

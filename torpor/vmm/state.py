@@ -83,6 +83,10 @@ class VMConfig:
     stdin_open: bool = False
     tty: tuple[int, int] | None = None  # (cols, rows): the main command's terminal (run -t)
     auto_remove: bool = False
+    # auto_remove is the caller's to do once it has the main command's exit (`torpor run
+    # --rm`, attached): the shim does not remove the VM on its own, even if the command
+    # ended before the caller could attach (its exit would go with the record)
+    client_removes: bool = False
     created: float = field(default_factory=time.time)
     labels: dict[str, str] = field(default_factory=dict)
     # caps on main.log and console.log, each (see torpor.vmm.logfile); VMs made before
