@@ -10,11 +10,11 @@ import json
 import mmap
 import os
 import signal
-import time
 
 import pytest
 
 from tests.chunkfiles import damaged, hide
+from tests.waiting import wait_until
 from torpor.errors import TorporError
 from torpor.snapshot import restore, snapshot
 from torpor.store.home import home_store
@@ -40,8 +40,12 @@ def source(shared_vms, tools_image):
     vm = shared_vms.run(tools_image, "sleep", "infinity", name="lazy-src")
     with mgr.client(vm) as c:
         r = c.exec(
-            ["sh", "-c", f"mkdir -p /run/d && mount -t tmpfs d /run/d && "
-             f"head -c 4194304 /dev/urandom > {DATA} && md5sum {DATA}"]
+            [
+                "sh",
+                "-c",
+                f"mkdir -p /run/d && mount -t tmpfs d /run/d && "
+                f"head -c 4194304 /dev/urandom > {DATA} && md5sum {DATA}",
+            ]
         )
         assert r.status.code == 0, r.stderr
         md5 = r.stdout.split()[0].decode()
@@ -58,16 +62,6 @@ def _guest_md5(mgr, vm) -> str:
 
 def _stats(vm) -> dict:
     return json.loads((vm.dir / lazymem.STATS_FILE).read_text())
-
-
-def _wait(cond, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _md5_file(path) -> str:
@@ -112,7 +106,7 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     assert _stats(vm)["fetched_bytes"] > 0
     # once the shadow has streamed in, the FUSE file is all fetched: it equals the
     # store's own materialization of the memory, byte for byte
-    _wait(
+    wait_until(
         lambda: read_meta(vm.files.shadow_meta).get("snapshot") == snap.id,
         "the shadow to stream in",
     )
@@ -127,7 +121,7 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     # once streamed, the server reads the shadow, not the store: the snapshot's data
     # chunks moved away (a removed snapshot, gc'd) and the file's page cache dropped,
     # the guest still reads its data
-    _wait(lambda: _stats(vm)["source"] == "shadow", "the server to switch to the shadow")
+    wait_until(lambda: _stats(vm)["source"] == "shadow", "the server to switch to the shadow")
     art = snap.artifacts["memory"]
     store = home_store(paths)
     idx = sorted(_data_chunks(mgr, source[0], art, tmp_path / "d"))
@@ -147,7 +141,9 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
         finally:
             os.close(fd)
             buf.close()
-        assert _wait(lambda: _stats(vm)["from_shadow_chunks"] > before, "reads from the shadow")
+        assert wait_until(
+            lambda: _stats(vm)["from_shadow_chunks"] > before, "reads from the shadow"
+        )
         assert _guest_md5(mgr, vm) == md5
     finally:
         put_back()
@@ -169,7 +165,7 @@ def test_lazy_restore_equals_full_restore(vms, source, paths, tmp_path) -> None:
     # its parent's working set (recorded by the first restore above) was the hint
     # (its own is recorded meanwhile: the parent's list, then what it read)
     assert _stats(again)["prefetch_chunks"] > 0
-    _wait((paths.root / "cache" / lazymem.WS_DIR / snap2.id).exists, "its own working set")
+    wait_until((paths.root / "cache" / lazymem.WS_DIR / snap2.id).exists, "its own working set")
     mgr.remove(again.id, force=True)
 
 
@@ -181,9 +177,9 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     vms.ids.append(first.id)
     assert _guest_md5(mgr, first) == md5
     ws_file = paths.root / "cache" / lazymem.WS_DIR / snap.id
-    _wait(ws_file.exists, "the working set to be recorded")
+    wait_until(ws_file.exists, "the working set to be recorded")
     # (the server writes the file, then its stats: a moment apart)
-    st1 = _wait(
+    st1 = wait_until(
         lambda: (s := _stats(first))["working_set"].startswith("recorded") and s,
         "the stats to say the working set was recorded",
     )
@@ -203,7 +199,7 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     st = _stats(second)
     assert st["working_set"] == "used" and st["prefetch_chunks"] == len(recorded)
     assert _guest_md5(mgr, second) == md5
-    st = _wait(
+    st = wait_until(
         lambda: (s := _stats(second))["prefetched_chunks"] == len(recorded) and s,
         "the working set to be fetched",
     )
@@ -233,7 +229,7 @@ def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     ram = vm.files.ram
     assert lazymem.is_mounted(ram)
     os.kill(vm.state.shim_pid, signal.SIGKILL)
-    _wait(lambda: not lazymem.is_mounted(ram), "the mount to go")
+    wait_until(lambda: not lazymem.is_mounted(ram), "the mount to go")
     mgr.remove(vm.id, force=True)
     assert not ram.exists()
 
@@ -241,13 +237,15 @@ def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     vm = restore(mgr, snap.id, cold=True)
     vms.ids.append(vm.id)
     ram = vm.files.ram
-    server = _wait(lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
-                   "the server's stats")
+    server = wait_until(
+        lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
+        "the server's stats",
+    )
     with open(f"/proc/{server}/stat") as f:  # the shim's child
         assert int(f.read().rsplit(")", 1)[1].split()[1]) == vm.state.shim_pid
     os.kill(server, signal.SIGKILL)
     os.kill(vm.state.shim_pid, signal.SIGKILL)
-    _wait(lambda: not os.path.exists(f"/proc/{server}"), "the server to die")
+    wait_until(lambda: not os.path.exists(f"/proc/{server}"), "the server to die")
     mgr.remove(vm.id, force=True)
     assert not lazymem.is_mounted(ram) and not ram.exists()
 
@@ -284,7 +282,7 @@ def _a_bad_chunk_is_never_served(vms, mgr, paths, snap) -> None:
     except TorporError:
         pass
     assert got is None  # never a wrong md5: the read failed instead
-    _wait(lambda: _stats(vm)["errors"] > 0, "the server to report the bad chunk")
+    wait_until(lambda: _stats(vm)["errors"] > 0, "the server to report the bad chunk")
     assert "could not be served" in (vm.dir / "shim.log").read_text(errors="replace")
 
 

@@ -12,11 +12,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import torpor_cli
+from tests.waiting import wait_until
 from torpor.vmm.state import alive
 
 pytestmark = pytest.mark.vm
@@ -58,16 +58,6 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-def _wait(cond: Any, what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_run_rm_reports_a_command_that_ended_before_it_attached(tools_image: str) -> None:
     """The command ends and its VM's shim stops listening before `torpor run` attaches,
     and the exit is recorded only a moment later (QEMU's last console words): run waits
@@ -94,12 +84,13 @@ def test_run_rm_reports_a_command_that_ended_before_it_attached(tools_image: str
     mgr = VMManager(Paths.default())
     shim = 0
     try:
-        _wait(lambda: _stopped(p.pid), "torpor run to stop before attaching")
-        shim = _wait(
+        wait_until(lambda: _stopped(p.pid), "torpor run to stop before attaching", 120)
+        shim = wait_until(
             lambda: next((v.state.shim_pid for v in mgr.list() if v.name == name), 0),
             "the VM's record",
+            120,
         )
-        _wait(lambda: _stopped(shim), "the shim to stop with the exit unrecorded")
+        wait_until(lambda: _stopped(shim), "the shim to stop with the exit unrecorded", 120)
         assert mgr.get(name).state.status.active  # the window: no agent, no exit yet
         os.kill(p.pid, signal.SIGCONT)
         time.sleep(1.0)
