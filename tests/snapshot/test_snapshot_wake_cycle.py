@@ -43,6 +43,7 @@ def test_a_start_racing_a_hibernation_waits_for_it(vms, tools_image) -> None:
     to the snapshot cache; a start right then (an idle watcher hibernating while a user
     wakes) failed with "the cached memory ... changed during the restore"."""
     import threading
+    import traceback
 
     from torpor.vmm.state import Status
 
@@ -65,7 +66,7 @@ def test_a_start_racing_a_hibernation_waits_for_it(vms, tools_image) -> None:
         time.sleep(0.002)
     woke = mgr.start(vm.id)  # right inside the window
     t.join(300)
-    assert errors == []
+    assert errors == [], "".join(traceback.format_exception(errors[0]))
     with mgr.client(woke) as c:
         r = c.exec(["sh", "-c", "wc -c < /dev/shm/fill"])
     assert r.stdout.strip() == b"200000000"

@@ -73,3 +73,35 @@ def test_buffered_when_switched_off(tmp_path, monkeypatch):
     data = os.urandom(3 * direct.BLOCK + 5)
     assert _write(path, data, [1, 4097, 9000], 3, 2) is False
     assert path.read_bytes() == data
+
+
+def test_a_failed_write_leaves_no_buffer_the_pool_cannot_drop(tmp_path):
+    """A write that fails (a full disk, a closed file) is kept alive by its exception
+    and traceback — which hold a view of the staging buffer — for as long as anyone
+    keeps the error.  That buffer must not go back to the pool: a later put dropping
+    it from a full pool failed with ``BufferError: cannot close exported pointers
+    exist`` (a hibernation in CI), far from the write that failed."""
+    import mmap
+
+    f = direct.DirectFile(tmp_path / "f", FLAGS)
+    assert f.direct, "this test needs a folder that takes O_DIRECT"
+    os.close(f.fd)  # every write now fails with EBADF
+    kept: list[BaseException] = []
+    for _ in range(direct._MAX_STAGING):
+        try:
+            f.pwritev([b"x" * (2 * direct.BLOCK)], 0)
+        except OSError as e:
+            kept.append(e)  # the error kept, as a caller's error list or log does
+    assert len(kept) == direct._MAX_STAGING
+    # other puts go on: a larger buffer comes back to a full pool, the smallest goes
+    for _ in range(direct._MAX_STAGING + 1):
+        direct._give(mmap.mmap(-1, 8 << 20))
+    g = direct.DirectFile(tmp_path / "g", FLAGS)
+    try:
+        data = os.urandom(3 * direct.BLOCK + 5)
+        g.pwritev([data], 0)
+        g.finish(len(data))
+        os.fdatasync(g.fd)
+    finally:
+        os.close(g.fd)
+    assert (tmp_path / "g").read_bytes() == data

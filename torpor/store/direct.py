@@ -59,6 +59,8 @@ def _take(n: int) -> mmap.mmap:
 
 
 def _give(m: mmap.mmap) -> None:
+    """Back to the pool after a write that succeeded (a failed write's buffer is
+    dropped instead: its exception's traceback may still hold a view of it)."""
     with _staging_lock:
         if len(_staging) < _MAX_STAGING:
             _staging.append(m)
@@ -121,23 +123,21 @@ class DirectFile:
         b = max(end // BLOCK * BLOCK, a)
         if a < b:
             m = _take(b - a)
-            try:
-                with memoryview(m) as stage:
-                    pos = off
-                    for v in views:
-                        lo, hi = max(pos, a), min(pos + len(v), b)
-                        if lo < hi:
-                            stage[lo - a : hi - a] = v[lo - pos : hi - pos]
-                        pos += len(v)
-                    try:
-                        _pwrite_all(self.fd, stage[: b - a], a)
-                    except OSError as e:
-                        if e.errno != errno.EINVAL:
-                            raise
-                        self._fall_back()  # the filesystem took the open, not the write
-                        pwritev_all(self.fd, [stage[: b - a]], a)
-            finally:
-                _give(m)
+            with memoryview(m) as stage:
+                pos = off
+                for v in views:
+                    lo, hi = max(pos, a), min(pos + len(v), b)
+                    if lo < hi:
+                        stage[lo - a : hi - a] = v[lo - pos : hi - pos]
+                    pos += len(v)
+                try:
+                    _pwrite_all(self.fd, stage[: b - a], a)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise  # m is not given back (see _give)
+                    self._fall_back()  # the filesystem took the open, not the write
+                    pwritev_all(self.fd, [stage[: b - a]], a)
+            _give(m)
         self._keep(views, off, off, a)
         self._keep(views, off, b, end)
 
@@ -182,13 +182,11 @@ class DirectFile:
                         pwritev_all(self.fd, [data], at)
             else:
                 m = _take(BLOCK)
-                try:
-                    with memoryview(m) as stage:
-                        for k in sorted(edges):  # every byte of a block below size is kept
-                            stage[:BLOCK] = bytes(BLOCK)
-                            for at, data in edges[k]:
-                                stage[at - k * BLOCK : at - k * BLOCK + len(data)] = data
-                            _pwrite_all(self.fd, stage[:BLOCK], k * BLOCK)
-                finally:
-                    _give(m)
+                with memoryview(m) as stage:
+                    for k in sorted(edges):  # every byte of a block below size is kept
+                        stage[:BLOCK] = bytes(BLOCK)
+                        for at, data in edges[k]:
+                            stage[at - k * BLOCK : at - k * BLOCK + len(data)] = data
+                        _pwrite_all(self.fd, stage[:BLOCK], k * BLOCK)
+                _give(m)  # (not after a failed write: see _give)
         os.ftruncate(self.fd, size)
