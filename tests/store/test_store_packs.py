@@ -24,6 +24,7 @@ from torpor.failpoints import ENV as FAILPOINTS_ENV
 from torpor.store import ChunkStore
 from torpor.store import chunks as ck
 from torpor.store import packs as pk
+from torpor.store import store as store_mod
 from torpor.store.manifest import Artifact
 
 CS = 4096
@@ -411,6 +412,40 @@ def test_enospc_mid_pack_lists_nothing_and_a_retry_works(tmp_path, after):
         store.materialize(store.get(m.id).artifacts["memory"], tmp_path / "back")
         assert (tmp_path / "back").read_bytes() == data
         assert store.verify().ok
+
+
+def test_a_failed_pack_write_is_dropped_only_after_its_other_writes_end(tmp_path, monkeypatch):
+    """The seal of a pack whose first frame write failed closed the pack's file while
+    its other writes were still running on the sync threads: they hit a closed
+    descriptor (CI: a staging buffer left exported) or, once the number was reused, a
+    stranger's file."""
+    import errno
+    import threading
+
+    real = pk.PackWriter.write
+    seen: list[str] = []
+    first = threading.Event()
+
+    def write(self, placed):
+        if not first.is_set():
+            first.set()
+            raise OSError(errno.EIO, "injected")
+        time.sleep(0.3)  # still writing when the failure is noticed
+        try:
+            return real(self, placed)
+        except OSError as e:
+            seen.append(errno.errorcode.get(e.errno or 0, str(e)))
+            raise
+
+    monkeypatch.setattr(pk.PackWriter, "write", write)
+    src = tmp_path / "file"
+    _random_file(src, 4 * store_mod.PACK_WRITE_GROUP, 7)
+    with ChunkStore(tmp_path / "store", threads=2) as store:
+        store.pack_min_chunks = 1
+        with pytest.raises(TorporError, match="injected"):
+            store.put_file(src, chunk_size=CS)
+        assert seen == [], seen
+        assert not _packs(store) and not list(store.tmp_dir.iterdir())
 
 
 def test_an_older_store_is_marked_as_holding_packs_before_its_first_pack(tmp_path):

@@ -124,6 +124,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -953,7 +954,8 @@ class ChunkStore:
     def _finish_pack(self, w: pk.PackWriter, writes: list[Future[int]]) -> int:
         """Wait for ``w``'s writes, seal it (durable, named); returns its frame bytes."""
         try:
-            for f in writes:
+            futures_wait(writes)  # all of them: a failed one must not close the file
+            for f in writes:  # under the others, still writing (or, reused, a stranger's)
                 f.result()
             name, entries = w.seal()
         except BaseException:
