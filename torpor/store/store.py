@@ -607,15 +607,26 @@ class ChunkStore:
         return data
 
     def _base_of(self, h: str) -> str | None:
-        """The base chunk ``h`` is a delta of (None: plain, unreadable or gone)."""
+        """The base chunk ``h`` is a delta of (None: plain, unreadable or gone), as the
+        copy a read uses (the packed one first) is framed."""
         hit = self._packs.get(h)
         if hit is not None:
             return hit[1].base
+        return self._loose_base_of(h)
+
+    def _loose_base_of(self, h: str) -> str | None:
+        """The base the loose file of ``h`` is a delta of (None: plain, unreadable, gone)."""
         try:
             with open(self._cpath(h), "rb") as f:
                 return ck.delta_base(f.read(ck.DELTA_HEADER_LEN))
         except (OSError, StoreError):
             return None
+
+    def _bases_of(self, h: str) -> set[str]:
+        """The bases every stored copy of ``h`` needs: a chunk can be on disk twice,
+        framed differently (a loose delta, and a plain frame a packing put wrote)."""
+        hit = self._packs.get(h)
+        return {b for b in (hit[1].base if hit else None, self._loose_base_of(h)) if b}
 
     def _claim(self, hashes: Iterable[str], packed: set[str] | None = None) -> set[str]:
         """Touch existing chunks under the shared gc lock; return the ones that are absent.
@@ -1533,7 +1544,7 @@ class ChunkStore:
         bases = dict(
             zip(
                 (p.name for p, _ in doomed),
-                self._executor().map(self._base_of, (p.name for p, _ in doomed)),
+                self._executor().map(self._loose_base_of, (p.name for p, _ in doomed)),
                 strict=True,
             )
         )
@@ -1625,7 +1636,7 @@ class ChunkStore:
             needed: set[str] = set()
             todo = keep
             for _ in range(MAX_DELTA_DEPTH + 1):
-                found = {b for b in self._executor().map(self._base_of, todo) if b is not None}
+                found = set().union(*self._executor().map(self._bases_of, todo))
                 for name in [n for n in dead_packs if not found.isdisjoint(members[n])]:
                     del dead_packs[name]  # holds a kept delta's base: the pack stays
                     live_packs.add(name)
