@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
 # torpor's own labels that a restore or fork keeps (see RunRequest.from_config)
 INHERITED_LABELS = ("torpor.sandbox.",)
+PARTIAL_GRACE_S = 60.0  # a VM folder with no creator marker this young is being made
 # \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 _ADJ = (
@@ -456,6 +457,13 @@ class VMManager:
         try:
             pid, start = (int(x) for x in (d / ".creating").read_text().split())
         except (OSError, ValueError):
+            # no marker (yet): its creator writes it right after the mkdir, so a young
+            # folder is one being made, not one left behind
+            try:
+                if time.time() - d.stat().st_mtime < PARTIAL_GRACE_S:
+                    return False
+            except FileNotFoundError:
+                return True
             pid = start = 0
         if alive(pid, start):
             return False
