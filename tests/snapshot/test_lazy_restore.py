@@ -220,6 +220,46 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     mgr.remove(third.id, force=True)
 
 
+def test_a_sibling_restored_first_prefetches_its_familys_working_set(
+    vms, source, paths, tools_image
+) -> None:
+    """A checkpoint restored for the first time (a recovery) has no working set of its
+    own or of its parent: it takes the last one recorded for a snapshot of the same
+    image, kernel and memory size."""
+    mgr = vms.mgr
+    _, snap, md5 = source
+    store = home_store(paths)
+    try:
+        family = lazymem.family_working_set(paths.root, store._key, snap)
+    finally:
+        store.close()
+    assert family is not None
+    with contextlib.suppress(FileNotFoundError):
+        family.path.unlink()
+    lazymem.remove_working_set(paths.root, snap.id)
+    first = restore(mgr, snap.id, cold=True)
+    vms.ids.append(first.id)
+    assert _guest_md5(mgr, first) == md5
+    wait_until(family.path.exists, "the family's working set to be recorded")
+    assert oct(family.path.stat().st_mode & 0o777) == "0o600"
+    mgr.remove(first.id, force=True)
+
+    sib = vms.run(tools_image, "sleep", "infinity", name="lazy-sib")
+    with mgr.client(sib) as c:
+        assert c.exec(["sh", "-c", "echo sib > /root/sib; sync"]).status.code == 0
+    sib_snap = snapshot(mgr, sib.id).manifest  # a first snapshot: no parent
+    assert sib_snap.parent is None
+    mgr.remove(sib.id, force=True)
+    again = restore(mgr, sib_snap.id, cold=True)
+    vms.ids.append(again.id)
+    st = _stats(again)
+    assert st["working_set"] == "family's used, recording", st["working_set"]
+    assert st["prefetch_chunks"] > 0
+    with mgr.client(again) as c:
+        assert c.exec(["cat", "/root/sib"]).stdout == b"sib\n"
+    mgr.remove(again.id, force=True)
+
+
 def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     mgr = vms.mgr
     _, snap, _ = source

@@ -56,10 +56,13 @@ first read (``TORPOR_LAZY_RECORD_S``, default 3 s; the shim's own background str
 by the reading thread's process, is not recorded) and saves it next to the hot cache
 (``cache/workingsets/<snapshot>``), MAC'd with the store's key and capped at the
 artifact's chunk count.  Later lazy restores of that snapshot (and of its descendants
-until they have their own) fetch those chunks first, two at a time, and push them into
-the file's page cache (FUSE ``notify_store``): QEMU's page faults on them never reach
-this process.  A working set is only a hint: a bad, foreign or stale one is ignored (it
-can cost time, never correctness — every chunk is still hash-checked).  Where the
+until they have their own; failing both, of any snapshot of the same *family* —
+image, kernel, memory size: :func:`family_working_set`, so a checkpoint restored for
+the first time, as a recovery's is, still has a hint) fetch those chunks first, two
+at a time, and push them into the file's page cache (FUSE ``notify_store``): QEMU's
+page faults on them never reach this process.  A working set is only a hint: a bad,
+foreign or stale one is ignored (it can cost time, never correctness — every chunk is
+still hash-checked).  Where the
 kernel refuses the push, fetched-ahead chunks wait here until QEMU reads them.
 
 QEMU's ``madvise(MADV_HUGEPAGE)`` on guest RAM is made to fail for lazy VMs
@@ -256,6 +259,23 @@ class WorkingSet:
         atomic_write_bytes(self.path, json.dumps(body).encode(), mode=0o600)
 
 
+def family_working_set(root: Path, key: bytes, manifest: Any) -> WorkingSet | None:
+    """The working set shared by every snapshot of one guest family — the same disk
+    image, kernel and memory layout — where a snapshot and its parent have none of
+    their own: a checkpoint restored for the first time (a recovery) prefetches what
+    the last lazy restore of a sibling read first.  The kernel, the agent and what the
+    image's base put in memory sit at the same guest addresses in all of them; what
+    differs costs only the fetch of a chunk not needed (a hint, like any working set).
+    None when the snapshot does not say what it was made from."""
+    art = manifest.artifacts["memory"]
+    disk, kernel = manifest.meta.get("base_digest"), manifest.meta.get("kernel_digest")
+    if not disk or not kernel:
+        return None
+    ident = f"{disk}|{kernel}|{art.size}|{art.chunk_size}".encode()
+    name = "family-" + hashlib.sha256(ident).hexdigest()[:32]
+    return WorkingSet(root, key, name, art.chunk_size, len(art.chunks))
+
+
 def remove_working_set(root: Path, snap_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (Path(root) / "cache" / WS_DIR / snap_id).unlink()
@@ -280,6 +300,7 @@ class MemoryFile:
         prefetch: list[int] | None,
         record: WorkingSet | None,
         record_s: float,
+        record_family: WorkingSet | None = None,
         stats_path: Path | None,
         ready_fd: int = -1,
     ) -> None:
@@ -296,6 +317,7 @@ class MemoryFile:
         self.recent: OrderedDict[int, bytes] = OrderedDict()
         self.prefetch = prefetch or []
         self.record = record
+        self.record_family = record_family  # saved with it (family_working_set)
         # the window opens at QEMU's first read (under load that came >1 s after start)
         self.record_s = record_s
         self.record_until: float | None = None
@@ -494,6 +516,8 @@ class MemoryFile:
             return
         try:
             rec.save(order)
+            if self.record_family is not None:
+                self.record_family.save(order)
             self.stats["working_set"] = f"recorded {len(order)} chunks"
             log.info("lazy memory: working set of %d chunks recorded", len(order))
         except OSError as e:
@@ -751,6 +775,11 @@ def serve(argv: list[str] | None = None) -> int:
             # while this restore records its own (the parent's list, then what it read)
             pws = WorkingSet(root, store._key, manifest.parent, art.chunk_size, len(art.chunks))
             inherited = pws.load()
+        family = family_working_set(root, store._key, manifest)
+        from_family = prefetch is None and inherited is None and family is not None
+        if from_family:
+            assert family is not None
+            inherited = family.load()
         record_s = float(os.environ.get("TORPOR_LAZY_RECORD_S") or 3.0)
         ops = MemoryFile(
             store,
@@ -760,6 +789,7 @@ def serve(argv: list[str] | None = None) -> int:
             prefetch=prefetch if prefetch is not None else inherited,
             record=None if prefetch is not None else ws,
             record_s=record_s,
+            record_family=family,
             stats_path=Path(args.stats) if args.stats else None,
             ready_fd=ready,
         )
@@ -772,8 +802,9 @@ def serve(argv: list[str] | None = None) -> int:
             "manifest": round((t_manifest - t_store) * 1000, 1),
         }
         if inherited is not None:
-            ops.order = list(inherited)
-            ops.stats["working_set"] = "parent's used, recording"
+            ops.order = [i for i in inherited if art.chunks[i] is not None]
+            whose = "family's" if from_family else "parent's"
+            ops.stats["working_set"] = f"{whose} used, recording"
     except Exception as e:
         return fail(f"lazy memory server could not start: {e}")
     opts: dict[str, Any] = {
