@@ -127,6 +127,18 @@ def _start_worker(spec: RunSpec, tag: str) -> Worker:
     return Worker(proc, log)
 
 
+def _rss_mib(pid: int) -> float | None:
+    """Resident memory of process ``pid`` in MiB (None if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _kill_group(w: Worker) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(w.proc.pid, signal.SIGKILL)
@@ -212,10 +224,12 @@ def run_one(
         done = got.event
         if crash:
             assert done is not None and done["ev"] == "crash", done
+            rss = _rss_mib(workers[0].proc.pid)  # a bigger process takes longer to die
             t_kill = time.monotonic()
             _kill_group(workers[0])
             system.kill_extra(spec)
             res["kill_ms"] = (time.monotonic() - t_kill) * 1000
+            res["killed_rss_mib"] = rss
             res["crashed"] = True
             (run_dir / CRASH_ARMED).unlink()
             spec.recovering = True
