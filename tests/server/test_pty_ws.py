@@ -4,6 +4,7 @@ refusals before the terminal starts, and a client that vanishes."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -171,7 +172,12 @@ def test_a_client_that_vanishes_ends_the_program(
         else:
             raise AssertionError("the terminal's program did not start")
         assert [p.pid for p in sb.ps() if list(p.cmdline) == argv] == [pid]  # exec'd in place
-        ws.socket.close()  # gone: no close frame, no goodbye
+        # gone: no close frame, no goodbye — the connection drops as when the client's
+        # process dies.  (A bare close() did not drop it: the client's reader thread,
+        # blocked in recv, holds the socket open until the server's next ping, up to
+        # 20 s later — CI saw the program "run on" past the 15 s below.)
+        ws.socket.shutdown(socket.SHUT_RDWR)
+        ws.socket.close()
         for _ in range(150):
             if not [p for p in sb.ps() if list(p.cmdline) == argv]:
                 break
