@@ -1,44 +1,43 @@
-"""A VM folder being created has no ``vm.json`` yet, and for a moment no ``.creating``
-marker either (the creator writes it right after ``mkdir``).  A ``ps`` (``list``) in
-that moment took it for an interrupted create and deleted it under its creator (CI:
-``session create`` failed with "qemu-img: Could not create .../disk.qcow2.tmp: No such
-file or directory" while a test polled ``list``).  A folder left by a creator that
-really died is still cleaned up."""
+"""A VM folder being created had, for a moment, neither ``vm.json`` nor its creator's
+``.creating`` marker (written right after ``mkdir``); a ``ps`` (``list``) in that moment
+took it for an interrupted create and deleted it under its creator (CI: ``session
+create`` failed with "qemu-img: Could not create .../disk.qcow2.tmp: No such file or
+directory" while a test polled ``list``).  Now the folder is made under a staging name
+with its marker in it, then renamed: under its id it always names its creator."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from torpor.paths import Paths
-from torpor.vmm.manager import VMManager
+from torpor.vmm.manager import STAGING_PREFIX, VMManager
 
 
-def _folder(paths: Paths, marker: str | None) -> os.PathLike[str]:
-    d = paths.vm(os.urandom(32).hex())
+def _folder(paths: Paths, name: str, marker: str | None) -> Path:
+    d = paths.vms / name
     d.mkdir(mode=0o700, parents=True)
     if marker is not None:
         (d / ".creating").write_text(marker)
     return d
 
 
-def test_list_leaves_a_folder_just_made_by_a_creator_alone(tmp_path) -> None:
+def test_list_leaves_a_folder_being_staged_alone(tmp_path) -> None:
     paths = Paths(tmp_path / "home")
-    mgr = VMManager(paths)
     paths.names.mkdir(parents=True, exist_ok=True)
-    bare = _folder(paths, None)  # between mkdir and the marker
-    empty = _folder(paths, "")  # the marker opened, not yet written
-    mgr.list()
-    assert os.path.isdir(bare) and os.path.isdir(empty)
+    staged = _folder(paths, STAGING_PREFIX + os.urandom(32).hex(), None)
+    VMManager(paths).list()
+    assert staged.is_dir()
 
 
-def test_list_removes_a_folder_whose_creator_died(tmp_path) -> None:
+def test_list_removes_what_a_dead_creator_left(tmp_path) -> None:
     paths = Paths(tmp_path / "home")
-    mgr = VMManager(paths)
     paths.names.mkdir(parents=True, exist_ok=True)
-    dead = _folder(paths, "999999999 1\n")  # a creator that is gone
-    old = _folder(paths, None)  # no marker, and long ago: its creator died right away
+    dead = _folder(paths, os.urandom(32).hex(), "999999999 1\n")  # its creator is gone
+    bare = _folder(paths, os.urandom(32).hex(), None)  # under its id: never a live create
+    old = _folder(paths, STAGING_PREFIX + os.urandom(32).hex(), None)  # died while staging
     then = time.time() - 3600
     os.utime(old, (then, then))
-    mgr.list()
-    assert not os.path.exists(dead) and not os.path.exists(old)
+    VMManager(paths).list()
+    assert not dead.exists() and not bare.exists() and not old.exists()

@@ -64,7 +64,11 @@ if TYPE_CHECKING:
 
 # torpor's own labels that a restore or fork keeps (see RunRequest.from_config)
 INHERITED_LABELS = ("torpor.sandbox.",)
-PARTIAL_GRACE_S = 60.0  # a VM folder with no creator marker this young is being made
+# a VM folder is made as vms/.new-<id> holding its creator's marker, then renamed to
+# vms/<id>: a folder under its id always names its creator.  One left under the staging
+# name (its creator died in between) is removed once it is this old.
+STAGING_PREFIX = ".new-"
+STAGING_GRACE_S = 60.0
 # \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 _ADJ = (
@@ -437,6 +441,11 @@ class VMManager:
         for d in sorted(self.paths.vms.iterdir()) if self.paths.vms.exists() else []:
             if d.name == "names" or not d.is_dir():
                 continue
+            if d.name.startswith(STAGING_PREFIX):  # being made (see STAGING_PREFIX)
+                with contextlib.suppress(OSError):
+                    if time.time() - d.stat().st_mtime > STAGING_GRACE_S:
+                        shutil.rmtree(d, ignore_errors=True)
+                continue
             if not (d / "vm.json").exists():
                 self._reap_partial(d)
                 continue
@@ -457,13 +466,6 @@ class VMManager:
         try:
             pid, start = (int(x) for x in (d / ".creating").read_text().split())
         except (OSError, ValueError):
-            # no marker (yet): its creator writes it right after the mkdir, so a young
-            # folder is one being made, not one left behind
-            try:
-                if time.time() - d.stat().st_mtime < PARTIAL_GRACE_S:
-                    return False
-            except FileNotFoundError:
-                return True
             pid = start = 0
         if alive(pid, start):
             return False
@@ -547,10 +549,19 @@ class VMManager:
         vm_id = os.urandom(32).hex()  # what secrets.token_hex does, without importing hmac
         name = req.name or self._new_name()
         vm_dir = self.paths.vm(vm_id)
-        vm_dir.mkdir(mode=0o700)
+        # made with its creator's marker in it before it appears under its id: a `ps`
+        # in between took a bare folder for an interrupted create and deleted it
+        # under its creator (CI: "qemu-img: Could not create .../disk.qcow2.tmp")
+        staged = vm_dir.with_name(STAGING_PREFIX + vm_id)
+        staged.mkdir(mode=0o700)
         me = os.getpid()
         try:
-            (vm_dir / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
+            (staged / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
+            os.rename(staged, vm_dir)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        try:
             self.link_name(name, vm_id)
             cfg = config_for(req, image, vm_id, name, command, env)
             if amend:
