@@ -62,8 +62,8 @@ the first time, as a recovery's is, still has a hint) fetch those chunks first, 
 at a time, and push them into the file's page cache (FUSE ``notify_store``): QEMU's
 page faults on them never reach this process.  A working set is only a hint: a bad,
 foreign or stale one is ignored (it can cost time, never correctness — every chunk is
-still hash-checked).  Where the
-kernel refuses the push, fetched-ahead chunks wait here until QEMU reads them.
+still hash-checked).  Where the kernel refuses the push, fetched-ahead chunks wait here
+until QEMU reads them.
 
 QEMU's ``madvise(MADV_HUGEPAGE)`` on guest RAM is made to fail for lazy VMs
 (:func:`no_hugepage_preexec`): on a file mapping it makes every fault read 4 MiB.

@@ -558,10 +558,6 @@ class VMManager:
         try:
             (staged / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
             os.rename(staged, vm_dir)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        try:
             self.link_name(name, vm_id)
             cfg = config_for(req, image, vm_id, name, command, env)
             if amend:
@@ -577,6 +573,7 @@ class VMManager:
             with contextlib.suppress(OSError):
                 if os.readlink(self.paths.names / name) == f"../{vm_id}":
                     os.unlink(self.paths.names / name)
+            shutil.rmtree(staged, ignore_errors=True)
             shutil.rmtree(vm_dir, ignore_errors=True)
             if isinstance(e, OSError):  # a write error has no filename: name the VM folder
                 where = e.filename if e.filename is not None else vm_dir
