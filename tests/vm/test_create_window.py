@@ -3,7 +3,8 @@
 took it for an interrupted create and deleted it under its creator (CI: ``session
 create`` failed with "qemu-img: Could not create .../disk.qcow2.tmp: No such file or
 directory" while a test polled ``list``).  Now the folder is made under a staging name
-with its marker in it, then renamed: under its id it always names its creator."""
+with its marker in it, then renamed (``new_vm_folder``, for VMs and the pool's spares
+alike): under its id it always names its creator."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from torpor.paths import Paths
-from torpor.vmm.manager import STAGING_PREFIX, VMManager
+from torpor.vmm.manager import STAGING_PREFIX, VMManager, new_vm_folder
 
 
 def _folder(paths: Paths, name: str, marker: str | None) -> Path:
@@ -21,6 +22,16 @@ def _folder(paths: Paths, name: str, marker: str | None) -> Path:
     if marker is not None:
         (d / ".creating").write_text(marker)
     return d
+
+
+def test_a_new_folder_appears_with_its_creators_marker(tmp_path) -> None:
+    paths = Paths(tmp_path / "home").ensure()
+    d = new_vm_folder(paths, os.urandom(32).hex(), {"extra.json": "{}"})
+    assert (d / ".creating").read_text().split()[0] == str(os.getpid())
+    assert (d / "extra.json").read_text() == "{}"
+    VMManager(paths).list()
+    assert d.is_dir()
+    assert [p.name for p in paths.vms.iterdir() if p.name != "names"] == [d.name]
 
 
 def test_list_leaves_a_folder_being_staged_alone(tmp_path) -> None:

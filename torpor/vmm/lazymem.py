@@ -776,10 +776,9 @@ def serve(argv: list[str] | None = None) -> int:
             pws = WorkingSet(root, store._key, manifest.parent, art.chunk_size, len(art.chunks))
             inherited = pws.load()
         family = family_working_set(root, store._key, manifest)
-        from_family = prefetch is None and inherited is None and family is not None
-        if from_family:
-            assert family is not None
-            inherited = family.load()
+        whose = "parent's"
+        if prefetch is None and inherited is None and family is not None:
+            inherited, whose = family.load(), "family's"
         record_s = float(os.environ.get("TORPOR_LAZY_RECORD_S") or 3.0)
         ops = MemoryFile(
             store,
@@ -803,7 +802,6 @@ def serve(argv: list[str] | None = None) -> int:
         }
         if inherited is not None:
             ops.order = [i for i in inherited if art.chunks[i] is not None]
-            whose = "family's" if from_family else "parent's"
             ops.stats["working_set"] = f"{whose} used, recording"
     except Exception as e:
         return fail(f"lazy memory server could not start: {e}")

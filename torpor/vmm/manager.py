@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,11 +64,7 @@ if TYPE_CHECKING:
 
 # torpor's own labels that a restore or fork keeps (see RunRequest.from_config)
 INHERITED_LABELS = ("torpor.sandbox.",)
-# a VM folder is made as vms/.new-<id> holding its creator's marker, then renamed to
-# vms/<id>: a folder under its id always names its creator.  One left under the staging
-# name (its creator died in between) is removed once it is this old.
-STAGING_PREFIX = ".new-"
-STAGING_GRACE_S = 60.0
+STAGING_PREFIX, STAGING_GRACE_S = ".new-", 60.0  # see new_vm_folder
 # \Z, not $: "$" also matches before a trailing newline ("box\n" would pass .match)
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 _ADJ = (
@@ -386,6 +382,27 @@ def kill_and_wait(procs: Iterable[tuple[int, int]], timeout: float = 10.0) -> No
             os.close(fd)
 
 
+def new_vm_folder(paths: Paths, vm_id: str, files: Mapping[str, str] | None = None) -> Path:
+    """Make ``vms/<vm_id>`` with its creator's ``.creating`` marker (and ``files``, name
+    -> text) already in it: built as ``vms/.new-<vm_id>`` and renamed (in ``vms/``: it
+    may be a filesystem of its own), so a folder under its id always names its
+    creator.  (Made in place, a ``ps`` between the ``mkdir`` and the marker took it for
+    an interrupted create and deleted it under its creator.)  :meth:`VMManager.list`
+    removes a staging folder whose creator died, once ``STAGING_GRACE_S`` old."""
+    staged = paths.vms / f"{STAGING_PREFIX}{vm_id}"
+    staged.mkdir(mode=0o700)
+    try:
+        me = os.getpid()
+        (staged / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
+        for name, text in (files or {}).items():
+            (staged / name).write_text(text)
+        os.rename(staged, paths.vm(vm_id))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return paths.vm(vm_id)
+
+
 class VMManager:
     def __init__(self, paths: Paths):
         self.paths = paths.ensure()
@@ -441,7 +458,7 @@ class VMManager:
         for d in sorted(self.paths.vms.iterdir()) if self.paths.vms.exists() else []:
             if d.name == "names" or not d.is_dir():
                 continue
-            if d.name.startswith(STAGING_PREFIX):  # being made (see STAGING_PREFIX)
+            if d.name.startswith(STAGING_PREFIX):  # being made (see new_vm_folder)
                 with contextlib.suppress(OSError):
                     if time.time() - d.stat().st_mtime > STAGING_GRACE_S:
                         shutil.rmtree(d, ignore_errors=True)
@@ -549,15 +566,8 @@ class VMManager:
         vm_id = os.urandom(32).hex()  # what secrets.token_hex does, without importing hmac
         name = req.name or self._new_name()
         vm_dir = self.paths.vm(vm_id)
-        # made with its creator's marker in it before it appears under its id: a `ps`
-        # in between took a bare folder for an interrupted create and deleted it
-        # under its creator (CI: "qemu-img: Could not create .../disk.qcow2.tmp")
-        staged = vm_dir.with_name(STAGING_PREFIX + vm_id)
-        staged.mkdir(mode=0o700)
-        me = os.getpid()
         try:
-            (staged / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
-            os.rename(staged, vm_dir)
+            new_vm_folder(self.paths, vm_id)
             self.link_name(name, vm_id)
             cfg = config_for(req, image, vm_id, name, command, env)
             if amend:
@@ -573,7 +583,6 @@ class VMManager:
             with contextlib.suppress(OSError):
                 if os.readlink(self.paths.names / name) == f"../{vm_id}":
                     os.unlink(self.paths.names / name)
-            shutil.rmtree(staged, ignore_errors=True)
             shutil.rmtree(vm_dir, ignore_errors=True)
             if isinstance(e, OSError):  # a write error has no filename: name the VM folder
                 where = e.filename if e.filename is not None else vm_dir

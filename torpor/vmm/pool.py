@@ -624,7 +624,7 @@ def run_spare(root: Path, snap_id: str, vm_id: str) -> int:
         from torpor.snapshot import base as bases
         from torpor.snapshot.core import _store, place_snapshot
         from torpor.vmm.layout import VMFiles
-        from torpor.vmm.manager import VM, RunRequest, VMManager, config_for
+        from torpor.vmm.manager import VM, RunRequest, VMManager, config_for, new_vm_folder
         from torpor.vmm.state import VMConfig, VMState
 
         mgr = VMManager(paths)
@@ -640,13 +640,7 @@ def run_spare(root: Path, snap_id: str, vm_id: str) -> int:
             image = mgr.images.get(src_cfg.image_id)
         cfg = config_for(RunRequest.from_config(src_cfg), image, vm_id, f"spare-{vm_id[:12]}")
         cfg = dataclasses.replace(cfg, image_ref=src_cfg.image_ref, base_digest=src_cfg.base_digest)
-        # made in tmp, then moved: a folder in vms/ always has its .creating
-        tmp = paths.tmp / f"spare-{vm_id}"
-        tmp.mkdir(mode=0o700)
-        me = os.getpid()
-        (tmp / ".creating").write_text(f"{me} {proc_start_time(me)}\n")
-        (tmp / SPARE_CONFIG).write_text(json.dumps(cfg.to_json()))
-        os.rename(tmp, vm_dir)
+        new_vm_folder(paths, vm_id, {SPARE_CONFIG: json.dumps(cfg.to_json())})
         made = True
         _log_to(VMFiles(vm_dir).shim_log)
         base = place_snapshot(mgr, store, manifest, VM(cfg, VMState(), vm_dir))
