@@ -470,3 +470,38 @@ def test_an_older_store_is_marked_as_holding_packs_before_its_first_pack(tmp_pat
     with ChunkStore(root) as store:
         store.materialize(store.get(mb.id).artifacts["memory"], tmp_path / "back")
         assert (tmp_path / "back").read_bytes() == data and store.get(ma.id)
+
+
+# -- packs named by another process while this one reads ------------------------------
+
+
+def _pack_elsewhere(store: ChunkStore, seed: int) -> tuple[str, bytes]:
+    """A chunk in a pack another process named: on disk, unknown to this process's map."""
+    data = random.Random(seed).randbytes(CS)
+    h = ck.hash_bytes(data)
+    pk.write_pack(store._key, store.tmp_dir, store.packs_dir, [(h, ck.compress_chunk(data))])
+    return h, data
+
+
+def test_a_pack_another_thread_found_first_is_read_not_missing(tmp_path, monkeypatch):
+    """A restore reads chunks on many threads: two miss a pack another process has just
+    named, one lists ``packs/`` and adds it, and the other's own listing then finds
+    nothing new.  That one must look again, not call the chunk missing (CI: a session's
+    recovery failed with ChunkMissingError for a chunk of the checkpoint its worker had
+    just committed into a new pack)."""
+    with ChunkStore(tmp_path / "store") as store:
+        pm = store._packs
+        pm.refresh()
+        read_h, read_data = _pack_elsewhere(store, 5)
+        has_h, _ = _pack_elsewhere(store, 6)
+        real_get = pm.get
+
+        def get(h: str):
+            hit = real_get(h)
+            if hit is None:
+                pm.refresh()  # another thread's listing, between this lookup and ours
+            return hit
+
+        monkeypatch.setattr(pm, "get", get)
+        assert store._read_chunk(read_h, CS) == read_data
+        assert store.has_chunk(has_h)

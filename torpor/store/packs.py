@@ -498,6 +498,10 @@ class PackMap:
         self.listed: set[str] = set()
         self.loaded = False
         self._rebuilding = False
+        #: bumped (under the lock) whenever what :meth:`get` answers may have changed:
+        #: a caller that missed compares it across its :meth:`refresh`, so a listing
+        #: another thread did meanwhile counts as a change (see :meth:`refresh`)
+        self.generation = 0
 
     def path(self, name: str) -> str:
         return f"{self.dir}/{name}.pack"
@@ -562,6 +566,7 @@ class PackMap:
         self.trailers[name] = trailer
         for h, e in entries.items():
             self.locs.setdefault(h, (name, e))
+        self.generation += 1
 
     def indexed(self, h: str) -> bool:
         """Whether a lookup of ``h`` now goes to the combined index (not to a pack read
@@ -588,6 +593,7 @@ class PackMap:
                 self._open_load(name)
             self.combined, self.combined_error = None, why
             self.covered = set()
+            self.generation += 1
 
     def _open_load(self, name: str) -> None:
         try:
@@ -611,6 +617,7 @@ class PackMap:
             self.listed.add(name)
             for h, e in entries.items():
                 self.locs.setdefault(h, (name, e))
+            self.generation += 1
             ci = self.combined
             uncovered = len(self.listed - (ci.number.keys() if ci is not None else set()))
             start = (
@@ -650,10 +657,12 @@ class PackMap:
         self.combined = new
         self.checked = set()
 
-    def refresh(self) -> bool:
+    def refresh(self, since: int | None = None) -> bool:
         """List ``packs/``: reopen the combined index if it changed, read the own index
         of each new pack it does not cover, forget vanished packs; True if anything
-        changed."""
+        changed — with ``since`` (a :attr:`generation` read before a lookup that
+        missed), if anything changed since then, by this listing or another thread's:
+        a lookup racing one that added the pack must look again, not give up."""
         try:
             names = {m.group(1) for n in os.listdir(self.dir) if (m := NAME_RE.match(n))}
         except FileNotFoundError:
@@ -669,18 +678,21 @@ class PackMap:
                 self.members.pop(name, None)
                 self.trailers.pop(name, None)
                 self.bad.pop(name, None)
-            if gone:
-                self.locs = {}
+            if gone:  # swapped whole: a lookup (no lock) never sees it half rebuilt
+                locs: dict[str, tuple[str, Entry]] = {}
                 for name, entries in self.members.items():
                     for h, e in entries.items():
-                        self.locs.setdefault(h, (name, e))
+                        locs.setdefault(h, (name, e))
+                self.locs = locs
             own = self.members.keys() | self.bad.keys()
             self.covered = (names & ci.number.keys()) - own if ci is not None else set()
             for name in sorted(names - own - self.covered):
                 self._open_load(name)
             self.listed = names
             self.loaded = True
-        return changed
+            if changed:
+                self.generation += 1
+            return changed if since is None else self.generation != since
 
     def _rebuild_quietly(self) -> None:
         try:
@@ -756,10 +768,12 @@ class PackMap:
             self.bad.pop(name, None)
             self.covered.discard(name)
             self.listed.discard(name)
-            self.locs = {h: v for h, v in self.locs.items() if v[0] != name}
+            locs = {h: v for h, v in self.locs.items() if v[0] != name}
             for other, entries in self.members.items():
                 for h, e in entries.items():
-                    self.locs.setdefault(h, (other, e))
+                    locs.setdefault(h, (other, e))
+            self.locs = locs  # whole: a lookup (no lock) never sees it half rebuilt
+            self.generation += 1
 
     def snapshot(self) -> tuple[dict[str, dict[str, Entry]], dict[str, str]]:
         """Every listed pack's own index, read and checked one by one (gc and verify

@@ -515,6 +515,7 @@ class ChunkStore:
         may hold it is refused: its index cannot be trusted to say)."""
         pm = self._packs
         for attempt in range(2):
+            seen = pm.generation
             hit = pm.get(h)
             if hit is not None:
                 got = pk.read_frame(pm.path(hit[0]), hit[1])
@@ -525,7 +526,9 @@ class ChunkStore:
                     return f.read()
             except FileNotFoundError:
                 pass
-            if attempt == 0 and not pm.refresh():  # a pack named or deleted meanwhile?
+            # a pack named or deleted meanwhile (found by this listing or another
+            # thread's: materialize reads on many)?
+            if attempt == 0 and not pm.refresh(since=seen):
                 break
         return "corrupt" if pm.bad else "missing"
 
@@ -546,6 +549,7 @@ class ChunkStore:
     def _absent(self, hashes: Iterable[str]) -> list[str]:
         """The chunks of ``hashes`` stored neither loose nor in a pack."""
         pm = self._packs
+        seen = pm.generation
         there: dict[str, bool] = {}
 
         def stored(h: str) -> bool:
@@ -559,7 +563,7 @@ class ChunkStore:
             return os.path.exists(self._cpath(h))
 
         out = [h for h in hashes if not stored(h)]
-        if out and pm.refresh():
+        if out and pm.refresh(since=seen):
             there.clear()
             out = [h for h in out if not stored(h)]
         return out
@@ -636,6 +640,7 @@ class ChunkStore:
         """
         absent: set[str] = set()
         pm = self._packs
+        seen = pm.generation
         touched: dict[str, bool] = {}  # pack -> still there (each touched once)
 
         def touch(h: str) -> bool:
@@ -666,7 +671,7 @@ class ChunkStore:
                 # (a pack named later only costs a copy of a chunk, never correctness)
                 if not self._claim_refreshed:
                     self._claim_refreshed = True
-                    if pm.refresh():
+                    if pm.refresh(since=seen):
                         touched.clear()
                         if touch(h):
                             continue
