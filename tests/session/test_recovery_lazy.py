@@ -67,3 +67,39 @@ def test_a_recovery_is_lazy_and_its_checkpoint_restores_in_full(
         ("user", "and now?"),
         ("assistant", "answer 1"),
     ]
+
+
+def test_a_recovery_never_copies_the_ram_of_the_vm_it_removes(
+    paths, tools_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker died, its VM lives on, and that VM's RAM shadow still equals the
+    checkpoint (committed).  The recovery removes that VM while it restores; a restore
+    that copied its shadow raced the removal (seen in the thesis harness: the shim's
+    copy found the file gone, and the restore began again, in full from the store).
+    It restores lazily from the store instead, and is the pre-crash session."""
+    from torpor.snapshot import core
+    from torpor.vmm.capture import read_meta
+
+    found: list[object] = []
+    real = core.find_shadow
+
+    def spy(mgr, snap_id):
+        got = real(mgr, snap_id)
+        found.append(got)
+        return got
+
+    with prepared(paths, tools_image, "recovery-old-shadow") as (s, probe):
+        mgr = VMManager(paths)
+        journal.wait_all()
+        ck = s.state().last_checkpoint
+        old = s.vm()
+        assert old is not None
+        assert read_meta(old.files.shadow_meta).get("snapshot") == ck.snapshot  # the setup
+        s.append("user", {"content": "still there?"})  # the worker dies; its VM runs on
+        monkeypatch.setattr(core, "find_shadow", spy)
+        assert s.recover() == "answer 0"
+        assert old.files.shadow not in found
+        vm = s.vm()
+        assert vm is not None and vm.id != old.id
+        assert lazymem.is_mounted(vm.files.ram)
+        assert _exec(mgr, vm, PROBE) == probe

@@ -105,6 +105,7 @@ from torpor.session.tools import Tool, check_tools, run_custom, run_tool
 from torpor.snapshot import journal
 from torpor.snapshot.core import restore, snapshot
 from torpor.store.home import durability_fields
+from torpor.vmm.capture import unvouch_shadow
 from torpor.vmm.manager import NAME_RE, VM, RunRequest, VMManager
 from torpor.vmm.state import Status
 
@@ -1515,15 +1516,20 @@ class Session:
 
         The old VM (after a crash: dead, its RAM file still held) is removed by a thread
         while the new one is restored, not before: a recovery waits for the restore
-        only.  The new VM is restored unnamed and takes the session's VM name once the
-        old one has given it up; a removal that fails removes the new VM too and raises,
-        as if it had failed first."""
+        only (which therefore never copies the old VM's RAM shadow).  The new VM is
+        restored unnamed and takes the session's VM name once the old one has given it
+        up; a removal that fails removes the new VM too and raises, as if it had failed
+        first."""
         self._claim()
         st = self.state()
         failed: list[BaseException] = []
         remover = None
         if st.vm_id is not None:
             old = st.vm_id
+            # its RAM shadow may still equal the checkpoint, but it goes with the VM: a
+            # restore copying it would race the removal (and start over, in full)
+            with contextlib.suppress(NotFoundError):
+                unvouch_shadow(self._mgr.get(old).files.shadow, ck.snapshot)
 
             def remove_old() -> None:
                 try:
