@@ -431,3 +431,59 @@ def test_idempotency_keys_before_the_record_are_still_found(log: Any, paths: Pat
     f = _new(log, parent=(w.sid, w.lg.last_seq(w.sid)))
     child = _open(log, f.sid, paths)
     assert child._key_used("k-early") and not child._key_used("k-new")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+def test_a_long_lived_session_keeps_only_what_its_record_does_not_stand_for(
+    paths: Paths, ops: list[str]
+) -> None:
+    """One Session object through many turns (a worker process that runs for days):
+    each time it writes its state record (after every checkpoint) it forgets the
+    entries the record stands for, as a session opened from that record never read
+    them — its memory follows the unsettled tail, not the log — and every answer
+    still equals the full fold's."""
+    lg = open_log(None, paths=paths)
+    try:
+        w = _new(lg)
+        w.start()
+        w.turn += 1
+        lg.append(w.sid, Kind.USER, {"content": "keyed"}, turn=w.turn, key="k-early")
+        w.add(Kind.MODEL_RESPONSE, {"text": "early answer"})
+        w.checkpoint()
+        s = _open(lg, w.sid, paths)
+        open_turn = False
+        for op in ops:
+            if open_turn:
+                w.add(Kind.MODEL_RESPONSE, {"text": "finished"})
+                w.checkpoint()
+                open_turn = False
+            if op in ("turn", "turn2", "custom"):
+                w.full_turn(tools=2 if op == "turn2" else 1)
+            elif op == "crash":
+                w.crashed_turn()
+            elif op == "hibernate":
+                w.hibernation()
+            else:
+                w.user()
+                w.turn_work()
+                open_turn = True
+            s._save_record()  # what checkpoint() does after its entry
+            full = lg.entries(w.sid)
+            assert s.state() == derive_state(full, owner=w.sid)
+            assert s.messages()[1:] == messages_from(full, "sys")[1:]
+            settled = s.state().last_checkpoint
+            assert settled is not None
+            assert all(e.seq > settled.seq for e in s._cache), op
+            assert s.last_active() == full[-1].created_at
+            assert s._key_used("k-early") and not s._key_used("k-new")
+        full = lg.entries(w.sid)
+        assert [e.seq for e in s.log()] == [e.seq for e in full]
+        assert [e.seq for e in s.log(after=3)] == [e.seq for e in full if e.seq > 3]
+        w.full_turn()
+        s._save_record()
+        assert [e.seq for e in s.log()] == [e.seq for e in lg.entries(w.sid)]
+    finally:
+        lg.close()

@@ -853,8 +853,26 @@ class Session:
             chain = next((e.chain for e in reversed(self._cache) if e.seq == seq), b"")
             if save_record(self._log, self.id, seq, chain, fold, self._rec):
                 self._record_status = f"written (seq {seq})"
+                self._forget_settled(seq)
         except TorporError as e:
             self._record_status = f"not written: {e}"
+
+    def _forget_settled(self, seq: int) -> None:
+        """The state record just written stands for the log through ``seq``: forget
+        the cached entries it covers, as if this object had been opened from it (a
+        long-lived worker's memory then follows the unsettled tail, not the log).  A
+        whole-log read kept for :meth:`log` keeps them; a refold that would need them
+        reads the log again (the view is based on the record: :class:`_Stale`)."""
+        view, cache = self._view, self._cache
+        k = view._n  # the settled entries at the head of the cache, through view._seq
+        if view._seq != seq or k == 0 or k > len(cache) or cache[k - 1].seq != seq:
+            return
+        if self._prefix is not None:
+            self._prefix.extend(cache[:k])
+        self._cache = cache[k:]  # a new list: a caller iterating the old one is unaffected
+        view._n, view.based = 0, True
+        self._base_seq = seq
+        self._turn_scan = max(0, self._turn_scan - k)
 
     def follow(self, after: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[Entry]:
         return self._log.follow(self.id, after=after, stop=stop)
@@ -1289,7 +1307,9 @@ class Session:
 
     def last_active(self) -> float:
         """When the last entry was appended (unix seconds)."""
-        entries = self._read() or self.log()
+        entries = self._read()
+        if not entries and self._base_seq:  # the record's last entry: one row, not the log
+            entries = self._log.entries(self.id, after=self._base_seq - 1, limit=1)
         return entries[-1].created_at if entries else self.record.created_at
 
     # -- internals ---------------------------------------------------------------------
