@@ -100,3 +100,57 @@ def test_a_forked_shim_imports_nothing_itself(vms, tools_image, paths, monkeypat
     assert b"torpor.vmm.zygote" in _shim_cmdline(vm)
     assert _echo(mgr, vm) == b"hi\n"
     assert _late_imports(vm)[-1].endswith("ready: 0 modules imported after the zygote's fork")
+
+
+def test_vms_running_reads_each_vms_shim(tmp_path) -> None:
+    """The zygote's "a VM of this root runs" check: a VM folder whose recorded shim is
+    this process (alive, same start time) counts; a dead or reused pid, a staging
+    folder, an unreadable or absent state does not."""
+    import json
+
+    from torpor.vmm.state import Status, VMState, proc_start_time
+
+    def state(pid: int, start: int) -> str:
+        st = VMState(status=Status.RUNNING, shim_pid=pid, shim_start=start)
+        return json.dumps(st.to_json())
+
+    vms = tmp_path / "vms"
+    vms.mkdir()
+    assert not zygote.vms_running(vms)
+    me = os.getpid()
+    for name, pid, start in (
+        ("dead", 2**22 + 7, 1),
+        ("reused", me, proc_start_time(me) + 1),
+        (".new-staged", me, proc_start_time(me)),
+    ):
+        (vms / name).mkdir()
+        (vms / name / "state.json").write_text(state(pid, start))
+    (vms / "garbled").mkdir()
+    (vms / "garbled" / "state.json").write_text("{")
+    (vms / "no-state").mkdir()
+    assert not zygote.vms_running(vms)
+    (vms / "live").mkdir()
+    (vms / "live" / "state.json").write_text(state(me, proc_start_time(me)))
+    assert zygote.vms_running(vms)
+
+
+def test_the_zygote_stays_while_a_vm_of_its_root_runs(vms, tools_image, paths) -> None:
+    """Idle only counts once no VM of the root runs: a session's recovery (or any
+    restore) after a long quiet turn must not pay for a cold shim — the thesis harness
+    saw +40 ms per recovery after a long prefill, its zygote gone."""
+    import subprocess
+    import sys
+
+    vm = vms.run(tools_image, "sleep", "1000", name="keeps-the-zygote")
+    z = subprocess.Popen(
+        [sys.executable, "-m", "torpor.vmm.zygote", "--root", str(paths.root)],
+        env={**os.environ, "TORPOR_ZYGOTE_IDLE": "1"},
+    )
+    try:
+        assert _wait_for(_sock(paths).exists)
+        time.sleep(8)  # past its idle time and a turn of its loop (5 s)
+        assert z.poll() is None, "the zygote left while a VM of its root ran"
+        assert _echo(vms.mgr, vm) == b"hi\n"
+    finally:
+        z.terminate()
+        z.wait(timeout=30)

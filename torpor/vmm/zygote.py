@@ -14,9 +14,10 @@ Invariants:
 - The zygote never starts a thread or an event loop, so ``fork`` is safe.
 - It serves one root and one uid (``SO_PEERCRED``); its socket is created under
   umask 077 in the root's ``locks`` folder.  It exits when idle for
-  :data:`IDLE_SECONDS`, when its root is gone, or when any torpor source file it
-  loaded changed on disk (a stale zygote must never run old code: it then refuses,
-  and the caller falls back).
+  :data:`IDLE_SECONDS` with no VM of its root running (:func:`vms_running`: a VM's
+  restore or its session's recovery may come at any time), when its root is gone,
+  or when any torpor source file it loaded changed on disk (a stale zygote must
+  never run old code: it then refuses, and the caller falls back).
 - Everything a shim imports on its way to "ready" is imported here first (the shim
   logs how many modules it had to import itself: 0 expected), and the zygote's heap
   is frozen out of the child's garbage collector (``gc.freeze``) before each fork.
@@ -38,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 IDLE_SECONDS = 120.0
+#: ``TORPOR_ZYGOTE_IDLE``: another idle time, in seconds (tests)
+IDLE_ENV = "TORPOR_ZYGOTE_IDLE"
 SOCK_NAME = ".zygote.sock"
 
 
@@ -57,6 +60,26 @@ def _stale(seen: dict[str, float]) -> bool:
             if os.stat(f).st_mtime != mt:
                 return True
         except OSError:
+            return True
+    return False
+
+
+def vms_running(vms: Path) -> bool:
+    """Whether a VM of this root has a live shim: its restore or its session's recovery
+    may come at any time, so the zygote stays for it (idle counts only without one)."""
+    from torpor.errors import TorporError
+    from torpor.vmm.state import alive, load_state
+
+    try:
+        dirs = [d for d in os.scandir(vms) if not d.name.startswith(".")]
+    except OSError:
+        return False
+    for d in dirs:
+        try:
+            st = load_state(Path(d.path))
+        except (OSError, ValueError, TypeError, KeyError, TorporError):
+            continue  # unreadable, or a version this code does not read: not counted
+        if alive(st.shim_pid, st.shim_start):
             return True
     return False
 
@@ -107,6 +130,10 @@ def serve(root: Path) -> int:
     ino = os.stat(SOCK_NAME).st_ino
     seen = _sources()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        idle = float(os.environ.get(IDLE_ENV, IDLE_SECONDS))
+    except ValueError:
+        idle = IDLE_SECONDS
     last = time.monotonic()
     try:
         while True:
@@ -117,7 +144,7 @@ def serve(root: Path) -> int:
             if not vms.is_dir() or os.stat(SOCK_NAME).st_ino != ino:
                 return 0  # the root is gone, or another zygote took over
             if not r:
-                if time.monotonic() - last > IDLE_SECONDS:
+                if time.monotonic() - last > idle and not vms_running(vms):
                     return 0
                 continue
             conn, _ = srv.accept()

@@ -197,6 +197,7 @@ class TorporPeer(System):
                 log_ms=round(log_ms, 1),
                 record=record,
                 restore_ms=restore[-1].payload.get("ms") if restore else None,
+                lazy=self._lazy_stats(s),
                 # the recovery's own timeline: ms since Session.open was called
                 timeline=[(k, round((t - marks[0][1]) * 1000, 1)) for k, t in marks],
             )
@@ -221,6 +222,19 @@ class TorporPeer(System):
             return h
         finally:
             s.close()
+
+    @staticmethod
+    def _lazy_stats(s: Any) -> dict[str, Any] | None:
+        """What the recovered VM's lazy memory server fetched by now (None: its RAM was
+        not served lazily): where a recovery's restore time goes."""
+        from torpor.vmm.lazymem import STATS_FILE
+
+        vm = s.vm()
+        try:
+            got = json.loads((vm.dir / STATS_FILE).read_bytes()) if vm is not None else None
+        except (OSError, ValueError):
+            return None
+        return got if isinstance(got, dict) else None
 
     def _prefill(self, s: Any, w: Workload, n: int) -> None:
         """Turns 0..n-1 built in bulk, for long sessions (N = 10,000 would take about an
