@@ -220,6 +220,33 @@ def test_working_set_is_recorded_then_prefetched(vms, source, paths) -> None:
     mgr.remove(third.id, force=True)
 
 
+def test_a_vm_removed_while_it_records_leaves_what_it_read_first(
+    vms, source, paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The working set is written as it is recorded (about once a second), not only at
+    the end of the window: a VM removed early (a recovered session closed, a benchmark
+    trial torn down) still leaves the chunks its guest read first for the next restore
+    (the thesis harness at N = 10,000: none was ever saved, every recovery cold)."""
+    mgr = vms.mgr
+    _, snap, md5 = source
+    monkeypatch.setenv("TORPOR_LAZY_RECORD_S", "120")
+    lazymem.remove_working_set(paths.root, snap.id)
+    ws_file = paths.root / "cache" / lazymem.WS_DIR / snap.id
+    vm = restore(mgr, snap.id, cold=True)
+    vms.ids.append(vm.id)
+    assert _guest_md5(mgr, vm) == md5
+    wait_until(ws_file.exists, "the working set recorded so far", timeout=15)
+    assert _stats(vm)["working_set"].endswith("recording")  # the window is still open
+    mgr.remove(vm.id, force=True)
+    store = home_store(paths)
+    try:
+        art = snap.artifacts["memory"]
+        ws = lazymem.WorkingSet(paths.root, store._key, snap.id, art.chunk_size, len(art.chunks))
+        assert ws.load()
+    finally:
+        store.close()
+
+
 def test_a_sibling_restored_first_prefetches_its_familys_working_set(
     vms, source, paths, tools_image
 ) -> None:

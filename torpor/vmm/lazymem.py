@@ -112,6 +112,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 RECENT_CHUNKS = 128  # chunks kept after serving (partial-chunk reads come back)
 PREFETCH_MAX_BYTES = 512 << 20  # fetched-ahead chunks not yet served, at most
+PARTIAL_SAVE_S = 1.0  # the working set recorded so far is written at most this often
 WS_DIR = "workingsets"
 WS_VERSION = 1
 STATS_FILE = "lazymem.json"
@@ -321,6 +322,7 @@ class MemoryFile:
         # the window opens at QEMU's first read (under load that came >1 s after start)
         self.record_s = record_s
         self.record_until: float | None = None
+        self.saved_n, self.saved_at = 0, 0.0  # what the last partial save wrote, when
         self.order: list[int] = []
         self.touched: set[int] = set()
         self.tgids: dict[int, int] = {}  # reader thread id -> its process
@@ -490,9 +492,12 @@ class MemoryFile:
         while not self.closing.is_set():
             self.dirty.wait(1.0)
             self._watch_shadow()
-            until = self.record_until
-            if self.record and until is not None and time.monotonic() >= until:
-                self.save_working_set()
+            until, now = self.record_until, time.monotonic()
+            if self.record and until is not None:
+                if now >= until:
+                    self.save_working_set()
+                elif now - self.saved_at >= PARTIAL_SAVE_S and len(self.order) > self.saved_n:
+                    self.save_working_set(final=False)
             if self.dirty.is_set():
                 self.dirty.clear()
                 self.write_stats()
@@ -508,18 +513,25 @@ class MemoryFile:
         with contextlib.suppress(OSError):
             atomic_write_bytes(self.stats_path, body, mode=0o600)
 
-    def save_working_set(self) -> None:
+    def save_working_set(self, final: bool = True) -> None:
+        """Write the working set recorded so far; ``final``: the window closes (no
+        more is recorded).  Partial saves while it is open mean a VM removed early (no
+        ``destroy``: its server killed) still leaves what its guest read first."""
         with self._mu:
-            rec, self.record = self.record, None
+            rec = self.record
+            if final:
+                self.record = None
             order = list(self.order)
         if rec is None or not order:
             return
+        self.saved_n, self.saved_at = len(order), time.monotonic()
         try:
             rec.save(order)
             if self.record_family is not None:
                 self.record_family.save(order)
-            self.stats["working_set"] = f"recorded {len(order)} chunks"
-            log.info("lazy memory: working set of %d chunks recorded", len(order))
+            if final:
+                self.stats["working_set"] = f"recorded {len(order)} chunks"
+                log.info("lazy memory: working set of %d chunks recorded", len(order))
         except OSError as e:
             log.warning("lazy memory: working set not saved: %s", e)
         self.dirty.set()
