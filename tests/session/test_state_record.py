@@ -94,6 +94,13 @@ class Writer:
         self.turn += 1
         self.add(Kind.USER, {"content": text or f"turn {self.turn}"})
 
+    def keyed_turn(self, key: str) -> None:
+        """A turn sent with an idempotency key, answered and checkpointed."""
+        self.turn += 1
+        self.lg.append(self.sid, Kind.USER, {"content": "keyed"}, turn=self.turn, key=key)
+        self.add(Kind.MODEL_RESPONSE, {"text": "early answer"})
+        self.checkpoint()
+
     def full_turn(self, tools: int = 1, text: str = "") -> None:
         self.user()
         self.turn_work(tools, text)
@@ -415,10 +422,7 @@ def test_idempotency_keys_before_the_record_are_still_found(log: Any, paths: Pat
     database (the entries the record stands for are not read for a new key)."""
     w = _new(log)
     w.start()
-    w.turn += 1
-    log.append(w.sid, Kind.USER, {"content": "keyed"}, turn=w.turn, key="k-early")
-    w.add(Kind.MODEL_RESPONSE, {"text": "early answer"})
-    w.checkpoint()
+    w.keyed_turn("k-early")
     w.full_turn()
     _assert_same_as_full_fold(log, w.sid, paths)  # writes the record
     w.turn += 1
@@ -449,10 +453,7 @@ def test_a_long_lived_session_keeps_only_what_its_record_does_not_stand_for(
     try:
         w = _new(lg)
         w.start()
-        w.turn += 1
-        lg.append(w.sid, Kind.USER, {"content": "keyed"}, turn=w.turn, key="k-early")
-        w.add(Kind.MODEL_RESPONSE, {"text": "early answer"})
-        w.checkpoint()
+        w.keyed_turn("k-early")
         s = _open(lg, w.sid, paths)
         open_turn = False
         for op in ops:
