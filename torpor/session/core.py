@@ -331,6 +331,16 @@ class LogView:
         """The settled fold and the seq it runs through (0: nothing settled)."""
         return self._settled, self._seq
 
+    def rebase(self, entries: Sequence[Entry], seq: int) -> int:
+        """A state record was written at ``seq``: if that is what this view settled, let
+        it go on from the record (as :meth:`seed` would) and return how many entries at
+        the head of ``entries`` it stands for; else 0 (nothing changes)."""
+        k = self._n
+        if self._seq != seq or k == 0 or k > len(entries) or entries[k - 1].seq != seq:
+            return 0
+        self._n, self.based = 0, True
+        return k
+
     def _reset(self) -> None:
         if self.based:
             raise _Stale
@@ -863,14 +873,13 @@ class Session:
         long-lived worker's memory then follows the unsettled tail, not the log).  A
         whole-log read kept for :meth:`log` keeps them; a refold that would need them
         reads the log again (the view is based on the record: :class:`_Stale`)."""
-        view, cache = self._view, self._cache
-        k = view._n  # the settled entries at the head of the cache, through view._seq
-        if view._seq != seq or k == 0 or k > len(cache) or cache[k - 1].seq != seq:
+        cache = self._cache
+        k = self._view.rebase(cache, seq)
+        if k == 0:
             return
         if self._prefix is not None:
             self._prefix.extend(cache[:k])
         self._cache = cache[k:]  # a new list: a caller iterating the old one is unaffected
-        view._n, view.based = 0, True
         self._base_seq = seq
         self._turn_scan = max(0, self._turn_scan - k)
 
