@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,8 +215,18 @@ def _huge_size(header: dict, blob: bytes) -> tuple[dict, bytes]:
     return header, blob
 
 
+def _cut_short(header: dict, blob: bytes) -> tuple[dict, bytes]:
+    return header, blob[:-1]  # the last chunk's data ends before its stated length
+
+
+def _trailing(header: dict, blob: bytes) -> tuple[dict, bytes]:
+    return header, blob + b"\0"
+
+
 @pytest.mark.parametrize(
-    "edit", [_flip_chunk_byte, _shift_chunk_index, _huge_size], ids=["data", "header", "size"]
+    "edit",
+    [_flip_chunk_byte, _shift_chunk_index, _huge_size, _cut_short, _trailing],
+    ids=["data", "header", "size", "short", "trailing"],
 )
 def test_an_altered_journal_is_refused(session, edit) -> None:
     s, dsn, probe = session
@@ -244,6 +255,31 @@ def test_an_altered_journal_is_refused(session, edit) -> None:
     journal.wait_all()
     assert _stored(t.paths, snap)
     t.close()
+
+
+def test_a_commit_streams_the_journal_instead_of_holding_it(session) -> None:
+    """The store commit copies each chunk from the journal file into the rebuilt one:
+    a turn's journal (tens of MB when the guest wrote that much) is never held in the
+    worker's memory, twice, while its commit runs behind the next turns."""
+    s, dsn, probe = session
+    _sh(s, "head -c 24000000 /dev/urandom > /dev/shm/noise && echo ok")  # RAM, changed
+    try:
+        t, snap, turn = _journaled_turn(s, dsn, "streamed")
+        size = journal.journal_path(t.paths, snap).stat().st_size
+        assert size > 20_000_000
+        tracemalloc.start()
+        try:
+            assert journal.finish(t.paths, snap) is not None
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert _stored(t.paths, snap) and not journal.pending(t.paths, snap)
+        assert peak < size // 2, f"the commit held {peak} bytes for a {size}-byte journal"
+        assert t.recover() is None  # from the committed snapshot now
+        _check_recovered(t, turn, probe)
+        t.close()
+    finally:
+        _sh(s, "rm -f /dev/shm/noise")
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ commit, or the one behind a restore, before it reads the journal).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -528,25 +529,50 @@ def _finish_orphans(paths: Paths) -> None:
                 log.warning("journal %s: not committed: %s", snap_id[:12], e)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
-    return _parse(path.read_bytes(), path)
+def _parse(data: bytes, path: Path) -> tuple[dict[str, Any], memoryview]:
+    """A journal read whole: its header and a view of its chunk data (not a copy)."""
+    header, start = _header(data, len(data), path)
+    return header, memoryview(data)[start:]
 
 
-def _parse(data: bytes, path: Path) -> tuple[dict[str, Any], bytes]:
+def _header(head: bytes, size: int, path: Path) -> tuple[dict[str, Any], int]:
+    """The header of a journal of ``size`` bytes that begins with ``head`` (at least
+    its header's bytes), and the offset its chunk data starts at."""
     bad = StoreError(f"journal {path.name} is damaged", step="journal", path=path)
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+    if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 8:
         raise bad
-    n = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 8], "big")
+    n = int.from_bytes(head[len(MAGIC) : len(MAGIC) + 8], "big")
     start = len(MAGIC) + 8
-    if n > MAX_HEADER or start + n > len(data):
+    if n > MAX_HEADER or start + n > min(len(head), size):
         raise bad
     try:
-        header = json.loads(data[start : start + n])
+        header = json.loads(head[start : start + n])
     except ValueError as e:
         raise bad from e
     if not isinstance(header, dict):
         raise bad
-    return header, data[start + n :]
+    return header, start + n
+
+
+def _open_header(f: Any, path: Path) -> tuple[dict[str, Any], int, int]:
+    """An open journal's header, where its chunk data starts and how long that is."""
+    size = os.fstat(f.fileno()).st_size
+    pre = f.read(len(MAGIC) + 8)
+    n = int.from_bytes(pre[len(MAGIC) :], "big") if len(pre) == len(MAGIC) + 8 else 0
+    head = pre + f.read(min(n, MAX_HEADER))
+    header, start = _header(head, size, path)
+    return header, start, size - start
+
+
+def _copy_chunk(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """``n`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``, in the kernel
+    where it can (the journal is on disk, the rebuilt file on tmpfs: sendfile)."""
+    while n > 0:
+        os.lseek(dst, dst_off, os.SEEK_SET)
+        done = os.sendfile(dst, src, src_off, n)
+        if done <= 0:
+            raise OSError(errno.EIO, "journal: short read")
+        src_off, dst_off, n = src_off + done, dst_off + done, n - done
 
 
 def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
@@ -566,47 +592,48 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
             if m.id == snap_id:  # committed before (a crash after the commit)
                 _unlink(path)
                 return m
-        header, blob = _read(path)
-        if header.get("id") != snap_id:
-            raise StoreError(f"journal {path.name} names {header.get('id')!r}", step="journal")
-        parent_id = str(header.get("parent"))
-        if parent_id != snap_id:
-            finish(paths, parent_id)  # a journaled parent is stored first (older: no cycle)
-        parent = store.get(parent_id)
-        arts: dict[str, Artifact] = {}
-        pos = stored = 0
-        try:
-            items = dict(header["artifacts"]).items()
-            for name, a in items:
-                size, cs = int(a["size"]), int(a["chunk_size"])
-                idx, lens = [int(i) for i in a["changed"]], [int(x) for x in a["lengths"]]
-                if len(idx) != len(lens) or size < 0 or not set(core.ARTIFACTS) >= {name}:
-                    raise ValueError("bad artifact entry")
-                if ck.chunk_count(size, cs) > len(parent.artifacts[name].chunks) + len(idx):
-                    raise ValueError(f"{name}: size {size} past its chunks")  # all listed
-                f = work / name
-                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(fd, size)
-                    for i, ln in zip(idx, lens, strict=True):
-                        if not 0 <= i < ck.chunk_count(size, cs):
-                            raise ValueError(f"chunk {i} out of range")
-                        off, want = ck.chunk_span(i, size, cs)
-                        if ln not in (0, want) or pos + ln > len(blob):
-                            raise ValueError("chunk out of range")
-                        if ln:
-                            os.pwrite(fd, blob[pos : pos + ln], off)
-                        pos += ln
-                finally:
-                    os.close(fd)
-                arts[name], st = store.put_file(
-                    f, chunk_size=cs, parent=parent.artifacts[name], dirty=idx
-                )
-                stored += st.bytes_stored
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"journal {path.name} is damaged: {e}", step="journal") from e
-        if pos != len(blob):
-            raise StoreError(f"journal {path.name} has trailing data", step="journal")
+        with open(path, "rb") as jf:  # chunk data copied from it, never held whole
+            header, data, data_len = _open_header(jf, path)
+            if header.get("id") != snap_id:
+                raise StoreError(f"journal {path.name} names {header.get('id')!r}", step="journal")
+            parent_id = str(header.get("parent"))
+            if parent_id != snap_id:
+                finish(paths, parent_id)  # a journaled parent is stored first (older: no cycle)
+            parent = store.get(parent_id)
+            arts: dict[str, Artifact] = {}
+            pos = stored = 0
+            try:
+                items = dict(header["artifacts"]).items()
+                for name, a in items:
+                    size, cs = int(a["size"]), int(a["chunk_size"])
+                    idx, lens = [int(i) for i in a["changed"]], [int(x) for x in a["lengths"]]
+                    if len(idx) != len(lens) or size < 0 or not set(core.ARTIFACTS) >= {name}:
+                        raise ValueError("bad artifact entry")
+                    if ck.chunk_count(size, cs) > len(parent.artifacts[name].chunks) + len(idx):
+                        raise ValueError(f"{name}: size {size} past its chunks")  # all listed
+                    f = work / name
+                    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                    try:
+                        os.ftruncate(fd, size)
+                        for i, ln in zip(idx, lens, strict=True):
+                            if not 0 <= i < ck.chunk_count(size, cs):
+                                raise ValueError(f"chunk {i} out of range")
+                            off, want = ck.chunk_span(i, size, cs)
+                            if ln not in (0, want) or pos + ln > data_len:
+                                raise ValueError("chunk out of range")
+                            if ln:
+                                _copy_chunk(jf.fileno(), data + pos, fd, off, ln)
+                            pos += ln
+                    finally:
+                        os.close(fd)
+                    arts[name], st = store.put_file(
+                        f, chunk_size=cs, parent=parent.artifacts[name], dirty=idx
+                    )
+                    stored += st.bytes_stored
+            except (KeyError, TypeError, ValueError) as e:
+                raise StoreError(f"journal {path.name} is damaged: {e}", step="journal") from e
+            if pos != data_len:
+                raise StoreError(f"journal {path.name} has trailing data", step="journal")
         m = store.commit(
             arts,
             parent=parent.id,
@@ -728,7 +755,7 @@ def read_pending(paths: Paths, snap_id: str, store: ChunkStore) -> Pending | Non
                 want = ck.chunk_span(i, size, cs)[1]
                 if ln not in (0, want) or pos + ln > len(blob):
                     raise ValueError("chunk out of range")
-                piece = blob[pos : pos + ln]
+                piece = bytes(blob[pos : pos + ln])
                 pos += ln
                 h = ck.hash_bytes(piece) if ln else None
                 if h is not None and h == ck.zero_hash(ln):
