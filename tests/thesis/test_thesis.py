@@ -128,6 +128,32 @@ def test_torpor_recovers_and_keeps_the_process(short_tmp: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.vm
+def test_torpor_bulk_build_runs_apart_and_the_run_recovers(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TORPOR_THESIS_PREFILL: the first turns are built in bulk by a child process
+    (its transient memory is not the crashed worker's), then the worker runs the rest
+    turn by turn on the same session and is killed in the last; every check holds."""
+    monkeypatch.setenv("TORPOR_THESIS_PREFILL", "2")
+    system = get("torpor")
+    conn = system.setup(short_tmp)
+    try:
+        r = run_one(system, conn, Workload(turns=5), short_tmp, timeout=240, keep=True)
+    finally:
+        system.teardown()
+    _assert_recovered(r)
+    assert r["checks"]["bg_kept"], r["checks"]
+    (events,) = short_tmp.glob("torpor-*/events.jsonl")
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    (pre,) = [e for e in evs if e["ev"] == "prefill"]
+    first = next(e["pid"] for e in evs if e["ev"] == "start")
+    assert pre["turns"] == 3 and pre.get("builder") not in (first, None)  # another process
+    turns = [e["turn"] for e in evs if e["ev"] == "turn" and e["pid"] == first]
+    assert turns == [3]  # turn 4 crashed, then ran in the recovering worker
+
+
+@pytest.mark.slow
 def test_cli_quick_writes_json_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torpor.bench.thesis.cli import thesis
     from torpor.bench.thesis.peers.openai_agents import OpenAIAgents

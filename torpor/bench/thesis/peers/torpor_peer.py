@@ -202,16 +202,20 @@ class TorporPeer(System):
                 timeline=[(k, round((t - marks[0][1]) * 1000, 1)) for k, t in marks],
             )
         else:
-            s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
-            state_file.write_text(s.id)
-            env.rec("ready")
             start = prefill_turns(w.turns)
             if start:
                 import time
 
                 t0 = time.monotonic()
-                self._prefill(s, w, start)
-                env.rec("prefill", turns=start, s=round(time.monotonic() - t0, 1))
+                builder = self._build_apart(spec, start)
+                s = Session.open(state_file.read_text(), paths=paths, model=model)
+                s.messages()  # held decoded, as by a worker that ran every turn itself
+                env.rec("ready")
+                env.rec("prefill", turns=start, s=round(time.monotonic() - t0, 1), builder=builder)
+            else:
+                s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
+                state_file.write_text(s.id)
+                env.rec("ready")
         try:
             for t in range(start, w.turns):
                 env.turn_started(t)  # the whole send(): log reads and checkpoint included
@@ -235,6 +239,43 @@ class TorporPeer(System):
         except (OSError, ValueError):
             return None
         return got if isinstance(got, dict) else None
+
+    def _build_apart(self, spec: RunSpec, n: int) -> int:
+        """Create the session and build its first ``n`` turns in bulk (:meth:`_prefill`)
+        in a child process; returns its pid.  Apart, because the bulk build reads
+        the whole log back at once, which no worker running turn by turn does (its
+        cache is trimmed at every checkpoint): in the worker, that read's transient
+        memory stayed as a heap a few hundred MB larger at N = 10,000, which the kill
+        -9 then paid for (exit ~70 ms instead of ~20).  The worker then opens the
+        session and decodes its whole conversation, as one that ran every turn holds
+        it."""
+        import subprocess
+        import sys
+
+        path = spec.dir / "spec-build.json"
+        path.write_text(json.dumps(spec.to_dict()))
+        proc = subprocess.Popen([sys.executable, "-m", __name__, str(path), str(n)])
+        if proc.wait() != 0:
+            raise RuntimeError(f"the bulk build of {n} turns failed (exit {proc.returncode})")
+        return proc.pid
+
+    def _build(self, spec: RunSpec, n: int) -> None:
+        """The child's side of :meth:`_build_apart`."""
+        from torpor.model import ScriptedModel
+        from torpor.session import Session
+
+        def never(turn: int, index: int, messages: Any) -> Any:
+            raise AssertionError("the bulk build calls no model")
+
+        model = ScriptedModel(never, name="thesis")
+        s = Session.create(
+            IMAGE, model, name=spec.session_id, memory_mib=256, paths=self._paths(spec)
+        )
+        try:
+            (spec.dir / "torpor-session").write_text(s.id)
+            self._prefill(s, spec.w, n)
+        finally:
+            s.close()
 
     def _prefill(self, s: Any, w: Workload, n: int) -> None:
         """Turns 0..n-1 built in bulk, for long sessions (N = 10,000 would take about an
@@ -426,3 +467,9 @@ class TorporPeer(System):
             sid = (spec.dir / "torpor-session").read_text()
             Session.open(sid, paths=self._paths(spec)).remove()
         self.kill_extra(spec)
+
+
+if __name__ == "__main__":  # the bulk build's child process (TorporPeer._build_apart)
+    import sys
+
+    TorporPeer()._build(RunSpec(**json.loads(Path(sys.argv[1]).read_text())), int(sys.argv[2]))
