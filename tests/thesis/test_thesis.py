@@ -129,13 +129,16 @@ def test_torpor_recovers_and_keeps_the_process(short_tmp: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.vm
+@pytest.mark.parametrize("keep,bulk", [("2", 3), ("9", 0)])
 def test_torpor_bulk_build_runs_apart_and_the_run_recovers(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+    keep: str, bulk: int, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """TORPOR_THESIS_PREFILL: the first turns are built in bulk by a child process
-    (its transient memory is not the crashed worker's), then the worker runs the rest
-    turn by turn on the same session and is killed in the last; every check holds."""
-    monkeypatch.setenv("TORPOR_THESIS_PREFILL", "2")
+    """TORPOR_THESIS_PREFILL=K: the session is created, and all but its last K turns
+    built in bulk, by a child process (its transient memory is not the crashed
+    worker's; also when there is nothing to build, so that every N's worker is alike),
+    then the worker runs the rest turn by turn and is killed in the last; every check
+    holds."""
+    monkeypatch.setenv("TORPOR_THESIS_PREFILL", keep)
     system = get("torpor")
     conn = system.setup(short_tmp)
     try:
@@ -148,9 +151,9 @@ def test_torpor_bulk_build_runs_apart_and_the_run_recovers(
     evs = [json.loads(line) for line in events.read_text().splitlines()]
     (pre,) = [e for e in evs if e["ev"] == "prefill"]
     first = next(e["pid"] for e in evs if e["ev"] == "start")
-    assert pre["turns"] == 3 and pre.get("builder") not in (first, None)  # another process
+    assert pre["turns"] == bulk and pre.get("builder") not in (first, None)  # another process
     turns = [e["turn"] for e in evs if e["ev"] == "turn" and e["pid"] == first]
-    assert turns == [3]  # turn 4 crashed, then ran in the recovering worker
+    assert turns == list(range(bulk, 4))  # turn 4 crashed, then ran in the recovering worker
 
 
 @pytest.mark.slow

@@ -55,12 +55,13 @@ def _tick_cmd(turn: int) -> str:
 PREFILL_ENV = "TORPOR_THESIS_PREFILL"
 
 
-def prefill_turns(turns: int) -> int:
+def prefill_turns(turns: int) -> int | None:
     """How many of ``turns`` to build in bulk: all but the last K when
-    ``$TORPOR_THESIS_PREFILL`` = K is set (and leaves at least one bulk turn)."""
+    ``$TORPOR_THESIS_PREFILL`` = K is set (0 when ``turns`` <= K); None when it is not
+    (the worker then creates the session and runs every turn itself)."""
     raw = os.environ.get(PREFILL_ENV, "")
     if not raw.isdigit():
-        return 0
+        return None
     return max(turns - int(raw), 0)
 
 
@@ -202,17 +203,19 @@ class TorporPeer(System):
                 timeline=[(k, round((t - marks[0][1]) * 1000, 1)) for k, t in marks],
             )
         else:
-            start = prefill_turns(w.turns)
-            if start:
+            bulk = prefill_turns(w.turns)
+            if bulk is not None:  # every N alike: made apart, the last K turns run here
                 import time
 
                 t0 = time.monotonic()
+                start = bulk
                 builder = self._build_apart(spec, start)
                 s = Session.open(state_file.read_text(), paths=paths, model=model)
                 s.messages()  # held decoded, as by a worker that ran every turn itself
                 env.rec("ready")
                 env.rec("prefill", turns=start, s=round(time.monotonic() - t0, 1), builder=builder)
             else:
+                start = 0
                 s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
                 state_file.write_text(s.id)
                 env.rec("ready")
@@ -241,14 +244,16 @@ class TorporPeer(System):
         return got if isinstance(got, dict) else None
 
     def _build_apart(self, spec: RunSpec, n: int) -> int:
-        """Create the session and build its first ``n`` turns in bulk (:meth:`_prefill`)
-        in a child process; returns its pid.  Apart, because the bulk build reads
-        the whole log back at once, which no worker running turn by turn does (its
-        cache is trimmed at every checkpoint): in the worker, that read's transient
-        memory stayed as a heap a few hundred MB larger at N = 10,000, which the kill
-        -9 then paid for (exit ~70 ms instead of ~20).  The worker then opens the
-        session and decodes its whole conversation, as one that ran every turn holds
-        it."""
+        """Create the session and build its first ``n`` turns in bulk (:meth:`_prefill`;
+        none if 0) in a child process; returns its pid.  Apart, because the bulk build
+        reads the whole log back at once, which no worker running turn by turn does
+        (its cache is trimmed at every checkpoint): in the worker, that read's
+        transient memory stayed as a heap a few hundred MB larger at N = 10,000, which
+        the kill -9 then paid for (exit ~70 ms instead of ~20).  The worker then opens
+        the session and decodes its whole conversation, as one that ran every turn
+        holds it.  Done for every N once the variable is set (N <= K too: the session
+        is created apart), so that every row's crashed worker is the same kind of
+        process: one that opened a session and ran its last turns."""
         import subprocess
         import sys
 
@@ -273,7 +278,8 @@ class TorporPeer(System):
         )
         try:
             (spec.dir / "torpor-session").write_text(s.id)
-            self._prefill(s, spec.w, n)
+            if n:
+                self._prefill(s, spec.w, n)
         finally:
             s.close()
 
