@@ -63,7 +63,11 @@ at a time, and push them into the file's page cache (FUSE ``notify_store``): QEM
 page faults on them never reach this process.  A working set is only a hint: a bad,
 foreign or stale one is ignored (it can cost time, never correctness — every chunk is
 still hash-checked).  Where the kernel refuses the push, fetched-ahead chunks wait here
-until QEMU reads them.
+until QEMU reads them.  What a restore that prefetched a hint it did not record itself
+(its parent's, its family's) saves for the next one: the hinted chunks QEMU has mapped
+(its page tables, ``/proc/<pid>/pagemap``: the guest's reads of pushed chunks never
+reach this server) in the hint's order, then what it read itself — so a family's
+working set follows what its restores use instead of growing with every one.
 
 QEMU's ``madvise(MADV_HUGEPAGE)`` on guest RAM is made to fail for lazy VMs
 (:func:`no_hugepage_preexec`): on a file mapping it makes every fault read 4 MiB.
@@ -118,6 +122,7 @@ WS_VERSION = 1
 STATS_FILE = "lazymem.json"
 FETCH_THREADS = 4  # chunk fetches side by side (2 cores here; a bucket's latency)
 PREFETCH_THREADS = 2
+PAGE = 4096  # /proc/<pid>/pagemap: one 8-byte entry per page
 
 
 def enabled(oneoff: bool = False) -> bool:
@@ -323,8 +328,15 @@ class MemoryFile:
         self.record_s = record_s
         self.record_until: float | None = None
         self.saved_n, self.saved_at = 0, 0.0  # what the last partial save wrote, when
-        self.order: list[int] = []
+        self.order: list[int] = []  # chunks QEMU read through here in the window, in order
         self.touched: set[int] = set()
+        # a working set this restore did not record (its parent's, its family's): pushed
+        # into the page cache, so the guest's reads of it never come here; kept in what
+        # this restore saves only where QEMU has it mapped (see _guest_mapped)
+        self.hint: list[int] = []
+        self.vm_dir: Path | None = stats_path.parent if stats_path is not None else None
+        self._mapped: set[int] | None = None  # the last _guest_mapped() that could tell
+        self.mount: Path | None = None  # the file QEMU maps (set by main)
         self.tgids: dict[int, int] = {}  # reader thread id -> its process
         self.shim = os.getppid()  # its reads (the background stream) are not recorded
         self.ready_fd = ready_fd
@@ -496,7 +508,9 @@ class MemoryFile:
             if self.record and until is not None:
                 if now >= until:
                     self.save_working_set()
-                elif now - self.saved_at >= PARTIAL_SAVE_S and len(self.order) > self.saved_n:
+                elif now - self.saved_at >= PARTIAL_SAVE_S and (
+                    len(self.order) > self.saved_n or self.hint
+                ):
                     self.save_working_set(final=False)
             if self.dirty.is_set():
                 self.dirty.clear()
@@ -522,9 +536,20 @@ class MemoryFile:
             if final:
                 self.record = None
             order = list(self.order)
-        if rec is None or not order:
+        if rec is None:
             return
         self.saved_n, self.saved_at = len(order), time.monotonic()
+        if self.hint:
+            mapped = self._guest_mapped()
+            if mapped is not None:
+                self._mapped = mapped
+            used = self._mapped  # None: QEMU's page tables never read; the hint is kept
+            seen = set(order)
+            kept = [i for i in self.hint if used is None or i in used or i in seen]
+            known = set(kept)
+            order = kept + [i for i in order if i not in known]
+        if not order:
+            return
         try:
             rec.save(order)
             if self.record_family is not None:
@@ -535,6 +560,45 @@ class MemoryFile:
         except OSError as e:
             log.warning("lazy memory: working set not saved: %s", e)
         self.dirty.set()
+
+    def _guest_mapped(self) -> set[int] | None:
+        """The chunks of this file QEMU has pages of mapped (bit 63 of its
+        ``/proc/<pid>/pagemap`` entries: a page is mapped once the guest touched it,
+        whether its data came through this server or was pushed into the page cache);
+        None when that cannot be read (no QEMU yet or any more, no such mapping)."""
+        from torpor.vmm.state import alive, load_state
+
+        if self.vm_dir is None or self.mount is None:
+            return None
+        try:
+            st = load_state(self.vm_dir)
+            pid = st.qemu_pid
+            if not alive(pid, st.qemu_start):
+                return None
+            name = self.mount.name
+            with open(f"/proc/{pid}/maps") as f:
+                maps = [ln.split() for ln in f]
+            spans = [m for m in maps if len(m) >= 6 and Path(m[5]).name == name]
+            if not spans:
+                return None
+            got: set[int] = set()
+            per_chunk = self.cs // PAGE
+            with open(f"/proc/{pid}/pagemap", "rb") as pm:
+                for m in spans:
+                    lo, hi = (int(x, 16) for x in m[0].split("-"))
+                    first = int(m[2], 16) // PAGE  # the file page at ``lo``
+                    pm.seek(lo // PAGE * 8)
+                    raw = pm.read((hi - lo) // PAGE * 8)
+                    ents = memoryview(raw).cast("Q")
+                    for k, e in enumerate(ents):
+                        if e >> 63:
+                            got.add((first + k) // per_chunk)
+            if not alive(pid, st.qemu_start):
+                return None  # a recycled pid read meanwhile: not ours
+            return {i for i in got if i < len(self.art.chunks)}
+        except (OSError, ValueError) as e:
+            log.debug("lazy memory: QEMU's mapped pages not read: %s", e)
+            return None
 
     # -- FUSE operations (paths: only "/" exists)
     def init(self, path: str) -> None:
@@ -813,8 +877,9 @@ def serve(argv: list[str] | None = None) -> int:
             "manifest": round((t_manifest - t_store) * 1000, 1),
         }
         if inherited is not None:
-            ops.order = [i for i in inherited if art.chunks[i] is not None]
+            ops.hint = [i for i in inherited if art.chunks[i] is not None]
             ops.stats["working_set"] = f"{whose} used, recording"
+        ops.mount = Path(args.mount)
     except Exception as e:
         return fail(f"lazy memory server could not start: {e}")
     opts: dict[str, Any] = {
