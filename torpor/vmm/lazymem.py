@@ -540,14 +540,7 @@ class MemoryFile:
             return
         self.saved_n, self.saved_at = len(order), time.monotonic()
         if self.hint:
-            mapped = self._guest_mapped()
-            if mapped is not None:
-                self._mapped = mapped
-            used = self._mapped  # None: QEMU's page tables never read; the hint is kept
-            seen = set(order)
-            kept = [i for i in self.hint if used is None or i in used or i in seen]
-            known = set(kept)
-            order = kept + [i for i in order if i not in known]
+            order = self._with_hint(order, final)
         if not order:
             return
         try:
@@ -560,6 +553,25 @@ class MemoryFile:
         except OSError as e:
             log.warning("lazy memory: working set not saved: %s", e)
         self.dirty.set()
+
+    def _with_hint(self, order: list[int], final: bool) -> list[int]:
+        """What to save of a hinted restore: the hint's chunks the guest used (QEMU has
+        them mapped, or read them here), in the hint's order, then the rest of
+        ``order``.  Only a window that closed with QEMU's page tables read at its end
+        drops every unused one; a save before that (a partial one, or a VM gone before
+        its window closed) drops only those the guest went past: unused, and before
+        the last used one in the hint's order (what comes after may be used yet)."""
+        mapped = self._guest_mapped()
+        if mapped is not None:
+            self._mapped = mapped
+        used = (self._mapped or set()) | set(order)
+        if final and mapped is not None:
+            end = len(self.hint)  # the whole window seen: nothing is undecided
+        else:
+            end = max((k for k, i in enumerate(self.hint) if i in used), default=-1) + 1
+        kept = [i for k, i in enumerate(self.hint) if i in used or k >= end]
+        known = set(kept)
+        return kept + [i for i in order if i not in known]
 
     def _guest_mapped(self) -> set[int] | None:
         """The chunks of this file QEMU has pages of mapped (bit 63 of its
