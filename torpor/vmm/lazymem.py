@@ -64,10 +64,11 @@ page faults on them never reach this process.  A working set is only a hint: a b
 foreign or stale one is ignored (it can cost time, never correctness — every chunk is
 still hash-checked).  Where the kernel refuses the push, fetched-ahead chunks wait here
 until QEMU reads them.  What a restore that prefetched a hint it did not record itself
-(its parent's, its family's) saves for the next one: the hinted chunks QEMU has mapped
-(its page tables, ``/proc/<pid>/pagemap``: the guest's reads of pushed chunks never
-reach this server) in the hint's order, then what it read itself — so a family's
-working set follows what its restores use instead of growing with every one.
+(its parent's, its family's) saves for the next one when its window closes: the hinted
+chunks QEMU has mapped (its page tables, ``/proc/<pid>/pagemap``: the guest's reads of
+pushed chunks never reach this server) in the hint's order, then what it read itself —
+so a family's working set follows what its restores use instead of growing with every
+one.  A VM gone before its window closed saves the hint whole plus what it read.
 
 QEMU's ``madvise(MADV_HUGEPAGE)`` on guest RAM is made to fail for lazy VMs
 (:func:`no_hugepage_preexec`): on a file mapping it makes every fault read 4 MiB.
@@ -335,7 +336,6 @@ class MemoryFile:
         # this restore saves only where QEMU has it mapped (see _guest_mapped)
         self.hint: list[int] = []
         self.vm_dir: Path | None = stats_path.parent if stats_path is not None else None
-        self._mapped: set[int] | None = None  # the last _guest_mapped() that could tell
         self.mount: Path | None = None  # the file QEMU maps (set by main)
         self.tgids: dict[int, int] = {}  # reader thread id -> its process
         self.shim = os.getppid()  # its reads (the background stream) are not recorded
@@ -508,9 +508,7 @@ class MemoryFile:
             if self.record and until is not None:
                 if now >= until:
                     self.save_working_set()
-                elif now - self.saved_at >= PARTIAL_SAVE_S and (
-                    len(self.order) > self.saved_n or self.hint
-                ):
+                elif now - self.saved_at >= PARTIAL_SAVE_S and len(self.order) > self.saved_n:
                     self.save_working_set(final=False)
             if self.dirty.is_set():
                 self.dirty.clear()
@@ -555,21 +553,15 @@ class MemoryFile:
         self.dirty.set()
 
     def _with_hint(self, order: list[int], final: bool) -> list[int]:
-        """What to save of a hinted restore: the hint's chunks the guest used (QEMU has
-        them mapped, or read them here), in the hint's order, then the rest of
-        ``order``.  Only a window that closed with QEMU's page tables read at its end
-        drops every unused one; a save before that (a partial one, or a VM gone before
-        its window closed) drops only those the guest went past: unused, and before
-        the last used one in the hint's order (what comes after may be used yet)."""
-        mapped = self._guest_mapped()
-        if mapped is not None:
-            self._mapped = mapped
-        used = (self._mapped or set()) | set(order)
-        if final and mapped is not None:
-            end = len(self.hint)  # the whole window seen: nothing is undecided
-        else:
-            end = max((k for k, i in enumerate(self.hint) if i in used), default=-1) + 1
-        kept = [i for k, i in enumerate(self.hint) if i in used or k >= end]
+        """What to save of a hinted restore: the hint, then the rest of ``order``
+        (what the server read itself).  Only when the window closes with QEMU still
+        running, so that its page tables tell what the guest touched in the whole
+        window, are the hinted chunks it did not use dropped.  A save before that (a
+        partial one, or a VM gone before its window closed) cannot tell a chunk not
+        used from one not reached yet, and keeps the hint whole (a hint, never a loss)."""
+        mapped = self._guest_mapped() if final else None
+        seen = set(order)
+        kept = [i for i in self.hint if mapped is None or i in mapped or i in seen]
         known = set(kept)
         return kept + [i for i in order if i not in known]
 
