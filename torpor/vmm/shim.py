@@ -118,15 +118,39 @@ class Route:
     pid: int = 0  # an EXEC's guest pid, from its STARTED: what REATTACH names
 
 
+#: Guest output a client may have queued in the shim (beyond what the shim queued for
+#: it itself, such as an attach's replay of the log) before it is dropped: Client.send
+MAX_BEHIND = 16 << 20
+
+
 @dataclass(eq=False)
 class Client:
     writer: asyncio.StreamWriter
     ids: dict[int, int] = field(default_factory=dict)  # client id -> guest id
     attached: set[int] = field(default_factory=set)  # client ids attached to main
 
-    def send(self, frame: Frame) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frame.encode())
+    grace: int = 0  # bytes the shim itself queued for it since it was last caught up
+
+    def send(self, frame: Frame, own: bool = False) -> None:
+        """Queue ``frame`` for the client.  ``own``: data of the shim's own, bounded by
+        its configuration (an attach's replay of the log), not the guest's.  A client
+        whose queue holds more than :data:`MAX_BEHIND` of guest output (it stopped
+        reading: a stalled pipe, or on purpose) is dropped — its connection closed,
+        its requests detached as if it had left — instead of the shim holding whatever
+        the guest prints for it.  The VM and other clients go on."""
+        if self.writer.is_closing():
+            return
+        data = frame.encode()
+        queued = self.writer.transport.get_write_buffer_size()
+        if own:
+            self.grace += len(data)
+        elif queued <= MAX_BEHIND:
+            self.grace = 0
+        elif queued > MAX_BEHIND + self.grace:
+            log.warning("a client fell %d MiB behind the guest's output: dropped", queued >> 20)
+            self.writer.transport.abort()
+            return
+        self.writer.write(data)
 
 
 class AdoptedProcess:
@@ -394,7 +418,7 @@ class Shim:
                         t = T.STDOUT if rec["s"] == "stdout" else T.STDERR
                         data = rec["d"].encode("utf-8", "surrogateescape")
                         for i in range(0, len(data), 1 << 16):
-                            client.send(Frame(t, cid, data[i : i + (1 << 16)]))
+                            client.send(Frame(t, cid, data[i : i + (1 << 16)]), own=True)
 
     # -- clients ----------------------------------------------------------------------------
     async def serve_client(
