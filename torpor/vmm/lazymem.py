@@ -585,11 +585,18 @@ class MemoryFile:
             spans = [m for m in maps if len(m) >= 6 and Path(m[5]).name == name]
             if not spans:
                 return None
+            # QEMU is the guest's neighbour, not trusted: at most the file's size read,
+            # whatever mappings it claims
+            budget = self.size
             got: set[int] = set()
             per_chunk = self.cs // PAGE
             with open(f"/proc/{pid}/pagemap", "rb") as pm:
                 for m in spans:
                     lo, hi = (int(x, 16) for x in m[0].split("-"))
+                    hi = min(hi, lo + budget)
+                    budget -= hi - lo
+                    if hi <= lo:
+                        break
                     first = int(m[2], 16) // PAGE  # the file page at ``lo``
                     pm.seek(lo // PAGE * 8)
                     raw = pm.read((hi - lo) // PAGE * 8)
