@@ -123,7 +123,6 @@ WS_VERSION = 1
 STATS_FILE = "lazymem.json"
 FETCH_THREADS = 4  # chunk fetches side by side (2 cores here; a bucket's latency)
 PREFETCH_THREADS = 2
-PAGE = 4096  # /proc/<pid>/pagemap: one 8-byte entry per page
 
 
 def enabled(oneoff: bool = False) -> bool:
@@ -566,10 +565,13 @@ class MemoryFile:
         return kept + [i for i in order if i not in known]
 
     def _guest_mapped(self) -> set[int] | None:
-        """The chunks of this file QEMU has pages of mapped (bit 63 of its
-        ``/proc/<pid>/pagemap`` entries: a page is mapped once the guest touched it,
-        whether its data came through this server or was pushed into the page cache);
-        None when that cannot be read (no QEMU yet or any more, no such mapping)."""
+        """The chunks of this file QEMU has pages of mapped (its page tables,
+        :func:`torpor.vmm.ramless.touched_runs`: a page is mapped once the guest
+        touched it, whether its data came through this server or was pushed into the
+        page cache); None when that cannot be read (no QEMU yet or any more, no such
+        mapping)."""
+        from torpor.errors import VMError
+        from torpor.vmm.ramless import PAGE, maps, touched_runs
         from torpor.vmm.state import alive, load_state
 
         if self.vm_dir is None or self.mount is None:
@@ -579,35 +581,25 @@ class MemoryFile:
             pid = st.qemu_pid
             if not alive(pid, st.qemu_start):
                 return None
-            name = self.mount.name
-            with open(f"/proc/{pid}/maps") as f:
-                maps = [ln.split() for ln in f]
-            spans = [m for m in maps if len(m) >= 6 and Path(m[5]).name == name]
+            spans = [v for v in maps(pid) if Path(v[5]).name == self.mount.name]
             if not spans:
                 return None
             # QEMU is the guest's neighbour, not trusted: at most the file's size read,
             # whatever mappings it claims
-            budget = self.size
-            got: set[int] = set()
-            per_chunk = self.cs // PAGE
-            with open(f"/proc/{pid}/pagemap", "rb") as pm:
-                for m in spans:
-                    lo, hi = (int(x, 16) for x in m[0].split("-"))
-                    hi = min(hi, lo + budget)
-                    budget -= hi - lo
-                    if hi <= lo:
-                        break
-                    first = int(m[2], 16) // PAGE  # the file page at ``lo``
-                    pm.seek(lo // PAGE * 8)
-                    raw = pm.read((hi - lo) // PAGE * 8)
-                    ents = memoryview(raw).cast("Q")
-                    for k, e in enumerate(ents):
-                        if e >> 63:
-                            got.add((first + k) // per_chunk)
+            budget, got = self.size, set()
+            for start, end, off, *_ in spans:
+                size = min(end - start, budget)
+                budget -= size
+                if size <= 0:
+                    break
+                for first, count in touched_runs(pid, start, size):
+                    lo = off + first * PAGE  # file offsets: the page at ``start`` is ``off``
+                    hi = lo + count * PAGE - 1
+                    got.update(range(lo // self.cs, hi // self.cs + 1))
             if not alive(pid, st.qemu_start):
                 return None  # a recycled pid read meanwhile: not ours
             return {i for i in got if i < len(self.art.chunks)}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, VMError) as e:
             log.debug("lazy memory: QEMU's mapped pages not read: %s", e)
             return None
 

@@ -117,6 +117,7 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _PRIVATE_TABLE = bytes(
     1 if (b & (_PRESENT | _SWAPPED)) and not (b & _FILE) else 0 for b in range(256)
 )
+_TOUCHED_TABLE = bytes(1 if b & (_PRESENT | _SWAPPED) else 0 for b in range(256))
 
 
 @dataclass
@@ -186,7 +187,7 @@ _MAPS_RE = re.compile(
 )
 
 
-def _maps(pid: int) -> list[tuple[int, int, int, int, int, str]]:
+def maps(pid: int) -> list[tuple[int, int, int, int, int, str]]:
     """(start, end, file offset, dev, inode, path) of each file mapping of ``pid``."""
     out = []
     with open(f"/proc/{pid}/maps") as f:
@@ -214,7 +215,7 @@ def open_base(pid: int, hva: int, size: int) -> int:
     maps it from offset 0).  Opened through ``/proc/<pid>/map_files`` (root), else
     one of QEMU's own fds to the same inode.  Raises VMError.
     """
-    vmas = [v for v in _maps(pid) if v[1] > hva and v[0] < hva + size]
+    vmas = [v for v in maps(pid) if v[1] > hva and v[0] < hva + size]
     vmas.sort()
     pos = hva
     for start, end, off, dev, ino, _ in vmas:
@@ -290,12 +291,22 @@ async def guest_roms(q: Any, prefix: migstream.Prefix) -> list[tuple[str, int, i
 
 def private_runs(pid: int, hva: int, size: int) -> list[tuple[int, int]]:
     """(first page, count) of each run of pages the guest wrote since the restore."""
+    return _page_runs(pid, hva, size, _PRIVATE_TABLE)
+
+
+def touched_runs(pid: int, hva: int, size: int) -> list[tuple[int, int]]:
+    """(first page, count) of each run of pages QEMU has mapped at ``hva``..``hva+size``
+    (present or swapped: the guest touched them, whether read or written)."""
+    return _page_runs(pid, hva, size, _TOUCHED_TABLE)
+
+
+def _page_runs(pid: int, hva: int, size: int, table: bytes) -> list[tuple[int, int]]:
     n = size // PAGE
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
         raw = os.pread(f.fileno(), n * 8, hva // PAGE * 8)
     if len(raw) != n * 8:
         raise VMError("short read of QEMU's pagemap", step="capture: find written pages")
-    marks = raw[7::8].translate(_PRIVATE_TABLE)  # the top byte of each little-endian entry
+    marks = raw[7::8].translate(table)  # the top byte of each little-endian entry
     return [(m.start(), m.end() - m.start()) for m in re.finditer(b"\x01+", marks)]
 
 
