@@ -75,7 +75,7 @@ from torpor.paths import Paths
 from torpor.store import ChunkStore, Manifest
 from torpor.store import chunks as ck
 from torpor.store.manifest import KIND_VM_SNAPSHOT, Artifact, build_manifest, now_iso
-from torpor.vmm.capture import read_meta, vouch_for_shadow
+from torpor.vmm.capture import copy_range, read_meta, vouch_for_shadow
 from torpor.vmm.manager import VM, VMManager
 from torpor.vmm.state import Status, proc_start_time
 
@@ -564,17 +564,6 @@ def _open_header(f: Any, path: Path) -> tuple[dict[str, Any], int, int]:
     return header, start, size - start
 
 
-def _copy_chunk(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
-    """``n`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``, in the kernel
-    where it can (the journal is on disk, the rebuilt file on tmpfs: sendfile)."""
-    while n > 0:
-        os.lseek(dst, dst_off, os.SEEK_SET)
-        done = os.sendfile(dst, src, src_off, n)
-        if done <= 0:
-            raise OSError(errno.EIO, "journal: short read")
-        src_off, dst_off, n = src_off + done, dst_off + done, n - done
-
-
 def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
     from torpor.snapshot import core
 
@@ -594,6 +583,7 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
                 return m
         with open(path, "rb") as jf:  # chunk data copied from it, never held whole
             header, data, data_len = _open_header(jf, path)
+            cross_fs = [False]
             if header.get("id") != snap_id:
                 raise StoreError(f"journal {path.name} names {header.get('id')!r}", step="journal")
             parent_id = str(header.get("parent"))
@@ -621,8 +611,9 @@ def _commit(paths: Paths, snap_id: str, path: Path) -> Manifest:
                             off, want = ck.chunk_span(i, size, cs)
                             if ln not in (0, want) or pos + ln > data_len:
                                 raise ValueError("chunk out of range")
-                            if ln:
-                                _copy_chunk(jf.fileno(), data + pos, fd, off, ln)
+                            got = copy_range(jf.fileno(), fd, ln, data + pos, cross_fs, off)
+                            if got != ln:
+                                raise OSError(errno.EIO, "journal: short read")
                             pos += ln
                     finally:
                         os.close(fd)

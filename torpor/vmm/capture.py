@@ -198,25 +198,31 @@ class ShadowSync:
         return parts[0] + parts[1]
 
 
-def _copy_range(fi: int, fo: int, n: int, off: int, cross_fs: list[bool]) -> int:
-    """Copy ``n`` bytes at ``off``; copy_file_range, or sendfile across filesystems."""
+def copy_range(
+    fi: int, fo: int, n: int, off: int, cross_fs: list[bool], dst_off: int | None = None
+) -> int:
+    """Copy ``n`` bytes at ``off`` to ``dst_off`` (default: the same offset); returns
+    the bytes copied (fewer at the source's end).  copy_file_range, or sendfile across
+    filesystems (``cross_fs[0]`` remembers which, for the caller's next range)."""
+    dst = off if dst_off is None else dst_off
     done_total = 0
     while n > 0:
         if not cross_fs[0]:
             try:
-                done = os.copy_file_range(fi, fo, n, off, off)
+                done = os.copy_file_range(fi, fo, n, off, dst)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 cross_fs[0] = True  # e.g. tmpfs RAM file -> ext4 stage folder
                 continue
         else:
-            os.lseek(fo, off, os.SEEK_SET)
+            os.lseek(fo, dst, os.SEEK_SET)
             done = os.sendfile(fo, fi, off, n)
         if done == 0:
             break
         n -= done
         off += done
+        dst += done
         done_total += done
     return done_total
 
@@ -266,7 +272,7 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 def _copy_extents(fi: int, fo: int, extents: list[tuple[int, int]]) -> int:
     cross_fs = [False]
-    return sum(_copy_range(fi, fo, b - a, a, cross_fs) for a, b in extents)
+    return sum(copy_range(fi, fo, b - a, a, cross_fs) for a, b in extents)
 
 
 PRECOPY_PIECE = 4 << 20  # how far a pre-copy gets between two reports of its progress
@@ -298,7 +304,7 @@ def precopy(
             for a, b in extents:
                 for off in range(a, b, PRECOPY_PIECE):
                     end = min(off + PRECOPY_PIECE, b)
-                    copied += _copy_range(fi, fo, end - off, off, cross_fs)
+                    copied += copy_range(fi, fo, end - off, off, cross_fs)
                     filling.advance(end)
         except BaseException as e:
             filling.fail(e)
