@@ -208,17 +208,15 @@ class TorporPeer(System):
                 import time
 
                 t0 = time.monotonic()
-                start = bulk
-                builder = self._build_apart(spec, start)
+                builder = self._build_apart(spec, bulk)
                 s = Session.open(state_file.read_text(), paths=paths, model=model)
                 s.messages()  # held decoded, as by a worker that ran every turn itself
                 env.rec("ready")
-                env.rec("prefill", turns=start, s=round(time.monotonic() - t0, 1), builder=builder)
+                env.rec("prefill", turns=bulk, s=round(time.monotonic() - t0, 1), builder=builder)
             else:
-                start = 0
-                s = Session.create(IMAGE, model, name=spec.session_id, memory_mib=256, paths=paths)
-                state_file.write_text(s.id)
+                s = self._create(spec, model)
                 env.rec("ready")
+            start = bulk or 0
         try:
             for t in range(start, w.turns):
                 env.turn_started(t)  # the whole send(): log reads and checkpoint included
@@ -242,6 +240,16 @@ class TorporPeer(System):
         except (OSError, ValueError):
             return None
         return got if isinstance(got, dict) else None
+
+    def _create(self, spec: RunSpec, model: Any) -> Any:
+        """The run's session, its id written where the recovering worker finds it."""
+        from torpor.session import Session
+
+        s = Session.create(
+            IMAGE, model, name=spec.session_id, memory_mib=256, paths=self._paths(spec)
+        )
+        (spec.dir / "torpor-session").write_text(s.id)
+        return s
 
     def _build_apart(self, spec: RunSpec, n: int) -> int:
         """Create the session and build its first ``n`` turns in bulk (:meth:`_prefill`;
@@ -267,17 +275,12 @@ class TorporPeer(System):
     def _build(self, spec: RunSpec, n: int) -> None:
         """The child's side of :meth:`_build_apart`."""
         from torpor.model import ScriptedModel
-        from torpor.session import Session
 
         def never(turn: int, index: int, messages: Any) -> Any:
             raise AssertionError("the bulk build calls no model")
 
-        model = ScriptedModel(never, name="thesis")
-        s = Session.create(
-            IMAGE, model, name=spec.session_id, memory_mib=256, paths=self._paths(spec)
-        )
+        s = self._create(spec, ScriptedModel(never, name="thesis"))
         try:
-            (spec.dir / "torpor-session").write_text(s.id)
             if n:
                 self._prefill(s, spec.w, n)
         finally:
