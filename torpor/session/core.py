@@ -573,6 +573,130 @@ def _check_loop_payload(kind: Kind, p: dict[str, Any]) -> None:
 EventHook = Callable[[Entry], None]
 
 
+class _Restoring:
+    """A session's VM restored from a checkpoint, its old VM removed beside it.
+
+    The old VM (after a crash: dead, its RAM file still held) is removed by a thread
+    while the new one is restored, not before: the restore never copies the old VM's
+    RAM shadow.  The new VM is restored unnamed, labelled with the session, and takes
+    the session's VM name once the old one has given it up; a removal that fails
+    removes the new VM too and raises, as if it had failed first.  Other VMs labelled
+    with the session (one restored by a recovery killed before it logged it) go once
+    the new one runs.
+
+    ``behind``: the restore runs in a thread while the caller goes on (a recovery's
+    model call, which reads the log only); :meth:`wait` joins it and appends the
+    ``vm`` entry, in the caller's thread (the log has one writer), its ``ms`` the
+    restore's own time.  Until then the log names the old VM, so a crash in between
+    leaves the session as a crash before the restore would, plus a labelled VM.
+    """
+
+    def __init__(self, s: Session, ck: Checkpoint, reason: str, *, behind: bool = False):
+        self.s, self.ck, self.reason = s, ck, reason
+        self.vm: VM | None = None
+        self.error: BaseException | None = None
+        self.logged, self.ms = False, 0.0
+        self.thread: threading.Thread | None = None
+        s._claim()
+        self.old = s.state().vm_id
+        if self.old is not None:
+            # its RAM shadow may still equal the checkpoint, but it goes with the VM: a
+            # restore copying it would race the removal (and start over, in full)
+            with contextlib.suppress(NotFoundError):
+                unvouch_shadow(s._mgr.get(self.old).files.shadow, ck.snapshot)
+        if behind:
+            self.thread = threading.Thread(target=self._run, name="torpor-restore", daemon=True)
+            self.thread.start()
+        else:
+            self._run()
+
+    @classmethod
+    def ready(cls, vm: VM) -> _Restoring:
+        """A VM that is already running (nothing to restore or log)."""
+        r = cls.__new__(cls)
+        r.vm, r.error, r.logged, r.thread = vm, None, True, None
+        return r
+
+    def _run(self) -> None:
+        try:
+            self.vm = self._restore()
+        except BaseException as e:  # raised by wait(), in the caller's thread
+            self.error = e
+
+    def _restore(self) -> VM:
+        s, mgr = self.s, self.s._mgr
+        failed: list[BaseException] = []
+        remover = None
+        if self.old is not None:
+            old = self.old
+
+            def remove_old() -> None:
+                try:
+                    mgr.remove(old, force=True)
+                except NotFoundError:
+                    pass
+                except BaseException as e:  # raised below
+                    failed.append(e)
+
+            remover = threading.Thread(target=remove_old, name="torpor-old-vm", daemon=True)
+            remover.start()
+        t0 = time.perf_counter()
+        # no pool spares for a checkpoint a recovery restores: the session moves on
+        # from it, and a spare is a whole restore running beside the replayed turn.
+        # Nor a shared base filled for it (one-off: the RAM straight into the VM's
+        # own file); forks of a session's checkpoint may be many, so they share one
+        # (and a pool spare, which carries no label: a fork's VM is found by its log)
+        fork = self.reason == "fork"
+        try:
+            vm = restore(
+                mgr,
+                self.ck.snapshot,
+                keep_pool=fork,
+                shared=fork,
+                labels=None if fork else {LABEL: s.id},
+            )
+        finally:
+            if remover is not None:
+                remover.join()
+        if failed:
+            with contextlib.suppress(TorporError):
+                mgr.remove(vm.id, force=True)
+            raise failed[0]
+        name = _vm_name(s.name)
+        if name and vm.name != name:
+            with contextlib.suppress(ConflictError):  # the name is someone else's VM's
+                vm = mgr.rename(vm.id, name)
+        self.ms = (time.perf_counter() - t0) * 1000
+        if not fork:
+            for other in mgr.list():
+                if other.id != vm.id and other.config.labels.get(LABEL) == s.id:
+                    with contextlib.suppress(TorporError):  # gone meanwhile: as wanted
+                        mgr.remove(other.id, force=True)
+        return vm
+
+    def wait(self) -> VM:
+        """The restored VM, logged; the restore's error if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.vm is not None
+        if not self.logged:
+            self.s._log_vm(self.vm, self.ck, self.reason, self.ms)
+            self.logged = True
+        return self.vm
+
+    def settle(self) -> None:
+        """However the caller's turn ended: the restore joined and its VM, if it runs,
+        logged (it is the session's VM now); a failure of its own is left to
+        :meth:`wait`, so that the turn's error is the one raised."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.vm is not None and not self.logged:
+            with contextlib.suppress(TorporError):
+                self.wait()
+
+
 class Session:
     """One durable agent session. Create with :meth:`create`, reopen with :meth:`open`."""
 
@@ -1541,55 +1665,12 @@ class Session:
         return vm
 
     def _restore_vm(self, ck: Checkpoint, *, reason: str) -> VM:
-        """A new VM for this session from checkpoint ``ck`` (the old one is removed).
+        """A new VM for this session from checkpoint ``ck`` (the old one is removed),
+        logged by a ``vm`` entry.  See :class:`_Restoring` (which a recovery runs
+        beside its model call)."""
+        return _Restoring(self, ck, reason).wait()
 
-        The old VM (after a crash: dead, its RAM file still held) is removed by a thread
-        while the new one is restored, not before: a recovery waits for the restore
-        only (which therefore never copies the old VM's RAM shadow).  The new VM is
-        restored unnamed and takes the session's VM name once the old one has given it
-        up; a removal that fails removes the new VM too and raises, as if it had failed
-        first."""
-        self._claim()
-        st = self.state()
-        failed: list[BaseException] = []
-        remover = None
-        if st.vm_id is not None:
-            old = st.vm_id
-            # its RAM shadow may still equal the checkpoint, but it goes with the VM: a
-            # restore copying it would race the removal (and start over, in full)
-            with contextlib.suppress(NotFoundError):
-                unvouch_shadow(self._mgr.get(old).files.shadow, ck.snapshot)
-
-            def remove_old() -> None:
-                try:
-                    self._mgr.remove(old, force=True)
-                except NotFoundError:
-                    pass
-                except BaseException as e:  # raised below, in the caller's thread
-                    failed.append(e)
-
-            remover = threading.Thread(target=remove_old, name="torpor-old-vm", daemon=True)
-            remover.start()
-        t0 = time.perf_counter()
-        try:
-            # no pool spares for a checkpoint a recovery restores: the session moves on
-            # from it, and a spare is a whole restore running beside the replayed turn.
-            # Nor a shared base filled for it (one-off: the RAM straight into the VM's
-            # own file); forks of a session's checkpoint may be many, so they share one
-            fork = reason == "fork"
-            vm = restore(self._mgr, ck.snapshot, keep_pool=fork, shared=fork)
-        finally:
-            if remover is not None:
-                remover.join()
-        if failed:
-            with contextlib.suppress(TorporError):
-                self._mgr.remove(vm.id, force=True)
-            raise failed[0]
-        name = _vm_name(self.name)
-        if name and vm.name != name:
-            with contextlib.suppress(ConflictError):  # the name is someone else's VM's
-                vm = self._mgr.rename(vm.id, name)
-        ms = (time.perf_counter() - t0) * 1000
+    def _log_vm(self, vm: VM, ck: Checkpoint, reason: str, ms: float) -> None:
         self._append(
             Kind.VM,
             {
@@ -1602,7 +1683,6 @@ class Session:
             },
             turn=ck.turn,
         )
-        return vm
 
     def _recover_locked(self, st: SessionState, why: str | None = None) -> str:
         assert st.pending is not None
@@ -1612,9 +1692,14 @@ class Session:
             raise SessionError(f"session {self.name} has no checkpoint to recover from")
         if not self._lazy_model():  # it will send every message: decode them meanwhile
             self._view.prefetch()
-        self._restore_vm(ck, reason=why or "recover")
-        self._supersede_after(ck, st.pending.turn, "replayed")
-        return self._run_turn(st.pending.turn)
+        # the replayed turn's first model call reads the log only: the VM is restored
+        # beside it, and waited for at the turn's first tool call (or its checkpoint)
+        restoring = _Restoring(self, ck, why or "recover", behind=True)
+        try:
+            self._supersede_after(ck, st.pending.turn, "replayed")
+            return self._run_turn(st.pending.turn, restoring)
+        finally:
+            restoring.settle()
 
     def _supersede_after(self, ck: Checkpoint, turn: int, why: str) -> None:
         """Mark the work logged after ``ck`` superseded: the VM was just restored to it."""
@@ -1630,15 +1715,25 @@ class Session:
                 turn=turn,
             )
 
-    def _run_turn(self, turn: int) -> str:
-        st = self.state()
-        vm = self._ensure_running(st)
+    def _run_turn(self, turn: int, restoring: _Restoring | None = None) -> str:
+        """Torpor's loop for one turn; ``restoring``: the VM is still being restored
+        (a recovery), waited for at the first tool call or the checkpoint."""
+        if restoring is None:
+            vm = self._ensure_running(self.state())
+            restoring = _Restoring.ready(vm)
         self._check_tools_supplied()
         model = self.model
         offered = (*TOOLS, *(t.spec for t in self._tools.values()))
         answer = ""
         # the built-in loop is one user of the public log API: append + checkpoint
-        with self._mgr.client(vm) as c:
+        with contextlib.ExitStack() as stack:
+            clients: list[Any] = []
+
+            def client() -> Any:  # the VM's agent, connected at the first tool call
+                if not clients:
+                    clients.append(stack.enter_context(self._mgr.client(restoring.wait())))
+                return clients[0]
+
             for step in range(MAX_STEPS):
                 msgs = self._model_messages(model)  # decoded only as far as the model reads
                 self.append(
@@ -1650,6 +1745,7 @@ class Session:
                     self.append(
                         Kind.ERROR, {"stage": "model", "error": str(e), "type": type(e).__name__}
                     )
+                    restoring.wait()
                     self.checkpoint(reason="turn")
                     raise
                 self.append(Kind.MODEL_RESPONSE, resp.to_json())
@@ -1657,6 +1753,7 @@ class Session:
                 if not resp.tool_calls:
                     break
                 for call in resp.tool_calls:
+                    c = client()  # (a restored VM is logged before the call it runs)
                     self.append(
                         Kind.TOOL_CALL,
                         {"id": call.id, "name": call.name, "arguments": call.arguments},
@@ -1671,6 +1768,7 @@ class Session:
                 self.append(
                     Kind.ERROR, {"stage": "model", "error": f"no answer after {MAX_STEPS} steps"}
                 )
+        restoring.wait()
         self.checkpoint(reason="turn")
         return answer
 

@@ -769,9 +769,12 @@ def restore(
     ports: tuple[PortMap, ...] = (),
     keep_pool: bool = True,
     shared: bool = True,
+    labels: Mapping[str, str] | None = None,
 ) -> VM:
     """Bring snapshot ``snap`` back as a new running VM named ``name``, forwarding
     only ``ports`` (the source may still hold its own: see RunRequest.from_config).
+    ``labels``: added to the source's (e.g. torpor's own ``torpor.session``, which a
+    copy does not inherit; a pool spare has none, so such a restore takes none).
 
     A hot restore without ports takes a ready spare of the snapshot when the pool
     has one (:mod:`torpor.vmm.pool`: claim, ``cont``, HELLO) and, with
@@ -806,7 +809,7 @@ def restore(
         stored_base = manifest.meta.get("base_manifest", "")
         base_disk = bases.find_base(mgr, src_cfg.base_digest, src_cfg.image_id, store, stored_base)
         image = bases.image_for(mgr, src_cfg.image_id, base_disk)
-    pooled = not cold and not ports
+    pooled = not cold and not ports and not labels
     if pooled:
         from torpor.vmm import pool
 
@@ -819,8 +822,11 @@ def restore(
     check_ports(ports)  # a taken port: a clear error before anything is made
     try:
         # the snapshot's image ref and base digest go into the one vm.json write
+        req = RunRequest.from_config(src_cfg, name, ports)
+        if labels:
+            req = dataclasses.replace(req, labels={**req.labels, **labels})
         vm = mgr.create(
-            RunRequest.from_config(src_cfg, name, ports),
+            req,
             overlay=False,
             image=image,
             amend={"image_ref": src_cfg.image_ref, "base_digest": src_cfg.base_digest},
@@ -854,23 +860,23 @@ def restore(
         # the store's restore, which reads every chunk again or fails as it would
         log.warning("restore %s from its journal: %s; committed first", manifest.id[:12], e)
         journal.finish(mgr.paths, manifest.id)
-        return restore(mgr, manifest.id, name, asked_cold, ports, keep_pool, shared)
+        return restore(mgr, manifest.id, name, asked_cold, ports, keep_pool, shared, labels)
     except VMError as e:
         with contextlib.suppress(TorporError):
             mgr.remove(vm.id, force=True)
         if not cold and "changed during the restore" in str(e):
             # the running VM whose memory we copied snapshotted again meanwhile
-            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
+            return restore(mgr, manifest.id, name, True, ports, shared=shared, labels=labels)
         if not cold and RAM_MISMATCH in str(e):
             # the cached RAM did not match the manifest: never used; the store has it
             _drop_cache_file(mgr.paths.snapshot_cache / manifest.id / "memory")
-            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
+            return restore(mgr, manifest.id, name, True, ports, shared=shared, labels=labels)
         if not cold and not shared:
             # a one-off restore (lazy by default: a chunk it served was missing or
             # damaged ends QEMU, never wrong bytes): once more in full from the store,
             # which names the bad chunks (ChunkCorruptError) or recovers the VM
             log.warning("restore %s failed (%s): again, in full", manifest.id[:12], e)
-            return restore(mgr, manifest.id, name=name, cold=True, ports=ports, shared=shared)
+            return restore(mgr, manifest.id, name, True, ports, shared=shared, labels=labels)
         raise
     except OSError as e:
         with contextlib.suppress(TorporError):
