@@ -584,11 +584,14 @@ class _Restoring:
     with the session (one restored by a recovery killed before it logged it) go once
     the new one runs.
 
-    ``behind``: the restore runs in a thread while the caller goes on (a recovery's
-    model call, which reads the log only); :meth:`wait` joins it and appends the
-    ``vm`` entry, in the caller's thread (the log has one writer), its ``ms`` the
-    restore's own time.  Until then the log names the old VM, so a crash in between
-    leaves the session as a crash before the restore would, plus a labelled VM.
+    ``behind``: the restore runs in a thread, from :meth:`start` on, while the caller
+    goes on (a recovery's model call, which reads the log only: started right before
+    it, so that the thread's work, imports included, does not compete for the GIL with
+    the log reads and writes before it); :meth:`wait` joins it (or runs it, if never
+    started) and appends the ``vm`` entry, in the caller's thread (the log has one
+    writer), its ``ms`` the restore's own time.  Until then the log names the old VM,
+    so a crash in between leaves the session as a crash before the restore would,
+    plus a labelled VM.
     """
 
     def __init__(self, s: Session, ck: Checkpoint, reason: str, *, behind: bool = False):
@@ -604,17 +607,22 @@ class _Restoring:
             # restore copying it would race the removal (and start over, in full)
             with contextlib.suppress(NotFoundError):
                 unvouch_shadow(s._mgr.get(self.old).files.shadow, ck.snapshot)
-        if behind:
+        self.started = not behind
+        if not behind:
+            self._run()
+
+    def start(self) -> None:
+        """The restore, in its thread (once)."""
+        if not self.started:
+            self.started = True
             self.thread = threading.Thread(target=self._run, name="torpor-restore", daemon=True)
             self.thread.start()
-        else:
-            self._run()
 
     @classmethod
     def ready(cls, vm: VM) -> _Restoring:
         """A VM that is already running (nothing to restore or log)."""
         r = cls.__new__(cls)
-        r.vm, r.error, r.logged, r.thread = vm, None, True, None
+        r.vm, r.error, r.logged, r.thread, r.started = vm, None, True, None, True
         return r
 
     def _run(self) -> None:
@@ -676,6 +684,9 @@ class _Restoring:
 
     def wait(self) -> VM:
         """The restored VM, logged; the restore's error if it failed."""
+        if not self.started:
+            self.started = True
+            self._run()
         if self.thread is not None:
             self.thread.join()
         if self.error is not None:
@@ -1739,6 +1750,7 @@ class Session:
                 self.append(
                     Kind.MODEL_REQUEST, {"model": model.name, "step": step, "messages": len(msgs)}
                 )
+                restoring.start()  # (a recovery's VM, restored beside the model call)
                 try:
                     resp = self._complete(model, msgs, offered)
                 except ModelError as e:
