@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -118,6 +119,9 @@ DEFAULT_SYSTEM = (
 MAX_STEPS = 64
 #: VM label naming the session a VM was booted for.
 LABEL = "torpor.session"
+
+log = logging.getLogger(__name__)
+
 #: Entries of a turn's work that a recovery supersedes (events such as ``vm`` stay).
 TURN_WORK = (
     Kind.MODEL_REQUEST,
@@ -676,11 +680,28 @@ class _Restoring:
                 vm = mgr.rename(vm.id, name)
         self.ms = (time.perf_counter() - t0) * 1000
         if not fork:
-            for other in mgr.list():
-                if other.id != vm.id and other.config.labels.get(LABEL) == s.id:
-                    with contextlib.suppress(TorporError):  # gone meanwhile: as wanted
-                        mgr.remove(other.id, force=True)
+            self._remove_strays(vm)
         return vm
+
+    def _remove_strays(self, vm: VM) -> None:
+        """Remove the session's other labelled VMs (restored by a recovery killed
+        before it logged its VM).  Never fails the restore: a stray left is one more
+        VM, which the next restore (or the session's removal) finds again."""
+        mgr, sid = self.s._mgr, self.s.id
+        try:
+            strays = [
+                v.id for v in mgr.list() if v.id != vm.id and v.config.labels.get(LABEL) == sid
+            ]
+        except Exception as e:
+            log.warning("session %s: its VMs could not be listed: %s", sid[:12], e)
+            return
+        for vm_id in strays:
+            try:
+                mgr.remove(vm_id, force=True)
+            except NotFoundError:
+                pass  # gone meanwhile: as wanted
+            except Exception as e:
+                log.warning("session %s: stray VM %s not removed: %s", sid[:12], vm_id[:12], e)
 
     def wait(self) -> VM:
         """The restored VM, logged; the restore's error if it failed."""
