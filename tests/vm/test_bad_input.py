@@ -13,6 +13,8 @@ from tests.conftest import torpor_cli
         (["run", "--rm", "no-such-image:latest", "true"], 125, b"no-such-image"),
         (["run", "--rm", "-m", "lots", "tools:latest", "true"], 125, b"invalid memory size"),
         (["run", "--rm", "-m", "1M", "tools:latest", "true"], 125, b"too small"),
+        # a bare number is bytes, as in Docker: the error says so
+        (["run", "--rm", "-m", "256", "tools:latest", "true"], 125, b"did you mean 256M?"),
         (["run", "--rm", "-p", "99999:80", "tools:latest", "true"], 125, b"out of range"),
         (["run", "--rm", "-p", "nonsense", "tools:latest", "true"], 125, b"invalid port"),
         (["run", "--rm", "--name", "bad name!", "tools:latest", "true"], 125, b"invalid VM name"),

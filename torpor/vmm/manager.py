@@ -209,7 +209,10 @@ def parse_memory(text: str) -> int:
     unit = m.group(2) or "b"
     mib = n * {"b": 1 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
     if mib < 64:
-        raise UsageError(f"memory {text!r} is too small: a VM needs at least 64M")
+        hint = ""
+        if not m.group(2) and n >= 64:  # bytes, as in Docker; MiB was likely meant
+            hint = f" (a number without a unit is bytes: did you mean {m.group(1)}M?)"
+        raise UsageError(f"memory {text!r} is too small: a VM needs at least 64M{hint}")
     if mib > 1024 * 1024:
         raise UsageError(f"memory {text!r} is too large")
     return int(mib)
