@@ -35,9 +35,9 @@ Who runs what:
   I/O error).
 
 Lifetime (the shim owns the server): it lives as long as the VM's QEMU maps the file.
-It gets ``PR_SET_PDEATHSIG`` = SIGTERM: when the shim dies (even ``kill -9``) libfuse's
-SIGTERM handler ends its loop and :func:`serve` unmounts (lazily, ``MNT_DETACH``) before
-it exits.
+It gets ``PR_SET_PDEATHSIG`` = SIGTERM, blocked in all its threads and taken by a
+watcher thread: when the shim dies (even ``kill -9``; the signal may come several
+times) the watcher unmounts (lazily, ``MNT_DETACH``) and the server exits.
 On a normal VM exit the shim unmounts (:func:`unmount`) and the server's loop ends
 when the kernel closes the connection.  Anything else that cleans up a VM's RAM file
 (``rm``, a DEAD VM's cleanup, the reaper of orphaned RAM files) calls
@@ -819,6 +819,7 @@ def serve(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=-1)  # what the shim told QEMU
     ap.add_argument("--shadow")  # the VM's shadow: served from once streamed in
     args = ap.parse_args(argv)
+    _block_term()  # (already, when started by the shim: see _child_setup)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s lazymem[%(process)d] %(levelname)s %(message)s"
     )
@@ -937,17 +938,24 @@ def _manifest_of(root: Path, store: Any, snap_id: str) -> tuple[Any, dict[str, b
 
 
 def _watch_parent(mount: Path) -> None:
-    """Unmount and exit once the shim (our parent) is gone, whatever libfuse does.
+    """Unmount and exit on SIGTERM (the death signal, or the shim's stop) or once the
+    shim (our parent) is gone, whatever libfuse does.
 
-    The death signal (SIGTERM) is process-directed: when one of this server's Python
-    threads (chunk fetches, prefetch) takes it, libfuse's handler marks the session
-    exited but its main loop, asleep, is not woken, and the mount stayed (CI: 'timed out
-    waiting for the mount to go' after kill -9 of the shim, ~1 run in 3)."""
+    SIGTERM is blocked in every thread of the server (:func:`_block_term`) and taken
+    here, so libfuse's handler never runs.  It did before, and: (1) the signal is
+    process-directed, so when one of this server's Python threads took it, libfuse
+    marked the session exited but its main loop, asleep, was not woken, and the mount
+    stayed; (2) the death signal comes once per thread of the dying shim that the
+    server is handed from, so a second one arrived after libfuse had ended its loop and
+    put SIGTERM's default action back, and killed the server before it unmounted (CI:
+    'timed out waiting for the mount to go' after kill -9 of the shim, ~1 run in 5;
+    ``test_repeated_death_signals_never_leave_the_mount``)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(0.2)
+            if signal.sigtimedwait({signal.SIGTERM}, 0.2) is not None:
+                break
         unmount(mount)
         os._exit(0)
 
@@ -1061,10 +1069,18 @@ class LazyMemory:
         unmount(self.mount)
 
 
+def _block_term() -> None:
+    """SIGTERM blocked in this thread and every thread it starts (an exec keeps the
+    mask): pending until the server's watcher takes it (:func:`_watch_parent`)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
 def _child_setup() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"torpor-lazymem", 0, 0, 0)  # what ps shows
-    # SIGTERM, not SIGKILL: libfuse's handler unmounts before the server exits
+    # SIGTERM, not SIGKILL: blocked (before it can come), then taken by the server's
+    # watcher, which unmounts before the server exits
+    _block_term()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     os.umask(0o077)
 
