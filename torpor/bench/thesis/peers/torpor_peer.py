@@ -6,9 +6,11 @@ the scripted model answers each turn's first step with M bytes of text and k
 process with ``setsid``), and its second step with a short final answer.  The crash
 is a ``kill -9`` of the worker *and* its VM's processes at turn N-1, after that
 turn's tool calls ran in the VM — the harder case: their effects must be rolled back
-with the VM.  Recovery is ``Session.open(id).recover()``: restore the last
-checkpoint, supersede the partial turn, replay the user message; "the next step
-runs" is the scripted model's first call in the recovering worker.
+with the VM.  Recovery is ``Session.open(id).recover()``: supersede the partial
+turn and replay the user message, the last checkpoint restored beside the model
+call (the first tool call waits for it); "the next step runs" is the scripted
+model's first call in the recovering worker, and the ``vm`` entry's time in the
+recovery's timeline (``x_detail``) is when the VM was back.
 
 The message check maps the log's effective conversation to the workload's canonical
 one: user texts and the model's M-byte texts must match byte for byte and every
