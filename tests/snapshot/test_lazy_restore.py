@@ -338,6 +338,17 @@ def test_an_inherited_working_set_keeps_only_what_the_guest_used(
     assert idle  # what the guest did read is still recorded
 
 
+def _served(vms, snap_id: str):
+    """A cold lazy restore of ``snap_id`` and its server's pid, once it is serving."""
+    vm = restore(vms.mgr, snap_id, cold=True)
+    vms.ids.append(vm.id)
+    server = wait_until(
+        lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
+        "the server's stats",
+    )
+    return vm, server
+
+
 def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     mgr = vms.mgr
     _, snap, _ = source
@@ -352,13 +363,8 @@ def test_kill9_leaves_no_mount_and_rm_cleans_up(vms, source, paths) -> None:
     assert not ram.exists()
 
     # kill -9 of the server itself and then the shim: the mount is stale; rm removes it
-    vm = restore(mgr, snap.id, cold=True)
-    vms.ids.append(vm.id)
+    vm, server = _served(vms, snap.id)
     ram = vm.files.ram
-    server = wait_until(
-        lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
-        "the server's stats",
-    )
     with open(f"/proc/{server}/stat") as f:  # the shim's child
         assert int(f.read().rsplit(")", 1)[1].split()[1]) == vm.state.shim_pid
     os.kill(server, signal.SIGKILL)
@@ -378,13 +384,8 @@ def test_repeated_death_signals_never_leave_the_mount(vms, source, paths) -> Non
 
     mgr = vms.mgr
     _, snap, _ = source
-    vm = restore(mgr, snap.id, cold=True)
-    vms.ids.append(vm.id)
+    vm, server = _served(vms, snap.id)
     ram = vm.files.ram
-    server = wait_until(
-        lambda: vm.dir.joinpath(lazymem.STATS_FILE).exists() and _stats(vm)["pid"],
-        "the server's stats",
-    )
     assert lazymem.is_mounted(ram)
 
     def state() -> str:
