@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.session.test_recovery_oneoff import PROBE, _crash, _exec
+from tests.session.test_recovery_oneoff import _crash, _exec
 from torpor.model import ModelResponse, ScriptedModel, ToolCall
 from torpor.paths import Paths
 from torpor.session import Session
@@ -40,7 +40,7 @@ SETUP = (
     "setsid sh -c 'echo $$ > /work/bg.pid; exec sleep 100000' </dev/null >/dev/null 2>&1 & "
     "while [ ! -s /work/bg.pid ]; do sleep 0.01; done; echo ok"
 )
-PROBE = "cat /work/f; p=$(cat /work/bg.pid); kill -0 $p && echo alive $p"  # noqa: F811
+PROBE = "cat /work/f; p=$(cat /work/bg.pid); kill -0 $p && echo alive $p"
 
 # a child that recovers with a model whose first call blocks: killed there
 CHILD = """

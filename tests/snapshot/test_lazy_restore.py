@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import signal
+import time
 
 import pytest
 
@@ -380,8 +381,6 @@ def test_repeated_death_signals_never_leave_the_mount(vms, source, paths) -> Non
     in CI (~1 run in 5): the first ended libfuse's loop, libfuse put SIGTERM's default
     back, the next killed the server before it unmounted.  Here: SIGTERM after SIGTERM
     while it serves; it unmounts, then exits."""
-    import time
-
     mgr = vms.mgr
     _, snap, _ = source
     vm, server = _served(vms, snap.id)

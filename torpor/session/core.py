@@ -577,6 +577,11 @@ def _check_loop_payload(kind: Kind, p: dict[str, Any]) -> None:
 EventHook = Callable[[Entry], None]
 
 
+def _labelled_vms(mgr: VMManager, session_id: str) -> set[str]:
+    """Ids of the VMs labelled as this session's (booted or restored for it)."""
+    return {vm.id for vm in mgr.list() if vm.config.labels.get(LABEL) == session_id}
+
+
 class _Restoring:
     """A session's VM restored from a checkpoint, its old VM removed beside it.
 
@@ -621,13 +626,6 @@ class _Restoring:
             self.started = True
             self.thread = threading.Thread(target=self._run, name="torpor-restore", daemon=True)
             self.thread.start()
-
-    @classmethod
-    def ready(cls, vm: VM) -> _Restoring:
-        """A VM that is already running (nothing to restore or log)."""
-        r = cls.__new__(cls)
-        r.vm, r.error, r.logged, r.thread, r.started = vm, None, True, None, True
-        return r
 
     def _run(self) -> None:
         try:
@@ -689,9 +687,7 @@ class _Restoring:
         VM, which the next restore (or the session's removal) finds again."""
         mgr, sid = self.s._mgr, self.s.id
         try:
-            strays = [
-                v.id for v in mgr.list() if v.id != vm.id and v.config.labels.get(LABEL) == sid
-            ]
+            strays = _labelled_vms(mgr, sid) - {vm.id}
         except Exception as e:
             log.warning("session %s: its VMs could not be listed: %s", sid[:12], e)
             return
@@ -1397,7 +1393,7 @@ class Session:
         with self._locked():
             self._log.get_session(self.id)  # NotFoundError if removed meanwhile
             lease = self._claim()  # LeaseHeldError while another host runs it
-            ids = {vm.id for vm in self._mgr.list() if vm.config.labels.get(LABEL) == self.id}
+            ids = _labelled_vms(self._mgr, self.id)
             ids -= self._forks_vms()  # forks restored before 'torpor.*' labels stopped being copied
             try:
                 vm = self.vm()
@@ -1750,9 +1746,13 @@ class Session:
     def _run_turn(self, turn: int, restoring: _Restoring | None = None) -> str:
         """Torpor's loop for one turn; ``restoring``: the VM is still being restored
         (a recovery), waited for at the first tool call or the checkpoint."""
+        begin: Callable[[], object]  # the restore started (a recovery's)
+        vm_ready: Callable[[], VM]  # the VM, once it runs
         if restoring is None:
-            vm = self._ensure_running(self.state())
-            restoring = _Restoring.ready(vm)
+            running = self._ensure_running(self.state())
+            begin, vm_ready = (lambda: None), (lambda: running)
+        else:
+            begin, vm_ready = restoring.start, restoring.wait
         self._check_tools_supplied()
         model = self.model
         offered = (*TOOLS, *(t.spec for t in self._tools.values()))
@@ -1763,7 +1763,7 @@ class Session:
 
             def client() -> Any:  # the VM's agent, connected at the first tool call
                 if not clients:
-                    clients.append(stack.enter_context(self._mgr.client(restoring.wait())))
+                    clients.append(stack.enter_context(self._mgr.client(vm_ready())))
                 return clients[0]
 
             for step in range(MAX_STEPS):
@@ -1771,14 +1771,14 @@ class Session:
                 self.append(
                     Kind.MODEL_REQUEST, {"model": model.name, "step": step, "messages": len(msgs)}
                 )
-                restoring.start()  # (a recovery's VM, restored beside the model call)
+                begin()  # (a recovery's VM, restored beside the model call)
                 try:
                     resp = self._complete(model, msgs, offered)
                 except ModelError as e:
                     self.append(
                         Kind.ERROR, {"stage": "model", "error": str(e), "type": type(e).__name__}
                     )
-                    restoring.wait()
+                    vm_ready()
                     self.checkpoint(reason="turn")
                     raise
                 self.append(Kind.MODEL_RESPONSE, resp.to_json())
@@ -1801,7 +1801,7 @@ class Session:
                 self.append(
                     Kind.ERROR, {"stage": "model", "error": f"no answer after {MAX_STEPS} steps"}
                 )
-        restoring.wait()
+        vm_ready()
         self.checkpoint(reason="turn")
         return answer
 
