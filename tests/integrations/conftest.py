@@ -96,6 +96,11 @@ def sessions(paths: Paths, tools_image: str) -> Iterator[Sessions]:
         f.cleanup()
 
 
+# a background counter in the guest: /tmp/n is replaced by a rename, never truncated, so a
+# reader sees a whole number at every moment (``echo > /tmp/n`` has an empty instant)
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.2; done"
+
+
 def start_worker(script: Path, *args: str) -> subprocess.Popen[bytes]:
     """Run ``script`` in a new Python process (a worker the test can kill -9), with
     this test's environment (TORPOR_HOME, the cleared provider variables)."""

@@ -31,7 +31,7 @@ from langgraph.checkpoint.base import (
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from tests.integrations.conftest import start_worker, wait_for
+from tests.integrations.conftest import COUNTER, start_worker, wait_for
 from tests.integrations.langgraph_app import build
 from tests.model.fakeapi import openai_completion
 from torpor.context import Kind, effective
@@ -43,7 +43,6 @@ from torpor.session import Session, SessionError
 pytestmark = pytest.mark.vm
 
 APP = Path(__file__).resolve().parent / "langgraph_app.py"
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done"
 # the first tool call: a file, a run counted in the guest, a background counter
 SETUP = (
     "echo hello > /tmp/f; echo one >> /tmp/runs; "

@@ -34,13 +34,13 @@ from torpor.integrations.openai_agents import (
     sandbox_tools,
 )
 
-from .conftest import Sessions, start_worker, wait_for
+from .conftest import COUNTER, Sessions, start_worker, wait_for
 
 pytestmark = pytest.mark.vm
 
 set_tracing_disabled(True)
 
-COUNTER = "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done' &"
+START_COUNTER = f"sh -c '{COUNTER}' &"
 NOTE = "hello from the agent\n"
 
 
@@ -64,20 +64,14 @@ def _outputs(items: list[Any]) -> dict[str, str]:
 
 
 def _counter(ts: TorporSession) -> int:
-    # the counter's `echo $i > /tmp/n` truncates before it writes: an empty read is that
-    # moment, not a stopped counter
-    for _ in range(100):
-        text = ts.torpor.sandbox.files.read("/tmp/n").strip()
-        if text:
-            return int(text)
-    raise AssertionError("/tmp/n stays empty: the counter does not write")
+    return int(ts.torpor.sandbox.files.read("/tmp/n").strip())
 
 
 def _script_first_run(api: FakeAPI) -> None:
     api.reply(
         _calls(
             ("c1", "write_file", {"path": "/work/notes.txt", "content": NOTE}),
-            ("c2", "exec", {"command": COUNTER}),
+            ("c2", "exec", {"command": START_COUNTER}),
         )
     )
     api.reply(openai_completion(text="Note written, counter started."))

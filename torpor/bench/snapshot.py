@@ -204,6 +204,7 @@ async def _baseline(vm: Any, paths: Paths) -> tuple[float, int]:
                 os.close(fd)
             await qmp.execute(q, "migrate", {"uri": "fd:bench"})
             await qmp._wait_migration(q, "baseline migration", timeout=300)
+            await qmp._until_finalized(q, "baseline migration")
             cctx = zstandard.ZstdCompressor(level=3, threads=-1)
             with open(raw, "rb") as fi, open(raw.with_suffix(".zst"), "wb") as fo:
                 cctx.copy_stream(fi, fo)

@@ -162,6 +162,20 @@ async def save_devstate(q: QMPClient, dest: Path, set_caps: bool = True) -> None
     finally:
         os.close(fd)
     await _migrate(q, "migrate", "torpor-save", "save device state")
+    await _until_finalized(q, "save device state")
+
+
+async def _until_finalized(q: QMPClient, what: str, timeout: float = COMMAND_TIMEOUT) -> None:
+    """Until QEMU has moved the VM out of ``finish-migrate``.  QEMU's migration thread
+    sets an outgoing migration ``completed`` (query-migrate, the MIGRATION event) and
+    only then, once it holds the big lock again, the VM's run state; a ``cont`` in
+    between fails ("Migration is not finalized yet": 7 saves in 3,000 back to back
+    here).  Usually one ``query-status`` that says so at once."""
+    deadline = time.monotonic() + timeout
+    while (await execute(q, "query-status"))["status"] == "finish-migrate":
+        if time.monotonic() > deadline:
+            raise VMError(f"{what}: the VM stayed in finish-migrate for {timeout:.0f} s", step=what)
+        await asyncio.sleep(0.0005)
 
 
 async def load_devstate(q: QMPClient, src: Path, set_caps: bool = True) -> None:
