@@ -16,11 +16,12 @@ Design and invariants:
   :class:`AgentRequestError` (with ``errno``), a timeout names the request type,
   and losing the connection fails every waiting request.
 - Every frame is logged at DEBUG level on the ``torpor.agent`` logger.
-- A WRITE_FILE cannot be aborted once its first STDIN frame is sent (the protocol
-  has no cancel; the empty STDIN would rename the partial file over the target),
-  so a data source that could fail part-way (anything but bytes or a regular file)
-  is read whole into a host spool first: a source that raises leaves no upload
-  slot held in the guest (it has 32) and no temporary file.
+- A WRITE_FILE is finished by an empty STDIN, which renames what was sent over the
+  target, so a source that fails part-way must never end with one.  A data source
+  that could (anything but bytes or a regular file) is read whole into a host spool
+  first; a regular file that still fails part-way (EIO, Ctrl-C) has its upload
+  cancelled by a SIGNAL to its id: the guest drops the temporary file and frees the
+  upload slot (it has 32) at once, not when the connection closes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import logging
 import os
 import queue
 import random
+import signal
 import socket
 import stat as _stat
 import tempfile
@@ -78,6 +80,8 @@ DEFAULT_TIMEOUT = 60.0
 #: Largest STDIN payload we send; well below MAX_PAYLOAD so other requests interleave.
 STDIN_CHUNK = 256 * 1024
 _MAX_SIGNAL = 64
+#: How long a cancelled upload's ERROR is waited for (it comes at once).
+CANCEL_TIMEOUT = 5.0
 
 GuestPath = str | os.PathLike[str]
 
@@ -547,13 +551,26 @@ class AgentClient:
         p = os.fspath(path)
         payload = WriteFileRequest(p, mode, uid, gid).encode()
         with _replayable(data) as source, self._call(T.WRITE_FILE, payload, p) as call:
-            for chunk in _chunks(source):
-                if call.has_reply():  # refused up front: stop streaming
-                    break
-                self._send(Frame(T.STDIN, call.id, chunk))
-            else:
-                self._send(Frame(T.STDIN, call.id, b""))
+            try:
+                for chunk in _chunks(source):
+                    if call.has_reply():  # refused up front: stop streaming
+                        break
+                    self._send(Frame(T.STDIN, call.id, chunk))
+                else:
+                    self._send(Frame(T.STDIN, call.id, b""))
+            except BaseException:
+                self._cancel_upload(call)
+                raise
             call.expect(T.OK, _deadline(timeout))
+
+    def _cancel_upload(self, call: _Call) -> None:
+        """The source failed part-way (EIO, Ctrl-C): a SIGNAL to the upload's id makes
+        the guest drop it (its temporary file, its slot) now rather than when this
+        connection closes; its ERROR is waited for briefly.  Best effort: the caller
+        raises the source's error, whatever happens here."""
+        with suppress(AgentError):  # the reply is an ERROR (ESRCH from an older agent)
+            self._send(Frame(T.SIGNAL, call.id, SignalRequest(signal.SIGTERM).encode()))
+            call.next(_deadline(CANCEL_TIMEOUT))
 
     def stat(self, path: GuestPath, timeout: float | None = DEFAULT_TIMEOUT) -> FileInfo:
         """lstat() in the guest: a final symlink is not followed."""

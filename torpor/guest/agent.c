@@ -1121,12 +1121,17 @@ static void signal_exec(struct exec_proc *e, int signo)
 	}
 }
 
+static void cancel_upload(struct upload *u);
+
 static void handle_signal(uint32_t id, struct rd *r)
 {
 	uint32_t signo = rd_u32(r);
 	struct exec_proc *e;
+	struct upload *u;
 	if (!rd_done(r))
 		send_malformed(id, "SIGNAL", r);
+	else if ((u = find_upload(id)))
+		cancel_upload(u); /* any signo: the host's source failed part-way */
 	else if (!(e = find_exec(id)))
 		send_error(id, ESRCH, "no running process with request id %u", id);
 	else if (signo < 1 || signo >= _NSIG)
@@ -1179,16 +1184,28 @@ static void free_upload(struct upload *u)
 	free(u);
 }
 
+/* An upload that will not finish: its temporary file goes, the target is untouched. */
+static void drop_upload(struct upload *u)
+{
+	if (u->fd >= 0) {
+		close(u->fd);
+		unlink(u->tmp);
+	}
+	free_upload(u);
+}
+
 static void abort_uploads(void)
 {
-	while (g.nuploads > 0) {
-		struct upload *u = g.uploads[0];
-		if (u->fd >= 0) {
-			close(u->fd);
-			unlink(u->tmp);
-		}
-		free_upload(u);
-	}
+	while (g.nuploads > 0)
+		drop_upload(g.uploads[0]);
+}
+
+/* The host gave up on an upload (SIGNAL to its id: its source failed part-way): the
+ * slot is free again at once, and the ERROR ends the request. */
+static void cancel_upload(struct upload *u)
+{
+	send_error(u->id, ECANCELED, "write_file \"%s\": cancelled by the host", u->path);
+	drop_upload(u);
 }
 
 /* A temporary name next to `path`, so the final rename() stays on one filesystem. */
