@@ -48,6 +48,7 @@ from torpor.vmm.state import (
     alive,
     load_config,
     load_state,
+    pidfd_if_alive,
     proc_start_time,
     save_config,
     save_state,
@@ -355,20 +356,16 @@ def kill_and_wait(procs: Iterable[tuple[int, int]], timeout: float = 10.0) -> No
     """SIGKILL each live ``(pid, start time)`` and wait until all have exited.
 
     Through pidfds: the pid is checked against its start time after the pidfd is
-    open, so a reused pid is never signalled, and the wait wakes at the exit itself
-    (no sleep-and-poll).  A process still there after ``timeout`` is left."""
+    open, so a reused pid is neither signalled nor waited for, and the wait wakes at
+    the exit itself (no sleep-and-poll).  A process still there after ``timeout`` is
+    left."""
     fds: list[int] = []
     try:
         for pid, start in procs:
-            if pid <= 0:
-                continue
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:  # gone already
+            fd = pidfd_if_alive(pid, start)
+            if fd is None:  # gone, or the pid is another process's now
                 continue
             fds.append(fd)
-            if not alive(pid, start):  # the pid is another process's now
-                continue
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
         poll = select.poll()
@@ -772,9 +769,12 @@ class VMManager:
         vm = self.get(ref)
         st = vm.state
         for pid, start in ((st.qemu_pid, st.qemu_start), (st.shim_pid, st.shim_start)):
-            if alive(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            if (fd := pidfd_if_alive(pid, start)) is not None:
+                try:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, sig)
+                finally:
+                    os.close(fd)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
             time.sleep(0.02)

@@ -245,3 +245,19 @@ def proc_start_time(pid: int) -> int:
 
 def alive(pid: int, start: int) -> bool:
     return pid > 0 and start > 0 and proc_start_time(pid) == start
+
+
+def pidfd_if_alive(pid: int, start: int) -> int | None:
+    """A pidfd on ``pid`` if it is still the process that started at ``start``, else
+    None.  Opened first, checked second: a signal through it can never reach a process
+    that took the pid over later.  The caller closes it."""
+    if pid <= 0 or start <= 0:
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already
+        return None
+    if proc_start_time(pid) != start:
+        os.close(fd)
+        return None
+    return fd
