@@ -52,6 +52,7 @@ from torpor.vmm.state import (
     proc_start_time,
     save_config,
     save_state,
+    signal_if_alive,
 )
 
 if TYPE_CHECKING:
@@ -425,9 +426,7 @@ class VMManager:
         st = load_state(vm_dir)
         if st.status.active and not alive(st.shim_pid, st.shim_start):
             # the shim died without recording an exit: kill -9, OOM, host reboot
-            if st.qemu_pid and alive(st.qemu_pid, st.qemu_start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(st.qemu_pid, signal.SIGKILL)
+            signal_if_alive(st.qemu_pid, st.qemu_start, signal.SIGKILL)
             st = st.replace(
                 status=Status.DEAD,
                 exit_code=st.exit_code if st.exit_code is not None else 137,
@@ -755,9 +754,7 @@ class VMManager:
         # outlive it and turn the next, ordinary stop into a "hibernation"
         if vm.state.status != Status.HIBERNATED:
             (vm.dir / "hibernate").write_text("")
-            if alive(st.qemu_pid, st.qemu_start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(st.qemu_pid, signal.SIGKILL)
+            signal_if_alive(st.qemu_pid, st.qemu_start, signal.SIGKILL)
         # either way, wait for the shim: it records HIBERNATED *before* it frees the RAM
         # file and exits, and a caller told "hibernated" may count on the memory being gone
         deadline = time.monotonic() + 15
@@ -769,12 +766,7 @@ class VMManager:
         vm = self.get(ref)
         st = vm.state
         for pid, start in ((st.qemu_pid, st.qemu_start), (st.shim_pid, st.shim_start)):
-            if (fd := pidfd_if_alive(pid, start)) is not None:
-                try:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, sig)
-                finally:
-                    os.close(fd)
+            signal_if_alive(pid, start, sig)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and alive(st.shim_pid, st.shim_start):
             time.sleep(0.02)

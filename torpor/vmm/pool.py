@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 from torpor.fsutil import locked
 from torpor.paths import Paths
-from torpor.vmm.state import alive, proc_start_time
+from torpor.vmm.state import alive, proc_start_time, signal_if_alive
 
 if TYPE_CHECKING:
     from torpor.vmm.manager import VM, VMManager
@@ -392,17 +392,13 @@ def _discard(paths: Paths, vm_id: str) -> None:
         if alive(st.shim_pid, st.shim_start):
             set_sched((st.shim_pid,), idle=False)
         # QEMU first: its shim then ends the spare itself (sockets, RAM, cgroup, folder)
-        if st.qemu_pid and alive(st.qemu_pid, st.qemu_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(st.qemu_pid, signal.SIGKILL)
+        signal_if_alive(st.qemu_pid, st.qemu_start, signal.SIGKILL)
         shim = (st.shim_pid, st.shim_start)
         if shim[0] and shim[0] != os.getpid():
             deadline = time.monotonic() + 5
             while alive(*shim) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if alive(*shim):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(shim[0], signal.SIGKILL)
+            signal_if_alive(*shim, signal.SIGKILL)
     with contextlib.suppress(OSError):
         files.ram.unlink()
     remove_shadow(files.shadow)

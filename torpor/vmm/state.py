@@ -24,10 +24,12 @@ cannot make a dead VM look running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,3 +263,16 @@ def pidfd_if_alive(pid: int, start: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def signal_if_alive(pid: int, start: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``start``
+    (through a pidfd: never to a process that took the pid over)."""
+    fd = pidfd_if_alive(pid, start)
+    if fd is None:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+            signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
