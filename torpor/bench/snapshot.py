@@ -196,15 +196,7 @@ async def _baseline(vm: Any, paths: Paths) -> tuple[float, int]:
             )
             t0 = time.perf_counter()
             await qmp.execute(q, "stop")
-            fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                q.send_fd_scm(fd)
-                await qmp.execute(q, "getfd", {"fdname": "bench"})
-            finally:
-                os.close(fd)
-            await qmp.execute(q, "migrate", {"uri": "fd:bench"})
-            await qmp._wait_migration(q, "baseline migration", timeout=300)
-            await qmp._until_finalized(q, "baseline migration")
+            await qmp.save_devstate(q, raw, set_caps=False, timeout=300)  # with all RAM
             cctx = zstandard.ZstdCompressor(level=3, threads=-1)
             with open(raw, "rb") as fi, open(raw.with_suffix(".zst"), "wb") as fo:
                 cctx.copy_stream(fi, fo)

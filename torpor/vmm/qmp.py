@@ -124,12 +124,12 @@ async def _wait_migration(
         delay = min(delay * 2, POLL_MAX)
 
 
-async def _migrate(q: QMPClient, cmd: str, fdname: str, what: str) -> None:
+async def _migrate(q: QMPClient, cmd: str, fdname: str, what: str, timeout: float = 60) -> None:
     """``cmd`` (migrate / migrate-incoming) to ``fd:fdname``, waited for by event."""
     listener = EventListener(names=("MIGRATION",))
     with q.listen(listener):
         await execute(q, cmd, {"uri": f"fd:{fdname}"})
-        await _wait_migration(q, what, events=listener)
+        await _wait_migration(q, what, timeout, events=listener)
 
 
 async def _hand_fd(q: QMPClient, fd: int, fdname: str) -> None:
@@ -152,8 +152,11 @@ async def set_ignore_shared(q: QMPClient, on: bool = True) -> None:
     )
 
 
-async def save_devstate(q: QMPClient, dest: Path, set_caps: bool = True) -> None:
-    """Write device state (not RAM) of a *paused* VM to ``dest``."""
+async def save_devstate(
+    q: QMPClient, dest: Path, set_caps: bool = True, timeout: float = 60
+) -> None:
+    """Write device state of a *paused* VM to ``dest`` (not RAM: ``x-ignore-shared``,
+    set here unless ``set_caps`` is false; the bench's baseline turns it off)."""
     if set_caps:
         await set_ignore_shared(q, True)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -161,7 +164,7 @@ async def save_devstate(q: QMPClient, dest: Path, set_caps: bool = True) -> None
         await _hand_fd(q, fd, "torpor-save")
     finally:
         os.close(fd)
-    await _migrate(q, "migrate", "torpor-save", "save device state")
+    await _migrate(q, "migrate", "torpor-save", "save device state", timeout)
     await _until_finalized(q, "save device state")
 
 
